@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what the build and the tests need on a Debian machine, idempotently:
+# the Debian packages of shared/TESTBED.md and a Nix configuration that works
+# without nixpkgs, a daemon or a network. Safe to run again and again.
+set -euo pipefail
+
+packages=(nix-bin busybox-static dosfstools mtools fdisk e2fsprogs zstd bmap-tools
+  iproute2 nftables socat dbus dbus-bin systemd-container git)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Nix from Debian ships no configuration: no build users, no daemon, no registry.
+want_conf='experimental-features = nix-command flakes
+build-users-group =
+sandbox = false
+substituters =
+flake-registry = /etc/nix/flake-registry.json'
+if [ ! -f /etc/nix/nix.conf ] || [ "$(cat /etc/nix/nix.conf)" != "$want_conf" ]; then
+  mkdir -p /etc/nix
+  printf '%s\n' "$want_conf" > /etc/nix/nix.conf
+fi
+[ -f /etc/nix/flake-registry.json ] || echo '{"flakes":[],"version":2}' > /etc/nix/flake-registry.json
+
+# Tests commit to git repositories; give git an identity if it has none.
+git config --global user.email >/dev/null 2>&1 || git config --global user.email "ci@thymis.invalid"
+git config --global user.name >/dev/null 2>&1 || git config --global user.name "thymis tests"
+
+# The Rust toolchain's components that the checks use.
+command -v rustup >/dev/null && rustup component list --installed 2>/dev/null | grep -q clippy \
+  || { command -v rustup >/dev/null && rustup component add clippy rustfmt; } || true
+echo "setup: ok" >&2
