@@ -42,10 +42,7 @@ pub fn decode<const N: usize>(s: &str) -> Result<[u8; N], Base32Error> {
     }
     let mut out = [0u8; N];
     for (n, c) in s.bytes().rev().enumerate() {
-        let digit = ALPHABET
-            .iter()
-            .position(|&a| a == c)
-            .ok_or(Base32Error::BadChar(char::from(c)))? as u16;
+        let digit = ALPHABET.iter().position(|&a| a == c).ok_or(Base32Error::BadChar(char::from(c)))? as u16;
         let b = n * 5;
         let (i, j) = (b / 8, b % 8);
         out[i] |= (digit << j) as u8;
@@ -73,14 +70,10 @@ mod tests {
     fn known_value_from_nix() {
         // `nix hash to-base32 sha256:` of the empty string's sha256, as printed by Nix.
         let empty_sha256 = [
-            0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f,
-            0xb9, 0x24, 0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b,
-            0x78, 0x52, 0xb8, 0x55,
+            0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24, 0x27, 0xae,
+            0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
         ];
-        assert_eq!(
-            encode(&empty_sha256),
-            "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
-        );
+        assert_eq!(encode(&empty_sha256), "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73");
     }
 
     #[test]

@@ -157,7 +157,13 @@ pub fn write<W: Write>(
     Ok(tar.into_inner()?)
 }
 
-fn append<W: Write>(tar: &mut tar::Builder<W>, name: &str, mtime: u64, size: u64, data: &mut dyn Read) -> io::Result<()> {
+fn append<W: Write>(
+    tar: &mut tar::Builder<W>,
+    name: &str,
+    mtime: u64,
+    size: u64,
+    data: &mut dyn Read,
+) -> io::Result<()> {
     let mut h = tar::Header::new_ustar();
     h.set_size(size);
     h.set_mode(0o644);
@@ -189,9 +195,11 @@ pub fn read<R: Read>(
     let mut archive = tar::Archive::new(input);
     let mut entries = archive.entries()?.enumerate();
     let mut next = |expected: &str, max: u64| -> Result<tar::Entry<'_, R>, BundleError> {
-        let (index, entry) = entries
-            .next()
-            .ok_or_else(|| BundleError::UnexpectedEntry { index: usize::MAX, found: "end".into(), expected: expected.into() })?;
+        let (index, entry) = entries.next().ok_or_else(|| BundleError::UnexpectedEntry {
+            index: usize::MAX,
+            found: "end".into(),
+            expected: expected.into(),
+        })?;
         let entry = entry?;
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         if name != expected {
@@ -226,8 +234,8 @@ pub fn read<R: Read>(
         let digest = pinned.path.digest();
         let mut json = Vec::new();
         next(&format!("info/{digest}.json"), MAX_INFO)?.read_to_end(&mut json)?;
-        let info: PathInfo =
-            serde_json::from_slice(&json).map_err(|source| BundleError::Info { path: pinned.path.to_string(), source })?;
+        let info: PathInfo = serde_json::from_slice(&json)
+            .map_err(|source| BundleError::Info { path: pinned.path.to_string(), source })?;
         if info.path != pinned.path || info.nar_hash != pinned.nar_hash || info.nar_size != pinned.nar_size {
             return Err(BundleError::InfoMismatch { path: pinned.path.to_string() });
         }

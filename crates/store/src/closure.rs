@@ -99,10 +99,7 @@ mod tests {
 
     #[test]
     fn incomplete_and_cyclic_sets_are_refused() {
-        assert!(matches!(
-            sort_dependencies_first(vec![info("app", &["lib"])]),
-            Err(ClosureError::Incomplete { .. })
-        ));
+        assert!(matches!(sort_dependencies_first(vec![info("app", &["lib"])]), Err(ClosureError::Incomplete { .. })));
         assert!(matches!(
             sort_dependencies_first(vec![info("a", &["bb"]), info("bb", &["a"])]),
             Err(ClosureError::Cycle(_))

@@ -91,9 +91,7 @@ impl LocalStore {
         String::from_utf8_lossy(&out)
             .lines()
             .filter(|l| !l.is_empty())
-            .map(|l| {
-                l.parse().map_err(|_| StoreError::BadOutput { command: describe(&c), line: l.to_owned() })
-            })
+            .map(|l| l.parse().map_err(|_| StoreError::BadOutput { command: describe(&c), line: l.to_owned() }))
             .collect()
     }
 
@@ -203,7 +201,8 @@ fn describe(c: &Command) -> String {
 
 fn run(c: &mut Command) -> Result<Vec<u8>, StoreError> {
     let command = describe(c);
-    let out = c.stdin(Stdio::null()).output().map_err(|source| StoreError::Spawn { command: command.clone(), source })?;
+    let out =
+        c.stdin(Stdio::null()).output().map_err(|source| StoreError::Spawn { command: command.clone(), source })?;
     if !out.status.success() {
         return Err(StoreError::Failed {
             command,

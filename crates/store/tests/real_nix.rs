@@ -123,7 +123,10 @@ fn nix_accepts_our_signatures_and_we_accept_nix_signatures() {
 
     // We sign; Nix verifies our signature from a binary cache whose narinfo carries it.
     let cache = tmp.path().join("cache");
-    run(Command::new("nix").args(["copy", "--to"]).arg(format!("file://{}", cache.display())).arg(system.to_absolute()));
+    run(Command::new("nix")
+        .args(["copy", "--to"])
+        .arg(format!("file://{}", cache.display()))
+        .arg(system.to_absolute()));
     let mut top = infos.iter().find(|i| i.path == system).expect("top").clone();
     top.signatures.clear();
     ours_sk.sign_path(&mut top);
@@ -150,7 +153,8 @@ fn closure_imported_by_us_verifies_in_a_chroot_store() {
     let tmp = tempfile::tempdir().expect("tmp");
     let system = build_closure(&salt());
     let host = LocalStore::system();
-    let infos = sort_dependencies_first(host.path_infos(&[system.clone()], true).expect("infos")).expect("sorted");
+    let infos =
+        sort_dependencies_first(host.path_infos(std::slice::from_ref(&system), true).expect("infos")).expect("sorted");
     assert_eq!(infos.len(), 3);
     assert_eq!(infos.last().map(|i| &i.path), Some(&system), "dependencies first");
 
@@ -175,10 +179,13 @@ fn closure_imported_by_us_verifies_in_a_chroot_store() {
     run(Command::new("nix-store").args(["--store", &root, "--verify", "--check-contents"]));
     let refs = nix_store(&["--store", &root, "-q", "--references", &system.to_absolute()]);
     assert!(refs.contains("test-app"), "references lost: {refs}");
-    let imported = dev.path_infos(&[system.clone()], true).expect("infos");
+    let imported = dev.path_infos(std::slice::from_ref(&system), true).expect("infos");
     let mut imported = sort_dependencies_first(imported).expect("sorted");
     for (a, b) in imported.iter_mut().zip(&infos) {
-        assert_eq!((&a.path, &a.nar_hash, a.nar_size, &a.references), (&b.path, &b.nar_hash, b.nar_size, &b.references));
+        assert_eq!(
+            (&a.path, &a.nar_hash, a.nar_size, &a.references),
+            (&b.path, &b.nar_hash, b.nar_size, &b.references)
+        );
     }
 }
 
@@ -210,7 +217,8 @@ fn bundle_fixture() -> BundleFixture {
     let tmp = tempfile::tempdir().expect("tmp");
     let system = build_closure(&salt());
     let host = LocalStore::system();
-    let mut infos = sort_dependencies_first(host.path_infos(&[system.clone()], true).expect("infos")).expect("sorted");
+    let mut infos =
+        sort_dependencies_first(host.path_infos(std::slice::from_ref(&system), true).expect("infos")).expect("sorted");
     let nix_sk = SecretKey::generate("thymis-test-1").expect("key");
     for i in &mut infos {
         nix_sk.sign_path(i);
@@ -238,9 +246,14 @@ fn everything(m: &Manifest) -> Result<HashSet<StorePath>, BundleError> {
 #[test]
 fn bundle_roundtrip_imports_into_a_device_store() {
     let f = bundle_fixture();
-    let (manifest, verified) =
-        bundle::read(f.bytes.as_slice(), &[f.identity.clone()], &[f.nix_key.clone()], &f.scratch, everything)
-            .expect("read bundle");
+    let (manifest, verified) = bundle::read(
+        f.bytes.as_slice(),
+        std::slice::from_ref(&f.identity),
+        std::slice::from_ref(&f.nix_key),
+        &f.scratch,
+        everything,
+    )
+    .expect("read bundle");
     assert_eq!(manifest.sequence, 7);
     assert_eq!(manifest.target, Target::Device("dev1".into()));
     assert_eq!(verified.len(), 3);
@@ -250,9 +263,13 @@ fn bundle_roundtrip_imports_into_a_device_store() {
     assert!(dev.invalid_paths(&all).expect("validity").is_empty());
 
     // Only what the device lacks is unpacked.
-    let (_, partial) = bundle::read(f.bytes.as_slice(), &[f.identity.clone()], &[f.nix_key.clone()], &f.scratch, |_| {
-        Ok([all[2].clone()].into())
-    })
+    let (_, partial) = bundle::read(
+        f.bytes.as_slice(),
+        std::slice::from_ref(&f.identity),
+        std::slice::from_ref(&f.nix_key),
+        &f.scratch,
+        |_| Ok([all[2].clone()].into()),
+    )
     .expect("read");
     assert_eq!(partial.iter().map(|v| &v.info.path).collect::<Vec<_>>(), vec![&all[2]]);
 }

@@ -193,7 +193,11 @@ impl<R: Read> Decoder<R> {
             }
             b"contents" => false,
             other => {
-                return Err(NarError::UnexpectedToken { offset, expected: "executable or contents", found: lossy(other) });
+                return Err(NarError::UnexpectedToken {
+                    offset,
+                    expected: "executable or contents",
+                    found: lossy(other),
+                });
             }
         };
         let offset = self.offset();

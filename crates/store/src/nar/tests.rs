@@ -90,7 +90,8 @@ fn trailing_bytes_bad_padding_and_bad_magic_are_refused() {
 
 #[test]
 fn absurd_lengths_are_refused_before_allocating() {
-    let huge_name = nar(&[s("nix-archive-1"), s("("), s("type"), s("directory"), s("entry"), s("("), s("name"), T::Len(1 << 40)]);
+    let huge_name =
+        nar(&[s("nix-archive-1"), s("("), s("type"), s("directory"), s("entry"), s("("), s("name"), T::Len(1 << 40)]);
     assert!(matches!(decode(huge_name.as_slice(), &mut ()), Err(NarError::TooLong { what: "entry name", .. })));
 
     let huge_file = nar(&[s("nix-archive-1"), s("("), s("type"), s("regular"), s("contents"), T::Len(1 << 62)]);
@@ -129,7 +130,10 @@ fn restore_writes_only_inside_the_target() {
     assert_eq!(std::fs::read_dir(&outside).expect("ls").count(), 0, "wrote outside the target");
 
     // An existing target is never written into.
-    assert!(matches!(restore(sample().to_nar().as_slice(), &outside, DecodeLimits::default()), Err(NarError::TargetExists(_))));
+    assert!(matches!(
+        restore(sample().to_nar().as_slice(), &outside, DecodeLimits::default()),
+        Err(NarError::TargetExists(_))
+    ));
 }
 
 #[test]
@@ -140,16 +144,17 @@ fn copy_verified_checks_hash_and_size() {
     copy_verified(bytes.as_slice(), &mut out, &hash, size).expect("verified");
     assert_eq!(out, bytes);
     let wrong = crate::hash::NarHash([1; 32]);
-    assert!(matches!(copy_verified(bytes.as_slice(), &mut Vec::new(), &wrong, size), Err(NarError::HashMismatch { .. })));
     assert!(matches!(
-        copy_verified(bytes.as_slice(), &mut Vec::new(), &hash, size - 8),
-        Err(NarError::TooLong { .. })
+        copy_verified(bytes.as_slice(), &mut Vec::new(), &wrong, size),
+        Err(NarError::HashMismatch { .. })
     ));
+    assert!(matches!(copy_verified(bytes.as_slice(), &mut Vec::new(), &hash, size - 8), Err(NarError::TooLong { .. })));
 }
 
 fn arb_name() -> impl Strategy<Value = Vec<u8>> {
-    proptest::collection::vec(any::<u8>(), 1..6)
-        .prop_filter("valid name", |n| n.as_slice() != b"." && n.as_slice() != b".." && !n.contains(&b'/') && !n.contains(&0))
+    proptest::collection::vec(any::<u8>(), 1..6).prop_filter("valid name", |n| {
+        n.as_slice() != b"." && n.as_slice() != b".." && !n.contains(&b'/') && !n.contains(&0)
+    })
 }
 
 fn arb_node() -> impl Strategy<Value = Node> {

@@ -64,10 +64,8 @@ pub struct TreeBuilder {
 
 impl TreeBuilder {
     fn insert(&mut self, path: &Path, node: Node) {
-        let mut comps: Vec<Vec<u8>> = path
-            .components()
-            .map(|c| std::os::unix::ffi::OsStrExt::as_bytes(c.as_os_str()).to_vec())
-            .collect();
+        let mut comps: Vec<Vec<u8>> =
+            path.components().map(|c| std::os::unix::ffi::OsStrExt::as_bytes(c.as_os_str()).to_vec()).collect();
         let Some(last) = comps.pop() else {
             self.root = Some(node);
             return;
@@ -93,9 +91,7 @@ impl NarVisitor for TreeBuilder {
 
     fn file(&mut self, path: &Path, executable: bool, _size: u64, contents: &mut dyn Read) -> Result<(), NarError> {
         let mut buf = Vec::new();
-        contents
-            .read_to_end(&mut buf)
-            .map_err(|source| NarError::Unpack { path: path.to_owned(), source })?;
+        contents.read_to_end(&mut buf).map_err(|source| NarError::Unpack { path: path.to_owned(), source })?;
         self.insert(path, Node::File { executable, contents: buf });
         Ok(())
     }

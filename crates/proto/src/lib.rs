@@ -1,0 +1,31 @@
+//! The wire protocol between `thymis-controller` and `thymis-agent` (see
+//! `docs/protocol.md`). Pure types and pure functions, no I/O: both sides and the
+//! tests share exactly these definitions.
+//!
+//! A connection is a WebSocket on `/agent/v1`. Text frames carry one JSON [`Message`]
+//! each; binary frames carry the zstd-compressed NAR of the path announced by the
+//! preceding [`PathStart`](AgentBound::PathStart). The handshake ([`handshake`]) makes
+//! both sides prove their keys before anything else is acted on.
+
+pub mod handshake;
+pub mod message;
+pub mod outcome;
+pub mod signed;
+
+pub use message::{AgentBound, ControllerBound, ProtoError, decode_agent_bound, decode_controller_bound, encode};
+pub use outcome::{AgentState, DeviceResult, Phase, RollbackReason};
+
+/// Protocol versions this build speaks. A peer whose range does not overlap is refused
+/// with a message that says which side to upgrade.
+pub const PROTOCOL_MIN: u32 = 1;
+pub const PROTOCOL_MAX: u32 = 1;
+
+/// Largest text (JSON) message accepted, in bytes. A query for a closure of tens of
+/// thousands of paths fits.
+pub const MAX_TEXT_MESSAGE: usize = 8 << 20;
+/// Largest message before the handshake is done: unauthenticated peers get little.
+pub const MAX_HANDSHAKE_MESSAGE: usize = 16 << 10;
+/// Largest binary frame (a chunk of compressed NAR).
+pub const MAX_BINARY_FRAME: usize = 1 << 20;
+/// Size of the NAR chunks a sender puts in one binary frame.
+pub const CHUNK_SIZE: usize = 256 << 10;

@@ -1,0 +1,232 @@
+//! Every control message, by direction. One JSON object per WebSocket text frame,
+//! tagged by `type`. Unknown fields are ignored, so a newer peer may add optional
+//! fields within a protocol version; anything else needs a new version.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use thymis_store::{PathInfo, StorePath};
+
+use crate::handshake::Nonce;
+use crate::outcome::{AgentState, DeviceResult, Phase, RollbackReason};
+use crate::signed::Signed;
+use crate::{MAX_HANDSHAKE_MESSAGE, MAX_TEXT_MESSAGE};
+
+/// Messages the controller sends to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentBound {
+    /// Handshake step 2: the controller proves its identity.
+    Challenge {
+        protocol: u32,
+        /// The controller identity public key, `name:base64`.
+        controller_key: String,
+        server_nonce: Nonce,
+        session: String,
+        /// Identity-key signature over [`crate::handshake::controller_transcript`].
+        signature: String,
+    },
+    /// Handshake step 4: the device is known and authenticated.
+    Welcome {
+        device: String,
+        config: String,
+        /// How often each side sends a heartbeat.
+        heartbeat_secs: u64,
+        /// Silence after which either side declares the connection dead.
+        dead_after_secs: u64,
+    },
+    /// The connection is refused; the reason is meant for a person.
+    Refused {
+        reason: String,
+    },
+    /// A signed [`crate::signed::Offer`].
+    Offer {
+        offer: Signed,
+    },
+    /// Which of these paths (the offer's closure, dependencies first) does the device lack?
+    QueryPaths {
+        deployment_id: String,
+        paths: Vec<StorePath>,
+    },
+    /// The NAR of `info.path` follows as binary frames of zstd data, then `PathEnd`.
+    PathStart {
+        deployment_id: String,
+        info: PathInfo,
+    },
+    PathEnd {
+        deployment_id: String,
+        path: StorePath,
+    },
+    /// Every path is there: activate the offered system.
+    Activate {
+        deployment_id: String,
+    },
+    /// A signed [`crate::signed::Confirmation`] for the pending deployment.
+    Confirm {
+        confirmation: Signed,
+    },
+    /// Stop this deployment if it has not activated yet.
+    Cancel {
+        deployment_id: String,
+    },
+    /// The controller recorded this outcome; the agent may stop re-sending it.
+    OutcomeRecorded {
+        deployment_id: String,
+    },
+    Heartbeat {
+        seq: u64,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// Messages an agent sends to the controller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControllerBound {
+    /// Handshake step 1.
+    Hello {
+        protocol_min: u32,
+        protocol_max: u32,
+        agent_version: String,
+        /// The device's public key, `name:base64`.
+        device_key: String,
+        client_nonce: Nonce,
+    },
+    /// Handshake step 3: the device proves possession of its key.
+    Auth {
+        /// Device-key signature over [`crate::handshake::device_transcript`].
+        signature: String,
+        /// Sent once, to enroll this key, and only after the controller proved itself.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        enrollment_token: Option<String>,
+    },
+    /// What the device runs and has pending; sent right after the handshake.
+    Report(DeviceReport),
+    OfferAccepted {
+        deployment_id: String,
+    },
+    OfferRefused {
+        deployment_id: String,
+        reason: String,
+    },
+    PathsMissing {
+        deployment_id: String,
+        missing: Vec<StorePath>,
+    },
+    /// The path passed every check and is registered in the device's store.
+    PathImported {
+        deployment_id: String,
+        path: StorePath,
+    },
+    /// The path was refused; the deployment is aborted on the device.
+    PathRefused {
+        deployment_id: String,
+        path: StorePath,
+        error: String,
+    },
+    /// Progress of the device's own work.
+    State {
+        deployment_id: String,
+        state: AgentState,
+    },
+    /// Output of activation, a line at a time.
+    Log {
+        deployment_id: String,
+        line: String,
+    },
+    /// A terminal per-device result. Re-sent on every connection until recorded.
+    Outcome(Outcome),
+    Heartbeat {
+        seq: u64,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// The device's account of itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceReport {
+    pub agent_version: String,
+    /// The system it runs (`/run/current-system`, else the one it last activated).
+    pub system: Option<StorePath>,
+    pub commit: Option<String>,
+    /// The system profile generation it runs, when it runs a committed generation.
+    pub generation: Option<u64>,
+    pub state: AgentState,
+    /// The highest offer sequence it has applied.
+    pub last_sequence: u64,
+    /// A deployment activated and awaiting confirmation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingReport>,
+}
+
+/// A deployment waiting for the controller's confirmation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingReport {
+    pub deployment_id: String,
+    pub system: StorePath,
+    pub sequence: u64,
+    /// Seconds left before the agent rolls back by itself.
+    pub seconds_left: u64,
+}
+
+/// How one deployment ended on the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub deployment_id: String,
+    pub result: DeviceResult,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<RollbackReason>,
+    /// The phase a `failed` deployment stopped in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_units: Vec<String>,
+    /// Last journal lines of each failed unit, where journald exists.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unit_logs: BTreeMap<String, Vec<String>>,
+    /// The system the device runs now.
+    pub system: Option<StorePath>,
+    pub commit: Option<String>,
+    pub generation: Option<u64>,
+}
+
+/// Why a message was refused.
+#[derive(Debug, Error)]
+pub enum ProtoError {
+    #[error("message of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed message")]
+    Malformed(#[source] serde_json::Error),
+}
+
+fn decode<T: serde::de::DeserializeOwned>(text: &str, authenticated: bool) -> Result<T, ProtoError> {
+    let max = if authenticated { MAX_TEXT_MESSAGE } else { MAX_HANDSHAKE_MESSAGE };
+    if text.len() > max {
+        return Err(ProtoError::TooLarge { len: text.len(), max });
+    }
+    serde_json::from_str(text).map_err(ProtoError::Malformed)
+}
+
+/// Parses a message from the controller. Before the handshake is done (`authenticated`
+/// false) only small messages are accepted.
+pub fn decode_agent_bound(text: &str, authenticated: bool) -> Result<AgentBound, ProtoError> {
+    decode(text, authenticated)
+}
+
+/// Parses a message from an agent; see [`decode_agent_bound`].
+pub fn decode_controller_bound(text: &str, authenticated: bool) -> Result<ControllerBound, ProtoError> {
+    decode(text, authenticated)
+}
+
+/// The JSON text of a message.
+pub fn encode<T: Serialize>(msg: &T) -> String {
+    // These types serialise infallibly (string keys, no non-finite floats).
+    serde_json::to_string(msg).unwrap_or_default()
+}

@@ -1,0 +1,118 @@
+//! Exact per-device outcomes of a deployment (DESIGN.md, "Results are exact").
+
+use serde::{Deserialize, Serialize};
+
+/// Where a per-device deployment is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Build,
+    Copy,
+    Activate,
+    Confirm,
+}
+
+/// A terminal per-device result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceResult {
+    Succeeded,
+    /// Activation exited 4: the system switched, some units failed.
+    SucceededWithFailedUnits,
+    RolledBack,
+    /// The rollback itself failed: the device needs attention.
+    RollbackFailed,
+    /// Nothing was activated.
+    Failed,
+    Cancelled,
+    Superseded,
+    Expired,
+    Interrupted,
+    Unreachable,
+}
+
+impl DeviceResult {
+    /// Whether the device ended on the new system.
+    pub fn is_success(self) -> bool {
+        matches!(self, DeviceResult::Succeeded | DeviceResult::SucceededWithFailedUnits)
+    }
+
+    /// Whether the agent itself produces this result (the others are the controller's).
+    pub fn is_reported_by_agent(self) -> bool {
+        matches!(
+            self,
+            DeviceResult::Succeeded
+                | DeviceResult::SucceededWithFailedUnits
+                | DeviceResult::RolledBack
+                | DeviceResult::RollbackFailed
+                | DeviceResult::Failed
+        )
+    }
+}
+
+/// Why a device rolled back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RollbackReason {
+    ActivationFailed,
+    Unconfirmed,
+    RebootedUnconfirmed,
+    Asked,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_documented_ones() {
+        let names: Vec<String> = [
+            DeviceResult::Succeeded,
+            DeviceResult::SucceededWithFailedUnits,
+            DeviceResult::RolledBack,
+            DeviceResult::RollbackFailed,
+            DeviceResult::Failed,
+            DeviceResult::Cancelled,
+            DeviceResult::Superseded,
+            DeviceResult::Expired,
+            DeviceResult::Interrupted,
+            DeviceResult::Unreachable,
+        ]
+        .iter()
+        .map(|r| serde_json::to_string(r).expect("json"))
+        .collect();
+        assert_eq!(
+            names.join(" "),
+            r#""succeeded" "succeeded-with-failed-units" "rolled-back" "rollback-failed" "failed" "cancelled" "superseded" "expired" "interrupted" "unreachable""#
+        );
+        assert_eq!(
+            serde_json::to_string(&RollbackReason::RebootedUnconfirmed).expect("json"),
+            r#""rebooted-unconfirmed""#
+        );
+    }
+}
+
+/// What the agent is doing, as published on D-Bus (`State`) and in reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentState {
+    #[default]
+    Idle,
+    Downloading,
+    Activating,
+    AwaitingConfirmation,
+    RollingBack,
+}
+
+impl AgentState {
+    /// The D-Bus / JSON spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentState::Idle => "idle",
+            AgentState::Downloading => "downloading",
+            AgentState::Activating => "activating",
+            AgentState::AwaitingConfirmation => "awaiting-confirmation",
+            AgentState::RollingBack => "rolling-back",
+        }
+    }
+}

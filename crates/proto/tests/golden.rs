@@ -1,0 +1,198 @@
+//! Golden fixtures: every message of protocol v1 as JSON, checked in both directions,
+//! so that a change to the types that would break an older peer fails here.
+//! Regenerate after an intended change with `THYMIS_BLESS=1 cargo test -p thymis-proto`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use thymis_proto::handshake::Nonce;
+use thymis_proto::message::{DeviceReport, Outcome, PendingReport};
+use thymis_proto::signed::Signed;
+use thymis_proto::{AgentBound, AgentState, ControllerBound, DeviceResult, Phase, RollbackReason};
+use thymis_store::{NarHash, PathInfo, StorePath};
+
+fn sp(name: &str) -> StorePath {
+    format!("/nix/store/0c9n7lz8mfsd6j3bk3r7ssp6a0h2sfaa-{name}").parse().expect("path")
+}
+
+fn signed() -> Signed {
+    Signed { payload: r#"{"device":"kiosk-1"}"#.into(), signature: "thymis-controller-1:c2ln".into() }
+}
+
+fn agent_bound() -> Vec<(&'static str, AgentBound)> {
+    let id = || "dep-17-kiosk-1".to_string();
+    vec![
+        (
+            "challenge",
+            AgentBound::Challenge {
+                protocol: 1,
+                controller_key: "thymis-controller-1:a2V5".into(),
+                server_nonce: Nonce([2; 32]),
+                session: "s-5f3a".into(),
+                signature: "thymis-controller-1:c2ln".into(),
+            },
+        ),
+        (
+            "welcome",
+            AgentBound::Welcome {
+                device: "kiosk-1".into(),
+                config: "kiosk".into(),
+                heartbeat_secs: 15,
+                dead_after_secs: 45,
+            },
+        ),
+        ("refused", AgentBound::Refused { reason: "enrollment token already used".into() }),
+        ("offer", AgentBound::Offer { offer: signed() }),
+        ("query_paths", AgentBound::QueryPaths { deployment_id: id(), paths: vec![sp("lib"), sp("system")] }),
+        (
+            "path_start",
+            AgentBound::PathStart {
+                deployment_id: id(),
+                info: PathInfo {
+                    path: sp("system"),
+                    nar_hash: NarHash([7; 32]),
+                    nar_size: 1024,
+                    references: [sp("lib"), sp("system")].into(),
+                    deriver: None,
+                    signatures: vec!["thymis-1:c2ln".into()],
+                },
+            },
+        ),
+        ("path_end", AgentBound::PathEnd { deployment_id: id(), path: sp("system") }),
+        ("activate", AgentBound::Activate { deployment_id: id() }),
+        ("confirm", AgentBound::Confirm { confirmation: signed() }),
+        ("cancel", AgentBound::Cancel { deployment_id: id() }),
+        ("outcome_recorded", AgentBound::OutcomeRecorded { deployment_id: id() }),
+        ("heartbeat", AgentBound::Heartbeat { seq: 9 }),
+        ("error", AgentBound::Error { message: "unknown deployment".into() }),
+    ]
+}
+
+fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
+    let id = || "dep-17-kiosk-1".to_string();
+    vec![
+        (
+            "hello",
+            ControllerBound::Hello {
+                protocol_min: 1,
+                protocol_max: 1,
+                agent_version: "0.1.0".into(),
+                device_key: "thymis-device:a2V5".into(),
+                client_nonce: Nonce([1; 32]),
+            },
+        ),
+        (
+            "auth",
+            ControllerBound::Auth { signature: "thymis-device:c2ln".into(), enrollment_token: Some("tok".into()) },
+        ),
+        (
+            "report",
+            ControllerBound::Report(DeviceReport {
+                agent_version: "0.1.0".into(),
+                system: Some(sp("system")),
+                commit: Some("4b825dc642cb6eb9a060e54bf8d69288fbee4904".into()),
+                generation: Some(3),
+                state: AgentState::AwaitingConfirmation,
+                last_sequence: 41,
+                pending: Some(PendingReport {
+                    deployment_id: id(),
+                    system: sp("system"),
+                    sequence: 42,
+                    seconds_left: 97,
+                }),
+            }),
+        ),
+        ("offer_accepted", ControllerBound::OfferAccepted { deployment_id: id() }),
+        (
+            "offer_refused",
+            ControllerBound::OfferRefused { deployment_id: id(), reason: "sequence 3 is not above 41".into() },
+        ),
+        ("paths_missing", ControllerBound::PathsMissing { deployment_id: id(), missing: vec![sp("system")] }),
+        ("path_imported", ControllerBound::PathImported { deployment_id: id(), path: sp("system") }),
+        (
+            "path_refused",
+            ControllerBound::PathRefused { deployment_id: id(), path: sp("system"), error: "NAR hash mismatch".into() },
+        ),
+        ("state", ControllerBound::State { deployment_id: id(), state: AgentState::Activating }),
+        (
+            "log",
+            ControllerBound::Log { deployment_id: id(), line: "starting the following units: demo.service".into() },
+        ),
+        (
+            "outcome",
+            ControllerBound::Outcome(Outcome {
+                deployment_id: id(),
+                result: DeviceResult::RolledBack,
+                reason: Some(RollbackReason::Unconfirmed),
+                phase: Some(Phase::Confirm),
+                error: None,
+                failed_units: vec!["demo.service".into()],
+                unit_logs: BTreeMap::from([("demo.service".into(), vec!["exit 1".into()])]),
+                system: Some(sp("system")),
+                commit: None,
+                generation: Some(2),
+            }),
+        ),
+        ("heartbeat", ControllerBound::Heartbeat { seq: 9 }),
+        ("error", ControllerBound::Error { message: "no such deployment".into() }),
+    ]
+}
+
+fn dir(direction: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1").join(direction)
+}
+
+fn check<T>(direction: &str, samples: Vec<(&'static str, T)>)
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let bless = std::env::var_os("THYMIS_BLESS").is_some();
+    let dir = dir(direction);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let mut names: Vec<String> = Vec::new();
+    for (name, msg) in samples {
+        let file = dir.join(format!("{name}.json"));
+        let ours = serde_json::to_value(&msg).expect("serialise");
+        if bless {
+            std::fs::write(&file, serde_json::to_string_pretty(&ours).expect("json") + "\n").expect("write");
+        }
+        let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e} (bless?)", file.display()));
+        let golden: serde_json::Value = serde_json::from_str(&text).expect("fixture is JSON");
+        assert_eq!(ours, golden, "{direction}/{name}: serialisation changed");
+        let parsed: T = serde_json::from_str(&text).expect("fixture parses");
+        assert_eq!(parsed, msg, "{direction}/{name}: parsing changed");
+        names.push(format!("{name}.json"));
+    }
+    // Every fixture belongs to a sample: a removed message type is a breaking change.
+    for entry in std::fs::read_dir(&dir).expect("ls") {
+        let n = entry.expect("entry").file_name().to_string_lossy().into_owned();
+        assert!(names.contains(&n), "{direction}/{n} has no sample: a message was removed or renamed");
+    }
+}
+
+#[test]
+fn agent_bound_messages_match_their_fixtures() {
+    check("agent_bound", agent_bound());
+}
+
+#[test]
+fn controller_bound_messages_match_their_fixtures() {
+    check("controller_bound", controller_bound());
+}
+
+#[test]
+fn unknown_fields_are_ignored_and_unknown_types_refused() {
+    let text = r#"{"type":"heartbeat","seq":3,"added_in_a_later_release":true}"#;
+    assert_eq!(thymis_proto::decode_agent_bound(text, true).expect("parses"), AgentBound::Heartbeat { seq: 3 });
+    assert!(thymis_proto::decode_agent_bound(r#"{"type":"format_disk"}"#, true).is_err());
+}
+
+#[test]
+fn oversized_messages_are_refused_before_parsing() {
+    let big = format!(r#"{{"type":"error","message":"{}"}}"#, "x".repeat(thymis_proto::MAX_HANDSHAKE_MESSAGE));
+    assert!(matches!(
+        thymis_proto::decode_controller_bound(&big, false),
+        Err(thymis_proto::ProtoError::TooLarge { .. })
+    ));
+    assert!(thymis_proto::decode_controller_bound(&big, true).is_ok());
+}
