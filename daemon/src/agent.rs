@@ -1,0 +1,587 @@
+//! The agent's core: keys, persisted state, offers, activation, confirmation and
+//! rollback. Connections ([`crate::connection`]) and D-Bus ([`crate::dbus`]) are thin
+//! adapters that call into [`Agent`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use thymis_proto::message::{DeviceReport, Outcome, PendingReport};
+use thymis_proto::signed::{Confirmation, Offer, Signed};
+use thymis_proto::{AgentState, DeviceResult};
+use thymis_store::StorePath;
+use thymis_store::local_store::LocalStore;
+use thymis_store::signing::{PublicKey, SecretKey};
+use tokio::sync::{Notify, watch};
+use tracing::{error, info, warn};
+
+use crate::activation::{self, SwitchAction};
+use crate::clock::{self, BootDeadline};
+use crate::config::AgentConfig;
+use crate::lifecycle::{self, Action, Event, Stage};
+use crate::persist;
+use crate::profile;
+use crate::state::{HISTORY_LEN, Pending, Persisted};
+use crate::status::Status;
+
+/// The name under which the device key signs.
+pub const DEVICE_KEY_NAME: &str = "thymis-device";
+
+/// The device agent. Shared between the connection, the D-Bus service and timers.
+#[derive(Debug)]
+pub struct Agent {
+    pub config: AgentConfig,
+    pub device_key: SecretKey,
+    pub identity_keys: Vec<PublicKey>,
+    pub nix_keys: Vec<PublicKey>,
+    pub store: LocalStore,
+    persisted: Mutex<Persisted>,
+    pending: Mutex<Option<Pending>>,
+    /// An accepted offer whose paths are being copied (not yet activated).
+    offer: Mutex<Option<Offer>>,
+    /// Serialises lifecycle steps (confirmation vs. deadline vs. rollback request).
+    lifecycle: tokio::sync::Mutex<()>,
+    status: watch::Sender<Status>,
+    /// Asks the connection to close and reconnect (a new connection confirms).
+    pub reconnect: Notify,
+    /// Tells the connection that the outbox has something new.
+    pub outbox_changed: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks leaves plain data behind; keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Agent {
+    /// Loads (or creates) keys and state from the state directory.
+    pub fn new(config: AgentConfig) -> Result<Arc<Agent>> {
+        let dir = &config.state_dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
+        let staging = dir.join("staging");
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging)?;
+        let device_key = load_or_create_key(&dir.join("device.key"))?;
+        let parse_keys = |keys: &[String], what: &str| -> Result<Vec<PublicKey>> {
+            keys.iter().map(|k| k.parse().with_context(|| format!("{what} key {k:?}"))).collect()
+        };
+        let identity_keys = parse_keys(&config.controller_identity_keys, "controller_identity_keys")?;
+        let nix_keys = parse_keys(&config.nix_trusted_keys, "nix_trusted_keys")?;
+        let persisted: Persisted = persist::read_json(&dir.join("state.json"))?.unwrap_or_default();
+        let pending: Option<Pending> = persist::read_json(&dir.join("pending.json"))?;
+        let (status, _) = watch::channel(Status::default());
+        let agent = Arc::new(Agent {
+            config,
+            device_key,
+            identity_keys,
+            nix_keys,
+            store: LocalStore::system(),
+            persisted: Mutex::new(persisted),
+            pending: Mutex::new(pending),
+            offer: Mutex::new(None),
+            lifecycle: tokio::sync::Mutex::new(()),
+            status,
+            reconnect: Notify::new(),
+            outbox_changed: Notify::new(),
+        });
+        agent.publish(|_| {});
+        Ok(agent)
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.config.state_dir
+    }
+
+    pub fn staging_dir(&self) -> PathBuf {
+        self.state_dir().join("staging")
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// Recomputes the status from state, then applies `tweak`.
+    pub fn publish(&self, tweak: impl FnOnce(&mut Status)) {
+        let persisted = lock(&self.persisted).clone();
+        let pending = lock(&self.pending).clone();
+        let downloading = lock(&self.offer).is_some();
+        let state = match pending.as_ref().map(|p| &p.stage) {
+            Some(Stage::Activating | Stage::Committing { .. }) => AgentState::Activating,
+            Some(Stage::AwaitingConfirmation { .. }) => AgentState::AwaitingConfirmation,
+            Some(Stage::RollingBack { .. }) => AgentState::RollingBack,
+            None if downloading => AgentState::Downloading,
+            None => AgentState::Idle,
+        };
+        self.status.send_modify(|s| {
+            s.state = state;
+            s.current_system = self.running_system(&persisted, pending.as_ref());
+            s.current_commit = match &pending {
+                Some(p) if !matches!(p.stage, Stage::RollingBack { .. }) => p.offer.commit.clone(),
+                _ => persisted.commit.clone(),
+            };
+            s.previous_system = match &pending {
+                Some(p) => p.previous.clone(),
+                None => None,
+            };
+            if state != AgentState::Downloading {
+                s.progress = 100;
+            }
+            s.last_deployment =
+                persisted.history.last().map(|o| serde_json::to_string(o).unwrap_or_default()).unwrap_or_default();
+            tweak(s);
+        });
+    }
+
+    /// The system the device runs: `/run/current-system` where it exists, else the one
+    /// it last activated.
+    fn running_system(&self, persisted: &Persisted, pending: Option<&Pending>) -> Option<StorePath> {
+        if let Some(p) = profile::resolve(&self.config.current_system_link) {
+            return Some(p);
+        }
+        match pending {
+            Some(p) if !matches!(p.stage, Stage::RollingBack { .. }) => Some(p.offer.system.clone()),
+            _ => persisted.system.clone(),
+        }
+    }
+
+    fn save_persisted(&self, p: &Persisted) -> Result<()> {
+        persist::write_json(&self.state_dir().join("state.json"), p).context("writing state.json")
+    }
+
+    fn save_pending(&self, p: Option<&Pending>) -> Result<()> {
+        let path = self.state_dir().join("pending.json");
+        match p {
+            Some(p) => persist::write_json(&path, p).context("writing pending.json"),
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).context("removing pending.json"),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    pub fn persisted(&self) -> Persisted {
+        lock(&self.persisted).clone()
+    }
+
+    pub fn pending(&self) -> Option<Pending> {
+        lock(&self.pending).clone()
+    }
+
+    /// Records the controller's welcome.
+    pub fn welcomed(&self, device: &str) -> Result<()> {
+        let mut p = lock(&self.persisted);
+        if !p.enrolled || p.device_name.as_deref() != Some(device) {
+            p.enrolled = true;
+            p.device_name = Some(device.to_owned());
+            self.save_persisted(&p)?;
+        }
+        Ok(())
+    }
+
+    /// The report sent on every connection.
+    pub fn report(&self) -> DeviceReport {
+        let persisted = self.persisted();
+        let pending = self.pending();
+        DeviceReport {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            system: self.running_system(&persisted, pending.as_ref()),
+            commit: self.status().current_commit,
+            generation: profile::generation(&self.config.system_profile),
+            state: self.status().state,
+            last_sequence: persisted.last_sequence,
+            pending: pending.and_then(|p| match p.stage {
+                Stage::AwaitingConfirmation { .. } => Some(PendingReport {
+                    seconds_left: p.deadline.as_ref().and_then(BootDeadline::remaining).unwrap_or_default().as_secs(),
+                    deployment_id: p.offer.deployment_id,
+                    system: p.offer.system,
+                    sequence: p.offer.sequence,
+                }),
+                _ => None,
+            }),
+        }
+    }
+
+    /// Checks a signed offer; on success it becomes the offer being copied.
+    pub fn accept_offer(&self, signed: &Signed) -> Result<Offer, String> {
+        let offer: Offer = signed.verify(&self.identity_keys).map_err(|e| e.to_string())?;
+        let persisted = self.persisted();
+        let me = persisted.device_name.clone().unwrap_or_default();
+        if offer.device != me {
+            return Err(format!("offer is for device {:?}, this is {me:?}", offer.device));
+        }
+        if !valid_id(&offer.deployment_id) {
+            return Err(format!("deployment id {:?} is not [A-Za-z0-9._-]{{1,64}}", offer.deployment_id));
+        }
+        if let Some(p) = self.pending() {
+            return Err(format!("deployment {} is still {:?}", p.offer.deployment_id, p.stage));
+        }
+        if offer.sequence <= persisted.last_sequence {
+            return Err(format!(
+                "offer sequence {} is not above the last applied {}: replayed or outdated",
+                offer.sequence, persisted.last_sequence
+            ));
+        }
+        if clock::wall_clock_synchronised() && offer.expires < clock::unix_now() {
+            return Err(format!("offer expired at {} (unix time)", offer.expires));
+        }
+        info!(deployment = %offer.deployment_id, system = %offer.system, sequence = offer.sequence, "offer accepted");
+        *lock(&self.offer) = Some(offer.clone());
+        self.publish(|s| s.progress = 0);
+        Ok(offer)
+    }
+
+    /// The accepted offer, if it is `deployment_id`.
+    pub fn current_offer(&self, deployment_id: &str) -> Option<Offer> {
+        lock(&self.offer).clone().filter(|o| o.deployment_id == deployment_id)
+    }
+
+    pub fn set_progress(&self, percent: u8) {
+        self.status.send_modify(|s| s.progress = percent.min(100));
+    }
+
+    pub fn set_connected(&self, connected: bool) {
+        self.status.send_modify(|s| s.controller_connected = connected);
+    }
+
+    /// Drops the accepted offer; with an error, reports the deployment as failed.
+    pub fn abort_offer(&self, deployment_id: &str, error: Option<String>) {
+        let taken = {
+            let mut o = lock(&self.offer);
+            if o.as_ref().is_some_and(|o| o.deployment_id == deployment_id) { o.take() } else { None }
+        };
+        if let (Some(offer), Some(error)) = (taken, error) {
+            warn!(deployment = %deployment_id, %error, "deployment aborted before activation");
+            let persisted = self.persisted();
+            self.record(Outcome {
+                deployment_id: offer.deployment_id,
+                result: DeviceResult::Failed,
+                reason: None,
+                phase: Some(thymis_proto::Phase::Copy),
+                error: Some(error),
+                failed_units: vec![],
+                unit_logs: Default::default(),
+                system: persisted.system.clone(),
+                commit: persisted.commit.clone(),
+                generation: profile::generation(&self.config.system_profile),
+            });
+        }
+        self.publish(|_| {});
+    }
+
+    /// Starts activating the accepted offer. Returns once the helper runs; the rest of
+    /// the lifecycle continues in the background.
+    pub async fn activate(self: &Arc<Self>, deployment_id: &str, on_log: LogSink) -> Result<()> {
+        let _guard = self.lifecycle.lock().await;
+        let offer = self.current_offer(deployment_id).ok_or_else(|| anyhow!("no accepted offer {deployment_id}"))?;
+        let store = self.store.clone();
+        let system = offer.system.clone();
+        let invalid = tokio::task::spawn_blocking(move || store.invalid_paths(&[system])).await??;
+        if !invalid.is_empty() {
+            bail!("system {} is not complete in the store", offer.system);
+        }
+        // Keep the new closure from the garbage collector until it is committed.
+        let roots = self.state_dir().join("gcroots");
+        std::fs::create_dir_all(&roots)?;
+        let (store, system, root) = (self.store.clone(), offer.system.clone(), roots.join(&offer.deployment_id));
+        tokio::task::spawn_blocking(move || store.add_gc_root(&system, &root)).await??;
+
+        let persisted = self.persisted();
+        let previous = profile::resolve(&self.config.system_profile);
+        let pending = Pending {
+            offer: offer.clone(),
+            previous,
+            previous_commit: persisted.commit.clone(),
+            boot_id: clock::boot_id(),
+            deadline: None,
+            stage: Stage::Activating,
+            planned_reboot: false,
+        };
+        // Written before anything changes: a restart from here on knows what to do.
+        {
+            let mut p = lock(&self.persisted);
+            p.last_sequence = offer.sequence;
+            self.save_persisted(&p)?;
+        }
+        self.save_pending(Some(&pending))?;
+        *lock(&self.pending) = Some(pending);
+        *lock(&self.offer) = None;
+        self.publish(|_| {});
+        info!(deployment = %offer.deployment_id, system = %offer.system, "activating");
+        activation::launch(self.state_dir(), &offer.deployment_id, &offer.system, SwitchAction::Test)?;
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let (dir, id) = (agent.state_dir().to_owned(), offer.deployment_id.clone());
+            let r = activation::wait(&dir, &id, |l| on_log(&id, l)).await;
+            let event =
+                Event::ActivationExited { code: r.exit_code, failed_units: r.failed_units, output: r.output_tail };
+            agent.drive(event).await;
+        });
+        Ok(())
+    }
+
+    /// Applies the controller's confirmation for the pending deployment.
+    pub async fn confirm(self: &Arc<Self>, signed: &Signed, session: &str) -> Result<()> {
+        let c: Confirmation = signed.verify(&self.identity_keys)?;
+        let pending = self.pending().ok_or_else(|| anyhow!("no deployment awaits confirmation"))?;
+        let o = &pending.offer;
+        if c.device != o.device
+            || c.deployment_id != o.deployment_id
+            || c.system != o.system
+            || c.sequence != o.sequence
+        {
+            bail!("confirmation is for another deployment ({} {})", c.deployment_id, c.system);
+        }
+        if c.session != session {
+            bail!("confirmation was made for another connection");
+        }
+        self.drive(Event::Confirmed).await;
+        Ok(())
+    }
+
+    /// Asks to roll back the deployment awaiting confirmation.
+    pub async fn rollback_requested(self: &Arc<Self>) -> Result<()> {
+        match self.pending().map(|p| p.stage) {
+            Some(Stage::AwaitingConfirmation { .. }) => {
+                self.drive(Event::RollbackAsked).await;
+                Ok(())
+            }
+            Some(stage) => bail!("cannot roll back now: deployment is {stage:?}"),
+            None => bail!("no deployment is awaiting confirmation; nothing to roll back"),
+        }
+    }
+
+    /// Feeds an event to the lifecycle and performs actions until it waits or finishes.
+    pub async fn drive(self: &Arc<Self>, first: Event) {
+        {
+            let _guard = self.lifecycle.lock().await;
+            let mut event = first;
+            loop {
+                let Some(pending) = self.pending() else {
+                    warn!(?event, "lifecycle event without a pending deployment");
+                    return;
+                };
+                let has_previous = pending.previous.is_some();
+                let (next, action) = match lifecycle::step(&pending.stage, event, has_previous) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        warn!("{e}");
+                        return;
+                    }
+                };
+                let mut updated = pending.clone();
+                if let Some(stage) = next.clone() {
+                    updated.stage = stage;
+                    if matches!(action, Action::AwaitConfirmation) && updated.deadline.is_none() {
+                        updated.deadline = Some(BootDeadline::in_(Duration::from_secs(self.config.confirm_timeout)));
+                    }
+                    if let Err(e) = self.save_pending(Some(&updated)) {
+                        error!("cannot persist the deployment's stage: {e:#}");
+                    }
+                    *lock(&self.pending) = Some(updated.clone());
+                }
+                self.publish(|_| {});
+                event = match action {
+                    Action::AwaitConfirmation => {
+                        self.spawn_deadline(&updated);
+                        // Confirmation must come over a new connection.
+                        self.reconnect.notify_one();
+                        return;
+                    }
+                    Action::Commit => Event::CommitFinished(self.commit(&updated).await),
+                    Action::Rollback => Event::RollbackFinished(self.roll_back(&updated).await),
+                    Action::Finish(f) => {
+                        self.finish(&updated, f);
+                        return;
+                    }
+                };
+            }
+        }
+    }
+
+    fn spawn_deadline(self: &Arc<Self>, pending: &Pending) {
+        let left = pending.deadline.as_ref().and_then(BootDeadline::remaining).unwrap_or_default();
+        let id = pending.offer.deployment_id.clone();
+        info!(deployment = %id, seconds = left.as_secs_f32(), "awaiting confirmation");
+        let agent = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(left).await;
+            let still_waiting = agent
+                .pending()
+                .is_some_and(|p| p.offer.deployment_id == id && matches!(p.stage, Stage::AwaitingConfirmation { .. }));
+            if still_waiting {
+                warn!(deployment = %id, "not confirmed in time: rolling back");
+                agent.drive(Event::DeadlinePassed).await;
+            }
+        });
+    }
+
+    async fn commit(&self, p: &Pending) -> Result<(), String> {
+        let profile = self.config.system_profile.clone();
+        let system = p.offer.system.clone();
+        let generation = tokio::task::spawn_blocking(move || profile::set(&profile, &system))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{e:#}"))?;
+        let name = format!("{}-boot", p.offer.deployment_id);
+        self.run_switch(&name, &p.offer.system, SwitchAction::Boot).await?;
+        info!(deployment = %p.offer.deployment_id, generation, "committed");
+        Ok(())
+    }
+
+    async fn roll_back(&self, p: &Pending) -> Result<(), String> {
+        let previous = p.previous.clone().ok_or("no previous system")?;
+        info!(deployment = %p.offer.deployment_id, %previous, "re-activating the previous system");
+        // The profile may already name the new system if committing failed halfway.
+        if profile::resolve(&self.config.system_profile).as_ref() != Some(&previous) {
+            let (profile, prev) = (self.config.system_profile.clone(), previous.clone());
+            tokio::task::spawn_blocking(move || profile::set(&profile, &prev))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("{e:#}"))?;
+        }
+        let name = format!("{}-rollback", p.offer.deployment_id);
+        self.run_switch(&name, &previous, SwitchAction::Test).await
+    }
+
+    /// Runs the helper and waits; exit 0 or 4 (switched, units failed) count as done.
+    async fn run_switch(&self, name: &str, system: &StorePath, action: SwitchAction) -> Result<(), String> {
+        activation::launch(self.state_dir(), name, system, action).map_err(|e| format!("{e:#}"))?;
+        let r = activation::wait(self.state_dir(), name, |_| {}).await;
+        activation::forget(self.state_dir(), name);
+        match r.exit_code {
+            Some(0 | 4) => Ok(()),
+            code => Err(format!(
+                "switch-to-configuration {action:?} of {system} {}: {}",
+                code.map_or("was killed".into(), |c| format!("exited {c}")),
+                r.output_tail.trim()
+            )),
+        }
+    }
+
+    fn finish(&self, p: &Pending, f: lifecycle::Finish) {
+        let success = f.result.is_success();
+        let (system, commit) = if success {
+            (Some(p.offer.system.clone()), p.offer.commit.clone())
+        } else {
+            (p.previous.clone(), p.previous_commit.clone())
+        };
+        info!(deployment = %p.offer.deployment_id, result = ?f.result, reason = ?f.reason, "deployment finished");
+        {
+            let mut persisted = lock(&self.persisted);
+            persisted.system = system.clone();
+            persisted.commit = commit.clone();
+        }
+        let outcome = Outcome {
+            deployment_id: p.offer.deployment_id.clone(),
+            result: f.result,
+            reason: f.reason,
+            phase: f.phase,
+            error: f.error,
+            failed_units: f.failed_units,
+            unit_logs: Default::default(),
+            system,
+            commit,
+            generation: profile::generation(&self.config.system_profile),
+        };
+        activation::forget(self.state_dir(), &p.offer.deployment_id);
+        let _ = std::fs::remove_file(self.state_dir().join("gcroots").join(&p.offer.deployment_id));
+        *lock(&self.pending) = None;
+        self.record(outcome);
+        if let Err(e) = self.save_pending(None) {
+            error!("cannot clear pending.json: {e:#}");
+        }
+    }
+
+    /// Adds an outcome to the outbox and history, persists, and tells the connection.
+    fn record(&self, outcome: Outcome) {
+        {
+            let mut p = lock(&self.persisted);
+            p.outbox.push(outcome.clone());
+            p.history.push(outcome);
+            let excess = p.history.len().saturating_sub(HISTORY_LEN);
+            p.history.drain(..excess);
+            if let Err(e) = self.save_persisted(&p) {
+                error!("cannot persist the outcome: {e:#}");
+            }
+        }
+        self.publish(|_| {});
+        self.outbox_changed.notify_one();
+    }
+
+    /// The controller recorded an outcome: stop re-sending it.
+    pub fn outcome_recorded(&self, deployment_id: &str) {
+        let mut p = lock(&self.persisted);
+        let before = p.outbox.len();
+        p.outbox.retain(|o| o.deployment_id != deployment_id);
+        if p.outbox.len() != before
+            && let Err(e) = self.save_persisted(&p)
+        {
+            error!("cannot persist state.json: {e:#}");
+        }
+    }
+
+    /// Continues a deployment found in `pending.json` at start-up.
+    pub async fn resume(self: &Arc<Self>) {
+        let Some(p) = self.pending() else { return };
+        let id = p.offer.deployment_id.clone();
+        info!(deployment = %id, stage = ?p.stage, "resuming a pending deployment");
+        if p.boot_id != clock::boot_id() && !p.planned_reboot {
+            // The boot default never changed, so this boot runs the previous generation.
+            self.drive(Event::BootedElsewhere).await;
+            return;
+        }
+        match p.stage {
+            Stage::Activating => {
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    let r = activation::wait(agent.state_dir(), &id, |_| {}).await;
+                    let event = Event::ActivationExited {
+                        code: r.exit_code,
+                        failed_units: r.failed_units,
+                        output: r.output_tail,
+                    };
+                    agent.drive(event).await;
+                });
+            }
+            Stage::AwaitingConfirmation { .. } => self.spawn_deadline(&p),
+            Stage::Committing { .. } => {
+                let r = self.commit(&p).await;
+                self.drive(Event::CommitFinished(r)).await;
+            }
+            Stage::RollingBack { .. } => {
+                let r = self.roll_back(&p).await;
+                self.drive(Event::RollbackFinished(r)).await;
+            }
+        }
+    }
+}
+
+/// Where activation output goes (the connection forwards it to the controller).
+pub type LogSink = Arc<dyn Fn(&str, String) + Send + Sync>;
+
+/// Deployment ids become file names: keep them plain.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+fn load_or_create_key(path: &Path) -> Result<SecretKey> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text.trim().parse().with_context(|| format!("reading device key {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = SecretKey::generate(DEVICE_KEY_NAME)?;
+            persist::write_atomic(path, key.to_secret_string().as_bytes(), 0o600)
+                .with_context(|| format!("writing device key {}", path.display()))?;
+            info!(fingerprint = %key.public().short_fingerprint(), "created a new device key");
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading device key {}", path.display())),
+    }
+}

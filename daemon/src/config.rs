@@ -1,0 +1,159 @@
+//! The agent's configuration file (TOML), as the NixOS module renders it from `settings`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// `thymis-agent --config FILE`. Unknown keys are refused so a typo cannot silently
+/// turn a safety setting off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// `wss://host:port/agent/v1` (or `ws://` with `allow_insecure_transport`).
+    pub controller_url: String,
+    pub state_dir: PathBuf,
+    pub enrollment_token: Option<String>,
+    pub enrollment_token_file: Option<PathBuf>,
+    /// Pinned controller identity public keys (`name:base64`); any one may sign.
+    pub controller_identity_keys: Vec<String>,
+    /// sha256 (hex) of the controller's TLS certificate, pinned when the URL is wss://.
+    pub controller_tls_sha256: Option<String>,
+    /// Nix signing keys accepted for store paths.
+    pub nix_trusted_keys: Vec<String>,
+    /// Seconds the controller has to confirm an activated deployment.
+    pub confirm_timeout: u64,
+    pub allow_insecure_transport: bool,
+    /// The system profile whose generations are the rollback points.
+    pub system_profile: PathBuf,
+    /// Where the running system is linked (NixOS: `/run/current-system`).
+    pub current_system_link: PathBuf,
+    /// Reconnect backoff bounds, seconds.
+    pub reconnect_min: f64,
+    pub reconnect_max: f64,
+    /// Seconds to open a connection and to finish the handshake.
+    pub connect_timeout: u64,
+    /// For offline bundles: a command (argv) that must exit 0 after activation.
+    pub health_check: Vec<String>,
+    /// Whether to use the D-Bus system bus (it is retried when absent).
+    pub dbus: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            controller_url: String::new(),
+            state_dir: PathBuf::from("/var/lib/thymis-agent"),
+            enrollment_token: None,
+            enrollment_token_file: None,
+            controller_identity_keys: vec![],
+            controller_tls_sha256: None,
+            nix_trusted_keys: vec![],
+            confirm_timeout: 120,
+            allow_insecure_transport: false,
+            system_profile: PathBuf::from("/nix/var/nix/profiles/system"),
+            current_system_link: PathBuf::from("/run/current-system"),
+            reconnect_min: 1.0,
+            reconnect_max: 60.0,
+            connect_timeout: 10,
+            health_check: vec![],
+            dbus: true,
+        }
+    }
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{path}: {why}")]
+    Invalid { path: PathBuf, why: String },
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config: AgentConfig =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        config.validate().map_err(|why| ConfigError::Invalid { path: path.to_owned(), why })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.controller_url.is_empty() {
+            return Err("controller_url is not set".into());
+        }
+        if self.controller_url.starts_with("ws://") && !self.allow_insecure_transport {
+            return Err(format!(
+                "controller_url {} is not encrypted: use wss://, or set allow_insecure_transport = true \
+                 when a TLS proxy or a test network carries it",
+                self.controller_url
+            ));
+        }
+        if !self.controller_url.starts_with("ws://") && !self.controller_url.starts_with("wss://") {
+            return Err(format!("controller_url {} is not a ws:// or wss:// URL", self.controller_url));
+        }
+        if self.controller_identity_keys.is_empty() {
+            return Err("controller_identity_keys is empty: the agent would trust no controller".into());
+        }
+        if self.nix_trusted_keys.is_empty() {
+            return Err("nix_trusted_keys is empty: the agent would accept no store path".into());
+        }
+        if self.confirm_timeout == 0 {
+            return Err("confirm_timeout must be at least 1 second".into());
+        }
+        Ok(())
+    }
+
+    /// The enrollment token, from the file if one is named (secrets stay out of the store).
+    pub fn enrollment_token(&self) -> Result<Option<String>, ConfigError> {
+        match &self.enrollment_token_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map(|t| Some(t.trim().to_owned()))
+                .map_err(|source| ConfigError::Read { path: path.clone(), source }),
+            None => Ok(self.enrollment_token.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AgentConfig, String> {
+        let c: AgentConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate().map(|()| c)
+    }
+
+    const OK: &str = r#"
+controller_url = "ws://127.0.0.1:1/agent/v1"
+allow_insecure_transport = true
+controller_identity_keys = ["thymis-controller-1:AAAA"]
+nix_trusted_keys = ["thymis-1:AAAA"]
+"#;
+
+    #[test]
+    fn defaults_and_validation() {
+        let c = parse(OK).expect("valid");
+        assert_eq!(c.confirm_timeout, 120);
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/thymis-agent"));
+        let insecure = OK.replace("allow_insecure_transport = true", "");
+        assert!(parse(&insecure).expect_err("ws without opt-in").contains("not encrypted"));
+        let typo = format!("{OK}\nconfirm_timout = 5\n");
+        assert!(parse(&typo).expect_err("typo").contains("unknown field"));
+        let no_keys = OK.replace(r#"controller_identity_keys = ["thymis-controller-1:AAAA"]"#, "");
+        assert!(parse(&no_keys).is_err());
+    }
+}

@@ -1,0 +1,289 @@
+//! The agent's connection to the controller: connect out, authenticate both ways,
+//! report, then serve the controller's requests; reconnect with backoff and jitter.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures_util::{SinkExt, StreamExt};
+use thymis_proto::handshake::{Nonce, controller_transcript, device_transcript};
+use thymis_proto::{AgentBound, ControllerBound, PROTOCOL_MAX, PROTOCOL_MIN, decode_agent_bound, encode};
+use thymis_store::signing::PublicKey;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tracing::{debug, info, warn};
+
+use crate::agent::{Agent, LogSink};
+use crate::receive::{Incoming, receiver};
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// How a session ended without an error.
+enum End {
+    /// The agent asked for a fresh connection (after activation).
+    Reconnect,
+    /// The controller closed the connection.
+    Closed,
+}
+
+/// Keeps a connection up for as long as the agent runs.
+pub async fn run_forever(agent: Arc<Agent>) {
+    let min = Duration::from_secs_f64(agent.config.reconnect_min.max(0.05));
+    let max = Duration::from_secs_f64(agent.config.reconnect_max.max(agent.config.reconnect_min));
+    let mut backoff = min;
+    loop {
+        let started = Instant::now();
+        let ended = session(&agent).await;
+        agent.set_connected(false);
+        match ended {
+            Ok(End::Reconnect) => {
+                backoff = min;
+                continue;
+            }
+            Ok(End::Closed) => info!("controller closed the connection"),
+            Err(e) => warn!("connection to the controller: {e:#}"),
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = min;
+        }
+        tokio::time::sleep(jitter(backoff)).await;
+        backoff = (backoff * 2).min(max);
+    }
+}
+
+/// Between half and all of `d`, so a fleet that lost its controller does not return
+/// all at once.
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    let f = 0.5 + f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX) / 2.0;
+    d.mul_f64(f)
+}
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(thymis_proto::MAX_TEXT_MESSAGE.max(thymis_proto::MAX_BINARY_FRAME)))
+        .max_frame_size(Some(thymis_proto::MAX_TEXT_MESSAGE.max(thymis_proto::MAX_BINARY_FRAME)))
+}
+
+async fn send(ws: &mut Ws, msg: &ControllerBound) -> Result<()> {
+    ws.send(Message::text(encode(msg))).await.context("sending to the controller")
+}
+
+/// Reads the next control message, skipping pings.
+async fn recv(ws: &mut Ws, authenticated: bool) -> Result<AgentBound> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => return Ok(decode_agent_bound(t.as_str(), authenticated)?),
+            Some(Ok(Message::Close(_))) | None => bail!("connection closed"),
+            Some(Ok(Message::Binary(_))) => bail!("unexpected binary frame during the handshake"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e).context("reading from the controller"),
+        }
+    }
+}
+
+/// What the handshake established.
+struct Established {
+    session: String,
+    heartbeat: Duration,
+    dead_after: Duration,
+}
+
+/// The handshake: both sides prove their keys.
+async fn handshake(agent: &Agent, ws: &mut Ws) -> Result<Established> {
+    let mut client = [0u8; 32];
+    getrandom::fill(&mut client).map_err(|e| anyhow!("random nonce: {e}"))?;
+    let client_nonce = Nonce(client);
+    let device_pub = agent.device_key.public();
+    send(
+        ws,
+        &ControllerBound::Hello {
+            protocol_min: PROTOCOL_MIN,
+            protocol_max: PROTOCOL_MAX,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            device_key: device_pub.to_string(),
+            client_nonce,
+        },
+    )
+    .await?;
+    let (session, server_nonce, controller_key) = match recv(ws, false).await? {
+        AgentBound::Challenge { protocol, controller_key, server_nonce, session, signature } => {
+            if !(PROTOCOL_MIN..=PROTOCOL_MAX).contains(&protocol) {
+                bail!("controller chose protocol {protocol}; this agent speaks {PROTOCOL_MIN}..={PROTOCOL_MAX}");
+            }
+            let key: PublicKey = controller_key.parse().context("controller identity key")?;
+            if !agent.identity_keys.contains(&key) {
+                bail!("controller identity key {key} is not pinned in controller_identity_keys");
+            }
+            let transcript = controller_transcript(&client_nonce, &server_nonce, &session, &device_pub);
+            if !key.verifies(&transcript, &signature) {
+                bail!("controller failed to prove its identity (bad handshake signature)");
+            }
+            (session, server_nonce, key)
+        }
+        AgentBound::Refused { reason } => bail!("controller refused the connection: {reason}"),
+        other => bail!("expected a challenge, got {other:?}"),
+    };
+    let transcript = device_transcript(&client_nonce, &server_nonce, &session, &controller_key);
+    let token = if agent.persisted().enrolled { None } else { agent.config.enrollment_token()? };
+    send(ws, &ControllerBound::Auth { signature: agent.device_key.sign(&transcript), enrollment_token: token }).await?;
+    match recv(ws, false).await? {
+        AgentBound::Welcome { device, config, heartbeat_secs, dead_after_secs } => {
+            agent.welcomed(&device)?;
+            info!(%device, %config, session = %session, "connected to the controller");
+            Ok(Established {
+                session,
+                heartbeat: Duration::from_secs(heartbeat_secs.max(1)),
+                dead_after: Duration::from_secs(dead_after_secs.max(2)),
+            })
+        }
+        AgentBound::Refused { reason } => bail!("controller refused this device: {reason}"),
+        other => bail!("expected a welcome, got {other:?}"),
+    }
+}
+
+async fn session(agent: &Arc<Agent>) -> Result<End> {
+    let timeout = Duration::from_secs(agent.config.connect_timeout.max(1));
+    let url = agent.config.controller_url.clone();
+    let (mut ws, _) = tokio::time::timeout(
+        timeout,
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true),
+    )
+    .await
+    .map_err(|_| anyhow!("connecting to {url} timed out"))?
+    .with_context(|| format!("connecting to {url}"))?;
+    let Established { session, heartbeat, dead_after } = tokio::time::timeout(timeout, handshake(agent, &mut ws))
+        .await
+        .map_err(|_| anyhow!("handshake with {url} timed out"))??;
+    agent.set_connected(true);
+
+    let (out_tx, mut out_rx) = mpsc::channel::<ControllerBound>(64);
+    let (in_tx, in_rx) = mpsc::channel::<Incoming>(32);
+    let recv_task = tokio::spawn(receiver(agent.clone(), in_rx, out_tx.clone()));
+    let _abort_receiver = AbortOnDrop(recv_task);
+
+    send(&mut ws, &ControllerBound::Report(agent.report())).await?;
+    send_outbox(agent, &mut ws).await?;
+
+    let log_tx = out_tx.clone();
+    let on_log: LogSink = Arc::new(move |id: &str, line: String| {
+        let _ = log_tx.try_send(ControllerBound::Log { deployment_id: id.to_owned(), line });
+    });
+
+    let mut ticker = tokio::time::interval(heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            frame = ws.next() => {
+                last_heard = Instant::now();
+                let msg = match frame {
+                    Some(Ok(Message::Text(t))) => decode_agent_bound(t.as_str(), true)?,
+                    Some(Ok(Message::Binary(b))) => {
+                        in_tx.send(Incoming::Chunk(b.into())).await.map_err(|_| anyhow!("receiver stopped"))?;
+                        continue;
+                    }
+                    Some(Ok(Message::Close(_))) | None => return Ok(End::Closed),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(e).context("reading from the controller"),
+                };
+                handle(agent, &session, msg, &out_tx, &in_tx, &on_log).await?;
+            }
+            Some(msg) = out_rx.recv() => send(&mut ws, &msg).await?,
+            _ = ticker.tick() => {
+                if last_heard.elapsed() > dead_after {
+                    bail!("no word from the controller for {:?}: connection declared dead", last_heard.elapsed());
+                }
+                seq += 1;
+                send(&mut ws, &ControllerBound::Heartbeat { seq }).await?;
+            }
+            () = agent.outbox_changed.notified() => send_outbox(agent, &mut ws).await?,
+            () = agent.reconnect.notified() => {
+                // Let queued messages (state, outcome) out before closing.
+                while let Ok(msg) = out_rx.try_recv() {
+                    send(&mut ws, &msg).await?;
+                }
+                let _ = ws.close(None).await;
+                return Ok(End::Reconnect);
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn send_outbox(agent: &Agent, ws: &mut Ws) -> Result<()> {
+    for outcome in agent.persisted().outbox {
+        send(ws, &ControllerBound::Outcome(outcome)).await?;
+    }
+    Ok(())
+}
+
+async fn handle(
+    agent: &Arc<Agent>,
+    session: &str,
+    msg: AgentBound,
+    out: &mpsc::Sender<ControllerBound>,
+    incoming: &mpsc::Sender<Incoming>,
+    on_log: &LogSink,
+) -> Result<()> {
+    let reply = |m| async { out.send(m).await.map_err(|_| anyhow!("connection writer stopped")) };
+    match msg {
+        AgentBound::Offer { offer } => match agent.accept_offer(&offer) {
+            Ok(o) => reply(ControllerBound::OfferAccepted { deployment_id: o.deployment_id }).await?,
+            Err(reason) => {
+                warn!(%reason, "offer refused");
+                let id = serde_json::from_str::<serde_json::Value>(&offer.payload)
+                    .ok()
+                    .and_then(|v| v.get("deployment_id").and_then(|d| d.as_str()).map(str::to_owned))
+                    .unwrap_or_default();
+                reply(ControllerBound::OfferRefused { deployment_id: id, reason }).await?;
+            }
+        },
+        AgentBound::QueryPaths { deployment_id, paths } => {
+            let store = agent.store.clone();
+            let missing = tokio::task::spawn_blocking(move || store.invalid_paths(&paths)).await?;
+            match missing {
+                Ok(missing) => reply(ControllerBound::PathsMissing { deployment_id, missing }).await?,
+                Err(e) => reply(ControllerBound::Error { message: format!("checking the store: {e}") }).await?,
+            }
+        }
+        AgentBound::PathStart { deployment_id, info } => {
+            incoming.send(Incoming::Start { deployment_id, info: Box::new(info) }).await?;
+        }
+        AgentBound::PathEnd { deployment_id, .. } => incoming.send(Incoming::End { deployment_id }).await?,
+        AgentBound::Activate { deployment_id } => {
+            if let Err(e) = agent.activate(&deployment_id, on_log.clone()).await {
+                warn!(deployment = %deployment_id, "activation refused: {e:#}");
+                agent.abort_offer(&deployment_id, Some(format!("activation refused: {e:#}")));
+            }
+        }
+        AgentBound::Confirm { confirmation } => {
+            if let Err(e) = agent.confirm(&confirmation, session).await {
+                warn!("confirmation refused: {e:#}");
+                reply(ControllerBound::Error { message: format!("confirmation refused: {e:#}") }).await?;
+            }
+        }
+        AgentBound::Cancel { deployment_id } => {
+            if agent.current_offer(&deployment_id).is_some() {
+                info!(deployment = %deployment_id, "cancelled before activation");
+                agent.abort_offer(&deployment_id, None);
+            }
+        }
+        AgentBound::OutcomeRecorded { deployment_id } => agent.outcome_recorded(&deployment_id),
+        AgentBound::Heartbeat { .. } => {}
+        AgentBound::Error { message } => warn!(%message, "controller reported an error"),
+        AgentBound::Refused { reason } => bail!("controller refused: {reason}"),
+        AgentBound::Challenge { .. } | AgentBound::Welcome { .. } => debug!("ignoring a handshake message mid-session"),
+    }
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! The life of one deployment on the device, as a pure state machine.
+//!
+//! ```text
+//!             exit 0/4                 confirmed              commit ok
+//! Activating ─────────▶ AwaitingConfirmation ─────▶ Committing ─────────▶ succeeded[-with-failed-units]
+//!     │ other exit          │ deadline / asked          │ commit failed
+//!     ▼                     ▼                           ▼
+//! RollingBack(reason) ◀─────┴───────────────────────────┘
+//!     ├─ ok ─▶ rolled-back(reason)        (no previous generation: failed)
+//!     └─ err ▶ rollback-failed
+//! Activating / AwaitingConfirmation ── booted another boot, unplanned ──▶ rolled-back(rebooted-unconfirmed)
+//! ```
+//!
+//! [`step`] decides; the agent performs the returned [`Action`] and persists the new
+//! [`Stage`] before acting on it.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use thymis_proto::{DeviceResult, Phase, RollbackReason};
+
+/// Where a deployment that has started activating is. Persisted in `pending.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "stage", rename_all = "kebab-case")]
+pub enum Stage {
+    Activating,
+    AwaitingConfirmation { failed_units: Vec<String> },
+    Committing { failed_units: Vec<String> },
+    RollingBack { reason: RollbackReason, error: Option<String> },
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// `switch-to-configuration test` ended; `None` when it died without an exit code.
+    ActivationExited {
+        code: Option<i32>,
+        failed_units: Vec<String>,
+        output: String,
+    },
+    Confirmed,
+    DeadlinePassed,
+    RollbackAsked,
+    /// The device runs another boot than the one it activated in, without a planned reboot.
+    BootedElsewhere,
+    CommitFinished(Result<(), String>),
+    RollbackFinished(Result<(), String>),
+}
+
+/// The terminal result parts the agent reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finish {
+    pub result: DeviceResult,
+    pub reason: Option<RollbackReason>,
+    pub phase: Option<Phase>,
+    pub error: Option<String>,
+    pub failed_units: Vec<String>,
+}
+
+/// What the agent must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start (or keep) the confirmation deadline and reach the controller anew.
+    AwaitConfirmation,
+    /// Make the new system permanent: profile generation and boot entry.
+    Commit,
+    /// Re-activate the previous system.
+    Rollback,
+    /// Done: report this result and forget the pending state.
+    Finish(Finish),
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{event} is not allowed while {stage}")]
+pub struct NotAllowed {
+    pub stage: String,
+    pub event: String,
+}
+
+/// The next stage (`None` once finished) and the action to perform.
+pub fn step(stage: &Stage, event: Event, has_previous: bool) -> Result<(Option<Stage>, Action), NotAllowed> {
+    use Event as E;
+    use Stage as S;
+    let rollback = |reason, error| {
+        if has_previous {
+            (Some(S::RollingBack { reason, error }), Action::Rollback)
+        } else {
+            // A first deployment has nothing to go back to.
+            let error = Some(error.unwrap_or_else(|| "activation failed".into()));
+            (None, Action::Finish(finish(DeviceResult::Failed, None, Some(Phase::Activate), error, vec![])))
+        }
+    };
+    Ok(match (stage, event) {
+        (S::Activating, E::ActivationExited { code: Some(0 | 4), failed_units, .. }) => {
+            (Some(S::AwaitingConfirmation { failed_units }), Action::AwaitConfirmation)
+        }
+        (S::Activating, E::ActivationExited { code, output, .. }) => {
+            let how = code.map_or("was killed".to_owned(), |c| format!("exited {c}"));
+            let tail = output.trim();
+            let error = if tail.is_empty() { format!("activation {how}") } else { format!("activation {how}: {tail}") };
+            rollback(RollbackReason::ActivationFailed, Some(error))
+        }
+        (S::Activating | S::AwaitingConfirmation { .. }, E::BootedElsewhere) => (
+            None,
+            Action::Finish(finish(
+                DeviceResult::RolledBack,
+                Some(RollbackReason::RebootedUnconfirmed),
+                None,
+                None,
+                vec![],
+            )),
+        ),
+        (S::AwaitingConfirmation { failed_units }, E::Confirmed) => {
+            (Some(S::Committing { failed_units: failed_units.clone() }), Action::Commit)
+        }
+        (S::AwaitingConfirmation { .. }, E::DeadlinePassed) => rollback(RollbackReason::Unconfirmed, None),
+        (S::AwaitingConfirmation { .. }, E::RollbackAsked) => rollback(RollbackReason::Asked, None),
+        (S::Committing { failed_units }, E::CommitFinished(Ok(()))) => {
+            let result =
+                if failed_units.is_empty() { DeviceResult::Succeeded } else { DeviceResult::SucceededWithFailedUnits };
+            (None, Action::Finish(finish(result, None, None, None, failed_units.clone())))
+        }
+        (S::Committing { .. }, E::CommitFinished(Err(e))) => {
+            rollback(RollbackReason::ActivationFailed, Some(format!("making the system permanent failed: {e}")))
+        }
+        (S::RollingBack { reason, error }, E::RollbackFinished(Ok(()))) => {
+            (None, Action::Finish(finish(DeviceResult::RolledBack, Some(*reason), None, error.clone(), vec![])))
+        }
+        (S::RollingBack { reason, error }, E::RollbackFinished(Err(e))) => {
+            let error = Some(match error {
+                Some(first) => format!("{first}; then the rollback failed: {e}"),
+                None => format!("rollback failed: {e}"),
+            });
+            (None, Action::Finish(finish(DeviceResult::RollbackFailed, Some(*reason), None, error, vec![])))
+        }
+        (stage, event) => {
+            return Err(NotAllowed { stage: format!("{stage:?}"), event: format!("{event:?}") });
+        }
+    })
+}
+
+fn finish(
+    result: DeviceResult,
+    reason: Option<RollbackReason>,
+    phase: Option<Phase>,
+    error: Option<String>,
+    failed_units: Vec<String>,
+) -> Finish {
+    Finish { result, reason, phase, error, failed_units }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exited(code: Option<i32>, units: &[&str]) -> Event {
+        Event::ActivationExited {
+            code,
+            failed_units: units.iter().map(|u| u.to_string()).collect(),
+            output: "boom".into(),
+        }
+    }
+
+    fn finished(a: Action) -> Finish {
+        match a {
+            Action::Finish(f) => f,
+            other => panic!("expected Finish, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn happy_path_with_failed_units_succeeds_with_their_names() {
+        let (s, a) = step(&Stage::Activating, exited(Some(4), &["demo.service"]), true).expect("ok");
+        assert_eq!(a, Action::AwaitConfirmation);
+        let (s, a) = step(&s.expect("stage"), Event::Confirmed, true).expect("ok");
+        assert_eq!(a, Action::Commit);
+        let (s, a) = step(&s.expect("stage"), Event::CommitFinished(Ok(())), true).expect("ok");
+        assert_eq!(s, None);
+        let f = finished(a);
+        assert_eq!(f.result, DeviceResult::SucceededWithFailedUnits);
+        assert_eq!(f.failed_units, ["demo.service"]);
+    }
+
+    #[test]
+    fn failed_activation_rolls_back_or_fails_on_a_first_deployment() {
+        let (s, a) = step(&Stage::Activating, exited(Some(1), &[]), true).expect("ok");
+        assert_eq!(a, Action::Rollback);
+        let (_, a) = step(&s.expect("stage"), Event::RollbackFinished(Ok(())), true).expect("ok");
+        let f = finished(a);
+        assert_eq!((f.result, f.reason), (DeviceResult::RolledBack, Some(RollbackReason::ActivationFailed)));
+        assert!(f.error.expect("error").contains("exited 1: boom"));
+
+        let (s, a) = step(&Stage::Activating, exited(None, &[]), false).expect("ok");
+        assert_eq!(s, None);
+        let f = finished(a);
+        assert_eq!((f.result, f.phase), (DeviceResult::Failed, Some(Phase::Activate)));
+    }
+
+    #[test]
+    fn deadline_asked_and_reboot() {
+        let waiting = Stage::AwaitingConfirmation { failed_units: vec![] };
+        for (event, reason) in
+            [(Event::DeadlinePassed, RollbackReason::Unconfirmed), (Event::RollbackAsked, RollbackReason::Asked)]
+        {
+            let (s, a) = step(&waiting, event, true).expect("ok");
+            assert_eq!(a, Action::Rollback);
+            let (_, a) = step(&s.expect("stage"), Event::RollbackFinished(Err("disk".into())), true).expect("ok");
+            let f = finished(a);
+            assert_eq!((f.result, f.reason), (DeviceResult::RollbackFailed, Some(reason)));
+        }
+        let (_, a) = step(&waiting, Event::BootedElsewhere, true).expect("ok");
+        assert_eq!(finished(a).reason, Some(RollbackReason::RebootedUnconfirmed));
+    }
+
+    #[test]
+    fn confirmation_is_only_accepted_while_waiting_for_it() {
+        assert!(step(&Stage::Activating, Event::Confirmed, true).is_err());
+        let rolling = Stage::RollingBack { reason: RollbackReason::Unconfirmed, error: None };
+        assert!(step(&rolling, Event::Confirmed, true).is_err(), "a late confirmation must not stop a rollback");
+    }
+}

@@ -1,0 +1,47 @@
+//! The system profile: its generations are the rollback points.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use thymis_store::StorePath;
+
+/// The store path a profile (or `/run/current-system`) points at, if any.
+pub fn resolve(link: &Path) -> Option<StorePath> {
+    let mut target = PathBuf::from(link);
+    // Follow links until we reach the store (profile -> system-N-link -> /nix/store/...).
+    for _ in 0..8 {
+        let next = std::fs::read_link(&target).ok()?;
+        target = if next.is_absolute() { next } else { target.parent()?.join(next) };
+        if let Ok(p) = target.to_str()?.parse::<StorePath>() {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// The generation number a profile link points at (`system-N-link`).
+pub fn generation(profile: &Path) -> Option<u64> {
+    let target = std::fs::read_link(profile).ok()?;
+    let name = target.file_name()?.to_str()?;
+    let prefix = format!("{}-", profile.file_name()?.to_str()?);
+    name.strip_prefix(&prefix)?.strip_suffix("-link")?.parse().ok()
+}
+
+/// Adds `system` as the profile's new generation; returns its number.
+pub fn set(profile: &Path, system: &StorePath) -> Result<u64> {
+    if let Some(dir) = profile.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let out = Command::new("nix-env")
+        .arg("-p")
+        .arg(profile)
+        .arg("--set")
+        .arg(system.to_absolute())
+        .output()
+        .context("running nix-env --set")?;
+    if !out.status.success() {
+        bail!("nix-env --set {system} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    generation(profile).with_context(|| format!("{} has no generation after nix-env --set", profile.display()))
+}
