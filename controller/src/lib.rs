@@ -1,1 +1,126 @@
-//! Not built yet: see the open issues.
+//! `thymis-controller`: keeps the fleet's project, builds each configuration, and
+//! deploys it over the air to the agents (see `docs/controller.md`).
+
+pub mod agents;
+pub mod api;
+pub mod build;
+pub mod controller;
+pub mod db;
+pub mod deploy;
+pub mod project;
+pub mod task;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+/// Command line of `thymis-controller`.
+#[derive(Debug, Parser)]
+#[command(name = "thymis-controller", version, about = "Thymis fleet controller")]
+pub struct Cli {
+    /// State directory (project, database, keys, admin token); created on first start.
+    #[arg(long, env = "THYMIS_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// URL agents use to reach this controller (default: derived from --listen).
+    #[arg(long)]
+    pub public_url: Option<String>,
+    /// Seconds between heartbeats on agent connections.
+    #[arg(long, default_value_t = 15)]
+    pub heartbeat: u64,
+    /// Seconds of silence after which an agent connection is declared dead.
+    #[arg(long, default_value_t = 45)]
+    pub dead_after: u64,
+    /// Seconds an agent has to finish its handshake.
+    #[arg(long, default_value_t = 10)]
+    pub handshake_timeout: u64,
+    /// Seconds a device may take to answer during a deployment.
+    #[arg(long, default_value_t = 120)]
+    pub reply_timeout: u64,
+    /// Seconds a deployment waits for offline devices before they end `expired`.
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    pub deployment_ttl: u64,
+    /// Seconds an enrollment token stays valid.
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    pub token_ttl: u64,
+    /// Confirmation deadline written into generated agent configurations, seconds.
+    #[arg(long, default_value_t = 120)]
+    pub confirm_timeout: u64,
+    /// Devices deployed to in parallel.
+    #[arg(long, default_value_t = 10)]
+    pub parallel: usize,
+    /// Seconds between expiry sweeps.
+    #[arg(long, default_value_t = 5)]
+    pub sweep_interval: u64,
+}
+
+impl Cli {
+    pub fn settings(&self) -> controller::Settings {
+        controller::Settings {
+            state_dir: self.state_dir.clone(),
+            public_url: self.public_url.clone().unwrap_or_else(|| format!("ws://{}", self.listen)),
+            heartbeat: Duration::from_secs(self.heartbeat.max(1)),
+            dead_after: Duration::from_secs(self.dead_after.max(2)),
+            handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
+            reply_timeout: Duration::from_secs(self.reply_timeout.max(1)),
+            deployment_ttl: Duration::from_secs(self.deployment_ttl.max(1)),
+            token_ttl: Duration::from_secs(self.token_ttl.max(1)),
+            confirm_timeout: Duration::from_secs(self.confirm_timeout.max(1)),
+            parallel: self.parallel.max(1),
+            max_unauthenticated: 256,
+            enroll_failures_per_minute: 30,
+        }
+    }
+}
+
+pub fn main(cli: Cli) -> Result<()> {
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("async runtime")?;
+    runtime.block_on(run(cli))
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let ctl = controller::Controller::open(cli.settings())?;
+    deploy::recover(&ctl)?;
+    let sweeper = ctl.clone();
+    let every = Duration::from_secs(cli.sweep_interval.max(1));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = deploy::sweep(&sweeper) {
+                tracing::warn!("expiry sweep: {e:#}");
+            }
+        }
+    });
+    let listener =
+        tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("listening on {}", cli.listen))?;
+    tracing::info!(
+        listen = %cli.listen,
+        public_url = %ctl.settings.public_url,
+        admin_token = %ctl.paths.admin_token.display(),
+        "controller ready"
+    );
+    let app = api::router(ctl);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        })
+        .await
+        .context("serving HTTP")
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("THYMIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var_os("JOURNAL_STREAM").is_some() { b.without_time().with_ansi(false).init() } else { b.init() }
+}

@@ -1,1 +1,362 @@
-//! Not built yet: see the open issues.
+//! `thymisctl`: drives a Thymis controller over its HTTP API. With `--json`, stdout
+//! holds exactly one JSON document; progress and logs go to stderr.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+/// Exit status when a deployment or build finished, but not successfully.
+pub const EXIT_UNSUCCESSFUL: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(name = "thymisctl", version, about = "Thymis command line")]
+pub struct Cli {
+    /// Controller URL.
+    #[arg(long, env = "THYMIS_CONTROLLER", default_value = "http://127.0.0.1:8443", global = true)]
+    pub controller: String,
+    /// Admin token (or THYMIS_TOKEN; or --token-file).
+    #[arg(long, env = "THYMIS_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// File holding the admin token (the controller writes STATE_DIR/admin-token).
+    #[arg(long, env = "THYMIS_TOKEN_FILE", global = true)]
+    pub token_file: Option<std::path::PathBuf>,
+    /// Print exactly one JSON document on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Manage devices.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// List devices: configuration, online, the commit and system they run.
+    Devices,
+    /// The project repository.
+    #[command(subcommand)]
+    Project(ProjectCmd),
+    /// Commit (when dirty) and deploy to devices, configurations or tags.
+    Deploy {
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        #[arg(long = "config")]
+        configs: Vec<String>,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Deploy this commit instead of HEAD.
+        #[arg(long)]
+        commit: Option<String>,
+        /// Commit message for uncommitted changes.
+        #[arg(short = 'm', long)]
+        message: Option<String>,
+        /// Reboot into the new system (boot it once, keep it after confirmation).
+        #[arg(long)]
+        reboot: bool,
+        /// Show what would be deployed, and stop.
+        #[arg(long)]
+        preview: bool,
+        /// Wait until no device is pending or running; exit 0 only if all succeeded.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Build a configuration without deploying it.
+    Build {
+        config: String,
+        #[arg(long)]
+        commit: Option<String>,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List recent tasks.
+    Tasks,
+    /// Show a task; with --follow, until it ends.
+    Task {
+        id: i64,
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Cancel a deployment (devices that have not activated stop).
+    Cancel { id: i64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCmd {
+    /// Add a device bound to a configuration; prints its enrollment token and agent config.
+    Add {
+        name: String,
+        #[arg(long)]
+        config: String,
+    },
+    /// Issue a new enrollment token (re-imaging).
+    Reenroll { name: String },
+    /// Refuse the device from now on.
+    Revoke { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectCmd {
+    /// Uncommitted changes.
+    Status,
+    /// Commit all changes (`git add -A`).
+    Commit {
+        #[arg(short = 'm', long)]
+        message: Option<String>,
+    },
+}
+
+struct Client {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    fn new(cli: &Cli) -> Result<Self> {
+        let token = match (&cli.token, &cli.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+            (None, None) => bail!("no admin token: pass --token, THYMIS_TOKEN or --token-file"),
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        Ok(Client { base: cli.controller.trim_end_matches('/').to_owned(), token: token.trim().to_owned(), agent })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+        let url = format!("{}/api/v1{path}", self.base);
+        let auth = format!("Bearer {}", self.token);
+        let mut resp = match (method, body) {
+            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
+            (_, Some(b)) => self.agent.post(&url).header("Authorization", &auth).send_json(&b),
+            (_, None) => self.agent.post(&url).header("Authorization", &auth).send_empty(),
+        }
+        .with_context(|| format!("reaching the controller at {}", self.base))?;
+        let status = resp.status();
+        let v: Value = resp.body_mut().read_json().with_context(|| format!("{method} {path}: reading the answer"))?;
+        if !status.is_success() {
+            bail!("{}", v.get("error").and_then(Value::as_str).unwrap_or(&v.to_string()));
+        }
+        Ok(v)
+    }
+}
+
+/// Runs a command; returns the process exit status.
+pub fn run(cli: Cli) -> Result<u8> {
+    let c = Client::new(&cli)?;
+    let out = |v: &Value, human: &dyn Fn(&Value)| {
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        } else {
+            human(v);
+        }
+    };
+    match &cli.command {
+        Cmd::Device(DeviceCmd::Add { name, config }) => {
+            let v = c.call("POST", "/devices", Some(json!({ "name": name, "config": config })))?;
+            out(&v, &print_enrollment);
+        }
+        Cmd::Device(DeviceCmd::Reenroll { name }) => {
+            let v = c.call("POST", &format!("/devices/{name}/reenroll"), None)?;
+            out(&v, &print_enrollment);
+        }
+        Cmd::Device(DeviceCmd::Revoke { name }) => {
+            let v = c.call("POST", &format!("/devices/{name}/revoke"), None)?;
+            out(&v, &|_| println!("device {name} revoked"));
+        }
+        Cmd::Devices => {
+            let v = c.call("GET", "/devices", None)?;
+            out(&v, &print_devices);
+        }
+        Cmd::Project(ProjectCmd::Status) => {
+            let v = c.call("GET", "/project/status", None)?;
+            out(&v, &|v| {
+                let changes = v["changes"].as_array().cloned().unwrap_or_default();
+                if changes.is_empty() {
+                    println!("clean at {}", s(&v["head"]));
+                }
+                for ch in changes {
+                    println!("{:<9} {}", s(&ch["status"]), s(&ch["path"]));
+                }
+            });
+        }
+        Cmd::Project(ProjectCmd::Commit { message }) => {
+            let v = c.call("POST", "/project/commit", Some(json!({ "message": message.clone().unwrap_or_default() })))?;
+            out(&v, &|v| println!("{}", s(&v["commit"])));
+        }
+        Cmd::Deploy { devices, configs, tags, commit, message, reboot, preview, wait } => {
+            let req = json!({ "devices": devices, "configs": configs, "tags": tags, "commit": commit,
+                              "message": message, "reboot": reboot });
+            if *preview {
+                let v = c.call("POST", "/deploy/preview", Some(req))?;
+                out(&v, &print_preview);
+                return Ok(0);
+            }
+            let task = c.call("POST", "/deploy", Some(req))?;
+            let id = task["id"].as_i64().ok_or_else(|| anyhow!("no task id in {task}"))?;
+            eprintln!("deployment task {id} at commit {}", s(&task["commit"]));
+            if !*wait {
+                out(&task, &print_task);
+                return Ok(0);
+            }
+            let done = follow(&c, id, !cli.json)?;
+            out(&done, &print_task);
+            return Ok(if all_succeeded(&done) { 0 } else { EXIT_UNSUCCESSFUL });
+        }
+        Cmd::Build { config, commit, wait } => {
+            let task = c.call("POST", "/build", Some(json!({ "config": config, "commit": commit })))?;
+            let id = task["id"].as_i64().ok_or_else(|| anyhow!("no task id"))?;
+            if !*wait {
+                out(&task, &print_task);
+                return Ok(0);
+            }
+            let done = follow(&c, id, !cli.json)?;
+            out(&done, &print_task);
+            return Ok(if done["result"] == "succeeded" { 0 } else { EXIT_UNSUCCESSFUL });
+        }
+        Cmd::Tasks => {
+            let v = c.call("GET", "/tasks", None)?;
+            out(&v, &|v| {
+                for t in v.as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "{:>5}  {:<10} {:<9} {:<16} {}",
+                        t["id"],
+                        s(&t["kind"]),
+                        s(&t["state"]),
+                        s(&t["result"]),
+                        &s(&t["commit"]).chars().take(12).collect::<String>()
+                    );
+                }
+            });
+        }
+        Cmd::Task { id, follow: f } => {
+            let v = if *f { follow(&c, *id, !cli.json)? } else { c.call("GET", &format!("/tasks/{id}"), None)? };
+            out(&v, &print_task);
+        }
+        Cmd::Cancel { id } => {
+            let v = c.call("POST", &format!("/tasks/{id}/cancel"), None)?;
+            out(&v, &print_task);
+        }
+    }
+    Ok(0)
+}
+
+/// Whether every child ended `succeeded` or `succeeded-with-failed-units`.
+pub fn all_succeeded(task: &Value) -> bool {
+    let children = task["children"].as_array().cloned().unwrap_or_default();
+    !children.is_empty()
+        && children.iter().all(|c| matches!(c["result"].as_str(), Some("succeeded" | "succeeded-with-failed-units")))
+}
+
+/// Polls a task until no child is pending or running, printing logs and progress to
+/// stderr. Queued children (offline devices) do not hold the wait.
+fn follow(c: &Client, id: i64, show: bool) -> Result<Value> {
+    let mut after = 0;
+    let tty = std::io::stderr().is_terminal();
+    loop {
+        let t = c.call("GET", &format!("/tasks/{id}"), None)?;
+        let logs = c.call("GET", &format!("/tasks/{id}/logs?after={after}"), None)?;
+        for l in logs.as_array().cloned().unwrap_or_default() {
+            after = l["id"].as_i64().unwrap_or(after);
+            if show {
+                eprintln!("  {}", s(&l["line"]));
+            }
+        }
+        let state = s(&t["state"]);
+        if matches!(state.as_str(), "finished" | "cancelled" | "waiting") {
+            if state == "waiting" && show {
+                for ch in t["children"].as_array().cloned().unwrap_or_default() {
+                    if ch["state"] == "queued" {
+                        eprintln!("  {} is offline: queued until it connects", s(&ch["device"]));
+                    }
+                }
+            }
+            return Ok(t);
+        }
+        if show && tty {
+            let summary: Vec<String> = t["children"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|ch| format!("{} {}/{} {} paths", s(&ch["device"]), s(&ch["state"]), s(&ch["phase"]), ch["paths_sent"]))
+                .collect();
+            eprint!("\r\x1b[2K{}", summary.join("  |  "));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        if show && tty {
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(x) => x.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_enrollment(v: &Value) {
+    println!("device {}: enrollment token {}", s(&v["name"]), s(&v["enrollment_token"]));
+    println!("agent configuration (keep it secret):\n{}", s(&v["agent_config"]));
+}
+
+fn print_devices(v: &Value) {
+    println!("{:<16} {:<12} {:<7} {:<12} SYSTEM", "NAME", "CONFIG", "ONLINE", "COMMIT");
+    for d in v.as_array().cloned().unwrap_or_default() {
+        println!(
+            "{:<16} {:<12} {:<7} {:<12} {}",
+            s(&d["name"]),
+            s(&d["config"]),
+            if d["online"] == true { "yes" } else { "no" },
+            s(&d["commit"]).chars().take(12).collect::<String>(),
+            s(&d["system"])
+        );
+    }
+}
+
+fn print_preview(v: &Value) {
+    match v["commit"].as_str() {
+        Some(c) => println!("commit {c}"),
+        None => println!("{} uncommitted change(s) will be committed first", v["uncommitted_changes"]),
+    }
+    println!("configurations: {}", v["configs"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default());
+    for d in v["devices"].as_array().cloned().unwrap_or_default() {
+        println!("  {:<16} {:<12} {}", s(&d["name"]), s(&d["config"]), if d["online"] == true { "online" } else { "offline" });
+    }
+}
+
+fn print_task(t: &Value) {
+    println!("task {} ({}) {} {}", t["id"], s(&t["kind"]), s(&t["state"]), s(&t["result"]));
+    if let Some(e) = t["error"].as_str() {
+        println!("  error: {e}");
+    }
+    for c in t["children"].as_array().cloned().unwrap_or_default() {
+        let mut line = format!(
+            "  {:<16} {:<9} {:<9} {:<28}",
+            s(&c["device"]),
+            s(&c["state"]),
+            s(&c["phase"]),
+            s(&c["result"])
+        );
+        if let Some(r) = c["reason"].as_str() {
+            line.push_str(&format!(" reason: {r}"));
+        }
+        if let Some(u) = c["failed_units"].as_array().filter(|u| !u.is_empty()) {
+            line.push_str(&format!(" failed units: {}", u.iter().map(s).collect::<Vec<_>>().join(", ")));
+        }
+        if let Some(e) = c["error"].as_str() {
+            line.push_str(&format!(" error: {e}"));
+        }
+        println!("{line}");
+    }
+}

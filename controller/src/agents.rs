@@ -1,0 +1,298 @@
+//! `/agent/v1`: the agents' WebSocket. Authenticates both sides, then records reports
+//! and outcomes, confirms activated deployments over the new connection, and routes
+//! replies to the deployment runners.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use thymis_proto::handshake::{Nonce, controller_transcript, device_transcript, negotiate};
+use thymis_proto::message::{DeviceReport, Outcome};
+use thymis_proto::signed::{Confirmation, Signed};
+use thymis_proto::{AgentBound, ControllerBound, decode_controller_bound, encode};
+use thymis_store::signing::PublicKey;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::controller::{Conn, Controller, Out, lock};
+use crate::deploy;
+
+pub async fn upgrade(State(ctl): State<Arc<Controller>>, ws: WebSocketUpgrade) -> Response {
+    let max = thymis_proto::MAX_TEXT_MESSAGE.max(thymis_proto::MAX_BINARY_FRAME);
+    ws.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| serve(ctl, socket))
+}
+
+async fn send(ws: &mut WebSocket, m: &AgentBound) -> Result<()> {
+    ws.send(Message::Text(encode(m).into())).await.map_err(|e| anyhow!("sending to agent: {e}"))
+}
+
+async fn recv(ws: &mut WebSocket) -> Result<ControllerBound> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => return Ok(decode_controller_bound(t.as_str(), false)?),
+            Some(Ok(Message::Binary(_))) => bail!("binary frame during the handshake"),
+            Some(Ok(Message::Close(_))) | None => bail!("closed during the handshake"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => bail!("reading: {e}"),
+        }
+    }
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    let _ = getrandom::fill(&mut b);
+    b
+}
+
+async fn serve(ctl: Arc<Controller>, mut ws: WebSocket) {
+    // Unauthenticated connections are capped, and must finish the handshake quickly.
+    let Ok(permit) = ctl.handshakes.clone().try_acquire_owned() else {
+        let _ = send(&mut ws, &AgentBound::Refused { reason: "too many connections in handshake".into() }).await;
+        return;
+    };
+    let session = random::<16>().iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let device = match tokio::time::timeout(ctl.settings.handshake_timeout, handshake(&ctl, &mut ws, &session)).await {
+        Ok(Ok(device)) => device,
+        Ok(Err(e)) => {
+            warn!("agent handshake refused: {e:#}");
+            let _ = send(&mut ws, &AgentBound::Refused { reason: format!("{e:#}") }).await;
+            let _ = ws.close().await;
+            return;
+        }
+        Err(_) => {
+            warn!("agent handshake timed out");
+            let _ = send(&mut ws, &AgentBound::Refused { reason: "handshake timed out".into() }).await;
+            return;
+        }
+    };
+    drop(permit);
+    let (tx, rx) = mpsc::channel::<Out>(64);
+    let conn = Arc::new(Conn::new(device.clone(), session, tx));
+    ctl.register(conn.clone());
+    info!(%device, "agent connected");
+    if let Err(e) = session_loop(&ctl, &conn, ws, rx).await {
+        info!(%device, "agent connection ended: {e:#}");
+    } else {
+        info!(%device, "agent disconnected");
+    }
+    ctl.unregister(&conn);
+}
+
+/// Returns the authenticated device's name.
+async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str) -> Result<String> {
+    let ControllerBound::Hello { protocol_min, protocol_max, device_key, client_nonce, .. } = recv(ws).await? else {
+        bail!("expected hello");
+    };
+    let protocol = negotiate(protocol_min, protocol_max).map_err(|e| anyhow!(e))?;
+    let device_key: PublicKey = device_key.parse().map_err(|e| anyhow!("device key: {e}"))?;
+    let server_nonce = Nonce(random());
+    let identity = ctl.identity.public();
+    let signature = ctl.identity.sign(&controller_transcript(&client_nonce, &server_nonce, session, &device_key));
+    send(
+        ws,
+        &AgentBound::Challenge {
+            protocol,
+            controller_key: identity.to_string(),
+            server_nonce,
+            session: session.to_owned(),
+            signature,
+        },
+    )
+    .await?;
+    let ControllerBound::Auth { signature, enrollment_token } = recv(ws).await? else { bail!("expected auth") };
+    if !device_key.verifies(&device_transcript(&client_nonce, &server_nonce, session, &identity), &signature) {
+        bail!("device failed to prove possession of its key");
+    }
+    let key_text = device_key.to_string();
+    let device = match ctl.db.device_by_key(&key_text)? {
+        Some(d) if d.revoked => bail!("device {} is revoked", d.name),
+        Some(d) => d.name,
+        None => {
+            let Some(token) = enrollment_token else { bail!("unknown device key and no enrollment token") };
+            enroll(ctl, &token, &key_text)?
+        }
+    };
+    let config = ctl.db.device(&device)?.map(|d| d.config).unwrap_or_default();
+    send(
+        ws,
+        &AgentBound::Welcome {
+            device: device.clone(),
+            config,
+            heartbeat_secs: ctl.settings.heartbeat.as_secs().max(1),
+            dead_after_secs: ctl.settings.dead_after.as_secs().max(2),
+        },
+    )
+    .await?;
+    Ok(device)
+}
+
+fn enroll(ctl: &Controller, token: &str, key: &str) -> Result<String> {
+    {
+        let mut f = lock(&ctl.enroll_failures);
+        if f.0.elapsed() > Duration::from_secs(60) {
+            *f = (Instant::now(), 0);
+        }
+        if f.1 >= ctl.settings.enroll_failures_per_minute {
+            bail!("too many failed enrollments; try again in a minute");
+        }
+    }
+    match ctl.db.enroll(token, key) {
+        Ok(device) => {
+            let fp = key.parse::<PublicKey>().map(|k| k.short_fingerprint()).unwrap_or_default();
+            info!(%device, fingerprint = %fp, "device enrolled");
+            Ok(device)
+        }
+        Err(e) => {
+            lock(&ctl.enroll_failures).1 += 1;
+            Err(e)
+        }
+    }
+}
+
+async fn session_loop(
+    ctl: &Arc<Controller>,
+    conn: &Arc<Conn>,
+    mut ws: WebSocket,
+    mut rx: mpsc::Receiver<Out>,
+) -> Result<()> {
+    let mut ticker = tokio::time::interval(ctl.settings.heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    let mut seq = 0;
+    loop {
+        tokio::select! {
+            frame = ws.next() => {
+                last_heard = Instant::now();
+                match frame {
+                    Some(Ok(Message::Text(t))) => {
+                        let msg = decode_controller_bound(t.as_str(), true)?;
+                        handle(ctl, conn, msg).await?;
+                    }
+                    Some(Ok(Message::Binary(_))) => bail!("agents send no binary frames"),
+                    Some(Ok(Message::Close(_))) | None => return Ok(()),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => bail!("reading: {e}"),
+                }
+            }
+            out = rx.recv() => match out {
+                Some(Out::Msg(m)) => send(&mut ws, &m).await?,
+                Some(Out::Bin(b)) => ws.send(Message::Binary(b.into())).await.map_err(|e| anyhow!("sending: {e}"))?,
+                None => return Ok(()),
+            },
+            _ = ticker.tick() => {
+                if last_heard.elapsed() > ctl.settings.dead_after {
+                    bail!("no word from the agent for {:?}: connection declared dead", last_heard.elapsed());
+                }
+                seq += 1;
+                send(&mut ws, &AgentBound::Heartbeat { seq }).await?;
+            }
+        }
+    }
+}
+
+async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: ControllerBound) -> Result<()> {
+    let device = &conn.device;
+    match msg {
+        ControllerBound::Report(report) => {
+            ctl.db.record_report(device, &report)?;
+            maybe_confirm(ctl, conn, &report).await?;
+        }
+        ControllerBound::Outcome(outcome) => {
+            record_outcome(ctl, device, &outcome)?;
+            conn.send(AgentBound::OutcomeRecorded { deployment_id: outcome.deployment_id }).await;
+        }
+        ControllerBound::Log { deployment_id, line } => {
+            if let Some(child) = ctl.db.child_by_deployment(&deployment_id)?.filter(|c| &c.device == device) {
+                ctl.db.log(child.task, Some(child.id), &format!("{device}: {line}"))?;
+                ctl.notify_task(child.task);
+            }
+        }
+        ControllerBound::State { deployment_id, state } => {
+            debug!(%device, %deployment_id, state = state.as_str(), "agent state");
+            conn.route(&deployment_id, ControllerBound::State { deployment_id: deployment_id.clone(), state });
+        }
+        m @ (ControllerBound::OfferAccepted { .. }
+        | ControllerBound::OfferRefused { .. }
+        | ControllerBound::PathsMissing { .. }
+        | ControllerBound::PathImported { .. }
+        | ControllerBound::PathRefused { .. }) => {
+            let id = match &m {
+                ControllerBound::OfferAccepted { deployment_id }
+                | ControllerBound::OfferRefused { deployment_id, .. }
+                | ControllerBound::PathsMissing { deployment_id, .. }
+                | ControllerBound::PathImported { deployment_id, .. }
+                | ControllerBound::PathRefused { deployment_id, .. } => deployment_id.clone(),
+                _ => String::new(),
+            };
+            if !conn.route(&id, m) {
+                debug!(%device, deployment = %id, "reply nobody waits for");
+            }
+        }
+        ControllerBound::Heartbeat { .. } => ctl.db.touch_device(device)?,
+        ControllerBound::Error { message } => warn!(%device, %message, "agent reported an error"),
+        ControllerBound::Hello { .. } | ControllerBound::Auth { .. } => bail!("handshake message mid-session"),
+    }
+    Ok(())
+}
+
+/// A device that reports an activated deployment over this (new) connection gets it
+/// confirmed, if the controller activated it and has no result for it yet. This holds
+/// after a controller restart too: the database knows what was activated.
+async fn maybe_confirm(ctl: &Controller, conn: &Conn, report: &DeviceReport) -> Result<()> {
+    let Some(p) = &report.pending else { return Ok(()) };
+    let Some(child) = ctl.db.child_by_deployment(&p.deployment_id)? else {
+        warn!(device = %conn.device, deployment = %p.deployment_id, "unknown deployment pending: not confirming");
+        return Ok(());
+    };
+    let matches = child.device == conn.device
+        && child.activated
+        && child.result.is_none()
+        && child.system.as_deref() == Some(&p.system.to_string())
+        && child.sequence == Some(p.sequence as i64);
+    if !matches {
+        warn!(device = %conn.device, deployment = %p.deployment_id, "pending deployment does not match: not confirming");
+        return Ok(());
+    }
+    let confirmation = Confirmation {
+        device: conn.device.clone(),
+        deployment_id: p.deployment_id.clone(),
+        system: p.system.clone(),
+        sequence: p.sequence,
+        session: conn.session.clone(),
+    };
+    ctl.db.update_child(child.id, crate::db::ChildUpdate { phase: Some("confirm"), ..Default::default() })?;
+    ctl.db.log(child.task, Some(child.id), &format!("{}: reconnected after activation; confirming", conn.device))?;
+    ctl.notify_task(child.task);
+    conn.send(AgentBound::Confirm { confirmation: Signed::sign(&confirmation, &ctl.identity) }).await;
+    Ok(())
+}
+
+fn record_outcome(ctl: &Controller, device: &str, o: &Outcome) -> Result<()> {
+    let Some(child) = ctl.db.child_by_deployment(&o.deployment_id)? else {
+        warn!(%device, deployment = %o.deployment_id, "outcome for an unknown deployment");
+        return Ok(());
+    };
+    if child.device != device {
+        warn!(%device, deployment = %o.deployment_id, "outcome for another device's deployment ignored");
+        return Ok(());
+    }
+    info!(%device, deployment = %o.deployment_id, result = ?o.result, reason = ?o.reason, "outcome");
+    ctl.db.record_outcome(child.id, o)?;
+    let mut line = format!("{device}: {}", serde_json::to_value(o.result)?.as_str().unwrap_or_default());
+    if let Some(r) = o.reason {
+        line.push_str(&format!(" ({})", serde_json::to_value(r)?.as_str().unwrap_or_default()));
+    }
+    if !o.failed_units.is_empty() {
+        line.push_str(&format!("; failed units: {}", o.failed_units.join(", ")));
+    }
+    if let Some(e) = &o.error {
+        line.push_str(&format!(": {e}"));
+    }
+    ctl.db.log(child.task, Some(child.id), &line)?;
+    deploy::refresh_task(ctl, child.task)?;
+    Ok(())
+}

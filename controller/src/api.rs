@@ -1,0 +1,242 @@
+//! The HTTP JSON API (`/api/v1/...`), authenticated with the admin token.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+
+use crate::controller::Controller;
+use crate::deploy::{self, DeployRequest};
+use crate::project::valid_name;
+
+/// An API error: a status and a message for people.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, format!("{e:#}"))
+    }
+}
+
+fn not_found(what: String) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, what)
+}
+
+type ApiResult<T = Json<Value>> = Result<T, ApiError>;
+
+pub fn router(ctl: Arc<Controller>) -> Router {
+    let api = Router::new()
+        .route("/devices", get(devices).post(add_device))
+        .route("/devices/{name}/reenroll", post(reenroll))
+        .route("/devices/{name}/revoke", post(revoke))
+        .route("/project/status", get(project_status))
+        .route("/project/diff", get(project_diff))
+        .route("/project/commit", post(project_commit))
+        .route("/project/log", get(project_log))
+        .route("/project/configs", get(project_configs))
+        .route("/project/files/{*path}", get(read_file).put(write_file).delete(delete_file))
+        .route("/deploy/preview", post(deploy_preview))
+        .route("/deploy", post(deploy_start))
+        .route("/build", post(build_start))
+        .route("/tasks", get(tasks))
+        .route("/tasks/{id}", get(task))
+        .route("/tasks/{id}/logs", get(task_logs))
+        .route("/tasks/{id}/cancel", post(task_cancel))
+        .route("/identity", get(identity))
+        .layer(middleware::from_fn_with_state(ctl.clone(), require_token));
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/agent/v1", get(crate::agents::upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(ctl)
+}
+
+async fn require_token(State(ctl): State<Arc<Controller>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(presented.as_bytes().ct_eq(ctl.admin_token.as_bytes())) {
+        next.run(req).await
+    } else {
+        ApiError(StatusCode::UNAUTHORIZED, "missing or wrong token (Authorization: Bearer ...)".into()).into_response()
+    }
+}
+
+async fn devices(State(ctl): State<Arc<Controller>>) -> ApiResult {
+    let online = ctl.online();
+    let list: Vec<Value> = ctl
+        .db
+        .devices()?
+        .into_iter()
+        .map(|d| {
+            let mut v = serde_json::to_value(&d).unwrap_or_default();
+            v["online"] = json!(online.contains(&d.name));
+            v
+        })
+        .collect();
+    Ok(Json(json!(list)))
+}
+
+#[derive(Deserialize)]
+struct AddDevice {
+    name: String,
+    config: String,
+}
+
+async fn add_device(State(ctl): State<Arc<Controller>>, Json(req): Json<AddDevice>) -> ApiResult {
+    if !valid_name(&req.name) {
+        return Err(anyhow::anyhow!("device name {:?} must be [A-Za-z0-9_-]{{1,64}}", req.name).into());
+    }
+    let toml = ctl.project.toml_worktree()?;
+    if !toml.configs.contains_key(&req.config) {
+        return Err(anyhow::anyhow!("no configuration {:?} in thymis.toml", req.config).into());
+    }
+    ctl.db.add_device(&req.name, &req.config)?;
+    let token = ctl.db.issue_token(&req.name, ctl.settings.token_ttl.as_secs() as i64)?;
+    Ok(Json(enrollment(&ctl, &req.name, &token)))
+}
+
+fn enrollment(ctl: &Controller, name: &str, token: &str) -> Value {
+    json!({ "name": name, "enrollment_token": token, "agent_config": ctl.agent_config(name, token) })
+}
+
+async fn reenroll(State(ctl): State<Arc<Controller>>, Path(name): Path<String>) -> ApiResult {
+    let token = ctl.db.reenroll(&name, ctl.settings.token_ttl.as_secs() as i64)?;
+    Ok(Json(enrollment(&ctl, &name, &token)))
+}
+
+async fn revoke(State(ctl): State<Arc<Controller>>, Path(name): Path<String>) -> ApiResult {
+    ctl.db.revoke(&name)?;
+    if let Some(conn) = ctl.conn(&name) {
+        ctl.unregister(&conn);
+    }
+    Ok(Json(json!({ "name": name, "revoked": true })))
+}
+
+async fn project_status(State(ctl): State<Arc<Controller>>) -> ApiResult {
+    let changes = ctl.project.status()?;
+    Ok(Json(json!({
+        "head": ctl.project.head()?,
+        "dirty": !changes.is_empty(),
+        "changes": changes,
+        "default_message": ctl.project.default_message()?,
+    })))
+}
+
+#[derive(Deserialize)]
+struct DiffQuery {
+    path: String,
+}
+
+async fn project_diff(State(ctl): State<Arc<Controller>>, Query(q): Query<DiffQuery>) -> ApiResult {
+    Ok(Json(json!({ "path": q.path, "diff": ctl.project.diff(&q.path)? })))
+}
+
+#[derive(Deserialize)]
+struct CommitRequest {
+    #[serde(default)]
+    message: String,
+}
+
+async fn project_commit(State(ctl): State<Arc<Controller>>, Json(req): Json<CommitRequest>) -> ApiResult {
+    let message = if req.message.trim().is_empty() { ctl.project.default_message()? } else { req.message };
+    Ok(Json(json!({ "commit": ctl.project.commit(&message)? })))
+}
+
+async fn project_log(State(ctl): State<Arc<Controller>>) -> ApiResult {
+    let log: Vec<Value> =
+        ctl.project.log(50)?.into_iter().map(|(c, s)| json!({ "commit": c, "subject": s })).collect();
+    Ok(Json(json!(log)))
+}
+
+async fn project_configs(State(ctl): State<Arc<Controller>>) -> ApiResult {
+    let t = ctl.project.toml_worktree()?;
+    Ok(Json(json!({ "configs": t.configs, "tags": t.tags() })))
+}
+
+async fn read_file(State(ctl): State<Arc<Controller>>, Path(path): Path<String>) -> Result<Vec<u8>, ApiError> {
+    ctl.project.read_file(&path).map_err(|e| not_found(format!("{e:#}")))
+}
+
+async fn write_file(State(ctl): State<Arc<Controller>>, Path(path): Path<String>, body: Bytes) -> ApiResult {
+    ctl.project.write_file(&path, &body)?;
+    Ok(Json(json!({ "path": path, "written": body.len() })))
+}
+
+async fn delete_file(State(ctl): State<Arc<Controller>>, Path(path): Path<String>) -> ApiResult {
+    ctl.project.delete_file(&path)?;
+    Ok(Json(json!({ "path": path, "deleted": true })))
+}
+
+async fn deploy_preview(State(ctl): State<Arc<Controller>>, Json(req): Json<DeployRequest>) -> ApiResult {
+    Ok(Json(serde_json::to_value(deploy::preview(&ctl, &req)?).unwrap_or_default()))
+}
+
+async fn deploy_start(State(ctl): State<Arc<Controller>>, Json(req): Json<DeployRequest>) -> ApiResult {
+    let task = deploy::start(&ctl, req).await?;
+    task_json(&ctl, task)
+}
+
+#[derive(Deserialize)]
+struct BuildRequest {
+    config: String,
+    commit: Option<String>,
+}
+
+async fn build_start(State(ctl): State<Arc<Controller>>, Json(req): Json<BuildRequest>) -> ApiResult {
+    let task = deploy::start_build(&ctl, &req.config, req.commit.as_deref()).await?;
+    task_json(&ctl, task)
+}
+
+fn task_json(ctl: &Controller, task: i64) -> ApiResult {
+    ctl.db.task_json(task)?.map(Json).ok_or_else(|| not_found(format!("no task {task}")))
+}
+
+async fn tasks(State(ctl): State<Arc<Controller>>) -> ApiResult {
+    Ok(Json(json!(ctl.db.tasks(100)?)))
+}
+
+async fn task(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>) -> ApiResult {
+    task_json(&ctl, id)
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    after: i64,
+}
+
+async fn task_logs(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>, Query(q): Query<LogsQuery>) -> ApiResult {
+    let lines: Vec<Value> =
+        ctl.db.logs(id, q.after)?.into_iter().map(|(i, c, l)| json!({ "id": i, "child": c, "line": l })).collect();
+    Ok(Json(json!(lines)))
+}
+
+async fn task_cancel(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>) -> ApiResult {
+    deploy::cancel(&ctl, id).await?;
+    task_json(&ctl, id)
+}
+
+async fn identity(State(ctl): State<Arc<Controller>>) -> ApiResult {
+    Ok(Json(json!({
+        "identity_key": ctl.identity.public().to_string(),
+        "nix_signing_key": ctl.nix_key.public().to_string(),
+    })))
+}

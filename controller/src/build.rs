@@ -1,0 +1,71 @@
+//! Building a configuration of the project at a commit with `nix build`, its log
+//! streamed into the task, and preparing the signed closure to send.
+
+use std::process::Stdio;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use thymis_store::closure::sort_dependencies_first;
+use thymis_store::local_store::LocalStore;
+use thymis_store::{PathInfo, StorePath};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::controller::Controller;
+
+/// Builds `config` at `commit` (never the work tree); logs go to `task`.
+pub async fn build(ctl: &Arc<Controller>, task: i64, commit: &str, config: &str) -> Result<StorePath> {
+    let toml = ctl.project.toml_at(commit)?;
+    let attr = toml.attr(config).ok_or_else(|| anyhow!("configuration {config} is not in thymis.toml at {commit}"))?;
+    let installable = format!("{}#{attr}", ctl.project.flake_ref(commit));
+    ctl.db.log(task, None, &format!("building {config} at {}: nix build {installable}", &commit[..commit.len().min(12)]))?;
+    ctl.notify_task(task);
+    let mut child = tokio::process::Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command flakes", "build", "--no-link", "--json", "-L"])
+        .arg(&installable)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("running nix build")?;
+    let stderr = child.stderr.take().context("nix build stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let mut tail: Vec<String> = Vec::new();
+    while let Some(line) = lines.next_line().await? {
+        ctl.db.log(task, None, &line)?;
+        ctl.notify_task(task);
+        tail.push(line);
+        if tail.len() > 10 {
+            tail.remove(0);
+        }
+    }
+    let out = child.wait_with_output().await?;
+    if !out.status.success() {
+        bail!("nix build of {config} failed: {}", tail.join("\n"));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("nix build --json output")?;
+    let path = json
+        .get(0)
+        .and_then(|b| b.get("outputs"))
+        .and_then(|o| o.get("out"))
+        .and_then(|p| p.as_str())
+        .ok_or_else(|| anyhow!("nix build printed no output path"))?;
+    let system: StorePath = path.parse()?;
+    ctl.db.log(task, None, &format!("built {config}: {system}"))?;
+    Ok(system)
+}
+
+/// The closure of `system`, dependencies first, each path signed with the Nix key.
+pub async fn signed_closure(ctl: &Arc<Controller>, system: &StorePath) -> Result<Vec<PathInfo>> {
+    let system = system.clone();
+    let ctl = ctl.clone();
+    tokio::task::spawn_blocking(move || {
+        let infos = LocalStore::system().path_infos(std::slice::from_ref(&system), true)?;
+        let mut sorted = sort_dependencies_first(infos)?;
+        for info in &mut sorted {
+            ctl.nix_key.sign_path(info);
+        }
+        Ok(sorted)
+    })
+    .await?
+}

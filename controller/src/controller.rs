@@ -1,0 +1,255 @@
+//! The controller's shared state: settings, keys, database, project, connected agents.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use thymis_proto::{AgentBound, ControllerBound};
+use thymis_store::signing::SecretKey;
+use tokio::sync::{Semaphore, broadcast, mpsc};
+
+use crate::db::Db;
+use crate::project::Project;
+
+/// Tunables; every timeout can go down to a second so tests run fast.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub state_dir: PathBuf,
+    /// The URL agents use, written into generated agent configurations.
+    pub public_url: String,
+    pub heartbeat: Duration,
+    pub dead_after: Duration,
+    pub handshake_timeout: Duration,
+    /// How long a device may take to answer a request during a deployment.
+    pub reply_timeout: Duration,
+    /// How long a deployment waits for offline devices.
+    pub deployment_ttl: Duration,
+    pub token_ttl: Duration,
+    /// The confirmation deadline written into agent configurations.
+    pub confirm_timeout: Duration,
+    /// Devices deployed to at the same time.
+    pub parallel: usize,
+    /// Connections still in their handshake.
+    pub max_unauthenticated: usize,
+    /// Failed enrollment attempts allowed per minute (all sources together).
+    pub enroll_failures_per_minute: u32,
+}
+
+/// Files of the state directory.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub root: PathBuf,
+    pub project: PathBuf,
+    pub db: PathBuf,
+    pub identity_key: PathBuf,
+    pub nix_key: PathBuf,
+    pub admin_token: PathBuf,
+}
+
+impl Paths {
+    pub fn new(root: &Path) -> Self {
+        Paths {
+            root: root.to_owned(),
+            project: root.join("project"),
+            db: root.join("db.sqlite"),
+            identity_key: root.join("identity.key"),
+            nix_key: root.join("nix-signing.key"),
+            admin_token: root.join("admin-token"),
+        }
+    }
+}
+
+/// What the controller sends on an agent connection.
+#[derive(Debug)]
+pub enum Out {
+    Msg(AgentBound),
+    Bin(Vec<u8>),
+}
+
+/// One authenticated agent connection.
+#[derive(Debug)]
+pub struct Conn {
+    pub device: String,
+    pub session: String,
+    pub out: mpsc::Sender<Out>,
+    /// Replies routed to the deployment runner waiting for them, by deployment id.
+    waiters: Mutex<HashMap<String, mpsc::UnboundedSender<ControllerBound>>>,
+}
+
+impl Conn {
+    pub fn new(device: String, session: String, out: mpsc::Sender<Out>) -> Self {
+        Conn { device, session, out, waiters: Mutex::new(HashMap::new()) }
+    }
+
+    /// Receives this connection's replies about `deployment_id` until dropped; the
+    /// channel closes when the connection ends.
+    pub fn subscribe(&self, deployment_id: &str) -> mpsc::UnboundedReceiver<ControllerBound> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.waiters).insert(deployment_id.to_owned(), tx);
+        rx
+    }
+
+    /// Hands a reply to its waiter; false when nobody waits for it.
+    pub fn route(&self, deployment_id: &str, msg: ControllerBound) -> bool {
+        lock(&self.waiters).get(deployment_id).is_some_and(|tx| tx.send(msg).is_ok())
+    }
+
+    /// Closes every waiter (the connection is gone).
+    pub fn close(&self) {
+        lock(&self.waiters).clear();
+    }
+
+    pub async fn send(&self, m: AgentBound) -> bool {
+        self.out.send(Out::Msg(m)).await.is_ok()
+    }
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Everything the controller's handlers share.
+#[derive(Debug)]
+pub struct Controller {
+    pub settings: Settings,
+    pub paths: Paths,
+    pub db: Db,
+    pub project: Project,
+    pub identity: SecretKey,
+    pub nix_key: SecretKey,
+    pub admin_token: String,
+    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    /// Device names as they connect (deployments waiting for them listen).
+    pub connected: broadcast::Sender<String>,
+    /// Task ids as they change (live views listen).
+    pub task_changed: broadcast::Sender<i64>,
+    pub cancelled: Mutex<HashSet<i64>>,
+    pub handshakes: Arc<Semaphore>,
+    pub enroll_failures: Mutex<(std::time::Instant, u32)>,
+    /// Serialises builds and closure preparation per (commit, config).
+    pub builds: tokio::sync::Mutex<HashMap<(String, String), Result<thymis_store::StorePath, String>>>,
+}
+
+fn load_or_create_key(path: &Path, name: &str) -> Result<SecretKey> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => t.trim().parse().with_context(|| format!("reading {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let k = SecretKey::generate(name)?;
+            write_secret(path, &k.to_secret_string())?;
+            std::fs::write(path.with_extension("pub"), format!("{}\n", k.public()))?;
+            Ok(k)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn write_secret(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{text}")?;
+    f.sync_all()?;
+    Ok(())
+}
+
+impl Controller {
+    /// Opens the state directory, creating whatever is missing on first start.
+    pub fn open(settings: Settings) -> Result<Arc<Controller>> {
+        let paths = Paths::new(&settings.state_dir);
+        std::fs::create_dir_all(&paths.root).with_context(|| format!("creating {}", paths.root.display()))?;
+        let identity = load_or_create_key(&paths.identity_key, "thymis-controller-1")?;
+        let nix_key = load_or_create_key(&paths.nix_key, "thymis-1")?;
+        let admin_token = match std::fs::read_to_string(&paths.admin_token) {
+            Ok(t) => t.trim().to_owned(),
+            Err(_) => {
+                let mut raw = [0u8; 24];
+                getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("OS random generator: {e}"))?;
+                let t: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+                write_secret(&paths.admin_token, &t)?;
+                t
+            }
+        };
+        let project = Project::new(&paths.project);
+        project.init_if_missing().context("creating the project repository")?;
+        let db = Db::open(&paths.db)?;
+        let (connected, _) = broadcast::channel(1024);
+        let (task_changed, _) = broadcast::channel(1024);
+        let handshakes = Arc::new(Semaphore::new(settings.max_unauthenticated));
+        Ok(Arc::new(Controller {
+            paths,
+            db,
+            project,
+            identity,
+            nix_key,
+            admin_token,
+            conns: Mutex::new(HashMap::new()),
+            connected,
+            task_changed,
+            cancelled: Mutex::new(HashSet::new()),
+            handshakes,
+            enroll_failures: Mutex::new((std::time::Instant::now(), 0)),
+            builds: tokio::sync::Mutex::new(HashMap::new()),
+            settings,
+        }))
+    }
+
+    pub fn conn(&self, device: &str) -> Option<Arc<Conn>> {
+        lock(&self.conns).get(device).cloned()
+    }
+
+    pub fn online(&self) -> HashSet<String> {
+        lock(&self.conns).keys().cloned().collect()
+    }
+
+    /// Registers a new connection, replacing (and closing) an older one of the device.
+    pub fn register(&self, conn: Arc<Conn>) {
+        if let Some(old) = lock(&self.conns).insert(conn.device.clone(), conn.clone()) {
+            old.close();
+        }
+        let _ = self.connected.send(conn.device.clone());
+    }
+
+    pub fn unregister(&self, conn: &Arc<Conn>) {
+        let mut conns = lock(&self.conns);
+        if conns.get(&conn.device).is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            conns.remove(&conn.device);
+        }
+        conn.close();
+    }
+
+    pub fn notify_task(&self, task: i64) {
+        let _ = self.task_changed.send(task);
+    }
+
+    /// A complete agent configuration for a device (DESIGN.md, "Interfaces").
+    pub fn agent_config(&self, device: &str, token: &str) -> String {
+        let url = format!("{}/agent/v1", self.settings.public_url.trim_end_matches('/'));
+        let mut s = format!(
+            "# thymis-agent configuration for device {device:?}, generated by thymis-controller.\n\
+             # It holds a single-use enrollment token: treat this file as a secret.\n\
+             controller_url = {url:?}\n\
+             enrollment_token = {token:?}\n\
+             controller_identity_keys = [{:?}]\n\
+             nix_trusted_keys = [{:?}]\n\
+             confirm_timeout = {}\n",
+            self.identity.public().to_string(),
+            self.nix_key.public().to_string(),
+            self.settings.confirm_timeout.as_secs().max(1),
+        );
+        if url.starts_with("ws://") {
+            s.push_str(
+                "# The controller's URL is ws:// (not encrypted): use it only behind a TLS proxy or on a\n\
+                 # test network. Give the controller --tls-cert/--tls-key for wss://.\n\
+                 allow_insecure_transport = true\n",
+            );
+        }
+        s
+    }
+}

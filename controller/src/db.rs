@@ -1,0 +1,595 @@
+//! The controller's SQLite database: devices, enrollment tokens, the offer sequence,
+//! tasks and their per-device children, logs. Versioned migrations; WAL mode.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use anyhow::{Context, Result, bail};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use thymis_proto::message::{DeviceReport, Outcome};
+
+use crate::task::{ChildState, TaskState};
+
+/// Each entry moves the schema one version up; never edit a released one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE devices (
+    name TEXT PRIMARY KEY,
+    config TEXT NOT NULL,
+    public_key TEXT UNIQUE,
+    created INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    last_seen INTEGER,
+    system TEXT,
+    commit_rev TEXT,
+    generation INTEGER,
+    agent_version TEXT,
+    agent_state TEXT,
+    last_sequence INTEGER
+);
+CREATE TABLE enrollment_tokens (
+    hash BLOB PRIMARY KEY,
+    device TEXT NOT NULL REFERENCES devices(name) ON DELETE CASCADE,
+    expires INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE sequence (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
+INSERT INTO sequence VALUES (1, 0);
+CREATE TABLE tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    result TEXT,
+    commit_rev TEXT,
+    message TEXT,
+    config TEXT,
+    system TEXT,
+    error TEXT,
+    reboot INTEGER NOT NULL DEFAULT 0,
+    created INTEGER NOT NULL,
+    updated INTEGER NOT NULL,
+    expires INTEGER
+);
+CREATE TABLE children (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    task INTEGER NOT NULL REFERENCES tasks(id),
+    device TEXT NOT NULL,
+    config TEXT NOT NULL,
+    deployment_id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    phase TEXT,
+    result TEXT,
+    reason TEXT,
+    error TEXT,
+    failed_units TEXT NOT NULL DEFAULT '[]',
+    paths_sent INTEGER NOT NULL DEFAULT 0,
+    bytes_sent INTEGER NOT NULL DEFAULT 0,
+    system TEXT,
+    sequence INTEGER,
+    activated INTEGER NOT NULL DEFAULT 0,
+    updated INTEGER NOT NULL
+);
+CREATE INDEX children_task ON children(task);
+CREATE INDEX children_device ON children(device);
+CREATE TABLE logs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    task INTEGER NOT NULL,
+    child INTEGER,
+    line TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE INDEX logs_task ON logs(task);
+"#];
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// A device as the devices table shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeviceRow {
+    pub name: String,
+    pub config: String,
+    pub key_fingerprint: Option<String>,
+    pub enrolled: bool,
+    pub revoked: bool,
+    pub last_seen: Option<i64>,
+    pub system: Option<String>,
+    pub commit: Option<String>,
+    pub generation: Option<i64>,
+    pub agent_version: Option<String>,
+    pub agent_state: Option<String>,
+    #[serde(skip)]
+    pub public_key: Option<String>,
+}
+
+/// A per-device child as stored.
+#[derive(Debug, Clone)]
+pub struct ChildRow {
+    pub id: i64,
+    pub task: i64,
+    pub device: String,
+    pub config: String,
+    pub deployment_id: String,
+    pub state: ChildState,
+    pub result: Option<String>,
+    pub sequence: Option<i64>,
+    pub activated: bool,
+    pub system: Option<String>,
+}
+
+/// The database; one connection behind a mutex (the controller's writes are small).
+#[derive(Debug)]
+pub struct Db {
+    conn: Mutex<Connection>,
+}
+
+fn hash_token(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Db> {
+        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version as usize > MIGRATIONS.len() {
+            bail!("{} has schema version {version}, newer than this controller knows", path.display());
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(m).with_context(|| format!("migration {}", i + 1))?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(Db { conn: Mutex::new(conn) })
+    }
+
+    fn c(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ---- devices -------------------------------------------------------------------
+
+    pub fn add_device(&self, name: &str, config: &str) -> Result<()> {
+        let n = self.c().execute(
+            "INSERT INTO devices (name, config, created) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+            params![name, config, now()],
+        )?;
+        if n == 0 {
+            bail!("device {name} already exists");
+        }
+        Ok(())
+    }
+
+    /// A new single-use enrollment token for `device`, valid `ttl` seconds; earlier
+    /// unused tokens of the device stop working.
+    pub fn issue_token(&self, device: &str, ttl: i64) -> Result<String> {
+        let mut raw = [0u8; 24];
+        getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("OS random generator: {e}"))?;
+        let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let c = self.c();
+        c.execute("DELETE FROM enrollment_tokens WHERE device = ?1", params![device])?;
+        c.execute(
+            "INSERT INTO enrollment_tokens (hash, device, expires) VALUES (?1, ?2, ?3)",
+            params![hash_token(&token), device, now() + ttl],
+        )?;
+        Ok(token)
+    }
+
+    /// Binds `public_key` to the device whose token this is; the token is used up.
+    pub fn enroll(&self, token: &str, public_key: &str) -> Result<String> {
+        let presented = hash_token(token);
+        let mut c = self.c();
+        let tx = c.transaction()?;
+        let row: Option<(Vec<u8>, String, i64, bool)> = tx
+            .query_row(
+                "SELECT hash, device, expires, used FROM enrollment_tokens WHERE hash = ?1",
+                params![presented],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let Some((stored, device, expires, used)) = row else { bail!("unknown enrollment token") };
+        if !bool::from(stored.ct_eq(&presented)) {
+            bail!("unknown enrollment token");
+        }
+        if used {
+            bail!("enrollment token already used");
+        }
+        if expires < now() {
+            bail!("enrollment token expired");
+        }
+        let revoked: bool = tx.query_row("SELECT revoked FROM devices WHERE name = ?1", params![device], |r| r.get(0))?;
+        if revoked {
+            bail!("device {device} is revoked");
+        }
+        tx.execute("UPDATE enrollment_tokens SET used = 1 WHERE hash = ?1", params![presented])?;
+        tx.execute("UPDATE devices SET public_key = NULL WHERE public_key = ?1", params![public_key])?;
+        tx.execute("UPDATE devices SET public_key = ?1 WHERE name = ?2", params![public_key, device])?;
+        tx.commit()?;
+        Ok(device)
+    }
+
+    pub fn revoke(&self, name: &str) -> Result<()> {
+        let c = self.c();
+        let n = c.execute("UPDATE devices SET revoked = 1 WHERE name = ?1", params![name])?;
+        if n == 0 {
+            bail!("no device {name}");
+        }
+        c.execute("DELETE FROM enrollment_tokens WHERE device = ?1", params![name])?;
+        Ok(())
+    }
+
+    /// Re-imaging: a new token, and the device may enroll a new key with it.
+    pub fn reenroll(&self, name: &str, ttl: i64) -> Result<String> {
+        let n = self.c().execute("UPDATE devices SET revoked = 0 WHERE name = ?1", params![name])?;
+        if n == 0 {
+            bail!("no device {name}");
+        }
+        self.issue_token(name, ttl)
+    }
+
+    fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
+        let key: Option<String> = r.get(2)?;
+        Ok(DeviceRow {
+            name: r.get(0)?,
+            config: r.get(1)?,
+            key_fingerprint: key.as_deref().and_then(|k| k.parse::<thymis_store::signing::PublicKey>().ok()).map(|k| k.short_fingerprint()),
+            enrolled: key.is_some(),
+            public_key: key,
+            revoked: r.get(3)?,
+            last_seen: r.get(4)?,
+            system: r.get(5)?,
+            commit: r.get(6)?,
+            generation: r.get(7)?,
+            agent_version: r.get(8)?,
+            agent_state: r.get(9)?,
+        })
+    }
+
+    const DEVICE_COLS: &'static str =
+        "name, config, public_key, revoked, last_seen, system, commit_rev, generation, agent_version, agent_state";
+
+    pub fn devices(&self) -> Result<Vec<DeviceRow>> {
+        let c = self.c();
+        let mut st = c.prepare(&format!("SELECT {} FROM devices ORDER BY name", Self::DEVICE_COLS))?;
+        let rows = st.query_map([], Self::device_from_row)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn device(&self, name: &str) -> Result<Option<DeviceRow>> {
+        let c = self.c();
+        Ok(c.query_row(
+            &format!("SELECT {} FROM devices WHERE name = ?1", Self::DEVICE_COLS),
+            params![name],
+            Self::device_from_row,
+        )
+        .optional()?)
+    }
+
+    pub fn device_by_key(&self, public_key: &str) -> Result<Option<DeviceRow>> {
+        let c = self.c();
+        Ok(c.query_row(
+            &format!("SELECT {} FROM devices WHERE public_key = ?1", Self::DEVICE_COLS),
+            params![public_key],
+            Self::device_from_row,
+        )
+        .optional()?)
+    }
+
+    /// Stores what the agent reports it runs.
+    pub fn record_report(&self, name: &str, r: &DeviceReport) -> Result<()> {
+        self.c().execute(
+            "UPDATE devices SET last_seen = ?2, system = ?3, commit_rev = ?4, generation = ?5, agent_version = ?6,
+                 agent_state = ?7, last_sequence = ?8 WHERE name = ?1",
+            params![
+                name,
+                now(),
+                r.system.as_ref().map(|s| s.to_string()),
+                r.commit,
+                r.generation.map(|g| g as i64),
+                r.agent_version,
+                r.state.as_str(),
+                r.last_sequence as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn touch_device(&self, name: &str) -> Result<()> {
+        self.c().execute("UPDATE devices SET last_seen = ?2 WHERE name = ?1", params![name, now()])?;
+        Ok(())
+    }
+
+    /// The next number of the controller-wide offer sequence (only grows).
+    pub fn next_sequence(&self) -> Result<u64> {
+        let v: i64 =
+            self.c().query_row("UPDATE sequence SET value = value + 1 WHERE id = 1 RETURNING value", [], |r| r.get(0))?;
+        Ok(v as u64)
+    }
+
+    // ---- tasks ---------------------------------------------------------------------
+
+    pub fn create_task(
+        &self,
+        kind: &str,
+        commit: Option<&str>,
+        message: Option<&str>,
+        config: Option<&str>,
+        reboot: bool,
+        expires: Option<i64>,
+    ) -> Result<i64> {
+        let c = self.c();
+        c.execute(
+            "INSERT INTO tasks (kind, state, commit_rev, message, config, reboot, created, updated, expires)
+             VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?6, ?7)",
+            params![kind, commit, message, config, reboot, now(), expires],
+        )?;
+        Ok(c.last_insert_rowid())
+    }
+
+    pub fn add_child(&self, task: i64, device: &str, config: &str) -> Result<i64> {
+        let c = self.c();
+        c.execute(
+            "INSERT INTO children (task, device, config, deployment_id, state, phase, updated)
+             VALUES (?1, ?2, ?3, ?4, 'pending', 'build', ?5)",
+            params![task, device, config, format!("d{task}-{device}"), now()],
+        )?;
+        Ok(c.last_insert_rowid())
+    }
+
+    pub fn set_task_state(&self, task: i64, state: TaskState, result: Option<&str>, error: Option<&str>) -> Result<()> {
+        self.c().execute(
+            "UPDATE tasks SET state = ?2, result = ?3, error = COALESCE(?4, error), updated = ?5 WHERE id = ?1",
+            params![task, state.as_str(), result, error, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_task_system(&self, task: i64, system: &str) -> Result<()> {
+        self.c().execute("UPDATE tasks SET system = ?2, updated = ?3 WHERE id = ?1", params![task, system, now()])?;
+        Ok(())
+    }
+
+    pub fn task_expires(&self, task: i64) -> Result<Option<i64>> {
+        Ok(self.c().query_row("SELECT expires FROM tasks WHERE id = ?1", params![task], |r| r.get(0)).optional()?.flatten())
+    }
+
+    pub fn task_state(&self, task: i64) -> Result<Option<TaskState>> {
+        let s: Option<String> =
+            self.c().query_row("SELECT state FROM tasks WHERE id = ?1", params![task], |r| r.get(0)).optional()?;
+        Ok(s.and_then(|s| TaskState::parse(&s)))
+    }
+
+    /// Updates a child's progress fields; `None` leaves a field as it is.
+    pub fn update_child(&self, child: i64, u: ChildUpdate<'_>) -> Result<()> {
+        self.c().execute(
+            "UPDATE children SET
+                state = COALESCE(?2, state), phase = COALESCE(?3, phase), error = COALESCE(?4, error),
+                system = COALESCE(?5, system), activated = MAX(activated, ?6), updated = ?7
+             WHERE id = ?1",
+            params![child, u.state.map(|s| s.as_str()), u.phase, u.error, u.system, u.activated, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn add_progress(&self, child: i64, paths: i64, bytes: i64) -> Result<()> {
+        self.c().execute(
+            "UPDATE children SET paths_sent = paths_sent + ?2, bytes_sent = bytes_sent + ?3, updated = ?4 WHERE id = ?1",
+            params![child, paths, bytes, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_child_sequence(&self, child: i64, sequence: u64) -> Result<()> {
+        self.c().execute("UPDATE children SET sequence = ?2 WHERE id = ?1", params![child, sequence as i64])?;
+        Ok(())
+    }
+
+    /// Ends a child with a terminal result, unless it already has one. Returns whether
+    /// this call set it.
+    pub fn finish_child(
+        &self,
+        child: i64,
+        result: &str,
+        reason: Option<&str>,
+        error: Option<&str>,
+        failed_units: &[String],
+    ) -> Result<bool> {
+        let n = self.c().execute(
+            "UPDATE children SET state = 'finished', result = ?2, reason = ?3, error = COALESCE(?4, error),
+                 failed_units = ?5, updated = ?6
+             WHERE id = ?1 AND result IS NULL",
+            params![child, result, reason, error, serde_json::to_string(failed_units)?, now()],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Records an agent's outcome. An outcome from the agent is the truth about the
+    /// device, so it replaces a controller-side `unreachable`.
+    pub fn record_outcome(&self, child: i64, o: &Outcome) -> Result<()> {
+        let result = serde_json::to_value(o.result)?.as_str().unwrap_or_default().to_owned();
+        let reason = o.reason.and_then(|r| serde_json::to_value(r).ok()).and_then(|v| v.as_str().map(str::to_owned));
+        let phase = o.phase.and_then(|p| serde_json::to_value(p).ok()).and_then(|v| v.as_str().map(str::to_owned));
+        self.c().execute(
+            "UPDATE children SET state = 'finished', result = ?2, reason = ?3, error = ?4, failed_units = ?5,
+                 phase = COALESCE(?6, phase), updated = ?7
+             WHERE id = ?1 AND (result IS NULL OR result = 'unreachable')",
+            params![child, result, reason, o.error, serde_json::to_string(&o.failed_units)?, phase, now()],
+        )?;
+        Ok(())
+    }
+
+    fn child_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChildRow> {
+        let state: String = r.get(5)?;
+        Ok(ChildRow {
+            id: r.get(0)?,
+            task: r.get(1)?,
+            device: r.get(2)?,
+            config: r.get(3)?,
+            deployment_id: r.get(4)?,
+            state: ChildState::parse(&state).unwrap_or(ChildState::Pending),
+            result: r.get(6)?,
+            sequence: r.get(7)?,
+            activated: r.get(8)?,
+            system: r.get(9)?,
+        })
+    }
+
+    const CHILD_COLS: &'static str = "id, task, device, config, deployment_id, state, result, sequence, activated, system";
+
+    pub fn child_by_deployment(&self, deployment_id: &str) -> Result<Option<ChildRow>> {
+        let c = self.c();
+        Ok(c.query_row(
+            &format!("SELECT {} FROM children WHERE deployment_id = ?1", Self::CHILD_COLS),
+            params![deployment_id],
+            Self::child_from_row,
+        )
+        .optional()?)
+    }
+
+    pub fn children(&self, task: i64) -> Result<Vec<ChildRow>> {
+        let c = self.c();
+        let mut st = c.prepare(&format!("SELECT {} FROM children WHERE task = ?1 ORDER BY id", Self::CHILD_COLS))?;
+        let rows = st.query_map(params![task], Self::child_from_row)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Unfinished children of other tasks for `device` (to be superseded).
+    pub fn open_children_of_device(&self, device: &str, except_task: i64) -> Result<Vec<ChildRow>> {
+        let c = self.c();
+        let mut st = c.prepare(&format!(
+            "SELECT {} FROM children WHERE device = ?1 AND task != ?2 AND result IS NULL",
+            Self::CHILD_COLS
+        ))?;
+        let rows = st.query_map(params![device, except_task], Self::child_from_row)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Tasks not finished: (id, kind, expires).
+    pub fn open_tasks(&self) -> Result<Vec<(i64, String, Option<i64>)>> {
+        let c = self.c();
+        let mut st = c.prepare("SELECT id, kind, expires FROM tasks WHERE state NOT IN ('finished', 'cancelled')")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn log(&self, task: i64, child: Option<i64>, line: &str) -> Result<()> {
+        self.c().execute(
+            "INSERT INTO logs (task, child, line, at) VALUES (?1, ?2, ?3, ?4)",
+            params![task, child, line, now()],
+        )?;
+        Ok(())
+    }
+
+    /// The JSON document of a task (DESIGN.md, "Task JSON").
+    pub fn task_json(&self, task: i64) -> Result<Option<serde_json::Value>> {
+        let c = self.c();
+        let t = c
+            .query_row(
+                "SELECT id, kind, state, result, commit_rev, message, config, system, error, created, updated, expires
+                 FROM tasks WHERE id = ?1",
+                params![task],
+                |r| {
+                    Ok(serde_json::json!({
+                        "id": r.get::<_, i64>(0)?, "kind": r.get::<_, String>(1)?, "state": r.get::<_, String>(2)?,
+                        "result": r.get::<_, Option<String>>(3)?, "commit": r.get::<_, Option<String>>(4)?,
+                        "message": r.get::<_, Option<String>>(5)?, "config": r.get::<_, Option<String>>(6)?,
+                        "system": r.get::<_, Option<String>>(7)?, "error": r.get::<_, Option<String>>(8)?,
+                        "created": r.get::<_, i64>(9)?, "updated": r.get::<_, i64>(10)?,
+                        "expires": r.get::<_, Option<i64>>(11)?,
+                    }))
+                },
+            )
+            .optional()?;
+        let Some(mut t) = t else { return Ok(None) };
+        let mut st = c.prepare(
+            "SELECT id, device, config, state, phase, result, reason, error, failed_units, paths_sent, bytes_sent,
+                    system, deployment_id, sequence, updated
+             FROM children WHERE task = ?1 ORDER BY id",
+        )?;
+        let children = st
+            .query_map(params![task], |r| {
+                let units: String = r.get(8)?;
+                Ok(serde_json::json!({
+                    "id": r.get::<_, i64>(0)?, "device": r.get::<_, String>(1)?, "config": r.get::<_, String>(2)?,
+                    "state": r.get::<_, String>(3)?, "phase": r.get::<_, Option<String>>(4)?,
+                    "result": r.get::<_, Option<String>>(5)?, "reason": r.get::<_, Option<String>>(6)?,
+                    "error": r.get::<_, Option<String>>(7)?,
+                    "failed_units": serde_json::from_str::<serde_json::Value>(&units).unwrap_or_default(),
+                    "paths_sent": r.get::<_, i64>(9)?, "bytes_sent": r.get::<_, i64>(10)?,
+                    "system": r.get::<_, Option<String>>(11)?, "deployment_id": r.get::<_, String>(12)?,
+                    "sequence": r.get::<_, Option<i64>>(13)?, "updated": r.get::<_, i64>(14)?,
+                }))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        t["children"] = serde_json::Value::Array(children);
+        Ok(Some(t))
+    }
+
+    /// Log lines of a task after `after` (an id), oldest first: (id, child, line).
+    pub fn logs(&self, task: i64, after: i64) -> Result<Vec<(i64, Option<i64>, String)>> {
+        let c = self.c();
+        let mut st = c.prepare("SELECT id, child, line FROM logs WHERE task = ?1 AND id > ?2 ORDER BY id LIMIT 5000")?;
+        let rows = st.query_map(params![task, after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn tasks(&self, limit: i64) -> Result<Vec<serde_json::Value>> {
+        let ids: Vec<i64> = {
+            let c = self.c();
+            let mut st = c.prepare("SELECT id FROM tasks ORDER BY id DESC LIMIT ?1")?;
+            st.query_map(params![limit], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?
+        };
+        ids.into_iter().filter_map(|id| self.task_json(id).transpose()).collect()
+    }
+}
+
+/// Fields of a child to change.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ChildUpdate<'a> {
+    pub state: Option<ChildState>,
+    pub phase: Option<&'a str>,
+    pub error: Option<&'a str>,
+    pub system: Option<&'a str>,
+    pub activated: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_single_use_expiring_and_hashed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let db = Db::open(&tmp.path().join("db.sqlite")).expect("open");
+        db.add_device("d1", "kiosk").expect("add");
+        assert!(db.add_device("d1", "kiosk").is_err(), "duplicate device");
+        let t = db.issue_token("d1", 60).expect("token");
+        assert_eq!(db.enroll(&t, "k:1").expect("enroll"), "d1");
+        assert!(db.enroll(&t, "k:2").expect_err("reuse").to_string().contains("already used"));
+        assert!(db.enroll("nope", "k:2").is_err());
+        let expired = db.issue_token("d1", -1).expect("token");
+        assert!(db.enroll(&expired, "k:3").expect_err("expired").to_string().contains("expired"));
+        let raw: Vec<u8> = db.c().query_row("SELECT hash FROM enrollment_tokens", [], |r| r.get(0)).expect("row");
+        assert_ne!(raw, expired.as_bytes(), "token stored in the clear");
+        db.revoke("d1").expect("revoke");
+        let again = db.reenroll("d1", 60).expect("reenroll");
+        db.revoke("d1").expect("revoke");
+        assert!(db.enroll(&again, "k:4").is_err(), "revoked device enrolled");
+    }
+
+    #[test]
+    fn sequence_only_grows_across_reopen() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("db.sqlite");
+        let a = Db::open(&path).expect("open").next_sequence().expect("seq");
+        let b = Db::open(&path).expect("reopen").next_sequence().expect("seq");
+        assert!(b > a);
+    }
+}

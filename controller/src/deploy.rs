@@ -1,0 +1,534 @@
+//! Deployments: targets and preview, one child per device, each configuration built
+//! once at the deployed commit, then per device: offer, copy only what it lacks,
+//! activate. Confirmation and outcomes arrive over the agent connection
+//! ([`crate::agents`]). Also cancel, supersede, expiry and restart recovery.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use thymis_proto::signed::{Offer, Signed};
+use thymis_proto::{AgentBound, ControllerBound};
+use thymis_store::local_store::LocalStore;
+use thymis_store::{PathInfo, StorePath, zstd_limits};
+use tokio::sync::{Semaphore, mpsc};
+use tracing::{info, warn};
+
+use crate::build;
+use crate::controller::{Conn, Controller, Out, lock};
+use crate::db::{ChildRow, ChildUpdate, now};
+use crate::task::{ChildState, TaskState, deployment_state};
+
+/// What to deploy where (the API's and `thymisctl deploy`'s request).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct DeployRequest {
+    pub devices: Vec<String>,
+    pub configs: Vec<String>,
+    pub tags: Vec<String>,
+    /// A commit to deploy; default: HEAD, after committing uncommitted changes.
+    pub commit: Option<String>,
+    /// Commit message when the project has uncommitted changes.
+    pub message: Option<String>,
+    pub reboot: bool,
+}
+
+/// What a deployment would touch.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Preview {
+    /// The commit that would be deployed; `None` when uncommitted changes would be
+    /// committed first.
+    pub commit: Option<String>,
+    pub uncommitted_changes: usize,
+    pub configs: Vec<String>,
+    pub devices: Vec<PreviewDevice>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PreviewDevice {
+    pub name: String,
+    pub config: String,
+    pub online: bool,
+}
+
+/// Resolves targets against `thymis.toml` (at the commit, or the work tree when it
+/// would be committed) and the devices table.
+pub fn preview(ctl: &Controller, req: &DeployRequest) -> Result<Preview> {
+    let changes = ctl.project.status()?.len();
+    let (commit, toml) = match &req.commit {
+        Some(rev) => {
+            let c = ctl.project.resolve(rev)?;
+            let t = ctl.project.toml_at(&c)?;
+            (Some(c), t)
+        }
+        None if changes > 0 => (None, ctl.project.toml_worktree()?),
+        None => {
+            let c = ctl.project.head()?;
+            let t = ctl.project.toml_at(&c)?;
+            (Some(c), t)
+        }
+    };
+    let mut configs: BTreeSet<String> = BTreeSet::new();
+    for c in &req.configs {
+        if !toml.configs.contains_key(c) {
+            bail!("no configuration {c:?} in thymis.toml");
+        }
+        configs.insert(c.clone());
+    }
+    for t in &req.tags {
+        let tagged = toml.with_tag(t);
+        if tagged.is_empty() {
+            bail!("no configuration carries tag {t:?}");
+        }
+        configs.extend(tagged);
+    }
+    let all = ctl.db.devices()?;
+    let online = ctl.online();
+    let mut devices: BTreeMap<String, String> = BTreeMap::new();
+    for d in all.iter().filter(|d| !d.revoked && configs.contains(&d.config)) {
+        devices.insert(d.name.clone(), d.config.clone());
+    }
+    for name in &req.devices {
+        let d = all.iter().find(|d| &d.name == name).ok_or_else(|| anyhow!("no device {name:?}"))?;
+        if d.revoked {
+            bail!("device {name} is revoked");
+        }
+        if !toml.configs.contains_key(&d.config) {
+            bail!("device {name} is bound to {:?}, which is not in thymis.toml", d.config);
+        }
+        devices.insert(d.name.clone(), d.config.clone());
+    }
+    if devices.is_empty() {
+        bail!("the targets select no device");
+    }
+    let configs: BTreeSet<String> = devices.values().cloned().collect();
+    Ok(Preview {
+        commit,
+        uncommitted_changes: changes,
+        configs: configs.into_iter().collect(),
+        devices: devices
+            .into_iter()
+            .map(|(name, config)| PreviewDevice { online: online.contains(&name), name, config })
+            .collect(),
+    })
+}
+
+/// Commits if needed, creates the deployment task and starts it. Returns the task id.
+pub async fn start(ctl: &Arc<Controller>, req: DeployRequest) -> Result<i64> {
+    let p = preview(ctl, &req)?;
+    let commit = match p.commit {
+        Some(c) => c,
+        None => {
+            let msg = match &req.message {
+                Some(m) if !m.trim().is_empty() => m.clone(),
+                _ => ctl.project.default_message()?,
+            };
+            ctl.project.commit(&msg)?
+        }
+    };
+    let expires = now() + ctl.settings.deployment_ttl.as_secs() as i64;
+    let message = req.message.clone().unwrap_or_default();
+    let task = ctl.db.create_task("deployment", Some(&commit), Some(&message), None, req.reboot, Some(expires))?;
+    for d in &p.devices {
+        ctl.db.add_child(task, &d.name, &d.config)?;
+        supersede(ctl, &d.name, task)?;
+    }
+    info!(task, commit = %commit, devices = p.devices.len(), "deployment created");
+    let ctl2 = ctl.clone();
+    tokio::spawn(async move {
+        if let Err(e) = run(&ctl2, task, &commit, req.reboot).await {
+            warn!(task, "deployment failed: {e:#}");
+            let _ = ctl2.db.set_task_state(task, TaskState::Finished, Some("failed"), Some(&format!("{e:#}")));
+        }
+        ctl2.notify_task(task);
+    });
+    Ok(task)
+}
+
+/// Older unfinished deployments of `device` that have not activated are superseded.
+fn supersede(ctl: &Controller, device: &str, new_task: i64) -> Result<()> {
+    for c in ctl.db.open_children_of_device(device, new_task)? {
+        if !c.activated && ctl.db.finish_child(c.id, "superseded", None, Some(&format!("superseded by task {new_task}")), &[])? {
+            if let Some(conn) = ctl.conn(device) {
+                let conn = conn.clone();
+                let id = c.deployment_id.clone();
+                tokio::spawn(async move { conn.send(AgentBound::Cancel { deployment_id: id }).await });
+            }
+            refresh_task(ctl, c.task)?;
+        }
+    }
+    Ok(())
+}
+
+/// Recomputes a deployment's state from its children.
+pub fn refresh_task(ctl: &Controller, task: i64) -> Result<()> {
+    let children = ctl.db.children(task)?;
+    let cancelled = lock(&ctl.cancelled).contains(&task) || ctl.db.task_state(task)? == Some(TaskState::Cancelled);
+    let pairs: Vec<(ChildState, Option<&str>)> = children.iter().map(|c| (c.state, c.result.as_deref())).collect();
+    let (state, result) = deployment_state(&pairs, cancelled);
+    ctl.db.set_task_state(task, state, result, None)?;
+    ctl.notify_task(task);
+    Ok(())
+}
+
+async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Result<()> {
+    ctl.db.set_task_state(task, TaskState::Running, None, None)?;
+    ctl.notify_task(task);
+    let children = ctl.db.children(task)?;
+    let configs: BTreeSet<String> = children.iter().map(|c| c.config.clone()).collect();
+    // Each configuration is built once, whatever the number of its devices.
+    let mut closures: HashMap<String, (StorePath, Arc<Vec<PathInfo>>)> = HashMap::new();
+    for config in &configs {
+        let of_config: Vec<&ChildRow> = children.iter().filter(|c| &c.config == config).collect();
+        for c in &of_config {
+            ctl.db.update_child(c.id, ChildUpdate { state: Some(ChildState::Running), phase: Some("build"), ..Default::default() })?;
+        }
+        ctl.notify_task(task);
+        let built = match build::build(ctl, task, commit, config).await {
+            Ok(system) => build::signed_closure(ctl, &system).await.map(|cl| (system, cl)),
+            Err(e) => Err(e),
+        };
+        match built {
+            Ok((system, closure)) => {
+                for c in &of_config {
+                    ctl.db.update_child(c.id, ChildUpdate { system: Some(&system.to_string()), ..Default::default() })?;
+                }
+                closures.insert(config.clone(), (system, Arc::new(closure)));
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                for c in &of_config {
+                    ctl.db.update_child(c.id, ChildUpdate { phase: Some("build"), ..Default::default() })?;
+                    ctl.db.finish_child(c.id, "failed", None, Some(&msg), &[])?;
+                }
+                refresh_task(ctl, task)?;
+            }
+        }
+    }
+    let limit = Arc::new(Semaphore::new(ctl.settings.parallel.max(1)));
+    let mut handles = Vec::new();
+    for child in ctl.db.children(task)? {
+        let Some((system, closure)) = closures.get(&child.config).cloned() else { continue };
+        if child.result.is_some() {
+            continue;
+        }
+        let (ctl, limit) = (ctl.clone(), limit.clone());
+        let commit = commit.to_owned();
+        handles.push(tokio::spawn(async move {
+            let id = child.id;
+            if let Err(e) = deliver(&ctl, &limit, child, system, closure, &commit, reboot).await {
+                warn!(child = id, "delivery failed: {e:#}");
+                let _ = ctl.db.finish_child(id, "failed", None, Some(&format!("{e:#}")), &[]);
+            }
+            let _ = refresh_task(&ctl, task);
+        }));
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    refresh_task(ctl, task)
+}
+
+/// Why one attempt to deliver to a device stopped.
+enum Stop {
+    /// The connection went away: wait for the device to come back.
+    Disconnected,
+    /// The device refused: the deployment ends for it.
+    Refused(String),
+}
+
+fn is_over(ctl: &Controller, child: &ChildRow) -> Result<bool> {
+    let c = ctl.db.child_by_deployment(&child.deployment_id)?;
+    Ok(c.is_none_or(|c| c.result.is_some()) || lock(&ctl.cancelled).contains(&child.task))
+}
+
+async fn deliver(
+    ctl: &Arc<Controller>,
+    limit: &Semaphore,
+    child: ChildRow,
+    system: StorePath,
+    closure: Arc<Vec<PathInfo>>,
+    commit: &str,
+    reboot: bool,
+) -> Result<()> {
+    let mut connected = ctl.connected.subscribe();
+    let expires = ctl.db.task_expires(child.task)?.unwrap_or_else(|| now() + ctl.settings.deployment_ttl.as_secs() as i64);
+    loop {
+        if is_over(ctl, &child)? {
+            return Ok(());
+        }
+        let Some(conn) = ctl.conn(&child.device) else {
+            ctl.db.update_child(child.id, ChildUpdate { state: Some(ChildState::Queued), ..Default::default() })?;
+            refresh_task(ctl, child.task)?;
+            // Woken when any device connects; re-checks cancel and expiry each second.
+            let _ = tokio::time::timeout(Duration::from_secs(1), connected.recv()).await;
+            continue;
+        };
+        let _permit = limit.acquire().await?;
+        ctl.db.update_child(
+            child.id,
+            ChildUpdate { state: Some(ChildState::Running), phase: Some("copy"), ..Default::default() },
+        )?;
+        refresh_task(ctl, child.task)?;
+        let sequence = match child.sequence {
+            Some(s) => s as u64,
+            None => match ctl.db.child_by_deployment(&child.deployment_id)?.and_then(|c| c.sequence) {
+                Some(s) => s as u64,
+                None => {
+                    let s = ctl.db.next_sequence()?;
+                    ctl.db.set_child_sequence(child.id, s)?;
+                    s
+                }
+            },
+        };
+        let offer = Offer {
+            device: child.device.clone(),
+            deployment_id: child.deployment_id.clone(),
+            config: child.config.clone(),
+            system: system.clone(),
+            commit: Some(commit.to_owned()),
+            sequence,
+            expires: expires as u64,
+            reboot,
+        };
+        match send_to(ctl, &conn, &child, &offer, &closure).await {
+            Ok(()) => return Ok(()),
+            Err(Stop::Refused(reason)) => {
+                ctl.db.finish_child(child.id, "failed", None, Some(&reason), &[])?;
+                ctl.db.log(child.task, Some(child.id), &format!("{}: failed: {reason}", child.device))?;
+                return Ok(());
+            }
+            Err(Stop::Disconnected) => {
+                ctl.db.log(child.task, Some(child.id), &format!("{}: connection lost; will resume", child.device))?;
+                ctl.notify_task(child.task);
+            }
+        }
+    }
+}
+
+async fn reply(rx: &mut mpsc::UnboundedReceiver<ControllerBound>, timeout: Duration) -> Result<ControllerBound, Stop> {
+    loop {
+        match tokio::time::timeout(timeout, rx.recv()).await {
+            Ok(Some(ControllerBound::State { .. })) => continue,
+            Ok(Some(m)) => return Ok(m),
+            Ok(None) | Err(_) => return Err(Stop::Disconnected),
+        }
+    }
+}
+
+/// One attempt over one connection: offer, query, copy what is missing, activate.
+async fn send_to(
+    ctl: &Arc<Controller>,
+    conn: &Arc<Conn>,
+    child: &ChildRow,
+    offer: &Offer,
+    closure: &[PathInfo],
+) -> Result<(), Stop> {
+    let id = &child.deployment_id;
+    let t = ctl.settings.reply_timeout;
+    let mut rx = conn.subscribe(id);
+    let lost = |_| Stop::Disconnected;
+    if !conn.send(AgentBound::Offer { offer: Signed::sign(offer, &ctl.identity) }).await {
+        return Err(Stop::Disconnected);
+    }
+    match reply(&mut rx, t).await? {
+        ControllerBound::OfferAccepted { .. } => {}
+        ControllerBound::OfferRefused { reason, .. } => return Err(Stop::Refused(format!("offer refused: {reason}"))),
+        other => return Err(Stop::Refused(format!("unexpected reply to the offer: {other:?}"))),
+    }
+    let paths: Vec<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
+    if !conn.send(AgentBound::QueryPaths { deployment_id: id.clone(), paths }).await {
+        return Err(Stop::Disconnected);
+    }
+    let missing: BTreeSet<StorePath> = match reply(&mut rx, t).await? {
+        ControllerBound::PathsMissing { missing, .. } => missing.into_iter().collect(),
+        other => return Err(Stop::Refused(format!("unexpected reply to the path query: {other:?}"))),
+    };
+    let to_send: Vec<&PathInfo> = closure.iter().filter(|i| missing.contains(&i.path)).collect();
+    let _ = ctl.db.log(
+        child.task,
+        Some(child.id),
+        &format!("{}: lacks {} of {} paths", child.device, to_send.len(), closure.len()),
+    );
+    ctl.notify_task(child.task);
+    let mut sizes: HashMap<StorePath, u64> = HashMap::new();
+    let mut outstanding = 0usize;
+    for info in &to_send {
+        if !conn.send(AgentBound::PathStart { deployment_id: id.clone(), info: (*info).clone() }).await {
+            return Err(Stop::Disconnected);
+        }
+        let (out, path) = (conn.out.clone(), info.path.clone());
+        let sent = tokio::task::spawn_blocking(move || stream_nar(&path, out)).await.map_err(|_| Stop::Disconnected)?;
+        let bytes = sent.map_err(lost)?;
+        sizes.insert(info.path.clone(), bytes);
+        if !conn.send(AgentBound::PathEnd { deployment_id: id.clone(), path: info.path.clone() }).await {
+            return Err(Stop::Disconnected);
+        }
+        outstanding += 1;
+        // Take acknowledgements as they come, without waiting for each.
+        while let Ok(m) = rx.try_recv() {
+            outstanding -= 1;
+            ack(ctl, child, m, &sizes)?;
+        }
+    }
+    while outstanding > 0 {
+        let m = reply(&mut rx, t).await?;
+        outstanding -= 1;
+        ack(ctl, child, m, &sizes)?;
+    }
+    // Recorded before the device is told: from here on a restart must not interrupt it.
+    let _ = ctl.db.update_child(child.id, ChildUpdate { phase: Some("activate"), activated: true, ..Default::default() });
+    let _ = ctl.db.log(child.task, Some(child.id), &format!("{}: activating", child.device));
+    ctl.notify_task(child.task);
+    if !conn.send(AgentBound::Activate { deployment_id: id.clone() }).await {
+        // Activation may or may not have reached the device; its report will tell.
+        warn!(device = %child.device, "connection lost while sending activate");
+    }
+    Ok(())
+}
+
+fn ack(ctl: &Controller, child: &ChildRow, m: ControllerBound, sizes: &HashMap<StorePath, u64>) -> Result<(), Stop> {
+    match m {
+        ControllerBound::PathImported { path, .. } => {
+            let _ = ctl.db.add_progress(child.id, 1, sizes.get(&path).copied().unwrap_or(0) as i64);
+            ctl.notify_task(child.task);
+            Ok(())
+        }
+        ControllerBound::PathRefused { path, error, .. } => Err(Stop::Refused(format!("{path} refused: {error}"))),
+        other => Err(Stop::Refused(format!("unexpected reply during the copy: {other:?}"))),
+    }
+}
+
+/// Sends a path's NAR as zstd-compressed binary frames; returns the bytes sent.
+fn stream_nar(path: &StorePath, out: mpsc::Sender<Out>) -> Result<u64, ()> {
+    let mut frames = FrameWriter { out, buf: Vec::with_capacity(thymis_proto::CHUNK_SIZE), sent: 0, broken: false };
+    let result = (|| -> io::Result<()> {
+        let mut enc = zstd_limits::encoder(&mut frames)?;
+        LocalStore::system().dump(path, &mut enc).map_err(io::Error::other)?;
+        enc.finish()?;
+        Ok(())
+    })();
+    frames.flush().map_err(|_| ())?;
+    if result.is_err() || frames.broken {
+        return Err(());
+    }
+    Ok(frames.sent)
+}
+
+struct FrameWriter {
+    out: mpsc::Sender<Out>,
+    buf: Vec<u8>,
+    sent: u64,
+    broken: bool,
+}
+
+impl Write for FrameWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= thymis_proto::CHUNK_SIZE {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(thymis_proto::CHUNK_SIZE));
+        self.sent += chunk.len() as u64;
+        if self.out.blocking_send(Out::Bin(chunk)).is_err() {
+            self.broken = true;
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "connection closed"));
+        }
+        Ok(())
+    }
+}
+
+/// Cancels a deployment: every device that has not activated stops.
+pub async fn cancel(ctl: &Arc<Controller>, task: i64) -> Result<()> {
+    lock(&ctl.cancelled).insert(task);
+    for c in ctl.db.children(task)? {
+        if c.result.is_none() && !c.activated && ctl.db.finish_child(c.id, "cancelled", None, None, &[])? {
+            if let Some(conn) = ctl.conn(&c.device) {
+                conn.send(AgentBound::Cancel { deployment_id: c.deployment_id.clone() }).await;
+            }
+        }
+    }
+    refresh_task(ctl, task)
+}
+
+/// Ends what is past its deployment's expiry: queued devices `expired`, activated
+/// devices never heard from `unreachable` (their agents roll back by themselves).
+pub fn sweep(ctl: &Controller) -> Result<()> {
+    let t = now();
+    for (task, kind, expires) in ctl.db.open_tasks()? {
+        if kind != "deployment" || expires.is_none_or(|e| e > t) {
+            continue;
+        }
+        for c in ctl.db.children(task)? {
+            if c.result.is_some() {
+                continue;
+            }
+            let (result, error) = if c.activated {
+                ("unreachable", "not heard from after activation before the deployment expired")
+            } else {
+                ("expired", "the deployment expired before the device received it")
+            };
+            ctl.db.finish_child(c.id, result, None, Some(error), &[])?;
+        }
+        refresh_task(ctl, task)?;
+    }
+    Ok(())
+}
+
+/// After a restart: children that had not activated end `interrupted`; activated ones
+/// keep waiting for their devices (which are confirmed when they reconnect).
+pub fn recover(ctl: &Controller) -> Result<()> {
+    for (task, kind, _) in ctl.db.open_tasks()? {
+        if kind != "deployment" {
+            ctl.db.set_task_state(task, TaskState::Finished, Some("failed"), Some("interrupted by a controller restart"))?;
+            continue;
+        }
+        for c in ctl.db.children(task)? {
+            if c.result.is_none() && !c.activated {
+                ctl.db.finish_child(c.id, "interrupted", None, Some("the controller stopped before this device activated"), &[])?;
+            } else if c.result.is_none() {
+                ctl.db.update_child(c.id, ChildUpdate { state: Some(ChildState::Running), ..Default::default() })?;
+            }
+        }
+        refresh_task(ctl, task)?;
+    }
+    Ok(())
+}
+
+/// A build task: build a configuration without deploying it.
+pub async fn start_build(ctl: &Arc<Controller>, config: &str, commit: Option<&str>) -> Result<i64> {
+    let commit = match commit {
+        Some(c) => ctl.project.resolve(c)?,
+        None => ctl.project.head()?,
+    };
+    if !ctl.project.toml_at(&commit)?.configs.contains_key(config) {
+        bail!("no configuration {config:?} in thymis.toml at {commit}");
+    }
+    let task = ctl.db.create_task("build", Some(&commit), None, Some(config), false, None)?;
+    let (ctl, config) = (ctl.clone(), config.to_owned());
+    tokio::spawn(async move {
+        let _ = ctl.db.set_task_state(task, TaskState::Running, None, None);
+        ctl.notify_task(task);
+        match build::build(&ctl, task, &commit, &config).await {
+            Ok(system) => {
+                let _ = ctl.db.set_task_system(task, &system.to_string());
+                let _ = ctl.db.set_task_state(task, TaskState::Finished, Some("succeeded"), None);
+            }
+            Err(e) => {
+                let _ = ctl.db.set_task_state(task, TaskState::Finished, Some("failed"), Some(&format!("{e:#}")));
+            }
+        }
+        ctl.notify_task(task);
+    });
+    Ok(task)
+}

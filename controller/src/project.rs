@@ -1,0 +1,284 @@
+//! The fleet's project: a git repository holding a flake and `thymis.toml`.
+//! Driven through the real `git` command with argument vectors.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+const STARTER_FLAKE: &str = include_str!("starter/flake.nix");
+const STARTER_TOML: &str = include_str!("starter/thymis.toml");
+
+/// `thymis.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectToml {
+    #[serde(default)]
+    pub configs: BTreeMap<String, ConfigEntry>,
+}
+
+/// One configuration of the project.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigEntry {
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Flake attribute to build; see [`ProjectToml::attr`].
+    pub attr: Option<String>,
+}
+
+impl ProjectToml {
+    /// Parses `thymis.toml`; errors name the line.
+    pub fn parse(text: &str) -> Result<Self> {
+        let t: ProjectToml = toml::from_str(text).map_err(|e| anyhow::anyhow!("thymis.toml: {e}"))?;
+        for name in t.configs.keys() {
+            if !valid_name(name) {
+                bail!("thymis.toml: configuration name {name:?} must be [A-Za-z0-9_-]{{1,64}}");
+            }
+        }
+        Ok(t)
+    }
+
+    /// The flake attribute that builds `config`.
+    pub fn attr(&self, config: &str) -> Option<String> {
+        let entry = self.configs.get(config)?;
+        Some(entry.attr.clone().unwrap_or_else(|| format!("nixosConfigurations.{config}.config.system.build.toplevel")))
+    }
+
+    /// Configurations carrying `tag`.
+    pub fn with_tag(&self, tag: &str) -> BTreeSet<String> {
+        self.configs.iter().filter(|(_, c)| c.tags.iter().any(|t| t == tag)).map(|(n, _)| n.clone()).collect()
+    }
+
+    pub fn tags(&self) -> BTreeSet<String> {
+        self.configs.values().flat_map(|c| c.tags.iter().cloned()).collect()
+    }
+}
+
+/// Names of devices and configurations: plain, so they are safe in URLs and files.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// How a file differs from HEAD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileChange {
+    pub path: String,
+    /// `modified`, `new` or `deleted`.
+    pub status: &'static str,
+}
+
+/// The project repository.
+#[derive(Debug, Clone)]
+pub struct Project {
+    pub dir: PathBuf,
+}
+
+impl Project {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Project { dir: dir.into() }
+    }
+
+    fn git(&self) -> Command {
+        let mut c = Command::new("git");
+        c.arg("-C").arg(&self.dir);
+        // Commits must work on a machine without a git identity configured.
+        c.env("GIT_AUTHOR_NAME", "Thymis")
+            .env("GIT_AUTHOR_EMAIL", "thymis@localhost")
+            .env("GIT_COMMITTER_NAME", "Thymis")
+            .env("GIT_COMMITTER_EMAIL", "thymis@localhost");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let out = self.git().args(args).output().with_context(|| format!("running git {}", args.join(" ")))?;
+        if !out.status.success() {
+            bail!("git {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Creates the starter project with an initial commit, unless it exists.
+    pub fn init_if_missing(&self) -> Result<()> {
+        if self.dir.join(".git").exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::write(self.dir.join("flake.nix"), STARTER_FLAKE)?;
+        std::fs::write(self.dir.join("thymis.toml"), STARTER_TOML)?;
+        self.run(&["init", "--quiet", "--initial-branch=main"])?;
+        self.run(&["add", "-A"])?;
+        self.run(&["commit", "--quiet", "-m", "Initial project"])?;
+        Ok(())
+    }
+
+    pub fn head(&self) -> Result<String> {
+        Ok(self.run(&["rev-parse", "HEAD"])?.trim().to_owned())
+    }
+
+    /// Resolves a revision (hash, branch, `HEAD~1`) to a full commit hash.
+    pub fn resolve(&self, rev: &str) -> Result<String> {
+        if rev.starts_with('-') {
+            bail!("revision {rev:?} is not valid");
+        }
+        Ok(self.run(&["rev-parse", "--verify", "--quiet", &format!("{rev}^{{commit}}")])
+            .with_context(|| format!("no commit {rev:?} in the project"))?
+            .trim()
+            .to_owned())
+    }
+
+    /// Uncommitted changes (new files included), as `git add -A` would commit them.
+    pub fn status(&self) -> Result<Vec<FileChange>> {
+        let out = self.run(&["status", "--porcelain=v1", "-z", "--untracked-files=all"])?;
+        let mut changes = Vec::new();
+        let mut entries = out.split('\0').filter(|e| !e.is_empty());
+        while let Some(entry) = entries.next() {
+            let (code, path) = entry.split_at(3.min(entry.len()));
+            let code = code.trim();
+            let status = match code {
+                "??" | "A" | "AM" => "new",
+                c if c.contains('D') => "deleted",
+                c if c.starts_with('R') => {
+                    entries.next(); // the rename's source
+                    "new"
+                }
+                _ => "modified",
+            };
+            changes.push(FileChange { path: path.to_owned(), status });
+        }
+        Ok(changes)
+    }
+
+    /// The diff of one changed file against HEAD (new files in full).
+    pub fn diff(&self, path: &str) -> Result<String> {
+        let rel = checked_rel(path)?;
+        let rel = rel.to_string_lossy();
+        let tracked = self.run(&["ls-files", "--", &rel])?;
+        if tracked.trim().is_empty() {
+            let out = self.git().args(["diff", "--no-index", "--", "/dev/null", &rel]).output()?;
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        self.run(&["diff", "HEAD", "--", &rel])
+    }
+
+    /// Commits everything (`git add -A`); returns the new HEAD, or the old one when
+    /// there was nothing to commit.
+    pub fn commit(&self, message: &str) -> Result<String> {
+        if self.status()?.is_empty() {
+            return self.head();
+        }
+        let message = if message.trim().is_empty() { "Update project" } else { message };
+        self.run(&["add", "-A"])?;
+        self.run(&["commit", "--quiet", "-m", message])?;
+        self.head()
+    }
+
+    /// A default commit message describing the changes.
+    pub fn default_message(&self) -> Result<String> {
+        let changes = self.status()?;
+        let list: Vec<String> = changes.iter().take(5).map(|c| format!("{} {}", c.status, c.path)).collect();
+        Ok(match changes.len() {
+            0 => "No changes".into(),
+            n if n <= 5 => format!("Update {}", list.join(", ")),
+            n => format!("Update {} and {} more", list.join(", "), n - 5),
+        })
+    }
+
+    /// `thymis.toml` at `rev`.
+    pub fn toml_at(&self, rev: &str) -> Result<ProjectToml> {
+        ProjectToml::parse(&self.run(&["show", &format!("{rev}:thymis.toml")])?)
+    }
+
+    /// `thymis.toml` in the work tree.
+    pub fn toml_worktree(&self) -> Result<ProjectToml> {
+        ProjectToml::parse(&std::fs::read_to_string(self.dir.join("thymis.toml")).context("reading thymis.toml")?)
+    }
+
+    /// The recent history, newest first: (hash, subject).
+    pub fn log(&self, n: usize) -> Result<Vec<(String, String)>> {
+        let out = self.run(&["log", &format!("-{n}"), "--format=%H%x09%s"])?;
+        Ok(out.lines().filter_map(|l| l.split_once('\t')).map(|(h, s)| (h.to_owned(), s.to_owned())).collect())
+    }
+
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        let p = self.dir.join(checked_rel(path)?);
+        std::fs::read(&p).with_context(|| format!("reading {path}"))
+    }
+
+    pub fn write_file(&self, path: &str, bytes: &[u8]) -> Result<()> {
+        let p = self.dir.join(checked_rel(path)?);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&p, bytes).with_context(|| format!("writing {path}"))
+    }
+
+    pub fn delete_file(&self, path: &str) -> Result<()> {
+        let p = self.dir.join(checked_rel(path)?);
+        std::fs::remove_file(&p).with_context(|| format!("deleting {path}"))
+    }
+
+    /// The flake reference of the project at a commit: never the dirty work tree.
+    pub fn flake_ref(&self, rev: &str) -> String {
+        format!("git+file://{}?rev={rev}", self.dir.display())
+    }
+}
+
+/// A project-relative path that cannot leave the project or touch `.git`.
+fn checked_rel(path: &str) -> Result<PathBuf> {
+    let p = Path::new(path);
+    let ok = !path.is_empty()
+        && p.components().all(|c| matches!(c, Component::Normal(_)))
+        && p.components().next().is_some_and(|c| c.as_os_str() != ".git");
+    if !ok {
+        bail!("{path:?} is not a path inside the project");
+    }
+    Ok(p.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_errors_name_the_line() {
+        let err = ProjectToml::parse("[configs.a]\ntags = [\"x\"]\nbogus = 1\n").expect_err("unknown key");
+        assert!(format!("{err:#}").contains("line 3"), "{err:#}");
+        let t = ProjectToml::parse(STARTER_TOML).expect("starter parses");
+        assert_eq!(t.with_tag("demo"), BTreeSet::from(["kiosk".to_owned()]));
+        assert_eq!(t.attr("kiosk").as_deref(), Some("nixosConfigurations.kiosk.config.system.build.toplevel"));
+    }
+
+    #[test]
+    fn paths_cannot_escape() {
+        for bad in ["../x", "/etc/passwd", ".git/config", "", "a/../../b"] {
+            assert!(checked_rel(bad).is_err(), "{bad}");
+        }
+        assert!(checked_rel("hosts/kiosk.nix").is_ok());
+    }
+
+    #[test]
+    fn status_commit_and_history_with_real_git() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let p = Project::new(tmp.path().join("project"));
+        p.init_if_missing().expect("init");
+        let first = p.head().expect("head");
+        assert!(p.status().expect("status").is_empty());
+        p.write_file("new.nix", b"{}").expect("write");
+        p.write_file("thymis.toml", b"[configs.kiosk]\ntags = [\"x\"]\n").expect("write");
+        p.delete_file("flake.nix").expect("rm");
+        let mut st = p.status().expect("status");
+        st.sort_by(|a, b| a.path.cmp(&b.path));
+        let got: Vec<(&str, &str)> = st.iter().map(|c| (c.path.as_str(), c.status)).collect();
+        assert_eq!(got, [("flake.nix", "deleted"), ("new.nix", "new"), ("thymis.toml", "modified")]);
+        assert!(p.diff("new.nix").expect("diff").contains("+{}"));
+        let second = p.commit("change things").expect("commit");
+        assert_ne!(first, second);
+        assert!(p.status().expect("status").is_empty(), "git add -A semantics");
+        assert_eq!(p.log(5).expect("log")[0].1, "change things");
+        assert_eq!(p.resolve("HEAD~1").expect("resolve"), first);
+        assert_eq!(p.toml_at(&first).expect("old toml").with_tag("demo").len(), 1);
+    }
+}
