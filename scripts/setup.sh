@@ -5,7 +5,7 @@
 set -euo pipefail
 
 packages=(nix-bin busybox-static dosfstools mtools fdisk e2fsprogs zstd bmap-tools
-  iproute2 nftables socat dbus dbus-bin systemd-container git)
+  iproute2 nftables socat dbus dbus-bin systemd-container git curl make)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -161,8 +161,7 @@ async fn project_commit(State(ctl): State<Arc<Controller>>, Json(req): Json<Comm
 }
 
 async fn project_log(State(ctl): State<Arc<Controller>>) -> ApiResult {
-    let log: Vec<Value> =
-        ctl.project.log(50)?.into_iter().map(|(c, s)| json!({ "commit": c, "subject": s })).collect();
+    let log: Vec<Value> = ctl.project.log(50)?.into_iter().map(|(c, s)| json!({ "commit": c, "subject": s })).collect();
     Ok(Json(json!(log)))
 }
 

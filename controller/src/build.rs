@@ -17,7 +17,11 @@ pub async fn build(ctl: &Arc<Controller>, task: i64, commit: &str, config: &str)
     let toml = ctl.project.toml_at(commit)?;
     let attr = toml.attr(config).ok_or_else(|| anyhow!("configuration {config} is not in thymis.toml at {commit}"))?;
     let installable = format!("{}#{attr}", ctl.project.flake_ref(commit));
-    ctl.db.log(task, None, &format!("building {config} at {}: nix build {installable}", &commit[..commit.len().min(12)]))?;
+    ctl.db.log(
+        task,
+        None,
+        &format!("building {config} at {}: nix build {installable}", &commit[..commit.len().min(12)]),
+    )?;
     ctl.notify_task(task);
     let mut child = tokio::process::Command::new("nix")
         .args(["--extra-experimental-features", "nix-command flakes", "build", "--no-link", "--json", "-L"])

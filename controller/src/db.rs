@@ -204,7 +204,8 @@ impl Db {
         if expires < now() {
             bail!("enrollment token expired");
         }
-        let revoked: bool = tx.query_row("SELECT revoked FROM devices WHERE name = ?1", params![device], |r| r.get(0))?;
+        let revoked: bool =
+            tx.query_row("SELECT revoked FROM devices WHERE name = ?1", params![device], |r| r.get(0))?;
         if revoked {
             bail!("device {device} is revoked");
         }
@@ -239,7 +240,10 @@ impl Db {
         Ok(DeviceRow {
             name: r.get(0)?,
             config: r.get(1)?,
-            key_fingerprint: key.as_deref().and_then(|k| k.parse::<thymis_store::signing::PublicKey>().ok()).map(|k| k.short_fingerprint()),
+            key_fingerprint: key
+                .as_deref()
+                .and_then(|k| k.parse::<thymis_store::signing::PublicKey>().ok())
+                .map(|k| k.short_fingerprint()),
             enrolled: key.is_some(),
             public_key: key,
             revoked: r.get(3)?,
@@ -309,7 +313,8 @@ impl Db {
     /// The next number of the controller-wide offer sequence (only grows).
     pub fn next_sequence(&self) -> Result<u64> {
         let v: i64 =
-            self.c().query_row("UPDATE sequence SET value = value + 1 WHERE id = 1 RETURNING value", [], |r| r.get(0))?;
+            self.c()
+                .query_row("UPDATE sequence SET value = value + 1 WHERE id = 1 RETURNING value", [], |r| r.get(0))?;
         Ok(v as u64)
     }
 
@@ -357,7 +362,11 @@ impl Db {
     }
 
     pub fn task_expires(&self, task: i64) -> Result<Option<i64>> {
-        Ok(self.c().query_row("SELECT expires FROM tasks WHERE id = ?1", params![task], |r| r.get(0)).optional()?.flatten())
+        Ok(self
+            .c()
+            .query_row("SELECT expires FROM tasks WHERE id = ?1", params![task], |r| r.get(0))
+            .optional()?
+            .flatten())
     }
 
     pub fn task_state(&self, task: i64) -> Result<Option<TaskState>> {
@@ -441,7 +450,8 @@ impl Db {
         })
     }
 
-    const CHILD_COLS: &'static str = "id, task, device, config, deployment_id, state, result, sequence, activated, system";
+    const CHILD_COLS: &'static str =
+        "id, task, device, config, deployment_id, state, result, sequence, activated, system";
 
     pub fn child_by_deployment(&self, deployment_id: &str) -> Result<Option<ChildRow>> {
         let c = self.c();
@@ -535,8 +545,11 @@ impl Db {
     /// Log lines of a task after `after` (an id), oldest first: (id, child, line).
     pub fn logs(&self, task: i64, after: i64) -> Result<Vec<(i64, Option<i64>, String)>> {
         let c = self.c();
-        let mut st = c.prepare("SELECT id, child, line FROM logs WHERE task = ?1 AND id > ?2 ORDER BY id LIMIT 5000")?;
-        let rows = st.query_map(params![task, after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<Vec<_>, _>>()?;
+        let mut st =
+            c.prepare("SELECT id, child, line FROM logs WHERE task = ?1 AND id > ?2 ORDER BY id LIMIT 5000")?;
+        let rows = st
+            .query_map(params![task, after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 

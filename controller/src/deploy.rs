@@ -151,7 +151,9 @@ pub async fn start(ctl: &Arc<Controller>, req: DeployRequest) -> Result<i64> {
 /// Older unfinished deployments of `device` that have not activated are superseded.
 fn supersede(ctl: &Controller, device: &str, new_task: i64) -> Result<()> {
     for c in ctl.db.open_children_of_device(device, new_task)? {
-        if !c.activated && ctl.db.finish_child(c.id, "superseded", None, Some(&format!("superseded by task {new_task}")), &[])? {
+        if !c.activated
+            && ctl.db.finish_child(c.id, "superseded", None, Some(&format!("superseded by task {new_task}")), &[])?
+        {
             if let Some(conn) = ctl.conn(device) {
                 let conn = conn.clone();
                 let id = c.deployment_id.clone();
@@ -184,7 +186,10 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
     for config in &configs {
         let of_config: Vec<&ChildRow> = children.iter().filter(|c| &c.config == config).collect();
         for c in &of_config {
-            ctl.db.update_child(c.id, ChildUpdate { state: Some(ChildState::Running), phase: Some("build"), ..Default::default() })?;
+            ctl.db.update_child(
+                c.id,
+                ChildUpdate { state: Some(ChildState::Running), phase: Some("build"), ..Default::default() },
+            )?;
         }
         ctl.notify_task(task);
         let built = match build::build(ctl, task, commit, config).await {
@@ -194,7 +199,8 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
         match built {
             Ok((system, closure)) => {
                 for c in &of_config {
-                    ctl.db.update_child(c.id, ChildUpdate { system: Some(&system.to_string()), ..Default::default() })?;
+                    ctl.db
+                        .update_child(c.id, ChildUpdate { system: Some(&system.to_string()), ..Default::default() })?;
                 }
                 closures.insert(config.clone(), (system, Arc::new(closure)));
             }
@@ -255,7 +261,8 @@ async fn deliver(
     reboot: bool,
 ) -> Result<()> {
     let mut connected = ctl.connected.subscribe();
-    let expires = ctl.db.task_expires(child.task)?.unwrap_or_else(|| now() + ctl.settings.deployment_ttl.as_secs() as i64);
+    let expires =
+        ctl.db.task_expires(child.task)?.unwrap_or_else(|| now() + ctl.settings.deployment_ttl.as_secs() as i64);
     loop {
         if is_over(ctl, &child)? {
             return Ok(());
@@ -380,7 +387,8 @@ async fn send_to(
         ack(ctl, child, m, &sizes)?;
     }
     // Recorded before the device is told: from here on a restart must not interrupt it.
-    let _ = ctl.db.update_child(child.id, ChildUpdate { phase: Some("activate"), activated: true, ..Default::default() });
+    let _ =
+        ctl.db.update_child(child.id, ChildUpdate { phase: Some("activate"), activated: true, ..Default::default() });
     let _ = ctl.db.log(child.task, Some(child.id), &format!("{}: activating", child.device));
     ctl.notify_task(child.task);
     if !conn.send(AgentBound::Activate { deployment_id: id.clone() }).await {
@@ -490,12 +498,23 @@ pub fn sweep(ctl: &Controller) -> Result<()> {
 pub fn recover(ctl: &Controller) -> Result<()> {
     for (task, kind, _) in ctl.db.open_tasks()? {
         if kind != "deployment" {
-            ctl.db.set_task_state(task, TaskState::Finished, Some("failed"), Some("interrupted by a controller restart"))?;
+            ctl.db.set_task_state(
+                task,
+                TaskState::Finished,
+                Some("failed"),
+                Some("interrupted by a controller restart"),
+            )?;
             continue;
         }
         for c in ctl.db.children(task)? {
             if c.result.is_none() && !c.activated {
-                ctl.db.finish_child(c.id, "interrupted", None, Some("the controller stopped before this device activated"), &[])?;
+                ctl.db.finish_child(
+                    c.id,
+                    "interrupted",
+                    None,
+                    Some("the controller stopped before this device activated"),
+                    &[],
+                )?;
             } else if c.result.is_none() {
                 ctl.db.update_child(c.id, ChildUpdate { state: Some(ChildState::Running), ..Default::default() })?;
             }

@@ -123,7 +123,8 @@ impl Project {
         if rev.starts_with('-') {
             bail!("revision {rev:?} is not valid");
         }
-        Ok(self.run(&["rev-parse", "--verify", "--quiet", &format!("{rev}^{{commit}}")])
+        Ok(self
+            .run(&["rev-parse", "--verify", "--quiet", &format!("{rev}^{{commit}}")])
             .with_context(|| format!("no commit {rev:?} in the project"))?
             .trim()
             .to_owned())

@@ -97,8 +97,14 @@ mod tests {
 
     #[test]
     fn state_follows_children() {
-        assert_eq!(deployment_state(&[(Running, None), (Finished, Some("succeeded"))], false), (TaskState::Running, None));
-        assert_eq!(deployment_state(&[(Queued, None), (Finished, Some("succeeded"))], false), (TaskState::Waiting, None));
+        assert_eq!(
+            deployment_state(&[(Running, None), (Finished, Some("succeeded"))], false),
+            (TaskState::Running, None)
+        );
+        assert_eq!(
+            deployment_state(&[(Queued, None), (Finished, Some("succeeded"))], false),
+            (TaskState::Waiting, None)
+        );
         assert_eq!(
             deployment_state(&[(Finished, Some("succeeded")), (Finished, Some("succeeded-with-failed-units"))], false),
             (TaskState::Finished, Some("succeeded"))

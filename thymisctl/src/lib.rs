@@ -188,7 +188,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             });
         }
         Cmd::Project(ProjectCmd::Commit { message }) => {
-            let v = c.call("POST", "/project/commit", Some(json!({ "message": message.clone().unwrap_or_default() })))?;
+            let v =
+                c.call("POST", "/project/commit", Some(json!({ "message": message.clone().unwrap_or_default() })))?;
             out(&v, &|v| println!("{}", s(&v["commit"])));
         }
         Cmd::Deploy { devices, configs, tags, commit, message, reboot, preview, wait } => {
@@ -286,7 +287,9 @@ fn follow(c: &Client, id: i64, show: bool) -> Result<Value> {
                 .cloned()
                 .unwrap_or_default()
                 .iter()
-                .map(|ch| format!("{} {}/{} {} paths", s(&ch["device"]), s(&ch["state"]), s(&ch["phase"]), ch["paths_sent"]))
+                .map(|ch| {
+                    format!("{} {}/{} {} paths", s(&ch["device"]), s(&ch["state"]), s(&ch["phase"]), ch["paths_sent"])
+                })
                 .collect();
             eprint!("\r\x1b[2K{}", summary.join("  |  "));
         }
@@ -329,9 +332,17 @@ fn print_preview(v: &Value) {
         Some(c) => println!("commit {c}"),
         None => println!("{} uncommitted change(s) will be committed first", v["uncommitted_changes"]),
     }
-    println!("configurations: {}", v["configs"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default());
+    println!(
+        "configurations: {}",
+        v["configs"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default()
+    );
     for d in v["devices"].as_array().cloned().unwrap_or_default() {
-        println!("  {:<16} {:<12} {}", s(&d["name"]), s(&d["config"]), if d["online"] == true { "online" } else { "offline" });
+        println!(
+            "  {:<16} {:<12} {}",
+            s(&d["name"]),
+            s(&d["config"]),
+            if d["online"] == true { "online" } else { "offline" }
+        );
     }
 }
 
@@ -341,13 +352,8 @@ fn print_task(t: &Value) {
         println!("  error: {e}");
     }
     for c in t["children"].as_array().cloned().unwrap_or_default() {
-        let mut line = format!(
-            "  {:<16} {:<9} {:<9} {:<28}",
-            s(&c["device"]),
-            s(&c["state"]),
-            s(&c["phase"]),
-            s(&c["result"])
-        );
+        let mut line =
+            format!("  {:<16} {:<9} {:<9} {:<28}", s(&c["device"]), s(&c["state"]), s(&c["phase"]), s(&c["result"]));
         if let Some(r) = c["reason"].as_str() {
             line.push_str(&format!(" reason: {r}"));
         }

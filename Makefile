@@ -1,0 +1,29 @@
+# The two commands of the README:
+#   make demo   set up this machine, build, run a controller with three simulated devices
+#   make test   set up this machine, build, run the whole test suite (what CI runs)
+
+CARGO ?= cargo
+
+.PHONY: test demo setup build lint fuzz-check
+
+test: setup lint build
+	$(CARGO) test --workspace
+	$(MAKE) fuzz-check
+
+demo: setup
+	$(CARGO) build --workspace --bins
+	bash scripts/demo.sh
+
+setup:
+	bash scripts/setup.sh
+
+build:
+	$(CARGO) build --workspace --bins
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Fuzz targets must keep compiling; running them is `cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run TARGET`.
+fuzz-check:
+	CARGO_TARGET_DIR=target/fuzz-check $(CARGO) check --manifest-path fuzz/Cargo.toml --no-default-features

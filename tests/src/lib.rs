@@ -1,0 +1,483 @@
+//! Fleet test harness: the real `thymis-controller` and real `thymis-agent`s on
+//! **process devices**: each agent in its own mount namespace (its own `/nix`, a
+//! private tmpfs `/run`) and its own network namespace, linked to the controller by a
+//! veth pair on a bridge. Everything a fleet creates is removed when it is dropped,
+//! even when the test fails.
+//!
+//! Needs root, Nix, iproute2 and nftables (`scripts/setup.sh` installs them) and the
+//! workspace's binaries built (`cargo build --workspace --bins`; `make test` does).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// The directory holding the workspace's binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("THYMIS_BIN_DIR") {
+        return d.into();
+    }
+    // target/debug/deps/<test binary> -> target/debug
+    let exe = std::env::current_exe().expect("test executable");
+    exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` first (make test does)", p.display());
+    p
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+/// Waits until `f` returns `Some`, or fails after `timeout` with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+static NEXT_NET: AtomicU32 = AtomicU32::new(0);
+
+#[derive(Debug)]
+/// A bridge on the host with its own /24; devices hang off it.
+struct Net {
+    bridge: String,
+    subnet: u32,
+}
+
+impl Net {
+    fn new() -> Result<Net> {
+        let pid = std::process::id();
+        for _ in 0..250 {
+            let n = NEXT_NET.fetch_add(1, Ordering::SeqCst);
+            let subnet = (pid.wrapping_mul(31).wrapping_add(n)) % 250 + 1;
+            let bridge = format!("thbr{subnet}");
+            if ip(&["link", "add", &bridge, "type", "bridge"]).is_err() {
+                continue; // taken by a concurrent fleet
+            }
+            let net = Net { bridge, subnet };
+            ip(&["addr", "add", &format!("{}/24", net.host()), "dev", &net.bridge])?;
+            ip(&["link", "set", &net.bridge, "up"])?;
+            return Ok(net);
+        }
+        bail!("no free test subnet")
+    }
+
+    fn host(&self) -> String {
+        format!("10.213.{}.1", self.subnet)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+/// Options for a fleet; every timeout is seconds, short so tests run fast.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    pub confirm_timeout: u64,
+    pub heartbeat: u64,
+    pub dead_after: u64,
+    pub deployment_ttl: u64,
+    pub reply_timeout: u64,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        FleetOptions { confirm_timeout: 8, heartbeat: 1, dead_after: 4, deployment_ttl: 120, reply_timeout: 20 }
+    }
+}
+
+/// The controller process.
+#[derive(Debug)]
+pub struct Controller {
+    pub state_dir: PathBuf,
+    pub listen: String,
+    opts: FleetOptions,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Controller {
+    fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(bin("thymis-controller"))
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["--listen", &self.listen])
+            .args(["--heartbeat", &self.opts.heartbeat.to_string()])
+            .args(["--dead-after", &self.opts.dead_after.to_string()])
+            .args(["--confirm-timeout", &self.opts.confirm_timeout.to_string()])
+            .args(["--deployment-ttl", &self.opts.deployment_ttl.to_string()])
+            .args(["--reply-timeout", &self.opts.reply_timeout.to_string()])
+            .args(["--sweep-interval", "1", "--handshake-timeout", "3"])
+            .env("THYMIS_LOG", "info,thymis_controller=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting thymis-controller")?;
+        self.child = Some(child);
+        let url = format!("http://{}/healthz", self.listen);
+        wait_for("the controller to listen", Duration::from_secs(20), || {
+            let ok = Command::new("curl").args(["-fs", "-o", "/dev/null", &url]).status().ok()?.success();
+            ok.then_some(())
+        });
+        Ok(())
+    }
+
+    /// Kills the controller at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.start()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("admin-token")).unwrap_or_default().trim().to_owned()
+    }
+
+    /// Runs `thymisctl ARGS` against this controller.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("thymisctl"))
+            .args(args)
+            .env("THYMIS_CONTROLLER", format!("http://{}", self.listen))
+            .env("THYMIS_TOKEN", self.token())
+            .output()
+            .expect("running thymisctl")
+    }
+
+    /// `thymisctl --json ARGS`, parsed; panics with stderr when it fails.
+    pub fn ctl_json(&self, args: &[&str]) -> Value {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let out = self.ctl(&full);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!(
+                "thymisctl {args:?}: {e}; status {}; stdout {stdout}; stderr {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// GET an API path (`/api/v1` prefixed) with the admin token; (status, body).
+    pub fn api(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let token = token.map(str::to_owned).unwrap_or_else(|| self.token());
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "-H", &format!("Authorization: Bearer {token}")])
+            .arg(format!("http://{}/api/v1{path}", self.listen))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    /// The task's log lines.
+    pub fn task_logs(&self, id: i64) -> Vec<String> {
+        let (_, v) = self.api(&format!("/tasks/{id}/logs"), None);
+        v.as_array()
+            .map(|a| a.iter().filter_map(|l| l["line"].as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn project_head(&self) -> String {
+        run(Command::new("git").arg("-C").arg(self.project_dir()).args(["rev-parse", "HEAD"])).unwrap_or_default()
+    }
+
+    pub fn project_dir(&self) -> PathBuf {
+        self.state_dir.join("project")
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A process device: a real agent with its own `/nix`, `/run` and network namespace.
+#[derive(Debug)]
+pub struct Device {
+    pub name: String,
+    pub dir: PathBuf,
+    pub netns: String,
+    veth: String,
+    child: Option<Child>,
+}
+
+impl Device {
+    pub fn nix_dir(&self) -> PathBuf {
+        self.dir.join("nix")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    pub fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log"))?;
+        let script = format!(
+            "mount --bind '{nix}' /nix && mount -t tmpfs tmpfs /run && exec '{agent}' --config '{config}'",
+            nix = self.nix_dir().display(),
+            agent = bin("thymis-agent").display(),
+            config = self.dir.join("agent.toml").display(),
+        );
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.netns, "unshare", "--mount", "--propagation", "private", "sh", "-c"])
+            .arg(script)
+            .env("THYMIS_LOG", "info,thymis_agent=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting the agent")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills the agent with SIGKILL (its activation helper, if any, lives on).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Runs a command inside the device (its namespaces), e.g. to read its /run.
+    pub fn exec(&self, script: &str) -> String {
+        let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
+        // The agent is the child of `ip netns exec` -> unshare -> sh (exec'd): find it.
+        let agent_pid = run(Command::new("pgrep").args(["-P", &pid.to_string()])).unwrap_or_default();
+        let target = agent_pid.lines().next().unwrap_or("").trim().to_owned();
+        let target = if target.is_empty() { pid.to_string() } else { target };
+        run(Command::new("nsenter").args(["-t", &target, "-m", "-n", "sh", "-c", script])).unwrap_or_default()
+    }
+
+    /// The device's system profile generations: (number, store path), oldest first.
+    pub fn generations(&self) -> Vec<(u64, String)> {
+        let profiles = self.nix_dir().join("var/nix/profiles");
+        let mut gens: Vec<(u64, String)> = std::fs::read_dir(&profiles)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        let n = name.strip_prefix("system-")?.strip_suffix("-link")?.parse().ok()?;
+                        let target = std::fs::read_link(e.path()).ok()?;
+                        Some((n, target.to_string_lossy().into_owned()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        gens.sort();
+        gens
+    }
+
+    /// The store path the system profile points at.
+    pub fn profile_system(&self) -> Option<String> {
+        let profiles = self.nix_dir().join("var/nix/profiles");
+        let link = std::fs::read_link(profiles.join("system")).ok()?;
+        Some(std::fs::read_link(profiles.join(link)).ok()?.to_string_lossy().into_owned())
+    }
+
+    /// What the device runs now (`/run/current-system` in its private /run).
+    pub fn running_system(&self) -> String {
+        self.exec("readlink /run/current-system")
+    }
+
+    /// The "units" the running generation declared.
+    pub fn units(&self) -> String {
+        self.exec("cd /run/thymis-test/units 2>/dev/null && for u in *; do echo \"$u=$(cat $u)\"; done")
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.kill9();
+        // Activation helpers may outlive the agent: end everything in the namespace.
+        if let Ok(pids) = run(Command::new("ip").args(["netns", "pids", &self.netns])) {
+            for p in pids.lines() {
+                let _ = Command::new("kill").args(["-9", p.trim()]).status();
+            }
+        }
+        let _ = ip(&["netns", "del", &self.netns]);
+        let _ = ip(&["link", "del", &self.veth]);
+    }
+}
+
+/// A controller and its devices.
+#[derive(Debug)]
+pub struct Fleet {
+    pub controller: Controller,
+    pub devices: Vec<Device>,
+    net: Net,
+    pub tmp: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// Starts a controller whose project is the fake-system test project.
+    pub fn new(opts: FleetOptions) -> Result<Fleet> {
+        let tmp = tempfile::Builder::new().prefix("thymis-fleet-").tempdir()?;
+        let net = Net::new()?;
+        let listen = format!("{}:8443", net.host());
+        let mut controller = Controller {
+            state_dir: tmp.path().join("controller"),
+            listen,
+            opts,
+            child: None,
+            log: tmp.path().join("controller.log"),
+        };
+        controller.start()?;
+        let fleet = Fleet { controller, devices: vec![], net, tmp };
+        fleet.install_test_project()?;
+        Ok(fleet)
+    }
+
+    /// Replaces the starter project with the fixture project and commits it.
+    fn install_test_project(&self) -> Result<()> {
+        let project = self.controller.project_dir();
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/project");
+        for f in ["flake.nix", "fake-system.nix", "configs.json", "thymis.toml"] {
+            std::fs::copy(fixtures.join(f), project.join(f))?;
+        }
+        let out = self.controller.ctl(&["project", "commit", "-m", "fleet test project"]);
+        if !out.status.success() {
+            bail!("committing the test project: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Edits `configs.json` in the project work tree (not committed).
+    pub fn set_configs(&self, json: &Value) -> Result<()> {
+        std::fs::write(self.controller.project_dir().join("configs.json"), serde_json::to_vec_pretty(json)?)?;
+        Ok(())
+    }
+
+    /// Adds a device bound to `config` and, when `start`, starts its agent.
+    pub fn add_device(&mut self, name: &str, config: &str, start: bool) -> Result<usize> {
+        let v = self.controller.ctl_json(&["device", "add", name, "--config", config]);
+        let agent_config = v["agent_config"].as_str().context("agent_config")?.to_owned();
+        let index = self.devices.len();
+        let dir = self.tmp.path().join(name);
+        std::fs::create_dir_all(dir.join("nix"))?;
+        std::fs::create_dir_all(dir.join("state"))?;
+        let config_text = format!(
+            "{agent_config}state_dir = {:?}\ndbus = false\nreconnect_min = 0.2\nreconnect_max = 1.0\nconnect_timeout = 3\n",
+            dir.join("state").display().to_string()
+        );
+        std::fs::write(dir.join("agent.toml"), config_text)?;
+        let netns = format!("thns{}-{index}", self.net.subnet);
+        let veth = format!("thv{}x{index}", self.net.subnet);
+        let peer = format!("thp{}x{index}", self.net.subnet);
+        ip(&["netns", "add", &netns])?;
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer])?;
+        ip(&["link", "set", &peer, "netns", &netns])?;
+        ip(&["link", "set", &veth, "master", &self.net.bridge])?;
+        ip(&["link", "set", &veth, "up"])?;
+        let addr = format!("10.213.{}.{}/24", self.net.subnet, 10 + index);
+        ip(&["netns", "exec", &netns, "ip", "addr", "add", &addr, "dev", &peer])?;
+        ip(&["netns", "exec", &netns, "ip", "link", "set", &peer, "up"])?;
+        ip(&["netns", "exec", &netns, "ip", "link", "set", "lo", "up"])?;
+        let mut dev = Device { name: name.to_owned(), dir, netns, veth, child: None };
+        if start {
+            dev.start()?;
+        }
+        self.devices.push(dev);
+        Ok(index)
+    }
+
+    pub fn device(&self, name: &str) -> &Device {
+        self.devices.iter().find(|d| d.name == name).expect("device")
+    }
+
+    pub fn device_mut(&mut self, name: &str) -> &mut Device {
+        self.devices.iter_mut().find(|d| d.name == name).expect("device")
+    }
+
+    /// Waits until the devices table shows `name` online.
+    pub fn wait_online(&self, name: &str) {
+        wait_for(&format!("{name} online"), Duration::from_secs(30), || {
+            let v = self.controller.ctl_json(&["devices"]);
+            v.as_array()?.iter().find(|d| d["name"] == name && d["online"] == true).map(|_| ())
+        });
+    }
+
+    /// Waits until the devices table shows `name` offline.
+    pub fn wait_offline(&self, name: &str) {
+        wait_for(&format!("{name} offline"), Duration::from_secs(30), || {
+            let v = self.controller.ctl_json(&["devices"]);
+            v.as_array()?.iter().find(|d| d["name"] == name && d["online"] == false).map(|_| ())
+        });
+    }
+
+    /// The devices table row of `name`.
+    pub fn device_row(&self, name: &str) -> Value {
+        let v = self.controller.ctl_json(&["devices"]);
+        v.as_array().and_then(|a| a.iter().find(|d| d["name"] == name).cloned()).unwrap_or_default()
+    }
+
+    /// Waits until task `id` is no longer pending/running, and returns its JSON.
+    pub fn wait_task(&self, id: i64, timeout: Duration) -> Value {
+        wait_for(&format!("task {id} to settle"), timeout, || {
+            let t = self.controller.ctl_json(&["task", &id.to_string()]);
+            matches!(t["state"].as_str(), Some("finished" | "cancelled" | "waiting")).then_some(t)
+        })
+    }
+
+    /// The child of `task` for `device`.
+    pub fn child<'a>(task: &'a Value, device: &str) -> &'a Value {
+        task["children"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["device"] == device))
+            .unwrap_or_else(|| panic!("no child for {device} in {task}"))
+    }
+
+    /// A summary of everything for a failing assertion.
+    pub fn diagnostics(&self) -> String {
+        let mut s = format!("--- controller log ---\n{}\n", tail(&self.controller.log(), 60));
+        for d in &self.devices {
+            s.push_str(&format!("--- {} agent log ---\n{}\n", d.name, tail(&d.log(), 40)));
+        }
+        s
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

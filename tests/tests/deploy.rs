@@ -1,0 +1,167 @@
+//! The deploy loop end to end: commit & deploy to a tag, results in the task and the
+//! devices table, the devices' profiles; no-op and incremental redeploys.
+
+use std::time::Duration;
+
+use serde_json::json;
+use thymis_fleet_tests::{Fleet, FleetOptions};
+
+fn deploy(f: &Fleet, args: &[&str]) -> (i32, serde_json::Value) {
+    let mut full = vec!["--json", "deploy", "--wait"];
+    full.extend_from_slice(args);
+    let out = f.controller.ctl(&full);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("deploy {args:?}: {e}: {}\n{}", String::from_utf8_lossy(&out.stderr), f.diagnostics())
+    });
+    (out.status.code().unwrap_or(-1), v)
+}
+
+#[test]
+fn commit_and_deploy_to_a_tag_then_noop_then_only_changed_paths() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    for (name, config) in [("a1", "alpha"), ("a2", "alpha"), ("b1", "beta")] {
+        f.add_device(name, config, true).expect("device");
+    }
+    for name in ["a1", "a2", "b1"] {
+        f.wait_online(name);
+    }
+
+    // An uncommitted change (and a new file): Commit & Deploy commits both.
+    f.set_configs(&json!({
+        "alpha": { "version": "2", "units": ["web.service"] },
+        "beta": { "version": "1", "units": ["db.service"] }
+    }))
+    .expect("configs");
+    std::fs::write(f.controller.project_dir().join("notes.txt"), "new file\n").expect("new file");
+    let (code, task) = deploy(&f, &["--tag", "screens", "-m", "alpha v2 for the screens"]);
+    assert_eq!(code, 0, "deploy failed: {task}\n{}", f.diagnostics());
+    assert_eq!(task["result"], "succeeded");
+    let head = f.controller.project_head();
+    assert_eq!(task["commit"], head.as_str(), "deployed commit is HEAD after committing");
+    let status = f.controller.ctl_json(&["project", "status"]);
+    assert_eq!(status["dirty"], false, "Commit & Deploy left changes uncommitted: {status}");
+    let log = std::process::Command::new("git")
+        .arg("-C")
+        .arg(f.controller.project_dir())
+        .args(["show", "--stat", "--format=%s", "HEAD"])
+        .output()
+        .expect("git");
+    let log = String::from_utf8_lossy(&log.stdout);
+    assert!(log.contains("alpha v2 for the screens") && log.contains("notes.txt"), "{log}");
+
+    // Each configuration was built once, though two devices share alpha.
+    let logs = f.controller.task_logs(task["id"].as_i64().expect("id"));
+    assert_eq!(logs.iter().filter(|l| l.starts_with("building alpha at")).count(), 1, "{logs:#?}");
+    assert_eq!(logs.iter().filter(|l| l.starts_with("building beta at")).count(), 1);
+
+    for name in ["a1", "a2", "b1"] {
+        let child = Fleet::child(&task, name);
+        assert_eq!(child["result"], "succeeded", "{child}");
+        assert_eq!(child["paths_sent"], 3, "a fresh device lacks base, app and system: {child}");
+        assert!(child["bytes_sent"].as_i64().expect("bytes") > 0);
+        let system = child["system"].as_str().expect("system").to_owned();
+        let row = f.device_row(name);
+        assert_eq!(row["commit"], head.as_str(), "devices table commit: {row}");
+        assert_eq!(row["system"], system.as_str(), "devices table system: {row}");
+        let dev = f.device(name);
+        assert_eq!(dev.profile_system().as_deref(), Some(system.as_str()), "profile of {name}");
+        assert_eq!(dev.running_system(), system, "running system of {name}");
+    }
+    assert_eq!(f.device("a1").units(), "web.service=alpha-2");
+    assert_eq!(f.device("b1").units(), "db.service=beta-1");
+
+    // Redeploy with no change: nothing to send.
+    let (code, again) = deploy(&f, &["--tag", "screens"]);
+    assert_eq!(code, 0, "{again}\n{}", f.diagnostics());
+    for name in ["a1", "a2", "b1"] {
+        let child = Fleet::child(&again, name);
+        assert_eq!((child["paths_sent"].as_i64(), child["bytes_sent"].as_i64()), (Some(0), Some(0)), "{child}");
+        assert_eq!(child["result"], "succeeded");
+    }
+
+    // One package changed: only the changed paths (app and system) go to alpha devices.
+    f.set_configs(&json!({
+        "alpha": { "version": "3", "units": ["web.service"] },
+        "beta": { "version": "1", "units": ["db.service"] }
+    }))
+    .expect("configs");
+    let (code, third) = deploy(&f, &["--tag", "screens", "-m", "alpha v3"]);
+    assert_eq!(code, 0, "{third}\n{}", f.diagnostics());
+    for name in ["a1", "a2"] {
+        assert_eq!(Fleet::child(&third, name)["paths_sent"], 2, "{third}");
+    }
+    assert_eq!(Fleet::child(&third, "b1")["paths_sent"], 0, "{third}");
+    assert_eq!(f.device("a2").units(), "web.service=alpha-3");
+}
+
+#[test]
+fn failed_activation_rolls_back_and_failed_units_are_named() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d1", "alpha", true).expect("device");
+    f.wait_online("d1");
+    let (code, first) = deploy(&f, &["--device", "d1"]);
+    assert_eq!(code, 0, "{first}\n{}", f.diagnostics());
+    let good = Fleet::child(&first, "d1")["system"].as_str().expect("system").to_owned();
+    let gens = f.device("d1").generations().len();
+
+    // Activation changes state, then fails: the agent re-activates the previous system.
+    f.set_configs(&json!({
+        "alpha": { "version": "2", "units": ["web.service", "extra.service"], "activationFails": true },
+        "beta": { "version": "1" }
+    }))
+    .expect("configs");
+    let (code, bad) = deploy(&f, &["--device", "d1", "-m", "broken alpha"]);
+    assert_eq!(code, 2, "a rolled-back deployment must not exit 0: {bad}");
+    let child = Fleet::child(&bad, "d1");
+    assert_eq!(child["result"], "rolled-back", "{child}\n{}", f.diagnostics());
+    assert_eq!(child["reason"], "activation-failed");
+    assert!(child["error"].as_str().unwrap_or("").contains("failed on purpose"), "{child}");
+    let dev = f.device("d1");
+    assert_eq!(dev.profile_system().as_deref(), Some(good.as_str()), "profile moved");
+    assert_eq!(dev.generations().len(), gens, "a generation was added for a failed deployment");
+    assert_eq!(dev.running_system(), good, "not running the previous system");
+    assert_eq!(dev.units(), "web.service=alpha-1", "previous generation's state not restored");
+    assert_eq!(f.device_row("d1")["system"], good.as_str(), "devices table shows what runs");
+
+    // Exit 4: switched, a unit failed: not a failed deployment.
+    f.set_configs(&json!({
+        "alpha": { "version": "3", "units": ["web.service"], "failUnits": ["web.service"] },
+        "beta": { "version": "1" }
+    }))
+    .expect("configs");
+    let (code, units) = deploy(&f, &["--device", "d1", "-m", "alpha with a failing unit"]);
+    assert_eq!(code, 0, "{units}\n{}", f.diagnostics());
+    let child = Fleet::child(&units, "d1");
+    assert_eq!(child["result"], "succeeded-with-failed-units", "{child}");
+    assert_eq!(child["failed_units"], json!(["web.service"]));
+    let new = child["system"].as_str().expect("system");
+    assert_eq!(f.device("d1").profile_system().as_deref(), Some(new), "new generation committed");
+    assert_eq!(f.device("d1").units(), "web.service=alpha-3");
+}
+
+#[test]
+fn a_device_cut_off_after_activation_rolls_back_unconfirmed() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d1", "alpha", true).expect("device");
+    f.wait_online("d1");
+    let (code, first) = deploy(&f, &["--device", "d1"]);
+    assert_eq!(code, 0, "{first}\n{}", f.diagnostics());
+    let good = Fleet::child(&first, "d1")["system"].as_str().expect("system").to_owned();
+
+    f.set_configs(&json!({
+        "alpha": { "version": "2", "units": ["web.service"], "cutoff": true },
+        "beta": { "version": "1" }
+    }))
+    .expect("configs");
+    let (code, cut) = deploy(&f, &["--device", "d1", "-m", "alpha that cuts the network"]);
+    assert_eq!(code, 2, "{cut}");
+    let child = Fleet::child(&cut, "d1");
+    assert_eq!(child["result"], "rolled-back", "{child}\n{}", f.diagnostics());
+    assert_eq!(child["reason"], "unconfirmed");
+    let dev = f.device("d1");
+    assert_eq!(dev.profile_system().as_deref(), Some(good.as_str()));
+    assert_eq!(dev.running_system(), good);
+    // The previous generation's activation removed the rule: the device is back.
+    f.wait_online("d1");
+    let _ = Duration::from_secs(0);
+}
