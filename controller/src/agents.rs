@@ -183,6 +183,10 @@ async fn session_loop(
                 Some(Out::Bin(b)) => ws.send(Message::Binary(b.into())).await.map_err(|e| anyhow!("sending: {e}"))?,
                 None => return Ok(()),
             },
+            () = conn.kicked.notified() => {
+                let _ = ws.close().await;
+                bail!("connection closed by the controller (revoked or replaced)");
+            }
             _ = ticker.tick() => {
                 if last_heard.elapsed() > ctl.settings.dead_after {
                     bail!("no word from the agent for {:?}: connection declared dead", last_heard.elapsed());

@@ -76,11 +76,13 @@ pub struct Conn {
     pub out: mpsc::Sender<Out>,
     /// Replies routed to the deployment runner waiting for them, by deployment id.
     waiters: Mutex<HashMap<String, mpsc::UnboundedSender<ControllerBound>>>,
+    /// Ends the connection (device revoked, or replaced by a newer connection).
+    pub kicked: tokio::sync::Notify,
 }
 
 impl Conn {
     pub fn new(device: String, session: String, out: mpsc::Sender<Out>) -> Self {
-        Conn { device, session, out, waiters: Mutex::new(HashMap::new()) }
+        Conn { device, session, out, waiters: Mutex::new(HashMap::new()), kicked: tokio::sync::Notify::new() }
     }
 
     /// Receives this connection's replies about `deployment_id` until dropped; the
@@ -96,9 +98,10 @@ impl Conn {
         lock(&self.waiters).get(deployment_id).is_some_and(|tx| tx.send(msg).is_ok())
     }
 
-    /// Closes every waiter (the connection is gone).
+    /// Closes every waiter and ends the connection.
     pub fn close(&self) {
         lock(&self.waiters).clear();
+        self.kicked.notify_one();
     }
 
     pub async fn send(&self, m: AgentBound) -> bool {

@@ -1,0 +1,106 @@
+//! Who gets in: tokens, keys, revocation, pinned identities, the API's token.
+
+use std::time::Duration;
+
+use thymis_fleet_tests::{Fleet, FleetOptions, wait_for};
+
+#[test]
+fn api_refuses_requests_without_the_admin_token() {
+    let f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let (code, body) = f.controller.api("/devices", Some("wrong"));
+    assert_eq!(code, 401, "{body}");
+    let (code, _) = f.controller.api("/devices", None);
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn used_tokens_revoked_devices_and_unpinned_controllers_are_refused() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d1", "alpha", true).expect("device");
+    f.wait_online("d1");
+
+    // A second agent (new key) with d1's already used token is refused.
+    f.add_device("rogue", "alpha", false).expect("device");
+    let d1_config = std::fs::read_to_string(f.device("d1").dir.join("agent.toml")).expect("config");
+    let rogue_state = f.device("rogue").state_dir();
+    let rogue_config: String = d1_config
+        .lines()
+        .map(|l| {
+            if l.starts_with("state_dir") {
+                format!("state_dir = {:?}", rogue_state.display().to_string())
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(f.device("rogue").dir.join("agent.toml"), rogue_config + "\n").expect("write");
+    f.device_mut("rogue").start().expect("start");
+    wait_for("the rogue agent to be refused", Duration::from_secs(30), || {
+        f.device("rogue").log().contains("enrollment token already used").then_some(())
+    });
+    let devices = f.controller.ctl_json(&["devices"]);
+    assert_eq!(devices.as_array().map(|a| a.iter().filter(|d| d["online"] == true).count()), Some(1), "{devices}");
+
+    // A revoked device is refused from its next connection on.
+    let out = f.controller.ctl(&["device", "revoke", "d1"]);
+    assert!(out.status.success());
+    wait_for("d1 to be refused", Duration::from_secs(30), || f.device("d1").log().contains("is revoked").then_some(()));
+    f.wait_offline("d1");
+
+    // An agent that pins another controller identity does nothing with this one.
+    f.add_device("pinned", "alpha", false).expect("device");
+    let path = f.device("pinned").dir.join("agent.toml");
+    let text = std::fs::read_to_string(&path).expect("config");
+    let other = "thymis-controller-1:uksYNxOOeh8CxyCyUGbiqT3c2mI4o6VajNGMqYOgy3c=";
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("controller_identity_keys") {
+                format!("controller_identity_keys = [{other:?}]")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&path, text + "\n").expect("write");
+    f.device_mut("pinned").start().expect("start");
+    wait_for("the agent to refuse the controller", Duration::from_secs(30), || {
+        f.device("pinned").log().contains("is not pinned").then_some(())
+    });
+    let row = f.device_row("pinned");
+    assert_eq!(row["enrolled"], false, "the token was spent on an unpinned controller: {row}");
+}
+
+#[test]
+fn a_path_signed_by_an_untrusted_key_is_refused_and_nothing_is_imported() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d1", "alpha", false).expect("device");
+    let path = f.device("d1").dir.join("agent.toml");
+    let text = std::fs::read_to_string(&path).expect("config");
+    // Trust only some other Nix key.
+    let other = "thymis-1:uwyy/0Sm9qFPdclZdy0/Uld2GwxdKG7moB3TyQCPPHA=";
+    let text: String =
+        text.lines()
+            .map(|l| {
+                if l.starts_with("nix_trusted_keys") { format!("nix_trusted_keys = [{other:?}]") } else { l.to_owned() }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+    std::fs::write(&path, text + "\n").expect("write");
+    f.device_mut("d1").start().expect("start");
+    f.wait_online("d1");
+    let out = f.controller.ctl(&["--json", "deploy", "--device", "d1", "--wait"]);
+    assert_eq!(out.status.code(), Some(2));
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let child = Fleet::child(&t, "d1");
+    assert_eq!(child["result"], "failed", "{child}\n{}", f.diagnostics());
+    assert!(child["error"].as_str().unwrap_or("").contains("no signature by a trusted key"), "{child}");
+    let store = f.device("d1").nix_dir().join("store");
+    let names: Vec<String> = std::fs::read_dir(&store)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!names.iter().any(|n| n.contains("thymis-test")), "untrusted paths reached the store: {names:?}");
+    assert!(f.device("d1").profile_system().is_none());
+}
