@@ -40,6 +40,8 @@ pub struct Agent {
     pending: Mutex<Option<Pending>>,
     /// An accepted offer whose paths are being copied (not yet activated).
     offer: Mutex<Option<Offer>>,
+    /// Whether that offer came from an offline bundle (local confirmation).
+    local: Mutex<bool>,
     /// Serialises lifecycle steps (confirmation vs. deadline vs. rollback request).
     lifecycle: tokio::sync::Mutex<()>,
     status: watch::Sender<Status>,
@@ -80,6 +82,7 @@ impl Agent {
             persisted: Mutex::new(persisted),
             pending: Mutex::new(pending),
             offer: Mutex::new(None),
+            local: Mutex::new(false),
             lifecycle: tokio::sync::Mutex::new(()),
             status,
             reconnect: Notify::new(),
@@ -173,14 +176,22 @@ impl Agent {
     }
 
     /// Records the controller's welcome.
-    pub fn welcomed(&self, device: &str) -> Result<()> {
+    pub fn welcomed(&self, device: &str, config: &str) -> Result<()> {
         let mut p = lock(&self.persisted);
-        if !p.enrolled || p.device_name.as_deref() != Some(device) {
+        if !p.enrolled || p.device_name.as_deref() != Some(device) || p.config.as_deref() != Some(config) {
             p.enrolled = true;
             p.device_name = Some(device.to_owned());
+            p.config = Some(config.to_owned());
             self.save_persisted(&p)?;
         }
         Ok(())
+    }
+
+    /// An offer verified by other means (an offline bundle's signed manifest), to be
+    /// activated and confirmed locally.
+    pub fn stage_local_offer(&self, offer: Offer) {
+        *lock(&self.offer) = Some(offer);
+        *lock(&self.local) = true;
     }
 
     /// The report sent on every connection.
@@ -300,6 +311,7 @@ impl Agent {
             deadline: None,
             stage: Stage::Activating,
             planned_reboot: false,
+            local_confirm: std::mem::take(&mut *lock(&self.local)),
         };
         // Written before anything changes: a restart from here on knows what to do.
         {
@@ -388,8 +400,12 @@ impl Agent {
                 event = match action {
                     Action::AwaitConfirmation => {
                         self.spawn_deadline(&updated);
-                        // Confirmation must come over a new connection.
-                        self.reconnect.notify_one();
+                        if updated.local_confirm {
+                            self.spawn_health_check(&updated);
+                        } else {
+                            // Confirmation must come over a new connection.
+                            self.reconnect.notify_one();
+                        }
                         return;
                     }
                     Action::Commit => Event::CommitFinished(self.commit(&updated).await),
@@ -416,6 +432,39 @@ impl Agent {
             if still_waiting {
                 warn!(deployment = %id, "not confirmed in time: rolling back");
                 agent.drive(Event::DeadlinePassed).await;
+            }
+        });
+    }
+
+    /// Local confirmation (offline bundles): the configured health check must pass
+    /// before the deadline; without one, a successful activation is confirmation.
+    fn spawn_health_check(self: &Arc<Self>, pending: &Pending) {
+        let agent = self.clone();
+        let id = pending.offer.deployment_id.clone();
+        let check = self.config.health_check.clone();
+        tokio::spawn(async move {
+            loop {
+                let healthy = match check.split_first() {
+                    None => true,
+                    Some((prog, args)) => tokio::process::Command::new(prog)
+                        .args(args)
+                        .stdin(std::process::Stdio::null())
+                        .status()
+                        .await
+                        .is_ok_and(|s| s.success()),
+                };
+                let waiting = agent.pending().is_some_and(|p| {
+                    p.offer.deployment_id == id && matches!(p.stage, Stage::AwaitingConfirmation { .. })
+                });
+                if !waiting {
+                    return;
+                }
+                if healthy {
+                    info!(deployment = %id, "health check passed: confirmed locally");
+                    agent.drive(Event::Confirmed).await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
             }
         });
     }
@@ -548,7 +597,12 @@ impl Agent {
                     agent.drive(event).await;
                 });
             }
-            Stage::AwaitingConfirmation { .. } => self.spawn_deadline(&p),
+            Stage::AwaitingConfirmation { .. } => {
+                self.spawn_deadline(&p);
+                if p.local_confirm {
+                    self.spawn_health_check(&p);
+                }
+            }
             Stage::Committing { .. } => {
                 let r = self.commit(&p).await;
                 self.drive(Event::CommitFinished(r)).await;

@@ -131,7 +131,7 @@ async fn handshake(agent: &Agent, ws: &mut Ws) -> Result<Established> {
     send(ws, &ControllerBound::Auth { signature: agent.device_key.sign(&transcript), enrollment_token: token }).await?;
     match recv(ws, false).await? {
         AgentBound::Welcome { device, config, heartbeat_secs, dead_after_secs } => {
-            agent.welcomed(&device)?;
+            agent.welcomed(&device, &config)?;
             info!(%device, %config, session = %session, "connected to the controller");
             Ok(Established {
                 session,

@@ -28,6 +28,8 @@ pub struct Persisted {
     pub enrolled: bool,
     /// The name the controller knows this device by (from its welcome).
     pub device_name: Option<String>,
+    /// Its configuration (from the welcome), for bundles addressed to a configuration.
+    pub config: Option<String>,
     /// Highest offer sequence applied (activated). Offers at or below are refused.
     pub last_sequence: u64,
     /// The system last made permanent (or returned to), and its commit.
@@ -54,4 +56,7 @@ pub struct Pending {
     /// A reboot the agent itself asked for (boot-once deployments).
     #[serde(default)]
     pub planned_reboot: bool,
+    /// Confirmed locally (offline bundle): activation exit 0/4 and the health check.
+    #[serde(default)]
+    pub local_confirm: bool,
 }

@@ -55,6 +55,89 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// A system-like D-Bus daemon with Debian's system policy and the agent's policy file,
+/// on a socket of its own (a real `dbus-daemon`, not the host's bus).
+#[derive(Debug)]
+pub struct SystemBus {
+    pub address: String,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl SystemBus {
+    pub fn start() -> Result<SystemBus> {
+        let pid = std::process::id();
+        let n = NEXT_NET.fetch_add(1, Ordering::SeqCst);
+        // World-traversable, so an unprivileged caller can reach the socket.
+        let dir = PathBuf::from(format!("/tmp/thymis-bus-{pid}-{n}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("policy"))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemon/dbus/io.thymis.Agent1.conf");
+        std::fs::copy(policy, dir.join("policy/io.thymis.Agent1.conf"))?;
+        let socket = dir.join("system_bus_socket");
+        let mut conf = String::new();
+        for line in std::fs::read_to_string("/usr/share/dbus-1/system.conf")?.lines() {
+            let t = line.trim();
+            if t.starts_with("<user>") || t.starts_with("<pidfile>") || t.starts_with("<include ") {
+                continue;
+            }
+            if t.starts_with("<listen>") {
+                conf.push_str(&format!("  <listen>unix:path={}</listen>\n", socket.display()));
+            } else if t.starts_with("<includedir>") {
+                if !conf.contains("thymis-policy") {
+                    conf.push_str(&format!(
+                        "  <includedir>{}</includedir><!-- thymis-policy -->\n",
+                        dir.join("policy").display()
+                    ));
+                }
+            } else {
+                conf.push_str(line);
+                conf.push('\n');
+            }
+        }
+        std::fs::write(dir.join("system.conf"), conf)?;
+        let child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", dir.join("system.conf").display()))
+            .args(["--nofork", "--nopidfile"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting dbus-daemon")?;
+        wait_for("the D-Bus socket", Duration::from_secs(10), || socket.exists().then_some(()));
+        Ok(SystemBus { address: format!("unix:path={}", socket.display()), dir, child })
+    }
+
+    /// `busctl --address=... ARGS` as root; (success, stdout+stderr).
+    pub fn busctl(&self, args: &[&str]) -> (bool, String) {
+        self.busctl_as(None, args)
+    }
+
+    /// `busctl` as an unprivileged user (`nobody`) when `uid` is given.
+    pub fn busctl_as(&self, uid: Option<u32>, args: &[&str]) -> (bool, String) {
+        let mut cmd = match uid {
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.args([format!("--reuid={u}"), format!("--regid={u}"), "--clear-groups".into(), "busctl".into()]);
+                c
+            }
+            None => Command::new("busctl"),
+        };
+        let out = cmd.arg(format!("--address={}", self.address)).args(args).output().expect("busctl");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+}
+
+impl Drop for SystemBus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 static NEXT_NET: AtomicU32 = AtomicU32::new(0);
 
 #[derive(Debug)]
@@ -236,6 +319,8 @@ pub struct Device {
     pub netns: String,
     veth: String,
     child: Option<Child>,
+    /// The system bus the agent publishes on, when it has one.
+    pub bus: Option<String>,
 }
 
 impl Device {
@@ -259,6 +344,7 @@ impl Device {
             .args(["netns", "exec", &self.netns, "unshare", "--mount", "--propagation", "private", "sh", "-c"])
             .arg(script)
             .env("THYMIS_LOG", "info,thymis_agent=debug")
+            .env("DBUS_SYSTEM_BUS_ADDRESS", self.bus.clone().unwrap_or_else(|| "unix:path=/nonexistent".into()))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -390,6 +476,17 @@ impl Fleet {
 
     /// Adds a device bound to `config` and, when `start`, starts its agent.
     pub fn add_device(&mut self, name: &str, config: &str, start: bool) -> Result<usize> {
+        self.add_device_on_bus(name, config, start, None)
+    }
+
+    /// [`Fleet::add_device`] with the agent publishing on `bus`.
+    pub fn add_device_on_bus(
+        &mut self,
+        name: &str,
+        config: &str,
+        start: bool,
+        bus: Option<&SystemBus>,
+    ) -> Result<usize> {
         let v = self.controller.ctl_json(&["device", "add", name, "--config", config]);
         let agent_config = v["agent_config"].as_str().context("agent_config")?.to_owned();
         let index = self.devices.len();
@@ -397,8 +494,9 @@ impl Fleet {
         std::fs::create_dir_all(dir.join("nix"))?;
         std::fs::create_dir_all(dir.join("state"))?;
         let config_text = format!(
-            "{agent_config}state_dir = {:?}\ndbus = false\nreconnect_min = 0.2\nreconnect_max = 1.0\nconnect_timeout = 3\n",
-            dir.join("state").display().to_string()
+            "{agent_config}state_dir = {:?}\ndbus = {}\nreconnect_min = 0.2\nreconnect_max = 1.0\nconnect_timeout = 3\n",
+            dir.join("state").display().to_string(),
+            bus.is_some()
         );
         std::fs::write(dir.join("agent.toml"), config_text)?;
         let netns = format!("thns{}-{index}", self.net.subnet);
@@ -413,7 +511,8 @@ impl Fleet {
         ip(&["netns", "exec", &netns, "ip", "addr", "add", &addr, "dev", &peer])?;
         ip(&["netns", "exec", &netns, "ip", "link", "set", &peer, "up"])?;
         ip(&["netns", "exec", &netns, "ip", "link", "set", "lo", "up"])?;
-        let mut dev = Device { name: name.to_owned(), dir, netns, veth, child: None };
+        let mut dev =
+            Device { name: name.to_owned(), dir, netns, veth, child: None, bus: bus.map(|b| b.address.clone()) };
         if start {
             dev.start()?;
         }

@@ -1,6 +1,8 @@
 //! `thymisctl`: drives a Thymis controller over its HTTP API. With `--json`, stdout
 //! holds exactly one JSON document; progress and logs go to stderr.
 
+pub mod device;
+
 use std::io::IsTerminal;
 use std::time::Duration;
 
@@ -82,6 +84,12 @@ pub enum Cmd {
     },
     /// Cancel a deployment (devices that have not activated stop).
     Cancel { id: i64 },
+    /// On a device: the local agent's state (D-Bus).
+    Status,
+    /// On a device: roll back the deployment awaiting confirmation (D-Bus, root).
+    Rollback,
+    /// On a device: install an offline update bundle (D-Bus, root).
+    InstallBundle { file: std::path::PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,7 +158,6 @@ impl Client {
 
 /// Runs a command; returns the process exit status.
 pub fn run(cli: Cli) -> Result<u8> {
-    let c = Client::new(&cli)?;
     let out = |v: &Value, human: &dyn Fn(&Value)| {
         if cli.json {
             println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
@@ -159,6 +166,31 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
     };
     match &cli.command {
+        Cmd::Status => {
+            let v = device::status()?;
+            out(&v, &|v| {
+                for (k, val) in v.as_object().into_iter().flatten() {
+                    println!("{k:<20} {}", s(val));
+                }
+            });
+            return Ok(0);
+        }
+        Cmd::Rollback => {
+            let msg = device::rollback()?;
+            out(&json!({ "message": msg }), &|_| println!("{msg}"));
+            return Ok(0);
+        }
+        Cmd::InstallBundle { file } => {
+            let v = device::install_bundle(file)?;
+            out(&v, &|v| println!("{} {}", s(&v["result"]), s(&v["reason"])));
+            let ok = matches!(v["result"].as_str(), Some("succeeded" | "succeeded-with-failed-units"));
+            return Ok(if ok { 0 } else { EXIT_UNSUCCESSFUL });
+        }
+        _ => {}
+    }
+    let c = Client::new(&cli)?;
+    match &cli.command {
+        Cmd::Status | Cmd::Rollback | Cmd::InstallBundle { .. } => {}
         Cmd::Device(DeviceCmd::Add { name, config }) => {
             let v = c.call("POST", "/devices", Some(json!({ "name": name, "config": config })))?;
             out(&v, &print_enrollment);
