@@ -178,11 +178,19 @@ async fn session_loop(
                     Some(Err(e)) => bail!("reading: {e}"),
                 }
             }
-            out = rx.recv() => match out {
-                Some(Out::Msg(m)) => send(&mut ws, &m).await?,
-                Some(Out::Bin(b)) => ws.send(Message::Binary(b.into())).await.map_err(|e| anyhow!("sending: {e}"))?,
-                None => return Ok(()),
-            },
+            out = rx.recv() => {
+                // A silently dropped link stalls writes: bound them, or the
+                // heartbeat check below would never run.
+                let frame = match out {
+                    Some(Out::Msg(m)) => Message::Text(encode(&m).into()),
+                    Some(Out::Bin(b)) => Message::Binary(b.into()),
+                    None => return Ok(()),
+                };
+                match tokio::time::timeout(ctl.settings.dead_after, ws.send(frame)).await {
+                    Ok(r) => r.map_err(|e| anyhow!("sending: {e}"))?,
+                    Err(_) => bail!("sending stalled for {:?}: connection declared dead", ctl.settings.dead_after),
+                }
+            }
             () = conn.kicked.notified() => {
                 let _ = ws.close().await;
                 bail!("connection closed by the controller (revoked or replaced)");

@@ -261,6 +261,9 @@ async fn deliver(
     reboot: bool,
 ) -> Result<()> {
     let mut connected = ctl.connected.subscribe();
+    // Paths streamed whole whose acknowledgement the connection lost: if the device has
+    // them on the next attempt, they count as sent (and are not sent again).
+    let mut unacked: HashMap<StorePath, u64> = HashMap::new();
     let expires =
         ctl.db.task_expires(child.task)?.unwrap_or_else(|| now() + ctl.settings.deployment_ttl.as_secs() as i64);
     loop {
@@ -301,7 +304,7 @@ async fn deliver(
             expires: expires as u64,
             reboot,
         };
-        match send_to(ctl, &conn, &child, &offer, &closure).await {
+        match send_to(ctl, &conn, &child, &offer, &closure, &mut unacked).await {
             Ok(()) => return Ok(()),
             Err(Stop::Refused(reason)) => {
                 ctl.db.finish_child(child.id, "failed", None, Some(&reason), &[])?;
@@ -333,6 +336,7 @@ async fn send_to(
     child: &ChildRow,
     offer: &Offer,
     closure: &[PathInfo],
+    unacked: &mut HashMap<StorePath, u64>,
 ) -> Result<(), Stop> {
     let id = &child.deployment_id;
     let t = ctl.settings.reply_timeout;
@@ -354,6 +358,11 @@ async fn send_to(
         ControllerBound::PathsMissing { missing, .. } => missing.into_iter().collect(),
         other => return Err(Stop::Refused(format!("unexpected reply to the path query: {other:?}"))),
     };
+    for (path, bytes) in unacked.drain() {
+        if !missing.contains(&path) {
+            let _ = ctl.db.add_progress(child.id, 1, bytes as i64);
+        }
+    }
     let to_send: Vec<&PathInfo> = closure.iter().filter(|i| missing.contains(&i.path)).collect();
     let _ = ctl.db.log(
         child.task,
@@ -361,7 +370,6 @@ async fn send_to(
         &format!("{}: lacks {} of {} paths", child.device, to_send.len(), closure.len()),
     );
     ctl.notify_task(child.task);
-    let mut sizes: HashMap<StorePath, u64> = HashMap::new();
     let mut outstanding = 0usize;
     for info in &to_send {
         if !conn.send(AgentBound::PathStart { deployment_id: id.clone(), info: (*info).clone() }).await {
@@ -370,7 +378,7 @@ async fn send_to(
         let (out, path) = (conn.out.clone(), info.path.clone());
         let sent = tokio::task::spawn_blocking(move || stream_nar(&path, out)).await.map_err(|_| Stop::Disconnected)?;
         let bytes = sent.map_err(lost)?;
-        sizes.insert(info.path.clone(), bytes);
+        unacked.insert(info.path.clone(), bytes);
         if !conn.send(AgentBound::PathEnd { deployment_id: id.clone(), path: info.path.clone() }).await {
             return Err(Stop::Disconnected);
         }
@@ -378,13 +386,13 @@ async fn send_to(
         // Take acknowledgements as they come, without waiting for each.
         while let Ok(m) = rx.try_recv() {
             outstanding -= 1;
-            ack(ctl, child, m, &sizes)?;
+            ack(ctl, child, m, unacked)?;
         }
     }
     while outstanding > 0 {
         let m = reply(&mut rx, t).await?;
         outstanding -= 1;
-        ack(ctl, child, m, &sizes)?;
+        ack(ctl, child, m, unacked)?;
     }
     // Recorded before the device is told: from here on a restart must not interrupt it.
     let _ =
@@ -398,10 +406,10 @@ async fn send_to(
     Ok(())
 }
 
-fn ack(ctl: &Controller, child: &ChildRow, m: ControllerBound, sizes: &HashMap<StorePath, u64>) -> Result<(), Stop> {
+fn ack(ctl: &Controller, child: &ChildRow, m: ControllerBound, unacked: &mut HashMap<StorePath, u64>) -> Result<(), Stop> {
     match m {
         ControllerBound::PathImported { path, .. } => {
-            let _ = ctl.db.add_progress(child.id, 1, sizes.get(&path).copied().unwrap_or(0) as i64);
+            let _ = ctl.db.add_progress(child.id, 1, unacked.remove(&path).unwrap_or(0) as i64);
             ctl.notify_task(child.task);
             Ok(())
         }

@@ -68,7 +68,11 @@ fn ws_config() -> WebSocketConfig {
 }
 
 async fn send(ws: &mut Ws, msg: &ControllerBound) -> Result<()> {
-    ws.send(Message::text(encode(msg))).await.context("sending to the controller")
+    // A silently dropped link stalls writes; never wait on one for long.
+    match tokio::time::timeout(Duration::from_secs(30), ws.send(Message::text(encode(msg)))).await {
+        Ok(r) => r.context("sending to the controller"),
+        Err(_) => bail!("sending to the controller stalled: connection declared dead"),
+    }
 }
 
 /// Reads the next control message, skipping pings.

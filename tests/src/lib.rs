@@ -375,6 +375,29 @@ impl Device {
         run(Command::new("nsenter").args(["-t", &target, "-m", "-n", "sh", "-c", script])).unwrap_or_default()
     }
 
+    /// Caps the device's link (both directions seen from the device's side: egress
+    /// shaping on its interface) at `rate`, e.g. "8mbit".
+    pub fn shape(&self, rate: &str) -> Result<()> {
+        let peer = self.veth.replacen("thv", "thp", 1);
+        ip(&["netns", "exec", &self.netns, "tc", "qdisc", "replace", "dev", &peer, "root", "tbf", "rate", rate, "burst", "32kbit", "latency", "400ms"])?;
+        run(Command::new("tc").args(["qdisc", "replace", "dev", &self.veth, "root", "tbf", "rate", rate, "burst", "32kbit", "latency", "400ms"]))?;
+        Ok(())
+    }
+
+    /// Silently drops every packet of the device (an nftables black hole, not a link
+    /// down, which would only stall TCP).
+    pub fn black_hole(&self, on: bool) -> Result<()> {
+        let nft = |args: &str| run(Command::new("ip").args(["netns", "exec", &self.netns, "sh", "-c", &format!("nft {args}")]));
+        if on {
+            nft("add table inet thymis_harness")?;
+            nft("'add chain inet thymis_harness in { type filter hook input priority -10; policy drop; }'")?;
+            nft("'add chain inet thymis_harness out { type filter hook output priority -10; policy drop; }'")?;
+        } else {
+            nft("delete table inet thymis_harness")?;
+        }
+        Ok(())
+    }
+
     /// The device's system profile generations: (number, store path), oldest first.
     pub fn generations(&self) -> Vec<(u64, String)> {
         let profiles = self.nix_dir().join("var/nix/profiles");
