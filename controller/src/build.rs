@@ -23,8 +23,12 @@ pub async fn build(ctl: &Arc<Controller>, task: i64, commit: &str, config: &str)
         &format!("building {config} at {}: nix build {installable}", &commit[..commit.len().min(12)]),
     )?;
     ctl.notify_task(task);
-    let mut child = tokio::process::Command::new("nix")
-        .args(["--extra-experimental-features", "nix-command flakes", "build", "--no-link", "--json", "-L"])
+    let mut cmd = tokio::process::Command::new("nix");
+    cmd.args(["--extra-experimental-features", "nix-command flakes", "build", "--no-link", "--json", "-L"]);
+    for (name, flake_ref) in &ctl.settings.override_inputs {
+        cmd.args(["--override-input", name, flake_ref]);
+    }
+    let mut child = cmd
         .arg(&installable)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -35,6 +35,8 @@ pub struct Settings {
     pub max_unauthenticated: usize,
     /// Failed enrollment attempts allowed per minute (all sources together).
     pub enroll_failures_per_minute: u32,
+    /// `--override-input NAME REF` for every build.
+    pub override_inputs: Vec<(String, String)>,
 }
 
 /// Files of the state directory.

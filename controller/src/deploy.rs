@@ -406,7 +406,12 @@ async fn send_to(
     Ok(())
 }
 
-fn ack(ctl: &Controller, child: &ChildRow, m: ControllerBound, unacked: &mut HashMap<StorePath, u64>) -> Result<(), Stop> {
+fn ack(
+    ctl: &Controller,
+    child: &ChildRow,
+    m: ControllerBound,
+    unacked: &mut HashMap<StorePath, u64>,
+) -> Result<(), Stop> {
     match m {
         ControllerBound::PathImported { path, .. } => {
             let _ = ctl.db.add_progress(child.id, 1, unacked.remove(&path).unwrap_or(0) as i64);

@@ -54,6 +54,10 @@ pub struct Cli {
     /// Devices deployed to in parallel.
     #[arg(long, default_value_t = 10)]
     pub parallel: usize,
+    /// Flake input overrides for builds, `NAME=FLAKEREF` (repeatable), e.g. a local
+    /// nixpkgs for a controller without network: `nixpkgs=path:/srv/nixpkgs`.
+    #[arg(long = "override-input", value_name = "NAME=FLAKEREF")]
+    pub override_input: Vec<String>,
     /// Seconds between expiry sweeps.
     #[arg(long, default_value_t = 5)]
     pub sweep_interval: u64,
@@ -74,6 +78,11 @@ impl Cli {
             parallel: self.parallel.max(1),
             max_unauthenticated: 256,
             enroll_failures_per_minute: 30,
+            override_inputs: self
+                .override_input
+                .iter()
+                .filter_map(|o| o.split_once('=').map(|(n, r)| (n.to_owned(), r.to_owned())))
+                .collect(),
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod persist;
 pub mod profile;
 pub mod receive;
+pub mod sd_notify;
 pub mod state;
 pub mod status;
 
@@ -75,12 +76,16 @@ pub async fn run(config: config::AgentConfig) -> Result<()> {
     agent.resume().await;
     let dbus = tokio::spawn(dbus::serve_forever(agent.clone()));
     let conn = tokio::spawn(connection::run_forever(agent.clone()));
+    let watchdog = tokio::spawn(sd_notify::watchdog());
+    sd_notify::ready();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
     tracing::info!("stopping");
+    sd_notify::stopping();
+    watchdog.abort();
     conn.abort();
     dbus.abort();
     Ok(())

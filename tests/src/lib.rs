@@ -379,15 +379,36 @@ impl Device {
     /// shaping on its interface) at `rate`, e.g. "8mbit".
     pub fn shape(&self, rate: &str) -> Result<()> {
         let peer = self.veth.replacen("thv", "thp", 1);
-        ip(&["netns", "exec", &self.netns, "tc", "qdisc", "replace", "dev", &peer, "root", "tbf", "rate", rate, "burst", "32kbit", "latency", "400ms"])?;
-        run(Command::new("tc").args(["qdisc", "replace", "dev", &self.veth, "root", "tbf", "rate", rate, "burst", "32kbit", "latency", "400ms"]))?;
+        ip(&[
+            "netns",
+            "exec",
+            &self.netns,
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            &peer,
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            "32kbit",
+            "latency",
+            "400ms",
+        ])?;
+        run(Command::new("tc").args([
+            "qdisc", "replace", "dev", &self.veth, "root", "tbf", "rate", rate, "burst", "32kbit", "latency", "400ms",
+        ]))?;
         Ok(())
     }
 
     /// Silently drops every packet of the device (an nftables black hole, not a link
     /// down, which would only stall TCP).
     pub fn black_hole(&self, on: bool) -> Result<()> {
-        let nft = |args: &str| run(Command::new("ip").args(["netns", "exec", &self.netns, "sh", "-c", &format!("nft {args}")]));
+        let nft = |args: &str| {
+            run(Command::new("ip").args(["netns", "exec", &self.netns, "sh", "-c", &format!("nft {args}")]))
+        };
         if on {
             nft("add table inet thymis_harness")?;
             nft("'add chain inet thymis_harness in { type filter hook input priority -10; policy drop; }'")?;
