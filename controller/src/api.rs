@@ -57,6 +57,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/tasks/{id}", get(task))
         .route("/tasks/{id}/logs", get(task_logs))
         .route("/tasks/{id}/cancel", post(task_cancel))
+        .route("/tasks/{id}/events", get(task_events))
         .route("/identity", get(identity))
         .layer(middleware::from_fn_with_state(ctl.clone(), require_token));
     Router::new()
@@ -226,6 +227,67 @@ async fn task_logs(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>, Quer
     let lines: Vec<Value> =
         ctl.db.logs(id, q.after)?.into_iter().map(|(i, c, l)| json!({ "id": i, "child": c, "line": l })).collect();
     Ok(Json(json!(lines)))
+}
+
+/// Server-sent events for a task: `task` (its JSON) on every change and `log` per new
+/// log line, until it is finished or cancelled.
+async fn task_events(
+    State(ctl): State<Arc<Controller>>,
+    Path(id): Path<i64>,
+) -> Result<
+    axum::response::sse::Sse<
+        impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+    ApiError,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    if ctl.db.task_json(id)?.is_none() {
+        return Err(not_found(format!("no task {id}")));
+    }
+    struct St {
+        ctl: Arc<Controller>,
+        rx: tokio::sync::broadcast::Receiver<i64>,
+        after: i64,
+        queue: std::collections::VecDeque<Event>,
+        first: bool,
+        done: bool,
+    }
+    let rx = ctl.task_changed.subscribe();
+    let st = St { ctl, rx, after: 0, queue: Default::default(), first: true, done: false };
+    let stream = futures_util::stream::unfold(st, move |mut st| async move {
+        loop {
+            if let Some(e) = st.queue.pop_front() {
+                return Some((Ok(e), st));
+            }
+            if st.done {
+                return None;
+            }
+            if !st.first {
+                // Wake on a change of this task, or every few seconds regardless.
+                let wait = async {
+                    loop {
+                        match st.rx.recv().await {
+                            Ok(t) if t == id => return,
+                            Ok(_) => continue,
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                            Err(_) => std::future::pending::<()>().await,
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), wait).await;
+            }
+            st.first = false;
+            for (lid, _, line) in st.ctl.db.logs(id, st.after).unwrap_or_default() {
+                st.after = lid;
+                st.queue.push_back(Event::default().event("log").data(line));
+            }
+            if let Ok(Some(t)) = st.ctl.db.task_json(id) {
+                st.done = matches!(t["state"].as_str(), Some("finished" | "cancelled"));
+                st.queue.push_back(Event::default().event("task").data(t.to_string()));
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 async fn task_cancel(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>) -> ApiResult {

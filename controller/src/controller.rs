@@ -35,6 +35,8 @@ pub struct Settings {
     pub max_unauthenticated: usize,
     /// Failed enrollment attempts allowed per minute (all sources together).
     pub enroll_failures_per_minute: u32,
+    /// sha256 of the TLS certificate agents must pin, when serving TLS.
+    pub tls_sha256: Option<String>,
     /// `--override-input NAME REF` for every build.
     pub override_inputs: Vec<(String, String)>,
 }
@@ -248,6 +250,9 @@ impl Controller {
             self.nix_key.public().to_string(),
             self.settings.confirm_timeout.as_secs().max(1),
         );
+        if let Some(pin) = &self.settings.tls_sha256 {
+            s.push_str(&format!("controller_tls_sha256 = {pin:?}\n"));
+        }
         if url.starts_with("ws://") {
             s.push_str(
                 "# The controller's URL is ws:// (not encrypted): use it only behind a TLS proxy or on a\n\

@@ -9,6 +9,7 @@ pub mod db;
 pub mod deploy;
 pub mod project;
 pub mod task;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +31,15 @@ pub struct Cli {
     /// URL agents use to reach this controller (default: derived from --listen).
     #[arg(long)]
     pub public_url: Option<String>,
+    /// Serve HTTPS/wss:// with this certificate (PEM) and --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve HTTPS/wss:// with a certificate generated on first start
+    /// (STATE_DIR/tls.crt; agents pin it, thymisctl trusts it with --ca-file).
+    #[arg(long)]
+    pub tls: bool,
     /// Seconds between heartbeats on agent connections.
     #[arg(long, default_value_t = 15)]
     pub heartbeat: u64,
@@ -64,10 +74,18 @@ pub struct Cli {
 }
 
 impl Cli {
+    pub fn tls_enabled(&self) -> bool {
+        self.tls || self.tls_cert.is_some()
+    }
+
     pub fn settings(&self) -> controller::Settings {
         controller::Settings {
             state_dir: self.state_dir.clone(),
-            public_url: self.public_url.clone().unwrap_or_else(|| format!("ws://{}", self.listen)),
+            public_url: self.public_url.clone().unwrap_or_else(|| {
+                let scheme = if self.tls_enabled() { "wss" } else { "ws" };
+                format!("{scheme}://{}", self.listen)
+            }),
+            tls_sha256: None,
             heartbeat: Duration::from_secs(self.heartbeat.max(1)),
             dead_after: Duration::from_secs(self.dead_after.max(2)),
             handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
@@ -94,7 +112,19 @@ pub fn main(cli: Cli) -> Result<()> {
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
-    let ctl = controller::Controller::open(cli.settings())?;
+    let mut settings = cli.settings();
+    std::fs::create_dir_all(&cli.state_dir).with_context(|| format!("creating {}", cli.state_dir.display()))?;
+    let tls = if cli.tls_enabled() {
+        let host = |u: &str| u.split("://").nth(1).and_then(|r| r.split(['/', ':']).next()).map(str::to_owned);
+        let hosts: Vec<String> =
+            [Some(cli.listen.ip().to_string()), host(&settings.public_url)].into_iter().flatten().collect();
+        let tls = tls::load(cli.tls_cert.as_deref(), cli.tls_key.as_deref(), &cli.state_dir, &hosts)?;
+        settings.tls_sha256 = Some(tls.cert_sha256.clone());
+        Some(tls)
+    } else {
+        None
+    };
+    let ctl = controller::Controller::open(settings)?;
     deploy::recover(&ctl)?;
     let sweeper = ctl.clone();
     let every = Duration::from_secs(cli.sweep_interval.max(1));
@@ -116,15 +146,16 @@ pub async fn run(cli: Cli) -> Result<()> {
     );
     let app = api::router(ctl);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        })
-        .await
-        .context("serving HTTP")
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    match tls {
+        Some(tls) => tls::serve(listener, tls, app, stop).await.context("serving HTTPS"),
+        None => axum::serve(listener, app).with_graceful_shutdown(stop).await.context("serving HTTP"),
+    }
 }
 
 fn init_logging() {

@@ -19,6 +19,8 @@ pub struct AgentConfig {
     pub controller_identity_keys: Vec<String>,
     /// sha256 (hex) of the controller's TLS certificate, pinned when the URL is wss://.
     pub controller_tls_sha256: Option<String>,
+    /// Or: a CA (PEM) whose certificates are trusted for the controller's host name.
+    pub controller_ca_file: Option<PathBuf>,
     /// Nix signing keys accepted for store paths.
     pub nix_trusted_keys: Vec<String>,
     /// Seconds the controller has to confirm an activated deployment.
@@ -48,6 +50,7 @@ impl Default for AgentConfig {
             enrollment_token_file: None,
             controller_identity_keys: vec![],
             controller_tls_sha256: None,
+            controller_ca_file: None,
             nix_trusted_keys: vec![],
             confirm_timeout: 120,
             allow_insecure_transport: false,
@@ -104,6 +107,12 @@ impl AgentConfig {
         }
         if !self.controller_url.starts_with("ws://") && !self.controller_url.starts_with("wss://") {
             return Err(format!("controller_url {} is not a ws:// or wss:// URL", self.controller_url));
+        }
+        if self.controller_url.starts_with("wss://")
+            && self.controller_tls_sha256.is_none()
+            && self.controller_ca_file.is_none()
+        {
+            return Err("a wss:// controller_url needs controller_tls_sha256 or controller_ca_file".into());
         }
         if self.controller_identity_keys.is_empty() {
             return Err("controller_identity_keys is empty: the agent would trust no controller".into());

@@ -151,9 +151,14 @@ async fn handshake(agent: &Agent, ws: &mut Ws) -> Result<Established> {
 async fn session(agent: &Arc<Agent>) -> Result<End> {
     let timeout = Duration::from_secs(agent.config.connect_timeout.max(1));
     let url = agent.config.controller_url.clone();
+    let connector = if url.starts_with("wss://") {
+        Some(tokio_tungstenite::Connector::Rustls(Arc::new(crate::tls::client_config(&agent.config)?)))
+    } else {
+        None
+    };
     let (mut ws, _) = tokio::time::timeout(
         timeout,
-        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true),
+        tokio_tungstenite::connect_async_tls_with_config(url.as_str(), Some(ws_config()), true, connector),
     )
     .await
     .map_err(|_| anyhow!("connecting to {url} timed out"))?

@@ -20,6 +20,7 @@ pub mod receive;
 pub mod sd_notify;
 pub mod state;
 pub mod status;
+pub mod tls;
 
 use std::path::PathBuf;
 

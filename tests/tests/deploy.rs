@@ -1,8 +1,6 @@
 //! The deploy loop end to end: commit & deploy to a tag, results in the task and the
 //! devices table, the devices' profiles; no-op and incremental redeploys.
 
-use std::time::Duration;
-
 use serde_json::json;
 use thymis_fleet_tests::{Fleet, FleetOptions};
 
@@ -163,5 +161,4 @@ fn a_device_cut_off_after_activation_rolls_back_unconfirmed() {
     assert_eq!(dev.running_system(), good);
     // The previous generation's activation removed the rule: the device is back.
     f.wait_online("d1");
-    let _ = Duration::from_secs(0);
 }

@@ -25,6 +25,10 @@ pub struct Cli {
     /// File holding the admin token (the controller writes STATE_DIR/admin-token).
     #[arg(long, env = "THYMIS_TOKEN_FILE", global = true)]
     pub token_file: Option<std::path::PathBuf>,
+    /// A certificate (PEM) to trust for an https:// controller, e.g. the STATE_DIR/tls.crt
+    /// a controller started with --tls generated.
+    #[arg(long, env = "THYMIS_CA_FILE", global = true)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Print exactly one JSON document on stdout.
     #[arg(long, global = true)]
     pub json: bool,
@@ -130,9 +134,17 @@ impl Client {
             (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
             (None, None) => bail!("no admin token: pass --token, THYMIS_TOKEN or --token-file"),
         };
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut tls = ureq::tls::TlsConfig::builder().provider(ureq::tls::TlsProvider::Rustls);
+        if let Some(ca) = &cli.ca_file {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            let cert = ureq::tls::Certificate::from_pem(&pem).with_context(|| format!("parsing {}", ca.display()))?;
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&[cert]));
+        }
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(120)))
+            .tls_config(tls.build())
             .build()
             .into();
         Ok(Client { base: cli.controller.trim_end_matches('/').to_owned(), token: token.trim().to_owned(), agent })
