@@ -14,7 +14,8 @@ use thymis_proto::message::{DeviceReport, Outcome};
 use crate::task::{ChildState, TaskState};
 
 /// Each entry moves the schema one version up; never edit a released one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE devices (
     name TEXT PRIMARY KEY,
     config TEXT NOT NULL,
@@ -81,7 +82,11 @@ CREATE TABLE logs (
     at INTEGER NOT NULL
 );
 CREATE INDEX logs_task ON logs(task);
-"#];
+"#,
+    r#"
+ALTER TABLE children ADD COLUMN unit_logs TEXT NOT NULL DEFAULT '{}';
+"#,
+];
 
 pub fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
@@ -427,9 +432,18 @@ impl Db {
         let phase = o.phase.and_then(|p| serde_json::to_value(p).ok()).and_then(|v| v.as_str().map(str::to_owned));
         self.c().execute(
             "UPDATE children SET state = 'finished', result = ?2, reason = ?3, error = ?4, failed_units = ?5,
-                 phase = COALESCE(?6, phase), updated = ?7
+                 phase = COALESCE(?6, phase), unit_logs = ?8, updated = ?7
              WHERE id = ?1 AND (result IS NULL OR result = 'unreachable')",
-            params![child, result, reason, o.error, serde_json::to_string(&o.failed_units)?, phase, now()],
+            params![
+                child,
+                result,
+                reason,
+                o.error,
+                serde_json::to_string(&o.failed_units)?,
+                phase,
+                now(),
+                serde_json::to_string(&o.unit_logs)?
+            ],
         )?;
         Ok(())
     }
@@ -520,7 +534,7 @@ impl Db {
         let Some(mut t) = t else { return Ok(None) };
         let mut st = c.prepare(
             "SELECT id, device, config, state, phase, result, reason, error, failed_units, paths_sent, bytes_sent,
-                    system, deployment_id, sequence, updated
+                    system, deployment_id, sequence, updated, unit_logs
              FROM children WHERE task = ?1 ORDER BY id",
         )?;
         let children = st
@@ -535,6 +549,7 @@ impl Db {
                     "paths_sent": r.get::<_, i64>(9)?, "bytes_sent": r.get::<_, i64>(10)?,
                     "system": r.get::<_, Option<String>>(11)?, "deployment_id": r.get::<_, String>(12)?,
                     "sequence": r.get::<_, Option<i64>>(13)?, "updated": r.get::<_, i64>(14)?,
+                    "unit_logs": serde_json::from_str::<serde_json::Value>(&r.get::<_, String>(15)?).unwrap_or_default(),
                 }))
             })?
             .collect::<Result<Vec<_>, _>>()?;

@@ -79,6 +79,49 @@ pub fn parse_failed_units(output: &str) -> Vec<String> {
     units
 }
 
+fn systemd_runs() -> bool {
+    Path::new("/run/systemd/system").exists()
+}
+
+/// Where systemd runs, keeps the units that `systemctl is-failed` confirms (a unit that
+/// recovered by itself is not reported); elsewhere the parsed names stand.
+pub fn cross_check(units: Vec<String>) -> Vec<String> {
+    if !systemd_runs() {
+        return units;
+    }
+    units
+        .into_iter()
+        .filter(|u| {
+            Command::new("systemctl")
+                .args(["is-failed", "--quiet", "--"])
+                .arg(u)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(true)
+        })
+        .collect()
+}
+
+/// The last journal lines of each unit, where journald runs.
+pub fn unit_logs(units: &[String]) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut logs = std::collections::BTreeMap::new();
+    if !systemd_runs() {
+        return logs;
+    }
+    for u in units {
+        let out = Command::new("journalctl").args(["-u", u, "-n", "10", "-o", "cat", "--no-pager"]).output();
+        if let Ok(out) = out
+            && out.status.success()
+        {
+            let lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+            if !lines.is_empty() {
+                logs.insert(u.clone(), lines);
+            }
+        }
+    }
+    logs
+}
+
 /// Helper mode: runs the switch and records its result. Blocking.
 pub fn run_helper(state_dir: &Path, name: &str, system: &StorePath, action: SwitchAction) -> Result<()> {
     fs::create_dir_all(dir(state_dir))?;
@@ -131,7 +174,7 @@ pub fn launch(state_dir: &Path, name: &str, system: &StorePath, action: SwitchAc
             .arg(action.as_str());
     };
     let mut cmd;
-    if Path::new("/run/systemd/system").exists() {
+    if systemd_runs() {
         cmd = Command::new("systemd-run");
         cmd.args(["--quiet", "--collect", "--service-type=exec"])
             .arg(format!("--unit=thymis-activate-{name}"))

@@ -329,8 +329,9 @@ impl Agent {
         tokio::spawn(async move {
             let (dir, id) = (agent.state_dir().to_owned(), offer.deployment_id.clone());
             let r = activation::wait(&dir, &id, |l| on_log(&id, l)).await;
-            let event =
-                Event::ActivationExited { code: r.exit_code, failed_units: r.failed_units, output: r.output_tail };
+            let failed_units =
+                tokio::task::spawn_blocking(move || activation::cross_check(r.failed_units)).await.unwrap_or_default();
+            let event = Event::ActivationExited { code: r.exit_code, failed_units, output: r.output_tail };
             agent.drive(event).await;
         });
         Ok(())
@@ -531,8 +532,8 @@ impl Agent {
             reason: f.reason,
             phase: f.phase,
             error: f.error,
+            unit_logs: activation::unit_logs(&f.failed_units),
             failed_units: f.failed_units,
-            unit_logs: Default::default(),
             system,
             commit,
             generation: profile::generation(&self.config.system_profile),

@@ -339,9 +339,21 @@ impl Drop for Controller {
     }
 }
 
-/// A process device: a real agent with its own `/nix`, `/run` and network namespace.
+/// How a simulated device runs its agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The agent in its own mount namespace (own `/nix`, tmpfs `/run`) and netns.
+    Process,
+    /// A `systemd-nspawn` container booting a real systemd with a system D-Bus, the
+    /// agent as its systemd unit (the repository's unit file), its own netns; reboots
+    /// are real (the container exits and the harness boots it again).
+    Systemd,
+}
+
+/// A simulated device: a real agent with its own `/nix`, `/run` and network namespace.
 #[derive(Debug)]
 pub struct Device {
+    pub kind: Kind,
     pub name: String,
     pub dir: PathBuf,
     pub netns: String,
@@ -361,6 +373,9 @@ impl Device {
     }
 
     pub fn start(&mut self) -> Result<()> {
+        if self.kind == Kind::Systemd {
+            return self.boot();
+        }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log"))?;
         let script = format!(
             "mount --bind '{nix}' /nix && mount -t tmpfs tmpfs /run && exec '{agent}' --config '{config}'",
@@ -381,8 +396,72 @@ impl Device {
         Ok(())
     }
 
+    /// Boots the container (systemd devices).
+    fn boot(&mut self) -> Result<()> {
+        let dir = &self.dir;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("console.log"))?;
+        let bind = |from: PathBuf, to: &str, ro: bool| {
+            format!("--bind{}={}:{to}", if ro { "-ro" } else { "" }, from.display())
+        };
+        let child = Command::new("systemd-nspawn")
+            .args(["-D", "/", "--volatile=yes", "--register=no", "--keep-unit", "--console=passive"])
+            .arg(format!("--machine={}", self.netns))
+            .arg(format!("--network-namespace-path=/run/netns/{}", self.netns))
+            // Its firewall is its own (the fake systems set rules in its netns).
+            .arg("--capability=CAP_NET_ADMIN")
+            .arg(bind(dir.join("nix"), "/nix", false))
+            .arg(bind(dir.join("state"), "/var/lib/thymis-agent", false))
+            .arg(bind(dir.join("agent.toml"), "/etc/thymis/agent.toml", true))
+            .arg(bind(bin("thymis-agent"), "/opt/thymis/thymis-agent", true))
+            .arg(bind(dir.join("units/thymis-agent.service"), "/etc/systemd/system/thymis-agent.service", true))
+            .arg(bind(dir.join("units/harness.conf"), "/etc/systemd/system/thymis-agent.service.d/harness.conf", true))
+            .arg(bind(dir.join("units/thymis-test-boot.service"), "/etc/systemd/system/thymis-test-boot.service", true))
+            .arg(bind(dir.join("units/io.thymis.Agent1.conf"), "/etc/dbus-1/system.d/io.thymis.Agent1.conf", true))
+            // The container's network is the harness's veth, which systemd-networkd does
+            // not manage: masked, its wait-online would hold network-online.target for minutes.
+            .arg("--bind-ro=/dev/null:/etc/systemd/system/systemd-networkd-wait-online.service")
+            // Enabled the way a kernel command line would: the units are bind-mounted files.
+            .args(["-b", "--", "systemd.firstboot=off", "systemd.wants=thymis-test-boot.service"])
+            .arg("systemd.wants=thymis-agent.service")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting systemd-nspawn")?;
+        self.child = Some(child);
+        // Up when systemd has started the agent (other host units may still be starting).
+        wait_for(&format!("{} to boot", self.name), Duration::from_secs(60), || {
+            let state = self.exec("systemctl is-active thymis-agent 2>/dev/null || true");
+            (state.trim() == "active").then_some(())
+        });
+        Ok(())
+    }
+
+    /// Reboots a systemd device for real: `systemctl reboot` inside ends the container
+    /// (exit 133), and the harness boots it again, as firmware would.
+    pub fn reboot(&mut self) -> Result<()> {
+        assert_eq!(self.kind, Kind::Systemd, "only systemd devices reboot");
+        let _ = self.exec("systemctl reboot");
+        if let Some(mut c) = self.child.take() {
+            let status = wait_for("the container to go down", Duration::from_secs(60), || c.try_wait().ok().flatten());
+            assert_eq!(status.code(), Some(133), "a reboot ends systemd-nspawn with 133");
+        }
+        self.boot()
+    }
+
+    /// The container's init (PID 1 inside), for nsenter.
+    fn container_pid(&self) -> Option<String> {
+        let nspawn = self.child.as_ref()?.id();
+        let kids = run(Command::new("pgrep").args(["-P", &nspawn.to_string()])).ok()?;
+        kids.lines().next().map(|l| l.trim().to_owned())
+    }
+
     /// Kills the agent with SIGKILL (its activation helper, if any, lives on).
     pub fn kill9(&mut self) {
+        if self.kind == Kind::Systemd {
+            let _ = self.exec("systemctl kill -s KILL thymis-agent");
+            return;
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -390,11 +469,18 @@ impl Device {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+        let file =
+            if self.kind == Kind::Systemd { self.state_dir().join("agent.log") } else { self.dir.join("agent.log") };
+        std::fs::read_to_string(file).unwrap_or_default()
     }
 
     /// Runs a command inside the device (its namespaces), e.g. to read its /run.
     pub fn exec(&self, script: &str) -> String {
+        if self.kind == Kind::Systemd {
+            let Some(pid) = self.container_pid() else { return String::new() };
+            return run(Command::new("timeout").args(["60", "nsenter", "-t", &pid, "-a", "sh", "-c", script]))
+                .unwrap_or_default();
+        }
         let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
         // The agent is the child of `ip netns exec` -> unshare -> sh (exec'd): find it.
         let agent_pid = run(Command::new("pgrep").args(["-P", &pid.to_string()])).unwrap_or_default();
@@ -486,6 +572,12 @@ impl Device {
 
 impl Drop for Device {
     fn drop(&mut self) {
+        if self.kind == Kind::Systemd {
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
         self.kill9();
         // Activation helpers may outlive the agent: end everything in the namespace.
         if let Ok(pids) = run(Command::new("ip").args(["netns", "pids", &self.netns])) {
@@ -559,17 +651,39 @@ impl Fleet {
         start: bool,
         bus: Option<&SystemBus>,
     ) -> Result<usize> {
+        self.add_device_with(name, config, start, bus, Kind::Process)
+    }
+
+    /// A systemd device (nspawn container booting systemd, with its own system bus).
+    pub fn add_systemd_device(&mut self, name: &str, config: &str, start: bool) -> Result<usize> {
+        self.add_device_with(name, config, start, None, Kind::Systemd)
+    }
+
+    fn add_device_with(
+        &mut self,
+        name: &str,
+        config: &str,
+        start: bool,
+        bus: Option<&SystemBus>,
+        kind: Kind,
+    ) -> Result<usize> {
         let v = self.controller.ctl_json(&["device", "add", name, "--config", config]);
         let agent_config = v["agent_config"].as_str().context("agent_config")?.to_owned();
         let index = self.devices.len();
         let dir = self.tmp.path().join(name);
         std::fs::create_dir_all(dir.join("nix"))?;
         std::fs::create_dir_all(dir.join("state"))?;
+        let state_dir = match kind {
+            Kind::Process => dir.join("state").display().to_string(),
+            Kind::Systemd => "/var/lib/thymis-agent".to_owned(),
+        };
         let config_text = format!(
-            "{agent_config}state_dir = {:?}\ndbus = {}\nreconnect_min = 0.2\nreconnect_max = 1.0\nconnect_timeout = 3\n",
-            dir.join("state").display().to_string(),
-            bus.is_some()
+            "{agent_config}state_dir = {state_dir:?}\ndbus = {}\nreconnect_min = 0.2\nreconnect_max = 1.0\nconnect_timeout = 3\n",
+            bus.is_some() || kind == Kind::Systemd
         );
+        if kind == Kind::Systemd {
+            install_units(&dir.join("units"))?;
+        }
         std::fs::write(dir.join("agent.toml"), config_text)?;
         let netns = format!("thns{}-{index}", self.net.subnet);
         let veth = format!("thv{}x{index}", self.net.subnet);
@@ -584,7 +698,7 @@ impl Fleet {
         ip(&["netns", "exec", &netns, "ip", "link", "set", &peer, "up"])?;
         ip(&["netns", "exec", &netns, "ip", "link", "set", "lo", "up"])?;
         let mut dev =
-            Device { name: name.to_owned(), dir, netns, veth, child: None, bus: bus.map(|b| b.address.clone()) };
+            Device { kind, name: name.to_owned(), dir, netns, veth, child: None, bus: bus.map(|b| b.address.clone()) };
         if start {
             dev.start()?;
         }
@@ -646,6 +760,30 @@ impl Fleet {
         }
         s
     }
+}
+
+/// The units a systemd device boots with: the repository's agent unit (its ExecStart
+/// pointed at the workspace binary by a drop-in), the D-Bus policy, and the harness's
+/// boot unit, which activates the recorded boot default at every boot as NixOS does.
+fn install_units(dir: &Path) -> Result<()> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::fs::create_dir_all(dir)?;
+    std::fs::copy(repo.join("daemon/systemd/thymis-agent.service"), dir.join("thymis-agent.service"))?;
+    std::fs::copy(repo.join("daemon/dbus/io.thymis.Agent1.conf"), dir.join("io.thymis.Agent1.conf"))?;
+    std::fs::write(
+        dir.join("harness.conf"),
+        "[Unit]\nAfter=thymis-test-boot.service\n\n[Service]\nExecStart=\n\
+         ExecStart=/opt/thymis/thymis-agent --config /etc/thymis/agent.toml\n\
+         StandardError=append:/var/lib/thymis-agent/agent.log\n\
+         Environment=THYMIS_LOG=info,thymis_agent=debug\n",
+    )?;
+    std::fs::write(
+        dir.join("thymis-test-boot.service"),
+        "[Unit]\nDescription=Activate the boot default (as NixOS's boot does)\nBefore=thymis-agent.service\n\n\
+         [Service]\nType=oneshot\nRemainAfterExit=yes\n\
+         ExecStart=/bin/sh -c 'f=/nix/var/nix/thymis-test-boot-default; [ -f $f ] && $(cat $f)/bin/switch-to-configuration test || true'\n",
+    )?;
+    Ok(())
 }
 
 fn tail(s: &str, n: usize) -> String {

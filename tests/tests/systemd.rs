@@ -1,0 +1,72 @@
+//! Systemd devices: nspawn containers booting a real systemd with a system D-Bus, the
+//! agent as its unit; real units, real unit failures, real reboots.
+
+use std::time::Duration;
+
+use serde_json::json;
+use thymis_fleet_tests::{Fleet, FleetOptions, wait_for};
+
+fn deploy(f: &Fleet, args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["--json", "deploy", "--wait"];
+    full.extend_from_slice(args);
+    let out = f.controller.ctl(&full);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("deploy: {e}: {}\n{}", String::from_utf8_lossy(&out.stderr), f.diagnostics()))
+}
+
+#[test]
+fn systemd_device_runs_real_units_names_failed_ones_and_rolls_back_after_an_unconfirmed_reboot() {
+    let mut f = Fleet::new(FleetOptions { confirm_timeout: 60, ..Default::default() }).expect("fleet");
+    f.add_systemd_device("s1", "alpha", true).expect("systemd device");
+    f.wait_online("s1");
+    let dev = f.device("s1");
+    assert!(
+        dev.exec("systemctl show -p Type --value thymis-agent").contains("notify"),
+        "the repository's unit runs the agent"
+    );
+    let state = dev.exec("busctl get-property io.thymis.Agent1 /io/thymis/Agent1 io.thymis.Agent1 State");
+    assert!(state.contains("idle"), "agent on the container's system bus: {state}");
+
+    let t = deploy(&f, &["--device", "s1"]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    assert_eq!(f.device("s1").exec("systemctl is-active web.service").trim(), "active");
+    let activations = f.device("s1").exec("journalctl -o cat --no-pager | grep -c 'thymis-activate-' || true");
+    assert!(activations.trim().parse::<u32>().unwrap_or(0) > 0, "activation did not run in a transient unit");
+
+    // A unit that really fails: switched, named, with its journal lines.
+    f.set_configs(&json!({
+        "alpha": { "version": "2", "units": ["web.service", "api.service"], "failUnits": ["web.service"] },
+        "beta": {}
+    }))
+    .expect("cfg");
+    let t = deploy(&f, &["--device", "s1", "-m", "failing unit"]);
+    let child = Fleet::child(&t, "s1");
+    assert_eq!(child["result"], "succeeded-with-failed-units", "{child}\n{}", f.diagnostics());
+    assert_eq!(child["failed_units"], json!(["web.service"]));
+    let logs = child["unit_logs"]["web.service"].to_string();
+    assert!(logs.contains("fails on purpose"), "no journal lines for the failed unit: {child}");
+    assert_eq!(f.device("s1").exec("systemctl is-active api.service").trim(), "active");
+    let v2 = child["system"].as_str().expect("system").to_owned();
+    let key = std::fs::read(f.device("s1").state_dir().join("device.key")).expect("key");
+
+    // Cut off after activating, then rebooted before any confirmation: the boot
+    // default never changed, so the device comes up on v2 and says so.
+    f.set_configs(&json!({ "alpha": { "version": "3", "units": ["web.service"], "cutoff": true }, "beta": {} }))
+        .expect("cfg");
+    let out = f.controller.ctl(&["--json", "deploy", "--device", "s1", "-m", "cut off"]);
+    let task: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let pending = f.device("s1").state_dir().join("pending.json");
+    wait_for("awaiting confirmation", Duration::from_secs(60), || {
+        std::fs::read_to_string(&pending).ok()?.contains("awaiting-confirmation").then_some(())
+    });
+    f.device_mut("s1").reboot().expect("reboot");
+    let t = f.wait_task(task["id"].as_i64().expect("id"), Duration::from_secs(90));
+    let child = Fleet::child(&t, "s1");
+    assert_eq!(child["result"], "rolled-back", "{child}\n{}", f.diagnostics());
+    assert_eq!(child["reason"], "rebooted-unconfirmed");
+    let dev = f.device("s1");
+    assert_eq!(dev.exec("readlink /run/current-system").trim(), v2, "not on the previous generation after the reboot");
+    assert_eq!(dev.profile_system().as_deref(), Some(v2.as_str()));
+    assert_eq!(std::fs::read(dev.state_dir().join("device.key")).expect("key"), key, "state directory lost");
+    assert_eq!(f.device_row("s1")["system"], v2.as_str());
+}
