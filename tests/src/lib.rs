@@ -638,6 +638,43 @@ impl Fleet {
         Ok(())
     }
 
+    /// The host side of the fleet's bridge (where a scripted peer can listen).
+    pub fn host_address(&self) -> String {
+        self.net.host()
+    }
+
+    /// A process device with a hand-written agent configuration (for scripted peers).
+    pub fn add_raw_device(&mut self, name: &str, agent_toml: &str) -> Result<usize> {
+        let index = self.devices.len();
+        let dir = self.tmp.path().join(name);
+        std::fs::create_dir_all(dir.join("nix"))?;
+        std::fs::create_dir_all(dir.join("state"))?;
+        let text = format!("{agent_toml}\nstate_dir = {:?}\ndbus = false\n", dir.join("state").display().to_string());
+        std::fs::write(dir.join("agent.toml"), text)?;
+        let (netns, veth) = self.link(index)?;
+        let mut dev = Device { kind: Kind::Process, name: name.to_owned(), dir, netns, veth, child: None, bus: None };
+        dev.start()?;
+        self.devices.push(dev);
+        Ok(index)
+    }
+
+    /// A network namespace for device `index`, on the fleet's bridge.
+    fn link(&self, index: usize) -> Result<(String, String)> {
+        let netns = format!("thns{}-{index}", self.net.subnet);
+        let veth = format!("thv{}x{index}", self.net.subnet);
+        let peer = format!("thp{}x{index}", self.net.subnet);
+        ip(&["netns", "add", &netns])?;
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer])?;
+        ip(&["link", "set", &peer, "netns", &netns])?;
+        ip(&["link", "set", &veth, "master", &self.net.bridge])?;
+        ip(&["link", "set", &veth, "up"])?;
+        let addr = format!("10.213.{}.{}/24", self.net.subnet, 10 + index);
+        ip(&["netns", "exec", &netns, "ip", "addr", "add", &addr, "dev", &peer])?;
+        ip(&["netns", "exec", &netns, "ip", "link", "set", &peer, "up"])?;
+        ip(&["netns", "exec", &netns, "ip", "link", "set", "lo", "up"])?;
+        Ok((netns, veth))
+    }
+
     /// Adds a device bound to `config` and, when `start`, starts its agent.
     pub fn add_device(&mut self, name: &str, config: &str, start: bool) -> Result<usize> {
         self.add_device_on_bus(name, config, start, None)
@@ -685,18 +722,7 @@ impl Fleet {
             install_units(&dir.join("units"))?;
         }
         std::fs::write(dir.join("agent.toml"), config_text)?;
-        let netns = format!("thns{}-{index}", self.net.subnet);
-        let veth = format!("thv{}x{index}", self.net.subnet);
-        let peer = format!("thp{}x{index}", self.net.subnet);
-        ip(&["netns", "add", &netns])?;
-        ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer])?;
-        ip(&["link", "set", &peer, "netns", &netns])?;
-        ip(&["link", "set", &veth, "master", &self.net.bridge])?;
-        ip(&["link", "set", &veth, "up"])?;
-        let addr = format!("10.213.{}.{}/24", self.net.subnet, 10 + index);
-        ip(&["netns", "exec", &netns, "ip", "addr", "add", &addr, "dev", &peer])?;
-        ip(&["netns", "exec", &netns, "ip", "link", "set", &peer, "up"])?;
-        ip(&["netns", "exec", &netns, "ip", "link", "set", "lo", "up"])?;
+        let (netns, veth) = self.link(index)?;
         let mut dev =
             Device { kind, name: name.to_owned(), dir, netns, veth, child: None, bus: bus.map(|b| b.address.clone()) };
         if start {

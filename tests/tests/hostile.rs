@@ -1,0 +1,292 @@
+//! Hostile peers on both ends of `/agent/v1`: a rogue agent against the real
+//! controller, and a scripted controller (holding a pinned identity key) trying to make
+//! a real agent import or activate bad input.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use thymis_fleet_tests::{Fleet, FleetOptions, wait_for};
+use thymis_proto::handshake::{Nonce, controller_transcript};
+use thymis_proto::signed::{Offer, Signed};
+use thymis_proto::{AgentBound, ControllerBound, decode_controller_bound, encode};
+use thymis_store::closure::sort_dependencies_first;
+use thymis_store::local_store::LocalStore;
+use thymis_store::signing::{PublicKey, SecretKey};
+use thymis_store::{PathInfo, StorePath};
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+/// Reads until the controller ends the connection; returns any refusal text seen.
+async fn until_closed(ws: &mut Ws, limit: Duration) -> Option<String> {
+    let mut refusal = None;
+    let end = tokio::time::timeout(limit, async {
+        while let Some(frame) = ws.next().await {
+            match frame {
+                Ok(Message::Text(t)) => refusal = Some(t.to_string()),
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the controller kept a hostile connection open for {limit:?}");
+    refusal
+}
+
+#[test]
+fn rogue_connections_are_refused_and_the_controller_stays_healthy() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d1", "alpha", true).expect("device");
+    f.wait_online("d1");
+    let url = format!("ws://{}/agent/v1", f.controller.listen);
+    rt().block_on(async {
+        // Garbage instead of a hello.
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+        ws.send(Message::text("{not json")).await.expect("send");
+        let r = until_closed(&mut ws, Duration::from_secs(10)).await.unwrap_or_default();
+        assert!(r.contains("refused"), "{r}");
+
+        // Oversized before the handshake.
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+        let big = format!(r#"{{"type":"error","message":"{}"}}"#, "x".repeat(100_000));
+        ws.send(Message::text(big)).await.expect("send");
+        let r = until_closed(&mut ws, Duration::from_secs(10)).await.unwrap_or_default();
+        assert!(r.contains("exceeds the limit"), "{r}");
+
+        // Binary before the handshake.
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+        ws.send(Message::binary(vec![0u8; 64])).await.expect("send");
+        until_closed(&mut ws, Duration::from_secs(10)).await;
+
+        // Silent: dropped after the handshake timeout (3 s in tests).
+        let start = Instant::now();
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+        let r = until_closed(&mut ws, Duration::from_secs(15)).await.unwrap_or_default();
+        assert!(r.contains("timed out") && start.elapsed() >= Duration::from_secs(2), "{r}");
+
+        // An agent from the future: told which side to upgrade.
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+        let key = SecretKey::generate("thymis-device").expect("key").public();
+        let hello = ControllerBound::Hello {
+            protocol_min: 90,
+            protocol_max: 99,
+            agent_version: "9.9".into(),
+            device_key: key.to_string(),
+            client_nonce: Nonce([3; 32]),
+        };
+        ws.send(Message::text(encode(&hello))).await.expect("send");
+        let r = until_closed(&mut ws, Duration::from_secs(10)).await.unwrap_or_default();
+        assert!(r.contains("controller is too old"), "{r}");
+    });
+    // Unaffected: the real device still deploys.
+    let t = f.controller.ctl_json(&["deploy", "--device", "d1", "--wait"]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+}
+
+/// A scripted controller: accepts one agent and does the handshake as `identity`.
+struct Peer {
+    ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    session: String,
+}
+
+impl Peer {
+    async fn accept(listener: &tokio::net::TcpListener, identity: &SecretKey) -> Peer {
+        let (tcp, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+            .await
+            .expect("the agent did not connect")
+            .expect("accept");
+        let ws = tokio_tungstenite::accept_async(tcp).await.expect("websocket");
+        let mut p = Peer { ws, session: "scripted-session".into() };
+        let ControllerBound::Hello { device_key, client_nonce, .. } = p.recv().await else { panic!("no hello") };
+        let device_key: PublicKey = device_key.parse().expect("device key");
+        let server_nonce = Nonce([9; 32]);
+        let signature = identity.sign(&controller_transcript(&client_nonce, &server_nonce, &p.session, &device_key));
+        p.send(&AgentBound::Challenge {
+            protocol: 1,
+            controller_key: identity.public().to_string(),
+            server_nonce,
+            session: p.session.clone(),
+            signature,
+        })
+        .await;
+        assert!(matches!(p.recv().await, ControllerBound::Auth { .. }));
+        p.send(&AgentBound::Welcome {
+            device: "d1".into(),
+            config: "alpha".into(),
+            heartbeat_secs: 1,
+            dead_after_secs: 30,
+        })
+        .await;
+        p
+    }
+
+    async fn send(&mut self, m: &AgentBound) {
+        self.ws.send(Message::text(encode(m))).await.expect("send");
+    }
+
+    /// The next message that is not a heartbeat, report, log or state.
+    async fn recv(&mut self) -> ControllerBound {
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(30), self.ws.next()).await.expect("agent answers");
+            let Some(Ok(Message::Text(t))) = frame else { panic!("connection ended: {frame:?}") };
+            match decode_controller_bound(t.as_str(), true).expect("valid message") {
+                ControllerBound::Heartbeat { .. }
+                | ControllerBound::Report(_)
+                | ControllerBound::Log { .. }
+                | ControllerBound::State { .. } => continue,
+                ControllerBound::Outcome(o) => {
+                    self.send(&AgentBound::OutcomeRecorded { deployment_id: o.deployment_id.clone() }).await;
+                    continue;
+                }
+                m => return m,
+            }
+        }
+    }
+
+    async fn offer(
+        &mut self,
+        key: &SecretKey,
+        device: &str,
+        id: &str,
+        system: &StorePath,
+        sequence: u64,
+    ) -> ControllerBound {
+        let offer = Offer {
+            device: device.into(),
+            deployment_id: id.into(),
+            config: "alpha".into(),
+            system: system.clone(),
+            commit: None,
+            sequence,
+            expires: u64::MAX,
+            reboot: false,
+        };
+        self.send(&AgentBound::Offer { offer: Signed::sign(&offer, key) }).await;
+        self.recv().await
+    }
+
+    /// Sends a path: its NAR, changed by `mangle`, zstd-compressed, cut to `keep` of it.
+    async fn path(&mut self, id: &str, info: &PathInfo, mangle: impl Fn(&mut Vec<u8>), keep: f64) -> ControllerBound {
+        let mut nar = Vec::new();
+        LocalStore::system().dump(&info.path, &mut nar).expect("dump");
+        mangle(&mut nar);
+        let mut z = zstd::encode_all(nar.as_slice(), 3).expect("zstd");
+        z.truncate((z.len() as f64 * keep) as usize);
+        self.send(&AgentBound::PathStart { deployment_id: id.into(), info: info.clone() }).await;
+        for chunk in z.chunks(4096) {
+            self.ws.send(Message::binary(chunk.to_vec())).await.expect("send");
+        }
+        self.send(&AgentBound::PathEnd { deployment_id: id.into(), path: info.path.clone() }).await;
+        self.recv().await
+    }
+}
+
+fn closure(nix_key: &SecretKey) -> Vec<PathInfo> {
+    let mut salt = [0u8; 8];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut salt));
+    let salt: String = salt.iter().map(|b| format!("{b:02x}")).collect();
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../crates/store/tests/fixtures/closure.nix");
+    let out = Command::new("nix-build")
+        .args([fixture, "--argstr", "salt", &salt, "--no-out-link"])
+        .output()
+        .expect("nix-build");
+    let top: StorePath = String::from_utf8_lossy(&out.stdout).trim().parse().expect("built");
+    let infos = LocalStore::system().path_infos(std::slice::from_ref(&top), true).expect("infos");
+    let mut sorted = sort_dependencies_first(infos).expect("sorted");
+    for i in &mut sorted {
+        nix_key.sign_path(i);
+    }
+    sorted
+}
+
+#[test]
+fn a_scripted_controller_cannot_make_the_agent_take_bad_offers_or_bad_paths() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let identity = SecretKey::generate("thymis-controller-1").expect("key");
+    let nix_key = SecretKey::generate("thymis-1").expect("key");
+    let paths = closure(&nix_key);
+    let system = paths.last().expect("system").path.clone();
+    let addr = format!("{}:9555", f.host_address());
+    let runtime = rt();
+    let listener = runtime.block_on(tokio::net::TcpListener::bind(&addr)).expect("listen");
+    let config = format!(
+        "controller_url = \"ws://{addr}/agent/v1\"\nallow_insecure_transport = true\nenrollment_token = \"x\"\n\
+         controller_identity_keys = [{:?}]\nnix_trusted_keys = [{:?}]\nreconnect_min = 0.2\nreconnect_max = 1.0\n",
+        identity.public().to_string(),
+        nix_key.public().to_string()
+    );
+    f.add_raw_device("d1", &config).expect("device");
+    let valid = |f: &Fleet, p: &StorePath| {
+        let out =
+            f.device("d1").exec(&format!("nix-store --check-validity {p} 2>/dev/null && echo valid || echo invalid"));
+        out.trim() == "valid"
+    };
+
+    runtime.block_on(async {
+        let mut peer = Peer::accept(&listener, &identity).await;
+
+        // Offers the agent must refuse.
+        let stranger = SecretKey::generate("thymis-controller-1").expect("key");
+        let r = peer.offer(&stranger, "d1", "dep-1", &system, 5).await;
+        assert!(matches!(&r, ControllerBound::OfferRefused { reason, .. } if reason.contains("not signed")), "{r:?}");
+        let r = peer.offer(&identity, "d2", "dep-2", &system, 5).await;
+        assert!(
+            matches!(&r, ControllerBound::OfferRefused { reason, .. } if reason.contains("is for device")),
+            "{r:?}"
+        );
+        let r = peer.offer(&identity, "d1", "../../etc", &system, 5).await;
+        assert!(matches!(&r, ControllerBound::OfferRefused { .. }), "a hostile deployment id was accepted: {r:?}");
+
+        // A path whose NAR does not match its signed hash: refused, nothing imported.
+        let r = peer.offer(&identity, "d1", "dep-3", &system, 5).await;
+        assert!(matches!(r, ControllerBound::OfferAccepted { .. }), "{r:?}");
+        let lib = &paths[0];
+        let flip = |nar: &mut Vec<u8>| {
+            let at = nar.len() - 200;
+            nar[at] ^= 1;
+        };
+        let r = peer.path("dep-3", lib, flip, 1.0).await;
+        assert!(matches!(&r, ControllerBound::PathRefused { error, .. } if error.contains("hash")), "{r:?}");
+
+        // A truncated stream: refused, nothing imported.
+        let r = peer.offer(&identity, "d1", "dep-4", &system, 6).await;
+        assert!(matches!(r, ControllerBound::OfferAccepted { .. }), "{r:?}");
+        let r = peer.path("dep-4", lib, |_| {}, 0.5).await;
+        assert!(matches!(&r, ControllerBound::PathRefused { .. }), "{r:?}");
+
+        // A path whose info was altered after signing (another size): refused.
+        let r = peer.offer(&identity, "d1", "dep-5", &system, 7).await;
+        assert!(matches!(r, ControllerBound::OfferAccepted { .. }), "{r:?}");
+        let mut lying = lib.clone();
+        lying.nar_size += 8;
+        let r = peer.path("dep-5", &lying, |_| {}, 1.0).await;
+        assert!(matches!(&r, ControllerBound::PathRefused { error, .. } if error.contains("trusted key")), "{r:?}");
+        assert!(!valid(&f, &lib.path), "a refused path reached the store");
+
+        // The agent still serves a good deployment on the same connection.
+        let r = peer.offer(&identity, "d1", "dep-6", &system, 8).await;
+        assert!(matches!(r, ControllerBound::OfferAccepted { .. }), "{r:?}");
+        for info in &paths {
+            let r = peer.path("dep-6", info, |_| {}, 1.0).await;
+            assert!(matches!(r, ControllerBound::PathImported { .. }), "{r:?}\n{}", f.diagnostics());
+        }
+        assert!(valid(&f, &system));
+
+        // A frame over the limit: the agent drops the connection and comes back.
+        let huge = format!(r#"{{"type":"error","message":"{}"}}"#, "x".repeat(9 << 20));
+        let _ = peer.ws.send(Message::text(huge)).await;
+        let again = Peer::accept(&listener, &identity).await;
+        drop(again);
+    });
+    wait_for("the agent's log to explain", Duration::from_secs(10), || {
+        let log = f.device("d1").log();
+        // Refused by the WebSocket layer's size limit, before any parsing.
+        (log.contains("Message too long") || log.contains("exceeds the limit")).then_some(())
+    });
+}
