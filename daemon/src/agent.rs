@@ -17,6 +17,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
 use crate::activation::{self, SwitchAction};
+use crate::bootloader;
 use crate::clock::{self, BootDeadline};
 use crate::config::AgentConfig;
 use crate::lifecycle::{self, Action, Event, Stage};
@@ -49,6 +50,8 @@ pub struct Agent {
     pub reconnect: Notify,
     /// Tells the connection that the outbox has something new.
     pub outbox_changed: Notify,
+    /// Where deployment log lines go (the current connection, if any).
+    log_sink: Mutex<Option<LogSink>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -87,9 +90,23 @@ impl Agent {
             status,
             reconnect: Notify::new(),
             outbox_changed: Notify::new(),
+            log_sink: Mutex::new(None),
         });
         agent.publish(|_| {});
         Ok(agent)
+    }
+
+    /// Sets (or clears) where deployment log lines go.
+    pub fn set_log_sink(&self, sink: Option<LogSink>) {
+        *lock(&self.log_sink) = sink;
+    }
+
+    /// A line for the deployment's log at the controller (dropped when offline).
+    pub fn log_line(&self, deployment_id: &str, line: String) {
+        info!(deployment = %deployment_id, "{line}");
+        if let Some(sink) = lock(&self.log_sink).as_ref() {
+            (sink.0)(deployment_id, line);
+        }
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -114,7 +131,7 @@ impl Agent {
         let pending = lock(&self.pending).clone();
         let downloading = lock(&self.offer).is_some();
         let state = match pending.as_ref().map(|p| &p.stage) {
-            Some(Stage::Activating | Stage::Committing { .. }) => AgentState::Activating,
+            Some(Stage::Activating | Stage::Rebooting | Stage::Committing { .. }) => AgentState::Activating,
             Some(Stage::AwaitingConfirmation { .. }) => AgentState::AwaitingConfirmation,
             Some(Stage::RollingBack { .. }) => AgentState::RollingBack,
             None if downloading => AgentState::Downloading,
@@ -286,7 +303,7 @@ impl Agent {
 
     /// Starts activating the accepted offer. Returns once the helper runs; the rest of
     /// the lifecycle continues in the background.
-    pub async fn activate(self: &Arc<Self>, deployment_id: &str, on_log: LogSink) -> Result<()> {
+    pub async fn activate(self: &Arc<Self>, deployment_id: &str) -> Result<()> {
         let _guard = self.lifecycle.lock().await;
         let offer = self.current_offer(deployment_id).ok_or_else(|| anyhow!("no accepted offer {deployment_id}"))?;
         let store = self.store.clone();
@@ -303,6 +320,8 @@ impl Agent {
 
         let persisted = self.persisted();
         let previous = profile::resolve(&self.config.system_profile);
+        let running = profile::resolve(&self.config.current_system_link).or_else(|| previous.clone());
+        let reboot = offer.reboot || running.as_ref().is_some_and(|r| bootloader::kernel_changed(r, &offer.system));
         let pending = Pending {
             offer: offer.clone(),
             previous,
@@ -312,6 +331,7 @@ impl Agent {
             stage: Stage::Activating,
             planned_reboot: false,
             local_confirm: std::mem::take(&mut *lock(&self.local)),
+            reboot,
         };
         // Written before anything changes: a restart from here on knows what to do.
         {
@@ -323,12 +343,24 @@ impl Agent {
         *lock(&self.pending) = Some(pending);
         *lock(&self.offer) = None;
         self.publish(|_| {});
+        let agent = self.clone();
+        if reboot {
+            info!(deployment = %offer.deployment_id, system = %offer.system, "preparing a reboot into the new system");
+            tokio::spawn(async move {
+                let p = agent.pending();
+                let r = match p {
+                    Some(p) => agent.prepare_reboot(&p).await,
+                    None => Err("the pending deployment vanished".into()),
+                };
+                agent.drive(Event::RebootPrepared(r)).await;
+            });
+            return Ok(());
+        }
         info!(deployment = %offer.deployment_id, system = %offer.system, "activating");
         activation::launch(self.state_dir(), &offer.deployment_id, &offer.system, SwitchAction::Test)?;
-        let agent = self.clone();
         tokio::spawn(async move {
             let (dir, id) = (agent.state_dir().to_owned(), offer.deployment_id.clone());
-            let r = activation::wait(&dir, &id, |l| on_log(&id, l)).await;
+            let r = activation::wait(&dir, &id, |l| agent.log_line(&id, l)).await;
             let failed_units =
                 tokio::task::spawn_blocking(move || activation::cross_check(r.failed_units)).await.unwrap_or_default();
             let event = Event::ActivationExited { code: r.exit_code, failed_units, output: r.output_tail };
@@ -409,6 +441,10 @@ impl Agent {
                         }
                         return;
                     }
+                    Action::Reboot => {
+                        self.reboot(&updated).await;
+                        return;
+                    }
                     Action::Commit => Event::CommitFinished(self.commit(&updated).await),
                     Action::Rollback => Event::RollbackFinished(self.roll_back(&updated).await),
                     Action::Finish(f) => {
@@ -473,10 +509,14 @@ impl Agent {
     async fn commit(&self, p: &Pending) -> Result<(), String> {
         let profile = self.config.system_profile.clone();
         let system = p.offer.system.clone();
-        let generation = tokio::task::spawn_blocking(move || profile::set(&profile, &system))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{e:#}"))?;
+        // A reboot deployment's generation exists already; don't add another.
+        let generation = tokio::task::spawn_blocking(move || match profile::resolve(&profile) {
+            Some(current) if current == system => Ok(profile::generation(&profile).unwrap_or_default()),
+            _ => profile::set(&profile, &system),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{e:#}"))?;
         let name = format!("{}-boot", p.offer.deployment_id);
         self.run_switch(&name, &p.offer.system, SwitchAction::Boot).await?;
         info!(deployment = %p.offer.deployment_id, generation, "committed");
@@ -494,8 +534,65 @@ impl Agent {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("{e:#}"))?;
         }
+        let running = profile::resolve(&self.config.current_system_link);
+        if p.reboot && running.as_ref() != Some(&previous) {
+            // Its kernel runs: only a reboot into the previous generation undoes it.
+            let name = format!("{}-rollback-boot", p.offer.deployment_id);
+            self.run_switch(&name, &previous, SwitchAction::Boot).await?;
+            self.reboot(p).await;
+            return Err("the reboot into the previous system did not happen".into());
+        }
         let name = format!("{}-rollback", p.offer.deployment_id);
         self.run_switch(&name, &previous, SwitchAction::Test).await
+    }
+
+    /// Profile generation and boot entry for a reboot deployment; with systemd-boot the
+    /// new generation boots once and the previous stays the default until confirmation.
+    async fn prepare_reboot(&self, p: &Pending) -> Result<(), String> {
+        let id = &p.offer.deployment_id;
+        let (profile, system) = (self.config.system_profile.clone(), p.offer.system.clone());
+        let previous_generation = profile::generation(&profile);
+        let generation = tokio::task::spawn_blocking(move || profile::set(&profile, &system))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{e:#}"))?;
+        self.run_switch(&format!("{id}-boot"), &p.offer.system, SwitchAction::Boot).await?;
+        if bootloader::one_shot_supported() {
+            if let Some(prev) = previous_generation {
+                bootloader::set_default(prev).map_err(|e| format!("{e:#}"))?;
+            }
+            bootloader::set_oneshot(generation).map_err(|e| format!("{e:#}"))?;
+            self.log_line(id, format!("booting generation {generation} once; the previous one stays the default"));
+        } else {
+            self.log_line(
+                id,
+                format!(
+                    "the boot loader has no one-shot entry: generation {generation} is the boot default before the reboot"
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Reboots the device after recording that the reboot is planned. Returns only if
+    /// the reboot command fails (the machine goes down otherwise).
+    async fn reboot(&self, p: &Pending) {
+        let mut planned = p.clone();
+        planned.planned_reboot = true;
+        if let Err(e) = self.save_pending(Some(&planned)) {
+            error!("cannot persist the planned reboot: {e:#}");
+            return;
+        }
+        *lock(&self.pending) = Some(planned);
+        self.log_line(&p.offer.deployment_id, "rebooting".into());
+        // Give the connection a moment to send the line.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let Some((prog, args)) = self.config.reboot_command.split_first() else { return };
+        match tokio::process::Command::new(prog).args(args).status().await {
+            Ok(s) if s.success() => std::future::pending::<()>().await,
+            Ok(s) => error!("reboot command exited {s}"),
+            Err(e) => error!("cannot run the reboot command: {e}"),
+        }
     }
 
     /// Runs the helper and waits; exit 0 or 4 (switched, units failed) count as done.
@@ -580,12 +677,33 @@ impl Agent {
         let Some(p) = self.pending() else { return };
         let id = p.offer.deployment_id.clone();
         info!(deployment = %id, stage = ?p.stage, "resuming a pending deployment");
-        if p.boot_id != clock::boot_id() && !p.planned_reboot {
-            // The boot default never changed, so this boot runs the previous generation.
-            self.drive(Event::BootedElsewhere).await;
+        let running = profile::resolve(&self.config.current_system_link);
+        let runs_new = running.as_ref() == Some(&p.offer.system);
+        if p.boot_id != clock::boot_id() {
+            // Deadlines belong to a boot: the next one starts in this boot.
+            let mut now = p.clone();
+            now.boot_id = clock::boot_id();
+            now.deadline = None;
+            now.planned_reboot = false;
+            if let Err(e) = self.save_pending(Some(&now)) {
+                error!("cannot persist pending.json: {e:#}");
+            }
+            *lock(&self.pending) = Some(now);
+            let event = match (&p.stage, p.planned_reboot) {
+                (Stage::Rebooting, true) => Event::Rebooted { runs_new },
+                (Stage::RollingBack { .. }, true) => Event::RollbackFinished(if running == p.previous {
+                    Ok(())
+                } else {
+                    Err(format!("after the reboot the device runs {running:?}, not the previous system"))
+                }),
+                // Unplanned: with the boot default unchanged, this boot runs the previous generation.
+                _ => Event::BootedElsewhere { runs_new },
+            };
+            self.drive(event).await;
             return;
         }
         match p.stage {
+            Stage::Rebooting => self.reboot(&p).await,
             Stage::Activating => {
                 let agent = self.clone();
                 tokio::spawn(async move {
@@ -617,7 +735,14 @@ impl Agent {
 }
 
 /// Where activation output goes (the connection forwards it to the controller).
-pub type LogSink = Arc<dyn Fn(&str, String) + Send + Sync>;
+#[derive(Clone)]
+pub struct LogSink(pub Arc<dyn Fn(&str, String) + Send + Sync>);
+
+impl std::fmt::Debug for LogSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogSink")
+    }
+}
 
 /// Deployment ids become file names: keep them plain.
 fn valid_id(id: &str) -> bool {

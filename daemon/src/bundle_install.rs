@@ -100,7 +100,7 @@ pub async fn install(agent: &Arc<Agent>, path: &Path) -> Result<String> {
     };
     let id = offer.deployment_id.clone();
     agent.stage_local_offer(offer);
-    agent.activate(&id, Arc::new(|_, _| {})).await?;
+    agent.activate(&id).await?;
     // Wait for the outcome (confirmation is local: see Agent::drive).
     loop {
         if let Some(o) = agent.persisted().history.iter().rev().find(|o| o.deployment_id == id) {

@@ -39,6 +39,8 @@ pub struct AgentConfig {
     pub health_check: Vec<String>,
     /// Whether to use the D-Bus system bus (it is retried when absent).
     pub dbus: bool,
+    /// How the agent reboots the device for reboot deployments.
+    pub reboot_command: Vec<String>,
 }
 
 impl Default for AgentConfig {
@@ -61,6 +63,7 @@ impl Default for AgentConfig {
             connect_timeout: 10,
             health_check: vec![],
             dbus: true,
+            reboot_command: vec!["systemctl".into(), "reboot".into()],
         }
     }
 }

@@ -177,9 +177,11 @@ async fn session(agent: &Arc<Agent>) -> Result<End> {
     send_outbox(agent, &mut ws).await?;
 
     let log_tx = out_tx.clone();
-    let on_log: LogSink = Arc::new(move |id: &str, line: String| {
+    let on_log = LogSink(Arc::new(move |id: &str, line: String| {
         let _ = log_tx.try_send(ControllerBound::Log { deployment_id: id.to_owned(), line });
-    });
+    }));
+    agent.set_log_sink(Some(on_log));
+    let _clear_sink = ClearSink(agent.clone());
 
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -199,7 +201,7 @@ async fn session(agent: &Arc<Agent>) -> Result<End> {
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => return Err(e).context("reading from the controller"),
                 };
-                handle(agent, &session, msg, &out_tx, &in_tx, &on_log).await?;
+                handle(agent, &session, msg, &out_tx, &in_tx).await?;
             }
             Some(msg) = out_rx.recv() => send(&mut ws, &msg).await?,
             _ = ticker.tick() => {
@@ -219,6 +221,15 @@ async fn session(agent: &Arc<Agent>) -> Result<End> {
                 return Ok(End::Reconnect);
             }
         }
+    }
+}
+
+/// Stops sending log lines to a connection that has ended.
+struct ClearSink(Arc<Agent>);
+
+impl Drop for ClearSink {
+    fn drop(&mut self) {
+        self.0.set_log_sink(None);
     }
 }
 
@@ -243,7 +254,6 @@ async fn handle(
     msg: AgentBound,
     out: &mpsc::Sender<ControllerBound>,
     incoming: &mpsc::Sender<Incoming>,
-    on_log: &LogSink,
 ) -> Result<()> {
     let reply = |m| async { out.send(m).await.map_err(|_| anyhow!("connection writer stopped")) };
     match msg {
@@ -271,7 +281,7 @@ async fn handle(
         }
         AgentBound::PathEnd { deployment_id, .. } => incoming.send(Incoming::End { deployment_id }).await?,
         AgentBound::Activate { deployment_id } => {
-            if let Err(e) = agent.activate(&deployment_id, on_log.clone()).await {
+            if let Err(e) = agent.activate(&deployment_id).await {
                 warn!(deployment = %deployment_id, "activation refused: {e:#}");
                 agent.abort_offer(&deployment_id, Some(format!("activation refused: {e:#}")));
             }

@@ -8,6 +8,7 @@
 
 pub mod activation;
 pub mod agent;
+pub mod bootloader;
 pub mod bundle_install;
 pub mod clock;
 pub mod config;

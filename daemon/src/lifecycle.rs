@@ -9,6 +9,11 @@
 //!     ├─ ok ─▶ rolled-back(reason)        (no previous generation: failed)
 //!     └─ err ▶ rollback-failed
 //! Activating / AwaitingConfirmation ── booted another boot, unplanned ──▶ rolled-back(rebooted-unconfirmed)
+//!                                      (or RollingBack when that boot runs the new system)
+//!
+//! reboot deployments (kernel changed, or asked):
+//! Activating ── prepared (profile, boot entry, one-shot) ──▶ Rebooting ── booted the new system ──▶ AwaitingConfirmation
+//!                                                               └── booted something else ──▶ RollingBack(activation-failed)
 //! ```
 //!
 //! [`step`] decides; the agent performs the returned [`Action`] and persists the new
@@ -23,9 +28,18 @@ use thymis_proto::{DeviceResult, Phase, RollbackReason};
 #[serde(tag = "stage", rename_all = "kebab-case")]
 pub enum Stage {
     Activating,
-    AwaitingConfirmation { failed_units: Vec<String> },
-    Committing { failed_units: Vec<String> },
-    RollingBack { reason: RollbackReason, error: Option<String> },
+    /// Rebooting into the new system (a planned reboot).
+    Rebooting,
+    AwaitingConfirmation {
+        failed_units: Vec<String>,
+    },
+    Committing {
+        failed_units: Vec<String>,
+    },
+    RollingBack {
+        reason: RollbackReason,
+        error: Option<String>,
+    },
 }
 
 /// What happened.
@@ -40,8 +54,17 @@ pub enum Event {
     Confirmed,
     DeadlinePassed,
     RollbackAsked,
-    /// The device runs another boot than the one it activated in, without a planned reboot.
-    BootedElsewhere,
+    /// The device runs another boot than the one it activated in, without a planned
+    /// reboot; `runs_new` when that boot runs the new system.
+    BootedElsewhere {
+        runs_new: bool,
+    },
+    /// A reboot deployment's profile and boot entries are ready (or failed to be).
+    RebootPrepared(Result<(), String>),
+    /// The planned reboot happened; `runs_new` when it came up on the new system.
+    Rebooted {
+        runs_new: bool,
+    },
     CommitFinished(Result<(), String>),
     RollbackFinished(Result<(), String>),
 }
@@ -65,6 +88,8 @@ pub enum Action {
     Commit,
     /// Re-activate the previous system.
     Rollback,
+    /// Reboot into the new system.
+    Reboot,
     /// Done: report this result and forget the pending state.
     Finish(Finish),
 }
@@ -99,7 +124,21 @@ pub fn step(stage: &Stage, event: Event, has_previous: bool) -> Result<(Option<S
             let error = if tail.is_empty() { format!("activation {how}") } else { format!("activation {how}: {tail}") };
             rollback(RollbackReason::ActivationFailed, Some(error))
         }
-        (S::Activating | S::AwaitingConfirmation { .. }, E::BootedElsewhere) => (
+        // The boot default already named the new system (no one-shot boot entry).
+        (S::Activating | S::Rebooting | S::AwaitingConfirmation { .. }, E::BootedElsewhere { runs_new: true }) => {
+            rollback(RollbackReason::RebootedUnconfirmed, None)
+        }
+        (S::Activating, E::RebootPrepared(Ok(()))) => (Some(S::Rebooting), Action::Reboot),
+        (S::Activating, E::RebootPrepared(Err(e))) => {
+            rollback(RollbackReason::ActivationFailed, Some(format!("preparing the reboot failed: {e}")))
+        }
+        (S::Rebooting, E::Rebooted { runs_new: true }) => {
+            (Some(S::AwaitingConfirmation { failed_units: vec![] }), Action::AwaitConfirmation)
+        }
+        (S::Rebooting, E::Rebooted { runs_new: false }) => {
+            rollback(RollbackReason::ActivationFailed, Some("the new system did not come up after the reboot".into()))
+        }
+        (S::Activating | S::Rebooting | S::AwaitingConfirmation { .. }, E::BootedElsewhere { runs_new: false }) => (
             None,
             Action::Finish(finish(
                 DeviceResult::RolledBack,
@@ -207,8 +246,26 @@ mod tests {
             let f = finished(a);
             assert_eq!((f.result, f.reason), (DeviceResult::RollbackFailed, Some(reason)));
         }
-        let (_, a) = step(&waiting, Event::BootedElsewhere, true).expect("ok");
+        let (_, a) = step(&waiting, Event::BootedElsewhere { runs_new: false }, true).expect("ok");
         assert_eq!(finished(a).reason, Some(RollbackReason::RebootedUnconfirmed));
+        let (s, a) = step(&waiting, Event::BootedElsewhere { runs_new: true }, true).expect("ok");
+        assert_eq!(a, Action::Rollback, "a boot into the unconfirmed system must be undone");
+        assert!(matches!(s, Some(Stage::RollingBack { reason: RollbackReason::RebootedUnconfirmed, .. })));
+    }
+
+    #[test]
+    fn reboot_deployments_confirm_after_booting_the_new_system_only() {
+        let (s, a) = step(&Stage::Activating, Event::RebootPrepared(Ok(())), true).expect("ok");
+        assert_eq!((s, a), (Some(Stage::Rebooting), Action::Reboot));
+        assert!(step(&Stage::Rebooting, Event::Confirmed, true).is_err(), "confirmed before the reboot");
+        let (s2, a) = step(&Stage::Rebooting, Event::Rebooted { runs_new: true }, true).expect("ok");
+        assert_eq!(a, Action::AwaitConfirmation);
+        assert!(matches!(s2, Some(Stage::AwaitingConfirmation { .. })));
+        let (s3, a) = step(&Stage::Rebooting, Event::Rebooted { runs_new: false }, true).expect("ok");
+        assert_eq!(a, Action::Rollback);
+        assert!(matches!(s3, Some(Stage::RollingBack { reason: RollbackReason::ActivationFailed, .. })));
+        let (_, a) = step(&Stage::Activating, Event::RebootPrepared(Err("disk full".into())), false).expect("ok");
+        assert_eq!(finished(a).result, DeviceResult::Failed);
     }
 
     #[test]

@@ -59,4 +59,7 @@ pub struct Pending {
     /// Confirmed locally (offline bundle): activation exit 0/4 and the health check.
     #[serde(default)]
     pub local_confirm: bool,
+    /// Applied by rebooting (kernel changed, or the offer asked): rolling back reboots too.
+    #[serde(default)]
+    pub reboot: bool,
 }

@@ -403,7 +403,10 @@ impl Device {
         let bind = |from: PathBuf, to: &str, ro: bool| {
             format!("--bind{}={}:{to}", if ro { "-ro" } else { "" }, from.display())
         };
-        let child = Command::new("systemd-nspawn")
+        // A reboot ends systemd-nspawn with 133; like firmware, the loop boots it again.
+        let child = Command::new("sh")
+            .args(["-c", "while :; do \"$@\"; rc=$?; [ $rc -eq 133 ] || exit $rc; done", "nspawn-loop"])
+            .arg("systemd-nspawn")
             .args(["-D", "/", "--volatile=yes", "--register=no", "--keep-unit", "--console=passive"])
             .arg(format!("--machine={}", self.netns))
             .arg(format!("--network-namespace-path=/run/netns/{}", self.netns))
@@ -437,22 +440,36 @@ impl Device {
         Ok(())
     }
 
-    /// Reboots a systemd device for real: `systemctl reboot` inside ends the container
-    /// (exit 133), and the harness boots it again, as firmware would.
-    pub fn reboot(&mut self) -> Result<()> {
-        assert_eq!(self.kind, Kind::Systemd, "only systemd devices reboot");
-        let _ = self.exec("systemctl reboot");
-        if let Some(mut c) = self.child.take() {
-            let status = wait_for("the container to go down", Duration::from_secs(60), || c.try_wait().ok().flatten());
-            assert_eq!(status.code(), Some(133), "a reboot ends systemd-nspawn with 133");
-        }
-        self.boot()
+    /// This boot's id (systemd devices: it changes at every reboot of the container).
+    pub fn boot_id(&self) -> String {
+        self.exec("cat /proc/sys/kernel/random/boot_id").trim().to_owned()
     }
 
-    /// The container's init (PID 1 inside), for nsenter.
+    /// Reboots a systemd device for real: `systemctl reboot` inside ends the container
+    /// (exit 133), and the harness's loop boots it again, as firmware would.
+    pub fn reboot(&mut self) -> Result<()> {
+        assert_eq!(self.kind, Kind::Systemd, "only systemd devices reboot");
+        let before = self.boot_id();
+        let _ = self.exec("systemctl reboot");
+        self.wait_rebooted(&before);
+        Ok(())
+    }
+
+    /// Waits until the device runs a boot other than `before`, with its agent up.
+    pub fn wait_rebooted(&self, before: &str) {
+        wait_for(&format!("{} to reboot", self.name), Duration::from_secs(90), || {
+            let id = self.boot_id();
+            let up = self.exec("systemctl is-active thymis-agent 2>/dev/null || true");
+            (!id.is_empty() && id != before && up.trim() == "active").then_some(())
+        });
+    }
+
+    /// The container's init (PID 1 inside), for nsenter: loop shell -> nspawn -> systemd.
     fn container_pid(&self) -> Option<String> {
-        let nspawn = self.child.as_ref()?.id();
-        let kids = run(Command::new("pgrep").args(["-P", &nspawn.to_string()])).ok()?;
+        let shell = self.child.as_ref()?.id();
+        let nspawn = run(Command::new("pgrep").args(["-P", &shell.to_string()])).ok()?;
+        let nspawn = nspawn.lines().next()?.trim().to_owned();
+        let kids = run(Command::new("pgrep").args(["-P", &nspawn])).ok()?;
         kids.lines().next().map(|l| l.trim().to_owned())
     }
 
@@ -572,10 +589,15 @@ impl Device {
 
 impl Drop for Device {
     fn drop(&mut self) {
-        if self.kind == Kind::Systemd {
-            if let Some(mut c) = self.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
+        if self.kind == Kind::Systemd
+            && let Some(mut c) = self.child.take()
+        {
+            // The loop first, so it does not boot the container again.
+            let nspawn = run(Command::new("pgrep").args(["-P", &c.id().to_string()])).unwrap_or_default();
+            let _ = c.kill();
+            let _ = c.wait();
+            for p in nspawn.lines() {
+                let _ = Command::new("kill").args(["-9", p.trim()]).status();
             }
         }
         self.kill9();

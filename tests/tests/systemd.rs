@@ -70,3 +70,40 @@ fn systemd_device_runs_real_units_names_failed_ones_and_rolls_back_after_an_unco
     assert_eq!(std::fs::read(dev.state_dir().join("device.key")).expect("key"), key, "state directory lost");
     assert_eq!(f.device_row("s1")["system"], v2.as_str());
 }
+
+#[test]
+fn reboot_deployments_boot_the_new_system_and_roll_back_by_rebooting_when_unconfirmed() {
+    let mut f = Fleet::new(FleetOptions { confirm_timeout: 10, ..Default::default() }).expect("fleet");
+    f.add_systemd_device("s1", "alpha", true).expect("systemd device");
+    f.wait_online("s1");
+    let t = deploy(&f, &["--device", "s1"]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+
+    // Asked to reboot: the device reboots into v2 and confirms from there.
+    f.set_configs(&json!({ "alpha": { "version": "2", "units": ["web.service"] }, "beta": {} })).expect("cfg");
+    let boot0 = f.device("s1").boot_id();
+    let t = deploy(&f, &["--device", "s1", "--reboot", "-m", "v2 with a reboot"]);
+    let child = Fleet::child(&t, "s1");
+    assert_eq!(child["result"], "succeeded", "{child}\n{}", f.diagnostics());
+    let v2 = child["system"].as_str().expect("system").to_owned();
+    let dev = f.device("s1");
+    let boot1 = dev.boot_id();
+    assert_ne!(boot0, boot1, "the device did not reboot");
+    assert_eq!(dev.exec("readlink /run/current-system").trim(), v2);
+    assert_eq!(dev.generations().len(), 2, "confirming a reboot deployment added another generation");
+    let logs = f.controller.task_logs(t["id"].as_i64().expect("id")).join("\n");
+    assert!(logs.contains("no one-shot entry"), "the agent did not say it set the default before rebooting:\n{logs}");
+
+    // Unconfirmed after rebooting into v3: the device reboots back into v2 by itself.
+    f.set_configs(&json!({ "alpha": { "version": "3", "units": ["web.service"], "cutoff": true }, "beta": {} }))
+        .expect("cfg");
+    let t = deploy(&f, &["--device", "s1", "--reboot", "-m", "v3 cut off"]);
+    let child = Fleet::child(&t, "s1");
+    assert_eq!(child["result"], "rolled-back", "{child}\n{}", f.diagnostics());
+    assert_eq!(child["reason"], "unconfirmed");
+    let dev = f.device("s1");
+    assert_ne!(dev.boot_id(), boot1, "no reboot happened");
+    assert_eq!(dev.exec("readlink /run/current-system").trim(), v2, "not back on v2");
+    assert_eq!(dev.profile_system().as_deref(), Some(v2.as_str()));
+    assert_eq!(f.device_row("s1")["system"], v2.as_str());
+}
