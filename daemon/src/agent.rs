@@ -736,7 +736,10 @@ impl Agent {
 
 /// Where activation output goes (the connection forwards it to the controller).
 #[derive(Clone)]
-pub struct LogSink(pub Arc<dyn Fn(&str, String) + Send + Sync>);
+pub struct LogSink(pub Arc<LogFn>);
+
+/// Receives (deployment id, line).
+pub type LogFn = dyn Fn(&str, String) + Send + Sync;
 
 impl std::fmt::Debug for LogSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
