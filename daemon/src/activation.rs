@@ -186,7 +186,17 @@ pub fn launch(state_dir: &Path, name: &str, system: &StorePath, action: SwitchAc
             bail!("systemd-run failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
     } else {
-        cmd = Command::new(&exe);
+        // A session of its own (setsid), so signals to the agent's group miss it.
+        let setsid = ["/usr/bin/setsid", "/run/current-system/sw/bin/setsid", "/bin/setsid"]
+            .into_iter()
+            .find(|p| Path::new(p).exists());
+        match setsid {
+            Some(s) => {
+                cmd = Command::new(s);
+                cmd.arg(&exe);
+            }
+            None => cmd = Command::new(&exe),
+        }
         helper_args(&mut cmd);
         use std::os::unix::process::CommandExt;
         let mut child = cmd

@@ -642,6 +642,9 @@ impl Agent {
         if let Err(e) = self.save_pending(None) {
             error!("cannot clear pending.json: {e:#}");
         }
+        if success {
+            restart_if_replaced();
+        }
     }
 
     /// Adds an outcome to the outbox and history, persists, and tells the connection.
@@ -745,6 +748,35 @@ impl std::fmt::Debug for LogSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("LogSink")
     }
+}
+
+/// After a confirmed deployment that changed the agent itself (its unit now starts
+/// another binary), restart: the unit has `restartIfChanged = false`, so nothing else
+/// will. The outcome is already in the persisted outbox, so the new agent reports it.
+fn restart_if_replaced() {
+    if std::env::var_os("INVOCATION_ID").is_none() {
+        return; // not started by systemd
+    }
+    let Some(unit) = own_unit() else { return };
+    let Ok(out) = std::process::Command::new("systemctl").args(["show", "-p", "ExecStart", "--value", &unit]).output()
+    else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(path) = text.split_whitespace().find_map(|w| w.strip_prefix("path=")) else { return };
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+    let Ok(me) = std::env::current_exe() else { return };
+    if canonical(Path::new(path)) == canonical(&me) {
+        return;
+    }
+    info!(unit = %unit, new = %path, "the confirmed system runs another agent: restarting");
+    let _ = std::process::Command::new("systemctl").args(["--no-block", "restart", &unit]).status();
+}
+
+/// The systemd unit this process runs in, from its cgroup.
+fn own_unit() -> Option<String> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    cgroup.lines().flat_map(|l| l.rsplit('/')).find(|c| c.ends_with(".service")).map(str::to_owned)
 }
 
 /// Deployment ids become file names: keep them plain.

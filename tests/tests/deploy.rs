@@ -64,6 +64,9 @@ fn commit_and_deploy_to_a_tag_then_noop_then_only_changed_paths() {
         let dev = f.device(name);
         assert_eq!(dev.profile_system().as_deref(), Some(system.as_str()), "profile of {name}");
         assert_eq!(dev.running_system(), system, "running system of {name}");
+        let boot_default =
+            std::fs::read_to_string(dev.nix_dir().join("var/nix/thymis-test-boot-default")).unwrap_or_default();
+        assert_eq!(boot_default.trim(), system, "switch-to-configuration boot did not run on {name}");
     }
     assert_eq!(f.device("a1").units(), "web.service=alpha-2");
     assert_eq!(f.device("b1").units(), "db.service=beta-1");

@@ -70,6 +70,33 @@ fn rogue_connections_are_refused_and_the_controller_stays_healthy() {
         let r = until_closed(&mut ws, Duration::from_secs(15)).await.unwrap_or_default();
         assert!(r.contains("timed out") && start.elapsed() >= Duration::from_secs(2), "{r}");
 
+        // A well-formed agent with a key nobody enrolled, and no token.
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+        let stranger = SecretKey::generate("thymis-device").expect("key");
+        let client_nonce = Nonce([5; 32]);
+        let hello = ControllerBound::Hello {
+            protocol_min: 1,
+            protocol_max: 1,
+            agent_version: "0".into(),
+            device_key: stranger.public().to_string(),
+            client_nonce,
+        };
+        ws.send(Message::text(encode(&hello))).await.expect("send");
+        let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("no challenge") };
+        let Ok(AgentBound::Challenge { server_nonce, session, controller_key, .. }) =
+            thymis_proto::decode_agent_bound(t.as_str(), false)
+        else {
+            panic!("no challenge: {t}")
+        };
+        let ck: PublicKey = controller_key.parse().expect("key");
+        let sig =
+            stranger.sign(&thymis_proto::handshake::device_transcript(&client_nonce, &server_nonce, &session, &ck));
+        ws.send(Message::text(encode(&ControllerBound::Auth { signature: sig, enrollment_token: None })))
+            .await
+            .expect("send");
+        let r = until_closed(&mut ws, Duration::from_secs(10)).await.unwrap_or_default();
+        assert!(r.contains("unknown device key"), "{r}");
+
         // An agent from the future: told which side to upgrade.
         let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
         let key = SecretKey::generate("thymis-device").expect("key").public();
@@ -242,6 +269,22 @@ fn a_scripted_controller_cannot_make_the_agent_take_bad_offers_or_bad_paths() {
         );
         let r = peer.offer(&identity, "d1", "../../etc", &system, 5).await;
         assert!(matches!(&r, ControllerBound::OfferRefused { .. }), "a hostile deployment id was accepted: {r:?}");
+
+        // Expired offers are refused where the clock is known to be synchronised.
+        f.device("d1").exec("mkdir -p /run/systemd/timesync && touch /run/systemd/timesync/synchronized");
+        let offer = Offer {
+            device: "d1".into(),
+            deployment_id: "dep-old".into(),
+            config: "alpha".into(),
+            system: system.clone(),
+            commit: None,
+            sequence: 5,
+            expires: 1_000_000_000,
+            reboot: false,
+        };
+        peer.send(&AgentBound::Offer { offer: Signed::sign(&offer, &identity) }).await;
+        let r = peer.recv().await;
+        assert!(matches!(&r, ControllerBound::OfferRefused { reason, .. } if reason.contains("expired")), "{r:?}");
 
         // A path whose NAR does not match its signed hash: refused, nothing imported.
         let r = peer.offer(&identity, "d1", "dep-3", &system, 5).await;

@@ -107,3 +107,21 @@ fn reboot_deployments_boot_the_new_system_and_roll_back_by_rebooting_when_unconf
     assert_eq!(dev.profile_system().as_deref(), Some(v2.as_str()));
     assert_eq!(f.device_row("s1")["system"], v2.as_str());
 }
+
+#[test]
+fn a_confirmed_system_with_another_agent_restarts_the_agent_into_it() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_systemd_device("s1", "alpha", true).expect("systemd device");
+    f.wait_online("s1");
+    let exe = |f: &Fleet| f.device("s1").exec("readlink /proc/$(systemctl show -p MainPID --value thymis-agent)/exe");
+    assert_eq!(exe(&f).trim(), "/opt/thymis/thymis-agent");
+    f.set_configs(&json!({ "alpha": { "version": "2", "newAgent": true }, "beta": {} })).expect("cfg");
+    let t = deploy(&f, &["--device", "s1", "-m", "new agent"]);
+    assert_eq!(Fleet::child(&t, "s1")["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    // The unit does not restart on activation (restartIfChanged = false): the agent does, once confirmed.
+    wait_for("the agent to restart into the new binary", Duration::from_secs(30), || {
+        (exe(&f).trim() == "/run/thymis-agent-new").then_some(())
+    });
+    assert!(f.device("s1").log().contains("runs another agent: restarting"), "{}", f.diagnostics());
+    f.wait_online("s1");
+}
