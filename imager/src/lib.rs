@@ -1,1 +1,139 @@
-//! Not built yet: see the open issues.
+//! `thymis-imager`: full disk images of a system closure (GPT, an EFI system partition
+//! with NixOS's systemd-boot layout, an ext4 root holding the registered closure and the
+//! agent's configuration), their verification and safe flashing, and offline update
+//! bundles. See `docs/imager.md`.
+
+pub mod bmap;
+pub mod build;
+pub mod closure;
+pub mod flash;
+pub mod manifest;
+pub mod tools;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use thymis_store::StorePath;
+
+#[derive(Debug, Parser)]
+#[command(name = "thymis-imager", version, about = "Thymis disk images, flashing and offline bundles")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Build a compressed full disk image of a system closure.
+    Build {
+        #[arg(long)]
+        system: StorePath,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "thymis")]
+        name: String,
+        /// Image size (e.g. 2G, 512M); default: what the closure needs, with room.
+        #[arg(long)]
+        size: Option<String>,
+        /// Agent configuration to place at /etc/thymis/agent.toml (a secret: 0600).
+        #[arg(long)]
+        agent_config: Option<PathBuf>,
+        /// The device's key, placed at /var/lib/thymis-agent/device.key (0600).
+        #[arg(long)]
+        device_key: Option<PathBuf>,
+        /// Read the closure from a `pkgs.closureInfo` output (inside a Nix build).
+        #[arg(long)]
+        closure_info: Option<PathBuf>,
+        /// Recorded in the manifest.
+        #[arg(long)]
+        commit: Option<String>,
+        #[arg(long)]
+        config: Option<String>,
+    },
+    /// Check an image set against its manifest and checksums.
+    Verify { dir: PathBuf },
+    /// Write an image to a block device or file: mapped ranges only, each checked, then read back.
+    Flash {
+        image: PathBuf,
+        target: PathBuf,
+        /// Required for block devices.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Write an offline update bundle of a system closure.
+    Bundle {
+        #[arg(long)]
+        system: StorePath,
+        #[arg(long)]
+        identity_key: PathBuf,
+        #[arg(long)]
+        nix_key: PathBuf,
+        #[arg(long)]
+        sequence: u64,
+        /// device:NAME or config:NAME
+        #[arg(long)]
+        target: thymis_store::bundle::Target,
+        #[arg(long)]
+        out: PathBuf,
+        /// Seconds from now after which devices with a synchronised clock refuse it.
+        #[arg(long)]
+        expires_in: Option<u64>,
+        #[arg(long)]
+        commit: Option<String>,
+    },
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Build { system, out, name, size, agent_config, device_key, closure_info, commit, config } => {
+            let size = size.map(|s| tools::parse_size(&s)).transpose()?;
+            let m = build::build(&build::Options {
+                system,
+                out,
+                name,
+                size,
+                agent_config,
+                device_key,
+                closure_info,
+                commit,
+                config,
+            })?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        }
+        Cmd::Verify { dir } => {
+            let m = manifest::verify(&dir)?;
+            eprintln!("{}: ok ({} bytes, sha256 {})", dir.display(), m.image_size, m.image_sha256);
+        }
+        Cmd::Flash { image, target, yes } => flash::flash(&image, &target, yes)?,
+        Cmd::Bundle { system, identity_key, nix_key, sequence, target, out, expires_in, commit } => {
+            let read = |p: &PathBuf| -> Result<thymis_store::signing::SecretKey> {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                text.trim().parse().with_context(|| format!("{} is not a name:base64 secret key", p.display()))
+            };
+            let (identity, nix) = (read(&identity_key)?, read(&nix_key)?);
+            let infos = closure::from_store(&system)?;
+            let mut signed = infos;
+            for i in &mut signed {
+                nix.sign_path(i);
+            }
+            let now = manifest::now();
+            let m = thymis_store::bundle::Manifest {
+                format: 0,
+                target,
+                system,
+                commit,
+                sequence,
+                expires: expires_in.map(|s| now + s),
+                created: now,
+                paths: vec![],
+            };
+            let scratch = tempfile::tempdir()?;
+            let file = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+            let store = thymis_store::local_store::LocalStore::system();
+            thymis_store::bundle::write(std::io::BufWriter::new(file), m, &identity, &store, &signed, scratch.path())?;
+            eprintln!("wrote {} ({} paths)", out.display(), signed.len());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,508 @@
+//! `thymis-imager build`: a full disk image of a system closure.
+//!
+//! ```text
+//! GPT: 1 MiB | ESP (FAT32, 64 MiB, label ESP) | root (ext4, label nixos) | backup GPT
+//! ESP:  EFI/BOOT/BOOTX64.EFI, EFI/systemd/systemd-bootx64.efi, EFI/nixos/<kernel, initrd>,
+//!       loader/loader.conf, loader/entries/nixos-generation-1.conf   (NixOS's layout)
+//! root: nix/store/<closure>, nix/var/nix/db (registered), nix/var/nix/profiles/system,
+//!       etc/NIXOS, etc/thymis/agent.toml (0600), var/lib/thymis-agent/device.key (0600)
+//! ```
+//! Reproducible: files are staged in NAR order with Nix's canonical modes and times, on
+//! a tmpfs of our own where we can mount one; file systems get fixed UUIDs, hash seeds
+//! and times; zstd runs with a pinned worker count.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+use thymis_store::nar::{DecodeLimits, encode_path, restore};
+use thymis_store::{PathInfo, StorePath};
+
+use crate::bmap::{Bmap, hex};
+use crate::closure;
+use crate::manifest::{ImageManifest, now, sha256_file};
+use crate::tools::run;
+
+const MIB: u64 = 1 << 20;
+const ESP_SIZE: u64 = 64 * MIB;
+const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+const LINUX_TYPE: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+/// zstd workers, pinned: the output must not depend on the machine.
+const ZSTD_WORKERS: u32 = 2;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub system: StorePath,
+    pub out: PathBuf,
+    pub name: String,
+    pub size: Option<u64>,
+    pub agent_config: Option<PathBuf>,
+    pub device_key: Option<PathBuf>,
+    pub closure_info: Option<PathBuf>,
+    pub commit: Option<String>,
+    pub config: Option<String>,
+}
+
+/// A UUID derived from the system and a purpose, so the same inputs give the same image.
+fn uuid(system: &StorePath, purpose: &str) -> String {
+    let d = Sha256::digest(format!("{purpose}:{system}").as_bytes());
+    let h = hex(&d[..16]);
+    format!("{}-{}-4{}-8{}-{}", &h[..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+}
+
+/// A staging directory, on a tmpfs we mount ourselves when we can (root), so that
+/// directory order does not depend on where the inputs or TMPDIR live.
+struct Staging {
+    dir: tempfile::TempDir,
+    mounted: bool,
+}
+
+impl Staging {
+    fn new(near: &Path) -> Result<Staging> {
+        let dir = tempfile::Builder::new().prefix(".thymis-imager-").tempdir_in(near)?;
+        let mounted = rustix::process::geteuid().is_root()
+            && Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "mode=0755", "thymis-imager", &dir.path().to_string_lossy()])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+        if !mounted {
+            eprintln!("thymis-imager: staging in {} (not a private tmpfs)", dir.path().display());
+        }
+        Ok(Staging { dir, mounted })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg(self.dir.path()).status();
+        }
+    }
+}
+
+fn step(what: &str) {
+    eprintln!("thymis-imager: {what}");
+}
+
+pub fn build(o: &Options) -> Result<ImageManifest> {
+    fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+    let infos = match &o.closure_info {
+        Some(dir) => closure::from_closure_info(dir)?,
+        None => closure::from_store(&o.system)?,
+    };
+    if !infos.iter().any(|i| i.path == o.system) {
+        bail!("{} is not in its closure", o.system);
+    }
+    let staging = Staging::new(&o.out)?;
+    let root = staging.path().join("root");
+    step(&format!("staging {} store paths", infos.len()));
+    stage_root(&root, &infos, o)?;
+
+    let esp = staging.path().join("esp.img");
+    let boot_entry = make_esp(&esp, &o.system, &infos, &root)?;
+
+    let store_bytes: u64 = infos.iter().map(|i| i.nar_size).sum();
+    let root_size = match o.size {
+        Some(total) => total
+            .checked_sub(ESP_SIZE + 2 * MIB)
+            .filter(|s| *s >= 32 * MIB)
+            .with_context(|| format!("--size {total} leaves no room for the root file system"))?,
+        None => (store_bytes + store_bytes / 3 + 128 * MIB).div_ceil(MIB) * MIB,
+    };
+    let rootfs = staging.path().join("root.img");
+    step(&format!("making the root file system ({} MiB)", root_size / MIB));
+    make_rootfs(&rootfs, &root, root_size, &o.system)?;
+
+    let total = MIB + ESP_SIZE + root_size + MIB;
+    let raw = staging.path().join("image.raw");
+    step("writing the partition table");
+    File::create(&raw)?.set_len(total)?;
+    partition(&raw, &o.system, root_size)?;
+    copy_into(&esp, &raw, MIB)?;
+    copy_into(&rootfs, &raw, MIB + ESP_SIZE)?;
+
+    step("computing the block map");
+    let bmap = Bmap::scan(&raw)?;
+    let image_sha256 = sha256_file(&raw)?;
+    let zst_name = format!("{}.img.zst", o.name);
+    let zst = o.out.join(&zst_name);
+    step(&format!("compressing to {}", zst.display()));
+    compress(&raw, &zst)?;
+    let compressed_sha256 = sha256_file(&zst)?;
+    fs::write(o.out.join(format!("{zst_name}.sha256")), format!("{compressed_sha256}  {zst_name}\n"))?;
+    fs::write(o.out.join(format!("{}.bmap", o.name)), bmap.to_xml())?;
+    let m = ImageManifest {
+        format: 1,
+        name: o.name.clone(),
+        system: o.system.to_string(),
+        commit: o.commit.clone(),
+        configuration: o.config.clone(),
+        boots: boot_entry.is_some(),
+        boot_entry,
+        image_size: total,
+        image_sha256,
+        compressed_size: fs::metadata(&zst)?.len(),
+        compressed_sha256,
+        mapped_bytes: bmap.mapped_blocks() * crate::bmap::BLOCK,
+        created: now(),
+    };
+    fs::write(o.out.join("manifest.json"), serde_json::to_vec_pretty(&m)?)?;
+    Ok(m)
+}
+
+/// The root file system's tree: the closure (via NAR, in NAR order), its registration,
+/// the system profile, and the agent's files.
+fn stage_root(root: &Path, infos: &[PathInfo], o: &Options) -> Result<()> {
+    let store = root.join("nix/store");
+    fs::create_dir_all(&store)?;
+    for info in infos {
+        let src = PathBuf::from(info.path.to_absolute());
+        let dest = store.join(info.path.base_name());
+        // Re-encoding gives entries in sorted order and checks the content on the way.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+        let writer = std::thread::spawn(move || -> Result<()> {
+            let mut w = ChanWriter(tx);
+            encode_path(&src, &mut w)?;
+            Ok(())
+        });
+        let (hash, size) = restore(ChanReader { rx, buf: Vec::new(), pos: 0 }, &dest, DecodeLimits::default())
+            .with_context(|| format!("copying {}", info.path))?;
+        writer.join().map_err(|_| anyhow::anyhow!("encoder thread panicked"))??;
+        if hash != info.nar_hash || size != info.nar_size {
+            bail!("{} does not match its registration (hash or size): the store is corrupted", info.path);
+        }
+    }
+    // Registered as `nix-store --load-db` expects, in a chroot store rooted here.
+    let mut load = Command::new("nix-store");
+    load.arg("--store").arg(root).arg("--load-db").stdin(std::process::Stdio::piped());
+    let mut child = load.spawn().context("running nix-store --load-db")?;
+    child.stdin.take().context("stdin")?.write_all(closure::registration(infos).as_bytes())?;
+    if !child.wait()?.success() {
+        bail!("nix-store --load-db failed");
+    }
+    // Registration times are "now": pin them, and leave no write-ahead log behind.
+    let db = rusqlite::Connection::open(root.join("nix/var/nix/db/db.sqlite"))
+        .context("opening the image's Nix database")?;
+    db.execute("UPDATE ValidPaths SET registrationTime = 1", [])?;
+    db.pragma_update(None, "journal_mode", "DELETE")?;
+    db.execute_batch("VACUUM")?;
+    drop(db);
+    let profiles = root.join("nix/var/nix/profiles");
+    fs::create_dir_all(&profiles)?;
+    std::os::unix::fs::symlink(o.system.to_absolute(), profiles.join("system-1-link"))?;
+    std::os::unix::fs::symlink("system-1-link", profiles.join("system"))?;
+    // No links from Nix's own bookkeeping may point at host paths.
+    let _ = fs::remove_dir_all(root.join("nix/var/nix/gcroots"));
+    let _ = fs::remove_dir_all(root.join("nix/var/nix/temproots"));
+    let _ = fs::remove_dir_all(root.join("nix/var/nix/profiles/per-user"));
+    fs::create_dir_all(root.join("etc"))?;
+    fs::write(root.join("etc/NIXOS"), "")?;
+    if let Some(cfg) = &o.agent_config {
+        secret_copy(cfg, &root.join("etc/thymis/agent.toml"))?;
+    }
+    if let Some(key) = &o.device_key {
+        secret_copy(key, &root.join("var/lib/thymis-agent/device.key"))?;
+    }
+    canonicalize(root, &store)
+}
+
+fn secret_copy(src: &Path, dest: &Path) -> Result<()> {
+    let bytes = fs::read(src).with_context(|| format!("reading {}", src.display()))?;
+    if let Some(dir) = dest.parent() {
+        fs::create_dir_all(dir)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(dest)?;
+    f.write_all(&bytes)?;
+    Ok(())
+}
+
+/// Nix's canonical modes in the store (0444/0555, directories 0555) and time 1 for
+/// everything, so the image does not depend on when it was built.
+fn canonicalize(root: &Path, store: &Path) -> Result<()> {
+    fn walk(p: &Path, in_store: bool, f: &mut dyn FnMut(&Path, &fs::Metadata, bool) -> Result<()>) -> Result<()> {
+        let meta = fs::symlink_metadata(p)?;
+        if meta.is_dir() {
+            let mut names: Vec<_> = fs::read_dir(p)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+            names.sort();
+            for n in names {
+                walk(&p.join(n), in_store, f)?;
+            }
+        }
+        f(p, &meta, in_store)
+    }
+    let mut fix = |p: &Path, meta: &fs::Metadata, in_store: bool| -> Result<()> {
+        if !meta.file_type().is_symlink() && in_store {
+            let exec = meta.is_dir() || meta.permissions().mode() & 0o100 != 0;
+            fs::set_permissions(p, fs::Permissions::from_mode(if exec { 0o555 } else { 0o444 }))?;
+        }
+        let one = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec { tv_sec: 1, tv_nsec: 0 },
+            last_modification: rustix::fs::Timespec { tv_sec: 1, tv_nsec: 0 },
+        };
+        rustix::fs::utimensat(rustix::fs::CWD, p, &one, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .with_context(|| format!("setting times of {}", p.display()))?;
+        Ok(())
+    };
+    for e in fs::read_dir(store)? {
+        walk(&e?.path(), true, &mut fix)?;
+    }
+    let mut rest = |p: &Path, meta: &fs::Metadata, _: bool| -> Result<()> {
+        if p.starts_with(store) && p != store {
+            return Ok(()); // done above
+        }
+        fix(p, meta, false)
+    };
+    walk(root, false, &mut rest)
+}
+
+/// The ESP with NixOS's systemd-boot layout; returns the entry name when the system
+/// has a kernel and an initrd to boot.
+fn make_esp(esp: &Path, system: &StorePath, infos: &[PathInfo], root: &Path) -> Result<Option<String>> {
+    File::create(esp)?.set_len(ESP_SIZE)?;
+    run(Command::new("mkfs.vfat")
+        .args(["--invariant", "-F", "32", "-s", "1", "-n", "ESP", "-i", "54485953"])
+        .arg(esp))?;
+    let img = format!("{}", esp.display());
+    let sys = root.join("nix/store").join(system.base_name());
+    // mtools stamps what it creates with SOURCE_DATE_EPOCH: a fixed date (FAT starts in 1980).
+    let fat_time = "946684800";
+    let mmd =
+        |dir: &str| run(Command::new("mmd").args(["-D", "s", "-i", &img, dir]).env("SOURCE_DATE_EPOCH", fat_time));
+    mmd("::/loader")?;
+    mmd("::/loader/entries")?;
+    let (kernel, initrd) = (fs::read_link(sys.join("kernel")), fs::read_link(sys.join("initrd")));
+    let (Ok(kernel), Ok(initrd)) = (kernel, initrd) else {
+        step("the closure has no kernel and initrd: the image has no boot entry");
+        return Ok(None);
+    };
+    mmd("::/EFI")?;
+    mmd("::/EFI/BOOT")?;
+    mmd("::/EFI/systemd")?;
+    mmd("::/EFI/nixos")?;
+    let in_root = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    // NixOS names them <store hash>-<name>-bzImage.efi and ...-initrd.efi.
+    let efi_name = |p: &Path, suffix: &str| -> Result<String> {
+        let store_dir = p.parent().context("kernel path")?;
+        let base = store_dir.file_name().context("kernel path")?.to_string_lossy().into_owned();
+        Ok(format!("{base}-{suffix}.efi"))
+    };
+    let (kname, iname) = (efi_name(&kernel, "bzImage")?, efi_name(&initrd, "initrd")?);
+    let mcopy = |src: &Path, dest: &str| {
+        run(Command::new("mcopy").args(["-D", "o", "-i", &img]).arg(src).arg(dest).env("SOURCE_DATE_EPOCH", fat_time))
+    };
+    mcopy(&in_root(&kernel), &format!("::/EFI/nixos/{kname}"))?;
+    mcopy(&in_root(&initrd), &format!("::/EFI/nixos/{iname}"))?;
+    let boot_efi = systemd_boot_efi(infos, root)?;
+    mcopy(&boot_efi, "::/EFI/systemd/systemd-bootx64.efi")?;
+    mcopy(&boot_efi, "::/EFI/BOOT/BOOTX64.EFI")?;
+    let params = fs::read_to_string(sys.join("kernel-params")).unwrap_or_default();
+    let entry = "nixos-generation-1.conf";
+    let tmp = tempfile::tempdir()?;
+    fs::write(
+        tmp.path().join("entry.conf"),
+        format!(
+            "title NixOS\nversion Generation 1\nlinux /EFI/nixos/{kname}\ninitrd /EFI/nixos/{iname}\noptions init={}/init {}\n",
+            system.to_absolute(),
+            params.trim()
+        ),
+    )?;
+    fs::write(tmp.path().join("loader.conf"), format!("timeout 3\ndefault {entry}\n"))?;
+    mcopy(&tmp.path().join("entry.conf"), &format!("::/loader/entries/{entry}"))?;
+    mcopy(&tmp.path().join("loader.conf"), "::/loader/loader.conf")?;
+    Ok(Some(entry.into()))
+}
+
+/// systemd-boot from the closure (NixOS ships it in systemd), else from this machine.
+fn systemd_boot_efi(infos: &[PathInfo], root: &Path) -> Result<PathBuf> {
+    for i in infos {
+        let p = root.join("nix/store").join(i.path.base_name()).join("lib/systemd/boot/efi/systemd-bootx64.efi");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    let host = PathBuf::from("/usr/lib/systemd/boot/efi/systemd-bootx64.efi");
+    if host.exists() {
+        return Ok(host);
+    }
+    bail!("no systemd-bootx64.efi in the closure or on this machine (Debian: systemd-boot-efi)")
+}
+
+fn make_rootfs(img: &Path, tree: &Path, size: u64, system: &StorePath) -> Result<()> {
+    File::create(img)?.set_len(size)?;
+    let id = uuid(system, "rootfs");
+    let seed = uuid(system, "hash-seed");
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "nixos", "-U", &id, "-I", "256", "-T", "default"])
+        .arg("-E")
+        .arg(format!("root_owner=0:0,hash_seed={seed},lazy_itable_init=0,lazy_journal_init=0"))
+        .arg("-d")
+        .arg(tree)
+        .arg(img)
+        .env("E2FSPROGS_FAKE_TIME", "1"))?;
+    fix_inode_times(img, tree)
+}
+
+/// `mkfs.ext4 -d` copies each staged file's change and creation times, which nobody can
+/// set: overwrite them with debugfs so the image does not depend on when it was staged.
+fn fix_inode_times(img: &Path, tree: &Path) -> Result<()> {
+    let mut paths = vec![PathBuf::from("/")];
+    let mut stack = vec![tree.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let mut entries: Vec<_> = fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            paths.push(Path::new("/").join(p.strip_prefix(tree)?));
+            if e.file_type()?.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    let mut script = String::new();
+    for p in &paths {
+        let text = p.to_str().with_context(|| format!("{} is not UTF-8", p.display()))?;
+        if text.contains('"') || text.contains('\n') {
+            bail!("{text:?}: file names with quotes or newlines cannot go into an image yet");
+        }
+        for (field, value) in [
+            ("ctime", "19700101000001"),
+            ("ctime_extra", "0"),
+            ("crtime", "19700101000001"),
+            ("crtime_extra", "0"),
+            ("atime", "19700101000001"),
+            ("atime_extra", "0"),
+        ] {
+            script.push_str(&format!("sif \"{text}\" {field} {value}\n"));
+        }
+    }
+    let cmds = tempfile::NamedTempFile::new()?;
+    fs::write(cmds.path(), script)?;
+    // The superblock's write time, too, comes from the fake clock.
+    let out = Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(cmds.path())
+        .arg(img)
+        .env("E2FSPROGS_FAKE_TIME", "1")
+        .output()
+        .context("running debugfs")?;
+    let errors: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    if !out.status.success() || !errors.is_empty() {
+        bail!("debugfs could not fix inode times: {}", errors.join("; "));
+    }
+    Ok(())
+}
+
+fn partition(raw: &Path, system: &StorePath, root_size: u64) -> Result<()> {
+    let sectors = |b: u64| b / 512;
+    let script = format!(
+        "label: gpt\nlabel-id: {}\nunit: sectors\n\
+         start={}, size={}, type={ESP_TYPE}, uuid={}, name=\"ESP\"\n\
+         start={}, size={}, type={LINUX_TYPE}, uuid={}, name=\"nixos\"\n",
+        uuid(system, "disk"),
+        sectors(MIB),
+        sectors(ESP_SIZE),
+        uuid(system, "esp"),
+        sectors(MIB + ESP_SIZE),
+        sectors(root_size),
+        uuid(system, "root"),
+    );
+    let mut child = Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(raw)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running sfdisk")?;
+    child.stdin.take().context("stdin")?.write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("sfdisk failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Copies the data of a sparse file into another at `offset`, keeping holes.
+fn copy_into(src: &Path, dest: &Path, offset: u64) -> Result<()> {
+    let map = Bmap::scan(src)?;
+    let mut s = File::open(src)?;
+    let mut d = OpenOptions::new().write(true).open(dest)?;
+    let size = s.metadata()?.len();
+    let mut buf = vec![0u8; MIB as usize];
+    for r in map.ranges {
+        let start = r.first * crate::bmap::BLOCK;
+        let mut left = ((r.last + 1) * crate::bmap::BLOCK).min(size) - start;
+        s.seek(SeekFrom::Start(start))?;
+        d.seek(SeekFrom::Start(offset + start))?;
+        while left > 0 {
+            let n = buf.len().min(left as usize);
+            s.read_exact(&mut buf[..n])?;
+            d.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+    }
+    d.sync_all()?;
+    Ok(())
+}
+
+fn compress(raw: &Path, zst: &Path) -> Result<()> {
+    let mut input = io::BufReader::new(File::open(raw)?);
+    let out = File::create(zst)?;
+    let mut enc = zstd::stream::write::Encoder::new(io::BufWriter::new(out), 3)?;
+    enc.multithread(ZSTD_WORKERS)?;
+    enc.include_checksum(true)?;
+    io::copy(&mut input, &mut enc)?;
+    enc.finish()?.flush()?;
+    Ok(())
+}
+
+struct ChanWriter(std::sync::mpsc::SyncSender<Vec<u8>>);
+
+impl Write for ChanWriter {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0.send(b.to_vec()).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "reader gone"))?;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+struct ChanReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChanReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos >= self.buf.len() {
+            match self.rx.recv() {
+                Ok(b) => {
+                    self.buf = b;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
