@@ -44,6 +44,10 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/devices", get(devices).post(add_device))
         .route("/devices/{name}/reenroll", post(reenroll))
         .route("/devices/{name}/revoke", post(revoke))
+        .route("/devices/{name}/image", post(device_image))
+        .route("/bundles", post(bundle_start))
+        .route("/tasks/{id}/artifacts", get(artifacts_list).delete(artifacts_delete))
+        .route("/tasks/{id}/artifacts/{file}", get(artifact_download))
         .route("/project/status", get(project_status))
         .route("/project/diff", get(project_diff))
         .route("/project/commit", post(project_commit))
@@ -129,6 +133,86 @@ async fn revoke(State(ctl): State<Arc<Controller>>, Path(name): Path<String>) ->
         ctl.unregister(&conn);
     }
     Ok(Json(json!({ "name": name, "revoked": true })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ArtifactRequest {
+    commit: Option<String>,
+    device: Option<String>,
+    config: Option<String>,
+    expires_in: Option<u64>,
+}
+
+async fn device_image(
+    State(ctl): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    body: Option<Json<ArtifactRequest>>,
+) -> ApiResult {
+    let req = body.map(|b| b.0).unwrap_or_default();
+    let task = crate::artifacts::start_image(&ctl, &name, req.commit.as_deref()).await?;
+    task_json(&ctl, task)
+}
+
+async fn bundle_start(State(ctl): State<Arc<Controller>>, Json(req): Json<ArtifactRequest>) -> ApiResult {
+    let target = match (req.device, req.config) {
+        (Some(d), None) => thymis_store::bundle::Target::Device(d),
+        (None, Some(c)) => thymis_store::bundle::Target::Config(c),
+        _ => return Err(anyhow::anyhow!("give either device or config").into()),
+    };
+    let task = crate::artifacts::start_bundle(&ctl, target, req.commit.as_deref(), req.expires_in).await?;
+    task_json(&ctl, task)
+}
+
+async fn artifacts_list(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>) -> ApiResult {
+    let files: Vec<Value> = crate::artifacts::list(&ctl, id)
+        .map_err(|e| not_found(format!("{e:#}")))?
+        .into_iter()
+        .map(|(name, size)| json!({ "name": name, "size": size }))
+        .collect();
+    Ok(Json(json!(files)))
+}
+
+async fn artifacts_delete(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>) -> ApiResult {
+    crate::artifacts::delete(&ctl, id).map_err(|e| not_found(format!("{e:#}")))?;
+    Ok(Json(json!({ "task": id, "deleted": true })))
+}
+
+async fn artifact_download(
+    State(ctl): State<Arc<Controller>>,
+    Path((id, file)): Path<(i64, String)>,
+) -> Result<Response, ApiError> {
+    let path = crate::artifacts::path(&ctl, id, &file).map_err(|e| not_found(format!("{e:#}")))?;
+    let f = tokio::fs::File::open(&path).await.map_err(|e| not_found(e.to_string()))?;
+    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let body = axum::body::Body::from_stream(tokio_util_stream(f));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, len.to_string()),
+            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{file}\"")),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// A file as a stream of chunks, without loading it into memory.
+fn tokio_util_stream(
+    f: tokio::fs::File,
+) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> {
+    futures_util::stream::unfold(f, |mut f| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 256 * 1024];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(axum::body::Bytes::from(buf)), f))
+            }
+            Err(e) => Some((Err(e), f)),
+        }
+    })
 }
 
 async fn project_status(State(ctl): State<Arc<Controller>>) -> ApiResult {

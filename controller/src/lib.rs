@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod artifacts;
 pub mod build;
 pub mod controller;
 pub mod db;

@@ -73,7 +73,14 @@ impl Agent {
         };
         let identity_keys = parse_keys(&config.controller_identity_keys, "controller_identity_keys")?;
         let nix_keys = parse_keys(&config.nix_trusted_keys, "nix_trusted_keys")?;
-        let persisted: Persisted = persist::read_json(&dir.join("state.json"))?.unwrap_or_default();
+        let mut persisted: Persisted = persist::read_json(&dir.join("state.json"))?.unwrap_or_default();
+        // A freshly flashed device knows what it runs from its image (imager's image.json).
+        if persisted.system.is_none()
+            && let Ok(Some(image)) = persist::read_json::<ImageInfo>(&dir.join("image.json"))
+        {
+            persisted.system = Some(image.system);
+            persisted.commit = image.commit;
+        }
         let pending: Option<Pending> = persist::read_json(&dir.join("pending.json"))?;
         let (status, _) = watch::channel(Status::default());
         let agent = Arc::new(Agent {
@@ -777,6 +784,13 @@ fn restart_if_replaced() {
 fn own_unit() -> Option<String> {
     let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     cgroup.lines().flat_map(|l| l.rsplit('/')).find(|c| c.ends_with(".service")).map(str::to_owned)
+}
+
+/// What the imager records about the system an image carries.
+#[derive(Debug, serde::Deserialize)]
+struct ImageInfo {
+    system: StorePath,
+    commit: Option<String>,
 }
 
 /// Deployment ids become file names: keep them plain.

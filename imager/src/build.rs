@@ -5,7 +5,8 @@
 //! ESP:  EFI/BOOT/BOOTX64.EFI, EFI/systemd/systemd-bootx64.efi, EFI/nixos/<kernel, initrd>,
 //!       loader/loader.conf, loader/entries/nixos-generation-1.conf   (NixOS's layout)
 //! root: nix/store/<closure>, nix/var/nix/db (registered), nix/var/nix/profiles/system,
-//!       etc/NIXOS, etc/thymis/agent.toml (0600), var/lib/thymis-agent/device.key (0600)
+//!       etc/NIXOS, etc/thymis/agent.toml (0600), var/lib/thymis-agent/device.key (0600),
+//!       var/lib/thymis-agent/image.json (the system and commit, reported until a deployment)
 //! ```
 //! Reproducible: files are staged in NAR order with Nix's canonical modes and times, on
 //! a tmpfs of our own where we can mount one; file systems get fixed UUIDs, hash seeds
@@ -212,6 +213,12 @@ fn stage_root(root: &Path, infos: &[PathInfo], o: &Options) -> Result<()> {
     if let Some(key) = &o.device_key {
         secret_copy(key, &root.join("var/lib/thymis-agent/device.key"))?;
     }
+    // The agent reports this system and commit until its first deployment.
+    let agent_dir = root.join("var/lib/thymis-agent");
+    fs::create_dir_all(&agent_dir)?;
+    fs::set_permissions(&agent_dir, fs::Permissions::from_mode(0o700))?;
+    let info = serde_json::json!({ "system": o.system.to_string(), "commit": o.commit, "configuration": o.config });
+    fs::write(agent_dir.join("image.json"), serde_json::to_vec_pretty(&info)?)?;
     canonicalize(root, &store)
 }
 

@@ -666,7 +666,7 @@ impl Fleet {
     }
 
     /// A process device with a hand-written agent configuration (for scripted peers).
-    pub fn add_raw_device(&mut self, name: &str, agent_toml: &str) -> Result<usize> {
+    pub fn add_raw_device(&mut self, name: &str, agent_toml: &str, start: bool) -> Result<usize> {
         let index = self.devices.len();
         let dir = self.tmp.path().join(name);
         std::fs::create_dir_all(dir.join("nix"))?;
@@ -675,7 +675,9 @@ impl Fleet {
         std::fs::write(dir.join("agent.toml"), text)?;
         let (netns, veth) = self.link(index)?;
         let mut dev = Device { kind: Kind::Process, name: name.to_owned(), dir, netns, veth, child: None, bus: None };
-        dev.start()?;
+        if start {
+            dev.start()?;
+        }
         self.devices.push(dev);
         Ok(index)
     }

@@ -248,7 +248,7 @@ fn a_scripted_controller_cannot_make_the_agent_take_bad_offers_or_bad_paths() {
         identity.public().to_string(),
         nix_key.public().to_string()
     );
-    f.add_raw_device("d1", &config).expect("device");
+    f.add_raw_device("d1", &config, true).expect("device");
     let valid = |f: &Fleet, p: &StorePath| {
         let out =
             f.device("d1").exec(&format!("nix-store --check-validity {p} 2>/dev/null && echo valid || echo invalid"));

@@ -88,6 +88,29 @@ pub enum Cmd {
     },
     /// Cancel a deployment (devices that have not activated stop).
     Cancel { id: i64 },
+    /// Build a disk image for a device (carrying a new enrollment token) and download it.
+    Image {
+        device: String,
+        #[arg(long)]
+        commit: Option<String>,
+        /// Directory for the image set (NAME.img.zst, .sha256, .bmap, manifest.json).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Build an offline update bundle for a device or a configuration and download it.
+    Bundle {
+        #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+        device: Option<String>,
+        #[arg(long)]
+        config: Option<String>,
+        #[arg(long)]
+        commit: Option<String>,
+        /// Seconds until devices with a synchronised clock refuse it.
+        #[arg(long)]
+        expires_in: Option<u64>,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// On a device: the local agent's state (D-Bus).
     Status,
     /// On a device: roll back the deployment awaiting confirmation (D-Bus, root).
@@ -150,6 +173,25 @@ impl Client {
         Ok(Client { base: cli.controller.trim_end_matches('/').to_owned(), token: token.trim().to_owned(), agent })
     }
 
+    fn download(&self, path: &str, dest: &std::path::Path) -> Result<()> {
+        let url = format!("{}/api/v1{path}", self.base);
+        let mut resp = self
+            .agent
+            .get(&url)
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .call()
+            .with_context(|| format!("downloading {path}"))?;
+        if !resp.status().is_success() {
+            bail!("downloading {path}: {}", resp.status());
+        }
+        let tmp = dest.with_extension("part");
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        std::io::copy(&mut resp.body_mut().with_config().limit(u64::MAX).reader(), &mut f)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dest)?;
+        Ok(())
+    }
+
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
         let url = format!("{}/api/v1{path}", self.base);
         let auth = format!("Bearer {}", self.token);
@@ -203,6 +245,19 @@ pub fn run(cli: Cli) -> Result<u8> {
     let c = Client::new(&cli)?;
     match &cli.command {
         Cmd::Status | Cmd::Rollback | Cmd::InstallBundle { .. } => {}
+        Cmd::Image { device, commit, out: dir } => {
+            let task = c.call("POST", &format!("/devices/{device}/image"), Some(json!({ "commit": commit })))?;
+            let done = artifacts(&c, &task, !cli.json, |name| dir.join(name))?;
+            out(&done, &|t| println!("image of {device} in {} ({})", dir.display(), s(&t["system"])));
+            return Ok(if done["result"] == "succeeded" { 0 } else { EXIT_UNSUCCESSFUL });
+        }
+        Cmd::Bundle { device, config, commit, expires_in, out: file } => {
+            let body = json!({ "device": device, "config": config, "commit": commit, "expires_in": expires_in });
+            let task = c.call("POST", "/bundles", Some(body))?;
+            let done = artifacts(&c, &task, !cli.json, |_| file.clone())?;
+            out(&done, &|t| println!("bundle of {} in {}", s(&t["system"]), file.display()));
+            return Ok(if done["result"] == "succeeded" { 0 } else { EXIT_UNSUCCESSFUL });
+        }
         Cmd::Device(DeviceCmd::Add { name, config }) => {
             let v = c.call("POST", "/devices", Some(json!({ "name": name, "config": config })))?;
             out(&v, &print_enrollment);
@@ -291,6 +346,27 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// Waits for an image or bundle task, then downloads its files to `dest(name)`.
+fn artifacts(c: &Client, task: &Value, show: bool, dest: impl Fn(&str) -> std::path::PathBuf) -> Result<Value> {
+    let id = task["id"].as_i64().ok_or_else(|| anyhow!("no task id in {task}"))?;
+    let done = follow(c, id, show)?;
+    if done["result"] != "succeeded" {
+        bail!("task {id} {}: {}", s(&done["result"]), s(&done["error"]));
+    }
+    for f in c.call("GET", &format!("/tasks/{id}/artifacts"), None)?.as_array().cloned().unwrap_or_default() {
+        let name = s(&f["name"]);
+        let path = dest(&name);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        c.download(&format!("/tasks/{id}/artifacts/{name}"), &path)?;
+        if show {
+            eprintln!("  downloaded {}", path.display());
+        }
+    }
+    Ok(done)
 }
 
 /// Whether every child ended `succeeded` or `succeeded-with-failed-units`.

@@ -1,0 +1,196 @@
+//! Images and offline bundles made by the controller: a device's disk image carrying
+//! its enrollment (through `thymis-imager`), and bundles for a device or a
+//! configuration, each with a number from the controller-wide offer sequence. They are
+//! tasks; their files stay in `STATE_DIR/artifacts/TASK/` until deleted.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use thymis_store::bundle::{self, Manifest, Target};
+use thymis_store::local_store::LocalStore;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::build;
+use crate::controller::Controller;
+use crate::db::now;
+use crate::task::TaskState;
+
+pub fn dir(ctl: &Controller, task: i64) -> PathBuf {
+    ctl.paths.root.join("artifacts").join(task.to_string())
+}
+
+/// The files of a task's artifacts.
+pub fn list(ctl: &Controller, task: i64) -> Result<Vec<(String, u64)>> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir(ctl, task)).with_context(|| format!("task {task} has no artifacts"))? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            files.push((e.file_name().to_string_lossy().into_owned(), e.metadata()?.len()));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// One artifact file, by a name that must be one of the listed ones.
+pub fn path(ctl: &Controller, task: i64, name: &str) -> Result<PathBuf> {
+    if !list(ctl, task)?.iter().any(|(n, _)| n == name) {
+        bail!("task {task} has no artifact {name:?}");
+    }
+    Ok(dir(ctl, task).join(name))
+}
+
+pub fn delete(ctl: &Controller, task: i64) -> Result<()> {
+    std::fs::remove_dir_all(dir(ctl, task)).with_context(|| format!("task {task} has no artifacts"))
+}
+
+fn private_dir(p: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(p)?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+/// `thymis-imager`: `THYMIS_IMAGER`, beside this binary, or on PATH.
+fn imager() -> PathBuf {
+    if let Some(p) = std::env::var_os("THYMIS_IMAGER") {
+        return p.into();
+    }
+    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("thymis-imager")));
+    beside.filter(|p| p.exists()).unwrap_or_else(|| "thymis-imager".into())
+}
+
+fn resolve(ctl: &Controller, commit: Option<&str>) -> Result<String> {
+    match commit {
+        Some(c) => ctl.project.resolve(c),
+        None => ctl.project.head(),
+    }
+}
+
+/// Builds a disk image for `device` (its configuration at `commit`), carrying an agent
+/// configuration with a fresh enrollment token.
+pub async fn start_image(ctl: &Arc<Controller>, device: &str, commit: Option<&str>) -> Result<i64> {
+    let d = ctl.db.device(device)?.ok_or_else(|| anyhow!("no device {device:?}"))?;
+    if d.revoked {
+        bail!("device {device} is revoked");
+    }
+    let commit = resolve(ctl, commit)?;
+    let task = ctl.db.create_task("image", Some(&commit), None, Some(&d.config), false, None)?;
+    let ctl2 = ctl.clone();
+    let device = device.to_owned();
+    tokio::spawn(async move {
+        let r = make_image(&ctl2, task, &device, &d.config, &commit).await;
+        finish(&ctl2, task, r);
+    });
+    Ok(task)
+}
+
+async fn make_image(ctl: &Arc<Controller>, task: i64, device: &str, config: &str, commit: &str) -> Result<String> {
+    ctl.db.set_task_state(task, TaskState::Running, None, None)?;
+    let system = build::build(ctl, task, commit, config).await?;
+    let out = dir(ctl, task);
+    private_dir(&out)?;
+    let scratch = tempfile::tempdir_in(&ctl.paths.root)?;
+    let token = ctl.db.issue_token(device, ctl.settings.token_ttl.as_secs() as i64)?;
+    let agent_config = scratch.path().join("agent.toml");
+    std::fs::write(&agent_config, ctl.agent_config(device, &token))?;
+    ctl.db.log(task, None, &format!("making the image of {device} ({system}); it carries a new enrollment token"))?;
+    let mut child = tokio::process::Command::new(imager())
+        .args(["build", "--system", &system.to_string(), "--name", device, "--commit", commit, "--config", config])
+        .arg("--out")
+        .arg(&out)
+        .arg("--agent-config")
+        .arg(&agent_config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("running thymis-imager")?;
+    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+    while let Some(line) = lines.next_line().await? {
+        ctl.db.log(task, None, &line)?;
+        ctl.notify_task(task);
+    }
+    if !child.wait().await?.success() {
+        bail!("thymis-imager failed (see the task's log)");
+    }
+    Ok(system.to_string())
+}
+
+/// Writes an offline bundle for a device or a configuration at `commit`.
+pub async fn start_bundle(
+    ctl: &Arc<Controller>,
+    target: Target,
+    commit: Option<&str>,
+    expires_in: Option<u64>,
+) -> Result<i64> {
+    let config = match &target {
+        Target::Device(d) => ctl.db.device(d)?.ok_or_else(|| anyhow!("no device {d:?}"))?.config,
+        Target::Config(c) => c.clone(),
+    };
+    let commit = resolve(ctl, commit)?;
+    if !ctl.project.toml_at(&commit)?.configs.contains_key(&config) {
+        bail!("no configuration {config:?} in thymis.toml at {commit}");
+    }
+    let task = ctl.db.create_task("bundle", Some(&commit), None, Some(&config), false, None)?;
+    let ctl2 = ctl.clone();
+    tokio::spawn(async move {
+        let r = make_bundle(&ctl2, task, target, &config, &commit, expires_in).await;
+        finish(&ctl2, task, r);
+    });
+    Ok(task)
+}
+
+async fn make_bundle(
+    ctl: &Arc<Controller>,
+    task: i64,
+    target: Target,
+    config: &str,
+    commit: &str,
+    expires_in: Option<u64>,
+) -> Result<String> {
+    ctl.db.set_task_state(task, TaskState::Running, None, None)?;
+    let system = build::build(ctl, task, commit, config).await?;
+    let closure = build::signed_closure(ctl, &system).await?;
+    let sequence = ctl.db.next_sequence()?;
+    let out = dir(ctl, task);
+    private_dir(&out)?;
+    let created = now() as u64;
+    let manifest = Manifest {
+        format: 0,
+        target,
+        system: system.clone(),
+        commit: Some(commit.to_owned()),
+        sequence,
+        expires: expires_in.map(|s| created + s),
+        created,
+        paths: vec![],
+    };
+    let ctl2 = ctl.clone();
+    let file = out.join(format!("bundle-{sequence}.tar"));
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let f = std::fs::File::create(&file)?;
+        let w = std::io::BufWriter::new(f);
+        let scratch = tempfile::tempdir_in(&ctl2.paths.root)?;
+        bundle::write(w, manifest, &ctl2.identity, &LocalStore::system(), &closure, scratch.path())?;
+        Ok(())
+    })
+    .await??;
+    ctl.db.log(task, None, &format!("bundle of {system} with sequence {sequence}"))?;
+    Ok(system.to_string())
+}
+
+fn finish(ctl: &Controller, task: i64, r: Result<String>) {
+    match r {
+        Ok(system) => {
+            let _ = ctl.db.set_task_system(task, &system);
+            let _ = ctl.db.set_task_state(task, TaskState::Finished, Some("succeeded"), None);
+        }
+        Err(e) => {
+            let _ = ctl.db.set_task_state(task, TaskState::Finished, Some("failed"), Some(&format!("{e:#}")));
+        }
+    }
+    ctl.notify_task(task);
+}
