@@ -5,7 +5,7 @@
 set -euo pipefail
 
 packages=(nix-bin busybox-static dosfstools mtools fdisk e2fsprogs zstd bmap-tools
-  iproute2 nftables socat dbus dbus-bin systemd-container git curl make)
+  iproute2 nftables socat dbus dbus-bin systemd-container git curl make chromium)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -33,6 +33,16 @@ fi
 # Tests commit to git repositories; give git an identity if it has none.
 git config --global user.email >/dev/null 2>&1 || git config --global user.email "ci@thymis.invalid"
 git config --global user.name >/dev/null 2>&1 || git config --global user.name "thymis tests"
+
+# Node.js for the browser tests (the machine's own when it has one, else Debian's).
+if ! command -v npm >/dev/null; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+here=$(cd "$(dirname "$0")/.." && pwd)
+if [ ! -d "$here/tests/ui/node_modules/playwright-core" ]; then
+  (cd "$here/tests/ui" && npm ci --no-audit --no-fund --silent)
+fi
 
 # The Rust toolchain's components that the checks use.
 command -v rustup >/dev/null && rustup component list --installed 2>/dev/null | grep -q clippy \

@@ -21,7 +21,16 @@ use tracing::{debug, info, warn};
 use crate::controller::{Conn, Controller, Out, lock};
 use crate::deploy;
 
-pub async fn upgrade(State(ctl): State<Arc<Controller>>, ws: WebSocketUpgrade) -> Response {
+pub async fn upgrade(
+    State(ctl): State<Arc<Controller>>,
+    headers: axum::http::HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    // Agents send no Origin; browsers always do: no web page may open this socket.
+    if headers.contains_key(axum::http::header::ORIGIN) {
+        use axum::response::IntoResponse;
+        return (axum::http::StatusCode::FORBIDDEN, "browsers may not open the agent socket").into_response();
+    }
     let max = thymis_proto::MAX_TEXT_MESSAGE.max(thymis_proto::MAX_BINARY_FRAME);
     ws.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| serve(ctl, socket))
 }

@@ -66,22 +66,38 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .layer(middleware::from_fn_with_state(ctl.clone(), require_token));
     Router::new()
         .nest("/api/v1", api)
+        .route("/", get(crate::ui::index))
+        .route("/ui/app.js", get(crate::ui::app_js))
+        .route("/ui/style.css", get(crate::ui::style))
+        .route("/ui/login", post(crate::ui::login))
+        .route("/ui/logout", post(crate::ui::logout))
+        .route("/ui/session", get(crate::ui::session))
         .route("/agent/v1", get(crate::agents::upgrade))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(ctl)
 }
 
+/// The admin token (`Authorization: Bearer`), or a browser session whose CSRF token
+/// comes with every request that changes something.
 async fn require_token(State(ctl): State<Arc<Controller>>, headers: HeaderMap, req: Request, next: Next) -> Response {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if bool::from(presented.as_bytes().ct_eq(ctl.admin_token.as_bytes())) {
-        next.run(req).await
-    } else {
-        ApiError(StatusCode::UNAUTHORIZED, "missing or wrong token (Authorization: Bearer ...)".into()).into_response()
+    if !presented.is_empty() && bool::from(presented.as_bytes().ct_eq(ctl.admin_token.as_bytes())) {
+        return next.run(req).await;
     }
+    let csrf = crate::ui::session_id(&headers).and_then(|id| ctl.db.session_csrf(&id).ok().flatten());
+    if let Some(csrf) = csrf {
+        let safe = matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+        let sent = headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).unwrap_or("");
+        if safe || bool::from(sent.as_bytes().ct_eq(csrf.as_bytes())) {
+            return next.run(req).await;
+        }
+        return ApiError(StatusCode::FORBIDDEN, "missing or wrong CSRF token".into()).into_response();
+    }
+    ApiError(StatusCode::UNAUTHORIZED, "missing or wrong token (Authorization: Bearer ...)".into()).into_response()
 }
 
 async fn devices(State(ctl): State<Arc<Controller>>) -> ApiResult {

@@ -86,6 +86,14 @@ CREATE INDEX logs_task ON logs(task);
     r#"
 ALTER TABLE children ADD COLUMN unit_logs TEXT NOT NULL DEFAULT '{}';
 "#,
+    r#"
+CREATE TABLE sessions (
+    id_hash BLOB PRIMARY KEY,
+    csrf TEXT NOT NULL,
+    expires INTEGER NOT NULL
+);
+ALTER TABLE children ADD COLUMN paths_total INTEGER;
+"#,
 ];
 
 pub fn now() -> i64 {
@@ -400,6 +408,49 @@ impl Db {
         Ok(())
     }
 
+    /// How many paths the device lacked when the copy first started.
+    pub fn set_paths_total(&self, child: i64, total: i64) -> Result<()> {
+        self.c().execute(
+            "UPDATE children SET paths_total = COALESCE(paths_total, ?2) WHERE id = ?1",
+            params![child, total],
+        )?;
+        Ok(())
+    }
+
+    /// A browser session; returns (session id, CSRF token). Only the id's hash is stored.
+    pub fn create_session(&self, ttl: i64) -> Result<(String, String)> {
+        let random = || -> Result<String> {
+            let mut raw = [0u8; 32];
+            getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("OS random generator: {e}"))?;
+            Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+        };
+        let (id, csrf) = (random()?, random()?);
+        let c = self.c();
+        c.execute("DELETE FROM sessions WHERE expires < ?1", params![now()])?;
+        c.execute(
+            "INSERT INTO sessions (id_hash, csrf, expires) VALUES (?1, ?2, ?3)",
+            params![hash_token(&id), csrf, now() + ttl],
+        )?;
+        Ok((id, csrf))
+    }
+
+    /// The CSRF token of a live session.
+    pub fn session_csrf(&self, id: &str) -> Result<Option<String>> {
+        Ok(self
+            .c()
+            .query_row(
+                "SELECT csrf FROM sessions WHERE id_hash = ?1 AND expires >= ?2",
+                params![hash_token(id), now()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    pub fn delete_session(&self, id: &str) -> Result<()> {
+        self.c().execute("DELETE FROM sessions WHERE id_hash = ?1", params![hash_token(id)])?;
+        Ok(())
+    }
+
     pub fn set_child_sequence(&self, child: i64, sequence: u64) -> Result<()> {
         self.c().execute("UPDATE children SET sequence = ?2 WHERE id = ?1", params![child, sequence as i64])?;
         Ok(())
@@ -534,7 +585,7 @@ impl Db {
         let Some(mut t) = t else { return Ok(None) };
         let mut st = c.prepare(
             "SELECT id, device, config, state, phase, result, reason, error, failed_units, paths_sent, bytes_sent,
-                    system, deployment_id, sequence, updated, unit_logs
+                    system, deployment_id, sequence, updated, unit_logs, paths_total
              FROM children WHERE task = ?1 ORDER BY id",
         )?;
         let children = st
@@ -550,6 +601,7 @@ impl Db {
                     "system": r.get::<_, Option<String>>(11)?, "deployment_id": r.get::<_, String>(12)?,
                     "sequence": r.get::<_, Option<i64>>(13)?, "updated": r.get::<_, i64>(14)?,
                     "unit_logs": serde_json::from_str::<serde_json::Value>(&r.get::<_, String>(15)?).unwrap_or_default(),
+                    "paths_total": r.get::<_, Option<i64>>(16)?,
                 }))
             })?
             .collect::<Result<Vec<_>, _>>()?;

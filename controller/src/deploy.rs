@@ -364,6 +364,7 @@ async fn send_to(
         }
     }
     let to_send: Vec<&PathInfo> = closure.iter().filter(|i| missing.contains(&i.path)).collect();
+    let _ = ctl.db.set_paths_total(child.id, to_send.len() as i64);
     let _ = ctl.db.log(
         child.task,
         Some(child.id),

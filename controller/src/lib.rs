@@ -11,6 +11,7 @@ pub mod deploy;
 pub mod project;
 pub mod task;
 pub mod tls;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -104,3 +104,58 @@ fn a_path_signed_by_an_untrusted_key_is_refused_and_nothing_is_imported() {
     assert!(!names.iter().any(|n| n.contains("thymis-test")), "untrusted paths reached the store: {names:?}");
     assert!(f.device("d1").profile_system().is_none());
 }
+
+#[test]
+fn browser_sessions_need_the_csrf_token_to_change_anything() {
+    let f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let jar = f.tmp.path().join("cookies");
+    let base = f.controller.base_url();
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-b", &jar.to_string_lossy(), "-c", &jar.to_string_lossy(), "-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().to_owned(), body.to_owned())
+    };
+    let (code, _) =
+        curl(&["-H", "Content-Type: application/json", "-d", r#"{"token":"wrong"}"#, &format!("{base}/ui/login")]);
+    assert_eq!(code, "401");
+    let login = format!(r#"{{"token":"{}"}}"#, f.controller.token());
+    let (code, body) = curl(&["-H", "Content-Type: application/json", "-d", &login, &format!("{base}/ui/login")]);
+    assert_eq!(code, "200", "{body}");
+    let csrf =
+        serde_json::from_str::<serde_json::Value>(&body).expect("json")["csrf"].as_str().expect("csrf").to_owned();
+    let cookies = std::fs::read_to_string(&jar).expect("jar");
+    assert!(cookies.contains("#HttpOnly_") && cookies.contains("thymis_session"), "{cookies}");
+    // Reading works with the cookie alone; changing needs the CSRF token.
+    let (code, _) = curl(&[&format!("{base}/api/v1/devices")]);
+    assert_eq!(code, "200");
+    let add = r#"{"name":"x1","config":"alpha"}"#;
+    let (code, body) = curl(&["-H", "Content-Type: application/json", "-d", add, &format!("{base}/api/v1/devices")]);
+    assert_eq!(code, "403", "a cross-site request could add devices: {body}");
+    let header = format!("X-CSRF-Token: {csrf}");
+    let (code, body) =
+        curl(&["-H", "Content-Type: application/json", "-H", &header, "-d", add, &format!("{base}/api/v1/devices")]);
+    assert_eq!(code, "200", "{body}");
+    // After logging out, the cookie is worth nothing.
+    let (code, _) = curl(&["-X", "POST", "-H", &header, &format!("{base}/ui/logout")]);
+    assert_eq!(code, "200");
+    let (code, _) = curl(&[&format!("{base}/api/v1/devices")]);
+    assert_eq!(code, "401");
+}
+
+#[test]
+fn no_web_page_can_open_the_agent_socket() {
+    let f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--http1.1"])
+        .args(["-H", "Connection: Upgrade", "-H", "Upgrade: websocket", "-H", "Sec-WebSocket-Version: 13"])
+        .args(["-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "-H", "Origin: https://evil.example"])
+        .arg(format!("{}/agent/v1", f.controller.base_url()))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
+}

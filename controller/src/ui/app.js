@@ -1,0 +1,275 @@
+// Thymis web UI: plain modules, no build step. Talks to /api/v1 with the session
+// cookie and the session's CSRF token; live task updates come as server-sent events.
+
+const main = document.getElementById("main");
+const modal = document.getElementById("modal");
+let csrf = null;
+let events = null;
+
+const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+const short = (s, n = 12) => (s ? esc(String(s).slice(0, n)) : '<span class="muted">–</span>');
+const storeName = (p) => (p ? esc(p.replace(/^\/nix\/store\/[a-z0-9]{32}-/, "")) : '<span class="muted">–</span>');
+const ago = (t) => {
+  if (!t) return "never";
+  const s = Math.max(0, Math.round(Date.now() / 1000 - t));
+  return s < 60 ? `${s}s ago` : s < 3600 ? `${Math.round(s / 60)}m ago` : `${Math.round(s / 3600)}h ago`;
+};
+
+async function api(method, path, body) {
+  const headers = { Accept: "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (csrf && method !== "GET") headers["X-CSRF-Token"] = csrf;
+  const res = await fetch(path, { method, headers, credentials: "same-origin", body: body === undefined ? undefined : JSON.stringify(body) });
+  const data = await res.json().catch(() => ({}));
+  if (res.status === 401) { showLogin(); throw new Error("not logged in"); }
+  if (!res.ok) throw new Error(data.error || res.statusText);
+  return data;
+}
+
+function showLogin(message) {
+  document.getElementById("toolbar").hidden = true;
+  closeModal();
+  main.innerHTML = `
+    <form class="card login" id="login-form">
+      <h1>Thymis</h1>
+      <p class="muted">Log in with the admin token (STATE_DIR/admin-token).</p>
+      <p><input type="password" name="token" placeholder="admin token" data-testid="login-token" style="width:100%" autocomplete="current-password"></p>
+      <p><button class="primary" data-testid="login-submit">Log in</button> <span class="error">${esc(message)}</span></p>
+    </form>`;
+  document.getElementById("login-form").onsubmit = async (e) => {
+    e.preventDefault();
+    const token = e.target.token.value;
+    const res = await fetch("/ui/login", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ token }) });
+    if (!res.ok) return showLogin("That token is not right.");
+    csrf = (await res.json()).csrf;
+    document.getElementById("toolbar").hidden = false;
+    route();
+  };
+}
+
+function resultText(c) {
+  const r = c.result;
+  if (!r) return `<span class="badge">${esc(c.state)}</span>`;
+  if (r === "succeeded") return `<span class="badge ok">succeeded</span>`;
+  if (r === "succeeded-with-failed-units") return `<span class="badge warn">switched, units failed: ${esc((c.failed_units || []).join(", "))}</span>`;
+  if (r === "rolled-back") return `<span class="badge bad">rolled back: ${esc(c.reason)}</span>`;
+  if (r === "failed") return `<span class="badge bad">failed${c.phase ? ` (${esc(c.phase)})` : ""}</span>`;
+  return `<span class="badge bad">${esc(r)}</span>`;
+}
+
+// ---- devices ---------------------------------------------------------------------
+
+async function devicesView() {
+  const [devices, configs, tasks] = await Promise.all([api("GET", "/api/v1/devices"), api("GET", "/api/v1/project/configs"), api("GET", "/api/v1/tasks")]);
+  const last = {};
+  for (const t of tasks) for (const c of t.children || []) if (!(c.device in last)) last[c.device] = c;
+  const tagsOf = (cfg) => (configs.configs[cfg]?.tags || []).map((t) => `<span class="badge">${esc(t)}</span>`).join(" ");
+  main.innerHTML = `
+    <h1>Devices</h1>
+    <div class="table-wrap"><table data-testid="devices-table">
+      <thead><tr><th>Name</th><th>Configuration</th><th>Tags</th><th>Status</th><th>Commit</th><th>System</th><th>Last deployment</th><th></th></tr></thead>
+      <tbody>${devices.map((d) => `
+        <tr data-device="${esc(d.name)}">
+          <td><strong>${esc(d.name)}</strong>${d.revoked ? ' <span class="badge bad">revoked</span>' : ""}</td>
+          <td>${esc(d.config)}</td><td>${tagsOf(d.config)}</td>
+          <td>${d.online ? '<span class="badge ok">online</span>' : `<span class="badge">offline</span> <span class="muted">${ago(d.last_seen)}</span>`}</td>
+          <td data-testid="device-commit"><code>${short(d.commit)}</code></td>
+          <td class="wrap"><code title="${esc(d.system)}">${storeName(d.system)}</code></td>
+          <td>${last[d.name] ? resultText(last[d.name]) : '<span class="muted">–</span>'}</td>
+          <td><button data-image="${esc(d.name)}">Download image</button></td>
+        </tr>`).join("")}</tbody>
+    </table></div>
+    <h2>Add a device</h2>
+    <form class="card row" id="add-device">
+      <input name="name" placeholder="name" required pattern="[A-Za-z0-9_-]{1,64}">
+      <select name="config">${Object.keys(configs.configs).map((c) => `<option>${esc(c)}</option>`).join("")}</select>
+      <button class="primary">Add</button>
+    </form>
+    <div id="enrollment"></div>`;
+  main.querySelectorAll("[data-image]").forEach((b) => (b.onclick = async () => {
+    const t = await api("POST", `/api/v1/devices/${encodeURIComponent(b.dataset.image)}/image`, {});
+    location.hash = `#/tasks/${t.id}`;
+  }));
+  document.getElementById("add-device").onsubmit = async (e) => {
+    e.preventDefault();
+    try {
+      const r = await api("POST", "/api/v1/devices", { name: e.target.name.value, config: e.target.config.value });
+      document.getElementById("enrollment").innerHTML = `
+        <div class="card"><p>Enrollment token for <strong>${esc(r.name)}</strong> (shown once; single use):</p>
+        <pre data-testid="enrollment-token">${esc(r.enrollment_token)}</pre><p>Agent configuration:</p><pre>${esc(r.agent_config)}</pre></div>`;
+    } catch (err) {
+      document.getElementById("enrollment").innerHTML = `<p class="error">${esc(err.message)}</p>`;
+    }
+  };
+}
+
+// ---- configurations ----------------------------------------------------------------
+
+async function configsView() {
+  const configs = await api("GET", "/api/v1/project/configs");
+  main.innerHTML = `
+    <h1>Configurations</h1>
+    <div class="table-wrap"><table><thead><tr><th>Configuration</th><th>Tags</th><th></th></tr></thead><tbody>
+    ${Object.entries(configs.configs).map(([name, c]) => `
+      <tr><td><strong>${esc(name)}</strong></td><td>${(c.tags || []).map((t) => `<span class="badge">${esc(t)}</span>`).join(" ")}</td>
+      <td><button data-build="${esc(name)}">Build</button></td></tr>`).join("")}
+    </tbody></table></div>
+    <h2>Tags</h2><p>${configs.tags.map((t) => `<span class="badge">${esc(t)}</span>`).join(" ") || '<span class="muted">none</span>'}</p>`;
+  main.querySelectorAll("[data-build]").forEach((b) => (b.onclick = async () => {
+    const t = await api("POST", "/api/v1/build", { config: b.dataset.build });
+    location.hash = `#/tasks/${t.id}`;
+  }));
+}
+
+// ---- tasks -------------------------------------------------------------------------
+
+async function tasksView() {
+  const tasks = await api("GET", "/api/v1/tasks");
+  main.innerHTML = `
+    <h1>Tasks</h1>
+    <div class="table-wrap"><table data-testid="tasks-table"><thead><tr><th>#</th><th>Kind</th><th>State</th><th>Result</th><th>Commit</th><th>Devices</th><th>Created</th></tr></thead><tbody>
+    ${tasks.map((t) => `<tr><td><a href="#/tasks/${t.id}">${t.id}</a></td><td>${esc(t.kind)}</td><td>${esc(t.state)}</td>
+      <td>${t.result ? `<span class="badge ${t.result === "succeeded" ? "ok" : "bad"}">${esc(t.result)}</span>` : ""}</td>
+      <td><code>${short(t.commit)}</code></td><td>${(t.children || []).length || ""}</td><td class="muted">${ago(t.created)}</td></tr>`).join("")}
+    </tbody></table></div>`;
+}
+
+function progress(done, total) {
+  if (!total) return `<span class="muted">${done || 0}</span>`;
+  const pct = Math.min(100, Math.round((100 * done) / total));
+  return `<span class="progress" title="${done}/${total}"><span style="width:${pct}%"></span></span> ${done}/${total}`;
+}
+
+function renderTask(t, logs) {
+  const running = !["finished", "cancelled"].includes(t.state);
+  main.innerHTML = `
+    <h1>Task ${t.id} <span class="muted">${esc(t.kind)}</span></h1>
+    <div class="card row">
+      <span>State: <strong data-testid="task-state">${esc(t.state)}</strong></span>
+      <span>Result: <strong data-testid="task-result">${esc(t.result || "–")}</strong></span>
+      <span>Commit: <code>${short(t.commit)}</code></span>
+      ${t.system ? `<span>System: <code>${storeName(t.system)}</code></span>` : ""}
+      ${running && t.kind === "deployment" ? '<button id="cancel" data-testid="cancel">Cancel</button>' : ""}
+      ${t.kind === "image" || t.kind === "bundle" ? `<span id="artifacts"></span>` : ""}
+    </div>
+    ${t.error ? `<p class="error">${esc(t.error)}</p>` : ""}
+    ${(t.children || []).length ? `<div class="table-wrap"><table data-testid="children-table"><thead><tr><th>Device</th><th>Configuration</th><th>Phase</th><th>Paths</th><th>Bytes</th><th>Result</th></tr></thead><tbody>
+      ${t.children.map((c) => `<tr data-child="${esc(c.device)}"><td><strong>${esc(c.device)}</strong></td><td>${esc(c.config)}</td><td>${esc(c.phase)}</td>
+        <td>${progress(c.paths_sent, c.paths_total)}</td><td>${(c.bytes_sent / 1024).toFixed(1)} KiB</td>
+        <td class="wrap" data-testid="child-result">${resultText(c)}${c.error ? `<div class="error">${esc(c.error)}</div>` : ""}</td></tr>`).join("")}
+    </tbody></table></div>` : ""}
+    <h2>Log</h2><pre data-testid="task-log">${esc(logs.join("\n"))}</pre>`;
+  const cancel = document.getElementById("cancel");
+  if (cancel) cancel.onclick = () => api("POST", `/api/v1/tasks/${t.id}/cancel`);
+  const arts = document.getElementById("artifacts");
+  if (arts && t.result === "succeeded") api("GET", `/api/v1/tasks/${t.id}/artifacts`).then((files) => {
+    arts.innerHTML = files.map((f) => `<a href="/api/v1/tasks/${t.id}/artifacts/${encodeURIComponent(f.name)}" download>${esc(f.name)}</a>`).join(" ");
+  });
+}
+
+async function taskView(id) {
+  let task = await api("GET", `/api/v1/tasks/${id}`);
+  const logs = [];
+  renderTask(task, logs);
+  events = new EventSource(`/api/v1/tasks/${id}/events`);
+  events.addEventListener("log", (e) => { logs.push(e.data); renderTask(task, logs); });
+  events.addEventListener("task", (e) => { task = JSON.parse(e.data); renderTask(task, logs); });
+  events.onerror = () => { if (["finished", "cancelled"].includes(task.state)) events.close(); };
+}
+
+// ---- deploy ------------------------------------------------------------------------
+
+function closeModal() { modal.hidden = true; modal.innerHTML = ""; }
+
+async function openDeploy() {
+  const [status, configs, devices] = await Promise.all([api("GET", "/api/v1/project/status"), api("GET", "/api/v1/project/configs"), api("GET", "/api/v1/devices")]);
+  const chosen = { configs: new Set(), devices: new Set() };
+  modal.hidden = false;
+  modal.innerHTML = `
+    <div class="dialog" data-testid="deploy-modal">
+      <h1>Deploy</h1>
+      <h2>Changes</h2>
+      ${status.changes.length ? `<ul data-testid="changes">${status.changes.map((c) => `<li><span class="badge">${esc(c.status)}</span> <code>${esc(c.path)}</code> <button data-diff="${esc(c.path)}">diff</button></li>`).join("")}</ul><pre id="diff" hidden></pre>`
+        : '<p class="muted" data-testid="changes">No uncommitted changes: HEAD is deployed.</p>'}
+      ${status.dirty ? `<p><label>Commit message<br><textarea rows="2" id="message" data-testid="commit-message">${esc(status.default_message)}</textarea></label></p>` : ""}
+      <h2>Targets</h2>
+      <div class="columns">
+        <div><strong>Tags</strong><div>${configs.tags.map((t) => `<span class="chip" data-tag="${esc(t)}">${esc(t)}</span>`).join("") || '<span class="muted">none</span>'}</div></div>
+        <div><strong>Configurations</strong>${Object.keys(configs.configs).map((c) => `<div><label><input type="checkbox" data-config="${esc(c)}"> ${esc(c)}</label></div>`).join("")}</div>
+        <div><strong>Devices</strong>${devices.map((d) => `<div><label><input type="checkbox" data-dev="${esc(d.name)}"> ${esc(d.name)}</label></div>`).join("")}</div>
+      </div>
+      <h2>Preview</h2><div id="preview" data-testid="preview"><p class="muted">Pick targets.</p></div>
+      <p class="row"><button class="primary" id="go" data-testid="deploy-submit" disabled>${status.dirty ? "Commit &amp; Deploy" : "Deploy"}</button>
+      <button id="close">Close</button> <span class="error" id="deploy-error"></span></p>
+    </div>`;
+  const request = () => ({ configs: [...chosen.configs], devices: [...chosen.devices], message: document.getElementById("message")?.value });
+  const preview = async () => {
+    const go = document.getElementById("go");
+    if (!chosen.configs.size && !chosen.devices.size) { go.disabled = true; return; }
+    try {
+      const p = await api("POST", "/api/v1/deploy/preview", request());
+      document.getElementById("preview").innerHTML = `
+        <p>Configurations: ${p.configs.map((c) => `<span class="badge">${esc(c)}</span>`).join(" ")}</p>
+        <ul>${p.devices.map((d) => `<li data-preview-device="${esc(d.name)}">${esc(d.name)} <span class="muted">(${esc(d.config)})</span> ${d.online ? '<span class="badge ok">online</span>' : '<span class="badge">offline: queued</span>'}</li>`).join("")}</ul>`;
+      go.disabled = false;
+    } catch (err) {
+      document.getElementById("preview").innerHTML = `<p class="error">${esc(err.message)}</p>`;
+      go.disabled = true;
+    }
+  };
+  modal.querySelectorAll("[data-tag]").forEach((chip) => (chip.onclick = () => {
+    for (const [name, c] of Object.entries(configs.configs)) if ((c.tags || []).includes(chip.dataset.tag)) {
+      chosen.configs.add(name);
+      modal.querySelector(`[data-config="${CSS.escape(name)}"]`).checked = true;
+    }
+    chip.classList.add("on");
+    preview();
+  }));
+  modal.querySelectorAll("[data-config]").forEach((b) => (b.onchange = () => { b.checked ? chosen.configs.add(b.dataset.config) : chosen.configs.delete(b.dataset.config); preview(); }));
+  modal.querySelectorAll("[data-dev]").forEach((b) => (b.onchange = () => { b.checked ? chosen.devices.add(b.dataset.dev) : chosen.devices.delete(b.dataset.dev); preview(); }));
+  modal.querySelectorAll("[data-diff]").forEach((b) => (b.onclick = async () => {
+    const d = await api("GET", `/api/v1/project/diff?path=${encodeURIComponent(b.dataset.diff)}`);
+    const pre = document.getElementById("diff");
+    pre.hidden = false;
+    pre.textContent = d.diff;
+  }));
+  document.getElementById("close").onclick = closeModal;
+  document.getElementById("go").onclick = async () => {
+    try {
+      const t = await api("POST", "/api/v1/deploy", request());
+      closeModal();
+      location.hash = `#/tasks/${t.id}`;
+    } catch (err) {
+      document.getElementById("deploy-error").textContent = err.message;
+    }
+  };
+}
+
+// ---- routing -----------------------------------------------------------------------
+
+async function route() {
+  if (events) { events.close(); events = null; }
+  const hash = location.hash || "#/devices";
+  document.querySelectorAll("header nav a").forEach((a) => a.classList.toggle("active", hash.startsWith(a.getAttribute("href"))));
+  try {
+    const m = hash.match(/^#\/tasks\/(\d+)/);
+    if (m) await taskView(m[1]);
+    else if (hash.startsWith("#/tasks")) await tasksView();
+    else if (hash.startsWith("#/configs")) await configsView();
+    else await devicesView();
+  } catch (err) {
+    if (err.message !== "not logged in") main.innerHTML = `<p class="error">${esc(err.message)}</p>`;
+  }
+}
+
+document.getElementById("deploy-button").onclick = () => openDeploy().catch((e) => alert(e.message));
+document.getElementById("logout-button").onclick = async () => { await api("POST", "/ui/logout", {}); csrf = null; showLogin(); };
+window.addEventListener("hashchange", route);
+
+(async () => {
+  const res = await fetch("/ui/session", { credentials: "same-origin" });
+  if (!res.ok) return showLogin();
+  csrf = (await res.json()).csrf;
+  document.getElementById("toolbar").hidden = false;
+  route();
+})();

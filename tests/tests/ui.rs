@@ -1,0 +1,78 @@
+//! The web UI in a real browser (Debian's Chromium driven by playwright-core) against a
+//! real controller and devices. Screenshots of each view go to `artifacts/ui/`.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::json;
+use thymis_fleet_tests::{Fleet, FleetOptions};
+
+fn ui(f: &Fleet, phase: &str, expect: serde_json::Value) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("ui");
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../artifacts/ui");
+    std::fs::create_dir_all(&shots).expect("artifacts dir");
+    assert!(dir.join("node_modules/playwright-core").exists(), "run scripts/setup.sh (npm ci in tests/ui)");
+    let out = Command::new("node")
+        .arg(dir.join("ui-test.mjs"))
+        .arg(phase)
+        .env("THYMIS_URL", f.controller.base_url())
+        .env("THYMIS_TOKEN", f.controller.token())
+        .env("SHOTS", &shots)
+        .env("EXPECT", expect.to_string())
+        .output()
+        .expect("node");
+    assert!(
+        out.status.success(),
+        "UI phase {phase} failed:\n{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        f.diagnostics()
+    );
+}
+
+#[test]
+fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    for (name, config) in [("a1", "alpha"), ("a2", "alpha"), ("b1", "beta")] {
+        f.add_device(name, config, true).expect("device");
+    }
+    for name in ["a1", "a2", "b1"] {
+        f.wait_online(name);
+    }
+    let t = f.controller.ctl_json(&["deploy", "--tag", "screens", "--wait"]);
+    assert_eq!(t["result"], "succeeded");
+    let head = f.controller.project_head();
+
+    // A change to the project; deploy it to a tag from the UI.
+    f.set_configs(&json!({ "alpha": { "version": "2", "units": ["web.service"] }, "beta": { "version": "1" } }))
+        .expect("cfg");
+    ui(
+        &f,
+        "tag",
+        json!({
+            "devices": { "a1": head, "a2": head, "b1": head },
+            "changed": "configs.json",
+            "tag": "screens",
+            "preview": ["a1", "a2", "b1"],
+            "results": { "a1": "succeeded", "a2": "succeeded", "b1": "succeeded" },
+        }),
+    );
+    let deployed = f.controller.project_head();
+    assert_ne!(deployed, head, "Commit & Deploy did not commit");
+    assert_eq!(f.device_row("a1")["commit"], deployed.as_str());
+
+    // A configuration whose activation fails shows the rollback and its reason.
+    f.set_configs(&json!({ "alpha": { "version": "3", "activationFails": true }, "beta": { "version": "1" } }))
+        .expect("cfg");
+    ui(
+        &f,
+        "failing",
+        json!({
+            "devices": { "a1": deployed },
+            "changed": "configs.json",
+            "targets": ["a1"],
+            "preview": ["a1"],
+            "results": { "a1": "rolled back: activation-failed" },
+        }),
+    );
+}

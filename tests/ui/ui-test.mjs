@@ -1,0 +1,72 @@
+// Drives the Thymis web UI in headless Chromium (Debian's), as a person would.
+// Usage: node ui-test.mjs PHASE   with THYMIS_URL, THYMIS_TOKEN, SHOTS (screenshot dir),
+// EXPECT (JSON: devices with their expected commit prefix). Exits non-zero on failure.
+import { chromium } from "playwright-core";
+
+const url = process.env.THYMIS_URL;
+const token = process.env.THYMIS_TOKEN;
+const shots = process.env.SHOTS;
+const expect = JSON.parse(process.env.EXPECT || "{}");
+const phase = process.argv[2];
+
+function check(cond, what) {
+  if (!cond) throw new Error(`UI check failed: ${what}`);
+}
+
+const browser = await chromium.launch({
+  executablePath: "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
+  page.setDefaultTimeout(60000);
+  await page.goto(url);
+  // Log in with the admin token.
+  await page.fill("[data-testid=login-token]", token);
+  await page.click("[data-testid=login-submit]");
+  await page.waitForSelector("[data-testid=devices-table]");
+
+  // The devices table shows the devices and the commits they run.
+  for (const [name, commit] of Object.entries(expect.devices || {})) {
+    const row = page.locator(`tr[data-device="${name}"]`);
+    await row.waitFor();
+    const shown = (await row.locator("[data-testid=device-commit]").innerText()).trim();
+    check(commit === "" ? shown === "–" : commit.startsWith(shown) && shown.length > 0, `${name} shows commit ${shown}, expected ${commit}`);
+  }
+  await page.screenshot({ path: `${shots}/${phase}-devices.png`, fullPage: true });
+
+  await page.click("[data-testid=deploy-button]");
+  await page.waitForSelector("[data-testid=deploy-modal]");
+  const changes = await page.locator("[data-testid=changes]").innerText();
+  check(changes.includes(expect.changed), `the deploy view lists ${expect.changed}: ${changes}`);
+  const message = await page.inputValue("[data-testid=commit-message]");
+  check(message.trim().length > 0, "a commit message is pre-filled");
+  if (expect.tag) {
+    await page.click(`[data-tag="${expect.tag}"]`);
+  } else {
+    for (const d of expect.targets) await page.check(`[data-dev="${d}"]`);
+  }
+  for (const d of expect.preview) await page.waitForSelector(`[data-preview-device="${d}"]`);
+  const button = page.locator("[data-testid=deploy-submit]");
+  check((await button.innerText()).includes("Commit & Deploy"), "uncommitted changes offer Commit & Deploy");
+  await page.screenshot({ path: `${shots}/${phase}-deploy.png`, fullPage: true });
+  await button.click();
+
+  // The task page updates live (no reload) until the deployment is finished.
+  await page.waitForURL(/#\/tasks\/\d+/);
+  await page.waitForFunction(() => document.querySelector("[data-testid=task-state]")?.textContent === "finished", null, { timeout: 90000 });
+  for (const [device, text] of Object.entries(expect.results)) {
+    const cell = (await page.locator(`tr[data-child="${device}"] [data-testid=child-result]`).innerText()).trim();
+    check(cell.includes(text), `${device}: "${cell}" does not say "${text}"`);
+  }
+  await page.screenshot({ path: `${shots}/${phase}-task.png`, fullPage: true });
+
+  // Readable on a phone.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.click("[data-testid=nav-devices]");
+  await page.waitForSelector("[data-testid=devices-table]");
+  await page.screenshot({ path: `${shots}/${phase}-phone.png`, fullPage: true });
+  console.log(`ui phase ${phase}: ok`);
+} finally {
+  await browser.close();
+}
