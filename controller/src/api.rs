@@ -63,6 +63,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/tasks/{id}/cancel", post(task_cancel))
         .route("/tasks/{id}/events", get(task_events))
         .route("/identity", get(identity))
+        .route("/stats", get(stats))
         .layer(middleware::from_fn_with_state(ctl.clone(), require_token));
     Router::new()
         .nest("/api/v1", api)
@@ -393,6 +394,16 @@ async fn task_events(
 async fn task_cancel(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>) -> ApiResult {
     deploy::cancel(&ctl, id).await?;
     task_json(&ctl, id)
+}
+
+/// Counters for benchmarks and monitoring.
+async fn stats(State(ctl): State<Arc<Controller>>) -> ApiResult {
+    use std::sync::atomic::Ordering;
+    Ok(Json(json!({
+        "builds": ctl.build_count.load(Ordering::Relaxed),
+        "compressions": ctl.nar_cache.compressions.load(Ordering::Relaxed),
+        "connected_agents": ctl.online().len(),
+    })))
 }
 
 async fn identity(State(ctl): State<Arc<Controller>>) -> ApiResult {

@@ -17,6 +17,7 @@ pub async fn build(ctl: &Arc<Controller>, task: i64, commit: &str, config: &str)
     let toml = ctl.project.toml_at(commit)?;
     let attr = toml.attr(config).ok_or_else(|| anyhow!("configuration {config} is not in thymis.toml at {commit}"))?;
     let installable = format!("{}#{attr}", ctl.project.flake_ref(commit));
+    ctl.build_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     ctl.db.log(
         task,
         None,

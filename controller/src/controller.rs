@@ -137,6 +137,9 @@ pub struct Controller {
     pub enroll_failures: Mutex<(std::time::Instant, u32)>,
     /// Serialises builds and closure preparation per (commit, config).
     pub builds: tokio::sync::Mutex<HashMap<(String, String), Result<thymis_store::StorePath, String>>>,
+    pub nar_cache: crate::nar_cache::NarCache,
+    /// Builds run since start (the fan-out benchmark reads it).
+    pub build_count: std::sync::atomic::AtomicU64,
 }
 
 fn load_or_create_key(path: &Path, name: &str) -> Result<SecretKey> {
@@ -189,7 +192,9 @@ impl Controller {
         let (connected, _) = broadcast::channel(1024);
         let (task_changed, _) = broadcast::channel(1024);
         let handshakes = Arc::new(Semaphore::new(settings.max_unauthenticated));
+        let nar_cache_dir = paths.root.join("nar-cache");
         Ok(Arc::new(Controller {
+            nar_cache: crate::nar_cache::NarCache::new(nar_cache_dir),
             paths,
             db,
             project,
@@ -203,6 +208,7 @@ impl Controller {
             handshakes,
             enroll_failures: Mutex::new((std::time::Instant::now(), 0)),
             builds: tokio::sync::Mutex::new(HashMap::new()),
+            build_count: std::sync::atomic::AtomicU64::new(0),
             settings,
         }))
     }

@@ -12,8 +12,7 @@ use anyhow::{Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use thymis_proto::signed::{Offer, Signed};
 use thymis_proto::{AgentBound, ControllerBound};
-use thymis_store::local_store::LocalStore;
-use thymis_store::{PathInfo, StorePath, zstd_limits};
+use thymis_store::{PathInfo, StorePath};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{info, warn};
 
@@ -376,8 +375,13 @@ async fn send_to(
         if !conn.send(AgentBound::PathStart { deployment_id: id.clone(), info: (*info).clone() }).await {
             return Err(Stop::Disconnected);
         }
-        let (out, path) = (conn.out.clone(), info.path.clone());
-        let sent = tokio::task::spawn_blocking(move || stream_nar(&path, out)).await.map_err(|_| Stop::Disconnected)?;
+        let file = match ctl.nar_cache.get(&info.path).await {
+            Ok(f) => f,
+            Err(e) => return Err(Stop::Refused(format!("reading {}: {e:#}", info.path))),
+        };
+        let out = conn.out.clone();
+        let sent =
+            tokio::task::spawn_blocking(move || stream_file(&file, out)).await.map_err(|_| Stop::Disconnected)?;
         let bytes = sent.map_err(lost)?;
         unacked.insert(info.path.clone(), bytes);
         if !conn.send(AgentBound::PathEnd { deployment_id: id.clone(), path: info.path.clone() }).await {
@@ -424,17 +428,12 @@ fn ack(
     }
 }
 
-/// Sends a path's NAR as zstd-compressed binary frames; returns the bytes sent.
-fn stream_nar(path: &StorePath, out: mpsc::Sender<Out>) -> Result<u64, ()> {
+/// Sends a compressed NAR as binary frames; returns the bytes sent.
+fn stream_file(file: &std::path::Path, out: mpsc::Sender<Out>) -> Result<u64, ()> {
     let mut frames = FrameWriter { out, buf: Vec::with_capacity(thymis_proto::CHUNK_SIZE), sent: 0, broken: false };
-    let result = (|| -> io::Result<()> {
-        let mut enc = zstd_limits::encoder(&mut frames)?;
-        LocalStore::system().dump(path, &mut enc).map_err(io::Error::other)?;
-        enc.finish()?;
-        Ok(())
-    })();
+    let copied = std::fs::File::open(file).and_then(|mut f| io::copy(&mut f, &mut frames));
     frames.flush().map_err(|_| ())?;
-    if result.is_err() || frames.broken {
+    if copied.is_err() || frames.broken {
         return Err(());
     }
     Ok(frames.sent)

@@ -8,6 +8,7 @@ pub mod build;
 pub mod controller;
 pub mod db;
 pub mod deploy;
+pub mod nar_cache;
 pub mod project;
 pub mod task;
 pub mod tls;
@@ -136,6 +137,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             if let Err(e) = deploy::sweep(&sweeper) {
                 tracing::warn!("expiry sweep: {e:#}");
             }
+            sweeper.nar_cache.prune(Duration::from_secs(24 * 3600));
         }
     });
     let listener =

@@ -70,6 +70,9 @@ fn commit_and_deploy_to_a_tag_then_noop_then_only_changed_paths() {
     }
     assert_eq!(f.device("a1").units(), "web.service=alpha-2");
     assert_eq!(f.device("b1").units(), "db.service=beta-1");
+    // Each distinct path was compressed once, though three devices received them.
+    let (_, stats) = f.controller.api("/stats", None);
+    assert_eq!(stats["compressions"], 5, "base, two apps, two systems: {stats}");
 
     // Redeploy with no change: nothing to send.
     let (code, again) = deploy(&f, &["--tag", "screens"]);
