@@ -4,7 +4,7 @@
 
 CARGO ?= cargo
 
-.PHONY: test demo setup build lint fuzz-check
+.PHONY: test demo setup build lint fuzz-check bench
 
 test: setup lint build
 	$(CARGO) test --workspace
@@ -27,3 +27,9 @@ lint:
 # Fuzz targets must keep compiling; running them is `cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run TARGET`.
 fuzz-check:
 	CARGO_TARGET_DIR=target/fuzz-check $(CARGO) check --manifest-path fuzz/Cargo.toml --no-default-features
+
+# Benchmarks (not part of the test command): writes docs/benchmarks.md.
+bench: setup
+	command -v sshd >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server >/dev/null
+	$(CARGO) build --release --workspace --bins
+	target/release/thymis-bench

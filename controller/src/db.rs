@@ -535,6 +535,20 @@ impl Db {
         Ok(rows)
     }
 
+    /// A task's children grouped by (state, result), with counts.
+    pub fn child_counts(&self, task: i64) -> Result<Vec<(ChildState, Option<String>, usize)>> {
+        let c = self.c();
+        let mut st =
+            c.prepare("SELECT state, result, COUNT(*) FROM children WHERE task = ?1 GROUP BY state, result")?;
+        let rows = st
+            .query_map(params![task], |r| {
+                let state: String = r.get(0)?;
+                Ok((ChildState::parse(&state).unwrap_or(ChildState::Pending), r.get(1)?, r.get::<_, i64>(2)? as usize))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     /// Unfinished children of other tasks for `device` (to be superseded).
     pub fn open_children_of_device(&self, device: &str, except_task: i64) -> Result<Vec<ChildRow>> {
         let c = self.c();

@@ -166,10 +166,11 @@ fn supersede(ctl: &Controller, device: &str, new_task: i64) -> Result<()> {
 
 /// Recomputes a deployment's state from its children.
 pub fn refresh_task(ctl: &Controller, task: i64) -> Result<()> {
-    let children = ctl.db.children(task)?;
+    let groups = ctl.db.child_counts(task)?;
     let cancelled = lock(&ctl.cancelled).contains(&task) || ctl.db.task_state(task)? == Some(TaskState::Cancelled);
-    let pairs: Vec<(ChildState, Option<&str>)> = children.iter().map(|c| (c.state, c.result.as_deref())).collect();
-    let (state, result) = deployment_state(&pairs, cancelled);
+    let counted: Vec<(ChildState, Option<&str>, usize)> =
+        groups.iter().map(|(s, r, n)| (*s, r.as_deref(), *n)).collect();
+    let (state, result) = deployment_state(&counted, cancelled);
     ctl.db.set_task_state(task, state, result, None)?;
     ctl.notify_task(task);
     Ok(())

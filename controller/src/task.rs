@@ -68,19 +68,25 @@ impl ChildState {
 
 /// A deployment's state and result from its children: (state, result).
 /// `cancelled` is whether someone cancelled the deployment.
-pub fn deployment_state(children: &[(ChildState, Option<&str>)], cancelled: bool) -> (TaskState, Option<&'static str>) {
-    if children.iter().any(|(s, _)| matches!(s, ChildState::Pending | ChildState::Running)) {
+/// `children` holds (state, result, how many children have them), as the database
+/// counts them (a deployment to ten thousand devices is a handful of groups).
+pub fn deployment_state(
+    children: &[(ChildState, Option<&str>, usize)],
+    cancelled: bool,
+) -> (TaskState, Option<&'static str>) {
+    if children.iter().any(|(s, _, n)| *n > 0 && matches!(s, ChildState::Pending | ChildState::Running)) {
         return (TaskState::Running, None);
     }
-    if children.iter().any(|(s, _)| *s == ChildState::Queued) {
+    if children.iter().any(|(s, _, n)| *n > 0 && *s == ChildState::Queued) {
         return (TaskState::Waiting, None);
     }
     if cancelled {
         return (TaskState::Cancelled, Some("cancelled"));
     }
     let ok = |r: &Option<&str>| matches!(r, Some("succeeded" | "succeeded-with-failed-units"));
-    let succeeded = children.iter().filter(|(_, r)| ok(r)).count();
-    let result = if succeeded == children.len() {
+    let total: usize = children.iter().map(|(_, _, n)| n).sum();
+    let succeeded: usize = children.iter().filter(|(_, r, _)| ok(r)).map(|(_, _, n)| n).sum();
+    let result = if succeeded == total {
         "succeeded"
     } else if succeeded == 0 {
         "failed"
@@ -97,23 +103,18 @@ mod tests {
 
     #[test]
     fn state_follows_children() {
+        let st = |c: &[(ChildState, Option<&str>, usize)], cancelled| deployment_state(c, cancelled);
+        assert_eq!(st(&[(Running, None, 1), (Finished, Some("succeeded"), 2)], false), (TaskState::Running, None));
+        assert_eq!(st(&[(Queued, None, 1), (Finished, Some("succeeded"), 1)], false), (TaskState::Waiting, None));
         assert_eq!(
-            deployment_state(&[(Running, None), (Finished, Some("succeeded"))], false),
-            (TaskState::Running, None)
-        );
-        assert_eq!(
-            deployment_state(&[(Queued, None), (Finished, Some("succeeded"))], false),
-            (TaskState::Waiting, None)
-        );
-        assert_eq!(
-            deployment_state(&[(Finished, Some("succeeded")), (Finished, Some("succeeded-with-failed-units"))], false),
+            st(&[(Finished, Some("succeeded"), 5), (Finished, Some("succeeded-with-failed-units"), 1)], false),
             (TaskState::Finished, Some("succeeded"))
         );
         assert_eq!(
-            deployment_state(&[(Finished, Some("succeeded")), (Finished, Some("rolled-back"))], false),
+            st(&[(Finished, Some("succeeded"), 9), (Finished, Some("rolled-back"), 1)], false),
             (TaskState::Finished, Some("partially-failed"))
         );
-        assert_eq!(deployment_state(&[(Finished, Some("expired"))], false), (TaskState::Finished, Some("failed")));
-        assert_eq!(deployment_state(&[(Finished, Some("cancelled"))], true), (TaskState::Cancelled, Some("cancelled")));
+        assert_eq!(st(&[(Finished, Some("expired"), 3)], false), (TaskState::Finished, Some("failed")));
+        assert_eq!(st(&[(Finished, Some("cancelled"), 1)], true), (TaskState::Cancelled, Some("cancelled")));
     }
 }

@@ -506,6 +506,56 @@ impl Device {
         run(Command::new("nsenter").args(["-t", &target, "-m", "-n", "sh", "-c", script])).unwrap_or_default()
     }
 
+    /// The host side of the device's veth pair (its counters see all its traffic).
+    pub fn host_veth(&self) -> &str {
+        &self.veth
+    }
+
+    /// Bytes through the device's link so far (both directions).
+    pub fn link_bytes(&self) -> u64 {
+        ["rx_bytes", "tx_bytes"]
+            .iter()
+            .map(|c| {
+                std::fs::read_to_string(format!("/sys/class/net/{}/statistics/{c}", self.veth))
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// The device's address on the fleet's bridge.
+    pub fn address(&self) -> String {
+        let out = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.netns,
+            "ip",
+            "-4",
+            "-o",
+            "addr",
+            "show",
+            "scope",
+            "global",
+        ]))
+        .unwrap_or_default();
+        out.split_whitespace().find(|w| w.contains('/')).and_then(|a| a.split('/').next()).unwrap_or("").to_owned()
+    }
+
+    /// Removes the link cap of [`Device::shape`].
+    pub fn unshape(&self) {
+        let peer = self.veth.replacen("thv", "thp", 1);
+        let _ = ip(&["netns", "exec", &self.netns, "tc", "qdisc", "del", "dev", &peer, "root"]);
+        let _ = run(Command::new("tc").args(["qdisc", "del", "dev", &self.veth, "root"]));
+    }
+
+    /// The agent's process id (the process in the device's namespaces).
+    pub fn agent_pid(&self) -> Option<u32> {
+        let pid = self.child.as_ref()?.id();
+        let kids = run(Command::new("pgrep").args(["-P", &pid.to_string()])).ok()?;
+        kids.lines().next().and_then(|l| l.trim().parse().ok()).or(Some(pid))
+    }
+
     /// Caps the device's link (both directions seen from the device's side: egress
     /// shaping on its interface) at `rate`, e.g. "8mbit".
     pub fn shape(&self, rate: &str) -> Result<()> {
