@@ -26,20 +26,25 @@ let
     blocking = { networking.firewall.extraCommands = "iptables -I OUTPUT -p tcp --dport 8443 -j DROP"; };
   };
   build = extra: (pkgs.nixos [ self.nixosModules.agent (import deviceModule) extra ]).config.system.build.toplevel;
+  # The devices' configuration "fleet" takes the variant named in ./variant (good,
+  # broken or blocking), so a test changes what the devices run by editing one file.
   projectFlake = pkgs.writeText "flake.nix" ''
     {
       inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
       inputs.thymis.url = "github:thymis-io/thymis-rs";
       outputs = { self, nixpkgs, thymis }:
         let
-          mk = extra: nixpkgs.lib.nixosSystem {
-            system = "${system}";
-            modules = [ thymis.nixosModules.agent ./device.nix extra ];
+          variants = {
+            good = { environment.etc."thymis-marker".text = "good"; };
+            broken = { system.activationScripts.thymisFail = "echo failing on purpose; exit 1"; };
+            blocking = { networking.firewall.extraCommands = "iptables -I OUTPUT -p tcp --dport 8443 -j DROP"; };
           };
+          variant = builtins.replaceStrings [ "\\n" ] [ "" ] (builtins.readFile ./variant);
         in {
-          nixosConfigurations.good = mk { environment.etc."thymis-marker".text = "good"; };
-          nixosConfigurations.broken = mk { system.activationScripts.thymisFail = "echo failing on purpose; exit 1"; };
-          nixosConfigurations.blocking = mk { networking.firewall.extraCommands = "iptables -I OUTPUT -p tcp --dport 8443 -j DROP"; };
+          nixosConfigurations.fleet = nixpkgs.lib.nixosSystem {
+            system = "${system}";
+            modules = [ thymis.nixosModules.agent ./device.nix variants.''${variant} ];
+          };
         };
     }
   '';
@@ -83,12 +88,12 @@ in
     controller.succeed(
         "cp ${projectFlake} /var/lib/thymis/project/flake.nix && "
         "cp ${deviceModule} /var/lib/thymis/project/device.nix && "
-        "printf '[configs.good]\\ntags = [\"fleet\"]\\n[configs.broken]\\n[configs.blocking]\\n' "
-        "> /var/lib/thymis/project/thymis.toml"
+        "echo good > /var/lib/thymis/project/variant && "
+        "printf '[configs.fleet]\\ntags = [\"fleet\"]\\n' > /var/lib/thymis/project/thymis.toml"
     )
 
     for dev in [dev1, dev2]:
-        out = json.loads(ctl(f"--json device add {dev.name} --config good"))
+        out = json.loads(ctl(f"--json device add {dev.name} --config fleet"))
         dev.succeed("mkdir -p /etc/thymis && cat > /etc/thymis/agent.toml <<'EOF'\n" + out["agent_config"] + "EOF")
         dev.succeed("systemctl restart thymis-agent")
         dev.wait_for_unit("thymis-agent.service")
@@ -102,5 +107,23 @@ in
         dev.succeed("busctl get-property io.thymis.Agent1 /io/thymis/Agent1 io.thymis.Agent1 State | grep -q idle")
     devices = json.loads(ctl("--json devices"))
     assert all(d["commit"] == task["commit"] for d in devices), devices
+    good = {d["name"]: d["system"] for d in devices}
+
+    # A configuration whose activation fails rolls back; the devices keep running "good".
+    controller.succeed("echo broken > /var/lib/thymis/project/variant")
+    task = json.loads(controller.fail(f"{env} thymisctl --json deploy --tag fleet -m broken --wait"))
+    for child in task["children"]:
+        assert child["result"] == "rolled-back" and child["reason"] == "activation-failed", child
+    for dev in [dev1, dev2]:
+        dev.succeed("test \"$(cat /etc/thymis-marker)\" = good")
+        assert dev.succeed("readlink -f /run/current-system").strip() == good[dev.name]
+
+    # A configuration that blocks the controller's port rolls back unconfirmed.
+    controller.succeed("echo blocking > /var/lib/thymis/project/variant")
+    task = json.loads(controller.fail(f"{env} thymisctl --json deploy --tag fleet -m blocking --wait"))
+    for child in task["children"]:
+        assert child["result"] == "rolled-back" and child["reason"] == "unconfirmed", child
+    for dev in [dev1, dev2]:
+        assert dev.succeed("readlink -f /run/current-system").strip() == good[dev.name]
   '';
 }
