@@ -64,6 +64,30 @@ pub async fn build(ctl: &Arc<Controller>, task: i64, commit: &str, config: &str)
     Ok(system)
 }
 
+/// [`build`], reusing an earlier build of the same configuration at the same commit
+/// (a commit's build does not change) while its output is still in the store.
+pub async fn build_cached(ctl: &Arc<Controller>, task: i64, commit: &str, config: &str) -> Result<StorePath> {
+    let key = (commit.to_owned(), config.to_owned());
+    let cached = ctl.builds.lock().await.get(&key).cloned();
+    if let Some(Ok(system)) = cached {
+        let check = system.clone();
+        let valid = tokio::task::spawn_blocking(move || LocalStore::system().invalid_paths(&[check]))
+            .await?
+            .is_ok_and(|invalid| invalid.is_empty());
+        if valid {
+            ctl.db.log(
+                task,
+                None,
+                &format!("{config} at {} was built before: {system}", &commit[..commit.len().min(12)]),
+            )?;
+            return Ok(system);
+        }
+    }
+    let system = build(ctl, task, commit, config).await?;
+    ctl.builds.lock().await.insert(key, Ok(system.clone()));
+    Ok(system)
+}
+
 /// The closure of `system`, dependencies first, each path signed with the Nix key.
 pub async fn signed_closure(ctl: &Arc<Controller>, system: &StorePath) -> Result<Vec<PathInfo>> {
     let system = system.clone();

@@ -192,7 +192,7 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
             )?;
         }
         ctl.notify_task(task);
-        let built = match build::build(ctl, task, commit, config).await {
+        let built = match build::build_cached(ctl, task, commit, config).await {
             Ok(system) => build::signed_closure(ctl, &system).await.map(|cl| (system, cl)),
             Err(e) => Err(e),
         };

@@ -20,9 +20,14 @@ pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("THYMIS_BIN_DIR") {
         return d.into();
     }
-    // target/debug/deps/<test binary> -> target/debug
+    // target/debug/deps/<test binary> -> target/debug; target/release/<bench> -> target/release
     let exe = std::env::current_exe().expect("test executable");
-    exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+    let dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target dir").to_owned()
+    } else {
+        dir.to_owned()
+    }
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -551,8 +556,9 @@ impl Device {
 
     /// The agent's process id (the process in the device's namespaces).
     pub fn agent_pid(&self) -> Option<u32> {
+        // `ip netns exec`, `unshare` and `sh -c ... exec` all exec: usually the child is the agent.
         let pid = self.child.as_ref()?.id();
-        let kids = run(Command::new("pgrep").args(["-P", &pid.to_string()])).ok()?;
+        let kids = run(Command::new("pgrep").args(["-P", &pid.to_string()])).unwrap_or_default();
         kids.lines().next().and_then(|l| l.trim().parse().ok()).or(Some(pid))
     }
 

@@ -376,48 +376,81 @@ pub fn all_succeeded(task: &Value) -> bool {
         && children.iter().all(|c| matches!(c["result"].as_str(), Some("succeeded" | "succeeded-with-failed-units")))
 }
 
-/// Polls a task until no child is pending or running, printing logs and progress to
-/// stderr. Queued children (offline devices) do not hold the wait.
+/// Follows a task until no child is pending or running, printing logs and progress to
+/// stderr. Queued children (offline devices) do not hold the wait. Uses the task's
+/// server-sent events, so the result is seen as soon as it is recorded.
 fn follow(c: &Client, id: i64, show: bool) -> Result<Value> {
-    let mut after = 0;
     let tty = std::io::stderr().is_terminal();
-    loop {
-        let t = c.call("GET", &format!("/tasks/{id}"), None)?;
-        let logs = c.call("GET", &format!("/tasks/{id}/logs?after={after}"), None)?;
-        for l in logs.as_array().cloned().unwrap_or_default() {
-            after = l["id"].as_i64().unwrap_or(after);
-            if show {
-                eprintln!("  {}", s(&l["line"]));
-            }
-        }
-        let state = s(&t["state"]);
-        if matches!(state.as_str(), "finished" | "cancelled" | "waiting") {
-            if state == "waiting" && show {
-                for ch in t["children"].as_array().cloned().unwrap_or_default() {
-                    if ch["state"] == "queued" {
-                        eprintln!("  {} is offline: queued until it connects", s(&ch["device"]));
+    let settled = |t: &Value| matches!(t["state"].as_str(), Some("finished" | "cancelled" | "waiting"));
+    let mut last = Value::Null;
+    let url = format!("{}/api/v1/tasks/{id}/events", c.base);
+    let mut resp = c
+        .agent
+        .get(&url)
+        .header("Authorization", &format!("Bearer {}", c.token))
+        .header("Accept", "text/event-stream")
+        .call()
+        .with_context(|| format!("following task {id}"))?;
+    if !resp.status().is_success() {
+        bail!("following task {id}: {}", resp.status());
+    }
+    let reader = std::io::BufReader::new(resp.body_mut().with_config().limit(u64::MAX).reader());
+    let mut event = String::new();
+    for line in std::io::BufRead::lines(reader) {
+        let line = line?;
+        if let Some(name) = line.strip_prefix("event: ") {
+            event = name.to_owned();
+        } else if let Some(data) = line.strip_prefix("data: ") {
+            match event.as_str() {
+                "log" if show => {
+                    if tty {
+                        eprint!("\r\x1b[2K");
+                    }
+                    eprintln!("  {data}");
+                }
+                "task" => {
+                    last = serde_json::from_str(data).unwrap_or(Value::Null);
+                    if settled(&last) {
+                        break;
+                    }
+                    if show && tty {
+                        let summary: Vec<String> = last["children"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|ch| {
+                                format!(
+                                    "{} {}/{} {} paths",
+                                    s(&ch["device"]),
+                                    s(&ch["state"]),
+                                    s(&ch["phase"]),
+                                    ch["paths_sent"]
+                                )
+                            })
+                            .collect();
+                        eprint!("\r\x1b[2K{}", summary.join("  |  "));
                     }
                 }
+                _ => {}
             }
-            return Ok(t);
-        }
-        if show && tty {
-            let summary: Vec<String> = t["children"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(|ch| {
-                    format!("{} {}/{} {} paths", s(&ch["device"]), s(&ch["state"]), s(&ch["phase"]), ch["paths_sent"])
-                })
-                .collect();
-            eprint!("\r\x1b[2K{}", summary.join("  |  "));
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        if show && tty {
-            eprint!("\r\x1b[2K");
         }
     }
+    if show && tty {
+        eprint!("\r\x1b[2K");
+    }
+    // The stream ends with the task; a "waiting" task (queued devices) ends the wait too.
+    if !settled(&last) {
+        last = c.call("GET", &format!("/tasks/{id}"), None)?;
+    }
+    if last["state"] == "waiting" && show {
+        for ch in last["children"].as_array().cloned().unwrap_or_default() {
+            if ch["state"] == "queued" {
+                eprintln!("  {} is offline: queued until it connects", s(&ch["device"]));
+            }
+        }
+    }
+    Ok(last)
 }
 
 fn s(v: &Value) -> String {
