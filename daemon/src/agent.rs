@@ -328,6 +328,32 @@ impl Agent {
         let persisted = self.persisted();
         let previous = profile::resolve(&self.config.system_profile);
         let running = profile::resolve(&self.config.current_system_link).or_else(|| previous.clone());
+        // Already running and committed: nothing to switch, nothing that could cut the
+        // device off, so nothing to confirm. Record it and report at once.
+        if !offer.reboot && running.as_ref() == Some(&offer.system) && previous.as_ref() == Some(&offer.system) {
+            info!(deployment = %offer.deployment_id, "already running this system: nothing to activate");
+            {
+                let mut p = lock(&self.persisted);
+                p.last_sequence = offer.sequence;
+                p.commit = offer.commit.clone();
+                self.save_persisted(&p)?;
+            }
+            *lock(&self.offer) = None;
+            let _ = std::fs::remove_file(roots.join(&offer.deployment_id));
+            self.record(Outcome {
+                deployment_id: offer.deployment_id.clone(),
+                result: DeviceResult::Succeeded,
+                reason: None,
+                phase: None,
+                error: None,
+                failed_units: vec![],
+                unit_logs: Default::default(),
+                system: Some(offer.system.clone()),
+                commit: offer.commit.clone(),
+                generation: profile::generation(&self.config.system_profile),
+            });
+            return Ok(());
+        }
         let reboot = offer.reboot || running.as_ref().is_some_and(|r| bootloader::kernel_changed(r, &offer.system));
         let pending = Pending {
             offer: offer.clone(),

@@ -61,11 +61,25 @@ try {
   }
   await page.screenshot({ path: `${shots}/${phase}-task.png`, fullPage: true });
 
+  // The other views.
+  await page.click("[data-testid=nav-tasks]");
+  await page.waitForSelector("[data-testid=tasks-table]");
+  await page.screenshot({ path: `${shots}/${phase}-tasks.png`, fullPage: true });
+  await page.click("[data-testid=nav-configs]");
+  await page.waitForSelector("[data-build]");
+  await page.screenshot({ path: `${shots}/${phase}-configurations.png`, fullPage: true });
+
   // Readable on a phone.
   await page.setViewportSize({ width: 390, height: 844 });
   await page.click("[data-testid=nav-devices]");
   await page.waitForSelector("[data-testid=devices-table]");
   await page.screenshot({ path: `${shots}/${phase}-phone.png`, fullPage: true });
+
+  // Log out: the session is gone, the log-in form is back.
+  await page.click("[data-testid=logout-button]");
+  await page.waitForSelector("[data-testid=login-token]");
+  const after = await page.evaluate(async () => (await fetch("/api/v1/devices")).status);
+  check(after === 401, `after logging out the API answers ${after}`);
   console.log(`ui phase ${phase}: ok`);
 } finally {
   await browser.close();

@@ -308,8 +308,7 @@ fn scale(n: usize) -> Vec<String> {
     }
     let enroll_secs = t0.elapsed().as_secs_f64();
     let url = format!("ws://{}/agent/v1", f.controller.listen);
-    let ctl_pid = sh(Command::new("pgrep").args(["-f", &format!("--state-dir {}", f.controller.state_dir.display())]));
-    let ctl_pid: u32 = ctl_pid.lines().next().and_then(|l| l.trim().parse().ok()).expect("controller pid");
+    let ctl_pid = f.controller.pid().expect("controller pid");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let offered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
