@@ -32,7 +32,13 @@ pub async fn upgrade(
         return (axum::http::StatusCode::FORBIDDEN, "browsers may not open the agent socket").into_response();
     }
     let max = thymis_proto::MAX_TEXT_MESSAGE.max(thymis_proto::MAX_BINARY_FRAME);
-    ws.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| serve(ctl, socket))
+    // Small buffers: most of ten thousand connections are idle (the defaults, 128 KiB
+    // each way, cost a gigabyte and a half at that scale).
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .read_buffer_size(8 << 10)
+        .write_buffer_size(8 << 10)
+        .on_upgrade(move |socket| serve(ctl, socket))
 }
 
 async fn send(ws: &mut WebSocket, m: &AgentBound) -> Result<()> {
@@ -253,7 +259,16 @@ async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: ControllerBound) -
                 debug!(%device, deployment = %id, "reply nobody waits for");
             }
         }
-        ControllerBound::Heartbeat { .. } => ctl.db.touch_device(device)?,
+        ControllerBound::Heartbeat { .. } => {
+            // "Last seen" to the minute: a write per heartbeat of every agent would keep
+            // the database busy for nothing.
+            let mut last = lock(&conn.last_touch);
+            if last.elapsed() > Duration::from_secs(60) {
+                *last = Instant::now();
+                drop(last);
+                ctl.db.touch_device(device)?;
+            }
+        }
         ControllerBound::Error { message } => warn!(%device, %message, "agent reported an error"),
         ControllerBound::Hello { .. } | ControllerBound::Auth { .. } => bail!("handshake message mid-session"),
     }

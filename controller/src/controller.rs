@@ -82,11 +82,20 @@ pub struct Conn {
     waiters: Mutex<HashMap<String, mpsc::UnboundedSender<ControllerBound>>>,
     /// Ends the connection (device revoked, or replaced by a newer connection).
     pub kicked: tokio::sync::Notify,
+    /// When "last seen" was last written for this connection.
+    pub last_touch: Mutex<std::time::Instant>,
 }
 
 impl Conn {
     pub fn new(device: String, session: String, out: mpsc::Sender<Out>) -> Self {
-        Conn { device, session, out, waiters: Mutex::new(HashMap::new()), kicked: tokio::sync::Notify::new() }
+        Conn {
+            device,
+            session,
+            out,
+            waiters: Mutex::new(HashMap::new()),
+            kicked: tokio::sync::Notify::new(),
+            last_touch: Mutex::new(std::time::Instant::now()),
+        }
     }
 
     /// Receives this connection's replies about `deployment_id` until dropped; the

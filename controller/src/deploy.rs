@@ -277,7 +277,6 @@ async fn deliver(
             let _ = tokio::time::timeout(Duration::from_secs(1), connected.recv()).await;
             continue;
         };
-        let _permit = limit.acquire().await?;
         ctl.db.update_child(
             child.id,
             ChildUpdate { state: Some(ChildState::Running), phase: Some("copy"), ..Default::default() },
@@ -304,7 +303,7 @@ async fn deliver(
             expires: expires as u64,
             reboot,
         };
-        match send_to(ctl, &conn, &child, &offer, &closure, &mut unacked).await {
+        match send_to(ctl, &conn, &child, &offer, &closure, &mut unacked, limit).await {
             Ok(()) => return Ok(()),
             Err(Stop::Refused(reason)) => {
                 ctl.db.finish_child(child.id, "failed", None, Some(&reason), &[])?;
@@ -337,6 +336,7 @@ async fn send_to(
     offer: &Offer,
     closure: &[PathInfo],
     unacked: &mut HashMap<StorePath, u64>,
+    limit: &Semaphore,
 ) -> Result<(), Stop> {
     let id = &child.deployment_id;
     let t = ctl.settings.reply_timeout;
@@ -358,6 +358,8 @@ async fn send_to(
         ControllerBound::PathsMissing { missing, .. } => missing.into_iter().collect(),
         other => return Err(Stop::Refused(format!("unexpected reply to the path query: {other:?}"))),
     };
+    // Offers and queries go to every device at once; copies share the parallel limit.
+    let _permit = if missing.is_empty() { None } else { Some(limit.acquire().await.map_err(|_| Stop::Disconnected)?) };
     for (path, bytes) in unacked.drain() {
         if !missing.contains(&path) {
             let _ = ctl.db.add_progress(child.id, 1, bytes as i64);
