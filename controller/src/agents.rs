@@ -266,7 +266,9 @@ async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: ControllerBound) -
             if last.elapsed() > Duration::from_secs(60) {
                 *last = Instant::now();
                 drop(last);
-                ctl.db.touch_device(device)?;
+                // Off the connection's task: the database may be busy with a deployment.
+                let (c, d) = (ctl.clone(), device.clone());
+                tokio::task::spawn_blocking(move || c.db.touch_device(&d));
             }
         }
         ControllerBound::Error { message } => warn!(%device, %message, "agent reported an error"),
@@ -307,7 +309,7 @@ async fn maybe_confirm(ctl: &Controller, conn: &Conn, report: &DeviceReport) -> 
     Ok(())
 }
 
-fn record_outcome(ctl: &Controller, device: &str, o: &Outcome) -> Result<()> {
+fn record_outcome(ctl: &Arc<Controller>, device: &str, o: &Outcome) -> Result<()> {
     let Some(child) = ctl.db.child_by_deployment(&o.deployment_id)? else {
         warn!(%device, deployment = %o.deployment_id, "outcome for an unknown deployment");
         return Ok(());
@@ -329,6 +331,6 @@ fn record_outcome(ctl: &Controller, device: &str, o: &Outcome) -> Result<()> {
         line.push_str(&format!(": {e}"));
     }
     ctl.db.log(child.task, Some(child.id), &line)?;
-    deploy::refresh_task(ctl, child.task)?;
+    deploy::refresh_task_soon(ctl, child.task);
     Ok(())
 }

@@ -142,6 +142,8 @@ pub struct Controller {
     /// Task ids as they change (live views listen).
     pub task_changed: broadcast::Sender<i64>,
     pub cancelled: Mutex<HashSet<i64>>,
+    /// Tasks whose state will be recomputed shortly.
+    pub refresh_pending: Mutex<HashSet<i64>>,
     pub handshakes: Arc<Semaphore>,
     pub enroll_failures: Mutex<(std::time::Instant, u32)>,
     /// Serialises builds and closure preparation per (commit, config).
@@ -214,6 +216,7 @@ impl Controller {
             connected,
             task_changed,
             cancelled: Mutex::new(HashSet::new()),
+            refresh_pending: Mutex::new(HashSet::new()),
             handshakes,
             enroll_failures: Mutex::new((std::time::Instant::now(), 0)),
             builds: tokio::sync::Mutex::new(HashMap::new()),

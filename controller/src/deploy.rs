@@ -164,6 +164,22 @@ fn supersede(ctl: &Controller, device: &str, new_task: i64) -> Result<()> {
     Ok(())
 }
 
+/// Recomputes a deployment's state soon (within 200 ms), once however many of its
+/// devices change meanwhile: a deployment to thousands of devices would otherwise
+/// recount its children thousands of times.
+pub fn refresh_task_soon(ctl: &Arc<Controller>, task: i64) {
+    if !lock(&ctl.refresh_pending).insert(task) {
+        return;
+    }
+    let ctl = ctl.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        lock(&ctl.refresh_pending).remove(&task);
+        let c = ctl.clone();
+        let _ = tokio::task::spawn_blocking(move || refresh_task(&c, task)).await;
+    });
+}
+
 /// Recomputes a deployment's state from its children.
 pub fn refresh_task(ctl: &Controller, task: i64) -> Result<()> {
     let groups = ctl.db.child_counts(task)?;
@@ -229,7 +245,7 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
                 warn!(child = id, "delivery failed: {e:#}");
                 let _ = ctl.db.finish_child(id, "failed", None, Some(&format!("{e:#}")), &[]);
             }
-            let _ = refresh_task(&ctl, task);
+            refresh_task_soon(&ctl, task);
         }));
     }
     for h in handles {
@@ -272,7 +288,7 @@ async fn deliver(
         }
         let Some(conn) = ctl.conn(&child.device) else {
             ctl.db.update_child(child.id, ChildUpdate { state: Some(ChildState::Queued), ..Default::default() })?;
-            refresh_task(ctl, child.task)?;
+            refresh_task_soon(ctl, child.task);
             // Woken when any device connects; re-checks cancel and expiry each second.
             let _ = tokio::time::timeout(Duration::from_secs(1), connected.recv()).await;
             continue;
@@ -281,7 +297,7 @@ async fn deliver(
             child.id,
             ChildUpdate { state: Some(ChildState::Running), phase: Some("copy"), ..Default::default() },
         )?;
-        refresh_task(ctl, child.task)?;
+        refresh_task_soon(ctl, child.task);
         let sequence = match child.sequence {
             Some(s) => s as u64,
             None => match ctl.db.child_by_deployment(&child.deployment_id)?.and_then(|c| c.sequence) {
@@ -303,7 +319,10 @@ async fn deliver(
             expires: expires as u64,
             reboot,
         };
-        match send_to(ctl, &conn, &child, &offer, &closure, &mut unacked, limit).await {
+        // Up to `parallel` devices at a time (sending ten thousand offers at once was
+        // slower: every delivery then contends for the database).
+        let _permit = limit.acquire().await?;
+        match send_to(ctl, &conn, &child, &offer, &closure, &mut unacked).await {
             Ok(()) => return Ok(()),
             Err(Stop::Refused(reason)) => {
                 ctl.db.finish_child(child.id, "failed", None, Some(&reason), &[])?;
@@ -336,7 +355,6 @@ async fn send_to(
     offer: &Offer,
     closure: &[PathInfo],
     unacked: &mut HashMap<StorePath, u64>,
-    limit: &Semaphore,
 ) -> Result<(), Stop> {
     let id = &child.deployment_id;
     let t = ctl.settings.reply_timeout;
@@ -358,8 +376,6 @@ async fn send_to(
         ControllerBound::PathsMissing { missing, .. } => missing.into_iter().collect(),
         other => return Err(Stop::Refused(format!("unexpected reply to the path query: {other:?}"))),
     };
-    // Offers and queries go to every device at once; copies share the parallel limit.
-    let _permit = if missing.is_empty() { None } else { Some(limit.acquire().await.map_err(|_| Stop::Disconnected)?) };
     for (path, bytes) in unacked.drain() {
         if !missing.contains(&path) {
             let _ = ctl.db.add_progress(child.id, 1, bytes as i64);

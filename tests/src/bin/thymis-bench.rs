@@ -349,7 +349,15 @@ fn scale(n: usize) -> Vec<String> {
                             }
                         }
                         Some(Ok(_)) => {}
-                        _ => return,
+                        other => {
+                            let why = match other {
+                                Some(Err(e)) => format!("error: {e}"),
+                                None => "closed".into(),
+                                _ => "?".into(),
+                            };
+                            eprintln!("bench: load agent connection ended: {why}");
+                            return;
+                        }
                     },
                     _ = beat.tick() => { let _ = ws.send(Message::text(encode(&ControllerBound::Heartbeat { seq: 0 }))).await; }
                 }
@@ -371,7 +379,7 @@ fn scale(n: usize) -> Vec<String> {
     let t_deploy = Instant::now();
     let out = f.controller.ctl(&["--json", "deploy", "--config", "alpha", "-m", "notice"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let deadline = Instant::now() + Duration::from_secs(900);
+    let deadline = Instant::now() + Duration::from_secs(180);
     while !all(&offered) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -404,11 +412,16 @@ fn main() {
         sh(Command::new("uname").args(["-sr"])),
         sh(Command::new("nix-store").arg("--version")).replace("nix-store (Nix) ", "")
     );
+    let agents: usize = std::env::var("THYMIS_BENCH_AGENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    // THYMIS_BENCH_ONLY=scale runs (and prints) only the scale part, for investigating.
+    if std::env::var("THYMIS_BENCH_ONLY").as_deref() == Ok("scale") {
+        println!("{}", scale(agents).join("\n"));
+        return;
+    }
     let mut transfer_rows = vec![];
     transfer(&mut transfer_rows);
     let mut fan_rows = vec![];
     let foot = fan_out(&mut fan_rows);
-    let agents: usize = std::env::var("THYMIS_BENCH_AGENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let scale_rows = scale(agents);
     let doc = format!(
         "# Benchmarks\n\nMeasured by `make bench` on {machine}. Medians of {RUNS} runs; each baseline ran side by side in the same run.\n\n\
