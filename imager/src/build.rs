@@ -169,15 +169,14 @@ fn stage_root(root: &Path, infos: &[PathInfo], o: &Options) -> Result<()> {
         let src = PathBuf::from(info.path.to_absolute());
         let dest = store.join(info.path.base_name());
         // Re-encoding gives entries in sorted order and checks the content on the way.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
-        let writer = std::thread::spawn(move || -> Result<()> {
-            let mut w = ChanWriter(tx);
-            encode_path(&src, &mut w)?;
+        let (reader, mut writer) = io::pipe()?;
+        let encoder = std::thread::spawn(move || -> Result<()> {
+            encode_path(&src, &mut writer)?;
             Ok(())
         });
-        let (hash, size) = restore(ChanReader { rx, buf: Vec::new(), pos: 0 }, &dest, DecodeLimits::default())
-            .with_context(|| format!("copying {}", info.path))?;
-        writer.join().map_err(|_| anyhow::anyhow!("encoder thread panicked"))??;
+        let (hash, size) =
+            restore(reader, &dest, DecodeLimits::default()).with_context(|| format!("copying {}", info.path))?;
+        encoder.join().map_err(|_| anyhow::anyhow!("encoder thread panicked"))??;
         if hash != info.nar_hash || size != info.nar_size {
             bail!("{} does not match its registration (hash or size): the store is corrupted", info.path);
         }
@@ -476,40 +475,4 @@ fn compress(raw: &Path, zst: &Path) -> Result<()> {
     io::copy(&mut input, &mut enc)?;
     enc.finish()?.flush()?;
     Ok(())
-}
-
-struct ChanWriter(std::sync::mpsc::SyncSender<Vec<u8>>);
-
-impl Write for ChanWriter {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0.send(b.to_vec()).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "reader gone"))?;
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-struct ChanReader {
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for ChanReader {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.pos >= self.buf.len() {
-            match self.rx.recv() {
-                Ok(b) => {
-                    self.buf = b;
-                    self.pos = 0;
-                }
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
 }

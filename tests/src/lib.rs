@@ -508,11 +508,7 @@ impl Device {
             return run(Command::new("timeout").args(["60", "nsenter", "-t", &pid, "-a", "sh", "-c", script]))
                 .unwrap_or_default();
         }
-        let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
-        // The agent is the child of `ip netns exec` -> unshare -> sh (exec'd): find it.
-        let agent_pid = run(Command::new("pgrep").args(["-P", &pid.to_string()])).unwrap_or_default();
-        let target = agent_pid.lines().next().unwrap_or("").trim().to_owned();
-        let target = if target.is_empty() { pid.to_string() } else { target };
+        let target = self.agent_pid().unwrap_or(0).to_string();
         run(Command::new("nsenter").args(["-t", &target, "-m", "-n", "sh", "-c", script])).unwrap_or_default()
     }
 
