@@ -46,13 +46,13 @@ pub fn from_closure_info(dir: &Path) -> Result<Vec<PathInfo>> {
     Ok(sort_dependencies_first(infos)?)
 }
 
-/// The registration text `nix-store --load-db` reads.
+/// The registration text `nix-store --load-db` reads. Without derivers: the image holds
+/// no derivations, and a deriver would make an image built from the local store differ
+/// from one built from a `closureInfo` (which has none).
 pub fn registration(infos: &[PathInfo]) -> String {
     let mut s = String::new();
     for i in infos {
-        s.push_str(&format!("{}\n{}\n{}\n", i.path, i.nar_hash.to_hex(), i.nar_size));
-        s.push_str(&i.deriver.as_ref().map(ToString::to_string).unwrap_or_default());
-        s.push('\n');
+        s.push_str(&format!("{}\n{}\n{}\n\n", i.path, i.nar_hash.to_hex(), i.nar_size));
         s.push_str(&format!("{}\n", i.references.len()));
         for r in &i.references {
             s.push_str(&format!("{r}\n"));

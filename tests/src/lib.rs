@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+pub mod vm;
+
 /// The directory holding the workspace's binaries.
 pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("THYMIS_BIN_DIR") {
@@ -701,7 +703,7 @@ impl Fleet {
     fn install_test_project(&self) -> Result<()> {
         let project = self.controller.project_dir();
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/project");
-        for f in ["flake.nix", "fake-system.nix", "configs.json", "thymis.toml"] {
+        for f in ["flake.nix", "fake-system.nix", "boot.nix", "configs.json", "thymis.toml"] {
             std::fs::copy(fixtures.join(f), project.join(f))?;
         }
         let out = self.controller.ctl(&["project", "commit", "-m", "fleet test project"]);

@@ -5,6 +5,9 @@
 use std::process::Command;
 
 use serde_json::json;
+use std::time::Duration;
+
+use thymis_fleet_tests::vm::{self, Vm};
 use thymis_fleet_tests::{Fleet, FleetOptions, bin};
 use thymis_store::bundle::{self, Target};
 
@@ -85,4 +88,96 @@ fn bundles_from_the_controller_take_the_next_sequence_number() {
     assert_eq!(m.target, Target::Config("alpha".into()));
     assert!(m.sequence as i64 > used, "bundle sequence {} not above the deployment's {used}", m.sequence);
     assert_eq!(m.system.to_string(), b["system"].as_str().expect("system"));
+}
+
+/// A closure that boots like a NixOS one (Debian's kernel, a busybox initrd).
+fn bootable_closure(kernel: &str) -> String {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/bootable.nix");
+    run(Command::new("nix-build").args([fixture, "--argstr", "kernelVersion", kernel, "--no-out-link"]))
+        .trim()
+        .to_owned()
+}
+
+fn sha256(path: &std::path::Path) -> String {
+    run(Command::new("sha256sum").arg(path)).split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+/// Built twice, from the store and inside a Nix build from a `closureInfo`: the same
+/// image; which boots in QEMU (OVMF, then the image's systemd-boot and the entry the
+/// imager derived from the closure).
+#[test]
+fn an_image_built_inside_a_nix_build_is_the_same_and_boots_in_qemu() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let kernel = vm::kernel_version().expect("kernel");
+    let system = bootable_closure(&kernel);
+    let set = tmp.path().join("set");
+    let out =
+        run(Command::new(bin("thymis-imager")).args(["build", "--system", &system, "--name", "vm", "--out"]).arg(&set));
+    let m: serde_json::Value = serde_json::from_str(&out).expect("manifest");
+    assert_eq!(m["boots"], true, "{m}");
+    assert_eq!(m["boot_entry"], "nixos-generation-1.conf", "{m}");
+
+    let imager = bin("thymis-imager");
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/image-in-nix-build.nix");
+    let nix_set = run(Command::new("nix-build")
+        .arg(fixture)
+        .args(["--argstr", "kernelVersion", &kernel, "--argstr", "imager"])
+        .arg(&imager)
+        .args(["--argstr", "imagerStamp", &sha256(&imager), "--no-out-link"]));
+    let nix_set = std::path::PathBuf::from(nix_set.trim());
+    run(Command::new(&imager).arg("verify").arg(&nix_set));
+    let nm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(nix_set.join("manifest.json")).expect("manifest")).expect("json");
+    assert_eq!(nm["system"], system.as_str());
+    assert_eq!(nm["image_sha256"], m["image_sha256"], "built from a closureInfo inside Nix: the same image");
+
+    let disk = tmp.path().join("disk.img");
+    run(Command::new(&imager).arg("flash").arg(nix_set.join("vm.img.zst")).arg(&disk));
+    let mut machine = Vm::boot(&disk, &tmp.path().join("vm"), false).expect("qemu");
+    // The initrd finds the root by its label and runs the closure's init, which runs a
+    // program of the closure.
+    let console = machine.wait_for_console("THYMIS-BOOT-OK", Duration::from_secs(180)).expect("boot");
+    assert!(console.contains(&format!("stage 1: root /dev/vda2, init {system}/init")), "{console}");
+    machine.wait_exit(Duration::from_secs(60)).expect("power off");
+    let console = machine.console();
+    assert!(console.contains(&format!("THYMIS-BOOT-OK system={system}")), "{console}");
+}
+
+#[test]
+fn a_vm_booted_from_its_controller_image_enrolls_and_reports_the_image() {
+    let f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let kernel = vm::kernel_version().expect("kernel");
+    let agent = bin("thymis-agent");
+    let stamp = sha256(&agent);
+    f.set_configs(&json!({
+        "alpha": { "version": "1", "units": ["web.service"] },
+        "beta": { "version": "1", "units": ["db.service"] },
+        "vm": { "vm": { "kernelVersion": kernel, "agent": agent, "agentStamp": stamp } },
+    }))
+    .expect("configs");
+    let toml = f.controller.project_dir().join("thymis.toml");
+    let mut text = std::fs::read_to_string(&toml).expect("thymis.toml");
+    text.push_str("\n[configs.vm]\ntags = [\"vms\"]\n");
+    std::fs::write(&toml, text).expect("thymis.toml");
+    assert!(f.controller.ctl(&["project", "commit", "-m", "a configuration that boots"]).status.success());
+
+    assert!(f.controller.ctl(&["--json", "device", "add", "vm1", "--config", "vm"]).status.success());
+    let set = f.tmp.path().join("vm-set");
+    let t = f.controller.ctl_json(&["image", "vm1", "--out", &set.to_string_lossy()]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    let system = t["system"].as_str().expect("system").to_owned();
+    let disk = f.tmp.path().join("vm-disk.img");
+    run(Command::new(bin("thymis-imager")).arg("flash").arg(set.join("vm1.img.zst")).arg(&disk));
+
+    let mut machine = Vm::boot(&disk, &f.tmp.path().join("vm"), true).expect("qemu");
+    machine.wait_for_console("stage 2: starting the agent", Duration::from_secs(180)).expect("boot");
+    thymis_fleet_tests::wait_for("the VM's agent to come online", Duration::from_secs(120), || {
+        let row = f.device_row("vm1");
+        (row["online"] == true).then_some(())
+    });
+    let row = f.device_row("vm1");
+    assert_eq!(row["enrolled"], true, "enrolled with the token its image carried: {row}");
+    assert_eq!(row["system"], system.as_str(), "it runs the image's system: {row}\n{}", machine.console());
+    assert_eq!(row["commit"], f.controller.project_head().as_str(), "{row}");
+    assert!(machine.console().contains("connected to the controller"), "{}", machine.console());
 }
