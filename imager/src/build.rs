@@ -12,6 +12,7 @@
 //! a tmpfs of our own where we can mount one; file systems get fixed UUIDs, hash seeds
 //! and times; zstd runs with a pinned worker count.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -35,17 +36,56 @@ const LINUX_TYPE: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 /// zstd workers, pinned: the output must not depend on the machine.
 const ZSTD_WORKERS: u32 = 2;
 
+/// Where the closure comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A system in the local store.
+    Store(StorePath),
+    /// A system whose closure a `closureInfo` directory describes (inside a Nix build).
+    ClosureInfo(StorePath, PathBuf),
+    /// A configuration of the controller's project, built by the controller.
+    Controller { connection: thymisctl::Connection, config: String, commit: Option<String> },
+}
+
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub system: StorePath,
+    pub source: Source,
     pub out: PathBuf,
     pub name: String,
     pub size: Option<u64>,
     pub agent_config: Option<PathBuf>,
     pub device_key: Option<PathBuf>,
-    pub closure_info: Option<PathBuf>,
+    /// Recorded in the manifest (a closure from the controller brings its own).
     pub commit: Option<String>,
     pub config: Option<String>,
+}
+
+/// The closure to stage: its system, its paths (dependencies first), and the NARs of
+/// those fetched from elsewhere (the others are read from the local store).
+struct Closure {
+    system: StorePath,
+    infos: Vec<PathInfo>,
+    nars: HashMap<StorePath, File>,
+    commit: Option<String>,
+    config: Option<String>,
+}
+
+fn closure(o: &Options, scratch: &Path) -> Result<Closure> {
+    let local = |system: &StorePath, infos| Closure {
+        system: system.clone(),
+        infos,
+        nars: HashMap::new(),
+        commit: o.commit.clone(),
+        config: o.config.clone(),
+    };
+    Ok(match &o.source {
+        Source::Store(system) => local(system, closure::from_store(system)?),
+        Source::ClosureInfo(system, dir) => local(system, closure::from_closure_info(dir)?),
+        Source::Controller { connection, config, commit } => {
+            let f = crate::remote::fetch(connection, config, commit.as_deref(), scratch)?;
+            Closure { system: f.system, infos: f.infos, nars: f.nars, commit: f.commit, config: Some(config.clone()) }
+        }
+    })
 }
 
 /// A UUID derived from the system and a purpose, so the same inputs give the same image.
@@ -96,20 +136,19 @@ fn step(what: &str) {
 
 pub fn build(o: &Options) -> Result<ImageManifest> {
     fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
-    let infos = match &o.closure_info {
-        Some(dir) => closure::from_closure_info(dir)?,
-        None => closure::from_store(&o.system)?,
-    };
-    if !infos.iter().any(|i| i.path == o.system) {
-        bail!("{} is not in its closure", o.system);
+    let scratch = tempfile::Builder::new().prefix(".thymis-imager-fetch-").tempdir_in(&o.out)?;
+    let Closure { system, infos, mut nars, commit, config } = closure(o, scratch.path())?;
+    if !infos.iter().any(|i| i.path == system) {
+        bail!("{system} is not in its closure");
     }
     let staging = Staging::new(&o.out)?;
     let root = staging.path().join("root");
     step(&format!("staging {} store paths", infos.len()));
-    stage_root(&root, &infos, o)?;
+    stage_root(&root, &system, &infos, &mut nars, o, commit.as_deref(), config.as_deref())?;
+    drop(scratch);
 
     let esp = staging.path().join("esp.img");
-    let boot_entry = make_esp(&esp, &o.system, &infos, &root)?;
+    let boot_entry = make_esp(&esp, &system, &infos, &root)?;
 
     let store_bytes: u64 = infos.iter().map(|i| i.nar_size).sum();
     let root_size = match o.size {
@@ -121,13 +160,13 @@ pub fn build(o: &Options) -> Result<ImageManifest> {
     };
     let rootfs = staging.path().join("root.img");
     step(&format!("making the root file system ({} MiB)", root_size / MIB));
-    make_rootfs(&rootfs, &root, root_size, &o.system)?;
+    make_rootfs(&rootfs, &root, root_size, &system)?;
 
     let total = MIB + ESP_SIZE + root_size + MIB;
     let raw = staging.path().join("image.raw");
     step("writing the partition table");
     File::create(&raw)?.set_len(total)?;
-    partition(&raw, &o.system, root_size)?;
+    partition(&raw, &system, root_size)?;
     copy_into(&esp, &raw, MIB)?;
     copy_into(&rootfs, &raw, MIB + ESP_SIZE)?;
 
@@ -144,9 +183,9 @@ pub fn build(o: &Options) -> Result<ImageManifest> {
     let m = ImageManifest {
         format: 1,
         name: o.name.clone(),
-        system: o.system.to_string(),
-        commit: o.commit.clone(),
-        configuration: o.config.clone(),
+        system: system.to_string(),
+        commit,
+        configuration: config,
         boots: boot_entry.is_some(),
         boot_entry,
         image_size: total,
@@ -162,25 +201,46 @@ pub fn build(o: &Options) -> Result<ImageManifest> {
 
 /// The root file system's tree: the closure (via NAR, in NAR order), its registration,
 /// the system profile, and the agent's files.
-fn stage_root(root: &Path, infos: &[PathInfo], o: &Options) -> Result<()> {
+fn stage_root(
+    root: &Path,
+    system: &StorePath,
+    infos: &[PathInfo],
+    nars: &mut HashMap<StorePath, File>,
+    o: &Options,
+    commit: Option<&str>,
+    config: Option<&str>,
+) -> Result<()> {
     let store = root.join("nix/store");
     fs::create_dir_all(&store)?;
+    let bar = crate::progress::bytes("staging", infos.iter().map(|i| i.nar_size).sum());
     for info in infos {
-        let src = PathBuf::from(info.path.to_absolute());
         let dest = store.join(info.path.base_name());
-        // Re-encoding gives entries in sorted order and checks the content on the way.
-        let (reader, mut writer) = io::pipe()?;
-        let encoder = std::thread::spawn(move || -> Result<()> {
-            encode_path(&src, &mut writer)?;
-            Ok(())
-        });
-        let (hash, size) =
-            restore(reader, &dest, DecodeLimits::default()).with_context(|| format!("copying {}", info.path))?;
-        encoder.join().map_err(|_| anyhow::anyhow!("encoder thread panicked"))??;
+        let restored = |nar: &mut dyn Read| {
+            restore(io::BufReader::new(nar), &dest, DecodeLimits::default())
+                .with_context(|| format!("copying {}", info.path))
+        };
+        let (hash, size) = match nars.remove(&info.path) {
+            Some(mut nar) => restored(&mut nar)?,
+            None => {
+                // Re-encoding gives entries in sorted order and checks the content on the way.
+                let src = PathBuf::from(info.path.to_absolute());
+                let (mut reader, mut writer) = io::pipe()?;
+                let encoder = std::thread::spawn(move || -> Result<()> {
+                    encode_path(&src, &mut writer)?;
+                    Ok(())
+                });
+                let restored = restored(&mut reader);
+                drop(reader);
+                encoder.join().map_err(|_| anyhow::anyhow!("encoder thread panicked"))??;
+                restored?
+            }
+        };
         if hash != info.nar_hash || size != info.nar_size {
             bail!("{} does not match its registration (hash or size): the store is corrupted", info.path);
         }
+        bar.inc(size);
     }
+    bar.finish_and_clear();
     // Registered as `nix-store --load-db` expects, in a chroot store rooted here.
     let mut load = Command::new("nix-store");
     load.arg("--store").arg(root).arg("--load-db").stdin(std::process::Stdio::piped());
@@ -198,7 +258,7 @@ fn stage_root(root: &Path, infos: &[PathInfo], o: &Options) -> Result<()> {
     drop(db);
     let profiles = root.join("nix/var/nix/profiles");
     fs::create_dir_all(&profiles)?;
-    std::os::unix::fs::symlink(o.system.to_absolute(), profiles.join("system-1-link"))?;
+    std::os::unix::fs::symlink(system.to_absolute(), profiles.join("system-1-link"))?;
     std::os::unix::fs::symlink("system-1-link", profiles.join("system"))?;
     // No links from Nix's own bookkeeping may point at host paths.
     let _ = fs::remove_dir_all(root.join("nix/var/nix/gcroots"));
@@ -216,7 +276,7 @@ fn stage_root(root: &Path, infos: &[PathInfo], o: &Options) -> Result<()> {
     let agent_dir = root.join("var/lib/thymis-agent");
     fs::create_dir_all(&agent_dir)?;
     fs::set_permissions(&agent_dir, fs::Permissions::from_mode(0o700))?;
-    let info = serde_json::json!({ "system": o.system.to_string(), "commit": o.commit, "configuration": o.config });
+    let info = serde_json::json!({ "system": system.to_string(), "commit": commit, "configuration": config });
     fs::write(agent_dir.join("image.json"), serde_json::to_vec_pretty(&info)?)?;
     canonicalize(root, &store)
 }
@@ -467,12 +527,15 @@ fn copy_into(src: &Path, dest: &Path, offset: u64) -> Result<()> {
 }
 
 fn compress(raw: &Path, zst: &Path) -> Result<()> {
-    let mut input = io::BufReader::new(File::open(raw)?);
+    let file = File::open(raw)?;
+    let bar = crate::progress::bytes("compressing", file.metadata()?.len());
+    let mut input = bar.wrap_read(io::BufReader::new(file));
     let out = File::create(zst)?;
     let mut enc = zstd::stream::write::Encoder::new(io::BufWriter::new(out), 3)?;
     enc.multithread(ZSTD_WORKERS)?;
     enc.include_checksum(true)?;
     io::copy(&mut input, &mut enc)?;
     enc.finish()?.flush()?;
+    bar.finish_and_clear();
     Ok(())
 }

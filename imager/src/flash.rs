@@ -113,12 +113,14 @@ pub fn flash(image: &Path, target: &Path, yes: bool) -> Result<()> {
     let total = bmap.mapped_blocks() * BLOCK;
     let mut written = 0u64;
     let mut pos = 0u64;
-    let mut buf = vec![0u8; BLOCK as usize];
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Large reads: the decompressor and the target both do better with them.
+    let mut buf = vec![0u8; 1 << 20];
+    let chunk = buf.len() as u64;
+    let bar = crate::progress::bytes("writing", total);
     for r in &bmap.ranges {
         // Skip (decompress and drop) the hole before the range.
         while pos < r.first * BLOCK {
-            let n = read_full(&mut raw, &mut buf[..(r.first * BLOCK - pos).min(BLOCK) as usize])?;
+            let n = read_full(&mut raw, &mut buf[..(r.first * BLOCK - pos).min(chunk) as usize])?;
             if n == 0 {
                 bail!("the image ends before the bmap says");
             }
@@ -128,7 +130,7 @@ pub fn flash(image: &Path, target: &Path, yes: bool) -> Result<()> {
         let mut h = Sha256::new();
         let end = ((r.last + 1) * BLOCK).min(bmap.image_size);
         while pos < end {
-            let n = read_full(&mut raw, &mut buf[..(end - pos).min(BLOCK) as usize])?;
+            let n = read_full(&mut raw, &mut buf[..(end - pos).min(chunk) as usize])?;
             if n == 0 {
                 bail!("the image ends inside range {}-{}", r.first, r.last);
             }
@@ -136,21 +138,18 @@ pub fn flash(image: &Path, target: &Path, yes: bool) -> Result<()> {
             out.write_all(&buf[..n])?;
             pos += n as u64;
             written += n as u64;
+            bar.inc(n as u64);
         }
         if hex(&h.finalize()) != r.sha256 {
             bail!("range {}-{} of the image does not match its checksum: the image is corrupted", r.first, r.last);
         }
-        if tty {
-            eprint!("\rthymis-imager: written {} of {} MiB", written >> 20, total >> 20);
-        }
-    }
-    if tty {
-        eprintln!();
     }
     out.sync_all()?;
+    bar.finish_and_clear();
     drop(out);
     // Read every range back from the target.
     let mut back = File::open(target)?;
+    let bar = crate::progress::bytes("reading back", total);
     for r in &bmap.ranges {
         back.seek(SeekFrom::Start(r.first * BLOCK))?;
         let mut left = ((r.last + 1) * BLOCK).min(bmap.image_size) - r.first * BLOCK;
@@ -160,6 +159,7 @@ pub fn flash(image: &Path, target: &Path, yes: bool) -> Result<()> {
             back.read_exact(&mut buf[..n])?;
             h.update(&buf[..n]);
             left -= n as u64;
+            bar.inc(n as u64);
         }
         if hex(&h.finalize()) != r.sha256 {
             bail!(
@@ -170,6 +170,7 @@ pub fn flash(image: &Path, target: &Path, yes: bool) -> Result<()> {
             );
         }
     }
+    bar.finish_and_clear();
     eprintln!("thymis-imager: wrote {} MiB to {}, verified", written >> 20, target.display());
     Ok(())
 }

@@ -8,6 +8,8 @@ pub mod build;
 pub mod closure;
 pub mod flash;
 pub mod manifest;
+pub mod progress;
+pub mod remote;
 pub mod tools;
 
 use std::path::PathBuf;
@@ -27,8 +29,10 @@ pub struct Cli {
 pub enum Cmd {
     /// Build a compressed full disk image of a system closure.
     Build {
-        #[arg(long)]
-        system: StorePath,
+        /// The system closure (a store path); or give --config to have the controller
+        /// build that configuration of its project.
+        #[arg(long, required_unless_present = "config")]
+        system: Option<StorePath>,
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value = "thymis")]
@@ -45,11 +49,16 @@ pub enum Cmd {
         /// Read the closure from a `pkgs.closureInfo` output (inside a Nix build).
         #[arg(long)]
         closure_info: Option<PathBuf>,
-        /// Recorded in the manifest.
+        /// Recorded in the manifest; with --config, the commit the controller builds
+        /// (default: its project's HEAD).
         #[arg(long)]
         commit: Option<String>,
+        /// Recorded in the manifest; without --system, the configuration of the
+        /// controller's project to build (through its API: --controller, --token).
         #[arg(long)]
         config: Option<String>,
+        #[command(flatten)]
+        connection: thymisctl::Connection,
     },
     /// Check an image set against its manifest and checksums.
     Verify { dir: PathBuf },
@@ -86,19 +95,19 @@ pub enum Cmd {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::Build { system, out, name, size, agent_config, device_key, closure_info, commit, config } => {
+        Cmd::Build { system, out, name, size, agent_config, device_key, closure_info, commit, config, connection } => {
             let size = size.map(|s| tools::parse_size(&s)).transpose()?;
-            let m = build::build(&build::Options {
-                system,
-                out,
-                name,
-                size,
-                agent_config,
-                device_key,
-                closure_info,
-                commit,
-                config,
-            })?;
+            let source = match (system, closure_info, &config) {
+                (Some(system), None, _) => build::Source::Store(system),
+                (Some(system), Some(dir), _) => build::Source::ClosureInfo(system, dir),
+                (None, None, Some(config)) => {
+                    build::Source::Controller { connection, config: config.clone(), commit: commit.clone() }
+                }
+                (None, Some(_), _) => anyhow::bail!("--closure-info needs --system"),
+                (None, None, None) => anyhow::bail!("give --system, or --config to build through the controller"),
+            };
+            let m =
+                build::build(&build::Options { source, out, name, size, agent_config, device_key, commit, config })?;
             println!("{}", serde_json::to_string_pretty(&m)?);
         }
         Cmd::Verify { dir } => {

@@ -50,7 +50,9 @@ fn a_device_flashed_from_its_image_enrolls_reports_the_image_and_takes_deploymen
     std::fs::rename(state_parent.join("thymis-agent"), dev_dir.join("state")).expect("state");
     f.device_mut("fresh").start().expect("start");
     f.wait_online("fresh");
-    let row = f.device_row("fresh");
+    let row = thymis_fleet_tests::wait_for("fresh's first report", Duration::from_secs(20), || {
+        Some(f.device_row("fresh")).filter(|r| !r["system"].is_null())
+    });
     assert_eq!(row["system"], system.as_str(), "a flashed device shows the image's system: {row}");
     assert_eq!(row["commit"], f.controller.project_head().as_str(), "and its commit: {row}");
 
@@ -171,13 +173,45 @@ fn a_vm_booted_from_its_controller_image_enrolls_and_reports_the_image() {
 
     let mut machine = Vm::boot(&disk, &f.tmp.path().join("vm"), true).expect("qemu");
     machine.wait_for_console("stage 2: starting the agent", Duration::from_secs(180)).expect("boot");
-    thymis_fleet_tests::wait_for("the VM's agent to come online", Duration::from_secs(120), || {
+    // Online first, then its first report names what it runs.
+    thymis_fleet_tests::wait_for("the VM's agent to come online and report", Duration::from_secs(120), || {
         let row = f.device_row("vm1");
-        (row["online"] == true).then_some(())
+        (row["online"] == true && !row["system"].is_null()).then_some(())
     });
     let row = f.device_row("vm1");
     assert_eq!(row["enrolled"], true, "enrolled with the token its image carried: {row}");
     assert_eq!(row["system"], system.as_str(), "it runs the image's system: {row}\n{}", machine.console());
     assert_eq!(row["commit"], f.controller.project_head().as_str(), "{row}");
     assert!(machine.console().contains("connected to the controller"), "{}", machine.console());
+}
+
+#[test]
+fn the_imager_builds_a_configuration_through_the_controller() {
+    let f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let set = f.tmp.path().join("alpha-set");
+    let imager = |config: &str, out: &std::path::Path| {
+        Command::new(bin("thymis-imager"))
+            .args(["build", "--config", config, "--name", "alpha", "--controller", &f.controller.base_url()])
+            .arg("--token-file")
+            .arg(f.controller.state_dir.join("admin-token"))
+            .arg("--out")
+            .arg(out)
+            .output()
+            .expect("thymis-imager")
+    };
+    let out = imager("alpha", &set);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).expect("manifest");
+    let built = f.controller.ctl_json(&["build", "alpha", "--wait"]);
+    assert_eq!(m["system"], built["system"], "the controller's build of alpha: {built}");
+    assert_eq!(m["commit"], f.controller.project_head().as_str());
+    assert_eq!(m["configuration"], "alpha");
+    run(Command::new(bin("thymis-imager")).arg("verify").arg(&set));
+    let leftovers: Vec<_> = std::fs::read_dir(&set).expect("set").map(|e| e.expect("entry").file_name()).collect();
+    assert_eq!(leftovers.len(), 4, "only the image set stays behind: {leftovers:?}");
+
+    let out = imager("no-such-config", &f.tmp.path().join("nothing"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-config"), "the error names the configuration: {err}");
 }

@@ -1,10 +1,12 @@
 //! `thymisctl`: drives a Thymis controller over its HTTP API. With `--json`, stdout
 //! holds exactly one JSON document; progress and logs go to stderr.
 
+pub mod client;
 pub mod device;
 
+pub use client::{Client, Connection};
+
 use std::io::IsTerminal;
-use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
@@ -16,19 +18,8 @@ pub const EXIT_UNSUCCESSFUL: u8 = 2;
 #[derive(Debug, Parser)]
 #[command(name = "thymisctl", version, about = "Thymis command line")]
 pub struct Cli {
-    /// Controller URL.
-    #[arg(long, env = "THYMIS_CONTROLLER", default_value = "http://127.0.0.1:8443", global = true)]
-    pub controller: String,
-    /// Admin token (or THYMIS_TOKEN; or --token-file).
-    #[arg(long, env = "THYMIS_TOKEN", hide_env_values = true, global = true)]
-    pub token: Option<String>,
-    /// File holding the admin token (the controller writes STATE_DIR/admin-token).
-    #[arg(long, env = "THYMIS_TOKEN_FILE", global = true)]
-    pub token_file: Option<std::path::PathBuf>,
-    /// A certificate (PEM) to trust for an https:// controller, e.g. the STATE_DIR/tls.crt
-    /// a controller started with --tls generated.
-    #[arg(long, env = "THYMIS_CA_FILE", global = true)]
-    pub ca_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub connection: Connection,
     /// Print exactly one JSON document on stdout.
     #[arg(long, global = true)]
     pub json: bool,
@@ -144,72 +135,6 @@ pub enum ProjectCmd {
     },
 }
 
-struct Client {
-    base: String,
-    token: String,
-    agent: ureq::Agent,
-}
-
-impl Client {
-    fn new(cli: &Cli) -> Result<Self> {
-        let token = match (&cli.token, &cli.token_file) {
-            (Some(t), _) => t.clone(),
-            (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
-            (None, None) => bail!("no admin token: pass --token, THYMIS_TOKEN or --token-file"),
-        };
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut tls = ureq::tls::TlsConfig::builder().provider(ureq::tls::TlsProvider::Rustls);
-        if let Some(ca) = &cli.ca_file {
-            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-            let cert = ureq::tls::Certificate::from_pem(&pem).with_context(|| format!("parsing {}", ca.display()))?;
-            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&[cert]));
-        }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(120)))
-            .tls_config(tls.build())
-            .build()
-            .into();
-        Ok(Client { base: cli.controller.trim_end_matches('/').to_owned(), token: token.trim().to_owned(), agent })
-    }
-
-    fn download(&self, path: &str, dest: &std::path::Path) -> Result<()> {
-        let url = format!("{}/api/v1{path}", self.base);
-        let mut resp = self
-            .agent
-            .get(&url)
-            .header("Authorization", &format!("Bearer {}", self.token))
-            .call()
-            .with_context(|| format!("downloading {path}"))?;
-        if !resp.status().is_success() {
-            bail!("downloading {path}: {}", resp.status());
-        }
-        let tmp = dest.with_extension("part");
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        std::io::copy(&mut resp.body_mut().with_config().limit(u64::MAX).reader(), &mut f)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dest)?;
-        Ok(())
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
-        let url = format!("{}/api/v1{path}", self.base);
-        let auth = format!("Bearer {}", self.token);
-        let mut resp = match (method, body) {
-            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
-            (_, Some(b)) => self.agent.post(&url).header("Authorization", &auth).send_json(&b),
-            (_, None) => self.agent.post(&url).header("Authorization", &auth).send_empty(),
-        }
-        .with_context(|| format!("reaching the controller at {}", self.base))?;
-        let status = resp.status();
-        let v: Value = resp.body_mut().read_json().with_context(|| format!("{method} {path}: reading the answer"))?;
-        if !status.is_success() {
-            bail!("{}", v.get("error").and_then(Value::as_str).unwrap_or(&v.to_string()));
-        }
-        Ok(v)
-    }
-}
-
 /// Runs a command; returns the process exit status.
 pub fn run(cli: Cli) -> Result<u8> {
     let out = |v: &Value, human: &dyn Fn(&Value)| {
@@ -242,7 +167,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
         _ => {}
     }
-    let c = Client::new(&cli)?;
+    let c = Client::new(&cli.connection)?;
     match &cli.command {
         Cmd::Status | Cmd::Rollback | Cmd::InstallBundle { .. } => {}
         Cmd::Image { device, commit, out: dir } => {
@@ -349,7 +274,7 @@ pub fn run(cli: Cli) -> Result<u8> {
 }
 
 /// Waits for an image or bundle task, then downloads its files to `dest(name)`.
-fn artifacts(c: &Client, task: &Value, show: bool, dest: impl Fn(&str) -> std::path::PathBuf) -> Result<Value> {
+pub fn artifacts(c: &Client, task: &Value, show: bool, dest: impl Fn(&str) -> std::path::PathBuf) -> Result<Value> {
     let id = task["id"].as_i64().ok_or_else(|| anyhow!("no task id in {task}"))?;
     let done = follow(c, id, show)?;
     if done["result"] != "succeeded" {
@@ -379,7 +304,7 @@ pub fn all_succeeded(task: &Value) -> bool {
 /// Follows a task until no child is pending or running, printing logs and progress to
 /// stderr. Queued children (offline devices) do not hold the wait. Uses the task's
 /// server-sent events, so the result is seen as soon as it is recorded.
-fn follow(c: &Client, id: i64, show: bool) -> Result<Value> {
+pub fn follow(c: &Client, id: i64, show: bool) -> Result<Value> {
     let tty = std::io::stderr().is_terminal();
     let settled = |t: &Value| matches!(t["state"].as_str(), Some("finished" | "cancelled" | "waiting"));
     let mut last = Value::Null;
