@@ -33,6 +33,7 @@
       checks = forAll (pkgs: {
         workspace = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
         fleet = pkgs.testers.runNixOSTest (import ./tests/nixos/fleet.nix { inherit self; });
+        image = pkgs.testers.runNixOSTest (import ./tests/nixos/image.nix { inherit self; });
       });
 
       devShells = forAll (pkgs: {

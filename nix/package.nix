@@ -1,6 +1,6 @@
 # The workspace's binaries, built from Cargo.lock. Only tests that need no network,
 # namespaces, root or a Nix store run in the sandbox; the rest run in `make test`.
-{ lib, rustPlatform, pkg-config, git, makeWrapper, nix, e2fsprogs, dosfstools, mtools, zstd }:
+{ lib, rustPlatform, pkg-config, git, makeWrapper, nix, e2fsprogs, dosfstools, mtools, zstd, util-linux }:
 rustPlatform.buildRustPackage {
   pname = "thymis";
   version = "0.1.0";
@@ -31,9 +31,13 @@ rustPlatform.buildRustPackage {
     "--skip=bundle_roundtrip_imports_into_a_device_store"
     "--skip=tampered_bundles_are_refused"
   ];
+  # The imager runs nix-store, mkfs.ext4/debugfs, mkfs.vfat, mtools and sfdisk; the
+  # controller runs nix and git, and the imager.
   postInstall = ''
+    wrapProgram $out/bin/thymis-imager \
+      --prefix PATH : ${lib.makeBinPath [ nix e2fsprogs dosfstools mtools util-linux ]}
     wrapProgram $out/bin/thymis-controller \
-      --prefix PATH : ${lib.makeBinPath [ nix git e2fsprogs dosfstools mtools zstd ]}
+      --prefix PATH : ${lib.makeBinPath [ nix git e2fsprogs dosfstools mtools zstd util-linux ]}
   '';
   meta = {
     description = "Fleet manager for NixOS devices";

@@ -5,6 +5,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
+use futures_util::StreamExt;
 use thymis_store::closure::sort_dependencies_first;
 use thymis_store::local_store::LocalStore;
 use thymis_store::{PathInfo, StorePath};
@@ -86,6 +87,34 @@ pub async fn build_cached(ctl: &Arc<Controller>, task: i64, commit: &str, config
     let system = build(ctl, task, commit, config).await?;
     ctl.builds.lock().await.insert(key, Ok(system.clone()));
     Ok(system)
+}
+
+/// Compresses the closure's paths for the NAR cache (those not compressed yet), so that
+/// deployments find them ready. A deployment that needs a path meanwhile waits for, or
+/// does, that path's compression: each path is compressed once.
+pub fn warm_nar_cache(ctl: &Arc<Controller>, system: &StorePath) -> tokio::task::JoinHandle<()> {
+    let (ctl, system) = (ctl.clone(), system.clone());
+    tokio::spawn(async move {
+        let query = system.clone();
+        let infos = tokio::task::spawn_blocking(move || -> Result<Vec<PathInfo>> {
+            Ok(sort_dependencies_first(LocalStore::system().path_infos(std::slice::from_ref(&query), true)?)?)
+        })
+        .await;
+        let Ok(Ok(infos)) = infos else { return };
+        // One compression per core; the system's own paths first (what changed is most
+        // often near the top).
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        futures_util::stream::iter(infos.iter().rev())
+            .for_each_concurrent(workers, |info| {
+                let ctl = &ctl;
+                async move {
+                    if let Err(e) = ctl.nar_cache.get(&info.path).await {
+                        tracing::warn!(path = %info.path, "compressing for the NAR cache: {e:#}");
+                    }
+                }
+            })
+            .await;
+    })
 }
 
 /// The closure of `system`, dependencies first, each path signed with the Nix key.

@@ -209,7 +209,12 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
         }
         ctl.notify_task(task);
         let built = match build::build_cached(ctl, task, commit, config).await {
-            Ok(system) => build::signed_closure(ctl, &system).await.map(|cl| (system, cl)),
+            Ok(system) => {
+                // In the background: the copies start at once, compressing what they
+                // need first (and the next path while one is sent).
+                build::warm_nar_cache(ctl, &system);
+                build::signed_closure(ctl, &system).await.map(|cl| (system, cl))
+            }
             Err(e) => Err(e),
         };
         match built {
@@ -390,11 +395,22 @@ async fn send_to(
     );
     ctl.notify_task(child.task);
     let mut outstanding = 0usize;
-    for info in &to_send {
+    // The next path is compressed (when no one has yet) while this one is sent.
+    let prefetch = |info: &&PathInfo| {
+        let (ctl, path) = (ctl.clone(), info.path.clone());
+        tokio::spawn(async move { ctl.nar_cache.get(&path).await })
+    };
+    let mut next = to_send.first().map(prefetch);
+    for (n, info) in to_send.iter().enumerate() {
         if !conn.send(AgentBound::PathStart { deployment_id: id.clone(), info: (*info).clone() }).await {
             return Err(Stop::Disconnected);
         }
-        let file = match ctl.nar_cache.get(&info.path).await {
+        let compressed = match next.take() {
+            Some(handle) => handle.await.map_err(|e| anyhow::anyhow!("compression task: {e}")).and_then(|r| r),
+            None => Err(anyhow::anyhow!("no compression started")),
+        };
+        next = to_send.get(n + 1).map(prefetch);
+        let file = match compressed {
             Ok(f) => f,
             Err(e) => return Err(Stop::Refused(format!("reading {}: {e:#}", info.path))),
         };
@@ -570,8 +586,13 @@ pub async fn start_build(ctl: &Arc<Controller>, config: &str, commit: Option<&st
     tokio::spawn(async move {
         let _ = ctl.db.set_task_state(task, TaskState::Running, None, None);
         ctl.notify_task(task);
-        match build::build(&ctl, task, &commit, &config).await {
+        match build::build_cached(&ctl, task, &commit, &config).await {
             Ok(system) => {
+                // A build on its own prepares the deployment: it ends when the closure
+                // is compressed, ready to be sent.
+                let _ = ctl.db.log(task, None, "compressing the closure for deployment");
+                ctl.notify_task(task);
+                let _ = build::warm_nar_cache(&ctl, &system).await;
                 let _ = ctl.db.set_task_system(task, &system.to_string());
                 let _ = ctl.db.set_task_state(task, TaskState::Finished, Some("succeeded"), None);
             }

@@ -418,8 +418,9 @@ fn make_rootfs(img: &Path, tree: &Path, size: u64, system: &StorePath) -> Result
     fix_inode_times(img, tree)
 }
 
-/// `mkfs.ext4 -d` copies each staged file's change and creation times, which nobody can
-/// set: overwrite them with debugfs so the image does not depend on when it was staged.
+/// `mkfs.ext4 -d` copies each staged file's owner and its change and creation times,
+/// which nobody can set: overwrite them with debugfs so the image does not depend on
+/// who staged it, or when.
 fn fix_inode_times(img: &Path, tree: &Path) -> Result<()> {
     let mut paths = vec![PathBuf::from("/")];
     let mut stack = vec![tree.to_owned()];
@@ -441,6 +442,9 @@ fn fix_inode_times(img: &Path, tree: &Path) -> Result<()> {
             bail!("{text:?}: file names with quotes or newlines cannot go into an image yet");
         }
         for (field, value) in [
+            // Owned by root even when the imager is not (inside a Nix build's sandbox).
+            ("uid", "0"),
+            ("gid", "0"),
             ("ctime", "19700101000001"),
             ("ctime_extra", "0"),
             ("crtime", "19700101000001"),
@@ -533,6 +537,10 @@ fn compress(raw: &Path, zst: &Path) -> Result<()> {
     let out = File::create(zst)?;
     let mut enc = zstd::stream::write::Encoder::new(io::BufWriter::new(out), 3)?;
     enc.multithread(ZSTD_WORKERS)?;
+    // Store paths repeat themselves at long distances; 16 MiB windows stay within what
+    // every decoder (bmaptool's zstd, ours) accepts without asking.
+    enc.long_distance_matching(true)?;
+    enc.window_log(thymis_store::zstd_limits::WINDOW_LOG_MAX)?;
     enc.include_checksum(true)?;
     io::copy(&mut input, &mut enc)?;
     enc.finish()?.flush()?;

@@ -203,3 +203,37 @@ fn flash_writes_and_verifies_and_refuses_unsafe_targets_and_corrupted_images() {
         .expect("flash");
     assert!(!out.status.success(), "flash wrote a corrupted image");
 }
+
+/// Inside a Nix build's sandbox the imager is not root: it cannot mount its tmpfs, and
+/// the files it stages are its own. The image must be the same all the same.
+#[test]
+fn an_image_built_without_root_is_the_same_and_owned_by_root() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let system = closure();
+    let as_root = build(&system, &tmp.path().join("root-set"), &[]);
+    let out = tmp.path().join("user-set");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    for dir in [tmp.path(), out.as_path()] {
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    }
+    // Without root there is no access to this machine's (single-user) Nix database: the
+    // closure comes as a closureInfo does inside a Nix build.
+    let info = tmp.path().join("closure-info");
+    std::fs::create_dir_all(&info).expect("mkdir");
+    let paths = run(Command::new("nix-store").args(["-qR", &system]));
+    let registration = run(Command::new("nix-store").arg("--dump-db").args(paths.lines()));
+    std::fs::write(info.join("registration"), registration).expect("write");
+    let stdout = run(Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", IMAGER, "build", "--system", &system])
+        .args(["--name", "dev", "--closure-info"])
+        .arg(&info)
+        .arg("--out")
+        .arg(&out)
+        .env("HOME", &out));
+    let m: Value = serde_json::from_str(&stdout).expect("manifest");
+    let raw = tmp.path().join("user.raw");
+    run(Command::new(IMAGER).arg("flash").arg(out.join("dev.img.zst")).arg(&raw));
+    let stat = debugfs(&raw, &format!("stat {system}/bin"));
+    assert!(stat.contains("User:     0   Group:     0"), "store files must be root's: {stat}");
+    assert_eq!(m["image_sha256"], as_root["image_sha256"], "built without root: a different image");
+}

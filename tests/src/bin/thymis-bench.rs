@@ -99,13 +99,33 @@ fn prepare(f: &mut Fleet, base: Option<&str>) {
     f.device("d1").shape(RATE).expect("tc");
 }
 
-fn ours(f: &Fleet, v: &str) -> (Sample, Value) {
+/// A deployment of variant `v` to d1, its configuration built beforehand (the baselines
+/// copy a closure that is already built): returns the time and bytes until the device
+/// reported its activation (as the baselines end when the copy is done), the time until
+/// the deployment was confirmed, and the child's JSON.
+fn ours(f: &Fleet, v: &str) -> (Sample, f64, Value) {
     set_variant(f, v);
+    let b = f.controller.ctl_json(&["build", "bench", "--wait"]);
+    assert_eq!(b["result"], "succeeded", "bench build failed: {b}");
     let before = f.device("d1").link_bytes();
     let t0 = Instant::now();
-    let t = deploy(f);
-    let s = Sample { secs: t0.elapsed().as_secs_f64(), wire: (f.device("d1").link_bytes() - before) as f64 };
-    (s, t["children"][0].clone())
+    let started = f.controller.ctl_json(&["deploy", "--device", "d1"]);
+    let id = started["id"].as_i64().expect("task id");
+    let mut activated: Option<Sample> = None;
+    loop {
+        let (_, t) = f.controller.api(&format!("/tasks/{id}"), None);
+        let child = &t["children"][0];
+        if activated.is_none() && (child["phase"] == "confirm" || !child["result"].is_null()) {
+            activated =
+                Some(Sample { secs: t0.elapsed().as_secs_f64(), wire: (f.device("d1").link_bytes() - before) as f64 });
+        }
+        if !child["result"].is_null() {
+            assert_eq!(child["result"], "succeeded", "bench deployment failed: {t}\n{}", f.diagnostics());
+            let confirmed = t0.elapsed().as_secs_f64();
+            return (activated.unwrap_or_default(), confirmed, child.clone());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 struct Sshd {
@@ -185,11 +205,12 @@ fn transfer(rows: &mut Vec<String>) {
     for (label, base, v) in cases {
         let system = system_of(v);
         let (mut o, mut p, mut c) = (vec![], vec![], vec![]);
-        let mut payload = vec![];
+        let (mut payload, mut confirmed) = (vec![], vec![]);
         for _ in 0..RUNS {
             prepare(&mut f, base);
-            let (s, child) = ours(&f, v);
+            let (s, done, child) = ours(&f, v);
             payload.push(child["bytes_sent"].as_f64().unwrap_or(0.0));
+            confirmed.push(done);
             o.push(s);
             prepare(&mut f, base);
             p.push(nix_copy(&f, &ssh, &system, false));
@@ -199,9 +220,10 @@ fn transfer(rows: &mut Vec<String>) {
         let (o, p, c) = (med(&o), med(&p), med(&c));
         let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}x", a / b) } else { "–".into() };
         rows.push(format!(
-            "| {label} | {:.2} s, {} | {:.2} s, {} | {:.2} s, {} | {} | {} time, {} bytes |",
+            "| {label} | {:.2} s, {} | {:.2} s | {:.2} s, {} | {:.2} s, {} | {} | {} time, {} bytes |",
             o.secs,
             mb(o.wire),
+            median(confirmed),
             p.secs,
             mb(p.wire),
             c.secs,
@@ -250,6 +272,69 @@ fn fan_out(rows: &mut Vec<String>) -> String {
         }
     }
     foot
+}
+
+/// `thymis-imager build` against `cp -a` + `mkfs.ext4 -d` + `zstd -3 -T0` of the same
+/// closure, and `flash` against `bmaptool copy` of the same image (both to a new file).
+fn imager(rows: &mut Vec<String>) {
+    let system = system_of("base");
+    let paths: Vec<String> = sh(Command::new("nix-store").args(["-qR", &system])).lines().map(str::to_owned).collect();
+    let imager = thymis_fleet_tests::bin("thymis-imager");
+    let tmp = tempfile::tempdir_in("/var/tmp").expect("tmp");
+    let dir = tmp.path();
+    let timed = |f: &mut dyn FnMut()| {
+        let t0 = Instant::now();
+        f();
+        t0.elapsed().as_secs_f64()
+    };
+    let (mut ours, mut base, mut flash, mut bmaptool) = (vec![], vec![], vec![], vec![]);
+    for run in 0..RUNS {
+        let set = dir.join(format!("set{run}"));
+        ours.push(timed(&mut || {
+            sh(Command::new(&imager).args(["build", "--system", &system, "--name", "bench", "--out"]).arg(&set));
+        }));
+        let root = dir.join(format!("root{run}"));
+        let img = dir.join(format!("plain{run}.img"));
+        base.push(timed(&mut || {
+            std::fs::create_dir_all(root.join("nix/store")).expect("mkdir");
+            sh(Command::new("cp").arg("-a").args(&paths).arg(root.join("nix/store")));
+            sh(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&img).arg("400M"));
+            sh(Command::new("zstd").args(["-q", "-3", "-T0", "-f"]).arg(&img));
+        }));
+        let _ = Command::new("rm").arg("-rf").arg(&root).arg(&img).status();
+        let zst = set.join("bench.img.zst");
+        let target = dir.join(format!("flash{run}.img"));
+        flash.push(timed(&mut || {
+            sh(Command::new(&imager).arg("flash").arg(&zst).arg(&target));
+        }));
+        let target2 = dir.join(format!("bmaptool{run}.img"));
+        bmaptool.push(timed(&mut || {
+            sh(Command::new("bmaptool")
+                .args(["-q", "copy", "--bmap"])
+                .arg(set.join("bench.bmap"))
+                .arg(&zst)
+                .arg(&target2));
+        }));
+        let _ = std::fs::remove_file(&target);
+        let _ = std::fs::remove_file(&target2);
+    }
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("set0/manifest.json")).expect("manifest")).expect("json");
+    let (ours, base, flash, bmaptool) = (median(ours), median(base), median(flash), median(bmaptool));
+    rows.push(format!(
+        "| build: {} paths, {} MiB mapped of {} MiB | {ours:.2} s | {base:.2} s (`cp -a`, `mkfs.ext4 -d`, `zstd -3 -T0`) | {:.2}x |",
+        paths.len(),
+        m["mapped_bytes"].as_u64().unwrap_or(0) >> 20,
+        m["image_size"].as_u64().unwrap_or(0) >> 20,
+        ours / base
+    ));
+    rows.push(format!(
+        "| flash to a new file (checked, read back) | {flash:.2} s | {bmaptool:.2} s (`bmaptool copy`) | {:.2}x |",
+        flash / bmaptool
+    ));
+    for r in rows.iter() {
+        eprintln!("bench: {r}");
+    }
 }
 
 fn proc_field(pid: u32, key: &str) -> String {
@@ -413,29 +498,48 @@ fn main() {
         sh(Command::new("nix-store").arg("--version")).replace("nix-store (Nix) ", "")
     );
     let agents: usize = std::env::var("THYMIS_BENCH_AGENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    // THYMIS_BENCH_ONLY=scale runs (and prints) only the scale part, for investigating.
-    if std::env::var("THYMIS_BENCH_ONLY").as_deref() == Ok("scale") {
-        println!("{}", scale(agents).join("\n"));
-        return;
+    // THYMIS_BENCH_ONLY=scale|imager|transfer runs (and prints) only that part, for investigating.
+    match std::env::var("THYMIS_BENCH_ONLY").as_deref() {
+        Ok("scale") => {
+            println!("{}", scale(agents).join("\n"));
+            return;
+        }
+        Ok("transfer") => {
+            let mut rows = vec![];
+            transfer(&mut rows);
+            println!("{}", rows.join("\n"));
+            return;
+        }
+        Ok("imager") => {
+            let mut rows = vec![];
+            imager(&mut rows);
+            println!("{}", rows.join("\n"));
+            return;
+        }
+        _ => {}
     }
     let mut transfer_rows = vec![];
     transfer(&mut transfer_rows);
     let mut fan_rows = vec![];
     let foot = fan_out(&mut fan_rows);
+    let mut imager_rows = vec![];
+    imager(&mut imager_rows);
     let scale_rows = scale(agents);
     let doc = format!(
         "# Benchmarks\n\nMeasured by `make bench` on {machine}. Medians of {RUNS} runs; each baseline ran side by side in the same run.\n\n\
 ## Transfer: a 223 MB closure of 8 paths to a device behind a {RATE} link\n\n\
-Ours: `thymisctl deploy --wait` from start to the confirmed result (build check, offer, copy of the missing paths, activation, confirmation over a new connection). \
+Ours: `thymisctl deploy` of a configuration built beforehand (`thymisctl build`; the baselines too copy a closure that is already built), from start to the device's report that it activated (offer, query, copy of the missing paths, activation), and to the confirmed result (confirmation over a new connection). \
 Baselines: `nix copy --to ssh-ng://` to the same device (sshd in its namespaces), plain and with `?compress=true`. \
 Bytes are what crossed the device's veth (both directions).\n\n\
-| case | ours | ssh-ng | ssh-ng compress=true | our compressed payload | ours / plain ssh-ng |\n|---|---|---|---|---|---|\n{}\n\n\
+| case | ours, to activation | ours, to confirmation | ssh-ng | ssh-ng compress=true | our compressed payload | ours / plain ssh-ng |\n|---|---|---|---|---|---|---|\n{}\n\n\
 ## Fan-out: one configuration (13 paths, 5 MB) to N devices at once\n\n\
 | devices | time | vs. one device | builds | compressions |\n|---|---|---|---|---|\n{}\n\n\
 ## Agent footprint\n\n| | |\n|---|---|\n{foot}\n\n\
+## Imager: the transfer benchmark's closure\n\n| | ours | baseline | ours / baseline |\n|---|---|---|---|\n{}\n\n\
 ## Controller scale: {agents} idle agents speaking the real protocol from one process\n\n| | |\n|---|---|\n{}\n",
         transfer_rows.join("\n"),
         fan_rows.join("\n"),
+        imager_rows.join("\n"),
         scale_rows.join("\n"),
     );
     println!("{doc}");
