@@ -2,7 +2,6 @@
 //! a sha256 per range, so flashing writes only those and checks each.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::io::AsFd;
 use std::path::Path;
 
@@ -25,49 +24,36 @@ pub struct Bmap {
     pub ranges: Vec<Range>,
 }
 
+/// A sparse file's size and its mapped blocks, as inclusive runs of [`BLOCK`]s (found
+/// with SEEK_DATA/SEEK_HOLE, without reading the data).
+pub fn mapped(path: &Path) -> Result<(u64, Vec<(u64, u64)>)> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let size = f.metadata()?.len();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let data = match rustix::fs::seek(f.as_fd(), rustix::fs::SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e).context("SEEK_DATA"),
+        };
+        let hole = rustix::fs::seek(f.as_fd(), rustix::fs::SeekFrom::Hole(data)).context("SEEK_HOLE")?;
+        let first = data / BLOCK;
+        let last = (hole.min(size) - 1) / BLOCK;
+        // Merge with the previous range when block rounding makes them touch.
+        if let Some(prev) = ranges.last_mut().filter(|r| r.1 + 1 >= first) {
+            prev.1 = last.max(prev.1);
+        } else {
+            ranges.push((first, last));
+        }
+        pos = hole;
+    }
+    Ok((size, ranges))
+}
+
 impl Bmap {
     pub fn mapped_blocks(&self) -> u64 {
         self.ranges.iter().map(|r| r.last - r.first + 1).sum()
-    }
-
-    /// Scans a sparse image for its data (SEEK_DATA/SEEK_HOLE), hashing each range.
-    pub fn scan(path: &Path) -> Result<Bmap> {
-        let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let size = f.metadata()?.len();
-        let mut ranges = Vec::new();
-        let mut pos = 0u64;
-        while pos < size {
-            let data = match rustix::fs::seek(f.as_fd(), rustix::fs::SeekFrom::Data(pos)) {
-                Ok(d) => d,
-                Err(rustix::io::Errno::NXIO) => break,
-                Err(e) => return Err(e).context("SEEK_DATA"),
-            };
-            let hole = rustix::fs::seek(f.as_fd(), rustix::fs::SeekFrom::Hole(data)).context("SEEK_HOLE")?;
-            let first = data / BLOCK;
-            let last = (hole.min(size) - 1) / BLOCK;
-            // Merge with the previous range when block rounding makes them touch.
-            if let Some(prev) = ranges.last_mut().filter(|r: &&mut (u64, u64)| r.1 + 1 >= first) {
-                prev.1 = last.max(prev.1);
-            } else {
-                ranges.push((first, last));
-            }
-            pos = hole;
-        }
-        let mut out = Vec::with_capacity(ranges.len());
-        let mut buf = vec![0u8; 1 << 20];
-        for (first, last) in ranges {
-            f.seek(SeekFrom::Start(first * BLOCK))?;
-            let mut left = ((last + 1) * BLOCK).min(size) - first * BLOCK;
-            let mut h = Sha256::new();
-            while left > 0 {
-                let n = buf.len().min(left as usize);
-                f.read_exact(&mut buf[..n])?;
-                h.update(&buf[..n]);
-                left -= n as u64;
-            }
-            out.push(Range { first, last, sha256: hex(&h.finalize()) });
-        }
-        Ok(Bmap { image_size: size, ranges: out })
     }
 
     pub fn to_xml(&self) -> String {

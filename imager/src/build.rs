@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,9 +24,9 @@ use sha2::{Digest, Sha256};
 use thymis_store::nar::{DecodeLimits, encode_path, restore};
 use thymis_store::{PathInfo, StorePath};
 
-use crate::bmap::{Bmap, hex};
+use crate::bmap::{BLOCK, Bmap, Range, hex};
 use crate::closure;
-use crate::manifest::{ImageManifest, now, sha256_file};
+use crate::manifest::{ImageManifest, now};
 use crate::tools::run;
 
 const MIB: u64 = 1 << 20;
@@ -107,7 +107,7 @@ impl Staging {
         let dir = tempfile::Builder::new().prefix(".thymis-imager-").tempdir_in(near)?;
         let mounted = rustix::process::geteuid().is_root()
             && Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "mode=0755", "thymis-imager", &dir.path().to_string_lossy()])
+                .args(["-t", "tmpfs", "-o", "mode=0755,noatime", "thymis-imager", &dir.path().to_string_lossy()])
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
@@ -147,9 +147,6 @@ pub fn build(o: &Options) -> Result<ImageManifest> {
     stage_root(&root, &system, &infos, &mut nars, o, commit.as_deref(), config.as_deref())?;
     drop(scratch);
 
-    let esp = staging.path().join("esp.img");
-    let boot_entry = make_esp(&esp, &system, &infos, &root)?;
-
     let store_bytes: u64 = infos.iter().map(|i| i.nar_size).sum();
     let root_size = match o.size {
         Some(total) => total
@@ -158,26 +155,22 @@ pub fn build(o: &Options) -> Result<ImageManifest> {
             .with_context(|| format!("--size {total} leaves no room for the root file system"))?,
         None => (store_bytes + store_bytes / 3 + 128 * MIB).div_ceil(MIB) * MIB,
     };
-    let rootfs = staging.path().join("root.img");
-    step(&format!("making the root file system ({} MiB)", root_size / MIB));
-    make_rootfs(&rootfs, &root, root_size, &system)?;
-
+    // The file systems are made in place, inside the partitions of the (sparse) image.
     let total = MIB + ESP_SIZE + root_size + MIB;
     let raw = staging.path().join("image.raw");
     step("writing the partition table");
     File::create(&raw)?.set_len(total)?;
     partition(&raw, &system, root_size)?;
-    copy_into(&esp, &raw, MIB)?;
-    copy_into(&rootfs, &raw, MIB + ESP_SIZE)?;
+    step(&format!("making the root file system ({} MiB)", root_size / MIB));
+    make_rootfs(&raw, &root, root_size, &system, staging.mounted)?;
+    // Only after the root file system took the staged tree's times: reading the kernel
+    // and initrd for the ESP may touch their access times.
+    let boot_entry = make_esp(&raw, &system, &infos, &root)?;
 
-    step("computing the block map");
-    let bmap = Bmap::scan(&raw)?;
-    let image_sha256 = sha256_file(&raw)?;
     let zst_name = format!("{}.img.zst", o.name);
     let zst = o.out.join(&zst_name);
     step(&format!("compressing to {}", zst.display()));
-    compress(&raw, &zst)?;
-    let compressed_sha256 = sha256_file(&zst)?;
+    let (bmap, image_sha256, compressed_sha256) = compress(&raw, &zst)?;
     fs::write(o.out.join(format!("{zst_name}.sha256")), format!("{compressed_sha256}  {zst_name}\n"))?;
     fs::write(o.out.join(format!("{}.bmap", o.name)), bmap.to_xml())?;
     let m = ImageManifest {
@@ -333,12 +326,14 @@ fn canonicalize(root: &Path, store: &Path) -> Result<()> {
 
 /// The ESP with NixOS's systemd-boot layout; returns the entry name when the system
 /// has a kernel and an initrd to boot.
-fn make_esp(esp: &Path, system: &StorePath, infos: &[PathInfo], root: &Path) -> Result<Option<String>> {
-    File::create(esp)?.set_len(ESP_SIZE)?;
+fn make_esp(raw: &Path, system: &StorePath, infos: &[PathInfo], root: &Path) -> Result<Option<String>> {
     run(Command::new("mkfs.vfat")
         .args(["--invariant", "-F", "32", "-s", "1", "-n", "ESP", "-i", "54485953"])
-        .arg(esp))?;
-    let img = format!("{}", esp.display());
+        .args(["--offset", &(MIB / 512).to_string()])
+        .arg(raw)
+        .arg((ESP_SIZE / 1024).to_string()))?;
+    // mtools addresses the partition as FILE@@OFFSET.
+    let img = format!("{}@@{MIB}", raw.display());
     let sys = root.join("nix/store").join(system.base_name());
     // mtools stamps what it creates with SOURCE_DATE_EPOCH: a fixed date (FAT starts in 1980).
     let fat_time = "946684800";
@@ -403,25 +398,33 @@ fn systemd_boot_efi(infos: &[PathInfo], root: &Path) -> Result<PathBuf> {
     bail!("no systemd-bootx64.efi in the closure or on this machine (Debian: systemd-boot-efi)")
 }
 
-fn make_rootfs(img: &Path, tree: &Path, size: u64, system: &StorePath) -> Result<()> {
-    File::create(img)?.set_len(size)?;
+/// Where the root file system starts in the image.
+const ROOT_OFFSET: u64 = MIB + ESP_SIZE;
+
+fn make_rootfs(raw: &Path, tree: &Path, size: u64, system: &StorePath, private_tmpfs: bool) -> Result<()> {
     let id = uuid(system, "rootfs");
     let seed = uuid(system, "hash-seed");
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "nixos", "-U", &id, "-I", "256", "-T", "default"])
         .arg("-E")
-        .arg(format!("root_owner=0:0,hash_seed={seed},lazy_itable_init=0,lazy_journal_init=0"))
+        .arg(format!(
+            "offset={ROOT_OFFSET},root_owner=0:0,hash_seed={seed},lazy_itable_init=0,lazy_journal_init=0,nodiscard"
+        ))
         .arg("-d")
         .arg(tree)
-        .arg(img)
+        .arg(raw)
+        .arg(format!("{}k", size / 1024))
         .env("E2FSPROGS_FAKE_TIME", "1"))?;
-    fix_inode_times(img, tree)
+    fix_inodes(raw, tree, private_tmpfs)
 }
 
-/// `mkfs.ext4 -d` copies each staged file's owner and its change and creation times,
-/// which nobody can set: overwrite them with debugfs so the image does not depend on
-/// who staged it, or when.
-fn fix_inode_times(img: &Path, tree: &Path) -> Result<()> {
+/// `mkfs.ext4 -d` copies each staged file's change time, which nobody can set, and its
+/// owner and access time: overwrite them with debugfs so the image does not depend on
+/// when it was staged, or by whom. Staged on our own tmpfs (mounted `noatime`, as root)
+/// only the change times need it; elsewhere reading the tree (mkfs itself) moves access
+/// times, and the files are the imager's user's. (Creation times come from the fake
+/// clock, modification times were staged as 1.)
+fn fix_inodes(raw: &Path, tree: &Path, private_tmpfs: bool) -> Result<()> {
     let mut paths = vec![PathBuf::from("/")];
     let mut stack = vec![tree.to_owned()];
     while let Some(dir) = stack.pop() {
@@ -435,23 +438,22 @@ fn fix_inode_times(img: &Path, tree: &Path) -> Result<()> {
             }
         }
     }
+    let root_owned = rustix::process::geteuid().is_root();
     let mut script = String::new();
     for p in &paths {
         let text = p.to_str().with_context(|| format!("{} is not UTF-8", p.display()))?;
         if text.contains('"') || text.contains('\n') {
             bail!("{text:?}: file names with quotes or newlines cannot go into an image yet");
         }
-        for (field, value) in [
+        let mut fields = vec![("ctime", "19700101000001"), ("ctime_extra", "0")];
+        if !private_tmpfs {
+            fields.extend([("atime", "19700101000001"), ("atime_extra", "0")]);
+        }
+        if !root_owned {
             // Owned by root even when the imager is not (inside a Nix build's sandbox).
-            ("uid", "0"),
-            ("gid", "0"),
-            ("ctime", "19700101000001"),
-            ("ctime_extra", "0"),
-            ("crtime", "19700101000001"),
-            ("crtime_extra", "0"),
-            ("atime", "19700101000001"),
-            ("atime_extra", "0"),
-        ] {
+            fields.extend([("uid", "0"), ("gid", "0")]);
+        }
+        for (field, value) in fields {
             script.push_str(&format!("sif \"{text}\" {field} {value}\n"));
         }
     }
@@ -462,7 +464,7 @@ fn fix_inode_times(img: &Path, tree: &Path) -> Result<()> {
         .arg("-w")
         .arg("-f")
         .arg(cmds.path())
-        .arg(img)
+        .arg(format!("{}?offset={ROOT_OFFSET}", raw.display()))
         .env("E2FSPROGS_FAKE_TIME", "1")
         .output()
         .context("running debugfs")?;
@@ -507,43 +509,76 @@ fn partition(raw: &Path, system: &StorePath, root_size: u64) -> Result<()> {
     Ok(())
 }
 
-/// Copies the data of a sparse file into another at `offset`, keeping holes.
-fn copy_into(src: &Path, dest: &Path, offset: u64) -> Result<()> {
-    let map = Bmap::scan(src)?;
-    let mut s = File::open(src)?;
-    let mut d = OpenOptions::new().write(true).open(dest)?;
-    let size = s.metadata()?.len();
-    let mut buf = vec![0u8; MIB as usize];
-    for r in map.ranges {
-        let start = r.first * crate::bmap::BLOCK;
-        let mut left = ((r.last + 1) * crate::bmap::BLOCK).min(size) - start;
-        s.seek(SeekFrom::Start(start))?;
-        d.seek(SeekFrom::Start(offset + start))?;
-        while left > 0 {
-            let n = buf.len().min(left as usize);
-            s.read_exact(&mut buf[..n])?;
-            d.write_all(&buf[..n])?;
-            left -= n as u64;
-        }
-    }
-    d.sync_all()?;
-    Ok(())
-}
-
-fn compress(raw: &Path, zst: &Path) -> Result<()> {
-    let file = File::open(raw)?;
-    let bar = crate::progress::bytes("compressing", file.metadata()?.len());
-    let mut input = bar.wrap_read(io::BufReader::new(file));
-    let out = File::create(zst)?;
-    let mut enc = zstd::stream::write::Encoder::new(io::BufWriter::new(out), 3)?;
+/// One pass over the raw image: its sha256, the bmap's checksum of each mapped range,
+/// and the compressed image with its own sha256.
+fn compress(raw: &Path, zst: &Path) -> Result<(Bmap, String, String)> {
+    let (size, mapped) = crate::bmap::mapped(raw)?;
+    let mut input = File::open(raw)?;
+    let bar = crate::progress::bytes("compressing", size);
+    let out = HashingWriter { inner: io::BufWriter::new(File::create(zst)?), hash: Sha256::new() };
+    let mut enc = zstd::stream::write::Encoder::new(out, 3)?;
     enc.multithread(ZSTD_WORKERS)?;
     // Store paths repeat themselves at long distances; 16 MiB windows stay within what
     // every decoder (bmaptool's zstd, ours) accepts without asking.
     enc.long_distance_matching(true)?;
     enc.window_log(thymis_store::zstd_limits::WINDOW_LOG_MAX)?;
     enc.include_checksum(true)?;
-    io::copy(&mut input, &mut enc)?;
-    enc.finish()?.flush()?;
+    let mut image_hash = Sha256::new();
+    let mut ranges = Vec::with_capacity(mapped.len());
+    let mut range_hash = Sha256::new();
+    let mut next = mapped.iter().peekable();
+    let mut buf = vec![0u8; MIB as usize];
+    let mut pos = 0u64;
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let chunk = &buf[..n];
+        image_hash.update(chunk);
+        enc.write_all(chunk)?;
+        let end = pos + n as u64;
+        // The parts of mapped ranges in this chunk (ranges are inclusive block runs).
+        while let Some(&&(first, last)) = next.peek() {
+            let (start, stop) = (first * BLOCK, ((last + 1) * BLOCK).min(size));
+            if start >= end {
+                break;
+            }
+            let (a, b) = (start.max(pos), stop.min(end));
+            range_hash.update(&chunk[(a - pos) as usize..(b - pos) as usize]);
+            if stop > end {
+                break;
+            }
+            ranges.push(Range { first, last, sha256: hex(&std::mem::take(&mut range_hash).finalize()) });
+            next.next();
+        }
+        pos = end;
+        bar.inc(n as u64);
+    }
+    if pos != size {
+        bail!("{} changed size while being compressed", raw.display());
+    }
+    let mut out = enc.finish()?;
+    out.flush()?;
+    out.inner.get_ref().sync_all()?;
     bar.finish_and_clear();
-    Ok(())
+    Ok((Bmap { image_size: size, ranges }, hex(&image_hash.finalize()), hex(&out.hash.finalize())))
+}
+
+/// Hashes what passes through to the compressed image file.
+struct HashingWriter<W: Write> {
+    inner: W,
+    hash: Sha256,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.hash.update(&data[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }

@@ -288,6 +288,7 @@ fn imager(rows: &mut Vec<String>) {
         t0.elapsed().as_secs_f64()
     };
     let (mut ours, mut base, mut flash, mut bmaptool) = (vec![], vec![], vec![], vec![]);
+    let mut base_zst = 0u64;
     for run in 0..RUNS {
         let set = dir.join(format!("set{run}"));
         ours.push(timed(&mut || {
@@ -301,7 +302,8 @@ fn imager(rows: &mut Vec<String>) {
             sh(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&img).arg("400M"));
             sh(Command::new("zstd").args(["-q", "-3", "-T0", "-f"]).arg(&img));
         }));
-        let _ = Command::new("rm").arg("-rf").arg(&root).arg(&img).status();
+        base_zst = std::fs::metadata(img.with_extension("img.zst")).map(|m| m.len()).unwrap_or(0);
+        let _ = Command::new("rm").arg("-rf").arg(&root).arg(&img).arg(img.with_extension("img.zst")).status();
         let zst = set.join("bench.img.zst");
         let target = dir.join(format!("flash{run}.img"));
         flash.push(timed(&mut || {
@@ -321,12 +323,16 @@ fn imager(rows: &mut Vec<String>) {
     let m: Value =
         serde_json::from_slice(&std::fs::read(dir.join("set0/manifest.json")).expect("manifest")).expect("json");
     let (ours, base, flash, bmaptool) = (median(ours), median(base), median(flash), median(bmaptool));
+    let ours_zst = m["compressed_size"].as_u64().unwrap_or(0);
     rows.push(format!(
-        "| build: {} paths, {} MiB mapped of {} MiB | {ours:.2} s | {base:.2} s (`cp -a`, `mkfs.ext4 -d`, `zstd -3 -T0`) | {:.2}x |",
+        "| build: {} paths, {} MiB mapped of {} MiB | {ours:.2} s, {} compressed | {base:.2} s, {} compressed (`cp -a`, `mkfs.ext4 -d`, `zstd -3 -T0`) | {:.2}x time, {:.2}x size |",
         paths.len(),
         m["mapped_bytes"].as_u64().unwrap_or(0) >> 20,
         m["image_size"].as_u64().unwrap_or(0) >> 20,
-        ours / base
+        mb(ours_zst as f64),
+        mb(base_zst as f64),
+        ours / base,
+        ours_zst as f64 / base_zst.max(1) as f64
     ));
     rows.push(format!(
         "| flash to a new file (checked, read back) | {flash:.2} s | {bmaptool:.2} s (`bmaptool copy`) | {:.2}x |",
@@ -498,7 +504,7 @@ fn main() {
         sh(Command::new("nix-store").arg("--version")).replace("nix-store (Nix) ", "")
     );
     let agents: usize = std::env::var("THYMIS_BENCH_AGENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    // THYMIS_BENCH_ONLY=scale|imager|transfer runs (and prints) only that part, for investigating.
+    // THYMIS_BENCH_ONLY=scale|transfer|fanout|imager runs (and prints) only that part, for investigating.
     match std::env::var("THYMIS_BENCH_ONLY").as_deref() {
         Ok("scale") => {
             println!("{}", scale(agents).join("\n"));
@@ -508,6 +514,12 @@ fn main() {
             let mut rows = vec![];
             transfer(&mut rows);
             println!("{}", rows.join("\n"));
+            return;
+        }
+        Ok("fanout") => {
+            let mut rows = vec![];
+            let foot = fan_out(&mut rows);
+            println!("{}\n{foot}", rows.join("\n"));
             return;
         }
         Ok("imager") => {
