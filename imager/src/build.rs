@@ -236,7 +236,9 @@ fn stage_root(
     bar.finish_and_clear();
     // Registered as `nix-store --load-db` expects, in a chroot store rooted here.
     let mut load = Command::new("nix-store");
-    load.arg("--store").arg(root).arg("--load-db").stdin(std::process::Stdio::piped());
+    // No build users are involved (and inside a Nix build there are none to be had).
+    load.arg("--store").arg(root).args(["--option", "build-users-group", ""]).arg("--load-db");
+    load.stdin(std::process::Stdio::piped());
     let mut child = load.spawn().context("running nix-store --load-db")?;
     child.stdin.take().context("stdin")?.write_all(closure::registration(infos).as_bytes())?;
     if !child.wait()?.success() {

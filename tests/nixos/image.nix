@@ -88,10 +88,13 @@ in
     imaged.wait_for_unit("thymis-agent.service")
     assert imaged.succeed("readlink -f /run/current-system").strip() == "${toplevel}"
     imaged.succeed("test -d /boot/loader/entries && ls /boot/loader/entries | grep -q nixos-generation-1.conf")
-    controller.wait_until_succeeds(
-        f"{env} thymisctl --json devices | grep -A12 '\"name\": \"imaged\"' | grep -q '\"online\": true'"
-    )
-    device = next(d for d in json.loads(controller.succeed(f"{env} thymisctl --json devices")) if d["name"] == "imaged")
+    def imaged_row():
+        rows = json.loads(controller.succeed(f"{env} thymisctl --json devices"))
+        return next(d for d in rows if d["name"] == "imaged")
+
+    # Online first, then its first report names what it runs.
+    retry(lambda _: imaged_row()["online"] and imaged_row()["system"] is not None)
+    device = imaged_row()
     assert device["enrolled"], device
     assert device["system"] == "${toplevel}", device
   '';
