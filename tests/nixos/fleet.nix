@@ -54,12 +54,8 @@ in
 
   nodes = {
     controller = { ... }: {
-      imports = [ self.nixosModules.controller ];
+      imports = [ (import ./controller-node.nix { inherit self; }) ];
       services.thymis-controller = {
-        enable = true;
-        listen = "0.0.0.0:8443";
-        publicUrl = "ws://controller:8443";
-        openFirewall = true;
         settings.confirm-timeout = 30;
         overrideInputs = {
           nixpkgs = "path:${pkgs.path}";

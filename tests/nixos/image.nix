@@ -30,13 +30,7 @@ in
 
   nodes = {
     controller = { ... }: {
-      imports = [ self.nixosModules.controller ];
-      services.thymis-controller = {
-        enable = true;
-        listen = "0.0.0.0:8443";
-        publicUrl = "ws://controller:8443";
-        openFirewall = true;
-      };
+      imports = [ (import ./controller-node.nix { inherit self; }) ];
       environment.systemPackages = [ thymis ];
     };
     imaged = { lib, ... }: {

@@ -1,0 +1,13 @@
+# The controller node of the VM tests: this flake's module, listening for the devices
+# on the test network.
+{ self }:
+{ ... }:
+{
+  imports = [ self.nixosModules.controller ];
+  services.thymis-controller = {
+    enable = true;
+    listen = "0.0.0.0:8443";
+    publicUrl = "ws://controller:8443";
+    openFirewall = true;
+  };
+}
