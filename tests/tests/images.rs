@@ -146,17 +146,24 @@ fn an_image_built_inside_a_nix_build_is_the_same_and_boots_in_qemu() {
 }
 
 #[test]
-fn a_vm_booted_from_its_controller_image_enrolls_and_reports_the_image() {
+fn a_vm_booted_from_its_controller_image_enrolls_and_takes_deployments() {
     let f = Fleet::new(FleetOptions::default()).expect("fleet");
     let kernel = vm::kernel_version().expect("kernel");
     let agent = bin("thymis-agent");
-    let stamp = sha256(&agent);
-    f.set_configs(&json!({
-        "alpha": { "version": "1", "units": ["web.service"] },
-        "beta": { "version": "1", "units": ["db.service"] },
-        "vm": { "vm": { "kernelVersion": kernel, "agent": agent, "agentStamp": stamp } },
-    }))
-    .expect("configs");
+    let vm = json!({
+        "kernelVersion": kernel,
+        "agent": agent,
+        "agentStamp": sha256(&agent),
+        "nixStamp": sha256(std::path::Path::new("/usr/bin/nix")),
+    });
+    let configs = |vm_config: serde_json::Value| {
+        json!({
+            "alpha": { "version": "1", "units": ["web.service"] },
+            "beta": { "version": "1", "units": ["db.service"] },
+            "vm": vm_config,
+        })
+    };
+    f.set_configs(&configs(json!({ "vm": vm }))).expect("configs");
     let toml = f.controller.project_dir().join("thymis.toml");
     let mut text = std::fs::read_to_string(&toml).expect("thymis.toml");
     text.push_str("\n[configs.vm]\ntags = [\"vms\"]\n");
@@ -183,6 +190,25 @@ fn a_vm_booted_from_its_controller_image_enrolls_and_reports_the_image() {
     assert_eq!(row["system"], system.as_str(), "it runs the image's system: {row}\n{}", machine.console());
     assert_eq!(row["commit"], f.controller.project_head().as_str(), "{row}");
     assert!(machine.console().contains("connected to the controller"), "{}", machine.console());
+
+    // Over the air into the running VM: a new version is copied, activated and
+    // confirmed; one whose activation fails is rolled back by the VM's agent.
+    f.set_configs(&configs(json!({ "vm": vm, "version": "2" }))).expect("configs");
+    let t = f.controller.ctl_json(&["deploy", "--device", "vm1", "-m", "v2", "--wait"]);
+    let child = &t["children"][0];
+    assert_eq!(child["result"], "succeeded", "{t}\n{}\n{}", f.diagnostics(), machine.console());
+    let v2 = child["system"].as_str().expect("system").to_owned();
+    assert_ne!(v2, system);
+    assert!(machine.console().contains("activating vm version 2"), "{}", machine.console());
+    assert_eq!(f.device_row("vm1")["system"], v2.as_str());
+    f.set_configs(&configs(json!({ "vm": vm, "version": "3", "activationFails": true }))).expect("configs");
+    let t = f.controller.ctl_json(&["deploy", "--device", "vm1", "-m", "v3 fails", "--wait"]);
+    let child = &t["children"][0];
+    assert_eq!(child["result"], "rolled-back", "{t}\n{}", machine.console());
+    assert_eq!(child["reason"], "activation-failed", "{t}");
+    thymis_fleet_tests::wait_for("the VM to report the system it went back to", Duration::from_secs(30), || {
+        (f.device_row("vm1")["system"] == v2.as_str()).then_some(())
+    });
 }
 
 #[test]
