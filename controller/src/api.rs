@@ -402,6 +402,7 @@ async fn stats(State(ctl): State<Arc<Controller>>) -> ApiResult {
     Ok(Json(json!({
         "builds": ctl.build_count.load(Ordering::Relaxed),
         "compressions": ctl.nar_cache.compressions.load(Ordering::Relaxed),
+        "deltas": ctl.nar_cache.deltas.load(Ordering::Relaxed),
         "connected_agents": ctl.online().len(),
     })))
 }

@@ -377,8 +377,10 @@ async fn send_to(
     if !conn.send(AgentBound::QueryPaths { deployment_id: id.clone(), paths }).await {
         return Err(Stop::Disconnected);
     }
-    let missing: BTreeSet<StorePath> = match reply(&mut rx, t).await? {
-        ControllerBound::PathsMissing { missing, .. } => missing.into_iter().collect(),
+    let (missing, bases): (BTreeSet<StorePath>, HashMap<StorePath, StorePath>) = match reply(&mut rx, t).await? {
+        ControllerBound::PathsMissing { missing, bases, .. } => {
+            (missing.into_iter().collect(), bases.into_iter().map(|b| (b.path, b.base)).collect())
+        }
         other => return Err(Stop::Refused(format!("unexpected reply to the path query: {other:?}"))),
     };
     for (path, bytes) in unacked.drain() {
@@ -395,25 +397,27 @@ async fn send_to(
     );
     ctl.notify_task(child.task);
     let mut outstanding = 0usize;
-    // The next path is compressed (when no one has yet) while this one is sent.
+    // The next path is compressed (when no one has yet) while this one is sent; a path
+    // the device has an earlier version of goes as a delta against it when smaller.
     let prefetch = |info: &&PathInfo| {
-        let (ctl, path) = (ctl.clone(), info.path.clone());
-        tokio::spawn(async move { ctl.nar_cache.get(&path).await })
+        let (ctl, info, base) = (ctl.clone(), (*info).clone(), bases.get(&info.path).cloned());
+        tokio::spawn(async move { ctl.nar_cache.best(&info, base.as_ref()).await })
     };
     let mut next = to_send.first().map(prefetch);
     for (n, info) in to_send.iter().enumerate() {
-        if !conn.send(AgentBound::PathStart { deployment_id: id.clone(), info: (*info).clone() }).await {
-            return Err(Stop::Disconnected);
-        }
         let compressed = match next.take() {
             Some(handle) => handle.await.map_err(|e| anyhow::anyhow!("compression task: {e}")).and_then(|r| r),
             None => Err(anyhow::anyhow!("no compression started")),
         };
         next = to_send.get(n + 1).map(prefetch);
-        let file = match compressed {
+        let (file, delta_base) = match compressed {
             Ok(f) => f,
             Err(e) => return Err(Stop::Refused(format!("reading {}: {e:#}", info.path))),
         };
+        let start = AgentBound::PathStart { deployment_id: id.clone(), info: (*info).clone(), delta_base };
+        if !conn.send(start).await {
+            return Err(Stop::Disconnected);
+        }
         let out = conn.out.clone();
         let sent =
             tokio::task::spawn_blocking(move || stream_file(&file, out)).await.map_err(|_| Stop::Disconnected)?;

@@ -11,15 +11,17 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use thymis_store::local_store::LocalStore;
-use thymis_store::{StorePath, zstd_limits};
+use thymis_store::{PathInfo, StorePath, zstd_limits};
 
 #[derive(Debug, Default)]
 pub struct NarCache {
     dir: PathBuf,
-    /// One lock per path, so concurrent deliveries wait for one compression.
-    locks: std::sync::Mutex<HashMap<StorePath, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per cache file, so concurrent deliveries wait for one compression.
+    locks: std::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     /// Compressions done since start (the fan-out benchmark reads it).
     pub compressions: AtomicU64,
+    /// Deltas made since start.
+    pub deltas: AtomicU64,
 }
 
 impl NarCache {
@@ -27,37 +29,99 @@ impl NarCache {
         NarCache { dir, ..Default::default() }
     }
 
-    fn file(&self, path: &StorePath) -> PathBuf {
-        self.dir.join(format!("{}.nar.zst", path.digest()))
-    }
-
     /// The compressed NAR of `path`, compressing it if no one has yet.
     pub async fn get(&self, path: &StorePath) -> Result<PathBuf> {
-        let file = self.file(path);
+        let file = self.dir.join(format!("{}.nar.zst", path.digest()));
+        let p = path.clone();
+        let made = self
+            .produce(&file, move |out| {
+                let mut enc = zstd_limits::encoder(out)?;
+                LocalStore::system().dump(&p, &mut enc).with_context(|| format!("reading {p}"))?;
+                enc.finish()?;
+                Ok(())
+            })
+            .await?;
+        if made {
+            self.compressions.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(file)
+    }
+
+    /// `info.path`'s NAR as a delta against `base` (a path the device has; zstd with the
+    /// base's NAR as reference prefix), made once per pair. Fails when this store lacks
+    /// the base or it is too large to hold in memory.
+    pub async fn get_delta(&self, info: &PathInfo, base: &StorePath) -> Result<PathBuf> {
+        let file = self.dir.join(format!("{}.from-{}.nar.zst", info.path.digest(), base.digest()));
+        let (p, new_size, base) = (info.path.clone(), info.nar_size, base.clone());
+        let made = self
+            .produce(&file, move |out| {
+                let store = LocalStore::system();
+                let base_info = store.path_infos(std::slice::from_ref(&base), false)?;
+                let base_size = base_info.first().map(|i| i.nar_size).context("no path info for the base")?;
+                let window = zstd_limits::delta_window_log(base_size, new_size)
+                    .with_context(|| format!("{base} is too large to be a delta base"))?;
+                let mut base_nar = Vec::with_capacity(base_size as usize);
+                store.dump(&base, &mut base_nar).with_context(|| format!("reading {base}"))?;
+                let mut enc = zstd_limits::delta_encoder(out, &base_nar, window)?;
+                store.dump(&p, &mut enc).with_context(|| format!("reading {p}"))?;
+                enc.finish()?;
+                Ok(())
+            })
+            .await?;
+        if made {
+            self.deltas.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(file)
+    }
+
+    /// What to send for `info.path` to a device that has `base`: the delta when it is
+    /// smaller than the whole compressed NAR, else the whole NAR.
+    pub async fn best(&self, info: &PathInfo, base: Option<&StorePath>) -> Result<(PathBuf, Option<StorePath>)> {
+        let whole = self.get(&info.path).await?;
+        let Some(base) = base else { return Ok((whole, None)) };
+        match self.get_delta(info, base).await {
+            Ok(delta) => {
+                let size = |f: &PathBuf| std::fs::metadata(f).map(|m| m.len()).unwrap_or(u64::MAX);
+                if size(&delta) < size(&whole) { Ok((delta, Some(base.clone()))) } else { Ok((whole, None)) }
+            }
+            Err(e) => {
+                tracing::debug!(path = %info.path, %base, "no delta: {e:#}");
+                Ok((whole, None))
+            }
+        }
+    }
+
+    /// Makes `file` with `write` unless it exists (written atomically; concurrent callers
+    /// wait for one). Returns whether it was made now.
+    async fn produce(
+        &self,
+        file: &std::path::Path,
+        write: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> Result<()> + Send + 'static,
+    ) -> Result<bool> {
         let lock = {
             let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            locks.entry(path.clone()).or_default().clone()
+            locks.entry(file.to_owned()).or_default().clone()
         };
         let _held = lock.lock().await;
         if file.exists() {
             // Touch it: recently used entries stay.
-            let _ = std::fs::File::open(&file).and_then(|f| f.set_modified(SystemTime::now()));
-            return Ok(file);
+            let _ = std::fs::File::open(file).and_then(|f| f.set_modified(SystemTime::now()));
+            return Ok(false);
         }
         std::fs::create_dir_all(&self.dir)?;
-        let (p, dest, dir) = (path.clone(), file.clone(), self.dir.clone());
+        let (dest, dir) = (file.to_owned(), self.dir.clone());
         tokio::task::spawn_blocking(move || -> Result<()> {
             let tmp = tempfile::NamedTempFile::new_in(&dir)?;
-            let mut enc = zstd_limits::encoder(std::io::BufWriter::new(tmp.as_file()))?;
-            LocalStore::system().dump(&p, &mut enc).with_context(|| format!("reading {p}"))?;
+            let mut out = std::io::BufWriter::new(tmp.as_file());
+            write(&mut out)?;
             use std::io::Write;
-            enc.finish()?.flush()?;
+            out.flush()?;
+            drop(out);
             tmp.persist(&dest).context("storing the compressed NAR")?;
             Ok(())
         })
         .await??;
-        self.compressions.fetch_add(1, Ordering::Relaxed);
-        Ok(file)
+        Ok(true)
     }
 
     /// Removes entries unused for `age`.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
 use thymis_proto::handshake::{Nonce, controller_transcript, device_transcript};
-use thymis_proto::{AgentBound, ControllerBound, PROTOCOL_MAX, PROTOCOL_MIN, decode_agent_bound, encode};
+use thymis_proto::{AgentBound, ControllerBound, DeltaBase, PROTOCOL_MAX, PROTOCOL_MIN, decode_agent_bound, encode};
 use thymis_store::signing::PublicKey;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -270,14 +270,24 @@ async fn handle(
         },
         AgentBound::QueryPaths { deployment_id, paths } => {
             let store = agent.store.clone();
-            let missing = tokio::task::spawn_blocking(move || store.invalid_paths(&paths)).await?;
+            let missing = tokio::task::spawn_blocking(move || {
+                let missing = store.invalid_paths(&paths)?;
+                // Earlier versions of what is missing: the controller may send deltas.
+                let bases = store.same_name_paths(&missing).unwrap_or_else(|e| {
+                    warn!("looking for delta bases: {e}");
+                    vec![]
+                });
+                let bases = bases.into_iter().map(|(path, base)| DeltaBase { path, base }).collect();
+                Ok::<_, thymis_store::local_store::StoreError>((missing, bases))
+            })
+            .await?;
             match missing {
-                Ok(missing) => reply(ControllerBound::PathsMissing { deployment_id, missing }).await?,
+                Ok((missing, bases)) => reply(ControllerBound::PathsMissing { deployment_id, missing, bases }).await?,
                 Err(e) => reply(ControllerBound::Error { message: format!("checking the store: {e}") }).await?,
             }
         }
-        AgentBound::PathStart { deployment_id, info } => {
-            incoming.send(Incoming::Start { deployment_id, info: Box::new(info) }).await?;
+        AgentBound::PathStart { deployment_id, info, delta_base } => {
+            incoming.send(Incoming::Start { deployment_id, info: Box::new(info), delta_base }).await?;
         }
         AgentBound::PathEnd { deployment_id, .. } => incoming.send(Incoming::End { deployment_id }).await?,
         AgentBound::Activate { deployment_id } => {

@@ -6,10 +6,11 @@ use std::io::{self, Read};
 use std::sync::Arc;
 
 use thymis_proto::ControllerBound;
-use thymis_store::PathInfo;
+use thymis_store::local_store::LocalStore;
 use thymis_store::nar::copy_verified;
 use thymis_store::signing::verify_path;
 use thymis_store::zstd_limits;
+use thymis_store::{PathInfo, StorePath};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -18,9 +19,16 @@ use crate::agent::Agent;
 /// What the connection forwards to the receiver, in arrival order.
 #[derive(Debug)]
 pub enum Incoming {
-    Start { deployment_id: String, info: Box<PathInfo> },
+    /// With `delta_base`, the stream is a delta against that path's NAR.
+    Start {
+        deployment_id: String,
+        info: Box<PathInfo>,
+        delta_base: Option<StorePath>,
+    },
     Chunk(Vec<u8>),
-    End { deployment_id: String },
+    End {
+        deployment_id: String,
+    },
 }
 
 /// A path being received.
@@ -39,7 +47,7 @@ pub async fn receiver(agent: Arc<Agent>, mut rx: mpsc::Receiver<Incoming>, out: 
     let mut skipping = false;
     while let Some(msg) = rx.recv().await {
         match msg {
-            Incoming::Start { deployment_id, info } => {
+            Incoming::Start { deployment_id, info, delta_base } => {
                 if current.is_some() {
                     refuse(&agent, &out, &deployment_id, &info, "a path started before the previous one ended".into())
                         .await;
@@ -60,11 +68,20 @@ pub async fn receiver(agent: Arc<Agent>, mut rx: mpsc::Receiver<Incoming>, out: 
                 }
                 skipping = false;
                 let (tx, chunk_rx) = mpsc::channel::<Vec<u8>>(16);
-                let (staging, expected) = (agent.staging_dir(), (*info).clone());
+                let (staging, expected, store) = (agent.staging_dir(), (*info).clone(), agent.store.clone());
                 let worker = tokio::task::spawn_blocking(move || {
                     let mut file = tempfile::tempfile_in(&staging).map_err(|e| format!("staging file: {e}"))?;
-                    let compressed = ChannelReader { rx: chunk_rx, buf: Vec::new(), pos: 0 };
-                    let decoder = zstd_limits::decoder(io::BufReader::new(compressed)).map_err(|e| e.to_string())?;
+                    let compressed = io::BufReader::new(ChannelReader { rx: chunk_rx, buf: Vec::new(), pos: 0 });
+                    // The base's NAR, from this store: what the delta refers to.
+                    let base_nar = match &delta_base {
+                        Some(base) => Some(base_nar(&store, base)?),
+                        None => None,
+                    };
+                    let decoder = match &base_nar {
+                        Some(nar) => zstd_limits::delta_decoder(compressed, nar),
+                        None => zstd_limits::decoder(compressed),
+                    }
+                    .map_err(|e| e.to_string())?;
                     let mut w = io::BufWriter::new(&mut file);
                     copy_verified(decoder, &mut w, &expected.nar_hash, expected.nar_size)
                         .map_err(|e| error_chain(&e))?;
@@ -119,6 +136,33 @@ pub async fn receiver(agent: Arc<Agent>, mut rx: mpsc::Receiver<Incoming>, out: 
                 }
             }
         }
+    }
+}
+
+/// The NAR of a delta's base, in memory (at most [`zstd_limits::DELTA_BASE_MAX`] bytes).
+fn base_nar(store: &LocalStore, base: &StorePath) -> Result<Vec<u8>, String> {
+    let mut nar = Capped { buf: Vec::new(), max: zstd_limits::DELTA_BASE_MAX as usize };
+    store.dump(base, &mut nar).map_err(|e| format!("reading the delta base {base}: {}", error_chain(&e)))?;
+    Ok(nar.buf)
+}
+
+/// A Vec that refuses to grow past `max`.
+struct Capped {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl io::Write for Capped {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.len() + data.len() > self.max {
+            return Err(io::Error::other("larger than a delta base may be"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

@@ -80,3 +80,33 @@ fn an_agent_killed_mid_copy_resumes_with_what_is_still_missing() {
     let staging = std::fs::read_dir(f.device("d1").state_dir().join("staging")).expect("staging").count();
     assert_eq!(staging, 0);
 }
+
+#[test]
+fn a_changed_path_goes_as_a_delta_against_the_version_the_device_has() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let blob = |version: &str| json!({ "alpha": { "version": version, "blob": { "kib": 2048 } }, "beta": {} });
+    f.set_configs(&blob("1")).expect("cfg");
+    f.add_device("d1", "alpha", true).expect("device");
+    f.wait_online("d1");
+    let t = f.controller.ctl_json(&["deploy", "--device", "d1", "-m", "v1", "--wait"]);
+    assert_eq!(t["result"], "succeeded", "{t}");
+    let first = Fleet::child(&t, "d1")["bytes_sent"].as_i64().unwrap_or(0);
+    assert!(first > 2_000_000, "2 MiB of incompressible data took {first} bytes");
+
+    // Version 2 changes a few bytes of the 2 MiB path: the device has version 1 of it.
+    f.set_configs(&blob("2")).expect("cfg");
+    let t = f.controller.ctl_json(&["deploy", "--device", "d1", "-m", "v2", "--wait"]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    let c = Fleet::child(&t, "d1");
+    let second = c["bytes_sent"].as_i64().unwrap_or(0);
+    assert!(second < 100_000, "the changed path was sent whole: {second} bytes");
+    let (_, stats) = f.controller.api("/stats", None);
+    assert!(stats["deltas"].as_u64().unwrap_or(0) >= 1, "{stats}");
+
+    // The device holds the new version, byte for byte (its import checked the hash).
+    let system = c["system"].as_str().expect("system");
+    let blob_path = std::fs::read_to_string(format!("{system}/blob")).expect("blob ref");
+    let host = std::fs::read(blob_path.trim()).expect("host blob");
+    let on_device = f.device("d1").nix_dir().join(blob_path.trim().trim_start_matches("/nix/"));
+    assert_eq!(std::fs::read(&on_device).expect("device blob"), host);
+}

@@ -205,7 +205,7 @@ impl Peer {
         mangle(&mut nar);
         let mut z = zstd::encode_all(nar.as_slice(), 3).expect("zstd");
         z.truncate((z.len() as f64 * keep) as usize);
-        self.send(&AgentBound::PathStart { deployment_id: id.into(), info: info.clone() }).await;
+        self.send(&AgentBound::PathStart { deployment_id: id.into(), info: info.clone(), delta_base: None }).await;
         for chunk in z.chunks(4096) {
             self.ws.send(Message::binary(chunk.to_vec())).await.expect("send");
         }

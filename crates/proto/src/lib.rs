@@ -12,7 +12,9 @@ pub mod message;
 pub mod outcome;
 pub mod signed;
 
-pub use message::{AgentBound, ControllerBound, ProtoError, decode_agent_bound, decode_controller_bound, encode};
+pub use message::{
+    AgentBound, ControllerBound, DeltaBase, ProtoError, decode_agent_bound, decode_controller_bound, encode,
+};
 pub use outcome::{AgentState, DeviceResult, Phase, RollbackReason};
 
 /// Protocol versions this build speaks. A peer whose range does not overlap is refused

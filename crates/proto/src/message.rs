@@ -53,6 +53,10 @@ pub enum AgentBound {
     PathStart {
         deployment_id: String,
         info: PathInfo,
+        /// The zstd data is a delta: compressed with the NAR of this path (one the device
+        /// named in [`ControllerBound::PathsMissing`]'s `bases`) as reference prefix.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delta_base: Option<StorePath>,
     },
     PathEnd {
         deployment_id: String,
@@ -115,6 +119,11 @@ pub enum ControllerBound {
     PathsMissing {
         deployment_id: String,
         missing: Vec<StorePath>,
+        /// For some missing paths, a path of the same name the device has (an earlier
+        /// version, usually): the controller may send a delta against it. An agent that
+        /// sends none gets whole NARs.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        bases: Vec<DeltaBase>,
     },
     /// The path passed every check and is registered in the device's store.
     PathImported {
@@ -229,4 +238,11 @@ pub fn decode_controller_bound(text: &str, authenticated: bool) -> Result<Contro
 pub fn encode<T: Serialize>(msg: &T) -> String {
     // These types serialise infallibly (string keys, no non-finite floats).
     serde_json::to_string(msg).unwrap_or_default()
+}
+
+/// A path the device lacks, and one of the same name it has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaBase {
+    pub path: StorePath,
+    pub base: StorePath,
 }

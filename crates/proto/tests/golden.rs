@@ -56,6 +56,22 @@ fn agent_bound() -> Vec<(&'static str, AgentBound)> {
                     deriver: None,
                     signatures: vec!["thymis-1:c2ln".into()],
                 },
+                delta_base: None,
+            },
+        ),
+        (
+            "path_start_delta",
+            AgentBound::PathStart {
+                deployment_id: id(),
+                info: PathInfo {
+                    path: sp("lib"),
+                    nar_hash: NarHash([8; 32]),
+                    nar_size: 2048,
+                    references: [sp("lib")].into(),
+                    deriver: None,
+                    signatures: vec!["thymis-1:c2ln".into()],
+                },
+                delta_base: Some(sp("lib-old")),
             },
         ),
         ("path_end", AgentBound::PathEnd { deployment_id: id(), path: sp("system") }),
@@ -107,7 +123,18 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
             "offer_refused",
             ControllerBound::OfferRefused { deployment_id: id(), reason: "sequence 3 is not above 41".into() },
         ),
-        ("paths_missing", ControllerBound::PathsMissing { deployment_id: id(), missing: vec![sp("system")] }),
+        (
+            "paths_missing",
+            ControllerBound::PathsMissing { deployment_id: id(), missing: vec![sp("system")], bases: vec![] },
+        ),
+        (
+            "paths_missing_bases",
+            ControllerBound::PathsMissing {
+                deployment_id: id(),
+                missing: vec![sp("lib"), sp("system")],
+                bases: vec![thymis_proto::DeltaBase { path: sp("lib"), base: sp("lib-old") }],
+            },
+        ),
         ("path_imported", ControllerBound::PathImported { deployment_id: id(), path: sp("system") }),
         (
             "path_refused",

@@ -44,6 +44,12 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error("listing the store directory {dir}")]
+    List {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The store at `/nix/store`, or a chroot store rooted elsewhere (`--store DIR`).
@@ -78,6 +84,40 @@ impl LocalStore {
             c.arg("--store").arg(root);
         }
         c
+    }
+
+    /// For each of `paths` (ones this store lacks), a valid path of the same name that it
+    /// has, if any: usually the version the new one replaces, a good base for a delta.
+    /// Where several qualify, the first by file name is taken.
+    pub fn same_name_paths(&self, paths: &[StorePath]) -> Result<Vec<(StorePath, StorePath)>, StoreError> {
+        let Some(first) = paths.first() else { return Ok(vec![]) };
+        let real = self.real_path(first);
+        let Some(dir) = real.parent() else { return Ok(vec![]) };
+        let mut by_name: std::collections::HashMap<&str, &StorePath> = std::collections::HashMap::new();
+        for p in paths {
+            by_name.insert(p.name(), p);
+        }
+        let mut candidates: Vec<(StorePath, StorePath)> = Vec::new();
+        let list = |source| StoreError::List { dir: dir.to_owned(), source };
+        for entry in std::fs::read_dir(dir).map_err(list)? {
+            let name = entry.map_err(list)?.file_name();
+            let Ok(have) = StorePath::from_base_name(&name.to_string_lossy()) else { continue };
+            if let Some(&want) = by_name.get(have.name())
+                && *want != have
+            {
+                candidates.push((want.clone(), have));
+            }
+        }
+        candidates.sort_by(|a, b| a.1.base_name().cmp(b.1.base_name()));
+        let bases: Vec<StorePath> = candidates.iter().map(|(_, b)| b.clone()).collect();
+        let invalid: std::collections::HashSet<StorePath> = self.invalid_paths(&bases)?.into_iter().collect();
+        let mut chosen: Vec<(StorePath, StorePath)> = Vec::new();
+        for (want, have) in candidates {
+            if !invalid.contains(&have) && !chosen.iter().any(|(w, _)| *w == want) {
+                chosen.push((want, have));
+            }
+        }
+        Ok(chosen)
     }
 
     /// Which of `paths` are not valid in this store.
