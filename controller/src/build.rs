@@ -1,6 +1,7 @@
 //! Building a configuration of the project at a commit with `nix build`, its log
 //! streamed into the task, and preparing the signed closure to send.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::process::Stdio;
 use std::sync::Arc;
 
@@ -89,26 +90,47 @@ pub async fn build_cached(ctl: &Arc<Controller>, task: i64, commit: &str, config
     Ok(system)
 }
 
-/// Compresses the closure's paths for the NAR cache (those not compressed yet), so that
-/// deployments find them ready. A deployment that needs a path meanwhile waits for, or
-/// does, that path's compression: each path is compressed once.
-pub fn warm_nar_cache(ctl: &Arc<Controller>, system: &StorePath) -> tokio::task::JoinHandle<()> {
+/// Compresses the closure's paths for the NAR cache (those not compressed yet), and the
+/// deltas against the versions the devices of `config` run, so that deployments find
+/// them ready. A deployment that needs one meanwhile waits for, or makes, it: each is
+/// made once.
+pub fn warm_nar_cache(ctl: &Arc<Controller>, system: &StorePath, config: &str) -> tokio::task::JoinHandle<()> {
     let (ctl, system) = (ctl.clone(), system.clone());
+    let running: BTreeSet<StorePath> = ctl
+        .db
+        .devices()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| d.config == config)
+        .filter_map(|d| d.system?.parse().ok())
+        .collect();
     tokio::spawn(async move {
         let query = system.clone();
-        let infos = tokio::task::spawn_blocking(move || -> Result<Vec<PathInfo>> {
-            Ok(sort_dependencies_first(LocalStore::system().path_infos(std::slice::from_ref(&query), true)?)?)
+        let work = tokio::task::spawn_blocking(move || -> Result<(Vec<PathInfo>, HashMap<String, StorePath>)> {
+            let store = LocalStore::system();
+            let infos = sort_dependencies_first(store.path_infos(std::slice::from_ref(&query), true)?)?;
+            let new: HashSet<&StorePath> = infos.iter().map(|i| &i.path).collect();
+            // What the devices run, by name: the bases their agents will name.
+            let mut bases = HashMap::new();
+            for r in running {
+                for p in store.closure(&r).unwrap_or_default() {
+                    if !new.contains(&p) {
+                        bases.entry(p.name().to_owned()).or_insert(p);
+                    }
+                }
+            }
+            Ok((infos, bases))
         })
         .await;
-        let Ok(Ok(infos)) = infos else { return };
+        let Ok(Ok((infos, bases))) = work else { return };
         // One compression per core; the system's own paths first (what changed is most
         // often near the top).
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         futures_util::stream::iter(infos.iter().rev())
             .for_each_concurrent(workers, |info| {
-                let ctl = &ctl;
+                let (ctl, base) = (&ctl, bases.get(info.path.name()));
                 async move {
-                    if let Err(e) = ctl.nar_cache.get(&info.path).await {
+                    if let Err(e) = ctl.nar_cache.best(info, base).await {
                         tracing::warn!(path = %info.path, "compressing for the NAR cache: {e:#}");
                     }
                 }

@@ -212,7 +212,7 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
             Ok(system) => {
                 // In the background: the copies start at once, compressing what they
                 // need first (and the next path while one is sent).
-                build::warm_nar_cache(ctl, &system);
+                build::warm_nar_cache(ctl, &system, config);
                 build::signed_closure(ctl, &system).await.map(|cl| (system, cl))
             }
             Err(e) => Err(e),
@@ -596,7 +596,7 @@ pub async fn start_build(ctl: &Arc<Controller>, config: &str, commit: Option<&st
                 // is compressed, ready to be sent.
                 let _ = ctl.db.log(task, None, "compressing the closure for deployment");
                 ctl.notify_task(task);
-                let _ = build::warm_nar_cache(&ctl, &system).await;
+                let _ = build::warm_nar_cache(&ctl, &system, &config).await;
                 let _ = ctl.db.set_task_system(task, &system.to_string());
                 let _ = ctl.db.set_task_state(task, TaskState::Finished, Some("succeeded"), None);
             }

@@ -218,6 +218,11 @@ impl Agent {
         *lock(&self.local) = true;
     }
 
+    /// The system the device runs now.
+    pub fn running(&self) -> Option<StorePath> {
+        self.running_system(&self.persisted(), self.pending().as_ref())
+    }
+
     /// The report sent on every connection.
     pub fn report(&self) -> DeviceReport {
         let persisted = self.persisted();

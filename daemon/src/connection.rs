@@ -269,11 +269,13 @@ async fn handle(
             }
         },
         AgentBound::QueryPaths { deployment_id, paths } => {
-            let store = agent.store.clone();
+            let (store, running) = (agent.store.clone(), agent.running());
             let missing = tokio::task::spawn_blocking(move || {
                 let missing = store.invalid_paths(&paths)?;
-                // Earlier versions of what is missing: the controller may send deltas.
-                let bases = store.same_name_paths(&missing).unwrap_or_else(|e| {
+                // Earlier versions of what is missing, those the device runs first: the
+                // controller may send deltas against them.
+                let prefer = running.and_then(|s| store.closure(&s).ok()).unwrap_or_default().into_iter().collect();
+                let bases = store.same_name_paths(&missing, &prefer).unwrap_or_else(|e| {
                     warn!("looking for delta bases: {e}");
                     vec![]
                 });

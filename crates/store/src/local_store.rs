@@ -88,8 +88,13 @@ impl LocalStore {
 
     /// For each of `paths` (ones this store lacks), a valid path of the same name that it
     /// has, if any: usually the version the new one replaces, a good base for a delta.
-    /// Where several qualify, the first by file name is taken.
-    pub fn same_name_paths(&self, paths: &[StorePath]) -> Result<Vec<(StorePath, StorePath)>, StoreError> {
+    /// Where several qualify, one in `prefer` (the running system's closure, say) wins,
+    /// then the first by file name.
+    pub fn same_name_paths(
+        &self,
+        paths: &[StorePath],
+        prefer: &std::collections::HashSet<StorePath>,
+    ) -> Result<Vec<(StorePath, StorePath)>, StoreError> {
         let Some(first) = paths.first() else { return Ok(vec![]) };
         let real = self.real_path(first);
         let Some(dir) = real.parent() else { return Ok(vec![]) };
@@ -108,7 +113,7 @@ impl LocalStore {
                 candidates.push((want.clone(), have));
             }
         }
-        candidates.sort_by(|a, b| a.1.base_name().cmp(b.1.base_name()));
+        candidates.sort_by_key(|(_, have)| (!prefer.contains(have), have.base_name().to_owned()));
         let bases: Vec<StorePath> = candidates.iter().map(|(_, b)| b.clone()).collect();
         let invalid: std::collections::HashSet<StorePath> = self.invalid_paths(&bases)?.into_iter().collect();
         let mut chosen: Vec<(StorePath, StorePath)> = Vec::new();
@@ -118,6 +123,18 @@ impl LocalStore {
             }
         }
         Ok(chosen)
+    }
+
+    /// The closure of `path` (`nix-store -qR`, which every Nix has).
+    pub fn closure(&self, path: &StorePath) -> Result<Vec<StorePath>, StoreError> {
+        let mut c = self.command("nix-store");
+        c.args(["--query", "--requisites"]).arg(path.to_absolute());
+        let out = run(&mut c)?;
+        String::from_utf8_lossy(&out)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| l.parse().map_err(|_| StoreError::BadOutput { command: describe(&c), line: l.to_owned() }))
+            .collect()
     }
 
     /// Which of `paths` are not valid in this store.
