@@ -270,21 +270,15 @@ async fn handle(
         },
         AgentBound::QueryPaths { deployment_id, paths } => {
             let (store, running) = (agent.store.clone(), agent.running());
-            let missing = tokio::task::spawn_blocking(move || {
-                let missing = store.invalid_paths(&paths)?;
-                // Earlier versions of what is missing, those the device runs first: the
-                // controller may send deltas against them.
-                let prefer = running.and_then(|s| store.closure(&s).ok()).unwrap_or_default().into_iter().collect();
-                let bases = store.same_name_paths(&missing, &prefer).unwrap_or_else(|e| {
-                    warn!("looking for delta bases: {e}");
-                    vec![]
-                });
-                let bases = bases.into_iter().map(|(path, base)| DeltaBase { path, base }).collect();
-                Ok::<_, thymis_store::local_store::StoreError>((missing, bases))
-            })
-            .await?;
+            // With what is missing, earlier versions of it that the device has (those
+            // it runs first): the controller may send deltas against them.
+            let missing =
+                tokio::task::spawn_blocking(move || store.missing_with_bases(&paths, running.as_ref())).await?;
             match missing {
-                Ok((missing, bases)) => reply(ControllerBound::PathsMissing { deployment_id, missing, bases }).await?,
+                Ok((missing, bases)) => {
+                    let bases = bases.into_iter().map(|(path, base)| DeltaBase { path, base }).collect();
+                    reply(ControllerBound::PathsMissing { deployment_id, missing, bases }).await?
+                }
                 Err(e) => reply(ControllerBound::Error { message: format!("checking the store: {e}") }).await?,
             }
         }

@@ -200,12 +200,24 @@ impl Peer {
 
     /// Sends a path: its NAR, changed by `mangle`, zstd-compressed, cut to `keep` of it.
     async fn path(&mut self, id: &str, info: &PathInfo, mangle: impl Fn(&mut Vec<u8>), keep: f64) -> ControllerBound {
+        self.path_from(id, info, mangle, keep, None).await
+    }
+
+    /// [`Peer::path`], announced as a delta against `delta_base`.
+    async fn path_from(
+        &mut self,
+        id: &str,
+        info: &PathInfo,
+        mangle: impl Fn(&mut Vec<u8>),
+        keep: f64,
+        delta_base: Option<StorePath>,
+    ) -> ControllerBound {
         let mut nar = Vec::new();
         LocalStore::system().dump(&info.path, &mut nar).expect("dump");
         mangle(&mut nar);
         let mut z = zstd::encode_all(nar.as_slice(), 3).expect("zstd");
         z.truncate((z.len() as f64 * keep) as usize);
-        self.send(&AgentBound::PathStart { deployment_id: id.into(), info: info.clone(), delta_base: None }).await;
+        self.send(&AgentBound::PathStart { deployment_id: id.into(), info: info.clone(), delta_base }).await;
         for chunk in z.chunks(4096) {
             self.ws.send(Message::binary(chunk.to_vec())).await.expect("send");
         }
@@ -312,8 +324,22 @@ fn a_scripted_controller_cannot_make_the_agent_take_bad_offers_or_bad_paths() {
         assert!(matches!(&r, ControllerBound::PathRefused { error, .. } if error.contains("trusted key")), "{r:?}");
         assert!(!valid(&f, &lib.path), "a refused path reached the store");
 
+        // A delta against a base the device does not have, or one that is not a store
+        // path of its own: refused, nothing imported.
+        for (n, base) in [system.clone(), "/nix/store/00000000000000000000000000000000-gone".parse().expect("path")]
+            .into_iter()
+            .enumerate()
+        {
+            let id = format!("dep-delta-{n}");
+            let r = peer.offer(&identity, "d1", &id, &system, 8 + n as u64).await;
+            assert!(matches!(r, ControllerBound::OfferAccepted { .. }), "{r:?}");
+            let r = peer.path_from(&id, lib, |_| {}, 1.0, Some(base)).await;
+            assert!(matches!(&r, ControllerBound::PathRefused { error, .. } if error.contains("delta base")), "{r:?}");
+        }
+        assert!(!valid(&f, &lib.path), "a refused path reached the store");
+
         // The agent still serves a good deployment on the same connection.
-        let r = peer.offer(&identity, "d1", "dep-6", &system, 8).await;
+        let r = peer.offer(&identity, "d1", "dep-6", &system, 10).await;
         assert!(matches!(r, ControllerBound::OfferAccepted { .. }), "{r:?}");
         for info in &paths {
             let r = peer.path("dep-6", info, |_| {}, 1.0).await;

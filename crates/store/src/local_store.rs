@@ -86,25 +86,30 @@ impl LocalStore {
         c
     }
 
-    /// For each of `paths` (ones this store lacks), a valid path of the same name that it
-    /// has, if any: usually the version the new one replaces, a good base for a delta.
-    /// Where several qualify, one in `prefer` (the running system's closure, say) wins,
-    /// then the first by file name.
-    pub fn same_name_paths(
+    /// Which of `paths` this store lacks, and for each of those a valid path of the same
+    /// name that it has, if any: usually the version the new one replaces, a good base
+    /// for a delta. Where several versions qualify, the one in `running`'s closure wins,
+    /// then the first by file name. One directory listing and one `nix-store` call
+    /// (a second, for the closure, only when there is a choice to make).
+    #[allow(clippy::type_complexity)]
+    pub fn missing_with_bases(
         &self,
         paths: &[StorePath],
-        prefer: &std::collections::HashSet<StorePath>,
-    ) -> Result<Vec<(StorePath, StorePath)>, StoreError> {
-        let Some(first) = paths.first() else { return Ok(vec![]) };
+        running: Option<&StorePath>,
+    ) -> Result<(Vec<StorePath>, Vec<(StorePath, StorePath)>), StoreError> {
+        use std::collections::{HashMap, HashSet};
+        let Some(first) = paths.first() else { return Ok((vec![], vec![])) };
         let real = self.real_path(first);
-        let Some(dir) = real.parent() else { return Ok(vec![]) };
-        let mut by_name: std::collections::HashMap<&str, &StorePath> = std::collections::HashMap::new();
-        for p in paths {
-            by_name.insert(p.name(), p);
-        }
+        let dir = real.parent().unwrap_or(Path::new("/"));
+        let by_name: HashMap<&str, &StorePath> = paths.iter().map(|p| (p.name(), p)).collect();
         let mut candidates: Vec<(StorePath, StorePath)> = Vec::new();
         let list = |source| StoreError::List { dir: dir.to_owned(), source };
-        for entry in std::fs::read_dir(dir).map_err(list)? {
+        // A store that does not exist yet (a device's first deployment) has no bases.
+        let entries = match std::fs::read_dir(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            other => Some(other.map_err(list)?),
+        };
+        for entry in entries.into_iter().flatten() {
             let name = entry.map_err(list)?.file_name();
             let Ok(have) = StorePath::from_base_name(&name.to_string_lossy()) else { continue };
             if let Some(&want) = by_name.get(have.name())
@@ -113,16 +118,28 @@ impl LocalStore {
                 candidates.push((want.clone(), have));
             }
         }
+        let mut query: Vec<StorePath> = paths.to_vec();
+        query.extend(candidates.iter().map(|(_, have)| have.clone()));
+        let invalid: HashSet<StorePath> = self.invalid_paths(&query)?.into_iter().collect();
+        let missing: Vec<StorePath> = paths.iter().filter(|p| invalid.contains(*p)).cloned().collect();
+        let lacking: HashSet<&StorePath> = missing.iter().collect();
+        candidates.retain(|(want, have)| lacking.contains(want) && !invalid.contains(have));
+        let mut versions: HashMap<&StorePath, usize> = HashMap::new();
+        for (want, _) in &candidates {
+            *versions.entry(want).or_default() += 1;
+        }
+        let prefer: HashSet<StorePath> = match running {
+            Some(r) if versions.values().any(|n| *n > 1) => self.closure(r)?.into_iter().collect(),
+            _ => HashSet::new(),
+        };
         candidates.sort_by_key(|(_, have)| (!prefer.contains(have), have.base_name().to_owned()));
-        let bases: Vec<StorePath> = candidates.iter().map(|(_, b)| b.clone()).collect();
-        let invalid: std::collections::HashSet<StorePath> = self.invalid_paths(&bases)?.into_iter().collect();
-        let mut chosen: Vec<(StorePath, StorePath)> = Vec::new();
+        let mut bases: Vec<(StorePath, StorePath)> = Vec::new();
         for (want, have) in candidates {
-            if !invalid.contains(&have) && !chosen.iter().any(|(w, _)| *w == want) {
-                chosen.push((want, have));
+            if !bases.iter().any(|(w, _)| *w == want) {
+                bases.push((want, have));
             }
         }
-        Ok(chosen)
+        Ok((missing, bases))
     }
 
     /// The closure of `path` (`nix-store -qR`, which every Nix has).

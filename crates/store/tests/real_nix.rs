@@ -311,3 +311,32 @@ fn tampered_bundles_are_refused() {
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
+
+#[test]
+fn a_store_names_the_versions_it_has_of_the_paths_it_lacks() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = LocalStore::chroot(tmp.path());
+    let v1 = build_closure(&salt());
+    let v2 = build_closure(&salt());
+    let closure = |top: &StorePath| -> Vec<StorePath> {
+        nix_store(&["-qR", &top.to_absolute()]).lines().map(|l| l.parse().expect("path")).collect()
+    };
+    // An empty store (not even a directory yet) lacks everything and has no bases.
+    let (missing, bases) = store.missing_with_bases(&closure(&v2), None).expect("query");
+    assert_eq!(missing.len(), 3);
+    assert!(bases.is_empty());
+    // With version 1 in it, each path of version 2 has its version 1 as base.
+    run(Command::new("nix").args(["copy", "--no-check-sigs", "--to"]).arg(tmp.path()).arg(v1.to_absolute()));
+    let (missing, bases) = store.missing_with_bases(&closure(&v2), Some(&v1)).expect("query");
+    assert_eq!(missing, closure(&v2));
+    let v1_paths = closure(&v1);
+    assert_eq!(bases.len(), 3, "{bases:?}");
+    for (want, have) in &bases {
+        assert_eq!(want.name(), have.name());
+        assert!(v1_paths.contains(have), "{have} is not a path the store has");
+    }
+    // A directory entry that is not a valid path is no base.
+    fs::create_dir_all(tmp.path().join("nix/store/00000000000000000000000000000000-test-app")).expect("mkdir");
+    let (_, bases) = store.missing_with_bases(&closure(&v2), None).expect("query");
+    assert!(bases.iter().all(|(_, have)| v1_paths.contains(have)), "{bases:?}");
+}
