@@ -123,9 +123,10 @@ pub fn warm_nar_cache(ctl: &Arc<Controller>, system: &StorePath, config: &str) -
         })
         .await;
         let Ok(Ok((infos, bases))) = work else { return };
-        // One compression per core; the system's own paths first (what changed is most
+        // One compression per core, at most four (a delta holds its base, up to 64 MiB,
+        // and a window twice that); the system's own paths first (what changed is most
         // often near the top).
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
         futures_util::stream::iter(infos.iter().rev())
             .for_each_concurrent(workers, |info| {
                 let (ctl, base) = (&ctl, bases.get(info.path.name()));

@@ -185,7 +185,7 @@ fn nix_copy(f: &Fleet, ssh: &Sshd, system: &str, compress: bool) -> Sample {
 }
 
 fn mb(b: f64) -> String {
-    format!("{:.1} MB", b / 1e6)
+    if b < 1e5 { format!("{:.1} kB", b / 1e3) } else { format!("{:.1} MB", b / 1e6) }
 }
 
 fn transfer(rows: &mut Vec<String>) {
