@@ -146,12 +146,7 @@ impl LocalStore {
     pub fn closure(&self, path: &StorePath) -> Result<Vec<StorePath>, StoreError> {
         let mut c = self.command("nix-store");
         c.args(["--query", "--requisites"]).arg(path.to_absolute());
-        let out = run(&mut c)?;
-        String::from_utf8_lossy(&out)
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(|l| l.parse().map_err(|_| StoreError::BadOutput { command: describe(&c), line: l.to_owned() }))
-            .collect()
+        store_paths_of(&mut c)
     }
 
     /// Which of `paths` are not valid in this store.
@@ -161,12 +156,7 @@ impl LocalStore {
         }
         let mut c = self.command("nix-store");
         c.args(["--check-validity", "--print-invalid"]).args(paths.iter().map(StorePath::to_absolute));
-        let out = run(&mut c)?;
-        String::from_utf8_lossy(&out)
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(|l| l.parse().map_err(|_| StoreError::BadOutput { command: describe(&c), line: l.to_owned() }))
-            .collect()
+        store_paths_of(&mut c)
     }
 
     /// Path infos of `paths` (and with `recursive`, their whole closure), via
@@ -259,6 +249,16 @@ fn write_export<W: Write>(w: &mut W, info: &PathInfo, nar: &mut dyn Read) -> io:
     }
     s(w, info.deriver.as_ref().map(StorePath::to_absolute).unwrap_or_default().as_bytes())?;
     w.write_all(&0u64.to_le_bytes())
+}
+
+/// Runs `c`, which prints store paths a line each, and parses them.
+fn store_paths_of(c: &mut Command) -> Result<Vec<StorePath>, StoreError> {
+    let out = run(c)?;
+    String::from_utf8_lossy(&out)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| l.parse().map_err(|_| StoreError::BadOutput { command: describe(c), line: l.to_owned() }))
+        .collect()
 }
 
 fn describe(c: &Command) -> String {
