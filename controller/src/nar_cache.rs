@@ -33,17 +33,13 @@ impl NarCache {
     pub async fn get(&self, path: &StorePath) -> Result<PathBuf> {
         let file = self.dir.join(format!("{}.nar.zst", path.digest()));
         let p = path.clone();
-        let made = self
-            .produce(&file, move |out| {
-                let mut enc = zstd_limits::encoder(out)?;
-                LocalStore::system().dump(&p, &mut enc).with_context(|| format!("reading {p}"))?;
-                enc.finish()?;
-                Ok(())
-            })
-            .await?;
-        if made {
-            self.compressions.fetch_add(1, Ordering::Relaxed);
-        }
+        self.produce(&file, &self.compressions, move |out| {
+            let mut enc = zstd_limits::encoder(out)?;
+            LocalStore::system().dump(&p, &mut enc).with_context(|| format!("reading {p}"))?;
+            enc.finish()?;
+            Ok(())
+        })
+        .await?;
         Ok(file)
     }
 
@@ -53,24 +49,20 @@ impl NarCache {
     pub async fn get_delta(&self, info: &PathInfo, base: &StorePath) -> Result<PathBuf> {
         let file = self.dir.join(format!("{}.from-{}.nar.zst", info.path.digest(), base.digest()));
         let (p, new_size, base) = (info.path.clone(), info.nar_size, base.clone());
-        let made = self
-            .produce(&file, move |out| {
-                let store = LocalStore::system();
-                let base_info = store.path_infos(std::slice::from_ref(&base), false)?;
-                let base_size = base_info.first().map(|i| i.nar_size).context("no path info for the base")?;
-                let window = zstd_limits::delta_window_log(base_size, new_size)
-                    .with_context(|| format!("{base} is too large to be a delta base"))?;
-                let mut base_nar = Vec::with_capacity(base_size as usize);
-                store.dump(&base, &mut base_nar).with_context(|| format!("reading {base}"))?;
-                let mut enc = zstd_limits::delta_encoder(out, &base_nar, window)?;
-                store.dump(&p, &mut enc).with_context(|| format!("reading {p}"))?;
-                enc.finish()?;
-                Ok(())
-            })
-            .await?;
-        if made {
-            self.deltas.fetch_add(1, Ordering::Relaxed);
-        }
+        self.produce(&file, &self.deltas, move |out| {
+            let store = LocalStore::system();
+            let base_info = store.path_infos(std::slice::from_ref(&base), false)?;
+            let base_size = base_info.first().map(|i| i.nar_size).context("no path info for the base")?;
+            let window = zstd_limits::delta_window_log(base_size, new_size)
+                .with_context(|| format!("{base} is too large to be a delta base"))?;
+            let mut base_nar = Vec::with_capacity(base_size as usize);
+            store.dump(&base, &mut base_nar).with_context(|| format!("reading {base}"))?;
+            let mut enc = zstd_limits::delta_encoder(out, &base_nar, window)?;
+            store.dump(&p, &mut enc).with_context(|| format!("reading {p}"))?;
+            enc.finish()?;
+            Ok(())
+        })
+        .await?;
         Ok(file)
     }
 
@@ -92,12 +84,13 @@ impl NarCache {
     }
 
     /// Makes `file` with `write` unless it exists (written atomically; concurrent callers
-    /// wait for one). Returns whether it was made now.
+    /// wait for one), counting what it makes in `made`.
     async fn produce(
         &self,
         file: &std::path::Path,
+        made: &AtomicU64,
         write: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> Result<()> + Send + 'static,
-    ) -> Result<bool> {
+    ) -> Result<()> {
         let lock = {
             let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
             locks.entry(file.to_owned()).or_default().clone()
@@ -106,7 +99,7 @@ impl NarCache {
         if file.exists() {
             // Touch it: recently used entries stay.
             let _ = std::fs::File::open(file).and_then(|f| f.set_modified(SystemTime::now()));
-            return Ok(false);
+            return Ok(());
         }
         std::fs::create_dir_all(&self.dir)?;
         let (dest, dir) = (file.to_owned(), self.dir.clone());
@@ -121,7 +114,8 @@ impl NarCache {
             Ok(())
         })
         .await??;
-        Ok(true)
+        made.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Removes entries unused for `age`.
