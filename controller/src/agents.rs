@@ -85,11 +85,12 @@ async fn serve(ctl: Arc<Controller>, mut ws: WebSocket) {
         }
     };
     drop(permit);
-    let (tx, rx) = mpsc::channel::<Out>(64);
-    let conn = Arc::new(Conn::new(device.clone(), session, tx));
+    let (control_tx, control_rx) = mpsc::unbounded_channel::<AgentBound>();
+    let (data_tx, data_rx) = mpsc::channel::<Out>(crate::controller::COPY_QUEUE);
+    let conn = Arc::new(Conn::new(device.clone(), session, control_tx, data_tx));
     ctl.register(conn.clone());
     info!(%device, "agent connected");
-    if let Err(e) = session_loop(&ctl, &conn, ws, rx).await {
+    if let Err(e) = session_loop(&ctl, &conn, ws, control_rx, data_rx).await {
         info!(%device, "agent connection ended: {e:#}");
     } else {
         info!(%device, "agent disconnected");
@@ -171,16 +172,23 @@ fn enroll(ctl: &Controller, token: &str, key: &str) -> Result<String> {
 async fn session_loop(
     ctl: &Arc<Controller>,
     conn: &Arc<Conn>,
-    mut ws: WebSocket,
-    mut rx: mpsc::Receiver<Out>,
+    ws: WebSocket,
+    control: mpsc::UnboundedReceiver<AgentBound>,
+    data: mpsc::Receiver<Out>,
 ) -> Result<()> {
+    // The writer owns the sending half, so that reading never waits on a write: a
+    // reader that did (handling a message that sends a reply while the queue is full
+    // of NAR chunks) would stop reading the acknowledgements that free that queue.
+    let (sink, mut stream) = ws.split();
+    let mut writer = tokio::spawn(write_loop(sink, control, data, ctl.settings.dead_after));
+    let _abort = AbortOnDrop(writer.abort_handle());
     let mut ticker = tokio::time::interval(ctl.settings.heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut seq = 0;
     loop {
         tokio::select! {
-            frame = ws.next() => {
+            frame = stream.next() => {
                 last_heard = Instant::now();
                 match frame {
                     Some(Ok(Message::Text(t))) => {
@@ -193,21 +201,14 @@ async fn session_loop(
                     Some(Err(e)) => bail!("reading: {e}"),
                 }
             }
-            out = rx.recv() => {
-                // A silently dropped link stalls writes: bound them, or the
-                // heartbeat check below would never run.
-                let frame = match out {
-                    Some(Out::Msg(m)) => Message::Text(encode(&m).into()),
-                    Some(Out::Bin(b)) => Message::Binary(b.into()),
-                    None => return Ok(()),
+            ended = &mut writer => {
+                return match ended {
+                    Ok(r) => r,
+                    Err(e) => Err(anyhow!("connection writer: {e}")),
                 };
-                match tokio::time::timeout(ctl.settings.dead_after, ws.send(frame)).await {
-                    Ok(r) => r.map_err(|e| anyhow!("sending: {e}"))?,
-                    Err(_) => bail!("sending stalled for {:?}: connection declared dead", ctl.settings.dead_after),
-                }
             }
             () = conn.kicked.notified() => {
-                let _ = ws.close().await;
+                // The writer closes the socket once the queue is drained.
                 bail!("connection closed by the controller (revoked or replaced)");
             }
             _ = ticker.tick() => {
@@ -215,9 +216,50 @@ async fn session_loop(
                     bail!("no word from the agent for {:?}: connection declared dead", last_heard.elapsed());
                 }
                 seq += 1;
-                send(&mut ws, &AgentBound::Heartbeat { seq }).await?;
+                conn.send(AgentBound::Heartbeat { seq }).await;
             }
         }
+    }
+}
+
+/// Sends what the connection's queues hold, control messages first, each write bounded
+/// by `stall` (a silently dropped link stalls writes). Ends, closing the socket, when
+/// the control queue closes.
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut control: mpsc::UnboundedReceiver<AgentBound>,
+    mut data: mpsc::Receiver<Out>,
+    stall: Duration,
+) -> Result<()> {
+    loop {
+        let frame = tokio::select! {
+            biased;
+            m = control.recv() => match m {
+                Some(m) => Message::Text(encode(&m).into()),
+                None => break,
+            },
+            Some(out) = data.recv() => match out {
+                Out::Msg(m) => Message::Text(encode(&m).into()),
+                Out::Bin(b) => Message::Binary(b.into()),
+            },
+        };
+        // Feed without flushing while more is queued: small messages share a write.
+        let more = !control.is_empty() || !data.is_empty();
+        let write = async { if more { sink.feed(frame).await } else { sink.send(frame).await } };
+        match tokio::time::timeout(stall, write).await {
+            Ok(r) => r.map_err(|e| anyhow!("sending: {e}"))?,
+            Err(_) => bail!("sending stalled for {stall:?}: connection declared dead"),
+        }
+    }
+    let _ = tokio::time::timeout(stall, sink.close()).await;
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -65,19 +65,28 @@ impl Paths {
     }
 }
 
-/// What the controller sends on an agent connection.
+/// What goes on a connection's copy stream: a path's start, its NAR chunks, its end.
 #[derive(Debug)]
 pub enum Out {
     Msg(AgentBound),
     Bin(Vec<u8>),
 }
 
-/// One authenticated agent connection.
+/// A copy stream's queue holds this many frames: with 256 KiB chunks, at most 512 KiB
+/// of NAR waits per connection (a thousand copies at once stay within half a GiB).
+pub const COPY_QUEUE: usize = 2;
+
+/// One authenticated agent connection. Its writer sends control messages first, then
+/// the copy stream: control messages never wait behind NAR chunks.
 #[derive(Debug)]
 pub struct Conn {
     pub device: String,
     pub session: String,
-    pub out: mpsc::Sender<Out>,
+    /// Control messages: few, small, and bounded by the protocol (requests, replies,
+    /// one heartbeat a tick), so the queue has no bound and nobody waits on it.
+    control: mpsc::UnboundedSender<AgentBound>,
+    /// The copy stream, in order (see [`COPY_QUEUE`]).
+    pub data: mpsc::Sender<Out>,
     /// Replies routed to the deployment runner waiting for them, by deployment id.
     waiters: Mutex<HashMap<String, mpsc::UnboundedSender<ControllerBound>>>,
     /// Ends the connection (device revoked, or replaced by a newer connection).
@@ -87,11 +96,17 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(device: String, session: String, out: mpsc::Sender<Out>) -> Self {
+    pub fn new(
+        device: String,
+        session: String,
+        control: mpsc::UnboundedSender<AgentBound>,
+        data: mpsc::Sender<Out>,
+    ) -> Self {
         Conn {
             device,
             session,
-            out,
+            control,
+            data,
             waiters: Mutex::new(HashMap::new()),
             kicked: tokio::sync::Notify::new(),
             last_touch: Mutex::new(std::time::Instant::now()),
@@ -117,8 +132,9 @@ impl Conn {
         self.kicked.notify_one();
     }
 
+    /// Queues a control message; false when the connection is gone.
     pub async fn send(&self, m: AgentBound) -> bool {
-        self.out.send(Out::Msg(m)).await.is_ok()
+        self.control.send(m).is_ok()
     }
 }
 

@@ -4,14 +4,13 @@
 //! ([`crate::agents`]). Also cancel, supersede, expiry and restart recovery.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{self, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use thymis_proto::signed::{Offer, Signed};
-use thymis_proto::{AgentBound, ControllerBound};
+use thymis_proto::{AgentBound, ControllerBound, CopyWindow};
 use thymis_store::{PathInfo, StorePath};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{info, warn};
@@ -364,7 +363,6 @@ async fn send_to(
     let id = &child.deployment_id;
     let t = ctl.settings.reply_timeout;
     let mut rx = conn.subscribe(id);
-    let lost = |_| Stop::Disconnected;
     if !conn.send(AgentBound::Offer { offer: Signed::sign(offer, &ctl.identity) }).await {
         return Err(Stop::Disconnected);
     }
@@ -377,17 +375,23 @@ async fn send_to(
     if !conn.send(AgentBound::QueryPaths { deployment_id: id.clone(), paths }).await {
         return Err(Stop::Disconnected);
     }
-    let (missing, bases): (BTreeSet<StorePath>, HashMap<StorePath, StorePath>) = match reply(&mut rx, t).await? {
-        ControllerBound::PathsMissing { missing, bases, .. } => {
-            (missing.into_iter().collect(), bases.into_iter().map(|b| (b.path, b.base)).collect())
-        }
-        other => return Err(Stop::Refused(format!("unexpected reply to the path query: {other:?}"))),
-    };
+    let (missing, bases, window): (BTreeSet<StorePath>, HashMap<StorePath, StorePath>, CopyWindow) =
+        match reply(&mut rx, t).await? {
+            ControllerBound::PathsMissing { missing, bases, window, .. } => (
+                missing.into_iter().collect(),
+                bases.into_iter().map(|b| (b.path, b.base)).collect(),
+                window.unwrap_or(CopyWindow::LEGACY),
+            ),
+            other => return Err(Stop::Refused(format!("unexpected reply to the path query: {other:?}"))),
+        };
+    let mut acks = Acks { ctl, child, paths: 0, bytes: 0 };
     for (path, bytes) in unacked.drain() {
         if !missing.contains(&path) {
-            let _ = ctl.db.add_progress(child.id, 1, bytes as i64);
+            acks.paths += 1;
+            acks.bytes += bytes;
         }
     }
+    acks.flush();
     let to_send: Vec<&PathInfo> = closure.iter().filter(|i| missing.contains(&i.path)).collect();
     let _ = ctl.db.set_paths_total(child.id, to_send.len() as i64);
     let _ = ctl.db.log(
@@ -396,7 +400,9 @@ async fn send_to(
         &format!("{}: lacks {} of {} paths", child.device, to_send.len(), closure.len()),
     );
     ctl.notify_task(child.task);
-    let mut outstanding = 0usize;
+    // Paths sent and not yet acknowledged (`unacked`) stay within the agent's window;
+    // acknowledgements are taken as they come, without waiting for each.
+    let mut in_flight_bytes = 0u64;
     // The next path is compressed (when no one has yet) while this one is sent; a path
     // the device has an earlier version of goes as a delta against it when smaller.
     let prefetch = |info: &&PathInfo| {
@@ -414,30 +420,36 @@ async fn send_to(
             Ok(f) => f,
             Err(e) => return Err(Stop::Refused(format!("reading {}: {e:#}", info.path))),
         };
-        let start = AgentBound::PathStart { deployment_id: id.clone(), info: (*info).clone(), delta_base };
-        if !conn.send(start).await {
-            return Err(Stop::Disconnected);
-        }
-        let out = conn.out.clone();
-        let sent =
-            tokio::task::spawn_blocking(move || stream_file(&file, out)).await.map_err(|_| Stop::Disconnected)?;
-        let bytes = sent.map_err(lost)?;
-        unacked.insert(info.path.clone(), bytes);
-        if !conn.send(AgentBound::PathEnd { deployment_id: id.clone(), path: info.path.clone() }).await {
-            return Err(Stop::Disconnected);
-        }
-        outstanding += 1;
-        // Take acknowledgements as they come, without waiting for each.
+        let size = match tokio::fs::metadata(&file).await {
+            Ok(m) => m.len(),
+            Err(e) => return Err(Stop::Refused(format!("reading {}: {e}", file.display()))),
+        };
         while let Ok(m) = rx.try_recv() {
-            outstanding -= 1;
-            ack(ctl, child, m, unacked)?;
+            acks.take(m, unacked, &mut in_flight_bytes)?;
         }
+        while !window.admits(unacked.len(), in_flight_bytes, size) {
+            acks.flush();
+            let m = ack_reply(&mut rx, t, in_flight_bytes).await?;
+            acks.take(m, unacked, &mut in_flight_bytes)?;
+        }
+        acks.flush();
+        let start = AgentBound::PathStart { deployment_id: id.clone(), info: (*info).clone(), delta_base };
+        if conn.data.send(Out::Msg(start)).await.is_err() {
+            return Err(Stop::Disconnected);
+        }
+        let bytes = stream_file(&file, &conn.data).await?;
+        if conn.data.send(Out::Msg(AgentBound::PathEnd { deployment_id: id.clone(), path: info.path.clone() })).await.is_err() {
+            return Err(Stop::Disconnected);
+        }
+        unacked.insert(info.path.clone(), bytes);
+        in_flight_bytes += bytes;
     }
-    while outstanding > 0 {
-        let m = reply(&mut rx, t).await?;
-        outstanding -= 1;
-        ack(ctl, child, m, unacked)?;
+    while !unacked.is_empty() {
+        acks.flush();
+        let m = ack_reply(&mut rx, t, in_flight_bytes).await?;
+        acks.take(m, unacked, &mut in_flight_bytes)?;
     }
+    acks.flush();
     // Recorded before the device is told: from here on a restart must not interrupt it.
     let _ =
         ctl.db.update_child(child.id, ChildUpdate { phase: Some("activate"), activated: true, ..Default::default() });
@@ -450,61 +462,79 @@ async fn send_to(
     Ok(())
 }
 
-fn ack(
-    ctl: &Controller,
-    child: &ChildRow,
-    m: ControllerBound,
-    unacked: &mut HashMap<StorePath, u64>,
-) -> Result<(), Stop> {
-    match m {
-        ControllerBound::PathImported { path, .. } => {
-            let _ = ctl.db.add_progress(child.id, 1, unacked.remove(&path).unwrap_or(0) as i64);
-            ctl.notify_task(child.task);
-            Ok(())
+/// Acknowledged paths and their bytes, written to the database a batch at a time (the
+/// agent acknowledges a whole import at once; a write per path would cost thousands of
+/// writes per device).
+struct Acks<'a> {
+    ctl: &'a Controller,
+    child: &'a ChildRow,
+    paths: i64,
+    bytes: u64,
+}
+
+impl Acks<'_> {
+    fn take(&mut self, m: ControllerBound, unacked: &mut HashMap<StorePath, u64>, in_flight: &mut u64) -> Result<(), Stop> {
+        match m {
+            ControllerBound::PathImported { path, .. } => {
+                let bytes = unacked.remove(&path).unwrap_or(0);
+                *in_flight = in_flight.saturating_sub(bytes);
+                self.paths += 1;
+                self.bytes += bytes;
+                Ok(())
+            }
+            ControllerBound::PathRefused { path, error, .. } => Err(Stop::Refused(format!("{path} refused: {error}"))),
+            ControllerBound::State { .. } => Ok(()),
+            other => Err(Stop::Refused(format!("unexpected reply during the copy: {other:?}"))),
         }
-        ControllerBound::PathRefused { path, error, .. } => Err(Stop::Refused(format!("{path} refused: {error}"))),
-        other => Err(Stop::Refused(format!("unexpected reply during the copy: {other:?}"))),
+    }
+
+    fn flush(&mut self) {
+        if self.paths > 0 {
+            let _ = self.ctl.db.add_progress(self.child.id, self.paths, self.bytes as i64);
+            self.ctl.notify_task(self.child.task);
+            (self.paths, self.bytes) = (0, 0);
+        }
     }
 }
 
-/// Sends a compressed NAR as binary frames; returns the bytes sent.
-fn stream_file(file: &std::path::Path, out: mpsc::Sender<Out>) -> Result<u64, ()> {
-    let mut frames = FrameWriter { out, buf: Vec::with_capacity(thymis_proto::CHUNK_SIZE), sent: 0, broken: false };
-    let copied = std::fs::File::open(file).and_then(|mut f| io::copy(&mut f, &mut frames));
-    frames.flush().map_err(|_| ())?;
-    if copied.is_err() || frames.broken {
-        return Err(());
-    }
-    Ok(frames.sent)
+/// The lowest rate at which a device must take in a copy before the wait for an
+/// acknowledgement gives up on it (on top of the reply timeout): what is in flight
+/// must cross the link first.
+const SLOWEST_LINK_BYTES_PER_SEC: u64 = 32 << 10;
+
+/// The next acknowledgement; the connection's own liveness checks end a dead link
+/// sooner (the waiter closes with it).
+async fn ack_reply(
+    rx: &mut mpsc::UnboundedReceiver<ControllerBound>,
+    reply_timeout: Duration,
+    in_flight: u64,
+) -> Result<ControllerBound, Stop> {
+    reply(rx, reply_timeout + Duration::from_secs(in_flight / SLOWEST_LINK_BYTES_PER_SEC)).await
 }
 
-struct FrameWriter {
-    out: mpsc::Sender<Out>,
-    buf: Vec<u8>,
-    sent: u64,
-    broken: bool,
-}
-
-impl Write for FrameWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= thymis_proto::CHUNK_SIZE {
-            self.flush()?;
+/// Sends a compressed NAR as binary frames on the copy stream; returns the bytes sent.
+async fn stream_file(file: &std::path::Path, data: &mpsc::Sender<Out>) -> Result<u64, Stop> {
+    use tokio::io::AsyncReadExt;
+    let chunk = thymis_proto::CHUNK_SIZE;
+    let mut f = tokio::fs::File::open(file).await.map_err(|e| Stop::Refused(format!("{}: {e}", file.display())))?;
+    let mut sent = 0u64;
+    loop {
+        // A whole chunk, or what is left (small NARs: one frame).
+        let mut buf = Vec::with_capacity(chunk);
+        (&mut f)
+            .take(chunk as u64)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| Stop::Refused(format!("{}: {e}", file.display())))?;
+        if buf.is_empty() {
+            return Ok(sent);
         }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
+        sent += buf.len() as u64;
+        let last = buf.len() < chunk;
+        data.send(Out::Bin(buf)).await.map_err(|_| Stop::Disconnected)?;
+        if last {
+            return Ok(sent);
         }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(thymis_proto::CHUNK_SIZE));
-        self.sent += chunk.len() as u64;
-        if self.out.blocking_send(Out::Bin(chunk)).is_err() {
-            self.broken = true;
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "connection closed"));
-        }
-        Ok(())
     }
 }
 

@@ -52,6 +52,8 @@ pub struct Agent {
     pub outbox_changed: Notify,
     /// Where deployment log lines go (the current connection, if any).
     log_sink: Mutex<Option<LogSink>>,
+    /// Progress of the connection loop, for the watchdog.
+    pub liveness: Arc<crate::liveness::Liveness>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -98,6 +100,7 @@ impl Agent {
             reconnect: Notify::new(),
             outbox_changed: Notify::new(),
             log_sink: Mutex::new(None),
+            liveness: Default::default(),
         });
         agent.publish(|_| {});
         Ok(agent)

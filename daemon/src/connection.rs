@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, info, warn};
 
 use crate::agent::{Agent, LogSink};
-use crate::receive::{Incoming, receiver};
+use crate::receive::{Incoming, Outbox, receiver};
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -32,9 +32,12 @@ pub async fn run_forever(agent: Arc<Agent>) {
     let min = Duration::from_secs_f64(agent.config.reconnect_min.max(0.05));
     let max = Duration::from_secs_f64(agent.config.reconnect_max.max(agent.config.reconnect_min));
     let mut backoff = min;
+    // The receiver of the last connection, which may still be importing.
+    let mut previous = None;
     loop {
+        agent.liveness.beat();
         let started = Instant::now();
-        let ended = session(&agent).await;
+        let ended = session(&agent, &mut previous).await;
         agent.set_connected(false);
         match ended {
             Ok(End::Reconnect) => {
@@ -47,7 +50,7 @@ pub async fn run_forever(agent: Arc<Agent>) {
         if started.elapsed() > Duration::from_secs(30) {
             backoff = min;
         }
-        tokio::time::sleep(jitter(backoff)).await;
+        agent.liveness.idle(jitter(backoff)).await;
         backoff = (backoff * 2).min(max);
     }
 }
@@ -148,7 +151,7 @@ async fn handshake(agent: &Agent, ws: &mut Ws) -> Result<Established> {
     }
 }
 
-async fn session(agent: &Arc<Agent>) -> Result<End> {
+async fn session(agent: &Arc<Agent>, previous: &mut Option<tokio::task::JoinHandle<()>>) -> Result<End> {
     let timeout = Duration::from_secs(agent.config.connect_timeout.max(1));
     let url = agent.config.controller_url.clone();
     let connector = if url.starts_with("wss://") {
@@ -166,17 +169,32 @@ async fn session(agent: &Arc<Agent>) -> Result<End> {
     let Established { session, heartbeat, dead_after } = tokio::time::timeout(timeout, handshake(agent, &mut ws))
         .await
         .map_err(|_| anyhow!("handshake with {url} timed out"))??;
+    agent.liveness.beat();
+    // The last connection's receiver imports what it had verified before this one asks
+    // what is missing: those paths are not sent again.
+    if let Some(mut old) = previous.take()
+        && tokio::time::timeout(dead_after, &mut old).await.is_err()
+    {
+        warn!("the previous connection's imports did not finish; abandoning them");
+        old.abort();
+    }
     agent.set_connected(true);
 
-    let (out_tx, mut out_rx) = mpsc::channel::<ControllerBound>(64);
-    let (in_tx, in_rx) = mpsc::channel::<Incoming>(32);
-    let recv_task = tokio::spawn(receiver(agent.clone(), in_rx, out_tx.clone()));
-    let _abort_receiver = AbortOnDrop(recv_task);
+    // The writer owns the socket's sending half: nothing that reads ever waits on it.
+    // Control messages are few and bounded (replies to requests; one acknowledgement
+    // per path, bounded by the copy window; a heartbeat per tick), so their queue has
+    // no bound; log lines are dropped when theirs is full.
+    let (sink, mut stream) = ws.split();
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<ControllerBound>();
+    let (log_tx, log_rx) = mpsc::channel::<ControllerBound>(256);
+    let mut writer = AbortOnDrop(tokio::spawn(write_loop(sink, out_rx, log_rx, dead_after)));
+    // Chunks wait for the verifier (CPU-bound, never on the writer): a small bounded queue.
+    let (in_tx, in_rx) = mpsc::channel::<Incoming>(16);
+    *previous = Some(tokio::spawn(receiver(agent.clone(), in_rx, out_tx.clone())));
 
-    send(&mut ws, &ControllerBound::Report(agent.report())).await?;
-    send_outbox(agent, &mut ws).await?;
+    let _ = out_tx.send(ControllerBound::Report(agent.report()));
+    send_outbox(agent, &out_tx);
 
-    let log_tx = out_tx.clone();
     let on_log = LogSink(Arc::new(move |id: &str, line: String| {
         let _ = log_tx.try_send(ControllerBound::Log { deployment_id: id.to_owned(), line });
     }));
@@ -188,8 +206,9 @@ async fn session(agent: &Arc<Agent>) -> Result<End> {
     let mut last_heard = Instant::now();
     let mut seq = 0u64;
     loop {
+        agent.liveness.beat();
         tokio::select! {
-            frame = ws.next() => {
+            frame = stream.next() => {
                 last_heard = Instant::now();
                 let msg = match frame {
                     Some(Ok(Message::Text(t))) => decode_agent_bound(t.as_str(), true)?,
@@ -203,25 +222,66 @@ async fn session(agent: &Arc<Agent>) -> Result<End> {
                 };
                 handle(agent, &session, msg, &out_tx, &in_tx).await?;
             }
-            Some(msg) = out_rx.recv() => send(&mut ws, &msg).await?,
+            ended = &mut writer.0 => {
+                return match ended {
+                    Ok(Ok(())) => Ok(End::Closed),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(anyhow!("connection writer: {e}")),
+                };
+            }
             _ = ticker.tick() => {
                 if last_heard.elapsed() > dead_after {
                     bail!("no word from the controller for {:?}: connection declared dead", last_heard.elapsed());
                 }
                 seq += 1;
-                send(&mut ws, &ControllerBound::Heartbeat { seq }).await?;
+                let _ = out_tx.send(ControllerBound::Heartbeat { seq });
             }
-            () = agent.outbox_changed.notified() => send_outbox(agent, &mut ws).await?,
+            () = agent.outbox_changed.notified() => send_outbox(agent, &out_tx),
             () = agent.reconnect.notified() => {
-                // Let queued messages (state, outcome) out before closing.
-                while let Ok(msg) = out_rx.try_recv() {
-                    send(&mut ws, &msg).await?;
-                }
-                let _ = ws.close(None).await;
+                // Let queued messages (state, outcome) out before closing: the writer
+                // sends what is queued, then closes, once every sender is gone.
+                agent.set_log_sink(None);
+                drop(in_tx);
+                drop(out_tx);
+                let _ = tokio::time::timeout(dead_after, &mut writer.0).await;
                 return Ok(End::Reconnect);
             }
         }
     }
+}
+
+/// Sends what the session queues, control messages first, each write bounded by
+/// `stall` (a silently dropped link stalls writes). Closes the socket when every
+/// sender is gone.
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<Ws, Message>,
+    mut control: mpsc::UnboundedReceiver<ControllerBound>,
+    mut logs: mpsc::Receiver<ControllerBound>,
+    stall: Duration,
+) -> Result<()> {
+    loop {
+        let msg = tokio::select! {
+            biased;
+            m = control.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            Some(m) = logs.recv() => m,
+        };
+        let frame = Message::text(encode(&msg));
+        // Feed without flushing while more is queued: many small acknowledgements
+        // then share a write.
+        let more = !control.is_empty();
+        let write = async {
+            if more { sink.feed(frame).await } else { sink.send(frame).await }
+        };
+        match tokio::time::timeout(stall, write).await {
+            Ok(r) => r.context("sending to the controller")?,
+            Err(_) => bail!("sending to the controller stalled for {stall:?}: connection declared dead"),
+        }
+    }
+    let _ = tokio::time::timeout(stall, sink.close()).await;
+    Ok(())
 }
 
 /// Stops sending log lines to a connection that has ended.
@@ -233,29 +293,28 @@ impl Drop for ClearSink {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
 }
 
-async fn send_outbox(agent: &Agent, ws: &mut Ws) -> Result<()> {
+fn send_outbox(agent: &Agent, out: &Outbox) {
     for outcome in agent.persisted().outbox {
-        send(ws, &ControllerBound::Outcome(outcome)).await?;
+        let _ = out.send(ControllerBound::Outcome(outcome));
     }
-    Ok(())
 }
 
 async fn handle(
     agent: &Arc<Agent>,
     session: &str,
     msg: AgentBound,
-    out: &mpsc::Sender<ControllerBound>,
+    out: &Outbox,
     incoming: &mpsc::Sender<Incoming>,
 ) -> Result<()> {
-    let reply = |m| async { out.send(m).await.map_err(|_| anyhow!("connection writer stopped")) };
+    let reply = |m| async { out.send(m).map_err(|_| anyhow!("connection writer stopped")) };
     match msg {
         AgentBound::Offer { offer } => match agent.accept_offer(&offer) {
             Ok(o) => reply(ControllerBound::OfferAccepted { deployment_id: o.deployment_id }).await?,
@@ -277,7 +336,8 @@ async fn handle(
             match missing {
                 Ok((missing, bases)) => {
                     let bases = bases.into_iter().map(|(path, base)| DeltaBase { path, base }).collect();
-                    reply(ControllerBound::PathsMissing { deployment_id, missing, bases }).await?
+                    let window = Some(crate::receive::WINDOW);
+                    reply(ControllerBound::PathsMissing { deployment_id, missing, bases, window }).await?
                 }
                 Err(e) => reply(ControllerBound::Error { message: format!("checking the store: {e}") }).await?,
             }

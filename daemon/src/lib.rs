@@ -15,6 +15,7 @@ pub mod config;
 pub mod connection;
 pub mod dbus;
 pub mod lifecycle;
+pub mod liveness;
 pub mod persist;
 pub mod profile;
 pub mod receive;
@@ -78,7 +79,7 @@ pub async fn run(config: config::AgentConfig) -> Result<()> {
     agent.resume().await;
     let dbus = tokio::spawn(dbus::serve_forever(agent.clone()));
     let conn = tokio::spawn(connection::run_forever(agent.clone()));
-    let watchdog = tokio::spawn(sd_notify::watchdog());
+    let watchdog = tokio::spawn(sd_notify::watchdog(agent.liveness.clone()));
     sd_notify::ready();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

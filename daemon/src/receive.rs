@@ -1,11 +1,17 @@
-//! Receiving store paths: each NAR streams from the connection through zstd and the
-//! strict NAR check into a private staging file, and only a path whose signature,
-//! hash and size all match is handed to `nix-store --import`.
+//! Receiving store paths, as a pipeline whose stages overlap: each NAR streams from the
+//! connection through zstd and the strict NAR check into a staging file (the
+//! *verifier*), and paths whose signature, hash and size all match are registered by
+//! `nix-store --import` in batches, as many as are ready at once (the *importer*), while
+//! the next ones arrive. Every stage hands on through a channel and none waits on the
+//! connection's writer: acknowledgements go out through the unbounded outbox, whose
+//! size the controller's copy window bounds ([`thymis_proto::CopyWindow`]).
 
+use std::collections::VecDeque;
 use std::io::{self, Read};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use thymis_proto::ControllerBound;
+use thymis_proto::{ControllerBound, CopyWindow};
 use thymis_store::local_store::LocalStore;
 use thymis_store::nar::copy_verified;
 use thymis_store::signing::verify_path;
@@ -15,6 +21,18 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::agent::Agent;
+use crate::liveness::Beating;
+
+/// The window this agent asks for: enough to keep a link busy while a batch imports,
+/// small enough for a device's disk (staged NARs) and memory.
+pub const WINDOW: CopyWindow = CopyWindow { paths: 512, bytes: 16 << 20 };
+
+/// At most this many paths, and this many NAR bytes, go through one `nix-store --import`.
+const BATCH_PATHS: usize = 256;
+const BATCH_NAR_BYTES: u64 = 64 << 20;
+
+/// Where acknowledgements and refusals go: the connection's outbox.
+pub type Outbox = mpsc::UnboundedSender<ControllerBound>;
 
 /// What the connection forwards to the receiver, in arrival order.
 #[derive(Debug)]
@@ -36,12 +54,24 @@ struct InFlight {
     deployment_id: String,
     info: PathInfo,
     chunks: Option<mpsc::Sender<Vec<u8>>>,
-    worker: tokio::task::JoinHandle<Result<std::fs::File, String>>,
+    worker: tokio::task::JoinHandle<Result<PathBuf, String>>,
+}
+
+/// A verified path waiting to be imported, its NAR in a staging file.
+#[derive(Debug)]
+struct Staged {
+    deployment_id: String,
+    info: PathInfo,
+    nar: PathBuf,
 }
 
 /// Processes one connection's incoming paths in order, replying through `out`.
-/// Ends when the connection drops; a path cut midway is discarded, never imported.
-pub async fn receiver(agent: Arc<Agent>, mut rx: mpsc::Receiver<Incoming>, out: mpsc::Sender<ControllerBound>) {
+/// Ends when the connection drops; a path cut midway is discarded, never imported,
+/// and paths verified but not yet imported are imported still (the next connection
+/// then finds them present).
+pub async fn receiver(agent: Arc<Agent>, mut rx: mpsc::Receiver<Incoming>, out: Outbox) {
+    let (staged_tx, staged_rx) = mpsc::unbounded_channel::<Staged>();
+    let importer = tokio::spawn(importer(agent.clone(), staged_rx, out.clone()));
     let mut current: Option<InFlight> = None;
     // After a refused path, its chunks are dropped until its end.
     let mut skipping = false;
@@ -49,46 +79,29 @@ pub async fn receiver(agent: Arc<Agent>, mut rx: mpsc::Receiver<Incoming>, out: 
         match msg {
             Incoming::Start { deployment_id, info, delta_base } => {
                 if current.is_some() {
-                    refuse(&agent, &out, &deployment_id, &info, "a path started before the previous one ended".into())
-                        .await;
+                    refuse(&agent, &out, &deployment_id, &info, "a path started before the previous one ended".into());
                     current = None;
                     skipping = true;
                     continue;
                 }
                 if agent.current_offer(&deployment_id).is_none() {
                     let e = format!("no accepted offer {deployment_id}");
-                    refuse(&agent, &out, &deployment_id, &info, e).await;
+                    refuse(&agent, &out, &deployment_id, &info, e);
                     skipping = true;
                     continue;
                 }
                 if let Err(e) = verify_path(&info, &agent.nix_keys) {
-                    refuse(&agent, &out, &deployment_id, &info, e.to_string()).await;
+                    refuse(&agent, &out, &deployment_id, &info, e.to_string());
                     skipping = true;
                     continue;
                 }
                 skipping = false;
-                let (tx, chunk_rx) = mpsc::channel::<Vec<u8>>(16);
-                let (staging, expected, store) = (agent.staging_dir(), (*info).clone(), agent.store.clone());
+                let (tx, chunk_rx) = mpsc::channel::<Vec<u8>>(8);
+                let nar = agent.staging_dir().join(format!("{}.nar", info.path.base_name()));
+                let (expected, store) = ((*info).clone(), agent.store.clone());
                 let worker = tokio::task::spawn_blocking(move || {
-                    let mut file = tempfile::tempfile_in(&staging).map_err(|e| format!("staging file: {e}"))?;
                     let compressed = io::BufReader::new(ChannelReader { rx: chunk_rx, buf: Vec::new(), pos: 0 });
-                    // The base's NAR, from this store: what the delta refers to.
-                    let base_nar = match &delta_base {
-                        Some(base) => Some(base_nar(&store, base)?),
-                        None => None,
-                    };
-                    let decoder = match &base_nar {
-                        Some(nar) => zstd_limits::delta_decoder(compressed, nar),
-                        None => zstd_limits::decoder(compressed),
-                    }
-                    .map_err(|e| e.to_string())?;
-                    let mut w = io::BufWriter::new(&mut file);
-                    copy_verified(decoder, &mut w, &expected.nar_hash, expected.nar_size)
-                        .map_err(|e| error_chain(&e))?;
-                    drop(w);
-                    use std::io::Seek;
-                    file.rewind().map_err(|e| e.to_string())?;
-                    Ok(file)
+                    stage(&store, compressed, delta_base.as_ref(), &expected, &nar).map(|()| nar)
                 });
                 current = Some(InFlight { deployment_id, info: *info, chunks: Some(tx), worker });
             }
@@ -110,33 +123,124 @@ pub async fn receiver(agent: Arc<Agent>, mut rx: mpsc::Receiver<Incoming>, out: 
                     warn!("path end for another deployment");
                 }
                 c.chunks = None; // end of stream for the worker
-                let staged = match c.worker.await {
-                    Ok(r) => r,
-                    Err(e) => Err(e.to_string()),
-                };
-                let result = match staged {
-                    Ok(file) => {
-                        let (store, info) = (agent.store.clone(), c.info.clone());
-                        tokio::task::spawn_blocking(move || {
-                            store.import([(&info, Box::new(file) as Box<dyn Read>)]).map_err(|e| error_chain(&e))
-                        })
-                        .await
-                        .unwrap_or_else(|e| Err(e.to_string()))
+                match c.worker.await.unwrap_or_else(|e| Err(e.to_string())) {
+                    Ok(nar) => {
+                        let _ = staged_tx.send(Staged { deployment_id: c.deployment_id, info: c.info, nar });
                     }
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Ok(()) => {
-                        debug!(path = %c.info.path, "imported");
-                        let _ = out
-                            .send(ControllerBound::PathImported { deployment_id: c.deployment_id, path: c.info.path })
-                            .await;
-                    }
-                    Err(e) => refuse(&agent, &out, &c.deployment_id, &c.info, e).await,
+                    Err(e) => refuse(&agent, &out, &c.deployment_id, &c.info, e),
                 }
             }
         }
     }
+    // The connection is gone: what is verified still goes in (nothing is sent twice).
+    drop(staged_tx);
+    let _ = importer.await;
+}
+
+/// Decompresses (against the delta base, if any) and checks one NAR into `nar`.
+fn stage(
+    store: &LocalStore,
+    compressed: impl io::BufRead,
+    delta_base: Option<&StorePath>,
+    expected: &PathInfo,
+    nar: &std::path::Path,
+) -> Result<(), String> {
+    let result = (|| {
+        // The base's NAR, from this store: what the delta refers to.
+        let base_nar = match delta_base {
+            Some(base) => Some(base_nar(store, base)?),
+            None => None,
+        };
+        let decoder = match &base_nar {
+            Some(b) => zstd_limits::delta_decoder(compressed, b),
+            None => zstd_limits::decoder(compressed),
+        }
+        .map_err(|e| e.to_string())?;
+        let file = std::fs::File::create(nar).map_err(|e| format!("staging file {}: {e}", nar.display()))?;
+        let mut w = io::BufWriter::new(file);
+        copy_verified(decoder, &mut w, &expected.nar_hash, expected.nar_size).map_err(|e| error_chain(&e))?;
+        io::Write::flush(&mut w).map_err(|e| format!("staging file {}: {e}", nar.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(nar);
+    }
+    result
+}
+
+/// Imports staged paths, everything ready at once (up to a batch), and acknowledges
+/// each path as the batch that held it is registered.
+async fn importer(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<Staged>, out: Outbox) {
+    let mut ready: VecDeque<Staged> = VecDeque::new();
+    loop {
+        if ready.is_empty() {
+            match rx.recv().await {
+                Some(s) => ready.push_back(s),
+                None => return,
+            }
+        }
+        while let Ok(s) = rx.try_recv() {
+            ready.push_back(s);
+        }
+        let mut batch = Vec::new();
+        let mut nar_bytes = 0;
+        while let Some(s) = ready.front() {
+            if !batch.is_empty() && (batch.len() >= BATCH_PATHS || nar_bytes + s.info.nar_size > BATCH_NAR_BYTES) {
+                break;
+            }
+            nar_bytes += s.info.nar_size;
+            batch.extend(ready.pop_front());
+        }
+        let a = agent.clone();
+        let Ok(results) = tokio::task::spawn_blocking(move || {
+            let _watched = a.liveness.importing();
+            import_batch(&a, batch)
+        })
+        .await
+        else {
+            return; // the runtime is shutting down
+        };
+        debug!(paths = results.len(), nar_bytes, "imported a batch");
+        for (s, result) in results {
+            let _ = std::fs::remove_file(&s.nar);
+            match result {
+                Ok(()) => {
+                    let _ = out.send(ControllerBound::PathImported { deployment_id: s.deployment_id, path: s.info.path });
+                }
+                Err(e) => refuse(&agent, &out, &s.deployment_id, &s.info, e),
+            }
+        }
+    }
+}
+
+/// One `nix-store --import` for the whole batch; when that fails, each path alone (in
+/// order, dependencies first), so the bad one is named and the others still go in.
+fn import_batch(agent: &Agent, batch: Vec<Staged>) -> Vec<(Staged, Result<(), String>)> {
+    match import(agent, &batch) {
+        Ok(()) => batch.into_iter().map(|s| (s, Ok(()))).collect(),
+        Err(e) if batch.len() == 1 => batch.into_iter().map(|s| (s, Err(e.clone()))).collect(),
+        Err(e) => {
+            warn!(paths = batch.len(), "importing a batch failed ({e}); importing its paths one by one");
+            batch
+                .into_iter()
+                .map(|s| {
+                    let r = import(agent, std::slice::from_ref(&s));
+                    (s, r)
+                })
+                .collect()
+        }
+    }
+}
+
+/// One `nix-store --import` of staged paths, in order; every read is progress for the
+/// watchdog ([`crate::liveness`]): a `nix-store` that stops taking data stops it.
+fn import(agent: &Agent, batch: &[Staged]) -> Result<(), String> {
+    let mut files = Vec::with_capacity(batch.len());
+    for s in batch {
+        let f = std::fs::File::open(&s.nar).map_err(|e| format!("staged NAR {}: {e}", s.nar.display()))?;
+        let beating = Beating { inner: io::BufReader::new(f), liveness: &agent.liveness };
+        files.push((&s.info, Box::new(beating) as Box<dyn Read>));
+    }
+    agent.store.import(files).map_err(|e| error_chain(&e))
 }
 
 /// The NAR of a delta's base, in memory (at most [`zstd_limits::DELTA_BASE_MAX`] bytes).
@@ -166,15 +270,13 @@ impl io::Write for Capped {
     }
 }
 
-async fn refuse(agent: &Agent, out: &mpsc::Sender<ControllerBound>, id: &str, info: &PathInfo, error: String) {
+fn refuse(agent: &Agent, out: &Outbox, id: &str, info: &PathInfo, error: String) {
     warn!(deployment = %id, path = %info.path, %error, "path refused");
-    let _ = out
-        .send(ControllerBound::PathRefused {
-            deployment_id: id.to_owned(),
-            path: info.path.clone(),
-            error: error.clone(),
-        })
-        .await;
+    let _ = out.send(ControllerBound::PathRefused {
+        deployment_id: id.to_owned(),
+        path: info.path.clone(),
+        error: error.clone(),
+    });
     agent.abort_offer(id, Some(format!("{}: {error}", info.path)));
 }
 

@@ -28,12 +28,19 @@ pub fn stopping() {
     send("STOPPING=1");
 }
 
-/// Pings the watchdog at half its interval, when systemd set one.
-pub async fn watchdog() {
+/// Pings the watchdog at half its interval, when systemd set one, but only while
+/// `liveness` has beaten within that half: a wedged connection loop gets the agent
+/// restarted.
+pub async fn watchdog(liveness: std::sync::Arc<crate::liveness::Liveness>) {
     let Some(usec) = std::env::var("WATCHDOG_USEC").ok().and_then(|v| v.parse::<u64>().ok()) else { return };
     let every = Duration::from_micros(usec / 2).max(Duration::from_millis(100));
     loop {
-        send("WATCHDOG=1");
+        let silent = liveness.silent_for();
+        if silent < every {
+            send("WATCHDOG=1");
+        } else {
+            tracing::error!("the connection loop has made no progress for {silent:?}: not feeding the watchdog");
+        }
         tokio::time::sleep(every).await;
     }
 }

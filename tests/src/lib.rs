@@ -559,10 +559,18 @@ impl Device {
 
     /// The agent's process id (the process in the device's namespaces).
     pub fn agent_pid(&self) -> Option<u32> {
-        // `ip netns exec`, `unshare` and `sh -c ... exec` all exec: usually the child is the agent.
+        // `ip netns exec`, `unshare` and `sh -c ... exec` all exec, so the process started
+        // becomes the agent; until it has, the agent is among its children. (Its own
+        // children are helpers such as `nix-store --import`.)
         let pid = self.child.as_ref()?.id();
+        let is_agent = |p: u32| {
+            std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e.ends_with("thymis-agent"))
+        };
+        if is_agent(pid) {
+            return Some(pid);
+        }
         let kids = run(Command::new("pgrep").args(["-P", &pid.to_string()])).unwrap_or_default();
-        kids.lines().next().and_then(|l| l.trim().parse().ok()).or(Some(pid))
+        kids.lines().filter_map(|l| l.trim().parse().ok()).find(|p| is_agent(*p)).or(Some(pid))
     }
 
     /// Caps the device's link (both directions seen from the device's side: egress

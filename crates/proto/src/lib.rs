@@ -13,7 +13,7 @@ pub mod outcome;
 pub mod signed;
 
 pub use message::{
-    AgentBound, ControllerBound, DeltaBase, ProtoError, decode_agent_bound, decode_controller_bound, encode,
+    AgentBound, ControllerBound, CopyWindow, DeltaBase, ProtoError, decode_agent_bound, decode_controller_bound, encode,
 };
 pub use outcome::{AgentState, DeviceResult, Phase, RollbackReason};
 

@@ -124,6 +124,10 @@ pub enum ControllerBound {
         /// sends none gets whole NARs.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         bases: Vec<DeltaBase>,
+        /// How much the controller may send ahead of [`ControllerBound::PathImported`]
+        /// acknowledgements. An agent that sends none gets [`CopyWindow::LEGACY`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<CopyWindow>,
     },
     /// The path passed every check and is registered in the device's store.
     PathImported {
@@ -245,4 +249,41 @@ pub fn encode<T: Serialize>(msg: &T) -> String {
 pub struct DeltaBase {
     pub path: StorePath,
     pub base: StorePath,
+}
+
+/// Flow control of a copy: the sender keeps at most `paths` paths and `bytes` compressed
+/// bytes sent but not yet acknowledged by [`ControllerBound::PathImported`] (or refused).
+/// A single path larger than `bytes` may still go when nothing else is in flight. This
+/// bounds what the agent holds (staged, not yet imported) whatever the closure's shape,
+/// and lets it import many paths at once while the next ones arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyWindow {
+    pub paths: u32,
+    pub bytes: u64,
+}
+
+impl CopyWindow {
+    /// What an agent that names no window gets: one path at a time.
+    pub const LEGACY: CopyWindow = CopyWindow { paths: 1, bytes: 0 };
+
+    /// Whether a path of `size` compressed bytes may go with `paths`/`bytes` in flight.
+    pub fn admits(&self, paths: usize, bytes: u64, size: u64) -> bool {
+        paths == 0 || (paths < self.paths as usize && bytes.saturating_add(size) <= self.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CopyWindow;
+
+    #[test]
+    fn a_window_admits_what_fits_and_always_one_path() {
+        let w = CopyWindow { paths: 3, bytes: 100 };
+        assert!(w.admits(0, 0, 1_000), "a path larger than the window goes alone");
+        assert!(!w.admits(1, 1_000, 1), "nothing joins it");
+        assert!(w.admits(2, 60, 40));
+        assert!(!w.admits(2, 60, 41), "bytes");
+        assert!(!w.admits(3, 3, 1), "paths");
+        assert!(!CopyWindow::LEGACY.admits(1, 0, 0));
+    }
 }

@@ -125,7 +125,7 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
         ),
         (
             "paths_missing",
-            ControllerBound::PathsMissing { deployment_id: id(), missing: vec![sp("system")], bases: vec![] },
+            ControllerBound::PathsMissing { deployment_id: id(), missing: vec![sp("system")], bases: vec![], window: None },
         ),
         (
             "paths_missing_bases",
@@ -133,6 +133,16 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
                 deployment_id: id(),
                 missing: vec![sp("lib"), sp("system")],
                 bases: vec![thymis_proto::DeltaBase { path: sp("lib"), base: sp("lib-old") }],
+                window: None,
+            },
+        ),
+        (
+            "paths_missing_window",
+            ControllerBound::PathsMissing {
+                deployment_id: id(),
+                missing: vec![sp("lib"), sp("system")],
+                bases: vec![],
+                window: Some(thymis_proto::CopyWindow { paths: 512, bytes: 16 << 20 }),
             },
         ),
         ("path_imported", ControllerBound::PathImported { deployment_id: id(), path: sp("system") }),
