@@ -30,6 +30,9 @@ if [ ! -f /etc/nix/nix.conf ] || [ "$(cat /etc/nix/nix.conf)" != "$want_conf" ];
   printf '%s\n' "$want_conf" > /etc/nix/nix.conf
 fi
 [ -f /etc/nix/flake-registry.json ] || echo '{"flakes":[],"version":2}' > /etc/nix/flake-registry.json
+# The host's own store (the controller's), made now so that simulated devices, which
+# mount their stores over /nix, find the mount point on a machine that never ran Nix.
+[ -d /nix/var/nix/db ] || nix-store --init
 
 # Tests commit to git repositories; give git an identity if it has none.
 git config --global user.email >/dev/null 2>&1 || git config --global user.email "ci@thymis.invalid"

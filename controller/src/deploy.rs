@@ -438,7 +438,12 @@ async fn send_to(
             return Err(Stop::Disconnected);
         }
         let bytes = stream_file(&file, &conn.data).await?;
-        if conn.data.send(Out::Msg(AgentBound::PathEnd { deployment_id: id.clone(), path: info.path.clone() })).await.is_err() {
+        if conn
+            .data
+            .send(Out::Msg(AgentBound::PathEnd { deployment_id: id.clone(), path: info.path.clone() }))
+            .await
+            .is_err()
+        {
             return Err(Stop::Disconnected);
         }
         unacked.insert(info.path.clone(), bytes);
@@ -473,7 +478,12 @@ struct Acks<'a> {
 }
 
 impl Acks<'_> {
-    fn take(&mut self, m: ControllerBound, unacked: &mut HashMap<StorePath, u64>, in_flight: &mut u64) -> Result<(), Stop> {
+    fn take(
+        &mut self,
+        m: ControllerBound,
+        unacked: &mut HashMap<StorePath, u64>,
+        in_flight: &mut u64,
+    ) -> Result<(), Stop> {
         match m {
             ControllerBound::PathImported { path, .. } => {
                 let bytes = unacked.remove(&path).unwrap_or(0);

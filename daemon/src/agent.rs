@@ -425,7 +425,10 @@ impl Agent {
         if c.session != session {
             bail!("confirmation was made for another connection");
         }
-        self.drive(Event::Confirmed).await;
+        // Committing runs `switch-to-configuration boot` (a boot loader install can take
+        // a while): off the connection's reading loop, which must keep reading.
+        let agent = self.clone();
+        tokio::spawn(async move { agent.drive(Event::Confirmed).await });
         Ok(())
     }
 

@@ -272,9 +272,7 @@ async fn write_loop(
         // Feed without flushing while more is queued: many small acknowledgements
         // then share a write.
         let more = !control.is_empty();
-        let write = async {
-            if more { sink.feed(frame).await } else { sink.send(frame).await }
-        };
+        let write = async { if more { sink.feed(frame).await } else { sink.send(frame).await } };
         match tokio::time::timeout(stall, write).await {
             Ok(r) => r.context("sending to the controller")?,
             Err(_) => bail!("sending to the controller stalled for {stall:?}: connection declared dead"),

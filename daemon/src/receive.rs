@@ -204,7 +204,8 @@ async fn importer(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<Staged>, ou
             let _ = std::fs::remove_file(&s.nar);
             match result {
                 Ok(()) => {
-                    let _ = out.send(ControllerBound::PathImported { deployment_id: s.deployment_id, path: s.info.path });
+                    let _ =
+                        out.send(ControllerBound::PathImported { deployment_id: s.deployment_id, path: s.info.path });
                 }
                 Err(e) => refuse(&agent, &out, &s.deployment_id, &s.info, e),
             }

@@ -193,6 +193,8 @@ pub struct FleetOptions {
     pub reply_timeout: u64,
     /// Serve HTTPS/wss:// with a generated certificate.
     pub tls: bool,
+    /// The controller's `--parallel` (devices copied to at once), when not its default.
+    pub parallel: Option<usize>,
 }
 
 impl Default for FleetOptions {
@@ -204,6 +206,7 @@ impl Default for FleetOptions {
             deployment_ttl: 120,
             reply_timeout: 20,
             tls: false,
+            parallel: None,
         }
     }
 }
@@ -232,6 +235,7 @@ impl Controller {
             .args(["--reply-timeout", &self.opts.reply_timeout.to_string()])
             .args(["--sweep-interval", "1", "--handshake-timeout", "3"])
             .args(if self.opts.tls { &["--tls"][..] } else { &[][..] })
+            .args(self.opts.parallel.map(|p| format!("--parallel={p}")))
             .env("THYMIS_LOG", "info,thymis_controller=debug")
             .stdout(Stdio::null())
             .stderr(log)
@@ -390,7 +394,7 @@ impl Device {
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log"))?;
         let script = format!(
-            "mount --bind '{nix}' /nix && mount -t tmpfs tmpfs /run && exec '{agent}' --config '{config}'",
+            "mkdir -p /nix && mount --bind '{nix}' /nix && mount -t tmpfs tmpfs /run && exec '{agent}' --config '{config}'",
             nix = self.nix_dir().display(),
             agent = bin("thymis-agent").display(),
             config = self.dir.join("agent.toml").display(),
@@ -563,9 +567,7 @@ impl Device {
         // becomes the agent; until it has, the agent is among its children. (Its own
         // children are helpers such as `nix-store --import`.)
         let pid = self.child.as_ref()?.id();
-        let is_agent = |p: u32| {
-            std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e.ends_with("thymis-agent"))
-        };
+        let is_agent = |p: u32| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e.ends_with("thymis-agent"));
         if is_agent(pid) {
             return Some(pid);
         }
@@ -833,10 +835,16 @@ impl Fleet {
 
     /// Waits until the devices table shows `name` online.
     pub fn wait_online(&self, name: &str) {
-        wait_for(&format!("{name} online"), Duration::from_secs(30), || {
+        let start = Instant::now();
+        loop {
             let v = self.controller.ctl_json(&["devices"]);
-            v.as_array()?.iter().find(|d| d["name"] == name && d["online"] == true).map(|_| ())
-        });
+            let online = v.as_array().is_some_and(|a| a.iter().any(|d| d["name"] == name && d["online"] == true));
+            if online {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "{name} not online after 30s\n{}", self.diagnostics());
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits until the devices table shows `name` offline.

@@ -25,9 +25,7 @@ fn sent(f: &Fleet, task: i64, device: &str) -> i64 {
 /// The number of paths each copy attempt found missing ("d1: lacks N of M paths").
 fn lacking(logs: &[String], device: &str) -> Vec<i64> {
     let prefix = format!("{device}: lacks ");
-    logs.iter()
-        .filter_map(|l| l.strip_prefix(&prefix)?.split_whitespace().next()?.parse().ok())
-        .collect()
+    logs.iter().filter_map(|l| l.strip_prefix(&prefix)?.split_whitespace().next()?.parse().ok()).collect()
 }
 
 #[test]
@@ -45,7 +43,6 @@ fn a_thousand_path_closure_survives_a_dropped_link_a_killed_agent_and_a_frozen_o
     let out = f.controller.ctl(&["--json", "deploy", "--config", "alpha", "-m", "a real-sized system"]);
     let t: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let task = t["id"].as_i64().expect("id");
-
 
     // d1: its link goes silent; both sides must notice by themselves.
     midway(&f, task, "d1");
@@ -97,9 +94,7 @@ fn a_thousand_path_closure_survives_a_dropped_link_a_killed_agent_and_a_frozen_o
 
 /// Waits until `d` has some paths, and checks its copy is not over yet.
 fn midway(f: &Fleet, task: i64, d: &str) {
-    wait_for(&format!("{d} to receive some paths"), Duration::from_secs(60), || {
-        (sent(f, task, d) >= 20).then_some(())
-    });
+    wait_for(&format!("{d} to receive some paths"), Duration::from_secs(60), || (sent(f, task, d) >= 20).then_some(()));
     assert!(sent(f, task, d) < PATHS, "{d}'s copy finished before the fault; make it slower");
 }
 

@@ -125,7 +125,12 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
         ),
         (
             "paths_missing",
-            ControllerBound::PathsMissing { deployment_id: id(), missing: vec![sp("system")], bases: vec![], window: None },
+            ControllerBound::PathsMissing {
+                deployment_id: id(),
+                missing: vec![sp("system")],
+                bases: vec![],
+                window: None,
+            },
         ),
         (
             "paths_missing_bases",

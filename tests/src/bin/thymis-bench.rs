@@ -112,8 +112,20 @@ fn ours(f: &Fleet, v: &str) -> (Sample, f64, Value) {
     let started = f.controller.ctl_json(&["deploy", "--device", "d1"]);
     let id = started["id"].as_i64().expect("task id");
     let mut activated: Option<Sample> = None;
+    // Polled over one kept-alive HTTP connection: a process per poll (curl) would take
+    // a core of this machine away from the deployment it measures.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let (url, auth) =
+        (format!("{}/api/v1/tasks/{id}", f.controller.base_url()), format!("Bearer {}", f.controller.token()));
     loop {
-        let (_, t) = f.controller.api(&format!("/tasks/{id}"), None);
+        let t: Value = http
+            .get(&url)
+            .header("Authorization", &auth)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_json().ok())
+            .unwrap_or_default();
         let child = &t["children"][0];
         if activated.is_none() && (child["phase"] == "confirm" || !child["result"].is_null()) {
             activated =
@@ -124,7 +136,7 @@ fn ours(f: &Fleet, v: &str) -> (Sample, f64, Value) {
             let confirmed = t0.elapsed().as_secs_f64();
             return (activated.unwrap_or_default(), confirmed, child.clone());
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -235,6 +247,371 @@ fn transfer(rows: &mut Vec<String>) {
         eprintln!("bench: {}", rows.last().map(String::as_str).unwrap_or(""));
     }
     drop(ssh);
+}
+
+/// The closure of bench/nixos-like.nix: (system, number of paths, NAR bytes).
+fn nixos_like() -> (String, usize, u64) {
+    let system = sh(Command::new("nix-build")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/nixos-like.nix"))
+        .arg("--no-out-link"));
+    let paths = sh(Command::new("nix-store").args(["-qR", &system])).lines().count();
+    let nar = sh(Command::new("nix").args(["path-info", "-S", &system]));
+    let nar = nar.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+    (system, paths, nar)
+}
+
+/// `nix-store --export` of `paths` piped into `nix-store --import` of an empty store on
+/// this machine: the floor of any copy (no network, no checks beyond Nix's own).
+fn export_import(paths: &[String], dir: &Path) -> f64 {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let t0 = Instant::now();
+    let mut export = Command::new("nix-store")
+        .arg("--export")
+        .args(paths)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("nix-store --export");
+    let import = Command::new("nix-store")
+        .arg("--store")
+        .arg(dir)
+        .arg("--import")
+        .stdin(export.stdout.take().expect("pipe"))
+        .stdout(Stdio::null())
+        .status()
+        .expect("nix-store --import");
+    assert!(export.wait().is_ok_and(|s| s.success()) && import.success(), "export | import failed");
+    let secs = t0.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(dir);
+    secs
+}
+
+/// The rate a bulk TCP stream gets through the device's shaped link, bytes per second.
+fn link_rate(f: &Fleet) -> f64 {
+    let dev = f.device("d1");
+    let mut sink = Command::new("ip")
+        .args(["netns", "exec", &dev.netns, "socat", "-u", "TCP-LISTEN:5555,reuseaddr", "OPEN:/dev/null"])
+        .spawn()
+        .expect("socat listener");
+    std::thread::sleep(Duration::from_millis(500));
+    let bytes = 40u64 << 20;
+    let t0 = Instant::now();
+    sh(Command::new("sh")
+        .args(["-c", &format!("head -c {bytes} /dev/urandom | socat -u - TCP:{}:5555", dev.address())]));
+    let secs = t0.elapsed().as_secs_f64();
+    let _ = sink.wait();
+    bytes as f64 / secs
+}
+
+/// A closure shaped like a real NixOS system to an empty device: ours on loopback and
+/// behind the shaped link, `nix copy` over ssh-ng behind the same link, and the floor of
+/// one export/import stream on this machine. Also the per-path cost of importing a
+/// process per path (as the agent did before batches) against one import for many.
+fn real_size(rows: &mut Vec<String>) {
+    let (system, paths, nar) = nixos_like();
+    let closure: Vec<String> =
+        sh(Command::new("nix-store").args(["-qR", &system])).lines().map(str::to_owned).collect();
+    let mut f =
+        Fleet::new(FleetOptions { confirm_timeout: 120, reply_timeout: 300, dead_after: 20, ..Default::default() })
+            .expect("fleet");
+    let project = f.controller.project_dir();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/nixos-like.nix"), project.join("nixos-like.nix"))
+        .expect("copy");
+    std::fs::write(
+        project.join("flake.nix"),
+        "{ outputs = { self }: { nixosConfigurations.bench.config.system.build.toplevel = import ./nixos-like.nix; }; }\n",
+    )
+    .expect("flake");
+    std::fs::write(project.join("thymis.toml"), "[configs.bench]\ntags = [\"bench\"]\n").expect("toml");
+    set_variant(&f, "base");
+    f.add_device("d1", "bench", true).expect("device");
+    f.wait_online("d1");
+    let ssh = sshd(&f);
+    f.device("d1").shape(RATE).expect("tc");
+    let rate = link_rate(&f);
+    let scratch = f.tmp.path().join("floor");
+    let (mut floor, mut lo, mut shaped, mut plain, mut comp, mut payload) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..RUNS {
+        floor.push(export_import(&closure, &scratch));
+        prepare(&mut f, None);
+        f.device("d1").unshape();
+        lo.push(ours(&f, "base").0.secs);
+        prepare(&mut f, None);
+        let (s, _, child) = ours(&f, "base");
+        shaped.push(s);
+        payload.push(child["bytes_sent"].as_f64().unwrap_or(0.0));
+        prepare(&mut f, None);
+        plain.push(nix_copy(&f, &ssh, &system, false));
+        prepare(&mut f, None);
+        comp.push(nix_copy(&f, &ssh, &system, true));
+    }
+    drop(ssh);
+    let (floor, lo, shaped, plain, comp, payload) =
+        (median(floor), median(lo), med(&shaped), med(&plain), med(&comp), median(payload));
+    let at_rate = payload / rate;
+    let ms = |secs: f64| secs * 1000.0 / paths as f64;
+    rows.push(format!("| closure | {paths} paths, {} of NAR (bench/nixos-like.nix) |", mb(nar as f64)));
+    rows.push(format!("| loopback: ours, full deploy to activation | {lo:.2} s ({:.1} ms per path) |", ms(lo)));
+    rows.push(format!(
+        "| loopback: `nix-store --export \\| nix-store --import` (floor) | {floor:.2} s ({:.1} ms per path); ours / floor {:.2}x |",
+        ms(floor),
+        lo / floor
+    ));
+    rows.push(format!(
+        "| {RATE} (measured {:.1} Mbit/s): ours | {:.2} s, {} on the wire, {} compressed payload; {:.2}x the time the payload needs at the measured rate ({at_rate:.2} s) |",
+        rate * 8.0 / 1e6,
+        shaped.secs,
+        mb(shaped.wire),
+        mb(payload),
+        shaped.secs / at_rate
+    ));
+    rows.push(format!("| {RATE}: `nix copy --to ssh-ng://` | {:.2} s, {} on the wire |", plain.secs, mb(plain.wire)));
+    rows.push(format!(
+        "| {RATE}: `nix copy --to ssh-ng://?compress=true` | {:.2} s, {} on the wire; ours {:.2}x its time |",
+        comp.secs,
+        mb(comp.wire),
+        shaped.secs / comp.secs
+    ));
+    rows.push(per_path_import(&closure, &scratch));
+    for r in rows.iter() {
+        eprintln!("bench: {r}");
+    }
+}
+
+/// Importing 200 small paths of the closure with a `nix-store --import` each (the agent
+/// before batches) against one import for all (a batch): milliseconds per path.
+fn per_path_import(closure: &[String], dir: &Path) -> String {
+    let small: Vec<&String> = closure
+        .iter()
+        .filter(|p| std::fs::metadata(p.as_str()).is_ok_and(|m| m.is_dir()) && !p.contains("system"))
+        .take(200)
+        .collect();
+    let export = |p: &[&String]| -> Vec<u8> {
+        let out = Command::new("nix-store").arg("--export").args(p).output().expect("export");
+        out.stdout
+    };
+    let import = |data: &[u8]| {
+        use std::io::Write;
+        let mut c = Command::new("nix-store")
+            .arg("--store")
+            .arg(dir)
+            .arg("--import")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("import");
+        c.stdin.take().expect("stdin").write_all(data).expect("write");
+        assert!(c.wait().is_ok_and(|s| s.success()), "import failed");
+    };
+    // References first: each path is imported after the paths it refers to.
+    let one_each: Vec<Vec<u8>> = small.iter().map(|p| export(&[*p])).collect();
+    let all = export(&small);
+    let (mut single, mut batch) = (vec![], vec![]);
+    for _ in 0..RUNS {
+        let _ = std::fs::remove_dir_all(dir);
+        let t0 = Instant::now();
+        for data in &one_each {
+            import(data);
+        }
+        single.push(t0.elapsed().as_secs_f64());
+        let _ = std::fs::remove_dir_all(dir);
+        let t0 = Instant::now();
+        import(&all);
+        batch.push(t0.elapsed().as_secs_f64());
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    let n = small.len() as f64;
+    format!(
+        "| importing {} small paths: a process per path / one batch | {:.1} ms per path / {:.1} ms per path |",
+        small.len(),
+        median(single) * 1000.0 / n,
+        median(batch) * 1000.0 / n
+    )
+}
+
+type LoadWs = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Enrolls `n` devices of `config` through the API (one HTTP connection, kept alive):
+/// their enrollment tokens.
+fn enroll_load_agents(f: &Fleet, n: usize, config: &str) -> Vec<String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let auth = format!("Bearer {}", f.controller.token());
+    (0..n)
+        .map(|i| {
+            let mut r = agent
+                .post(&format!("{}/api/v1/devices", f.controller.base_url()))
+                .header("Authorization", &auth)
+                .send_json(json!({ "name": format!("load{i}"), "config": config }))
+                .expect("add device");
+            let v: Value = r.body_mut().read_json().expect("json");
+            v["enrollment_token"].as_str().expect("token").to_owned()
+        })
+        .collect()
+}
+
+/// A load-generator agent's connection: the real handshake with a fresh key and token.
+async fn load_agent_connect(url: &str, token: String) -> Option<LoadWs> {
+    use futures_util::{SinkExt, StreamExt};
+    use thymis_proto::handshake::{Nonce, device_transcript};
+    use thymis_proto::{AgentBound, ControllerBound, decode_agent_bound, encode};
+    use tokio_tungstenite::tungstenite::Message;
+    let key = thymis_store::signing::SecretKey::generate("thymis-device").ok()?;
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.ok()?;
+    let client = Nonce(rand32());
+    let hello = ControllerBound::Hello {
+        protocol_min: 1,
+        protocol_max: 1,
+        agent_version: "load".into(),
+        device_key: key.public().to_string(),
+        client_nonce: client,
+    };
+    ws.send(Message::text(encode(&hello))).await.ok()?;
+    let Some(Ok(Message::Text(t))) = ws.next().await else { return None };
+    let Ok(AgentBound::Challenge { server_nonce, session, controller_key, .. }) = decode_agent_bound(t.as_str(), false)
+    else {
+        return None;
+    };
+    let ck: thymis_store::signing::PublicKey = controller_key.parse().ok()?;
+    let signature = key.sign(&device_transcript(&client, &server_nonce, &session, &ck));
+    ws.send(Message::text(encode(&ControllerBound::Auth { signature, enrollment_token: Some(token) }))).await.ok()?;
+    let Some(Ok(Message::Text(_welcome))) = ws.next().await else { return None };
+    Some(ws)
+}
+
+/// A load-generator agent during a copy: accepts the offer, lacks every path, checks each
+/// NAR it receives (zstd, then sha256 and size against the signed path info) without
+/// importing it, acknowledges it, and ends at `activate`. Returns the compressed bytes.
+async fn load_agent_copy(mut ws: LoadWs) -> Result<u64, String> {
+    use futures_util::{SinkExt, StreamExt};
+    use std::io::Write;
+    use thymis_proto::{AgentBound, ControllerBound, CopyWindow, decode_agent_bound, encode};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut received = 0u64;
+    let mut current: Option<(
+        thymis_store::PathInfo,
+        zstd::stream::write::Decoder<'static, thymis_store::hash::NarHasher>,
+    )> = None;
+    loop {
+        let frame = ws.next().await.ok_or("closed")?.map_err(|e| e.to_string())?;
+        let reply = match frame {
+            Message::Binary(b) => {
+                received += b.len() as u64;
+                let (_, d) = current.as_mut().ok_or("chunk outside a path")?;
+                d.write_all(&b).map_err(|e| e.to_string())?;
+                continue;
+            }
+            Message::Text(t) => match decode_agent_bound(t.as_str(), true).map_err(|e| e.to_string())? {
+                AgentBound::Offer { offer } => {
+                    let id = serde_json::from_str::<Value>(&offer.payload)
+                        .ok()
+                        .and_then(|v| v["deployment_id"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    ControllerBound::OfferAccepted { deployment_id: id }
+                }
+                AgentBound::QueryPaths { deployment_id, paths } => ControllerBound::PathsMissing {
+                    deployment_id,
+                    missing: paths,
+                    bases: vec![],
+                    window: Some(CopyWindow { paths: 512, bytes: 16 << 20 }),
+                },
+                AgentBound::PathStart { info, .. } => {
+                    let mut d = zstd::stream::write::Decoder::new(thymis_store::hash::NarHasher::new())
+                        .map_err(|e| e.to_string())?;
+                    d.window_log_max(thymis_store::zstd_limits::WINDOW_LOG_MAX).map_err(|e| e.to_string())?;
+                    current = Some((info, d));
+                    continue;
+                }
+                AgentBound::PathEnd { deployment_id, path } => {
+                    let (info, mut d) = current.take().ok_or("end outside a path")?;
+                    d.flush().map_err(|e| e.to_string())?;
+                    let (hash, size) = d.into_inner().finish();
+                    if hash != info.nar_hash || size != info.nar_size {
+                        return Err(format!("{path}: NAR hash or size mismatch"));
+                    }
+                    ControllerBound::PathImported { deployment_id, path }
+                }
+                AgentBound::Activate { .. } => return Ok(received),
+                _ => continue,
+            },
+            Message::Close(_) => return Err("closed".into()),
+            _ => continue,
+        };
+        ws.send(Message::text(encode(&reply))).await.map_err(|e| e.to_string())?;
+    }
+}
+
+/// The controller alone serving copies: N load-generator agents (one process, the real
+/// protocol, hashes checked, nothing imported) take a deployment of one configuration
+/// at once. Aggregate rate, the controller's peak memory and CPU per device.
+fn fan_out_load(rows: &mut Vec<String>) {
+    for n in [100usize, 1000] {
+        let f = Fleet::new(FleetOptions {
+            reply_timeout: 600,
+            dead_after: 120,
+            heartbeat: 30,
+            parallel: Some(n),
+            ..Default::default()
+        })
+        .expect("fleet");
+        f.set_configs(
+            &json!({ "alpha": { "version": "2", "small": 500, "payloads": 24, "payloadKiB": 2048 }, "beta": {} }),
+        )
+        .expect("cfg");
+        let _ = f.controller.ctl(&["project", "commit", "-m", "load"]);
+        let b = f.controller.ctl_json(&["build", "alpha", "--wait"]);
+        assert_eq!(b["result"], "succeeded", "{b}");
+        let system = b["system"].as_str().unwrap_or_default().to_owned();
+        let nar = sh(Command::new("nix").args(["path-info", "-S", &system]));
+        let nar: f64 = nar.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0.0);
+        let tokens = enroll_load_agents(&f, n, "alpha");
+        let url = format!("ws://{}/agent/v1", f.controller.listen);
+        let ctl_pid = f.controller.pid().expect("controller pid");
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(128));
+        let ready = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut handles = Vec::new();
+        for token in tokens {
+            let (url, limit, ready) = (url.clone(), limit.clone(), ready.clone());
+            handles.push(rt.spawn(async move {
+                let permit = limit.acquire_owned().await.expect("semaphore");
+                let ws = load_agent_connect(&url, token).await.ok_or("handshake failed")?;
+                drop(permit);
+                ready.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                load_agent_copy(ws).await
+            }));
+        }
+        while ready.load(std::sync::atomic::Ordering::Relaxed) < n {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let c0 = cpu_ticks(ctl_pid);
+        let t0 = Instant::now();
+        let out = f.controller.ctl(&["--json", "deploy", "--config", "alpha", "-m", "load"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let results: Vec<Result<u64, String>> = rt
+            .block_on(async { futures_util::future::join_all(handles).await })
+            .into_iter()
+            .map(|r| r.map_err(|e| e.to_string()).and_then(|r| r))
+            .collect();
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu = (cpu_ticks(ctl_pid) - c0) as f64 / 100.0;
+        let peak = proc_field(ctl_pid, "VmHWM:");
+        rt.shutdown_background();
+        let done = results.iter().filter(|r| r.is_ok()).count();
+        if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+            eprintln!("bench: a load agent failed: {e}");
+        }
+        let bytes: u64 = results.iter().filter_map(|r| r.as_ref().ok()).sum();
+        rows.push(format!(
+            "| {n} | {done} of {n} in {secs:.1} s | {} compressed ({} NAR) per device | {:.2} GB/s | {peak} | {:.1} ms per device |",
+            mb(bytes as f64 / done.max(1) as f64),
+            mb(nar),
+            bytes as f64 / secs / 1e9,
+            cpu * 1000.0 / n as f64
+        ));
+        eprintln!("bench: {}", rows.last().map(String::as_str).unwrap_or(""));
+    }
 }
 
 /// Returns the footprint line of the one-device run.
@@ -376,27 +753,13 @@ fn footprint(f: &Fleet) -> String {
 /// Idle agents speaking the real protocol from one process, against one controller.
 fn scale(n: usize) -> Vec<String> {
     use futures_util::{SinkExt, StreamExt};
-    use thymis_proto::handshake::{Nonce, device_transcript};
     use thymis_proto::{AgentBound, ControllerBound, decode_agent_bound, encode};
     use tokio_tungstenite::tungstenite::Message;
 
     let f = Fleet::new(FleetOptions { heartbeat: 15, dead_after: 45, reply_timeout: 300, ..Default::default() })
         .expect("fleet");
-    // Enroll n devices through the API (one HTTP connection, kept alive).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let auth = format!("Bearer {}", f.controller.token());
     let t0 = Instant::now();
-    let mut tokens = Vec::with_capacity(n);
-    for i in 0..n {
-        let mut r = agent
-            .post(&format!("{}/api/v1/devices", f.controller.base_url()))
-            .header("Authorization", &auth)
-            .send_json(json!({ "name": format!("load{i}"), "config": "alpha" }))
-            .expect("add device");
-        let v: Value = r.body_mut().read_json().expect("json");
-        tokens.push(v["enrollment_token"].as_str().expect("token").to_owned());
-    }
+    let tokens = enroll_load_agents(&f, n, "alpha");
     let enroll_secs = t0.elapsed().as_secs_f64();
     let url = format!("ws://{}/agent/v1", f.controller.listen);
     let ctl_pid = f.controller.pid().expect("controller pid");
@@ -409,23 +772,7 @@ fn scale(n: usize) -> Vec<String> {
         let (url, connected, offered, limit) = (url.clone(), connected.clone(), offered.clone(), limit.clone());
         rt.spawn(async move {
             let permit = limit.acquire_owned().await.expect("semaphore");
-            let key = thymis_store::signing::SecretKey::generate("thymis-device").expect("key");
-            let Ok((mut ws, _)) = tokio_tungstenite::connect_async(&url).await else { return };
-            let client = Nonce(rand32());
-            let hello = ControllerBound::Hello {
-                protocol_min: 1,
-                protocol_max: 1,
-                agent_version: "load".into(),
-                device_key: key.public().to_string(),
-                client_nonce: client,
-            };
-            let _ = ws.send(Message::text(encode(&hello))).await;
-            let Some(Ok(Message::Text(t))) = ws.next().await else { return };
-            let Ok(AgentBound::Challenge { server_nonce, session, controller_key, .. }) = decode_agent_bound(t.as_str(), false) else { return };
-            let ck: thymis_store::signing::PublicKey = controller_key.parse().expect("key");
-            let sig = key.sign(&device_transcript(&client, &server_nonce, &session, &ck));
-            let _ = ws.send(Message::text(encode(&ControllerBound::Auth { signature: sig, enrollment_token: Some(token) }))).await;
-            let Some(Ok(Message::Text(_welcome))) = ws.next().await else { return };
+            let Some(mut ws) = load_agent_connect(&url, token).await else { return };
             drop(permit);
             connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut beat = tokio::time::interval(Duration::from_secs(15));
@@ -504,10 +851,22 @@ fn main() {
         sh(Command::new("nix-store").arg("--version")).replace("nix-store (Nix) ", "")
     );
     let agents: usize = std::env::var("THYMIS_BENCH_AGENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    // THYMIS_BENCH_ONLY=scale|transfer|fanout|imager runs (and prints) only that part, for investigating.
+    // THYMIS_BENCH_ONLY=scale|transfer|real|load|fanout|imager runs (and prints) only that part, for investigating.
     match std::env::var("THYMIS_BENCH_ONLY").as_deref() {
         Ok("scale") => {
             println!("{}", scale(agents).join("\n"));
+            return;
+        }
+        Ok("real") => {
+            let mut rows = vec![];
+            real_size(&mut rows);
+            println!("{}", rows.join("\n"));
+            return;
+        }
+        Ok("load") => {
+            let mut rows = vec![];
+            fan_out_load(&mut rows);
+            println!("{}", rows.join("\n"));
             return;
         }
         Ok("transfer") => {
@@ -532,8 +891,12 @@ fn main() {
     }
     let mut transfer_rows = vec![];
     transfer(&mut transfer_rows);
+    let mut real_rows = vec![];
+    real_size(&mut real_rows);
     let mut fan_rows = vec![];
     let foot = fan_out(&mut fan_rows);
+    let mut load_rows = vec![];
+    fan_out_load(&mut load_rows);
     let mut imager_rows = vec![];
     imager(&mut imager_rows);
     let scale_rows = scale(agents);
@@ -544,13 +907,21 @@ Ours: `thymisctl deploy` of a configuration built beforehand (`thymisctl build`;
 Baselines: `nix copy --to ssh-ng://` to the same device (sshd in its namespaces), plain and with `?compress=true`. \
 Bytes are what crossed the device's veth (both directions).\n\n\
 | case | ours, to activation | ours, to confirmation | ssh-ng | ssh-ng compress=true | our compressed payload | ours / plain ssh-ng |\n|---|---|---|---|---|---|---|\n{}\n\n\
+## A real-sized system: a closure shaped like NixOS's to an empty device\n\n\
+Ours: as above, to the device's activation report. The floor: `nix-store --export` of the closure piped into `nix-store --import` of an empty store on this machine. The link rate is a bulk TCP stream's through the same shaped link.\n\n\
+| | |\n|---|---|\n{}\n\n\
 ## Fan-out: one configuration (13 paths, 5 MB) to N devices at once\n\n\
 | devices | time | vs. one device | builds | compressions |\n|---|---|---|---|---|\n{}\n\n\
+## Fan-out where the controller is the bottleneck: load-generator agents\n\n\
+N agents speaking the real protocol from one process (each with its own key, enrollment and connection) take one deployment at once; each checks every NAR (zstd, sha256, size against the signed path info) but imports nothing, so the figures are the controller's: its time to serve every copy, the aggregate compressed bytes per second it sent, its peak resident memory, and its CPU time per device. The closure: 527 paths, 500 of them small and 24 of 2 MiB of incompressible data.\n\n\
+| devices | all copies done | per device | aggregate | controller peak memory | controller CPU |\n|---|---|---|---|---|---|\n{}\n\n\
 ## Agent footprint\n\n| | |\n|---|---|\n{foot}\n\n\
 ## Imager: the transfer benchmark's closure\n\n| | ours | baseline | ours / baseline |\n|---|---|---|---|\n{}\n\n\
 ## Controller scale: {agents} idle agents speaking the real protocol from one process\n\n| | |\n|---|---|\n{}\n",
         transfer_rows.join("\n"),
+        real_rows.join("\n"),
         fan_rows.join("\n"),
+        load_rows.join("\n"),
         imager_rows.join("\n"),
         scale_rows.join("\n"),
     );
