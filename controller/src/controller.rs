@@ -72,9 +72,10 @@ pub enum Out {
     Bin(Vec<u8>),
 }
 
-/// A copy stream's queue holds this many frames: with 256 KiB chunks, at most 512 KiB
-/// of NAR waits per connection (a thousand copies at once stay within half a GiB).
-pub const COPY_QUEUE: usize = 2;
+/// A copy stream's queue holds this many frames: one waits while the writer sends
+/// another, and the socket's own buffer keeps the link busy. Each frame held is up to
+/// a 256 KiB chunk per connection: at a thousand copies at once, every one counts.
+pub const COPY_QUEUE: usize = 1;
 
 /// One authenticated agent connection. Its writer sends control messages first, then
 /// the copy stream: control messages never wait behind NAR chunks.

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use thymis_proto::signed::{Offer, Signed};
 use thymis_proto::{AgentBound, ControllerBound, CopyWindow};
@@ -405,9 +405,14 @@ async fn send_to(
     let mut in_flight_bytes = 0u64;
     // The next path is compressed (when no one has yet) while this one is sent; a path
     // the device has an earlier version of goes as a delta against it when smaller.
+    // Its file is opened and its first chunk read then too (most NARs are one chunk).
     let prefetch = |info: &&PathInfo| {
         let (ctl, info, base) = (ctl.clone(), (*info).clone(), bases.get(&info.path).cloned());
-        tokio::spawn(async move { ctl.nar_cache.best(&info, base.as_ref()).await })
+        tokio::spawn(async move {
+            let (file, delta_base) = ctl.nar_cache.best(&info, base.as_ref()).await?;
+            let nar = tokio::task::spawn_blocking(move || Outgoing::open(&file)).await??;
+            anyhow::Ok((nar, delta_base))
+        })
     };
     let mut next = to_send.first().map(prefetch);
     for (n, info) in to_send.iter().enumerate() {
@@ -416,14 +421,11 @@ async fn send_to(
             None => Err(anyhow::anyhow!("no compression started")),
         };
         next = to_send.get(n + 1).map(prefetch);
-        let (file, delta_base) = match compressed {
+        let (nar, delta_base) = match compressed {
             Ok(f) => f,
             Err(e) => return Err(Stop::Refused(format!("reading {}: {e:#}", info.path))),
         };
-        let size = match tokio::fs::metadata(&file).await {
-            Ok(m) => m.len(),
-            Err(e) => return Err(Stop::Refused(format!("reading {}: {e}", file.display()))),
-        };
+        let size = nar.size;
         while let Ok(m) = rx.try_recv() {
             acks.take(m, unacked, &mut in_flight_bytes)?;
         }
@@ -437,7 +439,7 @@ async fn send_to(
         if conn.data.send(Out::Msg(start)).await.is_err() {
             return Err(Stop::Disconnected);
         }
-        let bytes = stream_file(&file, &conn.data).await?;
+        let bytes = nar.send(&conn.data).await?;
         if conn
             .data
             .send(Out::Msg(AgentBound::PathEnd { deployment_id: id.clone(), path: info.path.clone() }))
@@ -522,30 +524,56 @@ async fn ack_reply(
     reply(rx, reply_timeout + Duration::from_secs(in_flight / SLOWEST_LINK_BYTES_PER_SEC)).await
 }
 
-/// Sends a compressed NAR as binary frames on the copy stream; returns the bytes sent.
-async fn stream_file(file: &std::path::Path, data: &mpsc::Sender<Out>) -> Result<u64, Stop> {
-    use tokio::io::AsyncReadExt;
-    let chunk = thymis_proto::CHUNK_SIZE;
-    let mut f = tokio::fs::File::open(file).await.map_err(|e| Stop::Refused(format!("{}: {e}", file.display())))?;
-    let mut sent = 0u64;
-    loop {
-        // A whole chunk, or what is left (small NARs: one frame).
-        let mut buf = Vec::with_capacity(chunk);
-        (&mut f)
-            .take(chunk as u64)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|e| Stop::Refused(format!("{}: {e}", file.display())))?;
-        if buf.is_empty() {
-            return Ok(sent);
-        }
-        sent += buf.len() as u64;
-        let last = buf.len() < chunk;
-        data.send(Out::Bin(buf)).await.map_err(|_| Stop::Disconnected)?;
-        if last {
-            return Ok(sent);
-        }
+/// A compressed NAR on its way to a device: the open file, its size and its first
+/// chunk, read in one blocking call.
+struct Outgoing {
+    file: std::sync::Arc<std::fs::File>,
+    size: u64,
+    first: Vec<u8>,
+}
+
+impl Outgoing {
+    fn open(path: &std::path::Path) -> Result<Outgoing> {
+        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let size = file.metadata()?.len();
+        let first = read_chunk(&file, 0, size.min(FIRST_CHUNK))?;
+        Ok(Outgoing { file: std::sync::Arc::new(file), size, first })
     }
+
+    /// Sends it as binary frames on the copy stream; returns the bytes sent.
+    async fn send(self, data: &mpsc::Sender<Out>) -> Result<u64, Stop> {
+        let Outgoing { file, size, first } = self;
+        let mut offset = first.len() as u64;
+        if !first.is_empty() {
+            data.send(Out::Bin(first)).await.map_err(|_| Stop::Disconnected)?;
+        }
+        while offset < size {
+            // Read once the queue has room: no chunk waits in hand.
+            let room = data.reserve().await.map_err(|_| Stop::Disconnected)?;
+            let f = file.clone();
+            let buf = tokio::task::spawn_blocking(move || read_chunk(&f, offset, size))
+                .await
+                .map_err(|e| Stop::Refused(format!("reading a NAR: {e}")))?
+                .map_err(|e| Stop::Refused(format!("reading a NAR: {e:#}")))?;
+            offset += buf.len() as u64;
+            room.send(Out::Bin(buf));
+        }
+        Ok(size)
+    }
+}
+
+/// How much of a NAR is read ahead, while the path before it is sent: all of a small
+/// one (most are), a little of a large one (a thousand devices each hold one).
+const FIRST_CHUNK: u64 = 64 << 10;
+
+/// The chunk of `file` at `offset`, up to `end`: sized to what is left, so that a
+/// small NAR costs a small buffer.
+fn read_chunk(file: &std::fs::File, offset: u64, end: u64) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let len = (end - offset).min(thymis_proto::CHUNK_SIZE as u64) as usize;
+    let mut buf = vec![0; len];
+    file.read_exact_at(&mut buf, offset).context("the cached NAR is shorter than it was")?;
+    Ok(buf)
 }
 
 /// Cancels a deployment: every device that has not activated stops.

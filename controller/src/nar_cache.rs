@@ -91,16 +91,31 @@ impl NarCache {
         made: &AtomicU64,
         write: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> Result<()> + Send + 'static,
     ) -> Result<()> {
+        // Most calls find the file made: they take no lock.
+        if made_already(file) {
+            return Ok(());
+        }
         let lock = {
             let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
             locks.entry(file.to_owned()).or_default().clone()
         };
-        let _held = lock.lock().await;
-        if file.exists() {
-            // Touch it: recently used entries stay.
-            let _ = std::fs::File::open(file).and_then(|f| f.set_modified(SystemTime::now()));
-            return Ok(());
+        let held = lock.lock().await;
+        let result = if made_already(file) { Ok(()) } else { self.make(file, made, write).await };
+        drop(held);
+        // The last one out forgets the lock: the map holds only files being made.
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(file);
         }
+        result
+    }
+
+    async fn make(
+        &self,
+        file: &std::path::Path,
+        made: &AtomicU64,
+        write: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> Result<()> + Send + 'static,
+    ) -> Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let (dest, dir) = (file.to_owned(), self.dir.clone());
         tokio::task::spawn_blocking(move || -> Result<()> {
@@ -118,7 +133,7 @@ impl NarCache {
         Ok(())
     }
 
-    /// Removes entries unused for `age`.
+    /// Removes entries unused for `age` (see [`TOUCH_EVERY`]).
     pub fn prune(&self, age: Duration) {
         let Ok(rd) = std::fs::read_dir(&self.dir) else { return };
         for e in rd.flatten() {
@@ -129,4 +144,19 @@ impl NarCache {
             }
         }
     }
+}
+
+/// How often a used entry's time is renewed: often enough for a day's pruning, rarely
+/// enough that a fleet's thousands of reads per path do not each write to the disk.
+const TOUCH_EVERY: Duration = Duration::from_secs(3600);
+
+/// Whether `file` exists (it is written atomically: then it is complete); renews its
+/// time when it is due.
+fn made_already(file: &std::path::Path) -> bool {
+    let Ok(meta) = std::fs::metadata(file) else { return false };
+    let age = meta.modified().ok().and_then(|m| m.elapsed().ok());
+    if age.is_some_and(|a| a > TOUCH_EVERY) {
+        let _ = std::fs::File::open(file).and_then(|f| f.set_modified(SystemTime::now()));
+    }
+    true
 }

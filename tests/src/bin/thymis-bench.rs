@@ -485,21 +485,29 @@ async fn load_agent_connect(url: &str, token: String) -> Option<LoadWs> {
 /// importing it, acknowledges it, and ends at `activate`. Returns the compressed bytes.
 async fn load_agent_copy(mut ws: LoadWs) -> Result<u64, String> {
     use futures_util::{SinkExt, StreamExt};
-    use std::io::Write;
     use thymis_proto::{AgentBound, ControllerBound, CopyWindow, decode_agent_bound, encode};
     use tokio_tungstenite::tungstenite::Message;
+    use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
     let mut received = 0u64;
-    let mut current: Option<(
-        thymis_store::PathInfo,
-        zstd::stream::write::Decoder<'static, thymis_store::hash::NarHasher>,
-    )> = None;
+    // One decompression context and buffer for the connection, as an agent would keep.
+    let mut dec = Decoder::new().map_err(|e| e.to_string())?;
+    dec.set_parameter(DParameter::WindowLogMax(thymis_store::zstd_limits::WINDOW_LOG_MAX))
+        .map_err(|e| e.to_string())?;
+    let mut out = vec![0u8; 128 << 10];
+    let mut current: Option<(thymis_store::PathInfo, thymis_store::hash::NarHasher)> = None;
     loop {
         let frame = ws.next().await.ok_or("closed")?.map_err(|e| e.to_string())?;
         let reply = match frame {
             Message::Binary(b) => {
                 received += b.len() as u64;
-                let (_, d) = current.as_mut().ok_or("chunk outside a path")?;
-                d.write_all(&b).map_err(|e| e.to_string())?;
+                let (_, hasher) = current.as_mut().ok_or("chunk outside a path")?;
+                let mut input = InBuffer::around(&b);
+                while input.pos < b.len() {
+                    let mut o = OutBuffer::around(&mut out[..]);
+                    dec.run(&mut input, &mut o).map_err(|e| e.to_string())?;
+                    let n = o.pos();
+                    hasher.update(&out[..n]);
+                }
                 continue;
             }
             Message::Text(t) => match decode_agent_bound(t.as_str(), true).map_err(|e| e.to_string())? {
@@ -517,16 +525,22 @@ async fn load_agent_copy(mut ws: LoadWs) -> Result<u64, String> {
                     window: Some(CopyWindow { paths: 512, bytes: 16 << 20 }),
                 },
                 AgentBound::PathStart { info, .. } => {
-                    let mut d = zstd::stream::write::Decoder::new(thymis_store::hash::NarHasher::new())
-                        .map_err(|e| e.to_string())?;
-                    d.window_log_max(thymis_store::zstd_limits::WINDOW_LOG_MAX).map_err(|e| e.to_string())?;
-                    current = Some((info, d));
+                    dec.reinit().map_err(|e| e.to_string())?;
+                    current = Some((info, thymis_store::hash::NarHasher::new()));
                     continue;
                 }
                 AgentBound::PathEnd { deployment_id, path } => {
-                    let (info, mut d) = current.take().ok_or("end outside a path")?;
-                    d.flush().map_err(|e| e.to_string())?;
-                    let (hash, size) = d.into_inner().finish();
+                    let (info, mut hasher) = current.take().ok_or("end outside a path")?;
+                    loop {
+                        let mut o = OutBuffer::around(&mut out[..]);
+                        let left = dec.flush(&mut o).map_err(|e| e.to_string())?;
+                        let n = o.pos();
+                        hasher.update(&out[..n]);
+                        if left == 0 {
+                            break;
+                        }
+                    }
+                    let (hash, size) = hasher.finish();
                     if hash != info.nar_hash || size != info.nar_size {
                         return Err(format!("{path}: NAR hash or size mismatch"));
                     }
@@ -546,7 +560,11 @@ async fn load_agent_copy(mut ws: LoadWs) -> Result<u64, String> {
 /// protocol, hashes checked, nothing imported) take a deployment of one configuration
 /// at once. Aggregate rate, the controller's peak memory and CPU per device.
 fn fan_out_load(rows: &mut Vec<String>) {
-    for n in [100usize, 1000] {
+    let sizes: Vec<usize> = std::env::var("THYMIS_BENCH_LOAD_DEVICES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or(vec![100, 1000]);
+    for n in sizes {
         let f = Fleet::new(FleetOptions {
             reply_timeout: 600,
             dead_after: 120,
@@ -585,7 +603,8 @@ fn fan_out_load(rows: &mut Vec<String>) {
         while ready.load(std::sync::atomic::Ordering::Relaxed) < n {
             std::thread::sleep(Duration::from_millis(100));
         }
-        let c0 = cpu_ticks(ctl_pid);
+        let idle = proc_field(ctl_pid, "VmRSS:");
+        let (c0, g0, io0) = (cpu_ticks(ctl_pid), cpu_ticks(std::process::id()), disk_reads(ctl_pid));
         let t0 = Instant::now();
         let out = f.controller.ctl(&["--json", "deploy", "--config", "alpha", "-m", "load"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -596,6 +615,8 @@ fn fan_out_load(rows: &mut Vec<String>) {
             .collect();
         let secs = t0.elapsed().as_secs_f64();
         let cpu = (cpu_ticks(ctl_pid) - c0) as f64 / 100.0;
+        let gen_cpu = (cpu_ticks(std::process::id()) - g0) as f64 / 100.0;
+        let read = disk_reads(ctl_pid) - io0;
         let peak = proc_field(ctl_pid, "VmHWM:");
         rt.shutdown_background();
         let done = results.iter().filter(|r| r.is_ok()).count();
@@ -604,11 +625,14 @@ fn fan_out_load(rows: &mut Vec<String>) {
         }
         let bytes: u64 = results.iter().filter_map(|r| r.as_ref().ok()).sum();
         rows.push(format!(
-            "| {n} | {done} of {n} in {secs:.1} s | {} compressed ({} NAR) per device | {:.2} GB/s | {peak} | {:.1} ms per device |",
+            "| {n} | {done} of {n} in {secs:.1} s | {} compressed ({} NAR) per device | {:.2} GB/s | {peak} ({idle} before) | {:.1} ms per device ({:.2} cores) | {} | {:.2} cores |",
             mb(bytes as f64 / done.max(1) as f64),
             mb(nar),
             bytes as f64 / secs / 1e9,
-            cpu * 1000.0 / n as f64
+            cpu * 1000.0 / n as f64,
+            cpu / secs,
+            mb(read as f64),
+            gen_cpu / secs,
         ));
         eprintln!("bench: {}", rows.last().map(String::as_str).unwrap_or(""));
     }
@@ -727,6 +751,12 @@ fn proc_field(pid: u32, key: &str) -> String {
         .find(|l| l.starts_with(key))
         .map(|l| l[key.len()..].trim().to_owned())
         .unwrap_or_default()
+}
+
+/// Bytes `pid` made the disk read (page-cache hits excluded).
+fn disk_reads(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    io.lines().find_map(|l| l.strip_prefix("read_bytes:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -913,8 +943,8 @@ Ours: as above, to the device's activation report. The floor: `nix-store --expor
 ## Fan-out: one configuration (13 paths, 5 MB) to N devices at once\n\n\
 | devices | time | vs. one device | builds | compressions |\n|---|---|---|---|---|\n{}\n\n\
 ## Fan-out where the controller is the bottleneck: load-generator agents\n\n\
-N agents speaking the real protocol from one process (each with its own key, enrollment and connection) take one deployment at once; each checks every NAR (zstd, sha256, size against the signed path info) but imports nothing, so the figures are the controller's: its time to serve every copy, the aggregate compressed bytes per second it sent, its peak resident memory, and its CPU time per device. The closure: 527 paths, 500 of them small and 24 of 2 MiB of incompressible data.\n\n\
-| devices | all copies done | per device | aggregate | controller peak memory | controller CPU |\n|---|---|---|---|---|---|\n{}\n\n\
+N agents speaking the real protocol from one process (each with its own key, enrollment and connection) take one deployment at once; each checks every NAR (zstd, sha256, size against the signed path info) but imports nothing, so the figures are the controller's: its time to serve every copy, the aggregate compressed bytes per second it sent, its peak resident memory, its CPU time per device, and what it read from the disk (the cache's NARs are read once per path, not once per device, when the page cache holds them). The closure: 527 paths, 500 of them small and 24 of 2 MiB of incompressible data. The load generators share the machine's cores with the controller; their CPU use is in the last column.\n\n\
+| devices | all copies done | per device | aggregate | controller peak memory (connected, before the deployment) | controller CPU | controller disk reads | load generators' CPU |\n|---|---|---|---|---|---|---|---|\n{}\n\n\
 ## Agent footprint\n\n| | |\n|---|---|\n{foot}\n\n\
 ## Imager: the transfer benchmark's closure\n\n| | ours | baseline | ours / baseline |\n|---|---|---|---|\n{}\n\n\
 ## Controller scale: {agents} idle agents speaking the real protocol from one process\n\n| | |\n|---|---|\n{}\n",
