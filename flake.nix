@@ -7,9 +7,16 @@
     let
       systems = [ "x86_64-linux" "aarch64-linux" ];
       forAll = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
-      withPackage = name: module: { pkgs, lib, ... }: {
-        imports = [ module ];
-        config.services.${name}.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+      # A key of its own: importing a module twice (say `default` and `agent`) merges
+      # it once instead of defining its package twice.
+      withPackage = name: module: {
+        key = "thymis#nixosModules.${name}";
+        imports = [
+          module
+          ({ pkgs, lib, ... }: {
+            config.services.${name}.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+          })
+        ];
       };
     in
     {
@@ -23,6 +30,9 @@
           imager = thymis;
           thymisctl = thymis;
         });
+
+      # pkgs.thymis, the modules' default package, for a nixpkgs of one's own.
+      overlays.default = final: prev: { thymis = final.callPackage ./nix/package.nix { }; };
 
       nixosModules = {
         agent = withPackage "thymis-agent" ./modules/agent.nix;

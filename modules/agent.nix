@@ -4,12 +4,16 @@
 # daemon/systemd/thymis-agent.service is generated from (a test fails when they drift).
 # restartIfChanged = false: activation must not kill the agent mid-deployment; after a
 # confirmed deployment that changed the agent, the agent restarts itself.
-{ config, lib, pkgs, ... }:
+{ config, lib, pkgs, utils, ... }:
 let
   cfg = config.services.thymis-agent;
   unit = builtins.fromJSON (builtins.readFile ./agent-unit.json);
   toml = pkgs.formats.toml { };
-  generated = toml.generate "thymis-agent.toml" cfg.settings;
+  # Unset options (null) are left out: TOML has no null.
+  generated = toml.generate "thymis-agent.toml" (lib.filterAttrsRecursive (_: v: v != null) cfg.settings);
+  stateDir = cfg.settings.state_dir;
+  # systemd makes and owns a state directory under /var/lib; elsewhere, tmpfiles does.
+  underVarLib = lib.hasPrefix "/var/lib/" stateDir;
   configPath = if cfg.configFile != null then cfg.configFile else generated;
   dbusPolicy = pkgs.writeTextDir "share/dbus-1/system.d/io.thymis.Agent1.conf"
     (builtins.readFile ../daemon/dbus/io.thymis.Agent1.conf);
@@ -18,9 +22,8 @@ in
   options.services.thymis-agent = {
     enable = lib.mkEnableOption "the Thymis device agent";
 
-    package = lib.mkOption {
-      type = lib.types.package;
-      description = "The package providing bin/thymis-agent.";
+    package = lib.mkPackageOption pkgs "thymis" {
+      extraDescription = "It provides bin/thymis-agent (the flake's module and its overlay set it).";
     };
 
     settings = lib.mkOption {
@@ -84,9 +87,13 @@ in
     systemd.services.thymis-agent = {
       inherit (unit) description after wants wantedBy restartIfChanged;
       path = [ config.nix.package config.systemd.package pkgs.util-linux ];
-      serviceConfig = unit.serviceConfig // {
-        ExecStart = "${cfg.package}/bin/thymis-agent --config ${configPath}";
+      serviceConfig = removeAttrs unit.serviceConfig [ "StateDirectory" ] // {
+        ExecStart = utils.escapeSystemdExecArgs [ "${cfg.package}/bin/thymis-agent" "--config" configPath ];
+      } // lib.optionalAttrs underVarLib {
+        StateDirectory = lib.removePrefix "/var/lib/" stateDir;
       };
     };
+
+    systemd.tmpfiles.rules = lib.optionals (!underVarLib) [ "d ${stateDir} 0700 root root -" ];
   };
 }

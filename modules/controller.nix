@@ -1,23 +1,28 @@
 # services.thymis-controller: the Thymis controller as a systemd service, with an
 # optional nginx reverse proxy terminating TLS.
-{ config, lib, pkgs, ... }:
+{ config, lib, pkgs, utils, ... }:
 let
   cfg = config.services.thymis-controller;
   port = lib.toInt (lib.last (lib.splitString ":" cfg.listen));
+  host = lib.removeSuffix ":${toString port}" cfg.listen;
+  loopback = lib.hasPrefix "127." host || host == "[::1]" || host == "localhost";
+  tls = cfg.settings.tls or false;
+  underVarLib = lib.hasPrefix "/var/lib/" cfg.stateDir;
+  # A flag set to true is given alone, false not at all; other values follow their flag.
+  flag = k: v: if v == true then [ "--${k}" ] else if v == false then [ ] else [ "--${k}" (toString v) ];
   args = [
     "--state-dir" cfg.stateDir
     "--listen" cfg.listen
   ] ++ lib.optionals (cfg.publicUrl != null) [ "--public-url" cfg.publicUrl ]
   ++ lib.concatLists (lib.mapAttrsToList (name: ref: [ "--override-input" "${name}=${ref}" ]) cfg.overrideInputs)
-  ++ lib.concatLists (lib.mapAttrsToList (k: v: [ "--${k}" (toString v) ]) cfg.settings);
+  ++ lib.concatLists (lib.mapAttrsToList flag cfg.settings);
 in
 {
   options.services.thymis-controller = {
     enable = lib.mkEnableOption "the Thymis controller";
 
-    package = lib.mkOption {
-      type = lib.types.package;
-      description = "The package providing bin/thymis-controller (wrapped with nix, git, e2fsprogs, dosfstools, mtools).";
+    package = lib.mkPackageOption pkgs "thymis" {
+      extraDescription = "It provides bin/thymis-controller, wrapped with nix, git, e2fsprogs, dosfstools and mtools (the flake's module and its overlay set it).";
     };
 
     stateDir = lib.mkOption {
@@ -39,10 +44,10 @@ in
     };
 
     settings = lib.mkOption {
-      type = lib.types.attrsOf (lib.types.oneOf [ lib.types.str lib.types.int ]);
+      type = lib.types.attrsOf (lib.types.oneOf [ lib.types.bool lib.types.int lib.types.str ]);
       default = { };
-      example = { confirm-timeout = 120; parallel = 20; };
-      description = "Further command-line flags of thymis-controller (without the leading --).";
+      example = { confirm-timeout = 120; parallel = 20; tls = true; };
+      description = "Further command-line flags of thymis-controller (without the leading --); `true` gives a flag alone, `false` leaves it out.";
     };
 
     overrideInputs = lib.mkOption {
@@ -68,6 +73,11 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    assertions = [{
+      assertion = !(cfg.openFirewall && loopback && !cfg.nginx.enable);
+      message = "services.thymis-controller.openFirewall opens port ${toString port}, but the controller listens on ${cfg.listen} only; set listen (e.g. \"0.0.0.0:${toString port}\") or nginx.enable.";
+    }];
+
     nix.settings.experimental-features = [ "nix-command" "flakes" ];
 
     systemd.services.thymis-controller = {
@@ -76,10 +86,10 @@ in
       wants = [ "network-online.target" ];
       wantedBy = [ "multi-user.target" ];
       serviceConfig = {
-        ExecStart = "${cfg.package}/bin/thymis-controller ${lib.escapeShellArgs args}";
+        ExecStart = utils.escapeSystemdExecArgs ([ "${cfg.package}/bin/thymis-controller" ] ++ args);
         Restart = "always";
         RestartSec = 5;
-        StateDirectory = lib.mkIf (lib.hasPrefix "/var/lib/" cfg.stateDir) (lib.removePrefix "/var/lib/" cfg.stateDir);
+        StateDirectory = lib.mkIf underVarLib (lib.removePrefix "/var/lib/" cfg.stateDir);
         StateDirectoryMode = "0700";
         UMask = "0077";
       };
@@ -92,11 +102,15 @@ in
         forceSSL = true;
         enableACME = true;
         locations."/" = {
-          proxyPass = "http://${cfg.listen}";
+          # With --tls the controller serves its own certificate (nginx does not check
+          # it: it stands on the same machine).
+          proxyPass = "${if tls then "https" else "http"}://${cfg.listen}";
           proxyWebsockets = true;
         };
       };
     };
+
+    systemd.tmpfiles.rules = lib.optionals (!underVarLib) [ "d ${cfg.stateDir} 0700 root root -" ];
 
     networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall (if cfg.nginx.enable then [ 80 443 ] else [ port ]);
   };

@@ -24,8 +24,10 @@ use crate::agent::Agent;
 use crate::liveness::Beating;
 
 /// The window this agent asks for: enough to keep a link busy while a batch imports,
-/// small enough for a device's disk (staged NARs) and memory.
-pub const WINDOW: CopyWindow = CopyWindow { paths: 512, bytes: 16 << 20 };
+/// small enough for a device's disk (staged NARs). Its bytes are several of a system's
+/// large paths: with 16 MiB, each path of 20 MB went alone and the link idled while it
+/// was imported (docs/benchmarks.md).
+pub const WINDOW: CopyWindow = CopyWindow { paths: 512, bytes: 64 << 20 };
 
 /// At most this many paths, and this many NAR bytes, go through one `nix-store --import`.
 const BATCH_PATHS: usize = 256;

@@ -10,22 +10,15 @@
 { pkgs, lib, ... }:
 let
   system = pkgs.stdenv.hostPlatform.system;
-  # The device configuration, shared by the VM nodes and the project.
-  deviceModule = pkgs.writeText "device.nix" ''
-    { modulesPath, ... }: {
-      imports = [
-        "''${modulesPath}/testing/test-instrumentation.nix"
-        "''${modulesPath}/virtualisation/qemu-vm.nix"
-      ];
-      services.thymis-agent = { enable = true; configFile = "/etc/thymis/agent.toml"; };
-    }
-  '';
+  # The device configuration, shared by the VM nodes and the project: a file of this
+  # repository, imported directly (no import-from-derivation) and copied into the project.
+  deviceModule = ./device.nix;
   variants = {
     good = { environment.etc."thymis-marker".text = "good"; };
     broken = { system.activationScripts.thymisFail = "echo failing on purpose; exit 1"; };
     blocking = { networking.firewall.extraCommands = "iptables -I OUTPUT -p tcp --dport 8443 -j DROP"; };
   };
-  build = extra: (pkgs.nixos [ self.nixosModules.agent (import deviceModule) extra ]).config.system.build.toplevel;
+  build = extra: (pkgs.nixos [ self.nixosModules.agent deviceModule extra ]).config.system.build.toplevel;
   # The devices' configuration "fleet" takes the variant named in ./variant (good,
   # broken or blocking), so a test changes what the devices run by editing one file.
   projectFlake = pkgs.writeText "flake.nix" ''
@@ -67,8 +60,8 @@ in
       virtualisation.memorySize = 3072;
       virtualisation.diskSize = 4096;
     };
-    dev1 = { imports = [ self.nixosModules.agent (import deviceModule) ]; };
-    dev2 = { imports = [ self.nixosModules.agent (import deviceModule) ]; };
+    dev1 = { imports = [ self.nixosModules.agent deviceModule ]; };
+    dev2 = { imports = [ self.nixosModules.agent deviceModule ]; };
   };
 
   testScript = ''

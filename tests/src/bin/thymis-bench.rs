@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use thymis_fleet_tests::{Fleet, FleetOptions};
 
-const RUNS: usize = 3;
+static RUNS: std::sync::LazyLock<usize> =
+    std::sync::LazyLock::new(|| std::env::var("THYMIS_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3));
 const RATE: &str = "100mbit";
 
 fn sh(cmd: &mut Command) -> String {
@@ -218,7 +219,7 @@ fn transfer(rows: &mut Vec<String>) {
         let system = system_of(v);
         let (mut o, mut p, mut c) = (vec![], vec![], vec![]);
         let (mut payload, mut confirmed) = (vec![], vec![]);
-        for _ in 0..RUNS {
+        for _ in 0..*RUNS {
             prepare(&mut f, base);
             let (s, done, child) = ours(&f, v);
             payload.push(child["bytes_sent"].as_f64().unwrap_or(0.0));
@@ -332,7 +333,7 @@ fn real_size(rows: &mut Vec<String>) {
     let scratch = f.tmp.path().join("floor");
     let (mut floor, mut lo, mut shaped, mut plain, mut comp, mut payload) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
-    for _ in 0..RUNS {
+    for _ in 0..*RUNS {
         floor.push(export_import(&closure, &scratch));
         prepare(&mut f, None);
         f.device("d1").unshape();
@@ -408,7 +409,7 @@ fn per_path_import(closure: &[String], dir: &Path) -> String {
     let one_each: Vec<Vec<u8>> = small.iter().map(|p| export(&[*p])).collect();
     let all = export(&small);
     let (mut single, mut batch) = (vec![], vec![]);
-    for _ in 0..RUNS {
+    for _ in 0..*RUNS {
         let _ = std::fs::remove_dir_all(dir);
         let t0 = Instant::now();
         for data in &one_each {
@@ -522,7 +523,7 @@ async fn load_agent_copy(mut ws: LoadWs) -> Result<u64, String> {
                     deployment_id,
                     missing: paths,
                     bases: vec![],
-                    window: Some(CopyWindow { paths: 512, bytes: 16 << 20 }),
+                    window: Some(CopyWindow { paths: 512, bytes: 64 << 20 }),
                 },
                 AgentBound::PathStart { info, .. } => {
                     dec.reinit().map_err(|e| e.to_string())?;
@@ -690,7 +691,7 @@ fn imager(rows: &mut Vec<String>) {
     };
     let (mut ours, mut base, mut flash, mut bmaptool) = (vec![], vec![], vec![], vec![]);
     let mut base_zst = 0u64;
-    for run in 0..RUNS {
+    for run in 0..*RUNS {
         let set = dir.join(format!("set{run}"));
         ours.push(timed(&mut || {
             sh(Command::new(&imager).args(["build", "--system", &system, "--name", "bench", "--out"]).arg(&set));
@@ -931,7 +932,7 @@ fn main() {
     imager(&mut imager_rows);
     let scale_rows = scale(agents);
     let doc = format!(
-        "# Benchmarks\n\nMeasured by `make bench` on {machine}. Medians of {RUNS} runs; each baseline ran side by side in the same run.\n\n\
+        "# Benchmarks\n\nMeasured by `make bench` on {machine}. Medians of {} runs; each baseline ran side by side in the same run.\n\n\
 ## Transfer: a 223 MB closure of 8 paths to a device behind a {RATE} link\n\n\
 Ours: `thymisctl deploy` of a configuration built beforehand (`thymisctl build`; the baselines too copy a closure that is already built), from start to the device's report that it activated (offer, query, copy of the missing paths, activation), and to the confirmed result (confirmation over a new connection). \
 Baselines: `nix copy --to ssh-ng://` to the same device (sshd in its namespaces), plain and with `?compress=true`. \
@@ -948,6 +949,7 @@ N agents speaking the real protocol from one process (each with its own key, enr
 ## Agent footprint\n\n| | |\n|---|---|\n{foot}\n\n\
 ## Imager: the transfer benchmark's closure\n\n| | ours | baseline | ours / baseline |\n|---|---|---|---|\n{}\n\n\
 ## Controller scale: {agents} idle agents speaking the real protocol from one process\n\n| | |\n|---|---|\n{}\n",
+        *RUNS,
         transfer_rows.join("\n"),
         real_rows.join("\n"),
         fan_rows.join("\n"),

@@ -1,0 +1,120 @@
+//! The NixOS modules evaluated with nixpkgs' real module system (`lib.evalModules`),
+//! through `tests/nixos/eval-modules.nix`, and docs/nixos.md's examples with them.
+//!
+//! nixpkgs is not on this machine: the test runs when NIXPKGS_LIB points at a checkout
+//! of nixpkgs' lib (nixpkgs itself or nix-community/nixpkgs.lib), and says it skipped
+//! otherwise. Without it, `fleet.nix` is still checked for import-from-derivation.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The `nix` blocks of docs/nixos.md that follow a `<!-- evaluated: NAME -->` line.
+fn doc_examples() -> Vec<(String, String)> {
+    let doc = std::fs::read_to_string(root().join("docs/nixos.md")).expect("docs/nixos.md");
+    let mut out = vec![];
+    let mut rest = doc.as_str();
+    while let Some(i) = rest.find("<!-- evaluated: ") {
+        rest = &rest[i + "<!-- evaluated: ".len()..];
+        let name = rest[..rest.find(" -->").expect("marker end")].to_owned();
+        let start = rest.find("```nix\n").expect("a nix block after the marker") + "```nix\n".len();
+        let len = rest[start..].find("```").expect("block end");
+        out.push((name, rest[start..start + len].to_owned()));
+        rest = &rest[start + len..];
+    }
+    out
+}
+
+fn eval(expr_file: &Path, args: &[(&str, String)]) -> Result<Value, String> {
+    let mut cmd = Command::new("nix-instantiate");
+    // Read-write: the generated files (pkgs.formats' stand-in) are written and read back.
+    cmd.args(["--read-write-mode", "--eval", "--strict", "--json"]).arg(expr_file);
+    for (name, expr) in args {
+        cmd.args(["--arg", name, expr]);
+    }
+    let out = cmd.output().expect("nix-instantiate");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&out.stdout).expect("json"))
+}
+
+#[test]
+fn modules_evaluate_with_the_real_module_system_and_the_docs_examples_hold() {
+    let Ok(lib) = std::env::var("NIXPKGS_LIB") else {
+        eprintln!("SKIPPED: NIXPKGS_LIB is not set (a checkout of nixpkgs' lib); the modules were not evaluated");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let examples = doc_examples();
+    assert!(examples.len() >= 2, "docs/nixos.md lost its evaluated examples");
+    let mut attrs = String::from("{ ");
+    for (name, text) in &examples {
+        let f = dir.path().join(format!("{name}.nix"));
+        std::fs::write(&f, text).expect("write");
+        attrs.push_str(&format!("{name} = {}; ", f.display()));
+    }
+    attrs.push('}');
+    let v = eval(&root().join("tests/nixos/eval-modules.nix"), &[("nixpkgsLib", lib), ("docExamples", attrs)])
+        .unwrap_or_else(|e| panic!("the modules do not evaluate:\n{e}"));
+
+    // An agent without enrollment_token_file: the null is left out of its TOML.
+    let toml = &v["agentTomlWithoutToken"];
+    assert_eq!(toml["controller_url"], "wss://c.example/agent/v1", "{toml}");
+    assert!(toml.get("enrollment_token_file").is_none(), "{toml}");
+    // The package defaults to pkgs.thymis; arguments escaped for systemd.
+    let exec = v["agentExecStart"].as_str().unwrap_or_default();
+    assert!(exec.starts_with("\"/nix/store/00000000000000000000000000000000-thymis/bin/thymis-agent\" \"--config\""), "{exec}");
+    // The state directory follows state_dir.
+    assert_eq!(v["agentStateDirectory"], "fleet");
+    assert_eq!(v["agentElsewhere"]["hasStateDirectory"], false);
+    assert_eq!(v["agentElsewhere"]["tmpfiles"][0], "d /data/thymis 0700 root root -");
+    // nixosModules.default and .agent together: one package, the flake's.
+    assert!(v["bothFlakeModules"].as_str().unwrap_or_default().contains("-thymis-flake/bin/thymis-agent"), "{v}");
+    // --tls through settings: a flag alone, or nothing.
+    let tls = v["controllerTls"].as_str().unwrap_or_default();
+    assert!(tls.ends_with("\"--tls\"") && tls.contains("\"--parallel\" \"20\""), "{tls}");
+    assert!(!v["controllerNoTls"].as_str().unwrap_or_default().contains("tls"), "{v}");
+    // systemd must not expand % or $ in an argument.
+    assert!(v["controllerEscaped"].as_str().unwrap_or_default().ends_with("\"wss://x.example/%%h/$$HOME\""), "{v}");
+    // openFirewall on a loopback-only listen is refused; on all addresses it opens the port.
+    let refused = v["controllerFirewallOnLoopback"][0].as_str().unwrap_or_default();
+    assert!(refused.contains("listens on 127.0.0.1:8443 only"), "{v}");
+    assert_eq!(v["controllerFirewallOnAll"]["failed"], serde_json::json!([]));
+    assert_eq!(v["controllerFirewallOnAll"]["ports"], serde_json::json!([8443]));
+    // nginx speaks TLS to a controller that does.
+    assert_eq!(v["nginxProxy"], "https://127.0.0.1:8443");
+    // docs/nixos.md: each example passes every assertion (ACME's included).
+    for (name, _) in &examples {
+        let e = &v["docExamples"][name];
+        assert_eq!(e["failed"], serde_json::json!([]), "docs/nixos.md example {name}: {e}");
+        assert!(!e["units"].as_array().map(Vec::is_empty).unwrap_or(true), "example {name} runs nothing: {e}");
+    }
+}
+
+/// fleet.nix imports no file built at evaluation time (refused where IFD is off, as on
+/// Hydra): its device module is a file of the repository.
+#[test]
+fn the_fleet_vm_test_imports_no_derivation() {
+    let text = std::fs::read_to_string(root().join("tests/nixos/fleet.nix")).expect("fleet.nix");
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim_start();
+        if l.starts_with('#') {
+            continue;
+        }
+        // An `import` of something `pkgs.write*` made is the only way IFD got in here.
+        if let Some(rest) = l.split("(import ").nth(1) {
+            let name = rest.split([' ', ')']).next().unwrap_or_default();
+            assert!(
+                !text.contains(&format!("{name} = pkgs.write")),
+                "fleet.nix:{}: `import {name}` reads a file built at evaluation time",
+                i + 1
+            );
+        }
+    }
+}
