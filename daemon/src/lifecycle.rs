@@ -148,6 +148,20 @@ pub fn step(stage: &Stage, event: Event, has_previous: bool) -> Result<(Option<S
                 vec![],
             )),
         ),
+        // A power loss while committing: a new system that came up is the confirmed one
+        // (commit again); the previous one means the device runs what it ran before the
+        // deployment, which its profile and boot default must name again.
+        (S::Committing { failed_units }, E::BootedElsewhere { runs_new: true }) => {
+            (Some(S::Committing { failed_units: failed_units.clone() }), Action::Commit)
+        }
+        (S::Committing { .. }, E::BootedElsewhere { runs_new: false }) => rollback(
+            RollbackReason::RebootedUnconfirmed,
+            Some("the device restarted while making the new system permanent, into the previous system".into()),
+        ),
+        // A power loss while rolling back: the rollback is finished again (it is idempotent).
+        (S::RollingBack { reason, error }, E::BootedElsewhere { .. }) => {
+            (Some(S::RollingBack { reason: *reason, error: error.clone() }), Action::Rollback)
+        }
         (S::AwaitingConfirmation { failed_units }, E::Confirmed) => {
             (Some(S::Committing { failed_units: failed_units.clone() }), Action::Commit)
         }
@@ -251,6 +265,40 @@ mod tests {
         let (s, a) = step(&waiting, Event::BootedElsewhere { runs_new: true }, true).expect("ok");
         assert_eq!(a, Action::Rollback, "a boot into the unconfirmed system must be undone");
         assert!(matches!(s, Some(Stage::RollingBack { reason: RollbackReason::RebootedUnconfirmed, .. })));
+    }
+
+    /// Every stage survives a restart into either system: no stage refuses the boot
+    /// (a refused one left pending.json blocking every later offer).
+    #[test]
+    fn every_stage_takes_a_boot_into_either_system() {
+        let stages = [
+            Stage::Activating,
+            Stage::Rebooting,
+            Stage::AwaitingConfirmation { failed_units: vec![] },
+            Stage::Committing { failed_units: vec!["a.service".into()] },
+            Stage::RollingBack { reason: RollbackReason::Unconfirmed, error: None },
+        ];
+        for stage in &stages {
+            for runs_new in [true, false] {
+                for has_previous in [true, false] {
+                    let r = step(stage, Event::BootedElsewhere { runs_new }, has_previous);
+                    let (next, action) = r.unwrap_or_else(|e| panic!("{e}"));
+                    // It finishes, or goes on with an action that ends in an event the stage takes.
+                    match (&next, &action) {
+                        (None, Action::Finish(_)) => {}
+                        (Some(Stage::RollingBack { .. }), Action::Rollback) => {}
+                        (Some(Stage::Committing { .. }), Action::Commit) => {
+                            assert!(runs_new, "{stage:?}: committing a system that does not run");
+                        }
+                        other => panic!("{stage:?} after a boot (new: {runs_new}): {other:?}"),
+                    }
+                }
+            }
+        }
+        // Committing, back on the previous system: rolled back (the profile names it again).
+        let (s, a) = step(&stages[3], Event::BootedElsewhere { runs_new: false }, true).expect("ok");
+        assert_eq!(a, Action::Rollback);
+        assert!(matches!(s, Some(Stage::RollingBack { reason: RollbackReason::RebootedUnconfirmed, error: Some(_) })));
     }
 
     #[test]

@@ -69,7 +69,10 @@ fn modules_evaluate_with_the_real_module_system_and_the_docs_examples_hold() {
     assert!(toml.get("enrollment_token_file").is_none(), "{toml}");
     // The package defaults to pkgs.thymis; arguments escaped for systemd.
     let exec = v["agentExecStart"].as_str().unwrap_or_default();
-    assert!(exec.starts_with("\"/nix/store/00000000000000000000000000000000-thymis/bin/thymis-agent\" \"--config\""), "{exec}");
+    assert!(
+        exec.starts_with("\"/nix/store/00000000000000000000000000000000-thymis/bin/thymis-agent\" \"--config\""),
+        "{exec}"
+    );
     // The state directory follows state_dir.
     assert_eq!(v["agentStateDirectory"], "fleet");
     assert_eq!(v["agentElsewhere"]["hasStateDirectory"], false);
