@@ -8,6 +8,7 @@ CARGO ?= cargo
 
 test: setup lint build
 	$(CARGO) test --workspace
+	@[ -n "$$NIXPKGS_LIB" ] || echo "note: NIXPKGS_LIB is not set: tests/tests/modules.rs skipped evaluating the NixOS modules with lib.evalModules"
 	$(MAKE) fuzz-check
 
 demo: setup
