@@ -335,6 +335,13 @@ impl Agent {
 
         let persisted = self.persisted();
         let previous = profile::resolve(&self.config.system_profile);
+        // And the rollback point: once the profile names the new system (a reboot
+        // deployment, a commit), only this root keeps the previous one from a
+        // `nix-collect-garbage -d` until the deployment ends.
+        if let Some(prev) = previous.clone() {
+            let (store, root) = (self.store.clone(), roots.join(previous_root(&offer.deployment_id)));
+            tokio::task::spawn_blocking(move || store.add_gc_root(&prev, &root)).await??;
+        }
         let running = profile::resolve(&self.config.current_system_link).or_else(|| previous.clone());
         // Already running and committed: nothing to switch, nothing that could cut the
         // device off, so nothing to confirm. Record it and report at once.
@@ -570,13 +577,22 @@ impl Agent {
     async fn roll_back(&self, p: &Pending) -> Result<(), String> {
         let previous = p.previous.clone().ok_or("no previous system")?;
         info!(deployment = %p.offer.deployment_id, %previous, "re-activating the previous system");
-        // The profile may already name the new system if committing failed halfway.
-        if profile::resolve(&self.config.system_profile).as_ref() != Some(&previous) {
-            let (profile, prev) = (self.config.system_profile.clone(), previous.clone());
-            tokio::task::spawn_blocking(move || profile::set(&profile, &prev))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("{e:#}"))?;
+        // The profile may already name the new system (a reboot deployment, or
+        // committing failed halfway): it names the previous one again, and the failed
+        // generations leave it (and so the boot menu).
+        let touched = profile::resolve(&self.config.system_profile).as_ref() != Some(&previous);
+        let (profile, prev, failed) = (self.config.system_profile.clone(), previous.clone(), p.offer.system.clone());
+        let removed = tokio::task::spawn_blocking(move || {
+            if touched {
+                profile::set(&profile, &prev)?;
+            }
+            profile::delete_generations_of(&profile, &failed)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{e:#}"))?;
+        if !removed.is_empty() {
+            self.log_line(&p.offer.deployment_id, format!("removed the failed generation(s) {removed:?}"));
         }
         let running = profile::resolve(&self.config.current_system_link);
         if p.reboot && running.as_ref() != Some(&previous) {
@@ -587,7 +603,13 @@ impl Agent {
             return Err("the reboot into the previous system did not happen".into());
         }
         let name = format!("{}-rollback", p.offer.deployment_id);
-        self.run_switch(&name, &previous, SwitchAction::Test).await
+        self.run_switch(&name, &previous, SwitchAction::Test).await?;
+        if touched || !removed.is_empty() {
+            // The boot default (and menu) named the failed system: it names the previous one again.
+            let name = format!("{}-rollback-boot", p.offer.deployment_id);
+            self.run_switch(&name, &previous, SwitchAction::Boot).await?;
+        }
+        Ok(())
     }
 
     /// Profile generation and boot entry for a reboot deployment; with systemd-boot the
@@ -661,7 +683,7 @@ impl Agent {
         } else {
             (p.previous.clone(), p.previous_commit.clone())
         };
-        info!(deployment = %p.offer.deployment_id, result = ?f.result, reason = ?f.reason, "deployment finished");
+        info!(deployment = %p.offer.deployment_id, result = ?f.result, reason = ?f.reason, error = ?f.error, "deployment finished");
         {
             let mut persisted = lock(&self.persisted);
             persisted.system = system.clone();
@@ -680,7 +702,9 @@ impl Agent {
             generation: profile::generation(&self.config.system_profile),
         };
         activation::forget(self.state_dir(), &p.offer.deployment_id);
-        let _ = std::fs::remove_file(self.state_dir().join("gcroots").join(&p.offer.deployment_id));
+        let roots = self.state_dir().join("gcroots");
+        let _ = std::fs::remove_file(roots.join(&p.offer.deployment_id));
+        let _ = std::fs::remove_file(roots.join(previous_root(&p.offer.deployment_id)));
         *lock(&self.pending) = None;
         self.record(outcome);
         if let Err(e) = self.save_pending(None) {
@@ -779,6 +803,11 @@ impl Agent {
             }
         }
     }
+}
+
+/// The GC root of a deployment's rollback point, beside the new system's.
+fn previous_root(deployment_id: &str) -> String {
+    format!("{deployment_id}.previous")
 }
 
 /// Where activation output goes (the connection forwards it to the controller).

@@ -45,3 +45,40 @@ pub fn set(profile: &Path, system: &StorePath) -> Result<u64> {
     }
     generation(profile).with_context(|| format!("{} has no generation after nix-env --set", profile.display()))
 }
+
+/// Deletes the profile's generations that point at `system`, except the current one
+/// (a failed deployment's, after a rollback); returns their numbers. The boot menu
+/// drops them at the next `switch-to-configuration boot`.
+pub fn delete_generations_of(profile: &Path, system: &StorePath) -> Result<Vec<u64>> {
+    let (Some(dir), Some(name)) = (profile.parent(), profile.file_name().and_then(|n| n.to_str())) else {
+        return Ok(vec![]);
+    };
+    let current = generation(profile);
+    let prefix = format!("{name}-");
+    let mut doomed = vec![];
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
+        let file = e.file_name();
+        let Some(n) = file.to_str().and_then(|f| f.strip_prefix(&prefix)?.strip_suffix("-link")?.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if Some(n) != current && resolve(&e.path()).as_ref() == Some(system) {
+            doomed.push(n);
+        }
+    }
+    if doomed.is_empty() {
+        return Ok(doomed);
+    }
+    doomed.sort_unstable();
+    let out = Command::new("nix-env")
+        .arg("-p")
+        .arg(profile)
+        .arg("--delete-generations")
+        .args(doomed.iter().map(u64::to_string))
+        .output()
+        .context("running nix-env --delete-generations")?;
+    if !out.status.success() {
+        bail!("nix-env --delete-generations failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(doomed)
+}

@@ -5,7 +5,7 @@
 //! STATE_DIR/state.json          enrollment, last applied sequence, running system, outbox
 //! STATE_DIR/pending.json        the deployment that is activating or awaiting confirmation
 //! STATE_DIR/activations/        the activation helper's logs and results
-//! STATE_DIR/gcroots/            GC roots for imported, not yet committed systems
+//! STATE_DIR/gcroots/            GC roots of a deployment's new system and rollback point
 //! STATE_DIR/staging/            NARs being received and checked (cleared at start)
 //! ```
 

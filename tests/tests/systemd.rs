@@ -94,10 +94,24 @@ fn reboot_deployments_boot_the_new_system_and_roll_back_by_rebooting_when_unconf
     let logs = f.controller.task_logs(t["id"].as_i64().expect("id")).join("\n");
     assert!(logs.contains("no one-shot entry"), "the agent did not say it set the default before rebooting:\n{logs}");
 
-    // Unconfirmed after rebooting into v3: the device reboots back into v2 by itself.
+    // Unconfirmed after rebooting into v3: the device reboots back into v2 by itself,
+    // even after a `nix-collect-garbage -d` while v3 awaited confirmation (then only
+    // the agent's root keeps v2, no longer the profile's current generation).
     f.set_configs(&json!({ "alpha": { "version": "3", "units": ["web.service"], "cutoff": true }, "beta": {} }))
         .expect("cfg");
-    let t = deploy(&f, &["--device", "s1", "--reboot", "-m", "v3 cut off"]);
+    let out = f.controller.ctl(&["--json", "deploy", "--device", "s1", "--reboot", "-m", "v3 cut off"]);
+    let task: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let task = task["id"].as_i64().expect("id").to_string();
+    let v3 = f.controller.ctl_json(&["build", "alpha", "--wait"])["system"].as_str().expect("v3").to_owned();
+    wait_for("s1 to run v3", Duration::from_secs(120), || {
+        (f.device("s1").exec("readlink /run/current-system").trim() == v3).then_some(())
+    });
+    let gc = f.device("s1").exec("nix-collect-garbage -d 2>&1 | tail -1");
+    assert!(gc.contains("freed") || gc.contains("deleted"), "the collector did not run: {gc}");
+    let t = wait_for("the v3 deployment to end", Duration::from_secs(180), || {
+        let t = f.controller.ctl_json(&["task", &task]);
+        (!Fleet::child(&t, "s1")["result"].is_null()).then_some(t)
+    });
     let child = Fleet::child(&t, "s1");
     assert_eq!(child["result"], "rolled-back", "{child}\n{}", f.diagnostics());
     assert_eq!(child["reason"], "unconfirmed");
@@ -106,6 +120,9 @@ fn reboot_deployments_boot_the_new_system_and_roll_back_by_rebooting_when_unconf
     assert_eq!(dev.exec("readlink /run/current-system").trim(), v2, "not back on v2");
     assert_eq!(dev.profile_system().as_deref(), Some(v2.as_str()));
     assert_eq!(f.device_row("s1")["system"], v2.as_str());
+    // The failed generation left the profile (and the boot menu with it).
+    let gens = dev.generations();
+    assert!(gens.iter().all(|(_, target)| *target != v3), "v3 is still a generation: {gens:?}");
 }
 
 #[test]
