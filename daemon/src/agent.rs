@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use thymis_proto::message::{DeviceReport, Outcome, PendingReport};
 use thymis_proto::signed::{Confirmation, Offer, Signed};
-use thymis_proto::{AgentState, DeviceResult};
+use thymis_proto::{AgentState, DeviceResult, Phase, RollbackReason};
 use thymis_store::StorePath;
 use thymis_store::local_store::LocalStore;
 use thymis_store::signing::{PublicKey, SecretKey};
@@ -354,7 +354,7 @@ impl Agent {
                 self.save_persisted(&p)?;
             }
             *lock(&self.offer) = None;
-            let _ = std::fs::remove_file(roots.join(&offer.deployment_id));
+            self.drop_roots(&offer.deployment_id);
             self.record(Outcome {
                 deployment_id: offer.deployment_id.clone(),
                 result: DeviceResult::Succeeded,
@@ -370,6 +370,41 @@ impl Agent {
             return Ok(());
         }
         let reboot = offer.reboot || running.as_ref().is_some_and(|r| bootloader::kernel_changed(r, &offer.system));
+        // A reboot extlinux would make permanent before anyone confirmed it: refused
+        // before anything changes, unless the device's configuration accepts the risk.
+        if reboot
+            && !self.config.allow_unsafe_reboot
+            && bootloader::is_extlinux(&self.config.boot_dir)
+            && !bootloader::one_shot_supported()
+        {
+            let error = format!(
+                "this deployment needs a reboot, and the boot loader (extlinux in {}) cannot boot a new \
+                 system once while the previous one stays the default; nothing was changed \
+                 (allow_unsafe_reboot = true in the agent's configuration reboots anyway)",
+                self.config.boot_dir.display()
+            );
+            warn!(deployment = %offer.deployment_id, "{error}");
+            {
+                let mut p = lock(&self.persisted);
+                p.last_sequence = offer.sequence;
+                self.save_persisted(&p)?;
+            }
+            *lock(&self.offer) = None;
+            self.drop_roots(&offer.deployment_id);
+            self.record(Outcome {
+                deployment_id: offer.deployment_id.clone(),
+                result: DeviceResult::Failed,
+                reason: Some(RollbackReason::NoSafeReboot),
+                phase: Some(Phase::Activate),
+                error: Some(error),
+                failed_units: vec![],
+                unit_logs: Default::default(),
+                system: previous.clone(),
+                commit: persisted.commit.clone(),
+                generation: profile::generation(&self.config.system_profile),
+            });
+            return Ok(());
+        }
         let pending = Pending {
             offer: offer.clone(),
             previous,
@@ -702,9 +737,7 @@ impl Agent {
             generation: profile::generation(&self.config.system_profile),
         };
         activation::forget(self.state_dir(), &p.offer.deployment_id);
-        let roots = self.state_dir().join("gcroots");
-        let _ = std::fs::remove_file(roots.join(&p.offer.deployment_id));
-        let _ = std::fs::remove_file(roots.join(previous_root(&p.offer.deployment_id)));
+        self.drop_roots(&p.offer.deployment_id);
         *lock(&self.pending) = None;
         self.record(outcome);
         if let Err(e) = self.save_pending(None) {
@@ -713,6 +746,13 @@ impl Agent {
         if success {
             restart_if_replaced();
         }
+    }
+
+    /// Lets the collector have a finished deployment's systems (unless profiles keep them).
+    fn drop_roots(&self, deployment_id: &str) {
+        let roots = self.state_dir().join("gcroots");
+        let _ = std::fs::remove_file(roots.join(deployment_id));
+        let _ = std::fs::remove_file(roots.join(previous_root(deployment_id)));
     }
 
     /// Adds an outcome to the outbox and history, persists, and tells the connection.

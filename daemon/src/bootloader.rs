@@ -14,6 +14,12 @@ pub fn one_shot_supported() -> bool {
         && Command::new("bootctl").arg("is-installed").output().map(|o| o.status.success()).unwrap_or(false)
 }
 
+/// Whether the device boots with extlinux (NixOS's generic-extlinux-compatible loader,
+/// common on ARM boards): it has no one-shot entry and no fallback.
+pub fn is_extlinux(boot_dir: &Path) -> bool {
+    boot_dir.join("extlinux/extlinux.conf").exists()
+}
+
 /// NixOS's systemd-boot entry name of a system profile generation.
 pub fn entry(generation: u64) -> String {
     format!("nixos-generation-{generation}.conf")

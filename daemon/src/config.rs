@@ -41,6 +41,11 @@ pub struct AgentConfig {
     pub dbus: bool,
     /// How the agent reboots the device for reboot deployments.
     pub reboot_command: Vec<String>,
+    /// Where the boot loader's files are (its kind is read from them).
+    pub boot_dir: PathBuf,
+    /// Reboot into a new generation even where the boot loader can only make it the
+    /// default (extlinux): a system that does not come up then has no way back.
+    pub allow_unsafe_reboot: bool,
 }
 
 impl Default for AgentConfig {
@@ -64,6 +69,8 @@ impl Default for AgentConfig {
             health_check: vec![],
             dbus: true,
             reboot_command: vec!["systemctl".into(), "reboot".into()],
+            boot_dir: PathBuf::from("/boot"),
+            allow_unsafe_reboot: false,
         }
     }
 }

@@ -807,10 +807,15 @@ impl Fleet {
             Kind::Process => dir.join("state").display().to_string(),
             Kind::Systemd => "/var/lib/thymis-agent".to_owned(),
         };
-        let config_text = format!(
+        let mut config_text = format!(
             "{agent_config}state_dir = {state_dir:?}\ndbus = {}\nreconnect_min = 0.2\nreconnect_max = 1.0\nconnect_timeout = 3\n",
             bus.is_some() || kind == Kind::Systemd
         );
+        if kind == Kind::Process {
+            // A process device shares this machine: its reboots must never be real.
+            config_text
+                .push_str("reboot_command = [\"sh\", \"-c\", \"echo a process device does not reboot >&2; exit 1\"]\n");
+        }
         if kind == Kind::Systemd {
             install_units(&dir.join("units"))?;
         }

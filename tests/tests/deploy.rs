@@ -168,3 +168,42 @@ fn a_device_cut_off_after_activation_rolls_back_unconfirmed() {
     // The previous generation's activation removed the rule: the device is back.
     f.wait_online("d1");
 }
+
+/// A reboot deployment to a device that boots with extlinux (no one-shot entry, no
+/// fallback) is refused before anything changes on it.
+#[test]
+fn a_reboot_deployment_on_extlinux_is_refused_before_anything_changes() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("e1", "alpha", true).expect("device");
+    f.wait_online("e1");
+    let (_, first) = deploy(&f, &["--device", "e1", "-m", "v1"]);
+    assert_eq!(first["result"], "succeeded", "{first}\n{}", f.diagnostics());
+    let v1 = f.device("e1").profile_system().expect("profile");
+
+    // The device boots with extlinux, as NixOS's generic-extlinux-compatible loader lays it out.
+    let boot = f.device("e1").dir.join("boot");
+    std::fs::create_dir_all(boot.join("extlinux")).expect("mkdir");
+    std::fs::write(boot.join("extlinux/extlinux.conf"), "DEFAULT nixos-default\n").expect("conf");
+    let config = f.device("e1").dir.join("agent.toml");
+    let mut text = std::fs::read_to_string(&config).expect("agent.toml");
+    // (Never a real reboot here: a process device shares the machine.)
+    text.push_str(&format!("boot_dir = {:?}\n", boot.display().to_string()));
+    std::fs::write(&config, &text).expect("agent.toml");
+    let dev = f.device_mut("e1");
+    dev.kill9();
+    dev.start().expect("restart");
+    f.wait_online("e1");
+    let generations = f.device("e1").generations();
+
+    f.set_configs(&json!({ "alpha": { "version": "2" }, "beta": {} })).expect("cfg");
+    let (code, task) = deploy(&f, &["--device", "e1", "--reboot", "-m", "v2 with a reboot"]);
+    assert_ne!(code, 0, "a refused deployment must not exit 0: {task}");
+    let child = Fleet::child(&task, "e1");
+    assert_eq!(child["result"], "failed", "{child}\n{}", f.diagnostics());
+    assert_eq!(child["reason"], "no-safe-reboot", "{child}");
+    assert!(child["error"].as_str().unwrap_or_default().contains("extlinux"), "{child}");
+    let dev = f.device("e1");
+    assert_eq!(dev.profile_system().as_deref(), Some(v1.as_str()), "the profile changed");
+    assert_eq!(dev.generations(), generations, "a generation was added");
+    assert_eq!(f.device_row("e1")["system"], v1.as_str());
+}

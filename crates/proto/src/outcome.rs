@@ -50,7 +50,7 @@ impl DeviceResult {
     }
 }
 
-/// Why a device rolled back.
+/// Why a device rolled back, or (`NoSafeReboot`, with `failed`) why it changed nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RollbackReason {
@@ -58,6 +58,9 @@ pub enum RollbackReason {
     Unconfirmed,
     RebootedUnconfirmed,
     Asked,
+    /// A reboot was needed, and the device's boot loader cannot boot a new generation
+    /// once while keeping the previous one the default (extlinux).
+    NoSafeReboot,
 }
 
 #[cfg(test)]
@@ -89,6 +92,7 @@ mod tests {
             serde_json::to_string(&RollbackReason::RebootedUnconfirmed).expect("json"),
             r#""rebooted-unconfirmed""#
         );
+        assert_eq!(serde_json::to_string(&RollbackReason::NoSafeReboot).expect("json"), r#""no-safe-reboot""#);
     }
 }
 
