@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the build and the tests need on a Debian machine, idempotently:
-# the Debian packages of shared/TESTBED.md and a Nix configuration that works
+# the Debian packages they use and a Nix configuration that works
 # without nixpkgs, a daemon or a network. Safe to run again and again.
 set -euo pipefail
 

@@ -270,7 +270,7 @@ impl Controller {
         let _ = self.task_changed.send(task);
     }
 
-    /// A complete agent configuration for a device (DESIGN.md, "Interfaces").
+    /// A complete agent configuration for a device (docs/agent.md).
     pub fn agent_config(&self, device: &str, token: &str) -> String {
         let url = format!("{}/agent/v1", self.settings.public_url.trim_end_matches('/'));
         let mut s = format!(

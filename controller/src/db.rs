@@ -576,7 +576,7 @@ impl Db {
         Ok(())
     }
 
-    /// The JSON document of a task (DESIGN.md, "Task JSON").
+    /// The JSON document of a task (`GET /api/v1/tasks/{id}`, docs/controller.md).
     pub fn task_json(&self, task: i64) -> Result<Option<serde_json::Value>> {
         let c = self.c();
         let t = c

@@ -1,4 +1,4 @@
-//! Exact per-device outcomes of a deployment (DESIGN.md, "Results are exact").
+//! Exact per-device outcomes of a deployment (docs/controller.md, "Results").
 
 use serde::{Deserialize, Serialize};
 

@@ -56,8 +56,8 @@ impl Signed {
     }
 }
 
-/// A deployment offer: what the controller asks one device to run (DESIGN.md,
-/// "Security model"). The agent acts only on an offer for itself whose sequence is
+/// A deployment offer: what the controller asks one device to run (docs/protocol.md,
+/// "A deployment"). The agent acts only on an offer for itself whose sequence is
 /// above the last it applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Offer {

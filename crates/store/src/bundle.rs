@@ -1,4 +1,4 @@
-//! The offline update bundle (DESIGN.md, "Formats"): an uncompressed tar of
+//! The offline update bundle (its format is written down here): an uncompressed tar of
 //!
 //! ```text
 //! manifest.json            what, for whom, which sequence number, until when; the paths

@@ -1,6 +1,6 @@
 //! NAR, the Nix Archive: the canonical serialisation of a store path.
 //!
-//! Written here rather than taken from `nix-nar` (which TESTBED.md found byte-exact)
+//! Written here rather than taken from `nix-nar` (byte-exact too)
 //! because a device must refuse hostile archives before anything reaches its store, and
 //! that crate neither checks entry order, duplicates, padding nor trailing bytes, nor
 //! accepts non-UTF-8 names, and reports errors as strings. The format is small:
