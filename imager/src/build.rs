@@ -1,7 +1,7 @@
 //! `thymis-imager build`: a full disk image of a system closure.
 //!
 //! ```text
-//! GPT: 1 MiB | ESP (FAT32, 64 MiB, label ESP) | root (ext4, label nixos) | backup GPT
+//! GPT: 1 MiB | ESP (FAT32, 64 MiB or room for 3 kernel+initrd pairs, label ESP) | root (ext4, label nixos) | backup GPT
 //! ESP:  EFI/BOOT/BOOTX64.EFI, EFI/systemd/systemd-bootx64.efi, EFI/nixos/<kernel, initrd>,
 //!       loader/loader.conf, loader/entries/nixos-generation-1.conf   (NixOS's layout)
 //! root: nix/store/<closure>, nix/var/nix/db (registered), nix/var/nix/profiles/system,
@@ -30,7 +30,11 @@ use crate::manifest::{ImageManifest, now};
 use crate::tools::run;
 
 const MIB: u64 = 1 << 20;
-const ESP_SIZE: u64 = 64 * MIB;
+/// The smallest ESP; larger when the boot files need it (see [`esp_size`]).
+const ESP_MIN: u64 = 64 * MIB;
+/// Kernel and initrd pairs the ESP has room for: the image's own, the next deployment's
+/// (a kernel-changing one is written beside it before the reboot), and one more.
+const ESP_PAIRS: u64 = 3;
 const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 const LINUX_TYPE: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 /// zstd workers, pinned: the output must not depend on the machine.
@@ -148,24 +152,24 @@ pub fn build(o: &Options) -> Result<ImageManifest> {
     drop(scratch);
 
     let store_bytes: u64 = infos.iter().map(|i| i.nar_size).sum();
+    let esp = esp_size(&root, &system)?;
     let root_size = match o.size {
-        Some(total) => total
-            .checked_sub(ESP_SIZE + 2 * MIB)
-            .filter(|s| *s >= 32 * MIB)
-            .with_context(|| format!("--size {total} leaves no room for the root file system"))?,
+        Some(total) => total.checked_sub(esp + 2 * MIB).filter(|s| *s >= 32 * MIB).with_context(|| {
+            format!("--size {total} leaves no room for the root file system beside a {} MiB ESP", esp / MIB)
+        })?,
         None => (store_bytes + store_bytes / 3 + 128 * MIB).div_ceil(MIB) * MIB,
     };
     // The file systems are made in place, inside the partitions of the (sparse) image.
-    let total = MIB + ESP_SIZE + root_size + MIB;
+    let total = MIB + esp + root_size + MIB;
     let raw = staging.path().join("image.raw");
     step("writing the partition table");
     File::create(&raw)?.set_len(total)?;
-    partition(&raw, &system, root_size)?;
+    partition(&raw, &system, esp, root_size)?;
     step(&format!("making the root file system ({} MiB)", root_size / MIB));
-    make_rootfs(&raw, &root, root_size, &system, staging.mounted)?;
+    make_rootfs(&raw, MIB + esp, &root, root_size, &system, staging.mounted)?;
     // Only after the root file system took the staged tree's times: reading the kernel
     // and initrd for the ESP may touch their access times.
-    let boot_entry = make_esp(&raw, &system, &infos, &root)?;
+    let boot_entry = make_esp(&raw, esp, &system, &infos, &root)?;
 
     let zst_name = format!("{}.img.zst", o.name);
     let zst = o.out.join(&zst_name);
@@ -328,12 +332,12 @@ fn canonicalize(root: &Path, store: &Path) -> Result<()> {
 
 /// The ESP with NixOS's systemd-boot layout; returns the entry name when the system
 /// has a kernel and an initrd to boot.
-fn make_esp(raw: &Path, system: &StorePath, infos: &[PathInfo], root: &Path) -> Result<Option<String>> {
+fn make_esp(raw: &Path, esp: u64, system: &StorePath, infos: &[PathInfo], root: &Path) -> Result<Option<String>> {
     run(Command::new("mkfs.vfat")
         .args(["--invariant", "-F", "32", "-s", "1", "-n", "ESP", "-i", "54485953"])
         .args(["--offset", &(MIB / 512).to_string()])
         .arg(raw)
-        .arg((ESP_SIZE / 1024).to_string()))?;
+        .arg((esp / 1024).to_string()))?;
     // mtools addresses the partition as FILE@@OFFSET.
     let img = format!("{}@@{MIB}", raw.display());
     let sys = root.join("nix/store").join(system.base_name());
@@ -400,24 +404,45 @@ fn systemd_boot_efi(infos: &[PathInfo], root: &Path) -> Result<PathBuf> {
     bail!("no systemd-bootx64.efi in the closure or on this machine (Debian: systemd-boot-efi)")
 }
 
-/// Where the root file system starts in the image.
-const ROOT_OFFSET: u64 = MIB + ESP_SIZE;
+/// The ESP's size: room for [`ESP_PAIRS`] of the system's kernel and initrd and the boot
+/// loader, at least [`ESP_MIN`] (the first kernel-changing deployment must fit beside
+/// the image's own).
+fn esp_size(root: &Path, system: &StorePath) -> Result<u64> {
+    let sys = root.join("nix/store").join(system.base_name());
+    let mut pair = 0;
+    for f in ["kernel", "initrd"] {
+        let Ok(target) = fs::read_link(sys.join(f)) else { return Ok(ESP_MIN) };
+        let staged = root.join(target.strip_prefix("/").unwrap_or(&target));
+        pair += fs::metadata(&staged).with_context(|| format!("the system's {f}, {}", target.display()))?.len();
+    }
+    // The loader, its entries and FAT32's own tables.
+    let needed = ESP_PAIRS * pair + 16 * MIB + pair / 8;
+    Ok(needed.max(ESP_MIN).div_ceil(MIB) * MIB)
+}
 
-fn make_rootfs(raw: &Path, tree: &Path, size: u64, system: &StorePath, private_tmpfs: bool) -> Result<()> {
+/// `root_offset`: where the root file system starts in the image.
+fn make_rootfs(
+    raw: &Path,
+    root_offset: u64,
+    tree: &Path,
+    size: u64,
+    system: &StorePath,
+    private_tmpfs: bool,
+) -> Result<()> {
     let id = uuid(system, "rootfs");
     let seed = uuid(system, "hash-seed");
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "nixos", "-U", &id, "-I", "256", "-T", "default"])
         .arg("-E")
         .arg(format!(
-            "offset={ROOT_OFFSET},root_owner=0:0,hash_seed={seed},lazy_itable_init=0,lazy_journal_init=0,nodiscard"
+            "offset={root_offset},root_owner=0:0,hash_seed={seed},lazy_itable_init=0,lazy_journal_init=0,nodiscard"
         ))
         .arg("-d")
         .arg(tree)
         .arg(raw)
         .arg(format!("{}k", size / 1024))
         .env("E2FSPROGS_FAKE_TIME", "1"))?;
-    fix_inodes(raw, tree, private_tmpfs)
+    fix_inodes(raw, root_offset, tree, private_tmpfs)
 }
 
 /// `mkfs.ext4 -d` copies each staged file's change time, which nobody can set, and its
@@ -426,7 +451,7 @@ fn make_rootfs(raw: &Path, tree: &Path, size: u64, system: &StorePath, private_t
 /// only the change times need it; elsewhere reading the tree (mkfs itself) moves access
 /// times, and the files are the imager's user's. (Creation times come from the fake
 /// clock, modification times were staged as 1.)
-fn fix_inodes(raw: &Path, tree: &Path, private_tmpfs: bool) -> Result<()> {
+fn fix_inodes(raw: &Path, root_offset: u64, tree: &Path, private_tmpfs: bool) -> Result<()> {
     let mut paths = vec![PathBuf::from("/")];
     let mut stack = vec![tree.to_owned()];
     while let Some(dir) = stack.pop() {
@@ -466,7 +491,7 @@ fn fix_inodes(raw: &Path, tree: &Path, private_tmpfs: bool) -> Result<()> {
         .arg("-w")
         .arg("-f")
         .arg(cmds.path())
-        .arg(format!("{}?offset={ROOT_OFFSET}", raw.display()))
+        .arg(format!("{}?offset={root_offset}", raw.display()))
         .env("E2FSPROGS_FAKE_TIME", "1")
         .output()
         .context("running debugfs")?;
@@ -481,7 +506,7 @@ fn fix_inodes(raw: &Path, tree: &Path, private_tmpfs: bool) -> Result<()> {
     Ok(())
 }
 
-fn partition(raw: &Path, system: &StorePath, root_size: u64) -> Result<()> {
+fn partition(raw: &Path, system: &StorePath, esp: u64, root_size: u64) -> Result<()> {
     let sectors = |b: u64| b / 512;
     let script = format!(
         "label: gpt\nlabel-id: {}\nunit: sectors\n\
@@ -489,9 +514,9 @@ fn partition(raw: &Path, system: &StorePath, root_size: u64) -> Result<()> {
          start={}, size={}, type={LINUX_TYPE}, uuid={}, name=\"nixos\"\n",
         uuid(system, "disk"),
         sectors(MIB),
-        sectors(ESP_SIZE),
+        sectors(esp),
         uuid(system, "esp"),
-        sectors(MIB + ESP_SIZE),
+        sectors(MIB + esp),
         sectors(root_size),
         uuid(system, "root"),
     );

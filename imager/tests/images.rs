@@ -237,3 +237,49 @@ fn an_image_built_without_root_is_the_same_and_owned_by_root() {
     assert!(stat.contains("User:     0   Group:     0"), "store files must be root's: {stat}");
     assert_eq!(m["image_sha256"], as_root["image_sha256"], "built without root: a different image");
 }
+
+/// A system whose kernel and initrd are large gets an ESP with room for three pairs of
+/// them (the image's own and the next kernel-changing deployments'), the root partition
+/// after it.
+#[test]
+fn the_esp_has_room_for_three_kernels_and_initrds() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).expect("random");
+    let salt: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    // 40 MiB of kernel, 20 MiB of initrd: three pairs need 180 MiB, more than 64.
+    let expr = format!(
+        r#"let mk = name: script: derivation {{ inherit name; system = "x86_64-linux"; builder = "/bin/sh";
+             args = [ "-c" script ]; PATH = "/usr/bin:/bin"; salt = "{salt}"; }};
+           kernel = mk "big-kernel" "mkdir $out && head -c 41943040 /dev/urandom > $out/bzImage && head -c 20971520 /dev/urandom > $out/initrd";
+         in mk "big-boot-system" "mkdir $out && ln -s ${{kernel}}/bzImage $out/kernel && ln -s ${{kernel}}/initrd $out/initrd && echo quiet > $out/kernel-params && printf '#!/bin/sh\n' > $out/init""#
+    );
+    let system = run(Command::new("nix-build").args(["-E", &expr, "--no-out-link"])).trim().to_owned();
+    let out = tmp.path().join("set");
+    let m = build(&system, &out, &[]);
+    assert_eq!(m["boots"], true, "{m}");
+    let raw = tmp.path().join("raw.img");
+    run(Command::new("bmaptool")
+        .args(["copy", "--bmap"])
+        .arg(out.join("dev.bmap"))
+        .arg(out.join("dev.img.zst"))
+        .arg(&raw));
+    run(Command::new("sfdisk").arg("--verify").arg(&raw));
+    let table: Value = serde_json::from_str(&run(Command::new("sfdisk").arg("--json").arg(&raw))).expect("json");
+    let parts = table["partitiontable"]["partitions"].as_array().expect("partitions").clone();
+    let esp = parts[0]["size"].as_u64().expect("size") * 512;
+    assert!(esp >= 3 * 60 * MIB, "an ESP of {} MiB has no room for three kernel+initrd pairs", esp / MIB);
+    let root_offset = parts[1]["start"].as_u64().expect("start") * 512;
+    assert_eq!(root_offset, MIB + esp, "the root partition does not follow the ESP");
+    let listing = run(Command::new("mdir").arg("-i").arg(format!("{}@@{}", raw.display(), MIB)).arg("::/EFI/nixos"));
+    assert!(listing.contains("bzImage"), "{listing}");
+    // The file system really has the room: two more pairs' worth can be written.
+    let filler = tmp.path().join("filler");
+    std::fs::write(&filler, vec![0u8; 120 << 20]).expect("filler");
+    run(Command::new("mcopy")
+        .arg("-i")
+        .arg(format!("{}@@{}", raw.display(), MIB))
+        .arg(&filler)
+        .arg("::/EFI/nixos/next"));
+    run(Command::new("e2fsck").arg("-fn").arg(format!("{}?offset={root_offset}", raw.display())));
+}
