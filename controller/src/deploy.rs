@@ -536,7 +536,8 @@ impl Outgoing {
     fn open(path: &std::path::Path) -> Result<Outgoing> {
         let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let size = file.metadata()?.len();
-        let first = read_chunk(&file, 0, size.min(FIRST_CHUNK))?;
+        let first =
+            read_chunk(&file, 0, size.min(FIRST_CHUNK)).with_context(|| format!("reading {}", path.display()))?;
         Ok(Outgoing { file: std::sync::Arc::new(file), size, first })
     }
 

@@ -100,7 +100,30 @@ impl NarCache {
             locks.entry(file.to_owned()).or_default().clone()
         };
         let held = lock.lock().await;
-        let result = if made_already(file) { Ok(()) } else { self.make(file, made, write).await };
+        let result = if made_already(file) {
+            Ok(())
+        } else {
+            // Written atomically (a temporary file, then a rename); the lock is forgotten
+            // below whatever happens.
+            async {
+                std::fs::create_dir_all(&self.dir)?;
+                let (dest, dir) = (file.to_owned(), self.dir.clone());
+                tokio::task::spawn_blocking(move || -> Result<()> {
+                    let tmp = tempfile::NamedTempFile::new_in(&dir)?;
+                    let mut out = std::io::BufWriter::new(tmp.as_file());
+                    write(&mut out)?;
+                    use std::io::Write;
+                    out.flush()?;
+                    drop(out);
+                    tmp.persist(&dest).context("storing the compressed NAR")?;
+                    Ok(())
+                })
+                .await??;
+                made.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            .await
+        };
         drop(held);
         // The last one out forgets the lock: the map holds only files being made.
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
@@ -108,29 +131,6 @@ impl NarCache {
             locks.remove(file);
         }
         result
-    }
-
-    async fn make(
-        &self,
-        file: &std::path::Path,
-        made: &AtomicU64,
-        write: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> Result<()> + Send + 'static,
-    ) -> Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
-        let (dest, dir) = (file.to_owned(), self.dir.clone());
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            let tmp = tempfile::NamedTempFile::new_in(&dir)?;
-            let mut out = std::io::BufWriter::new(tmp.as_file());
-            write(&mut out)?;
-            use std::io::Write;
-            out.flush()?;
-            drop(out);
-            tmp.persist(&dest).context("storing the compressed NAR")?;
-            Ok(())
-        })
-        .await??;
-        made.fetch_add(1, Ordering::Relaxed);
-        Ok(())
     }
 
     /// Removes entries unused for `age` (see [`TOUCH_EVERY`]).

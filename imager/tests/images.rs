@@ -19,10 +19,15 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn closure() -> String {
+/// A fresh salt, so each test builds its own store paths.
+fn salt() -> String {
     let mut b = [0u8; 6];
     getrandom::fill(&mut b).expect("random");
-    let salt: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn closure() -> String {
+    let salt = salt();
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../crates/store/tests/fixtures/closure.nix");
     run(Command::new("nix-build").args([fixture, "--argstr", "salt", &salt, "--no-out-link"])).trim().to_owned()
 }
@@ -31,6 +36,15 @@ fn build(system: &str, out: &Path, extra: &[&str]) -> Value {
     let stdout =
         run(Command::new(IMAGER).args(["build", "--system", system, "--name", "dev", "--out"]).arg(out).args(extra));
     serde_json::from_str(&stdout).expect("manifest on stdout")
+}
+
+/// The raw image of a built set, made by bmaptool from its compressed image and block map.
+fn unpack(set: &Path, raw: &Path) {
+    run(Command::new("bmaptool")
+        .args(["copy", "--bmap"])
+        .arg(set.join("dev.bmap"))
+        .arg(set.join("dev.img.zst"))
+        .arg(raw));
 }
 
 fn sha256(path: &Path) -> String {
@@ -73,11 +87,7 @@ fn an_image_passes_the_outside_tools_and_carries_a_valid_store() {
 
     // bmaptool, straight from the compressed image, gives the image of the manifest.
     let raw = tmp.path().join("raw.img");
-    run(Command::new("bmaptool")
-        .args(["copy", "--bmap"])
-        .arg(out.join("dev.bmap"))
-        .arg(out.join("dev.img.zst"))
-        .arg(&raw));
+    unpack(&out, &raw);
     assert_eq!(sha256(&raw), m["image_sha256"].as_str().expect("sha"));
 
     // GPT with an ESP, verified by sfdisk.
@@ -244,9 +254,7 @@ fn an_image_built_without_root_is_the_same_and_owned_by_root() {
 #[test]
 fn the_esp_has_room_for_three_kernels_and_initrds() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut b = [0u8; 6];
-    getrandom::fill(&mut b).expect("random");
-    let salt: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let salt = salt();
     // 40 MiB of kernel, 20 MiB of initrd: three pairs need 180 MiB, more than 64.
     let expr = format!(
         r#"let mk = name: script: derivation {{ inherit name; system = "x86_64-linux"; builder = "/bin/sh";
@@ -259,11 +267,7 @@ fn the_esp_has_room_for_three_kernels_and_initrds() {
     let m = build(&system, &out, &[]);
     assert_eq!(m["boots"], true, "{m}");
     let raw = tmp.path().join("raw.img");
-    run(Command::new("bmaptool")
-        .args(["copy", "--bmap"])
-        .arg(out.join("dev.bmap"))
-        .arg(out.join("dev.img.zst"))
-        .arg(&raw));
+    unpack(&out, &raw);
     run(Command::new("sfdisk").arg("--verify").arg(&raw));
     let table: Value = serde_json::from_str(&run(Command::new("sfdisk").arg("--json").arg(&raw))).expect("json");
     let parts = table["partitiontable"]["partitions"].as_array().expect("partitions").clone();

@@ -888,21 +888,14 @@ fn main() {
             println!("{}", scale(agents).join("\n"));
             return;
         }
-        Ok("real") => {
+        Ok(part @ ("real" | "load" | "transfer" | "imager")) => {
             let mut rows = vec![];
-            real_size(&mut rows);
-            println!("{}", rows.join("\n"));
-            return;
-        }
-        Ok("load") => {
-            let mut rows = vec![];
-            fan_out_load(&mut rows);
-            println!("{}", rows.join("\n"));
-            return;
-        }
-        Ok("transfer") => {
-            let mut rows = vec![];
-            transfer(&mut rows);
+            match part {
+                "real" => real_size(&mut rows),
+                "load" => fan_out_load(&mut rows),
+                "transfer" => transfer(&mut rows),
+                _ => imager(&mut rows),
+            }
             println!("{}", rows.join("\n"));
             return;
         }
@@ -910,12 +903,6 @@ fn main() {
             let mut rows = vec![];
             let foot = fan_out(&mut rows);
             println!("{}\n{foot}", rows.join("\n"));
-            return;
-        }
-        Ok("imager") => {
-            let mut rows = vec![];
-            imager(&mut rows);
-            println!("{}", rows.join("\n"));
             return;
         }
         _ => {}
