@@ -17,7 +17,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
 use crate::activation::{self, SwitchAction};
-use crate::bootloader;
+use crate::bootloader::{self, Loader, Plan, Step, Which};
 use crate::clock::{self, BootDeadline};
 use crate::config::AgentConfig;
 use crate::lifecycle::{self, Action, Event, Stage};
@@ -370,18 +370,22 @@ impl Agent {
             return Ok(());
         }
         let reboot = offer.reboot || running.as_ref().is_some_and(|r| bootloader::kernel_changed(r, &offer.system));
-        // A reboot extlinux would make permanent before anyone confirmed it: refused
-        // before anything changes, unless the device's configuration accepts the risk.
-        if reboot
-            && !self.config.allow_unsafe_reboot
-            && bootloader::is_extlinux(&self.config.boot_dir)
-            && !bootloader::one_shot_supported()
-        {
+        // A reboot the boot loader would make permanent before anyone confirmed it:
+        // refused before anything changes, unless the device's configuration accepts the risk.
+        let loader = self.loader();
+        if reboot && !self.config.allow_unsafe_reboot && Plan::try_once(&loader).is_none() {
+            let which = match loader {
+                Loader::Extlinux => format!("extlinux in {}", self.config.boot_dir.display()),
+                _ => format!(
+                    "none that the agent knows: no systemd-boot in {}, no grub/grub.cfg or extlinux/extlinux.conf in {}",
+                    self.config.efivars_dir.display(),
+                    self.config.boot_dir.display()
+                ),
+            };
             let error = format!(
-                "this deployment needs a reboot, and the boot loader (extlinux in {}) cannot boot a new \
+                "this deployment needs a reboot, and the boot loader ({which}) cannot boot a new \
                  system once while the previous one stays the default; nothing was changed \
-                 (allow_unsafe_reboot = true in the agent's configuration reboots anyway)",
-                self.config.boot_dir.display()
+                 (allow_unsafe_reboot = true in the agent's configuration reboots anyway)"
             );
             warn!(deployment = %offer.deployment_id, "{error}");
             {
@@ -593,18 +597,9 @@ impl Agent {
     }
 
     async fn commit(&self, p: &Pending) -> Result<(), String> {
-        let profile = self.config.system_profile.clone();
-        let system = p.offer.system.clone();
-        // A reboot deployment's generation exists already; don't add another.
-        let generation = tokio::task::spawn_blocking(move || match profile::resolve(&profile) {
-            Some(current) if current == system => Ok(profile::generation(&profile).unwrap_or_default()),
-            _ => profile::set(&profile, &system),
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("{e:#}"))?;
-        let name = format!("{}-boot", p.offer.deployment_id);
-        self.run_switch(&name, &p.offer.system, SwitchAction::Boot).await?;
+        let loader = self.loader();
+        self.perform(p, &loader, &Plan::commit(&loader), "commit").await?;
+        let generation = profile::generation(&self.config.system_profile);
         info!(deployment = %p.offer.deployment_id, generation, "committed");
         Ok(())
     }
@@ -612,67 +607,131 @@ impl Agent {
     async fn roll_back(&self, p: &Pending) -> Result<(), String> {
         let previous = p.previous.clone().ok_or("no previous system")?;
         info!(deployment = %p.offer.deployment_id, %previous, "re-activating the previous system");
-        // The profile may already name the new system (a reboot deployment, or
-        // committing failed halfway): it names the previous one again, and the failed
-        // generations leave it (and so the boot menu).
-        let touched = profile::resolve(&self.config.system_profile).as_ref() != Some(&previous);
-        let (profile, prev, failed) = (self.config.system_profile.clone(), previous.clone(), p.offer.system.clone());
-        let removed = tokio::task::spawn_blocking(move || {
-            if touched {
-                profile::set(&profile, &prev)?;
-            }
-            profile::delete_generations_of(&profile, &failed)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("{e:#}"))?;
-        if !removed.is_empty() {
-            self.log_line(&p.offer.deployment_id, format!("removed the failed generation(s) {removed:?}"));
+        let loader = self.loader();
+        // The profile or the boot loader may name the new system (a reboot deployment,
+        // or committing failed halfway): they name the previous one again, and the
+        // failed generations leave the profile (and so the boot menu). A failed `test`
+        // activation touched neither.
+        let profile = &self.config.system_profile;
+        let touched = profile::resolve(profile).as_ref() != Some(&previous)
+            || profile::generation_of(profile, &p.offer.system).ok().flatten().is_some();
+        if touched || p.reboot {
+            self.perform(p, &loader, &Plan::roll_back(&loader), "rollback").await?;
         }
         let running = profile::resolve(&self.config.current_system_link);
         if p.reboot && running.as_ref() != Some(&previous) {
             // Its kernel runs: only a reboot into the previous generation undoes it.
-            let name = format!("{}-rollback-boot", p.offer.deployment_id);
-            self.run_switch(&name, &previous, SwitchAction::Boot).await?;
             self.reboot(p).await;
             return Err("the reboot into the previous system did not happen".into());
         }
         let name = format!("{}-rollback", p.offer.deployment_id);
-        self.run_switch(&name, &previous, SwitchAction::Test).await?;
-        if touched || !removed.is_empty() {
-            // The boot default (and menu) named the failed system: it names the previous one again.
-            let name = format!("{}-rollback-boot", p.offer.deployment_id);
-            self.run_switch(&name, &previous, SwitchAction::Boot).await?;
+        self.run_switch(&name, &previous, SwitchAction::Test).await
+    }
+
+    /// Profile generation and boot entries for a reboot deployment: the new generation
+    /// boots once, and the previous one stays the default until confirmation.
+    async fn prepare_reboot(&self, p: &Pending) -> Result<(), String> {
+        let id = &p.offer.deployment_id;
+        let loader = self.loader();
+        match Plan::try_once(&loader) {
+            Some(plan) => {
+                self.perform(p, &loader, &plan, "try-once").await?;
+                self.log_line(
+                    id,
+                    format!(
+                        "the boot loader ({}) boots the new system once; the previous one stays the default",
+                        loader.name()
+                    ),
+                );
+            }
+            None => {
+                self.perform(p, &loader, &Plan::unsafe_reboot(), "unsafe-reboot").await?;
+                self.log_line(
+                    id,
+                    format!(
+                        "the boot loader ({}) has no one-shot entry: the new system is the boot default before the reboot",
+                        loader.name()
+                    ),
+                );
+            }
         }
         Ok(())
     }
 
-    /// Profile generation and boot entry for a reboot deployment; with systemd-boot the
-    /// new generation boots once and the previous stays the default until confirmation.
-    async fn prepare_reboot(&self, p: &Pending) -> Result<(), String> {
-        let id = &p.offer.deployment_id;
-        let (profile, system) = (self.config.system_profile.clone(), p.offer.system.clone());
-        let previous_generation = profile::generation(&profile);
-        let generation = tokio::task::spawn_blocking(move || profile::set(&profile, &system))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{e:#}"))?;
-        self.run_switch(&format!("{id}-boot"), &p.offer.system, SwitchAction::Boot).await?;
-        if bootloader::one_shot_supported() {
-            if let Some(prev) = previous_generation {
-                bootloader::set_default(prev).map_err(|e| format!("{e:#}"))?;
-            }
-            bootloader::set_oneshot(generation).map_err(|e| format!("{e:#}"))?;
-            self.log_line(id, format!("booting generation {generation} once; the previous one stays the default"));
-        } else {
-            self.log_line(
-                id,
-                format!(
-                    "the boot loader has no one-shot entry: generation {generation} is the boot default before the reboot"
-                ),
-            );
+    fn loader(&self) -> Loader {
+        bootloader::detect(&self.config.boot_dir, &self.config.efivars_dir)
+    }
+
+    /// Performs a plan's steps in order (docs/agent.md, "Boot loaders").
+    async fn perform(&self, p: &Pending, loader: &Loader, plan: &Plan, op: &str) -> Result<(), String> {
+        for (done, step) in plan.0.iter().enumerate() {
+            self.perform_step(p, loader, *step).await?;
+            crash_point(op, done + 1);
         }
         Ok(())
+    }
+
+    async fn perform_step(&self, p: &Pending, loader: &Loader, step: Step) -> Result<(), String> {
+        let id = &p.offer.deployment_id;
+        let profile = self.config.system_profile.clone();
+        let system = |w: Which| match w {
+            Which::New => Ok(p.offer.system.clone()),
+            Which::Previous => p.previous.clone().ok_or_else(|| "there is no previous system".to_owned()),
+        };
+        let generation_of = |s: &StorePath| {
+            profile::generation_of(&profile, s)
+                .map_err(|e| format!("{e:#}"))?
+                .ok_or_else(|| format!("no generation of {} names {s}", profile.display()))
+        };
+        let efi = |r: Result<()>| r.map_err(|e| format!("{e:#}"));
+        match (step, loader) {
+            (Step::SetProfile(w), _) => {
+                let system = system(w)?;
+                let profile = profile.clone();
+                tokio::task::spawn_blocking(move || match profile::resolve(&profile) {
+                    Some(current) if current == system => Ok(()),
+                    _ => profile::set(&profile, &system).map(|_| ()),
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("{e:#}"))
+            }
+            (Step::DeleteFailed, _) => {
+                let (profile, failed) = (profile.clone(), p.offer.system.clone());
+                let removed = tokio::task::spawn_blocking(move || profile::delete_generations_of(&profile, &failed))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("{e:#}"))?;
+                if !removed.is_empty() {
+                    self.log_line(id, format!("removed the failed generation(s) {removed:?}"));
+                }
+                Ok(())
+            }
+            (Step::InstallBoot(w), _) => {
+                let suffix = if w == Which::New { "boot" } else { "boot-previous" };
+                self.run_switch(&format!("{id}-{suffix}"), &system(w)?, SwitchAction::Boot).await
+            }
+            (Step::PinPrevious, Loader::SystemdBoot(vars)) => {
+                let generation = generation_of(&system(Which::Previous)?)?;
+                efi(vars.set("LoaderEntryDefault", &bootloader::entry(generation)))
+            }
+            (Step::Unpin, Loader::SystemdBoot(vars)) => efi(vars.remove("LoaderEntryDefault")),
+            (Step::TryNewOnce, Loader::SystemdBoot(vars)) => {
+                let generation = generation_of(&p.offer.system)?;
+                efi(vars.set("LoaderEntryOneShot", &bootloader::entry(generation)))
+            }
+            (Step::ClearTryOnce, Loader::SystemdBoot(vars)) => efi(vars.remove("LoaderEntryOneShot")),
+            (Step::TryNewOnce, Loader::Grub(grub)) => {
+                let entry = grub.entry_of(Path::new(&p.offer.system.to_absolute())).map_err(|e| format!("{e:#}"))?;
+                grub.set_env("next_entry", Some(&entry)).map_err(|e| format!("{e:#}"))
+            }
+            (Step::ClearTryOnce, Loader::Grub(grub)) => {
+                let set = grub.env().map_err(|e| format!("{e:#}"))?.iter().any(|(k, _)| k == "next_entry");
+                if set { grub.set_env("next_entry", None).map_err(|e| format!("{e:#}")) } else { Ok(()) }
+            }
+            // Steps of another loader's plan (the loader changed under the agent): nothing to do.
+            (Step::PinPrevious | Step::Unpin | Step::TryNewOnce | Step::ClearTryOnce, _) => Ok(()),
+        }
     }
 
     /// Reboots the device after recording that the reboot is planned. Returns only if
@@ -800,17 +859,8 @@ impl Agent {
                 error!("cannot persist pending.json: {e:#}");
             }
             *lock(&self.pending) = Some(now);
-            let event = match (&p.stage, p.planned_reboot) {
-                (Stage::Rebooting, true) => Event::Rebooted { runs_new },
-                (Stage::RollingBack { .. }, true) => Event::RollbackFinished(if running == p.previous {
-                    Ok(())
-                } else {
-                    Err(format!("after the reboot the device runs {running:?}, not the previous system"))
-                }),
-                // Unplanned: with the boot default unchanged, this boot runs the previous generation.
-                _ => Event::BootedElsewhere { runs_new },
-            };
-            self.drive(event).await;
+            let runs_previous = running.is_some() && running == p.previous;
+            self.drive(lifecycle::after_boot(&p.stage, p.planned_reboot, runs_new, runs_previous)).await;
             return;
         }
         match p.stage {
@@ -842,6 +892,15 @@ impl Agent {
                 self.drive(Event::RollbackFinished(r)).await;
             }
         }
+    }
+}
+
+/// Tests stop the agent between two steps of a plan (`THYMIS_TEST_CRASH_AFTER=try-once:2`)
+/// to check each row of the crash-window table in docs/agent.md.
+fn crash_point(op: &str, done: usize) {
+    if std::env::var("THYMIS_TEST_CRASH_AFTER").is_ok_and(|v| v == format!("{op}:{done}")) {
+        error!("THYMIS_TEST_CRASH_AFTER={op}:{done}: stopping here");
+        std::process::abort();
     }
 }
 

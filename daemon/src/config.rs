@@ -43,8 +43,12 @@ pub struct AgentConfig {
     pub reboot_command: Vec<String>,
     /// Where the boot loader's files are (its kind is read from them).
     pub boot_dir: PathBuf,
+    /// Where the firmware's variables are (efivarfs); systemd-boot is recognised by
+    /// its `LoaderInfo` variable there.
+    pub efivars_dir: PathBuf,
     /// Reboot into a new generation even where the boot loader can only make it the
-    /// default (extlinux): a system that does not come up then has no way back.
+    /// default (extlinux, or no loader the agent knows): a system that does not come
+    /// up then has no way back.
     pub allow_unsafe_reboot: bool,
 }
 
@@ -70,6 +74,7 @@ impl Default for AgentConfig {
             dbus: true,
             reboot_command: vec!["systemctl".into(), "reboot".into()],
             boot_dir: PathBuf::from("/boot"),
+            efivars_dir: PathBuf::from("/sys/firmware/efi/efivars"),
             allow_unsafe_reboot: false,
         }
     }

@@ -8,8 +8,10 @@
 //! RollingBack(reason) ◀─────┴───────────────────────────┘
 //!     ├─ ok ─▶ rolled-back(reason)        (no previous generation: failed)
 //!     └─ err ▶ rollback-failed
-//! Activating / AwaitingConfirmation ── booted another boot, unplanned ──▶ rolled-back(rebooted-unconfirmed)
-//!                                      (or RollingBack when that boot runs the new system)
+//! Activating / Rebooting / AwaitingConfirmation ── booted another boot, unplanned ──▶ RollingBack(rebooted-unconfirmed)
+//!                                      (finished rolled-back at once when there is no previous system)
+//! Committing ── booted the new system ──▶ Committing again; the previous ──▶ RollingBack
+//! RollingBack ── any boot ──▶ RollingBack again (the rollback is idempotent)
 //!
 //! reboot deployments (kernel changed, or asked):
 //! Activating ── prepared (profile, boot entry, one-shot) ──▶ Rebooting ── booted the new system ──▶ AwaitingConfirmation
@@ -138,6 +140,13 @@ pub fn step(stage: &Stage, event: Event, has_previous: bool) -> Result<(Option<S
         (S::Rebooting, E::Rebooted { runs_new: false }) => {
             rollback(RollbackReason::ActivationFailed, Some("the new system did not come up after the reboot".into()))
         }
+        // Back on the previous system, which the profile and the boot loader may not
+        // name yet (a power loss while preparing a reboot): the rollback makes them.
+        (S::Activating | S::Rebooting | S::AwaitingConfirmation { .. }, E::BootedElsewhere { runs_new: false })
+            if has_previous =>
+        {
+            rollback(RollbackReason::RebootedUnconfirmed, None)
+        }
         (S::Activating | S::Rebooting | S::AwaitingConfirmation { .. }, E::BootedElsewhere { runs_new: false }) => (
             None,
             Action::Finish(finish(
@@ -189,6 +198,21 @@ pub fn step(stage: &Stage, event: Event, has_previous: bool) -> Result<(Option<S
             return Err(NotAllowed { stage: format!("{stage:?}"), event: format!("{event:?}") });
         }
     })
+}
+
+/// The event that a start in another boot than the deployment's brings, from the
+/// persisted stage, whether the agent rebooted on purpose, and what the device runs.
+pub fn after_boot(stage: &Stage, planned_reboot: bool, runs_new: bool, runs_previous: bool) -> Event {
+    match (stage, planned_reboot) {
+        (Stage::Rebooting, true) => Event::Rebooted { runs_new },
+        (Stage::RollingBack { .. }, true) => Event::RollbackFinished(if runs_previous {
+            Ok(())
+        } else {
+            Err("after the reboot the device does not run the previous system".into())
+        }),
+        // Unplanned (a power loss, a crash): whatever the loader booted.
+        _ => Event::BootedElsewhere { runs_new },
+    }
 }
 
 fn finish(
@@ -260,7 +284,10 @@ mod tests {
             let f = finished(a);
             assert_eq!((f.result, f.reason), (DeviceResult::RollbackFailed, Some(reason)));
         }
-        let (_, a) = step(&waiting, Event::BootedElsewhere { runs_new: false }, true).expect("ok");
+        let (s, a) = step(&waiting, Event::BootedElsewhere { runs_new: false }, true).expect("ok");
+        assert_eq!(a, Action::Rollback, "the profile may name the unconfirmed system: the rollback names the previous");
+        assert!(matches!(s, Some(Stage::RollingBack { reason: RollbackReason::RebootedUnconfirmed, .. })));
+        let (_, a) = step(&waiting, Event::BootedElsewhere { runs_new: false }, false).expect("ok");
         assert_eq!(finished(a).reason, Some(RollbackReason::RebootedUnconfirmed));
         let (s, a) = step(&waiting, Event::BootedElsewhere { runs_new: true }, true).expect("ok");
         assert_eq!(a, Action::Rollback, "a boot into the unconfirmed system must be undone");
@@ -271,13 +298,7 @@ mod tests {
     /// (a refused one left pending.json blocking every later offer).
     #[test]
     fn every_stage_takes_a_boot_into_either_system() {
-        let stages = [
-            Stage::Activating,
-            Stage::Rebooting,
-            Stage::AwaitingConfirmation { failed_units: vec![] },
-            Stage::Committing { failed_units: vec!["a.service".into()] },
-            Stage::RollingBack { reason: RollbackReason::Unconfirmed, error: None },
-        ];
+        let stages = stages();
         for stage in &stages {
             for runs_new in [true, false] {
                 for has_previous in [true, false] {
@@ -299,6 +320,87 @@ mod tests {
         let (s, a) = step(&stages[3], Event::BootedElsewhere { runs_new: false }, true).expect("ok");
         assert_eq!(a, Action::Rollback);
         assert!(matches!(s, Some(Stage::RollingBack { reason: RollbackReason::RebootedUnconfirmed, error: Some(_) })));
+    }
+
+    /// The kinds of stage, with one representative each.
+    fn stages() -> Vec<Stage> {
+        vec![
+            Stage::Activating,
+            Stage::Rebooting,
+            Stage::AwaitingConfirmation { failed_units: vec![] },
+            Stage::Committing { failed_units: vec![] },
+            Stage::RollingBack { reason: RollbackReason::Unconfirmed, error: None },
+        ]
+    }
+
+    /// What can happen in each stage without a crash: the ends of its action.
+    fn events_in(stage: &Stage) -> Vec<Event> {
+        let both = |f: fn(Result<(), String>) -> Event| vec![f(Ok(())), f(Err("x".into()))];
+        match stage {
+            Stage::Activating => {
+                let mut v = vec![exited(Some(0), &[]), exited(Some(1), &[]), exited(None, &[])];
+                v.extend(both(Event::RebootPrepared));
+                v
+            }
+            // The reboot itself: only the restart below goes on from there.
+            Stage::Rebooting => vec![],
+            Stage::AwaitingConfirmation { .. } => vec![Event::Confirmed, Event::DeadlinePassed, Event::RollbackAsked],
+            Stage::Committing { .. } => both(Event::CommitFinished),
+            Stage::RollingBack { .. } => both(Event::RollbackFinished),
+        }
+    }
+
+    /// Every stage × every crash point × every boot outcome: a start in another boot
+    /// (planned or not; on the new system, the previous one, or neither) is an event
+    /// the stage takes, and from every stage reached, a finish is reachable. So
+    /// `pending.json` never blocks offers for good.
+    #[test]
+    fn crashes_anywhere_always_lead_to_a_finish() {
+        let kind = |s: &Stage| std::mem::discriminant(s);
+        for has_previous in [true, false] {
+            let mut seen: Vec<Stage> = vec![];
+            let mut edges: Vec<(Stage, Option<Stage>)> = vec![];
+            let mut todo = vec![Stage::Activating];
+            while let Some(stage) = todo.pop() {
+                if seen.iter().any(|s| kind(s) == kind(&stage)) {
+                    continue;
+                }
+                seen.push(stage.clone());
+                let mut events = events_in(&stage);
+                for planned in [false, true] {
+                    for (runs_new, runs_previous) in [(true, false), (false, true), (false, false)] {
+                        events.push(after_boot(&stage, planned, runs_new, runs_previous));
+                    }
+                }
+                for event in events {
+                    let (next, action) = step(&stage, event.clone(), has_previous)
+                        .unwrap_or_else(|e| panic!("refused (has previous: {has_previous}): {e}"));
+                    assert_eq!(next.is_none(), matches!(action, Action::Finish(_)), "{stage:?} {event:?}");
+                    edges.push((stage.clone(), next.clone()));
+                    todo.extend(next);
+                }
+            }
+            for start in &seen {
+                let mut frontier = vec![start.clone()];
+                let mut visited: Vec<Stage> = vec![];
+                let mut finishes = false;
+                while let Some(s) = frontier.pop() {
+                    if visited.iter().any(|v| kind(v) == kind(&s)) {
+                        continue;
+                    }
+                    visited.push(s.clone());
+                    for (_, to) in edges.iter().filter(|(from, _)| kind(from) == kind(&s)) {
+                        match to {
+                            None => finishes = true,
+                            Some(t) => frontier.push(t.clone()),
+                        }
+                    }
+                }
+                assert!(finishes, "no way to a finish from {start:?} (has previous: {has_previous})");
+            }
+            let expected = if has_previous { stages().len() } else { stages().len() - 1 };
+            assert_eq!(seen.len(), expected, "stages reached (has previous: {has_previous}): {seen:?}");
+        }
     }
 
     #[test]

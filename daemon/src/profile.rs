@@ -46,26 +46,46 @@ pub fn set(profile: &Path, system: &StorePath) -> Result<u64> {
     generation(profile).with_context(|| format!("{} has no generation after nix-env --set", profile.display()))
 }
 
+/// The profile's generations: (number, link), in no particular order.
+fn generations(profile: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let (Some(dir), Some(name)) = (profile.parent(), profile.file_name().and_then(|n| n.to_str())) else {
+        return Ok(vec![]);
+    };
+    let prefix = format!("{name}-");
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    Ok(entries
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name();
+            let n = file.to_str()?.strip_prefix(&prefix)?.strip_suffix("-link")?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect())
+}
+
+/// The newest generation that points at `system`.
+pub fn generation_of(profile: &Path, system: &StorePath) -> Result<Option<u64>> {
+    Ok(generations(profile)?
+        .into_iter()
+        .filter(|(_, link)| resolve(link).as_ref() == Some(system))
+        .map(|(n, _)| n)
+        .max())
+}
+
 /// Deletes the profile's generations that point at `system`, except the current one
 /// (a failed deployment's, after a rollback); returns their numbers. The boot menu
 /// drops them at the next `switch-to-configuration boot`.
 pub fn delete_generations_of(profile: &Path, system: &StorePath) -> Result<Vec<u64>> {
-    let (Some(dir), Some(name)) = (profile.parent(), profile.file_name().and_then(|n| n.to_str())) else {
-        return Ok(vec![]);
-    };
     let current = generation(profile);
-    let prefix = format!("{name}-");
-    let mut doomed = vec![];
-    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
-        let file = e.file_name();
-        let Some(n) = file.to_str().and_then(|f| f.strip_prefix(&prefix)?.strip_suffix("-link")?.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        if Some(n) != current && resolve(&e.path()).as_ref() == Some(system) {
-            doomed.push(n);
-        }
-    }
+    let mut doomed: Vec<u64> = generations(profile)?
+        .into_iter()
+        .filter(|(n, link)| Some(*n) != current && resolve(link).as_ref() == Some(system))
+        .map(|(n, _)| n)
+        .collect();
     if doomed.is_empty() {
         return Ok(doomed);
     }

@@ -812,9 +812,23 @@ impl Fleet {
             bus.is_some() || kind == Kind::Systemd
         );
         if kind == Kind::Process {
-            // A process device shares this machine: its reboots must never be real.
+            // A process device shares this machine: its reboots must never be real, and
+            // it must not read this machine's boot loader.
             config_text
                 .push_str("reboot_command = [\"sh\", \"-c\", \"echo a process device does not reboot >&2; exit 1\"]\n");
+            config_text.push_str(&format!(
+                "boot_dir = {:?}\nefivars_dir = {:?}\n",
+                dir.join("boot").display().to_string(),
+                dir.join("efivars").display().to_string()
+            ));
+        }
+        if kind == Kind::Systemd {
+            // The container has no boot loader: at boot, its harness activates the system
+            // the last `switch-to-configuration boot` named, as a loader without a one-shot
+            // entry would. Reboot deployments there need the agent's consent.
+            config_text.push_str(
+                "boot_dir = \"/var/lib/thymis-agent/no-boot\"\nefivars_dir = \"/var/lib/thymis-agent/no-efivars\"\nallow_unsafe_reboot = true\n",
+            );
         }
         if kind == Kind::Systemd {
             install_units(&dir.join("units"))?;

@@ -34,11 +34,17 @@ pub struct Vm {
 impl Vm {
     /// Boots `disk` (a raw image, written to by the VM) with a virtio disk and, with
     /// `network`, QEMU's user network (the guest reaches the host's addresses via 10.0.2.2).
+    /// The EFI variables live in `dir`: booting again with the same `dir` is the same
+    /// machine powered on again (a reboot ends QEMU: `-no-reboot`).
     pub fn boot(disk: &Path, dir: &Path, network: bool) -> Result<Vm> {
         std::fs::create_dir_all(dir)?;
         let vars = dir.join("OVMF_VARS.fd");
-        std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS} (Debian: ovmf)"))?;
+        if !vars.exists() {
+            std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS} (Debian: ovmf)"))?;
+        }
         let console = dir.join("console.log");
+        // The last boot's console stays beside it (and is never read as this one's).
+        let _ = std::fs::rename(&console, dir.join("console.previous.log"));
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-machine", "q35", "-m", "512", "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot"])
             .arg("-serial")

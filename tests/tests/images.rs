@@ -145,8 +145,22 @@ fn an_image_built_inside_a_nix_build_is_the_same_and_boots_in_qemu() {
     assert!(console.contains(&format!("THYMIS-BOOT-OK system={system}")), "{console}");
 }
 
-#[test]
-fn a_vm_booted_from_its_controller_image_enrolls_and_takes_deployments() {
+/// The project's configurations, with "vm" booting in QEMU (`vm` settings) plus `extra`.
+fn vm_configs(vm: &serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+    let mut config = json!({ "vm": vm });
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        config[k] = v.clone();
+    }
+    json!({
+        "alpha": { "version": "1", "units": ["web.service"] },
+        "beta": { "version": "1", "units": ["db.service"] },
+        "vm": config,
+    })
+}
+
+/// A fleet whose configuration "vm" boots in QEMU and a device of it flashed from its
+/// image: (fleet, the vm settings, the disk, the image's system).
+fn vm_device(device: &str) -> (Fleet, serde_json::Value, std::path::PathBuf, String) {
     let f = Fleet::new(FleetOptions::default()).expect("fleet");
     let kernel = vm::kernel_version().expect("kernel");
     let agent = bin("thymis-agent");
@@ -156,27 +170,27 @@ fn a_vm_booted_from_its_controller_image_enrolls_and_takes_deployments() {
         "agentStamp": sha256(&agent),
         "nixStamp": sha256(std::path::Path::new("/usr/bin/nix")),
     });
-    let configs = |vm_config: serde_json::Value| {
-        json!({
-            "alpha": { "version": "1", "units": ["web.service"] },
-            "beta": { "version": "1", "units": ["db.service"] },
-            "vm": vm_config,
-        })
-    };
-    f.set_configs(&configs(json!({ "vm": vm }))).expect("configs");
+    f.set_configs(&vm_configs(&vm, json!({}))).expect("configs");
     let toml = f.controller.project_dir().join("thymis.toml");
     let mut text = std::fs::read_to_string(&toml).expect("thymis.toml");
     text.push_str("\n[configs.vm]\ntags = [\"vms\"]\n");
     std::fs::write(&toml, text).expect("thymis.toml");
     assert!(f.controller.ctl(&["project", "commit", "-m", "a configuration that boots"]).status.success());
 
-    assert!(f.controller.ctl(&["--json", "device", "add", "vm1", "--config", "vm"]).status.success());
-    let set = f.tmp.path().join("vm-set");
-    let t = f.controller.ctl_json(&["image", "vm1", "--out", &set.to_string_lossy()]);
+    assert!(f.controller.ctl(&["--json", "device", "add", device, "--config", "vm"]).status.success());
+    let set = f.tmp.path().join(format!("{device}-set"));
+    let t = f.controller.ctl_json(&["image", device, "--out", &set.to_string_lossy()]);
     assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
     let system = t["system"].as_str().expect("system").to_owned();
-    let disk = f.tmp.path().join("vm-disk.img");
-    run(Command::new(bin("thymis-imager")).arg("flash").arg(set.join("vm1.img.zst")).arg(&disk));
+    let disk = f.tmp.path().join(format!("{device}-disk.img"));
+    run(Command::new(bin("thymis-imager")).arg("flash").arg(set.join(format!("{device}.img.zst"))).arg(&disk));
+    (f, vm, disk, system)
+}
+
+#[test]
+fn a_vm_booted_from_its_controller_image_enrolls_and_takes_deployments() {
+    let (f, vm, disk, system) = vm_device("vm1");
+    let configs = |extra: serde_json::Value| vm_configs(&vm, extra);
 
     let mut machine = Vm::boot(&disk, &f.tmp.path().join("vm"), true).expect("qemu");
     machine.wait_for_console("stage 2: starting the agent", Duration::from_secs(180)).expect("boot");
@@ -193,7 +207,7 @@ fn a_vm_booted_from_its_controller_image_enrolls_and_takes_deployments() {
 
     // Over the air into the running VM: a new version is copied, activated and
     // confirmed; one whose activation fails is rolled back by the VM's agent.
-    f.set_configs(&configs(json!({ "vm": vm, "version": "2" }))).expect("configs");
+    f.set_configs(&configs(json!({ "version": "2" }))).expect("configs");
     let t = f.controller.ctl_json(&["deploy", "--device", "vm1", "-m", "v2", "--wait"]);
     let child = &t["children"][0];
     assert_eq!(child["result"], "succeeded", "{t}\n{}\n{}", f.diagnostics(), machine.console());
@@ -201,7 +215,7 @@ fn a_vm_booted_from_its_controller_image_enrolls_and_takes_deployments() {
     assert_ne!(v2, system);
     assert!(machine.console().contains("activating vm version 2"), "{}", machine.console());
     assert_eq!(f.device_row("vm1")["system"], v2.as_str());
-    f.set_configs(&configs(json!({ "vm": vm, "version": "3", "activationFails": true }))).expect("configs");
+    f.set_configs(&configs(json!({ "version": "3", "activationFails": true }))).expect("configs");
     let t = f.controller.ctl_json(&["deploy", "--device", "vm1", "-m", "v3 fails", "--wait"]);
     let child = &t["children"][0];
     assert_eq!(child["result"], "rolled-back", "{t}\n{}", machine.console());
@@ -240,4 +254,99 @@ fn the_imager_builds_a_configuration_through_the_controller() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no-such-config"), "the error names the configuration: {err}");
+}
+
+/// Reboot deployments under a real systemd-boot (OVMF, its EFI variables kept across
+/// boots; the fixture's `switch-to-configuration boot` writes entries as NixOS's builder
+/// does): a confirmed one stays the default through two more power cycles; one whose
+/// system panics at boot comes back on the previous generation by itself, rolled back.
+#[test]
+fn reboot_deployments_under_systemd_boot_stay_when_confirmed_and_come_back_when_the_system_panics() {
+    let (f, vm, disk, v1) = vm_device("sb1");
+    let dir = f.tmp.path().join("sb1-vm");
+    let boot = || Vm::boot(&disk, &dir, true).expect("qemu");
+    let booted = |machine: &mut Vm| -> String {
+        let console = machine.wait_for_console("THYMIS-BOOT-OK", Duration::from_secs(240)).expect("boot");
+        let line = console.lines().find(|l| l.contains("THYMIS-BOOT-OK")).unwrap_or_default();
+        line.split("system=").nth(1).unwrap_or_default().trim().to_owned()
+    };
+    let start_deploy = |message: &str| -> String {
+        let out = f.controller.ctl(&["--json", "deploy", "--device", "sb1", "--reboot", "-m", message]);
+        let task: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        task["id"].as_i64().expect("task id").to_string()
+    };
+    let wait_result = |task: &str| -> serde_json::Value {
+        let t = thymis_fleet_tests::wait_for("the deployment to end", Duration::from_secs(300), || {
+            let t = f.controller.ctl_json(&["task", task]);
+            (!Fleet::child(&t, "sb1")["result"].is_null()).then_some(t)
+        });
+        Fleet::child(&t, "sb1").clone()
+    };
+    let mut machine = boot();
+    assert_eq!(booted(&mut machine), v1);
+    f.wait_online("sb1");
+
+    // v2 with a reboot: tried once, confirmed from there, and the default from then on.
+    f.set_configs(&vm_configs(&vm, json!({ "version": "2" }))).expect("configs");
+    let task = start_deploy("v2 with a reboot");
+    machine.wait_exit(Duration::from_secs(300)).expect("the agent reboots the VM");
+    let mut machine = boot();
+    let v2 = booted(&mut machine);
+    assert_ne!(v2, v1, "the reboot did not boot the new system:\n{}", machine.console());
+    let child = wait_result(&task);
+    assert_eq!(child["result"], "succeeded", "{child}\n{}\n{}", f.diagnostics(), machine.console());
+    assert_eq!(child["system"], v2.as_str());
+    let ids = [task.parse().unwrap_or_default(), child["id"].as_i64().unwrap_or_default()];
+    let logs = ids.map(|id| f.controller.task_logs(id).join("\n")).join("\n");
+    assert!(logs.contains("systemd-boot") && logs.contains("once"), "{logs}");
+    for cycle in 1..=2 {
+        drop(machine);
+        machine = boot();
+        assert_eq!(
+            booted(&mut machine),
+            v2,
+            "power cycle {cycle} after the confirmation left v2:\n{}",
+            machine.console()
+        );
+    }
+    f.wait_online("sb1");
+
+    // v3 panics at boot: the one-shot is used up, the next boot is v2 again, whose
+    // agent rolls back (and the failed generation leaves the boot menu).
+    f.set_configs(&vm_configs(&vm, json!({ "version": "3", "bootFails": true }))).expect("configs");
+    let task = start_deploy("v3 does not boot");
+    machine.wait_exit(Duration::from_secs(300)).expect("the agent reboots the VM");
+    let mut machine = boot();
+    machine.wait_exit(Duration::from_secs(240)).expect("v3's boot ends in a panic and a reset");
+    let console = machine.console();
+    assert!(console.contains("fails to boot on purpose"), "the VM did not try v3:\n{console}");
+    let v3 = console
+        .lines()
+        .find(|l| l.contains("THYMIS-BOOT-OK"))
+        .and_then(|l| l.split("system=").nth(1))
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    assert_ne!(v3, v2);
+    let mut machine = boot();
+    assert_eq!(booted(&mut machine), v2, "after the panic the VM did not come back on v2:\n{}", machine.console());
+    let child = wait_result(&task);
+    assert_eq!(child["result"], "rolled-back", "{child}\n{}\n{}", f.diagnostics(), machine.console());
+    assert_eq!(child["reason"], "activation-failed", "{child}");
+    thymis_fleet_tests::wait_for("the VM to report v2", Duration::from_secs(60), || {
+        (f.device_row("sb1")["system"] == v2.as_str()).then_some(())
+    });
+    drop(machine);
+    let mut machine = boot();
+    assert_eq!(booted(&mut machine), v2, "a power cycle after the rollback left v2:\n{}", machine.console());
+    drop(machine);
+    let esp = format!("{}@@1M", disk.display());
+    let entries = run(Command::new("mdir").args(["-b", "-i", &esp, "::/loader/entries"]));
+    let mut found = vec![];
+    for e in entries.lines().filter(|l| l.ends_with(".conf")) {
+        let name = e.rsplit('/').next().unwrap_or(e);
+        found.push(run(Command::new("mtype").args(["-i", &esp, &format!("::/loader/entries/{name}")])));
+    }
+    assert!(found.iter().all(|e| !e.contains(&v3)), "v3 is still in the boot menu: {found:?}");
+    assert!(found.iter().any(|e| e.contains(&v2)), "{found:?}");
 }
