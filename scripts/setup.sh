@@ -6,7 +6,7 @@ set -euo pipefail
 
 packages=(nix-bin busybox-static dosfstools mtools fdisk e2fsprogs zstd bmap-tools
   iproute2 nftables socat dbus dbus-bin systemd-container git curl make chromium jq
-  qemu-system-x86 ovmf systemd-boot-efi linux-image-amd64)
+  qemu-system-x86 ovmf systemd-boot-efi grub-efi-amd64-bin grub-common linux-image-amd64)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -531,10 +531,7 @@ impl Agent {
                         }
                         return;
                     }
-                    Action::Reboot => {
-                        self.reboot(&updated).await;
-                        return;
-                    }
+                    Action::Reboot => Event::RebootFailed(self.reboot(&updated).await),
                     Action::Commit => Event::CommitFinished(self.commit(&updated).await),
                     Action::Rollback => Event::RollbackFinished(self.roll_back(&updated).await),
                     Action::Finish(f) => {
@@ -619,10 +616,11 @@ impl Agent {
             self.perform(p, &loader, &Plan::roll_back(&loader), "rollback").await?;
         }
         let running = profile::resolve(&self.config.current_system_link);
-        if p.reboot && running.as_ref() != Some(&previous) {
+        if p.reboot && running.as_ref().is_some_and(|r| *r != previous) {
             // Its kernel runs: only a reboot into the previous generation undoes it.
-            self.reboot(p).await;
-            return Err("the reboot into the previous system did not happen".into());
+            // (Without a running system to tell, `test` of the previous one names it.)
+            let error = self.reboot(p).await;
+            return Err(format!("the reboot into the previous system did not happen: {error}"));
         }
         let name = format!("{}-rollback", p.offer.deployment_id);
         self.run_switch(&name, &previous, SwitchAction::Test).await
@@ -736,23 +734,34 @@ impl Agent {
 
     /// Reboots the device after recording that the reboot is planned. Returns only if
     /// the reboot command fails (the machine goes down otherwise).
-    async fn reboot(&self, p: &Pending) {
+    async fn reboot(&self, p: &Pending) -> String {
         let mut planned = p.clone();
         planned.planned_reboot = true;
         if let Err(e) = self.save_pending(Some(&planned)) {
             error!("cannot persist the planned reboot: {e:#}");
-            return;
+            return format!("cannot persist the planned reboot: {e:#}");
         }
         *lock(&self.pending) = Some(planned);
         self.log_line(&p.offer.deployment_id, "rebooting".into());
         // Give the connection a moment to send the line.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let Some((prog, args)) = self.config.reboot_command.split_first() else { return };
-        match tokio::process::Command::new(prog).args(args).status().await {
-            Ok(s) if s.success() => std::future::pending::<()>().await,
-            Ok(s) => error!("reboot command exited {s}"),
-            Err(e) => error!("cannot run the reboot command: {e}"),
+        let error = match self.config.reboot_command.split_first() {
+            None => "reboot_command is empty".to_owned(),
+            Some((prog, args)) => match tokio::process::Command::new(prog).args(args).status().await {
+                Ok(s) if s.success() => std::future::pending::<String>().await,
+                Ok(s) => format!("the reboot command exited {s}"),
+                Err(e) => format!("cannot run the reboot command: {e}"),
+            },
+        };
+        error!(deployment = %p.offer.deployment_id, "{error}");
+        // Not rebooting after all: a later boot is not the planned one.
+        let mut not_planned = p.clone();
+        not_planned.planned_reboot = false;
+        if let Err(e) = self.save_pending(Some(&not_planned)) {
+            error!("cannot persist pending.json: {e:#}");
         }
+        *lock(&self.pending) = Some(not_planned);
+        error
     }
 
     /// Runs the helper and waits; exit 0 or 4 (switched, units failed) count as done.
@@ -864,7 +873,19 @@ impl Agent {
             return;
         }
         match p.stage {
-            Stage::Rebooting => self.reboot(&p).await,
+            Stage::Rebooting => {
+                let error = self.reboot(&p).await;
+                self.drive(Event::RebootFailed(error)).await;
+            }
+            // Stopped while preparing the reboot (in this boot): each step is
+            // idempotent, so the preparation goes on where it was cut.
+            Stage::Activating if p.reboot => {
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    let r = agent.prepare_reboot(&p).await;
+                    agent.drive(Event::RebootPrepared(r)).await;
+                });
+            }
             Stage::Activating => {
                 let agent = self.clone();
                 tokio::spawn(async move {

@@ -15,7 +15,8 @@
 //!
 //! reboot deployments (kernel changed, or asked):
 //! Activating ── prepared (profile, boot entry, one-shot) ──▶ Rebooting ── booted the new system ──▶ AwaitingConfirmation
-//!                                                               └── booted something else ──▶ RollingBack(activation-failed)
+//!                                                               ├── booted something else ──▶ RollingBack(activation-failed)
+//!                                                               └── reboot command failed ──▶ RollingBack(activation-failed)
 //! ```
 //!
 //! [`step`] decides; the agent performs the returned [`Action`] and persists the new
@@ -63,6 +64,8 @@ pub enum Event {
     },
     /// A reboot deployment's profile and boot entries are ready (or failed to be).
     RebootPrepared(Result<(), String>),
+    /// The reboot command failed: the device still runs the system it ran.
+    RebootFailed(String),
     /// The planned reboot happened; `runs_new` when it came up on the new system.
     Rebooted {
         runs_new: bool,
@@ -137,6 +140,10 @@ pub fn step(stage: &Stage, event: Event, has_previous: bool) -> Result<(Option<S
         (S::Rebooting, E::Rebooted { runs_new: true }) => {
             (Some(S::AwaitingConfirmation { failed_units: vec![] }), Action::AwaitConfirmation)
         }
+        (S::Rebooting, E::RebootFailed(e)) => rollback(
+            RollbackReason::ActivationFailed,
+            Some(format!("the reboot into the new system did not happen: {e}")),
+        ),
         (S::Rebooting, E::Rebooted { runs_new: false }) => {
             rollback(RollbackReason::ActivationFailed, Some("the new system did not come up after the reboot".into()))
         }
@@ -342,8 +349,8 @@ mod tests {
                 v.extend(both(Event::RebootPrepared));
                 v
             }
-            // The reboot itself: only the restart below goes on from there.
-            Stage::Rebooting => vec![],
+            // The reboot itself, or its command failing.
+            Stage::Rebooting => vec![Event::RebootFailed("x".into())],
             Stage::AwaitingConfirmation { .. } => vec![Event::Confirmed, Event::DeadlinePassed, Event::RollbackAsked],
             Stage::Committing { .. } => both(Event::CommitFinished),
             Stage::RollingBack { .. } => both(Event::RollbackFinished),

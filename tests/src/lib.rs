@@ -377,6 +377,8 @@ pub struct Device {
     child: Option<Child>,
     /// The system bus the agent publishes on, when it has one.
     pub bus: Option<String>,
+    /// Extra environment for a process device's agent (from its next start).
+    pub env: Vec<(String, String)>,
 }
 
 impl Device {
@@ -403,6 +405,7 @@ impl Device {
             .args(["netns", "exec", &self.netns, "unshare", "--mount", "--propagation", "private", "sh", "-c"])
             .arg(script)
             .env("THYMIS_LOG", "info,thymis_agent=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("DBUS_SYSTEM_BUS_ADDRESS", self.bus.clone().unwrap_or_else(|| "unix:path=/nonexistent".into()))
             .stdout(Stdio::null())
             .stderr(log)
@@ -743,7 +746,16 @@ impl Fleet {
         let text = format!("{agent_toml}\nstate_dir = {:?}\ndbus = false\n", dir.join("state").display().to_string());
         std::fs::write(dir.join("agent.toml"), text)?;
         let (netns, veth) = self.link(index)?;
-        let mut dev = Device { kind: Kind::Process, name: name.to_owned(), dir, netns, veth, child: None, bus: None };
+        let mut dev = Device {
+            kind: Kind::Process,
+            name: name.to_owned(),
+            dir,
+            netns,
+            veth,
+            child: None,
+            bus: None,
+            env: vec![],
+        };
         if start {
             dev.start()?;
         }
@@ -835,8 +847,16 @@ impl Fleet {
         }
         std::fs::write(dir.join("agent.toml"), config_text)?;
         let (netns, veth) = self.link(index)?;
-        let mut dev =
-            Device { kind, name: name.to_owned(), dir, netns, veth, child: None, bus: bus.map(|b| b.address.clone()) };
+        let mut dev = Device {
+            kind,
+            name: name.to_owned(),
+            dir,
+            netns,
+            veth,
+            child: None,
+            bus: bus.map(|b| b.address.clone()),
+            env: vec![],
+        };
         if start {
             dev.start()?;
         }

@@ -262,8 +262,56 @@ fn the_imager_builds_a_configuration_through_the_controller() {
 /// system panics at boot comes back on the previous generation by itself, rolled back.
 #[test]
 fn reboot_deployments_under_systemd_boot_stay_when_confirmed_and_come_back_when_the_system_panics() {
-    let (f, vm, disk, v1) = vm_device("sb1");
-    let dir = f.tmp.path().join("sb1-vm");
+    reboot_deployments_keep_a_way_back(false);
+}
+
+/// The same under a real GRUB (Debian's grub-efi-amd64-bin as the ESP's loader, a
+/// grub.cfg written as NixOS's installer writes it, the agent setting grubenv's next_entry).
+#[test]
+fn reboot_deployments_under_grub_stay_when_confirmed_and_come_back_when_the_system_panics() {
+    reboot_deployments_keep_a_way_back(true);
+}
+
+/// Makes a flashed image boot with GRUB instead of systemd-boot: the system's own GRUB
+/// builder writes the first menu (from outside, for generation 1), and a GRUB EFI image
+/// replaces the ESP's loader.
+fn switch_to_grub(disk: &std::path::Path, system: &str, work: &std::path::Path) {
+    let stc =
+        std::fs::read_to_string(format!("{system}/bin/switch-to-configuration")).expect("switch-to-configuration");
+    let builder = stc.split_whitespace().find(|w| w.ends_with("/bin/grub-builder")).expect("the system's GRUB builder");
+    let (profiles, esp) = (work.join("profiles"), work.join("esp"));
+    std::fs::create_dir_all(&profiles).expect("mkdir");
+    std::os::unix::fs::symlink(system, profiles.join("system-1-link")).expect("link");
+    run(Command::new(builder).arg(system).env("ESP", &esp).env("PROFILES", &profiles));
+    run(Command::new("grub-mkimage")
+        .args(["-O", "x86_64-efi", "-p", "/grub", "-o"])
+        .arg(esp.join("BOOTX64.EFI"))
+        .args([
+            "part_gpt",
+            "fat",
+            "normal",
+            "linux",
+            "configfile",
+            "loadenv",
+            "echo",
+            "test",
+            "search",
+            "boot",
+            "minicmd",
+        ]));
+    let img = format!("{}@@1M", disk.display());
+    run(Command::new("mdeltree").args(["-i", &img, "::/loader", "::/EFI/systemd"]));
+    run(Command::new("mcopy").args(["-o", "-i", &img]).arg(esp.join("BOOTX64.EFI")).arg("::/EFI/BOOT/BOOTX64.EFI"));
+    run(Command::new("mcopy").args(["-s", "-i", &img]).arg(esp.join("grub")).arg(esp.join("kernels")).arg("::/"));
+}
+
+fn reboot_deployments_keep_a_way_back(grub: bool) {
+    let name = if grub { "gr1" } else { "sb1" };
+    let (f, vm, disk, v1) = vm_device(name);
+    if grub {
+        switch_to_grub(&disk, &v1, &f.tmp.path().join("grub"));
+    }
+    let dir = f.tmp.path().join(format!("{name}-vm"));
     let boot = || Vm::boot(&disk, &dir, true).expect("qemu");
     let booted = |machine: &mut Vm| -> String {
         let console = machine.wait_for_console("THYMIS-BOOT-OK", Duration::from_secs(240)).expect("boot");
@@ -271,25 +319,36 @@ fn reboot_deployments_under_systemd_boot_stay_when_confirmed_and_come_back_when_
         line.split("system=").nth(1).unwrap_or_default().trim().to_owned()
     };
     let start_deploy = |message: &str| -> String {
-        let out = f.controller.ctl(&["--json", "deploy", "--device", "sb1", "--reboot", "-m", message]);
+        let out = f.controller.ctl(&["--json", "deploy", "--device", name, "--reboot", "-m", message]);
         let task: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         task["id"].as_i64().expect("task id").to_string()
+    };
+    // The agent reboots the VM for the deployment (QEMU ends: -no-reboot).
+    let wait_rebooted = |machine: &mut Vm, task: &str| {
+        if let Err(e) = machine.wait_exit(Duration::from_secs(300)) {
+            let t = f.controller.ctl_json(&["task", task]);
+            let child = Fleet::child(&t, name);
+            let logs = f.controller.task_logs(child["id"].as_i64().unwrap_or_default()).join("\n");
+            let console: Vec<_> =
+                machine.console().lines().filter(|l| !l.contains("D-Bus")).map(str::to_owned).collect();
+            panic!("the agent did not reboot the VM: {e:#}\n{child}\n{logs}\n{}", console.join("\n"));
+        }
     };
     let wait_result = |task: &str| -> serde_json::Value {
         let t = thymis_fleet_tests::wait_for("the deployment to end", Duration::from_secs(300), || {
             let t = f.controller.ctl_json(&["task", task]);
-            (!Fleet::child(&t, "sb1")["result"].is_null()).then_some(t)
+            (!Fleet::child(&t, name)["result"].is_null()).then_some(t)
         });
-        Fleet::child(&t, "sb1").clone()
+        Fleet::child(&t, name).clone()
     };
     let mut machine = boot();
     assert_eq!(booted(&mut machine), v1);
-    f.wait_online("sb1");
+    f.wait_online(name);
 
     // v2 with a reboot: tried once, confirmed from there, and the default from then on.
     f.set_configs(&vm_configs(&vm, json!({ "version": "2" }))).expect("configs");
     let task = start_deploy("v2 with a reboot");
-    machine.wait_exit(Duration::from_secs(300)).expect("the agent reboots the VM");
+    wait_rebooted(&mut machine, &task);
     let mut machine = boot();
     let v2 = booted(&mut machine);
     assert_ne!(v2, v1, "the reboot did not boot the new system:\n{}", machine.console());
@@ -298,7 +357,8 @@ fn reboot_deployments_under_systemd_boot_stay_when_confirmed_and_come_back_when_
     assert_eq!(child["system"], v2.as_str());
     let ids = [task.parse().unwrap_or_default(), child["id"].as_i64().unwrap_or_default()];
     let logs = ids.map(|id| f.controller.task_logs(id).join("\n")).join("\n");
-    assert!(logs.contains("systemd-boot") && logs.contains("once"), "{logs}");
+    let loader = if grub { "GRUB" } else { "systemd-boot" };
+    assert!(logs.contains(&format!("({loader}) boots the new system once")), "{logs}");
     for cycle in 1..=2 {
         drop(machine);
         machine = boot();
@@ -309,13 +369,13 @@ fn reboot_deployments_under_systemd_boot_stay_when_confirmed_and_come_back_when_
             machine.console()
         );
     }
-    f.wait_online("sb1");
+    f.wait_online(name);
 
     // v3 panics at boot: the one-shot is used up, the next boot is v2 again, whose
     // agent rolls back (and the failed generation leaves the boot menu).
     f.set_configs(&vm_configs(&vm, json!({ "version": "3", "bootFails": true }))).expect("configs");
     let task = start_deploy("v3 does not boot");
-    machine.wait_exit(Duration::from_secs(300)).expect("the agent reboots the VM");
+    wait_rebooted(&mut machine, &task);
     let mut machine = boot();
     machine.wait_exit(Duration::from_secs(240)).expect("v3's boot ends in a panic and a reset");
     let console = machine.console();
@@ -334,19 +394,21 @@ fn reboot_deployments_under_systemd_boot_stay_when_confirmed_and_come_back_when_
     assert_eq!(child["result"], "rolled-back", "{child}\n{}\n{}", f.diagnostics(), machine.console());
     assert_eq!(child["reason"], "activation-failed", "{child}");
     thymis_fleet_tests::wait_for("the VM to report v2", Duration::from_secs(60), || {
-        (f.device_row("sb1")["system"] == v2.as_str()).then_some(())
+        (f.device_row(name)["system"] == v2.as_str()).then_some(())
     });
     drop(machine);
     let mut machine = boot();
     assert_eq!(booted(&mut machine), v2, "a power cycle after the rollback left v2:\n{}", machine.console());
     drop(machine);
     let esp = format!("{}@@1M", disk.display());
-    let entries = run(Command::new("mdir").args(["-b", "-i", &esp, "::/loader/entries"]));
-    let mut found = vec![];
-    for e in entries.lines().filter(|l| l.ends_with(".conf")) {
-        let name = e.rsplit('/').next().unwrap_or(e);
-        found.push(run(Command::new("mtype").args(["-i", &esp, &format!("::/loader/entries/{name}")])));
-    }
-    assert!(found.iter().all(|e| !e.contains(&v3)), "v3 is still in the boot menu: {found:?}");
-    assert!(found.iter().any(|e| e.contains(&v2)), "{found:?}");
+    let menu = if grub {
+        vec![run(Command::new("mtype").args(["-i", &esp, "::/grub/grub.cfg"]))]
+    } else {
+        let entries = run(Command::new("mdir").args(["-b", "-i", &esp, "::/loader/entries"]));
+        let names =
+            entries.lines().filter(|l| l.ends_with(".conf")).map(|e| e.rsplit('/').next().unwrap_or(e).to_owned());
+        names.map(|n| run(Command::new("mtype").args(["-i", &esp, &format!("::/loader/entries/{n}")]))).collect()
+    };
+    assert!(menu.iter().all(|e| !e.contains(&v3)), "v3 is still in the boot menu: {menu:?}");
+    assert!(menu.iter().any(|e| e.contains(&v2)), "{menu:?}");
 }

@@ -4,6 +4,8 @@
 //! `grub-reboot` does), naming the entry by its titles, which do not shift when the
 //! menu grows.
 
+use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -38,8 +40,10 @@ impl Grub {
         }
     }
 
-    /// Sets (`Some`) or unsets a variable, keeping the others; the block is replaced
-    /// whole (written beside it, then renamed), so a power loss leaves the old or the new.
+    /// Sets (`Some`) or unsets a variable, keeping the others. An existing block is
+    /// overwritten in place, as GRUB's own `save_env` does: on FAT (an ESP), which has no
+    /// journal, that changes no metadata, where a new file and a rename could leave a
+    /// broken cluster chain after a power loss. Then the whole file system is flushed.
     pub fn set_env(&self, key: &str, value: Option<&str>) -> Result<()> {
         let mut vars = self.env()?;
         vars.retain(|(k, _)| k != key);
@@ -47,8 +51,17 @@ impl Grub {
             vars.push((key.to_owned(), v.to_owned()));
         }
         let block = format_env(&vars)?;
-        persist::write_atomic(&self.env_path(), &block, 0o644)
-            .with_context(|| format!("writing {}", self.env_path().display()))
+        let path = self.env_path();
+        let context = || format!("writing {}", path.display());
+        match OpenOptions::new().write(true).open(&path) {
+            Ok(mut f) if f.metadata().with_context(context)?.len() == BLOCK as u64 => {
+                f.write_all(&block).with_context(context)?;
+                f.sync_all().with_context(context)?;
+            }
+            _ => persist::write_atomic(&path, &block, 0o644).with_context(context)?,
+        }
+        let dir = File::open(&self.dir).with_context(|| format!("opening {}", self.dir.display()))?;
+        rustix::fs::syncfs(&dir).with_context(|| format!("flushing the file system of {}", self.dir.display()))
     }
 
     /// The `next_entry` path ("submenu title>entry title") of the menu entry that boots
