@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, fdo, interface};
@@ -124,10 +124,21 @@ pub async fn serve_forever(agent: Arc<Agent>) {
     if !agent.config.dbus {
         return;
     }
+    // Said once per kind of failure: a device without a bus would otherwise fill its
+    // journal with the same line every few seconds.
+    let mut last = String::new();
     loop {
         match serve(agent.clone()).await {
             Ok(()) => return,
-            Err(e) => warn!("D-Bus system bus: {e:#}; retrying in 5 s"),
+            Err(e) => {
+                let text = format!("{e:#}");
+                if text != last {
+                    warn!("D-Bus system bus: {text}; retrying every 5 s");
+                } else {
+                    debug!("D-Bus system bus: {text}; retrying in 5 s");
+                }
+                last = text;
+            }
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
