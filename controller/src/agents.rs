@@ -127,6 +127,7 @@ async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str) -> Resul
     let device = match ctl.db.device_by_key(&key_text)? {
         Some(d) if d.revoked => bail!("device {} is revoked", d.name),
         Some(d) => d.name,
+        None if ctl.db.key_revoked(&key_text)? => bail!("this device key was revoked; enrolling takes a new key"),
         None => {
             let Some(token) = enrollment_token else { bail!("unknown device key and no enrollment token") };
             enroll(ctl, &token, &key_text)?

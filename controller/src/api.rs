@@ -141,6 +141,10 @@ fn enrollment(ctl: &Controller, name: &str, token: &str) -> Value {
 
 async fn reenroll(State(ctl): State<Arc<Controller>>, Path(name): Path<String>) -> ApiResult {
     let token = ctl.db.reenroll(&name, ctl.settings.token_ttl.as_secs() as i64)?;
+    // Its key was revoked: a connection made with it ends.
+    if let Some(conn) = ctl.conn(&name) {
+        ctl.unregister(&conn);
+    }
     Ok(Json(enrollment(&ctl, &name, &token)))
 }
 
@@ -156,6 +160,9 @@ async fn revoke(State(ctl): State<Arc<Controller>>, Path(name): Path<String>) ->
 #[serde(default)]
 struct ArtifactRequest {
     commit: Option<String>,
+    /// An image for an enrolled device carries a token for a new key, which revokes the
+    /// enrolled one: only when asked.
+    replace_key: bool,
     device: Option<String>,
     config: Option<String>,
     expires_in: Option<u64>,
@@ -167,7 +174,7 @@ async fn device_image(
     body: Option<Json<ArtifactRequest>>,
 ) -> ApiResult {
     let req = body.map(|b| b.0).unwrap_or_default();
-    let task = crate::artifacts::start_image(&ctl, &name, req.commit.as_deref()).await?;
+    let task = crate::artifacts::start_image(&ctl, &name, req.commit.as_deref(), req.replace_key).await?;
     task_json(&ctl, task)
 }
 

@@ -70,30 +70,58 @@ fn resolve(ctl: &Controller, commit: Option<&str>) -> Result<String> {
 }
 
 /// Builds a disk image for `device` (its configuration at `commit`), carrying an agent
-/// configuration with a fresh enrollment token.
-pub async fn start_image(ctl: &Arc<Controller>, device: &str, commit: Option<&str>) -> Result<i64> {
+/// configuration with a fresh enrollment token. For an enrolled device that token is for
+/// a new key, and the enrolled one is revoked: only with `replace_key`.
+pub async fn start_image(ctl: &Arc<Controller>, device: &str, commit: Option<&str>, replace_key: bool) -> Result<i64> {
     let d = ctl.db.device(device)?.ok_or_else(|| anyhow!("no device {device:?}"))?;
     if d.revoked {
         bail!("device {device} is revoked");
+    }
+    if d.enrolled && !replace_key {
+        bail!(
+            "device {device} is enrolled (key {}): its image carries a token for a new key, and building it \
+             revokes the enrolled one (the device as it runs now is locked out); pass --replace-key to do that",
+            d.key_fingerprint.as_deref().unwrap_or("?")
+        );
     }
     let commit = resolve(ctl, commit)?;
     let task = ctl.db.create_task("image", Some(&commit), None, Some(&d.config), false, None)?;
     let ctl2 = ctl.clone();
     let device = device.to_owned();
     tokio::spawn(async move {
-        let r = make_image(&ctl2, task, &device, &d.config, &commit).await;
+        let r = make_image(&ctl2, task, &device, &d.config, &commit, replace_key).await;
         finish(&ctl2, task, r);
     });
     Ok(task)
 }
 
-async fn make_image(ctl: &Arc<Controller>, task: i64, device: &str, config: &str, commit: &str) -> Result<String> {
+async fn make_image(
+    ctl: &Arc<Controller>,
+    task: i64,
+    device: &str,
+    config: &str,
+    commit: &str,
+    replace_key: bool,
+) -> Result<String> {
     ctl.db.set_task_state(task, TaskState::Running, None, None)?;
     let system = build::build(ctl, task, commit, config).await?;
     let out = dir(ctl, task);
     private_dir(&out)?;
     let scratch = tempfile::tempdir_in(&ctl.paths.root)?;
-    let token = ctl.db.issue_token(device, ctl.settings.token_ttl.as_secs() as i64)?;
+    let ttl = ctl.settings.token_ttl.as_secs() as i64;
+    let token = match ctl.db.device(device)? {
+        Some(d) if d.enrolled && !replace_key => bail!("device {device} enrolled meanwhile; pass --replace-key"),
+        Some(d) if d.enrolled => {
+            let fingerprint = d.key_fingerprint.unwrap_or_default();
+            let token = ctl.db.reenroll(device, ttl)?;
+            if let Some(conn) = ctl.conn(device) {
+                ctl.unregister(&conn);
+            }
+            ctl.db.log(task, None, &format!("revoked the enrolled key {fingerprint} of {device} (--replace-key)"))?;
+            token
+        }
+        _ => ctl.db.issue_token(device, ttl)?,
+    };
     let agent_config = scratch.path().join("agent.toml");
     std::fs::write(&agent_config, ctl.agent_config(device, &token))?;
     ctl.db.log(task, None, &format!("making the image of {device} ({system}); it carries a new enrollment token"))?;

@@ -94,7 +94,26 @@ CREATE TABLE sessions (
 );
 ALTER TABLE children ADD COLUMN paths_total INTEGER;
 "#,
+    r#"
+CREATE TABLE revoked_keys (
+    public_key TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    revoked INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO revoked_keys (public_key, device, revoked)
+    SELECT public_key, name, strftime('%s', 'now') FROM devices WHERE revoked = 1 AND public_key IS NOT NULL;
+"#,
 ];
+
+/// Records the device's enrolled key, if it has one, as revoked.
+fn revoke_key(tx: &rusqlite::Transaction<'_>, device: &str) -> Result<()> {
+    tx.execute(
+        "INSERT OR IGNORE INTO revoked_keys (public_key, device, revoked)
+         SELECT public_key, name, ?2 FROM devices WHERE name = ?1 AND public_key IS NOT NULL",
+        params![device, now()],
+    )?;
+    Ok(())
+}
 
 pub fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
@@ -222,6 +241,12 @@ impl Db {
         if revoked {
             bail!("device {device} is revoked");
         }
+        let key_revoked: Option<String> = tx
+            .query_row("SELECT device FROM revoked_keys WHERE public_key = ?1", params![public_key], |r| r.get(0))
+            .optional()?;
+        if let Some(was) = key_revoked {
+            bail!("this key was revoked (it was {was}'s); enrolling takes a new key");
+        }
         tx.execute("UPDATE enrollment_tokens SET used = 1 WHERE hash = ?1", params![presented])?;
         tx.execute("UPDATE devices SET public_key = NULL WHERE public_key = ?1", params![public_key])?;
         tx.execute("UPDATE devices SET public_key = ?1 WHERE name = ?2", params![public_key, device])?;
@@ -229,23 +254,45 @@ impl Db {
         Ok(device)
     }
 
+    /// The device's key (if any) can never log in or enroll again, and its tokens are gone.
     pub fn revoke(&self, name: &str) -> Result<()> {
-        let c = self.c();
-        let n = c.execute("UPDATE devices SET revoked = 1 WHERE name = ?1", params![name])?;
+        let mut c = self.c();
+        let tx = c.transaction()?;
+        let n = tx.execute("UPDATE devices SET revoked = 1 WHERE name = ?1", params![name])?;
         if n == 0 {
             bail!("no device {name}");
         }
-        c.execute("DELETE FROM enrollment_tokens WHERE device = ?1", params![name])?;
+        revoke_key(&tx, name)?;
+        tx.execute("DELETE FROM enrollment_tokens WHERE device = ?1", params![name])?;
+        tx.commit()?;
         Ok(())
     }
 
-    /// Re-imaging: a new token, and the device may enroll a new key with it.
+    /// Re-enrollment (re-imaging, a replaced device): the enrolled key, if any, is
+    /// revoked for good, and a new token lets the device enroll a new one.
     pub fn reenroll(&self, name: &str, ttl: i64) -> Result<String> {
-        let n = self.c().execute("UPDATE devices SET revoked = 0 WHERE name = ?1", params![name])?;
-        if n == 0 {
-            bail!("no device {name}");
+        {
+            let mut c = self.c();
+            let tx = c.transaction()?;
+            let n = tx.execute("UPDATE devices SET revoked = 0 WHERE name = ?1", params![name])?;
+            if n == 0 {
+                bail!("no device {name}");
+            }
+            revoke_key(&tx, name)?;
+            tx.execute("UPDATE devices SET public_key = NULL WHERE name = ?1", params![name])?;
+            tx.commit()?;
         }
         self.issue_token(name, ttl)
+    }
+
+    /// Whether this key was revoked (it can never log in again).
+    pub fn key_revoked(&self, public_key: &str) -> Result<bool> {
+        let n: i64 = self.c().query_row(
+            "SELECT COUNT(*) FROM revoked_keys WHERE public_key = ?1",
+            params![public_key],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
     }
 
     fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
@@ -676,6 +723,27 @@ mod tests {
         let again = db.reenroll("d1", 60).expect("reenroll");
         db.revoke("d1").expect("revoke");
         assert!(db.enroll(&again, "k:4").is_err(), "revoked device enrolled");
+    }
+
+    #[test]
+    fn a_revoked_key_never_comes_back() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let db = Db::open(&tmp.path().join("db.sqlite")).expect("open");
+        db.add_device("d1", "kiosk").expect("add");
+        db.enroll(&db.issue_token("d1", 60).expect("token"), "k:old").expect("enroll");
+        db.revoke("d1").expect("revoke");
+        assert!(db.key_revoked("k:old").expect("query"));
+        // Re-enrolled: the old key is not the device's any more, and cannot enroll again.
+        let token = db.reenroll("d1", 60).expect("reenroll");
+        assert_eq!(db.device_by_key("k:old").expect("query"), None, "the revoked key still logs in");
+        let err = db.enroll(&token, "k:old").expect_err("the revoked key enrolled again");
+        assert!(err.to_string().contains("revoked"), "{err}");
+        assert_eq!(db.enroll(&token, "k:new").expect("a new key enrolls"), "d1");
+        // Re-enrolling an enrolled device (never revoked) revokes its key too.
+        let token = db.reenroll("d1", 60).expect("reenroll");
+        assert!(db.key_revoked("k:new").expect("query"));
+        assert_eq!(db.device_by_key("k:new").expect("query"), None);
+        assert!(db.enroll(&token, "k:new").is_err());
     }
 
     #[test]

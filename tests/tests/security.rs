@@ -48,6 +48,43 @@ fn used_tokens_revoked_devices_and_unpinned_controllers_are_refused() {
     wait_for("d1 to be refused", Duration::from_secs(30), || f.device("d1").log().contains("is revoked").then_some(()));
     f.wait_offline("d1");
 
+    // Re-enrolled (a new image): the stolen device's key stays out, even holding the
+    // new token; only a new key enrolls with it.
+    let v = f.controller.ctl_json(&["device", "reenroll", "d1"]);
+    let token = v["enrollment_token"].as_str().expect("token").to_owned();
+    let path = f.device("d1").dir.join("agent.toml");
+    let with_token = |text: &str| -> String {
+        let mut lines: Vec<String> =
+            text.lines().filter(|l| !l.starts_with("enrollment_token")).map(str::to_owned).collect();
+        lines.push(format!("enrollment_token = {token:?}"));
+        lines.join("\n") + "\n"
+    };
+    let text = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(&path, with_token(&text)).expect("write");
+    let dev = f.device_mut("d1");
+    dev.kill9();
+    dev.start().expect("start");
+    wait_for("the revoked key to be refused", Duration::from_secs(30), || {
+        f.device("d1").log().contains("this device key was revoked").then_some(())
+    });
+    assert_eq!(f.device_row("d1")["enrolled"], false, "{}", f.device_row("d1"));
+    let dev = f.device_mut("d1");
+    dev.kill9();
+    // A new image: a new key, no state.
+    std::fs::remove_dir_all(dev.state_dir()).expect("rm");
+    std::fs::create_dir_all(dev.state_dir()).expect("mkdir");
+    dev.start().expect("start");
+    f.wait_online("d1");
+    assert_eq!(f.device_row("d1")["enrolled"], true);
+
+    // Imaging an enrolled device would lock it out: only with --replace-key.
+    let set = f.tmp.path().join("d1-image");
+    let out = f.controller.ctl(&["image", "d1", "--out", &set.to_string_lossy()]);
+    assert!(!out.status.success(), "an image for an enrolled device was made without --replace-key");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--replace-key") && err.contains("enrolled"), "{err}");
+    f.wait_online("d1");
+
     // An agent that pins another controller identity does nothing with this one.
     f.add_device("pinned", "alpha", false).expect("device");
     let path = f.device("pinned").dir.join("agent.toml");

@@ -87,6 +87,10 @@ pub enum Cmd {
         /// Directory for the image set (NAME.img.zst, .sha256, .bmap, manifest.json).
         #[arg(long)]
         out: std::path::PathBuf,
+        /// For an enrolled device: the image enrolls a new key, and the enrolled one is
+        /// revoked when the image is made (the device as it runs now is locked out).
+        #[arg(long)]
+        replace_key: bool,
     },
     /// Build an offline update bundle for a device or a configuration and download it.
     Bundle {
@@ -118,7 +122,8 @@ pub enum DeviceCmd {
         #[arg(long)]
         config: String,
     },
-    /// Issue a new enrollment token (re-imaging).
+    /// Issue a new enrollment token for a new key (re-imaging); the enrolled key, if
+    /// any, is revoked.
     Reenroll { name: String },
     /// Refuse the device from now on.
     Revoke { name: String },
@@ -170,8 +175,9 @@ pub fn run(cli: Cli) -> Result<u8> {
     let c = Client::new(&cli.connection)?;
     match &cli.command {
         Cmd::Status | Cmd::Rollback | Cmd::InstallBundle { .. } => {}
-        Cmd::Image { device, commit, out: dir } => {
-            let task = c.call("POST", &format!("/devices/{device}/image"), Some(json!({ "commit": commit })))?;
+        Cmd::Image { device, commit, out: dir, replace_key } => {
+            let body = json!({ "commit": commit, "replace_key": replace_key });
+            let task = c.call("POST", &format!("/devices/{device}/image"), Some(body))?;
             let done = artifacts(&c, &task, !cli.json, |name| dir.join(name))?;
             out(&done, &|t| println!("image of {device} in {} ({})", dir.display(), s(&t["system"])));
             return Ok(if done["result"] == "succeeded" { 0 } else { EXIT_UNSUCCESSFUL });
