@@ -359,3 +359,79 @@ fn a_scripted_controller_cannot_make_the_agent_take_bad_offers_or_bad_paths() {
         (log.contains("Message too long") || log.contains("exceeds the limit")).then_some(())
     });
 }
+
+/// A scripted controller API that answers thymisctl's image requests and names its one
+/// artifact `name`; returns its base URL. Each connection gets one answer and is closed.
+fn scripted_api(name: &'static str) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut request = String::new();
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            let mut length = 0usize;
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+                    break;
+                }
+                if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let path = request.split_whitespace().nth(1).unwrap_or_default().to_owned();
+            let task = r#"{"id":1,"kind":"image","state":"finished","result":"succeeded","system":"/nix/store/x"}"#;
+            let (kind, text) = if path.ends_with("/image") {
+                ("application/json", task.to_owned())
+            } else if path.ends_with("/events") {
+                ("text/event-stream", format!("event: task\ndata: {task}\n\n"))
+            } else if path.ends_with("/artifacts") {
+                ("application/json", format!(r#"[{{"name":{name:?},"size":5}}]"#))
+            } else {
+                ("application/octet-stream", "owned".to_owned())
+            };
+            let mut out = stream;
+            let _ = write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                text.len()
+            );
+        }
+    });
+    url
+}
+
+/// `thymisctl image` writes only plain file names under `--out`, whatever the server
+/// names its artifacts.
+#[test]
+fn thymisctl_refuses_artifact_names_that_leave_the_output_directory() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("set");
+    let run = |url: &str| {
+        Command::new(thymis_fleet_tests::bin("thymisctl"))
+            .args(["--controller", url, "--token", "t", "image", "d1", "--out"])
+            .arg(&out)
+            .output()
+            .expect("thymisctl")
+    };
+    for hostile in ["../escape", "/tmp/escape", "..", ".hidden"] {
+        let o = run(&scripted_api(hostile));
+        assert!(!o.status.success(), "{hostile}: {}", String::from_utf8_lossy(&o.stdout));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("not a plain file name"), "{hostile}: {err}");
+        assert!(!tmp.path().join("escape").exists(), "{hostile}: written outside --out");
+        assert!(!std::path::Path::new("/tmp/escape").exists(), "{hostile}: written outside --out");
+    }
+    // A plain name is downloaded, for the owner only (images carry an enrollment token).
+    let o = run(&scripted_api("d1.img.zst"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let meta = std::fs::metadata(out.join("d1.img.zst")).expect("downloaded");
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o600);
+}

@@ -67,7 +67,13 @@ impl Client {
             bail!("downloading {path}: {}", resp.status());
         }
         let tmp = dest.with_extension("part");
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        // Images and bundles can hold secrets (an enrollment token): only for the owner.
+        let mut f = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true),
+            0o600,
+        )
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
         std::io::copy(&mut resp.body_mut().with_config().limit(u64::MAX).reader(), &mut f)?;
         f.sync_all()?;
         std::fs::rename(&tmp, dest)?;

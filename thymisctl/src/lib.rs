@@ -288,6 +288,7 @@ pub fn artifacts(c: &Client, task: &Value, show: bool, dest: impl Fn(&str) -> st
     }
     for f in c.call("GET", &format!("/tasks/{id}/artifacts"), None)?.as_array().cloned().unwrap_or_default() {
         let name = s(&f["name"]);
+        check_artifact_name(&name)?;
         let path = dest(&name);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -298,6 +299,20 @@ pub fn artifacts(c: &Client, task: &Value, show: bool, dest: impl Fn(&str) -> st
         }
     }
     Ok(done)
+}
+
+/// An artifact's name as the server gives it becomes a file name under `--out`: a
+/// plain name only (no `/`, no `..`, no leading dot), or the server could write anywhere.
+pub fn check_artifact_name(name: &str) -> Result<()> {
+    let plain = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && !name.contains("..")
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b));
+    if !plain {
+        bail!("the controller named an artifact {name:?}, which is not a plain file name: refused");
+    }
+    Ok(())
 }
 
 /// Whether every child ended `succeeded` or `succeeded-with-failed-units`.

@@ -76,7 +76,7 @@ async function devicesView() {
           <td data-testid="device-commit"><code>${short(d.commit)}</code></td>
           <td class="wrap"><code title="${esc(d.system)}">${storeName(d.system)}</code></td>
           <td>${last[d.name] ? resultText(last[d.name]) : '<span class="muted">–</span>'}</td>
-          <td><button data-image="${esc(d.name)}">Download image</button></td>
+          <td><button data-image="${esc(d.name)}" data-enrolled="${d.enrolled ? "yes" : ""}">Download image</button></td>
         </tr>`).join("")}</tbody>
     </table></div>
     <h2>Add a device</h2>
@@ -87,8 +87,15 @@ async function devicesView() {
     </form>
     <div id="enrollment"></div>`;
   main.querySelectorAll("[data-image]").forEach((b) => (b.onclick = async () => {
-    const t = await api("POST", `/api/v1/devices/${encodeURIComponent(b.dataset.image)}/image`, {});
-    location.hash = `#/tasks/${t.id}`;
+    // An enrolled device's image enrolls a new key and revokes the one it runs with.
+    const replace = !!b.dataset.enrolled;
+    if (replace && !confirm(`${b.dataset.image} is enrolled: its image enrolls a new key, and the device as it runs now is locked out. Make the image?`)) return;
+    try {
+      const t = await api("POST", `/api/v1/devices/${encodeURIComponent(b.dataset.image)}/image`, { replace_key: replace });
+      location.hash = `#/tasks/${t.id}`;
+    } catch (err) {
+      alert(err.message);
+    }
   }));
   document.getElementById("add-device").onsubmit = async (e) => {
     e.preventDefault();
