@@ -217,6 +217,10 @@ impl Controller {
         let project = Project::new(&paths.project);
         project.init_if_missing().context("creating the project repository")?;
         let db = Db::open(&paths.db)?;
+        let ended = db.end_sessions_of_other_tokens(&admin_token)?;
+        if ended > 0 {
+            tracing::warn!(sessions = ended, "the admin token changed: every browser session ended");
+        }
         let (connected, _) = broadcast::channel(1024);
         let (task_changed, _) = broadcast::channel(1024);
         let handshakes = Arc::new(Semaphore::new(settings.max_unauthenticated));

@@ -103,6 +103,9 @@ CREATE TABLE revoked_keys (
 INSERT OR IGNORE INTO revoked_keys (public_key, device, revoked)
     SELECT public_key, name, strftime('%s', 'now') FROM devices WHERE revoked = 1 AND public_key IS NOT NULL;
 "#,
+    r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+"#,
 ];
 
 /// Records the device's enrolled key, if it has one, as revoked.
@@ -491,6 +494,23 @@ impl Db {
                 |r| r.get(0),
             )
             .optional()?)
+    }
+
+    /// Sessions were opened with the admin token: a new token (rotated) ends them all.
+    /// Returns how many ended.
+    pub fn end_sessions_of_other_tokens(&self, admin_token: &str) -> Result<usize> {
+        let current = hash_token(&format!("admin-token:{admin_token}"));
+        let mut c = self.c();
+        let tx = c.transaction()?;
+        let stored: Option<Vec<u8>> =
+            tx.query_row("SELECT value FROM meta WHERE key = 'admin_token_hash'", [], |r| r.get(0)).optional()?;
+        let mut ended = 0;
+        if stored.as_deref() != Some(current.as_slice()) {
+            ended = tx.execute("DELETE FROM sessions", [])?;
+            tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('admin_token_hash', ?1)", params![current])?;
+        }
+        tx.commit()?;
+        Ok(ended)
     }
 
     pub fn delete_session(&self, id: &str) -> Result<()> {

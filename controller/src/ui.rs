@@ -1,5 +1,5 @@
 //! The web UI: static assets embedded in the binary (no build step), and browser
-//! sessions. A session is an HttpOnly, SameSite=Strict cookie (Secure under TLS) whose
+//! sessions. A session is an HttpOnly, SameSite=Strict cookie (Secure under https) whose
 //! hash the database keeps; every state-changing request made with it must carry the
 //! session's CSRF token in `X-CSRF-Token`.
 
@@ -66,7 +66,10 @@ pub async fn login(State(ctl): State<Arc<Controller>>, Json(req): Json<Login>) -
     }
     match ctl.db.create_session(SESSION_TTL) {
         Ok((id, csrf)) => {
-            let secure = if ctl.settings.tls_sha256.is_some() { "; Secure" } else { "" };
+            // Secure wherever browsers reach it over https (TLS here, or a proxy's).
+            let url = &ctl.settings.public_url;
+            let https = ctl.settings.tls_sha256.is_some() || url.starts_with("https://") || url.starts_with("wss://");
+            let secure = if https { "; Secure" } else { "" };
             let cookie = format!("{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={SESSION_TTL}{secure}");
             ([(header::SET_COOKIE, cookie)], Json(json!({ "csrf": csrf }))).into_response()
         }

@@ -144,7 +144,7 @@ fn a_path_signed_by_an_untrusted_key_is_refused_and_nothing_is_imported() {
 
 #[test]
 fn browser_sessions_need_the_csrf_token_to_change_anything() {
-    let f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
     let jar = f.tmp.path().join("cookies");
     let base = f.controller.base_url();
     let curl = |args: &[&str]| {
@@ -182,6 +182,19 @@ fn browser_sessions_need_the_csrf_token_to_change_anything() {
     assert_eq!(code, "200");
     let (code, _) = curl(&[&format!("{base}/api/v1/devices")]);
     assert_eq!(code, "401");
+
+    // A session outlives a restart of the controller, not a new admin token.
+    let (code, body) = curl(&["-H", "Content-Type: application/json", "-d", &login, &format!("{base}/ui/login")]);
+    assert_eq!(code, "200", "{body}");
+    f.controller.restart().expect("restart");
+    let (code, _) = curl(&[&format!("{base}/api/v1/devices")]);
+    assert_eq!(code, "200", "a restart ended the session");
+    std::fs::write(f.controller.state_dir.join("admin-token"), "a-rotated-admin-token-0123456789abcdef\n")
+        .expect("rotate");
+    f.controller.restart().expect("restart");
+    let (code, _) = curl(&[&format!("{base}/api/v1/devices")]);
+    assert_eq!(code, "401", "a session of the old admin token still works");
+    assert!(f.controller.log().contains("every browser session ended"), "{}", f.controller.log());
 }
 
 #[test]
