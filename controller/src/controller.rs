@@ -202,6 +202,10 @@ impl Controller {
     pub fn open(settings: Settings) -> Result<Arc<Controller>> {
         let paths = Paths::new(&settings.state_dir);
         std::fs::create_dir_all(&paths.root).with_context(|| format!("creating {}", paths.root.display()))?;
+        // Keys, tokens, the database and artifacts with enrollment tokens: the owner's
+        // only, whatever the umask.
+        std::fs::set_permissions(&paths.root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .with_context(|| format!("making {} private", paths.root.display()))?;
         let identity = load_or_create_key(&paths.identity_key, "thymis-controller-1")?;
         let nix_key = load_or_create_key(&paths.nix_key, "thymis-1")?;
         let admin_token = match std::fs::read_to_string(&paths.admin_token) {

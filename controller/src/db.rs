@@ -167,8 +167,28 @@ fn hash_token(token: &str) -> Vec<u8> {
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db> {
+        // The owner's only, whatever the umask (SQLite gives its WAL the same mode).
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {} private", path.display()))?;
+        }
         let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            // Made by an older controller, perhaps under another umask.
+            let _ = std::fs::set_permissions(&side, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+        }
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;

@@ -224,7 +224,10 @@ pub struct Controller {
 impl Controller {
     fn start(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(bin("thymis-controller"))
+        // Under the most permissive umask: what must be private is made so explicitly.
+        let child = Command::new("sh")
+            .args(["-c", "umask 000; exec \"$0\" \"$@\""])
+            .arg(bin("thymis-controller"))
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(["--listen", &self.listen])

@@ -209,3 +209,19 @@ fn no_web_page_can_open_the_agent_socket() {
         .expect("curl");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
 }
+
+/// The controller runs under umask 000 here (the harness): its state directory, its
+/// database and the secrets in it are the owner's only all the same.
+#[test]
+fn the_controllers_state_is_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let mode = |name: &str| {
+        let p = f.controller.state_dir.join(name);
+        std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o777
+    };
+    assert_eq!(mode(""), 0o700, "the state directory");
+    for file in ["db.sqlite", "db.sqlite-wal", "identity.key", "nix-signing.key", "admin-token"] {
+        assert_eq!(mode(file), 0o600, "{file}");
+    }
+}

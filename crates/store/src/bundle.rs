@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! manifest.json            what, for whom, which sequence number, until when; the paths
-//! manifest.sig             identity-key signature over the exact bytes of manifest.json
+//! manifest.sig             identity-key signature over "thymis/bundle-manifest/v2\n" and
+//!                          the exact bytes of manifest.json
 //! info/<digest>.json       path info with Nix signatures   } per path,
 //! nar/<digest>.nar.zst     the path's NAR, zstd-compressed } dependencies first
 //! ```
@@ -30,7 +31,7 @@ use crate::store_path::StorePath;
 use crate::zstd_limits;
 
 /// The bundle format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Largest manifest accepted (a closure of tens of thousands of paths fits).
 const MAX_MANIFEST: u64 = 16 << 20;
 const MAX_INFO: u64 = 1 << 20;
@@ -121,6 +122,12 @@ pub enum BundleError {
     Refused(String),
 }
 
+/// What the identity key signs for a manifest: its bytes under their own context, so
+/// no signature the key makes for anything else (offers, the handshake) can pass for one.
+fn manifest_message(manifest: &[u8]) -> Vec<u8> {
+    [b"thymis/bundle-manifest/v2\n".as_slice(), manifest].concat()
+}
+
 /// Writes a bundle for `infos` (the closure, dependencies first, already signed with the
 /// Nix key), reading NARs from `store`. `manifest.paths` is filled in from `infos`.
 pub fn write<W: Write>(
@@ -137,7 +144,7 @@ pub fn write<W: Write>(
         .map(|i| ManifestPath { path: i.path.clone(), nar_hash: i.nar_hash, nar_size: i.nar_size })
         .collect();
     let manifest_bytes = serde_json::to_vec_pretty(&manifest).map_err(BundleError::Manifest)?;
-    let sig = identity.sign(&manifest_bytes);
+    let sig = identity.sign(&manifest_message(&manifest_bytes));
     let mut tar = tar::Builder::new(out);
     let mtime = manifest.created;
     append(&mut tar, "manifest.json", mtime, manifest_bytes.len() as u64, &mut manifest_bytes.as_slice())?;
@@ -219,7 +226,12 @@ pub fn read<R: Read>(
     next("manifest.json", MAX_MANIFEST)?.read_to_end(&mut manifest_bytes)?;
     let mut sig = String::new();
     next("manifest.sig", 4096)?.read_to_string(&mut sig)?;
-    if !verify_any(&manifest_bytes, &[sig.trim().to_owned()], identity_keys) {
+    let sig = [sig.trim().to_owned()];
+    if !verify_any(&manifest_message(&manifest_bytes), &sig, identity_keys) {
+        // Format 1 signed the bare manifest: say so rather than "not signed".
+        if verify_any(&manifest_bytes, &sig, identity_keys) {
+            return Err(BundleError::Format(1));
+        }
         return Err(BundleError::BadManifestSignature);
     }
     let manifest: Manifest = serde_json::from_slice(&manifest_bytes).map_err(BundleError::Manifest)?;

@@ -209,6 +209,7 @@ struct BundleFixture {
     scratch: PathBuf,
     bytes: Vec<u8>,
     identity: PublicKey,
+    identity_secret: SecretKey,
     nix_key: PublicKey,
     infos: Vec<PathInfo>,
 }
@@ -236,7 +237,15 @@ fn bundle_fixture() -> BundleFixture {
     };
     let scratch = tmp.path().to_owned();
     let bytes = bundle::write(Vec::new(), manifest, &identity, &host, &infos, &scratch).expect("write bundle");
-    BundleFixture { scratch, bytes, identity: identity.public(), nix_key: nix_sk.public(), infos, _tmp: tmp }
+    BundleFixture {
+        scratch,
+        bytes,
+        identity: identity.public(),
+        identity_secret: identity,
+        nix_key: nix_sk.public(),
+        infos,
+        _tmp: tmp,
+    }
 }
 
 fn everything(m: &Manifest) -> Result<HashSet<StorePath>, BundleError> {
@@ -306,6 +315,34 @@ fn tampered_bundles_are_refused() {
 
     // Cut short.
     assert!(read(&f.bytes[..f.bytes.len() / 2], &f.identity, &f.nix_key).is_err());
+
+    // The identity key's signature over the bare manifest (what it might sign in
+    // another context) does not make a bundle.
+    let (json_at, json_len) = tar_entry(&f.bytes, "manifest.json");
+    let (sig_at, sig_len) = tar_entry(&f.bytes, "manifest.sig");
+    let bare = f.identity_secret.sign(&f.bytes[json_at..json_at + json_len]);
+    assert_eq!(bare.len(), sig_len);
+    let mut b = f.bytes.clone();
+    b[sig_at..sig_at + sig_len].copy_from_slice(bare.as_bytes());
+    assert!(
+        matches!(read(&b, &f.identity, &f.nix_key), Err(BundleError::Format(1))),
+        "a context-free signature passed"
+    );
+}
+
+/// Where a tar entry's data starts, and its size.
+fn tar_entry(tar: &[u8], name: &str) -> (usize, usize) {
+    let mut at = 0;
+    while at + 512 <= tar.len() {
+        let header = &tar[at..at + 512];
+        let size_field = std::str::from_utf8(&header[124..136]).expect("size").trim_matches(['\0', ' ']);
+        let size = usize::from_str_radix(size_field, 8).unwrap_or(0);
+        if header.starts_with(name.as_bytes()) && header[name.len()] == 0 {
+            return (at + 512, size);
+        }
+        at += 512 + size.div_ceil(512) * 512;
+    }
+    panic!("no {name} in the bundle");
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
