@@ -10,7 +10,9 @@ use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
-use thymis_proto::handshake::{Nonce, controller_transcript, device_transcript, negotiate};
+use thymis_proto::handshake::{
+    Nonce, controller_transcript, device_transcript, enrollment_transcript, negotiate, proof_matches, welcome_message,
+};
 use thymis_proto::message::{DeviceReport, Outcome};
 use thymis_proto::signed::{Confirmation, Signed};
 use thymis_proto::{AgentBound, ControllerBound, decode_controller_bound, encode};
@@ -119,7 +121,9 @@ async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str) -> Resul
         },
     )
     .await?;
-    let ControllerBound::Auth { signature, enrollment_token } = recv(ws).await? else { bail!("expected auth") };
+    let ControllerBound::Auth { signature, enrollment_token, enrollment_proof } = recv(ws).await? else {
+        bail!("expected auth")
+    };
     if !device_key.verifies(&device_transcript(&client_nonce, &server_nonce, session, &identity), &signature) {
         bail!("device failed to prove possession of its key");
     }
@@ -128,12 +132,18 @@ async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str) -> Resul
         Some(d) if d.revoked => bail!("device {} is revoked", d.name),
         Some(d) => d.name,
         None if ctl.db.key_revoked(&key_text)? => bail!("this device key was revoked; enrolling takes a new key"),
+        None if enrollment_token.is_some() => bail!(
+            "this agent sent its enrollment token in the clear, where whoever saw it could enroll another \
+             key with it: upgrade the agent (it proves it holds the token instead)"
+        ),
         None => {
-            let Some(token) = enrollment_token else { bail!("unknown device key and no enrollment token") };
-            enroll(ctl, &token, &key_text)?
+            let Some(proof) = enrollment_proof else { bail!("unknown device key and no enrollment token") };
+            let transcript = enrollment_transcript(&client_nonce, &server_nonce, session, &device_key, &identity);
+            enroll(ctl, |token_hash| proof_matches(&proof, token_hash, &transcript), &key_text)?
         }
     };
     let config = ctl.db.device(&device)?.map(|d| d.config).unwrap_or_default();
+    let signature = ctl.identity.sign(&welcome_message(session, &device_key, &device, &config));
     send(
         ws,
         &AgentBound::Welcome {
@@ -141,13 +151,14 @@ async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str) -> Resul
             config,
             heartbeat_secs: ctl.settings.heartbeat.as_secs().max(1),
             dead_after_secs: ctl.settings.dead_after.as_secs().max(2),
+            signature: Some(signature),
         },
     )
     .await?;
     Ok(device)
 }
 
-fn enroll(ctl: &Controller, token: &str, key: &str) -> Result<String> {
+fn enroll(ctl: &Controller, proves: impl Fn(&[u8; 32]) -> bool, key: &str) -> Result<String> {
     {
         let mut f = lock(&ctl.enroll_failures);
         if f.0.elapsed() > Duration::from_secs(60) {
@@ -157,7 +168,7 @@ fn enroll(ctl: &Controller, token: &str, key: &str) -> Result<String> {
             bail!("too many failed enrollments; try again in a minute");
         }
     }
-    match ctl.db.enroll(token, key) {
+    match ctl.db.enroll_with(proves, key) {
         Ok(device) => {
             let fp = key.parse::<PublicKey>().map(|k| k.short_fingerprint()).unwrap_or_default();
             info!(%device, fingerprint = %fp, "device enrolled");

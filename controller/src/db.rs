@@ -232,27 +232,29 @@ impl Db {
         c.execute("DELETE FROM enrollment_tokens WHERE device = ?1", params![device])?;
         c.execute(
             "INSERT INTO enrollment_tokens (hash, device, expires) VALUES (?1, ?2, ?3)",
-            params![hash_token(&token), device, now() + ttl],
+            params![thymis_proto::handshake::token_hash(&token).to_vec(), device, now() + ttl],
         )?;
         Ok(token)
     }
 
     /// Binds `public_key` to the device whose token this is; the token is used up.
     pub fn enroll(&self, token: &str, public_key: &str) -> Result<String> {
-        let presented = hash_token(token);
+        let presented = thymis_proto::handshake::token_hash(token);
+        self.enroll_with(|stored| bool::from(stored.ct_eq(&presented)), public_key)
+    }
+
+    /// Binds `public_key` to the device of the token (known by its hash) that `proves`
+    /// accepts: an agent's proof is checked against each token's hash, since the
+    /// token itself never arrives. The token is used up.
+    pub fn enroll_with(&self, proves: impl Fn(&[u8; 32]) -> bool, public_key: &str) -> Result<String> {
         let mut c = self.c();
         let tx = c.transaction()?;
-        let row: Option<(Vec<u8>, String, i64, bool)> = tx
-            .query_row(
-                "SELECT hash, device, expires, used FROM enrollment_tokens WHERE hash = ?1",
-                params![presented],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .optional()?;
-        let Some((stored, device, expires, used)) = row else { bail!("unknown enrollment token") };
-        if !bool::from(stored.ct_eq(&presented)) {
-            bail!("unknown enrollment token");
-        }
+        let rows: Vec<(Vec<u8>, String, i64, bool)> = tx
+            .prepare("SELECT hash, device, expires, used FROM enrollment_tokens")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let found = rows.into_iter().find(|(hash, ..)| <[u8; 32]>::try_from(hash.as_slice()).is_ok_and(|h| proves(&h)));
+        let Some((presented, device, expires, used)) = found else { bail!("unknown enrollment token") };
         if used {
             bail!("enrollment token already used");
         }

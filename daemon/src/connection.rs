@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
-use thymis_proto::handshake::{Nonce, controller_transcript, device_transcript};
+use thymis_proto::handshake::{
+    Nonce, controller_transcript, device_transcript, enrollment_proof, enrollment_transcript, token_hash,
+    welcome_message,
+};
 use thymis_proto::{AgentBound, ControllerBound, DeltaBase, PROTOCOL_MAX, PROTOCOL_MIN, decode_agent_bound, encode};
 use thymis_store::signing::PublicKey;
 use tokio::sync::mpsc;
@@ -134,10 +137,21 @@ async fn handshake(agent: &Agent, ws: &mut Ws) -> Result<Established> {
         other => bail!("expected a challenge, got {other:?}"),
     };
     let transcript = device_transcript(&client_nonce, &server_nonce, &session, &controller_key);
+    // The token never crosses the wire: a proof bound to this connection and this key.
     let token = if agent.persisted().enrolled { None } else { agent.config.enrollment_token()? };
-    send(ws, &ControllerBound::Auth { signature: agent.device_key.sign(&transcript), enrollment_token: token }).await?;
+    let enrollment_proof = token.map(|t| {
+        let bound = enrollment_transcript(&client_nonce, &server_nonce, &session, &device_pub, &controller_key);
+        enrollment_proof(&token_hash(&t), &bound)
+    });
+    let signature = agent.device_key.sign(&transcript);
+    send(ws, &ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof }).await?;
     match recv(ws, false).await? {
-        AgentBound::Welcome { device, config, heartbeat_secs, dead_after_secs } => {
+        AgentBound::Welcome { device, config, heartbeat_secs, dead_after_secs, signature } => {
+            // The name and configuration it gives are what offers are checked against.
+            let signed = welcome_message(&session, &device_pub, &device, &config);
+            if !signature.is_some_and(|s| controller_key.verifies(&signed, &s)) {
+                bail!("the controller's welcome (device {device:?}) is not signed by its identity key: refused");
+            }
             agent.welcomed(&device, &config)?;
             info!(%device, %config, session = %session, "connected to the controller");
             Ok(Established {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use thymis_fleet_tests::{Fleet, FleetOptions, wait_for};
-use thymis_proto::handshake::{Nonce, controller_transcript};
+use thymis_proto::handshake::{Nonce, controller_transcript, welcome_message};
 use thymis_proto::signed::{Offer, Signed};
 use thymis_proto::{AgentBound, ControllerBound, decode_controller_bound, encode};
 use thymis_store::closure::sort_dependencies_first;
@@ -91,9 +91,8 @@ fn rogue_connections_are_refused_and_the_controller_stays_healthy() {
         let ck: PublicKey = controller_key.parse().expect("key");
         let sig =
             stranger.sign(&thymis_proto::handshake::device_transcript(&client_nonce, &server_nonce, &session, &ck));
-        ws.send(Message::text(encode(&ControllerBound::Auth { signature: sig, enrollment_token: None })))
-            .await
-            .expect("send");
+        let auth = ControllerBound::Auth { signature: sig, enrollment_token: None, enrollment_proof: None };
+        ws.send(Message::text(encode(&auth))).await.expect("send");
         let r = until_closed(&mut ws, Duration::from_secs(10)).await.unwrap_or_default();
         assert!(r.contains("unknown device key"), "{r}");
 
@@ -124,6 +123,11 @@ struct Peer {
 
 impl Peer {
     async fn accept(listener: &tokio::net::TcpListener, identity: &SecretKey) -> Peer {
+        Peer::accept_as(listener, identity, "d1", "d1").await
+    }
+
+    /// The handshake, welcoming the agent as `shown` with a signature over `signed`.
+    async fn accept_as(listener: &tokio::net::TcpListener, identity: &SecretKey, shown: &str, signed: &str) -> Peer {
         let (tcp, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
             .await
             .expect("the agent did not connect")
@@ -143,11 +147,13 @@ impl Peer {
         })
         .await;
         assert!(matches!(p.recv().await, ControllerBound::Auth { .. }));
+        let signature = identity.sign(&welcome_message(&p.session, &device_key, signed, "alpha"));
         p.send(&AgentBound::Welcome {
-            device: "d1".into(),
+            device: shown.into(),
             config: "alpha".into(),
             heartbeat_secs: 1,
             dead_after_secs: 30,
+            signature: Some(signature),
         })
         .await;
         p
@@ -434,4 +440,101 @@ fn thymisctl_refuses_artifact_names_that_leave_the_output_directory() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let meta = std::fs::metadata(out.join("d1.img.zst")).expect("downloaded");
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o600);
+}
+
+/// A relay between an agent and the controller renames the device in the welcome: the
+/// welcome's signature no longer holds, and the agent takes nothing from it.
+#[test]
+fn an_agent_refuses_a_welcome_that_renames_it() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let identity = SecretKey::generate("thymis-controller-1").expect("key");
+    let addr = format!("{}:9556", f.host_address());
+    let runtime = rt();
+    let listener = runtime.block_on(tokio::net::TcpListener::bind(&addr)).expect("listen");
+    let config = format!(
+        "controller_url = \"ws://{addr}/agent/v1\"\nallow_insecure_transport = true\nenrollment_token = \"x\"\n\
+         controller_identity_keys = [{:?}]\nnix_trusted_keys = [{:?}]\nreconnect_min = 0.2\nreconnect_max = 1.0\n",
+        identity.public().to_string(),
+        SecretKey::generate("thymis-1").expect("key").public().to_string()
+    );
+    f.add_raw_device("d1", &config, true).expect("device");
+    runtime.block_on(async {
+        // Signed for d1, shown as d2.
+        let _renamed = Peer::accept_as(&listener, &identity, "d2", "d1").await;
+        wait_for("the agent to refuse the welcome", Duration::from_secs(30), || {
+            f.device("d1").log().contains("is not signed by its identity key").then_some(())
+        });
+        let state = std::fs::read_to_string(f.device("d1").state_dir().join("state.json")).unwrap_or_default();
+        assert!(!state.contains("d2"), "the agent took the name from a forged welcome: {state}");
+        // A true welcome is taken.
+        let _true = Peer::accept(&listener, &identity).await;
+        wait_for("the agent to take the welcome", Duration::from_secs(30), || {
+            let state = std::fs::read_to_string(f.device("d1").state_dir().join("state.json")).unwrap_or_default();
+            state.contains("\"d1\"").then_some(())
+        });
+    });
+}
+
+/// Whoever sees an agent enroll cannot enroll another key with what it saw: the token
+/// never crosses the wire, and the proof sent instead holds only for that connection
+/// and that key. A token sent in the clear (an agent before the proof) is refused.
+#[test]
+fn a_sniffed_enrollment_cannot_enroll_another_key() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d2", "alpha", false).expect("device");
+    let config = std::fs::read_to_string(f.device("d2").dir.join("agent.toml")).expect("config");
+    let token = config
+        .lines()
+        .find_map(|l| l.strip_prefix("enrollment_token = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .expect("token");
+    let url = format!("ws://{}/agent/v1", f.controller.listen);
+    // What a listener saw of d2's enrollment on another connection: a proof for d2's key.
+    let seen_key = SecretKey::generate("thymis-device").expect("key").public();
+    rt().block_on(async {
+        for clear in [false, true] {
+            let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+            let relay = SecretKey::generate("thymis-device").expect("key");
+            let client_nonce = Nonce([6; 32]);
+            let hello = ControllerBound::Hello {
+                protocol_min: 1,
+                protocol_max: 1,
+                agent_version: "0".into(),
+                device_key: relay.public().to_string(),
+                client_nonce,
+            };
+            ws.send(Message::text(encode(&hello))).await.expect("send");
+            let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("no challenge") };
+            let Ok(AgentBound::Challenge { server_nonce, session, controller_key, .. }) =
+                thymis_proto::decode_agent_bound(t.as_str(), false)
+            else {
+                panic!("no challenge: {t}")
+            };
+            let ck: PublicKey = controller_key.parse().expect("key");
+            let signature =
+                relay.sign(&thymis_proto::handshake::device_transcript(&client_nonce, &server_nonce, &session, &ck));
+            let seen = thymis_proto::handshake::enrollment_transcript(
+                &Nonce([1; 32]),
+                &Nonce([2; 32]),
+                "the-other-session",
+                &seen_key,
+                &ck,
+            );
+            let proof = thymis_proto::handshake::enrollment_proof(&thymis_proto::handshake::token_hash(&token), &seen);
+            let auth = if clear {
+                ControllerBound::Auth { signature, enrollment_token: Some(token.clone()), enrollment_proof: None }
+            } else {
+                ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof: Some(proof) }
+            };
+            ws.send(Message::text(encode(&auth))).await.expect("send");
+            let r = until_closed(&mut ws, Duration::from_secs(10)).await.unwrap_or_default();
+            let expected = if clear { "in the clear" } else { "unknown enrollment token" };
+            assert!(r.contains(expected), "{r}");
+        }
+    });
+    assert_eq!(f.device_row("d2")["enrolled"], false, "another key enrolled as d2");
+    // The real agent, with the unspent token, enrolls.
+    f.device_mut("d2").start().expect("start");
+    f.wait_online("d2");
+    assert_eq!(f.device_row("d2")["enrolled"], true);
 }

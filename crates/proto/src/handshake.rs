@@ -5,20 +5,25 @@
 //!   Hello{versions, device_key, client_nonce}  ──▶
 //!   ◀── Challenge{version, controller_key, server_nonce, session, sig_controller}
 //!        agent checks controller_key is pinned and sig_controller is valid
-//!   Auth{sig_device, enrollment_token?}        ──▶
+//!   Auth{sig_device, enrollment_proof?}        ──▶
 //!        controller checks sig_device, then the key is enrolled (or enrolls it once)
-//!   ◀── Welcome{device, config, timings} | Refused{reason}
+//!   ◀── Welcome{device, config, timings, sig_welcome} | Refused{reason}
+//!        agent checks sig_welcome before it takes the name and configuration
 //! ```
 //!
 //! Both signatures cover both fresh nonces and the session id, so neither can be
-//! replayed on another connection. The enrollment token is sent only after the
-//! controller has proved its identity.
+//! replayed on another connection. The enrollment token itself never crosses the wire:
+//! the agent sends a proof that it holds it, bound to this connection and to its own
+//! key ([`enrollment_proof`]), so whoever sees the exchange cannot enroll another key.
 
 use std::fmt;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use thymis_store::signing::PublicKey;
 
 use crate::{PROTOCOL_MAX, PROTOCOL_MIN};
@@ -56,6 +61,45 @@ pub fn controller_transcript(client: &Nonce, server: &Nonce, session: &str, devi
 /// What the device signs to prove possession of its key.
 pub fn device_transcript(client: &Nonce, server: &Nonce, session: &str, controller_key: &PublicKey) -> Vec<u8> {
     transcript("device", client, server, session, &controller_key.to_string())
+}
+
+/// What the enrollment proof covers: this connection's nonces and session, the key
+/// being enrolled and the controller it enrolls with.
+pub fn enrollment_transcript(
+    client: &Nonce,
+    server: &Nonce,
+    session: &str,
+    device_key: &PublicKey,
+    controller_key: &PublicKey,
+) -> Vec<u8> {
+    let mut m = transcript("enroll", client, server, session, &device_key.to_string());
+    m.extend_from_slice(format!("\n{controller_key}").as_bytes());
+    m
+}
+
+/// What the controller keeps of an enrollment token: its SHA-256.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The agent's proof that it holds the token whose hash is `token_hash`: an HMAC keyed
+/// with that hash over the enrollment transcript, hex. The controller, which keeps only
+/// the hash, can check it; nobody can make one for another key or connection.
+pub fn enrollment_proof(token_hash: &[u8; 32], transcript: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(token_hash).expect("HMAC takes keys of any length");
+    mac.update(transcript);
+    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `proof` is the proof for `token_hash` over `transcript` (constant time).
+pub fn proof_matches(proof: &str, token_hash: &[u8; 32], transcript: &[u8]) -> bool {
+    bool::from(enrollment_proof(token_hash, transcript).as_bytes().ct_eq(proof.as_bytes()))
+}
+
+/// What the controller signs in its welcome: the name and configuration it gives the
+/// key on this connection, so a relay cannot rename a device.
+pub fn welcome_message(session: &str, device_key: &PublicKey, device: &str, config: &str) -> Vec<u8> {
+    format!("thymis/welcome/v1\n{session}\n{device_key}\n{device}\n{config}").into_bytes()
 }
 
 fn transcript(role: &str, client: &Nonce, server: &Nonce, session: &str, peer: &str) -> Vec<u8> {

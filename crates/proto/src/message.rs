@@ -35,6 +35,10 @@ pub enum AgentBound {
         heartbeat_secs: u64,
         /// Silence after which either side declares the connection dead.
         dead_after_secs: u64,
+        /// Identity-key signature over [`crate::handshake::welcome_message`]; an agent
+        /// refuses a welcome without one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signature: Option<String>,
     },
     /// The connection is refused; the reason is meant for a person.
     Refused {
@@ -103,9 +107,14 @@ pub enum ControllerBound {
     Auth {
         /// Device-key signature over [`crate::handshake::device_transcript`].
         signature: String,
-        /// Sent once, to enroll this key, and only after the controller proved itself.
+        /// Sent by agents before the enrollment proof; refused (a token in the clear
+        /// could be used by whoever saw it).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         enrollment_token: Option<String>,
+        /// Sent once, to enroll this key, and only after the controller proved itself:
+        /// [`crate::handshake::enrollment_proof`] of the token.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        enrollment_proof: Option<String>,
     },
     /// What the device runs and has pending; sent right after the handshake.
     Report(DeviceReport),

@@ -39,6 +39,7 @@ fn agent_bound() -> Vec<(&'static str, AgentBound)> {
                 config: "kiosk".into(),
                 heartbeat_secs: 15,
                 dead_after_secs: 45,
+                signature: Some("thymis-controller-1:c2ln".into()),
             },
         ),
         ("refused", AgentBound::Refused { reason: "enrollment token already used".into() }),
@@ -99,7 +100,11 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
         ),
         (
             "auth",
-            ControllerBound::Auth { signature: "thymis-device:c2ln".into(), enrollment_token: Some("tok".into()) },
+            ControllerBound::Auth {
+                signature: "thymis-device:c2ln".into(),
+                enrollment_token: None,
+                enrollment_proof: Some("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into()),
+            },
         ),
         (
             "report",

@@ -455,7 +455,7 @@ fn enroll_load_agents(f: &Fleet, n: usize, config: &str) -> Vec<String> {
 /// A load-generator agent's connection: the real handshake with a fresh key and token.
 async fn load_agent_connect(url: &str, token: String) -> Option<LoadWs> {
     use futures_util::{SinkExt, StreamExt};
-    use thymis_proto::handshake::{Nonce, device_transcript};
+    use thymis_proto::handshake::{Nonce, device_transcript, enrollment_proof, enrollment_transcript, token_hash};
     use thymis_proto::{AgentBound, ControllerBound, decode_agent_bound, encode};
     use tokio_tungstenite::tungstenite::Message;
     let key = thymis_store::signing::SecretKey::generate("thymis-device").ok()?;
@@ -476,7 +476,10 @@ async fn load_agent_connect(url: &str, token: String) -> Option<LoadWs> {
     };
     let ck: thymis_store::signing::PublicKey = controller_key.parse().ok()?;
     let signature = key.sign(&device_transcript(&client, &server_nonce, &session, &ck));
-    ws.send(Message::text(encode(&ControllerBound::Auth { signature, enrollment_token: Some(token) }))).await.ok()?;
+    let bound = enrollment_transcript(&client, &server_nonce, &session, &key.public(), &ck);
+    let enrollment_proof = Some(enrollment_proof(&token_hash(&token), &bound));
+    let auth = ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof };
+    ws.send(Message::text(encode(&auth))).await.ok()?;
     let Some(Ok(Message::Text(_welcome))) = ws.next().await else { return None };
     Some(ws)
 }
