@@ -143,7 +143,8 @@ async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str) -> Resul
         }
     };
     let config = ctl.db.device(&device)?.map(|d| d.config).unwrap_or_default();
-    let signature = ctl.identity.sign(&welcome_message(session, &device_key, &device, &config));
+    let time = crate::db::now().max(0) as u64;
+    let signature = ctl.identity.sign(&welcome_message(session, &device_key, &device, &config, time));
     send(
         ws,
         &AgentBound::Welcome {
@@ -151,6 +152,7 @@ async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str) -> Resul
             config,
             heartbeat_secs: ctl.settings.heartbeat.as_secs().max(1),
             dead_after_secs: ctl.settings.dead_after.as_secs().max(2),
+            time,
             signature: Some(signature),
         },
     )

@@ -322,6 +322,7 @@ async fn deliver(
             sequence,
             expires: expires as u64,
             reboot,
+            session: Some(conn.session.clone()),
         };
         // Up to `parallel` devices at a time (sending ten thousand offers at once was
         // slower: every delivery then contends for the database).

@@ -43,6 +43,9 @@ pub struct Agent {
     offer: Mutex<Option<Offer>>,
     /// Whether that offer came from an offline bundle (local confirmation).
     local: Mutex<bool>,
+    /// The controller's clock at the last welcome, and this boot's clock then: expiry
+    /// without a synchronised clock of its own.
+    controller_clock: Mutex<Option<(u64, Duration)>>,
     /// Serialises lifecycle steps (confirmation vs. deadline vs. rollback request).
     lifecycle: tokio::sync::Mutex<()>,
     status: watch::Sender<Status>,
@@ -95,6 +98,7 @@ impl Agent {
             pending: Mutex::new(pending),
             offer: Mutex::new(None),
             local: Mutex::new(false),
+            controller_clock: Mutex::new(None),
             lifecycle: tokio::sync::Mutex::new(()),
             status,
             reconnect: Notify::new(),
@@ -203,7 +207,8 @@ impl Agent {
     }
 
     /// Records the controller's welcome.
-    pub fn welcomed(&self, device: &str, config: &str) -> Result<()> {
+    pub fn welcomed(&self, device: &str, config: &str, controller_time: u64) -> Result<()> {
+        *lock(&self.controller_clock) = (controller_time > 0).then(|| (controller_time, clock::boottime()));
         let mut p = lock(&self.persisted);
         if !p.enrolled || p.device_name.as_deref() != Some(device) || p.config.as_deref() != Some(config) {
             p.enrolled = true;
@@ -249,9 +254,21 @@ impl Agent {
         }
     }
 
-    /// Checks a signed offer; on success it becomes the offer being copied.
-    pub fn accept_offer(&self, signed: &Signed) -> Result<Offer, String> {
+    /// Unix time as the controller's clock counts it (since its last welcome).
+    fn controller_now(&self) -> Option<u64> {
+        let (time, at) = (*lock(&self.controller_clock))?;
+        Some(time + clock::boottime().saturating_sub(at).as_secs())
+    }
+
+    /// Checks a signed offer, made for the connection `session`; on success it becomes
+    /// the offer being copied.
+    pub fn accept_offer(&self, signed: &Signed, session: &str) -> Result<Offer, String> {
         let offer: Offer = signed.verify(&self.identity_keys).map_err(|e| e.to_string())?;
+        if offer.session.as_deref() != Some(session) {
+            return Err("offer was made for another connection (replayed, or from a controller that does not \
+                        bind offers to connections)"
+                .into());
+        }
         let persisted = self.persisted();
         let me = persisted.device_name.clone().unwrap_or_default();
         if offer.device != me {
@@ -269,8 +286,12 @@ impl Agent {
                 offer.sequence, persisted.last_sequence
             ));
         }
-        if clock::wall_clock_synchronised() && offer.expires < clock::unix_now() {
-            return Err(format!("offer expired at {} (unix time)", offer.expires));
+        // Without a synchronised clock of its own, the controller's signed one.
+        let now = if clock::wall_clock_synchronised() { Some(clock::unix_now()) } else { self.controller_now() };
+        if let Some(now) = now
+            && offer.expires < now
+        {
+            return Err(format!("offer expired at {} (unix time; now {now})", offer.expires));
         }
         info!(deployment = %offer.deployment_id, system = %offer.system, sequence = offer.sequence, "offer accepted");
         *lock(&self.offer) = Some(offer.clone());

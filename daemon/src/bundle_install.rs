@@ -97,6 +97,7 @@ pub async fn install(agent: &Arc<Agent>, path: &Path) -> Result<String> {
         sequence: manifest.sequence,
         expires: manifest.expires.unwrap_or(u64::MAX),
         reboot: false,
+        session: None,
     };
     let id = offer.deployment_id.clone();
     agent.stage_local_offer(offer);

@@ -146,13 +146,13 @@ async fn handshake(agent: &Agent, ws: &mut Ws) -> Result<Established> {
     let signature = agent.device_key.sign(&transcript);
     send(ws, &ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof }).await?;
     match recv(ws, false).await? {
-        AgentBound::Welcome { device, config, heartbeat_secs, dead_after_secs, signature } => {
+        AgentBound::Welcome { device, config, heartbeat_secs, dead_after_secs, time, signature } => {
             // The name and configuration it gives are what offers are checked against.
-            let signed = welcome_message(&session, &device_pub, &device, &config);
+            let signed = welcome_message(&session, &device_pub, &device, &config, time);
             if !signature.is_some_and(|s| controller_key.verifies(&signed, &s)) {
                 bail!("the controller's welcome (device {device:?}) is not signed by its identity key: refused");
             }
-            agent.welcomed(&device, &config)?;
+            agent.welcomed(&device, &config, time)?;
             info!(%device, %config, session = %session, "connected to the controller");
             Ok(Established {
                 session,
@@ -328,7 +328,7 @@ async fn handle(
 ) -> Result<()> {
     let reply = |m| async { out.send(m).map_err(|_| anyhow!("connection writer stopped")) };
     match msg {
-        AgentBound::Offer { offer } => match agent.accept_offer(&offer) {
+        AgentBound::Offer { offer } => match agent.accept_offer(&offer, session) {
             Ok(o) => reply(ControllerBound::OfferAccepted { deployment_id: o.deployment_id }).await?,
             Err(reason) => {
                 warn!(%reason, "offer refused");

@@ -51,6 +51,11 @@ fn ip(args: &[&str]) -> Result<String> {
 }
 
 /// Waits until `f` returns `Some`, or fails after `timeout` with `what`.
+/// Unix seconds by this machine's clock.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {

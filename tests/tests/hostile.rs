@@ -128,12 +128,26 @@ impl Peer {
 
     /// The handshake, welcoming the agent as `shown` with a signature over `signed`.
     async fn accept_as(listener: &tokio::net::TcpListener, identity: &SecretKey, shown: &str, signed: &str) -> Peer {
+        Peer::accept_at(listener, identity, shown, signed, thymis_fleet_tests::unix_now()).await
+    }
+
+    /// The handshake with the controller's clock at `time` in the welcome.
+    async fn accept_at(
+        listener: &tokio::net::TcpListener,
+        identity: &SecretKey,
+        shown: &str,
+        signed: &str,
+        time: u64,
+    ) -> Peer {
         let (tcp, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
             .await
             .expect("the agent did not connect")
             .expect("accept");
         let ws = tokio_tungstenite::accept_async(tcp).await.expect("websocket");
-        let mut p = Peer { ws, session: "scripted-session".into() };
+        // A fresh session per connection, as the controller makes them.
+        static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut p = Peer { ws, session: format!("scripted-session-{n}") };
         let ControllerBound::Hello { device_key, client_nonce, .. } = p.recv().await else { panic!("no hello") };
         let device_key: PublicKey = device_key.parse().expect("device key");
         let server_nonce = Nonce([9; 32]);
@@ -147,12 +161,13 @@ impl Peer {
         })
         .await;
         assert!(matches!(p.recv().await, ControllerBound::Auth { .. }));
-        let signature = identity.sign(&welcome_message(&p.session, &device_key, signed, "alpha"));
+        let signature = identity.sign(&welcome_message(&p.session, &device_key, signed, "alpha", time));
         p.send(&AgentBound::Welcome {
             device: shown.into(),
             config: "alpha".into(),
             heartbeat_secs: 1,
             dead_after_secs: 30,
+            time,
             signature: Some(signature),
         })
         .await;
@@ -190,7 +205,14 @@ impl Peer {
         system: &StorePath,
         sequence: u64,
     ) -> ControllerBound {
-        let offer = Offer {
+        let offer = self.offer_for(device, id, system, sequence);
+        self.send(&AgentBound::Offer { offer: Signed::sign(&offer, key) }).await;
+        self.recv().await
+    }
+
+    /// An offer made for this connection.
+    fn offer_for(&self, device: &str, id: &str, system: &StorePath, sequence: u64) -> Offer {
+        Offer {
             device: device.into(),
             deployment_id: id.into(),
             config: "alpha".into(),
@@ -199,9 +221,8 @@ impl Peer {
             sequence,
             expires: u64::MAX,
             reboot: false,
-        };
-        self.send(&AgentBound::Offer { offer: Signed::sign(&offer, key) }).await;
-        self.recv().await
+            session: Some(self.session.clone()),
+        }
     }
 
     /// Sends a path: its NAR, changed by `mangle`, zstd-compressed, cut to `keep` of it.
@@ -290,19 +311,12 @@ fn a_scripted_controller_cannot_make_the_agent_take_bad_offers_or_bad_paths() {
 
         // Expired offers are refused where the clock is known to be synchronised.
         f.device("d1").exec("mkdir -p /run/systemd/timesync && touch /run/systemd/timesync/synchronized");
-        let offer = Offer {
-            device: "d1".into(),
-            deployment_id: "dep-old".into(),
-            config: "alpha".into(),
-            system: system.clone(),
-            commit: None,
-            sequence: 5,
-            expires: 1_000_000_000,
-            reboot: false,
-        };
+        let mut offer = peer.offer_for("d1", "dep-old", &system, 5);
+        offer.expires = 1_000_000_000;
         peer.send(&AgentBound::Offer { offer: Signed::sign(&offer, &identity) }).await;
         let r = peer.recv().await;
         assert!(matches!(&r, ControllerBound::OfferRefused { reason, .. } if reason.contains("expired")), "{r:?}");
+        f.device("d1").exec("rm -f /run/systemd/timesync/synchronized");
 
         // A path whose NAR does not match its signed hash: refused, nothing imported.
         let r = peer.offer(&identity, "d1", "dep-3", &system, 5).await;
@@ -537,4 +551,56 @@ fn a_sniffed_enrollment_cannot_enroll_another_key() {
     f.device_mut("d2").start().expect("start");
     f.wait_online("d2");
     assert_eq!(f.device_row("d2")["enrolled"], true);
+}
+
+/// An offer is good on the connection it was made for only: captured (and then
+/// cancelled or superseded), it is refused when replayed on another. Without a
+/// synchronised clock the agent judges expiry by the controller's signed clock.
+#[test]
+fn replayed_offers_and_offers_expired_by_the_controllers_clock_are_refused() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let identity = SecretKey::generate("thymis-controller-1").expect("key");
+    let nix_key = SecretKey::generate("thymis-1").expect("key");
+    let paths = closure(&nix_key);
+    let system = paths.last().expect("system").path.clone();
+    let addr = format!("{}:9557", f.host_address());
+    let runtime = rt();
+    let listener = runtime.block_on(tokio::net::TcpListener::bind(&addr)).expect("listen");
+    let config = format!(
+        "controller_url = \"ws://{addr}/agent/v1\"\nallow_insecure_transport = true\nenrollment_token = \"x\"\n\
+         controller_identity_keys = [{:?}]\nnix_trusted_keys = [{:?}]\nreconnect_min = 0.2\nreconnect_max = 1.0\n",
+        identity.public().to_string(),
+        nix_key.public().to_string()
+    );
+    f.add_raw_device("d1", &config, true).expect("device");
+    runtime.block_on(async {
+        // Captured on the first connection, never delivered there (cancelled).
+        let first = Peer::accept(&listener, &identity).await;
+        let captured = Signed::sign(&first.offer_for("d1", "dep-1", &system, 3), &identity);
+        drop(first);
+        let mut second = Peer::accept(&listener, &identity).await;
+        second.send(&AgentBound::Offer { offer: captured }).await;
+        let r = second.recv().await;
+        assert!(
+            matches!(&r, ControllerBound::OfferRefused { reason, .. } if reason.contains("another connection")),
+            "a replayed offer was accepted: {r:?}"
+        );
+        drop(second);
+
+        // The agent's clock is not synchronised; the controller's says it is a day later
+        // than the offer's expiry.
+        let now = thymis_fleet_tests::unix_now();
+        let mut later = Peer::accept_at(&listener, &identity, "d1", "d1", now + 86_400).await;
+        let mut offer = later.offer_for("d1", "dep-2", &system, 4);
+        offer.expires = now + 60;
+        later.send(&AgentBound::Offer { offer: Signed::sign(&offer, &identity) }).await;
+        let r = later.recv().await;
+        assert!(
+            matches!(&r, ControllerBound::OfferRefused { reason, .. } if reason.contains("expired")),
+            "an offer expired by the controller's clock was accepted: {r:?}"
+        );
+        // Within its time, on its own connection: accepted.
+        let r = later.offer(&identity, "d1", "dep-3", &system, 5).await;
+        assert!(matches!(r, ControllerBound::OfferAccepted { .. }), "{r:?}");
+    });
 }

@@ -7,7 +7,7 @@
 //!        agent checks controller_key is pinned and sig_controller is valid
 //!   Auth{sig_device, enrollment_proof?}        ──▶
 //!        controller checks sig_device, then the key is enrolled (or enrolls it once)
-//!   ◀── Welcome{device, config, timings, sig_welcome} | Refused{reason}
+//!   ◀── Welcome{device, config, timings, time, sig_welcome} | Refused{reason}
 //!        agent checks sig_welcome before it takes the name and configuration
 //! ```
 //!
@@ -97,9 +97,9 @@ pub fn proof_matches(proof: &str, token_hash: &[u8; 32], transcript: &[u8]) -> b
 }
 
 /// What the controller signs in its welcome: the name and configuration it gives the
-/// key on this connection, so a relay cannot rename a device.
-pub fn welcome_message(session: &str, device_key: &PublicKey, device: &str, config: &str) -> Vec<u8> {
-    format!("thymis/welcome/v1\n{session}\n{device_key}\n{device}\n{config}").into_bytes()
+/// key on this connection, so a relay cannot rename a device, and its clock.
+pub fn welcome_message(session: &str, device_key: &PublicKey, device: &str, config: &str, time: u64) -> Vec<u8> {
+    format!("thymis/welcome/v1\n{session}\n{device_key}\n{device}\n{config}\n{time}").into_bytes()
 }
 
 fn transcript(role: &str, client: &Nonce, server: &Nonce, session: &str, peer: &str) -> Vec<u8> {

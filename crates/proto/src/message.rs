@@ -35,6 +35,10 @@ pub enum AgentBound {
         heartbeat_secs: u64,
         /// Silence after which either side declares the connection dead.
         dead_after_secs: u64,
+        /// The controller's clock (unix seconds) when it welcomed the agent: an agent
+        /// without a synchronised clock judges offers' expiry by it.
+        #[serde(default)]
+        time: u64,
         /// Identity-key signature over [`crate::handshake::welcome_message`]; an agent
         /// refuses a welcome without one.
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -73,6 +73,10 @@ pub struct Offer {
     /// Reboot into the new system (boot it once) instead of switching live.
     #[serde(default)]
     pub reboot: bool,
+    /// The connection (handshake session) the offer was made for: the agent refuses it
+    /// on any other, so a captured offer (cancelled, superseded) cannot be replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 impl SignedKind for Offer {
@@ -108,6 +112,7 @@ mod tests {
             sequence: 3,
             expires: 10,
             reboot: false,
+            session: Some("s-1".into()),
         }
     }
 

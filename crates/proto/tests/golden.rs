@@ -39,6 +39,7 @@ fn agent_bound() -> Vec<(&'static str, AgentBound)> {
                 config: "kiosk".into(),
                 heartbeat_secs: 15,
                 dead_after_secs: 45,
+                time: 1_796_220_000,
                 signature: Some("thymis-controller-1:c2ln".into()),
             },
         ),
