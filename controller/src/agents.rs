@@ -25,6 +25,7 @@ use crate::deploy;
 
 pub async fn upgrade(
     State(ctl): State<Arc<Controller>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -40,7 +41,7 @@ pub async fn upgrade(
         .max_frame_size(max)
         .read_buffer_size(8 << 10)
         .write_buffer_size(8 << 10)
-        .on_upgrade(move |socket| serve(ctl, socket))
+        .on_upgrade(move |socket| serve(ctl, socket, peer.ip()))
 }
 
 async fn send(ws: &mut WebSocket, m: &AgentBound) -> Result<()> {
@@ -65,14 +66,21 @@ fn random<const N: usize>() -> [u8; N] {
     b
 }
 
-async fn serve(ctl: Arc<Controller>, mut ws: WebSocket) {
-    // Unauthenticated connections are capped, and must finish the handshake quickly.
+async fn serve(ctl: Arc<Controller>, mut ws: WebSocket, peer: std::net::IpAddr) {
+    // Unauthenticated connections are capped per source address (and all together),
+    // and must finish the handshake quickly.
+    let Some(slot) = ctl.peers.handshake(peer) else {
+        let reason = "too many connections in handshake from this address".into();
+        let _ = send(&mut ws, &AgentBound::Refused { reason }).await;
+        return;
+    };
     let Ok(permit) = ctl.handshakes.clone().try_acquire_owned() else {
         let _ = send(&mut ws, &AgentBound::Refused { reason: "too many connections in handshake".into() }).await;
         return;
     };
     let session = random::<16>().iter().map(|b| format!("{b:02x}")).collect::<String>();
-    let device = match tokio::time::timeout(ctl.settings.handshake_timeout, handshake(&ctl, &mut ws, &session)).await {
+    let handshake = handshake(&ctl, &mut ws, &session, peer);
+    let device = match tokio::time::timeout(ctl.settings.handshake_timeout, handshake).await {
         Ok(Ok(device)) => device,
         Ok(Err(e)) => {
             warn!("agent handshake refused: {e:#}");
@@ -86,7 +94,7 @@ async fn serve(ctl: Arc<Controller>, mut ws: WebSocket) {
             return;
         }
     };
-    drop(permit);
+    drop((permit, slot));
     let (control_tx, control_rx) = mpsc::unbounded_channel::<AgentBound>();
     let (data_tx, data_rx) = mpsc::channel::<Out>(crate::controller::COPY_QUEUE);
     let conn = Arc::new(Conn::new(device.clone(), session, control_tx, data_tx));
@@ -101,7 +109,7 @@ async fn serve(ctl: Arc<Controller>, mut ws: WebSocket) {
 }
 
 /// Returns the authenticated device's name.
-async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str) -> Result<String> {
+async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str, peer: std::net::IpAddr) -> Result<String> {
     let ControllerBound::Hello { protocol_min, protocol_max, device_key, client_nonce, .. } = recv(ws).await? else {
         bail!("expected hello");
     };
@@ -139,7 +147,7 @@ async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str) -> Resul
         None => {
             let Some(proof) = enrollment_proof else { bail!("unknown device key and no enrollment token") };
             let transcript = enrollment_transcript(&client_nonce, &server_nonce, session, &device_key, &identity);
-            enroll(ctl, |token_hash| proof_matches(&proof, token_hash, &transcript), &key_text)?
+            enroll(ctl, peer, |token_hash| proof_matches(&proof, token_hash, &transcript), &key_text)?
         }
     };
     let config = ctl.db.device(&device)?.map(|d| d.config).unwrap_or_default();
@@ -160,15 +168,9 @@ async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str) -> Resul
     Ok(device)
 }
 
-fn enroll(ctl: &Controller, proves: impl Fn(&[u8; 32]) -> bool, key: &str) -> Result<String> {
-    {
-        let mut f = lock(&ctl.enroll_failures);
-        if f.0.elapsed() > Duration::from_secs(60) {
-            *f = (Instant::now(), 0);
-        }
-        if f.1 >= ctl.settings.enroll_failures_per_minute {
-            bail!("too many failed enrollments; try again in a minute");
-        }
+fn enroll(ctl: &Controller, peer: std::net::IpAddr, proves: impl Fn(&[u8; 32]) -> bool, key: &str) -> Result<String> {
+    if !ctl.peers.may_enroll(peer) {
+        bail!("too many failed enrollments from this address; try again in a minute");
     }
     match ctl.db.enroll_with(proves, key) {
         Ok(device) => {
@@ -177,7 +179,7 @@ fn enroll(ctl: &Controller, proves: impl Fn(&[u8; 32]) -> bool, key: &str) -> Re
             Ok(device)
         }
         Err(e) => {
-            lock(&ctl.enroll_failures).1 += 1;
+            ctl.peers.enrollment_failed(peer);
             Err(e)
         }
     }

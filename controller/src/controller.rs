@@ -31,9 +31,11 @@ pub struct Settings {
     pub confirm_timeout: Duration,
     /// Devices deployed to at the same time.
     pub parallel: usize,
-    /// Connections still in their handshake.
+    /// Connections still in their handshake, all peers together.
     pub max_unauthenticated: usize,
-    /// Failed enrollment attempts allowed per minute (all sources together).
+    /// Connections still in their handshake from one source address.
+    pub max_unauthenticated_per_peer: usize,
+    /// Failed enrollment attempts allowed per minute from one source address.
     pub enroll_failures_per_minute: u32,
     /// sha256 of the TLS certificate agents must pin, when serving TLS.
     pub tls_sha256: Option<String>,
@@ -162,7 +164,7 @@ pub struct Controller {
     /// Tasks whose state will be recomputed shortly.
     pub refresh_pending: Mutex<HashSet<i64>>,
     pub handshakes: Arc<Semaphore>,
-    pub enroll_failures: Mutex<(std::time::Instant, u32)>,
+    pub peers: Arc<crate::peer_limits::PeerLimits>,
     /// Serialises builds and closure preparation per (commit, config).
     pub builds: tokio::sync::Mutex<HashMap<(String, String), Result<thymis_store::StorePath, String>>>,
     pub nar_cache: crate::nar_cache::NarCache,
@@ -243,7 +245,10 @@ impl Controller {
             cancelled: Mutex::new(HashSet::new()),
             refresh_pending: Mutex::new(HashSet::new()),
             handshakes,
-            enroll_failures: Mutex::new((std::time::Instant::now(), 0)),
+            peers: crate::peer_limits::PeerLimits::new(
+                settings.max_unauthenticated_per_peer,
+                settings.enroll_failures_per_minute,
+            ),
             builds: tokio::sync::Mutex::new(HashMap::new()),
             build_count: std::sync::atomic::AtomicU64::new(0),
             settings,

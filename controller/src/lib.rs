@@ -8,7 +8,9 @@ pub mod build;
 pub mod controller;
 pub mod db;
 pub mod deploy;
+pub mod http;
 pub mod nar_cache;
+pub mod peer_limits;
 pub mod project;
 pub mod task;
 pub mod tls;
@@ -74,6 +76,13 @@ pub struct Cli {
     /// Seconds between expiry sweeps.
     #[arg(long, default_value_t = 5)]
     pub sweep_interval: u64,
+    /// Agent connections in their handshake at once, all source addresses together.
+    #[arg(long, default_value_t = 4096)]
+    pub max_handshakes: usize,
+    /// Agent connections in their handshake at once from one source address (a site
+    /// behind one NAT address shares it; its agents retry).
+    #[arg(long, default_value_t = 32)]
+    pub max_handshakes_per_peer: usize,
 }
 
 impl Cli {
@@ -97,7 +106,8 @@ impl Cli {
             token_ttl: Duration::from_secs(self.token_ttl.max(1)),
             confirm_timeout: Duration::from_secs(self.confirm_timeout.max(1)),
             parallel: self.parallel.max(1),
-            max_unauthenticated: 256,
+            max_unauthenticated: self.max_handshakes.max(1),
+            max_unauthenticated_per_peer: self.max_handshakes_per_peer.max(1),
             enroll_failures_per_minute: 30,
             override_inputs: self
                 .override_input
@@ -156,10 +166,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             _ = term.recv() => {}
         }
     };
-    match tls {
-        Some(tls) => tls::serve(listener, tls, app, stop).await.context("serving HTTPS"),
-        None => axum::serve(listener, app).with_graceful_shutdown(stop).await.context("serving HTTP"),
-    }
+    http::serve(listener, tls, app, stop).await.context("serving")
 }
 
 fn init_logging() {

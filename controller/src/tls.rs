@@ -2,17 +2,14 @@
 //! generates (self-signed, kept in the state directory). Agents pin its sha256, which
 //! generated agent configurations carry; `thymisctl` trusts it with `--ca-file`.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, warn};
 
 /// The loaded certificate and what agents pin.
 #[derive(Clone)]
@@ -70,39 +67,4 @@ fn generate(cert: &Path, key: &Path, hosts: &[String]) -> Result<()> {
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(key)?;
     f.write_all(generated.signing_key.serialize_pem().as_bytes())?;
     Ok(())
-}
-
-/// Serves `app` over TLS (HTTP/1.1 with upgrades, for the WebSockets) until `stop`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    tls: Tls,
-    app: axum::Router,
-    stop: impl std::future::Future<Output = ()>,
-) -> Result<()> {
-    tokio::pin!(stop);
-    loop {
-        let (tcp, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
-            accepted = listener.accept() => accepted?,
-            () = &mut stop => return Ok(()),
-        };
-        let (acceptor, app) = (tls.acceptor.clone(), app.clone());
-        tokio::spawn(async move {
-            // A client that never finishes the TLS handshake gets a few seconds.
-            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    debug!(%peer, "TLS handshake failed: {e}");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                warn!(%peer, "connection: {e}");
-            }
-        });
-    }
 }

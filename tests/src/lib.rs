@@ -200,6 +200,8 @@ pub struct FleetOptions {
     pub tls: bool,
     /// The controller's `--parallel` (devices copied to at once), when not its default.
     pub parallel: Option<usize>,
+    /// The controller's `--max-handshakes`, when not its default.
+    pub max_handshakes: Option<usize>,
 }
 
 impl Default for FleetOptions {
@@ -212,6 +214,7 @@ impl Default for FleetOptions {
             reply_timeout: 20,
             tls: false,
             parallel: None,
+            max_handshakes: None,
         }
     }
 }
@@ -244,6 +247,7 @@ impl Controller {
             .args(["--sweep-interval", "1", "--handshake-timeout", "3"])
             .args(if self.opts.tls { &["--tls"][..] } else { &[][..] })
             .args(self.opts.parallel.map(|p| format!("--parallel={p}")))
+            .args(self.opts.max_handshakes.map(|m| format!("--max-handshakes={m}")))
             .env("THYMIS_LOG", "info,thymis_controller=debug")
             .stdout(Stdio::null())
             .stderr(log)

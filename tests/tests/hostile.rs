@@ -604,3 +604,96 @@ fn replayed_offers_and_offers_expired_by_the_controllers_clock_are_refused() {
         assert!(matches!(r, ControllerBound::OfferAccepted { .. }), "{r:?}");
     });
 }
+
+/// One address holding 300 sockets in their handshake (each reopened as soon as the
+/// controller drops it) does not keep real agents out, even where the controller allows
+/// only 256 handshakes in all: each address has its own share.
+#[test]
+fn idle_sockets_from_one_address_do_not_keep_agents_out() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let opts = FleetOptions { max_handshakes: Some(256), ..FleetOptions::default() };
+    let mut f = Fleet::new(opts).expect("fleet");
+    f.add_device("d1", "alpha", true).expect("device");
+    f.wait_online("d1");
+    let url = format!("ws://{}/agent/v1", f.controller.listen);
+    let stop = Arc::new(AtomicBool::new(false));
+    let attacker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            rt().block_on(async {
+                let mut tasks = tokio::task::JoinSet::new();
+                for _ in 0..300 {
+                    let (url, stop) = (url.clone(), stop.clone());
+                    tasks.spawn(async move {
+                        while !stop.load(Ordering::Relaxed) {
+                            if let Ok((mut ws, _)) = tokio_tungstenite::connect_async(&url).await {
+                                // Silent until the controller ends it.
+                                while let Some(Ok(m)) = ws.next().await {
+                                    if m.is_close() {
+                                        break;
+                                    }
+                                }
+                            } else {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    });
+                }
+                while tasks.join_next().await.is_some() {}
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let dev = f.device_mut("d1");
+    dev.kill9();
+    dev.start().expect("start");
+    f.wait_online("d1");
+    let t = f.controller.ctl_json(&["deploy", "--device", "d1", "--wait"]);
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    attacker.join().expect("attacker");
+}
+
+/// A hundred made-up enrollments from one address block that address, not the others:
+/// a new device enrolls meanwhile.
+#[test]
+fn failed_enrollments_from_one_address_do_not_block_another() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d2", "alpha", false).expect("device");
+    let url = format!("ws://{}/agent/v1", f.controller.listen);
+    let refusals = rt().block_on(async {
+        let mut last = String::new();
+        for i in 0..100u8 {
+            let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+            let key = SecretKey::generate("thymis-device").expect("key");
+            let client_nonce = Nonce([i; 32]);
+            let hello = ControllerBound::Hello {
+                protocol_min: 1,
+                protocol_max: 1,
+                agent_version: "0".into(),
+                device_key: key.public().to_string(),
+                client_nonce,
+            };
+            ws.send(Message::text(encode(&hello))).await.expect("send");
+            let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("no challenge") };
+            let Ok(AgentBound::Challenge { server_nonce, session, controller_key, .. }) =
+                thymis_proto::decode_agent_bound(t.as_str(), false)
+            else {
+                panic!("no challenge: {t}")
+            };
+            let ck: PublicKey = controller_key.parse().expect("key");
+            let signature =
+                key.sign(&thymis_proto::handshake::device_transcript(&client_nonce, &server_nonce, &session, &ck));
+            let proof = Some(format!("{i:064x}"));
+            let auth = ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof: proof };
+            ws.send(Message::text(encode(&auth))).await.expect("send");
+            last = until_closed(&mut ws, Duration::from_secs(10)).await.unwrap_or_default();
+        }
+        last
+    });
+    assert!(refusals.contains("too many failed enrollments"), "{refusals}");
+    f.device_mut("d2").start().expect("start");
+    f.wait_online("d2");
+    assert_eq!(f.device_row("d2")["enrolled"], true);
+}
