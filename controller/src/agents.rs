@@ -22,6 +22,8 @@ use tracing::{debug, info, warn};
 
 use crate::controller::{Conn, Controller, Out, lock};
 use crate::deploy;
+use crate::log_budget::{LOG_BUDGET, LogBudget};
+use crate::task::ChildState;
 
 pub async fn upgrade(
     State(ctl): State<Arc<Controller>>,
@@ -291,10 +293,23 @@ async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: ControllerBound) -
             conn.send(AgentBound::OutcomeRecorded { deployment_id: outcome.deployment_id }).await;
         }
         ControllerBound::Log { deployment_id, line } => {
-            if let Some(child) = ctl.db.child_by_deployment(&deployment_id)?.filter(|c| &c.device == device) {
-                ctl.db.log(child.task, Some(child.id), &format!("{device}: {line}"))?;
-                ctl.notify_task(child.task);
+            // Only for this device's deployment in flight, and within its budget.
+            let child = ctl.db.child_by_deployment(&deployment_id)?;
+            let Some(child) = child.filter(|c| &c.device == device && c.state != ChildState::Finished) else {
+                debug!(%device, deployment = %deployment_id, "log line for no deployment in flight: dropped");
+                return Ok(());
+            };
+            let line = cut_line(&line);
+            match ctl.log_budget.take(child.id, line.len()) {
+                LogBudget::Within => ctl.db.log(child.task, Some(child.id), &format!("{device}: {line}"))?,
+                LogBudget::NowSpent => ctl.db.log(
+                    child.task,
+                    Some(child.id),
+                    &format!("{device}: the deployment's log budget ({} KiB) is spent; further lines are dropped and counted", LOG_BUDGET >> 10),
+                )?,
+                LogBudget::Spent => return Ok(()),
             }
+            ctl.notify_task(child.task);
         }
         ControllerBound::State { deployment_id, state } => {
             debug!(%device, %deployment_id, state = state.as_str(), "agent state");
@@ -389,6 +404,27 @@ fn record_outcome(ctl: &Arc<Controller>, device: &str, o: &Outcome) -> Result<()
         line.push_str(&format!(": {e}"));
     }
     ctl.db.log(child.task, Some(child.id), &line)?;
+    if let Some((lines, bytes)) = ctl.log_budget.finish(child.id) {
+        ctl.db.log(
+            child.task,
+            Some(child.id),
+            &format!("{device}: {lines} log lines ({bytes} bytes) over the budget were dropped"),
+        )?;
+    }
     deploy::refresh_task_soon(ctl, child.task);
     Ok(())
+}
+
+/// The longest log line kept; the rest of a line is cut.
+const LOG_LINE_MAX: usize = 4 << 10;
+
+fn cut_line(line: &str) -> std::borrow::Cow<'_, str> {
+    if line.len() <= LOG_LINE_MAX {
+        return line.into();
+    }
+    let mut end = LOG_LINE_MAX;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes cut)", &line[..end], line.len() - end).into()
 }

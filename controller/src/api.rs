@@ -358,10 +358,12 @@ async fn task_events(
         after: i64,
         queue: std::collections::VecDeque<Event>,
         first: bool,
+        /// The last page of log lines was not empty: there may be more at once.
+        more: bool,
         done: bool,
     }
     let rx = ctl.task_changed.subscribe();
-    let st = St { ctl, rx, after: 0, queue: Default::default(), first: true, done: false };
+    let st = St { ctl, rx, after: 0, queue: Default::default(), first: true, more: false, done: false };
     let stream = futures_util::stream::unfold(st, move |mut st| async move {
         loop {
             if let Some(e) = st.queue.pop_front() {
@@ -370,7 +372,7 @@ async fn task_events(
             if st.done {
                 return None;
             }
-            if !st.first {
+            if !st.first && !st.more {
                 // Wake on a change of this task, or every few seconds regardless.
                 let wait = async {
                     loop {
@@ -385,9 +387,15 @@ async fn task_events(
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(5), wait).await;
             }
             st.first = false;
-            for (lid, _, line) in st.ctl.db.logs(id, st.after).unwrap_or_default() {
+            let page = st.ctl.db.logs(id, st.after).unwrap_or_default();
+            // A page at a time: the next one right after this one is sent.
+            st.more = !page.is_empty();
+            for (lid, _, line) in page {
                 st.after = lid;
                 st.queue.push_back(Event::default().event("log").data(line));
+            }
+            if st.more {
+                continue;
             }
             if let Ok(Some(t)) = st.ctl.db.task_json(id) {
                 st.done = matches!(t["state"].as_str(), Some("finished" | "cancelled"));

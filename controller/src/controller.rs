@@ -165,6 +165,7 @@ pub struct Controller {
     pub refresh_pending: Mutex<HashSet<i64>>,
     pub handshakes: Arc<Semaphore>,
     pub peers: Arc<crate::peer_limits::PeerLimits>,
+    pub log_budget: crate::log_budget::LogBudgets,
     /// Serialises builds and closure preparation per (commit, config).
     pub builds: tokio::sync::Mutex<HashMap<(String, String), Result<thymis_store::StorePath, String>>>,
     pub nar_cache: crate::nar_cache::NarCache,
@@ -245,6 +246,7 @@ impl Controller {
             cancelled: Mutex::new(HashSet::new()),
             refresh_pending: Mutex::new(HashSet::new()),
             handshakes,
+            log_budget: Default::default(),
             peers: crate::peer_limits::PeerLimits::new(
                 settings.max_unauthenticated_per_peer,
                 settings.enroll_failures_per_minute,

@@ -713,13 +713,23 @@ impl Db {
     }
 
     /// Log lines of a task after `after` (an id), oldest first: (id, child, line).
+    /// A page of a task's log after line `after`: up to 5,000 lines and about 1 MiB
+    /// (at least one line); the reader asks again from the last id it got.
     pub fn logs(&self, task: i64, after: i64) -> Result<Vec<(i64, Option<i64>, String)>> {
+        const PAGE_BYTES: usize = 1 << 20;
         let c = self.c();
         let mut st =
             c.prepare("SELECT id, child, line FROM logs WHERE task = ?1 AND id > ?2 ORDER BY id LIMIT 5000")?;
-        let rows = st
-            .query_map(params![task, after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut rows = vec![];
+        let mut bytes = 0;
+        for row in st.query_map(params![task, after], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?)))? {
+            let row = row?;
+            bytes += row.2.len();
+            if bytes > PAGE_BYTES && !rows.is_empty() {
+                break;
+            }
+            rows.push(row);
+        }
         Ok(rows)
     }
 

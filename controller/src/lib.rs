@@ -9,6 +9,7 @@ pub mod controller;
 pub mod db;
 pub mod deploy;
 pub mod http;
+pub mod log_budget;
 pub mod nar_cache;
 pub mod peer_limits;
 pub mod project;

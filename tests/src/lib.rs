@@ -345,11 +345,17 @@ impl Controller {
     }
 
     /// The task's log lines.
+    /// Every line of a task's log (the API gives it a page at a time).
     pub fn task_logs(&self, id: i64) -> Vec<String> {
-        let (_, v) = self.api(&format!("/tasks/{id}/logs"), None);
-        v.as_array()
-            .map(|a| a.iter().filter_map(|l| l["line"].as_str().map(str::to_owned)).collect())
-            .unwrap_or_default()
+        let mut lines = vec![];
+        let mut after = 0;
+        loop {
+            let (_, v) = self.api(&format!("/tasks/{id}/logs?after={after}"), None);
+            let page = v.as_array().cloned().unwrap_or_default();
+            let Some(last) = page.last().and_then(|l| l["id"].as_i64()) else { return lines };
+            lines.extend(page.iter().filter_map(|l| l["line"].as_str().map(str::to_owned)));
+            after = last;
+        }
     }
 
     pub fn project_head(&self) -> String {

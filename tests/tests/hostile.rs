@@ -697,3 +697,109 @@ fn failed_enrollments_from_one_address_do_not_block_another() {
     f.wait_online("d2");
     assert_eq!(f.device_row("d2")["enrolled"], true);
 }
+
+/// Connects as a device enrolling with `token` (the real handshake, a fresh key).
+async fn enrolled_agent(url: &str, token: &str) -> Ws {
+    use thymis_proto::handshake::{device_transcript, enrollment_proof, enrollment_transcript, token_hash};
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+    let key = SecretKey::generate("thymis-device").expect("key");
+    let client_nonce = Nonce([8; 32]);
+    let hello = ControllerBound::Hello {
+        protocol_min: 1,
+        protocol_max: 1,
+        agent_version: "0".into(),
+        device_key: key.public().to_string(),
+        client_nonce,
+    };
+    ws.send(Message::text(encode(&hello))).await.expect("send");
+    let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("no challenge") };
+    let Ok(AgentBound::Challenge { server_nonce, session, controller_key, .. }) =
+        thymis_proto::decode_agent_bound(t.as_str(), false)
+    else {
+        panic!("no challenge: {t}")
+    };
+    let ck: PublicKey = controller_key.parse().expect("key");
+    let signature = key.sign(&device_transcript(&client_nonce, &server_nonce, &session, &ck));
+    let bound = enrollment_transcript(&client_nonce, &server_nonce, &session, &key.public(), &ck);
+    let proof = Some(enrollment_proof(&token_hash(token), &bound));
+    let auth = ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof: proof };
+    ws.send(Message::text(encode(&auth))).await.expect("send");
+    let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("no welcome") };
+    assert!(t.contains("welcome"), "{t}");
+    ws
+}
+
+/// An enrolled device that floods its log cannot fill the controller: lines for a
+/// deployment that is not in flight are dropped, an in-flight one keeps its lines up to
+/// its budget (the rest dropped, and said so), and the database stays small.
+#[test]
+fn a_device_flooding_its_log_cannot_fill_the_controller() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d9", "alpha", false).expect("device");
+    let config = std::fs::read_to_string(f.device("d9").dir.join("agent.toml")).expect("config");
+    let token = config
+        .lines()
+        .find_map(|l| l.strip_prefix("enrollment_token = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .expect("token");
+    let start = |f: &Fleet, m: &str| -> i64 {
+        let out = f.controller.ctl(&["--json", "deploy", "--device", "d9", "-m", m]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["id"].as_i64().expect("id")
+    };
+    // A finished deployment of d9's: made while it was offline, then cancelled.
+    let finished = start(&f, "cancelled");
+    f.controller.ctl_json(&["cancel", &finished.to_string()]);
+    let t = wait_for("the cancelled deployment to end", Duration::from_secs(30), || {
+        let t = f.controller.ctl_json(&["task", &finished.to_string()]);
+        (!t["result"].is_null()).then_some(t)
+    });
+    let old_id = Fleet::child(&t, "d9")["deployment_id"].as_str().expect("id").to_owned();
+    let url = format!("ws://{}/agent/v1", f.controller.listen);
+    let in_flight = rt().block_on(async {
+        let mut ws = enrolled_agent(&url, &token).await;
+        let big = "x".repeat(4 << 20);
+        for _ in 0..40 {
+            let log = ControllerBound::Log { deployment_id: old_id.clone(), line: format!("flood-old {big}") };
+            ws.send(Message::text(encode(&log))).await.expect("send");
+        }
+        // A deployment in flight: accepted, then 3 MiB of lines while the controller
+        // waits for the paths it lacks.
+        let task = start(&f, "in flight");
+        let id = loop {
+            let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("connection ended") };
+            if let Ok(AgentBound::Offer { offer }) = thymis_proto::decode_agent_bound(t.as_str(), true) {
+                let o: serde_json::Value = serde_json::from_str(&offer.payload).expect("offer");
+                break o["deployment_id"].as_str().expect("id").to_owned();
+            }
+        };
+        ws.send(Message::text(encode(&ControllerBound::OfferAccepted { deployment_id: id.clone() })))
+            .await
+            .expect("send");
+        let line = "y".repeat(1 << 10);
+        for i in 0..3000 {
+            let log = ControllerBound::Log { deployment_id: id.clone(), line: format!("flood-new {i} {line}") };
+            ws.send(Message::text(encode(&log))).await.expect("send");
+        }
+        // Reading what the controller sends while it works through the lines (closing
+        // with unread data resets the connection, and the controller's unread data with it).
+        let _ = tokio::time::timeout(Duration::from_secs(3), async { while ws.next().await.is_some() {} }).await;
+        task
+    });
+    let old_logs = f.controller.task_logs(finished).join("\n");
+    assert!(!old_logs.contains("flood-old"), "lines for a finished deployment were stored");
+    let logs = f.controller.task_logs(in_flight);
+    assert!(
+        logs.iter().any(|l| l.contains("log budget")),
+        "no budget notice: {} lines, last {:?}\n{}",
+        logs.len(),
+        logs.last().map(|l| &l[..l.len().min(200)]),
+        f.diagnostics()
+    );
+    let kept: usize = logs.iter().filter(|l| l.contains("flood-new")).map(String::len).sum();
+    assert!(kept > 0 && kept <= (1 << 20) + (64 << 10), "{kept} bytes of an in-flight deployment's lines kept");
+    let db = ["db.sqlite", "db.sqlite-wal"]
+        .iter()
+        .map(|n| std::fs::metadata(f.controller.state_dir.join(n)).map(|m| m.len()).unwrap_or(0))
+        .sum::<u64>();
+    assert!(db < 16 << 20, "the database grew to {db} bytes");
+}
