@@ -13,7 +13,7 @@ use thymis_proto::signed::{Offer, Signed};
 use thymis_proto::{AgentBound, ControllerBound, CopyWindow};
 use thymis_store::{PathInfo, StorePath};
 use tokio::sync::{Semaphore, mpsc};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::build;
 use crate::controller::{Conn, Controller, Out, lock};
@@ -352,6 +352,38 @@ async fn reply(rx: &mut mpsc::UnboundedReceiver<ControllerBound>, timeout: Durat
     }
 }
 
+/// The delta bases a device names, kept only where the controller knows the device has
+/// the base (in the closure of the system it reports) and it is an earlier version of
+/// the path (the same name): a device cannot make the controller read, hold and
+/// compress against any store path it likes.
+async fn known_bases(
+    ctl: &Arc<Controller>,
+    device: &str,
+    bases: HashMap<StorePath, StorePath>,
+) -> HashMap<StorePath, StorePath> {
+    if bases.is_empty() {
+        return bases;
+    }
+    let reported =
+        ctl.db.device(device).ok().flatten().and_then(|d| d.system).and_then(|s| s.parse::<StorePath>().ok());
+    let Some(system) = reported else { return HashMap::new() };
+    let closure = tokio::task::spawn_blocking(move || {
+        thymis_store::local_store::LocalStore::system().path_infos(std::slice::from_ref(&system), true)
+    })
+    .await;
+    let has: std::collections::HashSet<StorePath> = match closure {
+        Ok(Ok(infos)) => infos.into_iter().map(|i| i.path).collect(),
+        _ => return HashMap::new(),
+    };
+    let before = bases.len();
+    let kept: HashMap<StorePath, StorePath> =
+        bases.into_iter().filter(|(path, base)| has.contains(base) && base.name() == path.name()).collect();
+    if kept.len() < before {
+        debug!(%device, named = before, kept = kept.len(), "delta bases the device is not known to have were ignored");
+    }
+    kept
+}
+
 /// One attempt over one connection: offer, query, copy what is missing, activate.
 async fn send_to(
     ctl: &Arc<Controller>,
@@ -385,6 +417,7 @@ async fn send_to(
             ),
             other => return Err(Stop::Refused(format!("unexpected reply to the path query: {other:?}"))),
         };
+    let bases = known_bases(ctl, &child.device, bases).await;
     let mut acks = Acks { ctl, child, paths: 0, bytes: 0 };
     for (path, bytes) in unacked.drain() {
         if !missing.contains(&path) {

@@ -803,3 +803,57 @@ fn a_device_flooding_its_log_cannot_fill_the_controller() {
         .sum::<u64>();
     assert!(db < 16 << 20, "the database grew to {db} bytes");
 }
+
+/// A device cannot choose what the controller compresses against: a delta base it names
+/// is used only when the controller knows the device has it (in the closure of the
+/// system it reports). Here the device reports nothing, and names the earlier version of
+/// a 2 MiB path, which would have made a small delta: the path goes whole.
+#[test]
+fn delta_bases_the_device_is_not_known_to_have_are_ignored() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let blob =
+        |version: &str| serde_json::json!({ "alpha": { "version": version, "blob": { "kib": 2048 } }, "beta": {} });
+    let build = |f: &Fleet, version: &str| -> String {
+        f.set_configs(&blob(version)).expect("cfg");
+        assert!(f.controller.ctl(&["project", "commit", "-m", version]).status.success());
+        f.controller.ctl_json(&["build", "alpha", "--wait"])["system"].as_str().expect("system").to_owned()
+    };
+    let v1 = build(&f, "1");
+    let v2 = build(&f, "2");
+    let blob_of = |system: &str| -> StorePath {
+        std::fs::read_to_string(format!("{system}/blob")).expect("blob ref").trim().parse().expect("path")
+    };
+    let (old_blob, new_blob) = (blob_of(&v1), blob_of(&v2));
+    f.add_device("d7", "alpha", false).expect("device");
+    let config = std::fs::read_to_string(f.device("d7").dir.join("agent.toml")).expect("config");
+    let token = config
+        .lines()
+        .find_map(|l| l.strip_prefix("enrollment_token = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .expect("token");
+    let url = format!("ws://{}/agent/v1", f.controller.listen);
+    let delta_base = rt().block_on(async {
+        let mut ws = enrolled_agent(&url, &token).await;
+        let out = f.controller.ctl(&["--json", "deploy", "--device", "d7", "-m", "v2"]);
+        assert!(out.status.success());
+        loop {
+            let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("connection ended") };
+            let reply = match thymis_proto::decode_agent_bound(t.as_str(), true).expect("message") {
+                AgentBound::Offer { offer } => {
+                    let o: serde_json::Value = serde_json::from_str(&offer.payload).expect("offer");
+                    ControllerBound::OfferAccepted { deployment_id: o["deployment_id"].as_str().expect("id").into() }
+                }
+                AgentBound::QueryPaths { deployment_id, paths } => ControllerBound::PathsMissing {
+                    deployment_id,
+                    missing: paths,
+                    bases: vec![thymis_proto::message::DeltaBase { path: new_blob.clone(), base: old_blob.clone() }],
+                    window: None,
+                },
+                AgentBound::PathStart { info, delta_base, .. } if info.path == new_blob => return delta_base,
+                _ => continue,
+            };
+            ws.send(Message::text(encode(&reply))).await.expect("send");
+        }
+    });
+    assert_eq!(delta_base, None, "the controller compressed against a base the device named at will");
+}
