@@ -72,13 +72,18 @@ impl Agent {
         let staging = dir.join("staging");
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging)?;
-        let device_key = load_or_create_key(&dir.join("device.key"))?;
+        let (device_key, new_key) = load_or_create_key(&dir.join("device.key"))?;
         let parse_keys = |keys: &[String], what: &str| -> Result<Vec<PublicKey>> {
             keys.iter().map(|k| k.parse().with_context(|| format!("{what} key {k:?}"))).collect()
         };
         let identity_keys = parse_keys(&config.controller_identity_keys, "controller_identity_keys")?;
         let nix_keys = parse_keys(&config.nix_trusted_keys, "nix_trusted_keys")?;
         let mut persisted: Persisted = persist::read_json(&dir.join("state.json"))?.unwrap_or_default();
+        if new_key && persisted.enrolled {
+            // A new key is enrolled by nobody: it proves an enrollment token again.
+            warn!("the device key is new: enrolling it with the configured enrollment token");
+            persisted.enrolled = false;
+        }
         // A freshly flashed device knows what it runs from its image (imager's image.json).
         if persisted.system.is_none()
             && let Ok(Some(image)) = persist::read_json::<ImageInfo>(&dir.join("image.json"))
@@ -1008,15 +1013,16 @@ fn valid_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-fn load_or_create_key(path: &Path) -> Result<SecretKey> {
+/// The device key, and whether it was made just now.
+fn load_or_create_key(path: &Path) -> Result<(SecretKey, bool)> {
     match std::fs::read_to_string(path) {
-        Ok(text) => text.trim().parse().with_context(|| format!("reading device key {}", path.display())),
+        Ok(text) => Ok((text.trim().parse().with_context(|| format!("reading device key {}", path.display()))?, false)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SecretKey::generate(DEVICE_KEY_NAME)?;
             persist::write_atomic(path, key.to_secret_string().as_bytes(), 0o600)
                 .with_context(|| format!("writing device key {}", path.display()))?;
             info!(fingerprint = %key.public().short_fingerprint(), "created a new device key");
-            Ok(key)
+            Ok((key, true))
         }
         Err(e) => Err(e).with_context(|| format!("reading device key {}", path.display())),
     }
