@@ -39,6 +39,50 @@ async fn until_closed(ws: &mut Ws, limit: Duration) -> Option<String> {
     refusal
 }
 
+/// A device (a fresh key) that said hello and got the controller's challenge.
+struct Challenged {
+    ws: Ws,
+    key: SecretKey,
+    client_nonce: Nonce,
+    server_nonce: Nonce,
+    session: String,
+    controller_key: PublicKey,
+}
+
+impl Challenged {
+    async fn new(url: &str, nonce: u8) -> Challenged {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+        let key = SecretKey::generate("thymis-device").expect("key");
+        let client_nonce = Nonce([nonce; 32]);
+        let hello = ControllerBound::Hello {
+            protocol_min: 1,
+            protocol_max: 1,
+            agent_version: "0".into(),
+            device_key: key.public().to_string(),
+            client_nonce,
+        };
+        ws.send(Message::text(encode(&hello))).await.expect("send");
+        let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("no challenge") };
+        let Ok(AgentBound::Challenge { server_nonce, session, controller_key, .. }) =
+            thymis_proto::decode_agent_bound(t.as_str(), false)
+        else {
+            panic!("no challenge: {t}")
+        };
+        let controller_key = controller_key.parse().expect("key");
+        Challenged { ws, key, client_nonce, server_nonce, session, controller_key }
+    }
+
+    /// The device's signature of the handshake transcript.
+    fn signature(&self) -> String {
+        self.key.sign(&thymis_proto::handshake::device_transcript(
+            &self.client_nonce,
+            &self.server_nonce,
+            &self.session,
+            &self.controller_key,
+        ))
+    }
+}
+
 #[test]
 fn rogue_connections_are_refused_and_the_controller_stays_healthy() {
     let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
@@ -71,29 +115,10 @@ fn rogue_connections_are_refused_and_the_controller_stays_healthy() {
         assert!(r.contains("timed out") && start.elapsed() >= Duration::from_secs(2), "{r}");
 
         // A well-formed agent with a key nobody enrolled, and no token.
-        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
-        let stranger = SecretKey::generate("thymis-device").expect("key");
-        let client_nonce = Nonce([5; 32]);
-        let hello = ControllerBound::Hello {
-            protocol_min: 1,
-            protocol_max: 1,
-            agent_version: "0".into(),
-            device_key: stranger.public().to_string(),
-            client_nonce,
-        };
-        ws.send(Message::text(encode(&hello))).await.expect("send");
-        let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("no challenge") };
-        let Ok(AgentBound::Challenge { server_nonce, session, controller_key, .. }) =
-            thymis_proto::decode_agent_bound(t.as_str(), false)
-        else {
-            panic!("no challenge: {t}")
-        };
-        let ck: PublicKey = controller_key.parse().expect("key");
-        let sig =
-            stranger.sign(&thymis_proto::handshake::device_transcript(&client_nonce, &server_nonce, &session, &ck));
-        let auth = ControllerBound::Auth { signature: sig, enrollment_token: None, enrollment_proof: None };
-        ws.send(Message::text(encode(&auth))).await.expect("send");
-        let r = until_closed(&mut ws, Duration::from_secs(10)).await.unwrap_or_default();
+        let mut c = Challenged::new(&url, 5).await;
+        let auth = ControllerBound::Auth { signature: c.signature(), enrollment_token: None, enrollment_proof: None };
+        c.ws.send(Message::text(encode(&auth))).await.expect("send");
+        let r = until_closed(&mut c.ws, Duration::from_secs(10)).await.unwrap_or_default();
         assert!(r.contains("unknown device key"), "{r}");
 
         // An agent from the future: told which side to upgrade.
@@ -507,26 +532,8 @@ fn a_sniffed_enrollment_cannot_enroll_another_key() {
     let seen_key = SecretKey::generate("thymis-device").expect("key").public();
     rt().block_on(async {
         for clear in [false, true] {
-            let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
-            let relay = SecretKey::generate("thymis-device").expect("key");
-            let client_nonce = Nonce([6; 32]);
-            let hello = ControllerBound::Hello {
-                protocol_min: 1,
-                protocol_max: 1,
-                agent_version: "0".into(),
-                device_key: relay.public().to_string(),
-                client_nonce,
-            };
-            ws.send(Message::text(encode(&hello))).await.expect("send");
-            let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("no challenge") };
-            let Ok(AgentBound::Challenge { server_nonce, session, controller_key, .. }) =
-                thymis_proto::decode_agent_bound(t.as_str(), false)
-            else {
-                panic!("no challenge: {t}")
-            };
-            let ck: PublicKey = controller_key.parse().expect("key");
-            let signature =
-                relay.sign(&thymis_proto::handshake::device_transcript(&client_nonce, &server_nonce, &session, &ck));
+            let mut relay = Challenged::new(&url, 6).await;
+            let (signature, ck) = (relay.signature(), relay.controller_key.clone());
             let seen = thymis_proto::handshake::enrollment_transcript(
                 &Nonce([1; 32]),
                 &Nonce([2; 32]),
@@ -540,8 +547,8 @@ fn a_sniffed_enrollment_cannot_enroll_another_key() {
             } else {
                 ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof: Some(proof) }
             };
-            ws.send(Message::text(encode(&auth))).await.expect("send");
-            let r = until_closed(&mut ws, Duration::from_secs(10)).await.unwrap_or_default();
+            relay.ws.send(Message::text(encode(&auth))).await.expect("send");
+            let r = until_closed(&mut relay.ws, Duration::from_secs(10)).await.unwrap_or_default();
             let expected = if clear { "in the clear" } else { "unknown enrollment token" };
             assert!(r.contains(expected), "{r}");
         }
@@ -665,30 +672,12 @@ fn failed_enrollments_from_one_address_do_not_block_another() {
     let refusals = rt().block_on(async {
         let mut last = String::new();
         for i in 0..100u8 {
-            let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
-            let key = SecretKey::generate("thymis-device").expect("key");
-            let client_nonce = Nonce([i; 32]);
-            let hello = ControllerBound::Hello {
-                protocol_min: 1,
-                protocol_max: 1,
-                agent_version: "0".into(),
-                device_key: key.public().to_string(),
-                client_nonce,
-            };
-            ws.send(Message::text(encode(&hello))).await.expect("send");
-            let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("no challenge") };
-            let Ok(AgentBound::Challenge { server_nonce, session, controller_key, .. }) =
-                thymis_proto::decode_agent_bound(t.as_str(), false)
-            else {
-                panic!("no challenge: {t}")
-            };
-            let ck: PublicKey = controller_key.parse().expect("key");
-            let signature =
-                key.sign(&thymis_proto::handshake::device_transcript(&client_nonce, &server_nonce, &session, &ck));
+            let mut c = Challenged::new(&url, i).await;
             let proof = Some(format!("{i:064x}"));
-            let auth = ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof: proof };
-            ws.send(Message::text(encode(&auth))).await.expect("send");
-            last = until_closed(&mut ws, Duration::from_secs(10)).await.unwrap_or_default();
+            let auth =
+                ControllerBound::Auth { signature: c.signature(), enrollment_token: None, enrollment_proof: proof };
+            c.ws.send(Message::text(encode(&auth))).await.expect("send");
+            last = until_closed(&mut c.ws, Duration::from_secs(10)).await.unwrap_or_default();
         }
         last
     });
@@ -700,33 +689,16 @@ fn failed_enrollments_from_one_address_do_not_block_another() {
 
 /// Connects as a device enrolling with `token` (the real handshake, a fresh key).
 async fn enrolled_agent(url: &str, token: &str) -> Ws {
-    use thymis_proto::handshake::{device_transcript, enrollment_proof, enrollment_transcript, token_hash};
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
-    let key = SecretKey::generate("thymis-device").expect("key");
-    let client_nonce = Nonce([8; 32]);
-    let hello = ControllerBound::Hello {
-        protocol_min: 1,
-        protocol_max: 1,
-        agent_version: "0".into(),
-        device_key: key.public().to_string(),
-        client_nonce,
-    };
-    ws.send(Message::text(encode(&hello))).await.expect("send");
-    let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("no challenge") };
-    let Ok(AgentBound::Challenge { server_nonce, session, controller_key, .. }) =
-        thymis_proto::decode_agent_bound(t.as_str(), false)
-    else {
-        panic!("no challenge: {t}")
-    };
-    let ck: PublicKey = controller_key.parse().expect("key");
-    let signature = key.sign(&device_transcript(&client_nonce, &server_nonce, &session, &ck));
-    let bound = enrollment_transcript(&client_nonce, &server_nonce, &session, &key.public(), &ck);
+    use thymis_proto::handshake::{enrollment_proof, enrollment_transcript, token_hash};
+    let mut c = Challenged::new(url, 8).await;
+    let signature = c.signature();
+    let bound = enrollment_transcript(&c.client_nonce, &c.server_nonce, &c.session, &c.key.public(), &c.controller_key);
     let proof = Some(enrollment_proof(&token_hash(token), &bound));
     let auth = ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof: proof };
-    ws.send(Message::text(encode(&auth))).await.expect("send");
-    let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("no welcome") };
+    c.ws.send(Message::text(encode(&auth))).await.expect("send");
+    let Some(Ok(Message::Text(t))) = c.ws.next().await else { panic!("no welcome") };
     assert!(t.contains("welcome"), "{t}");
-    ws
+    c.ws
 }
 
 /// An enrolled device that floods its log cannot fill the controller: lines for a
