@@ -296,6 +296,37 @@ fn closure(nix_key: &SecretKey) -> Vec<PathInfo> {
     sorted
 }
 
+/// A scripted controller listening on the fleet's host `port`, holding `identity`, and a
+/// real agent "d1" (a process device) that pins it and trusts `nix_key`.
+fn scripted_controller(
+    f: &mut Fleet,
+    port: u16,
+    identity: &SecretKey,
+    nix_key: &PublicKey,
+) -> (tokio::runtime::Runtime, tokio::net::TcpListener) {
+    let addr = format!("{}:{port}", f.host_address());
+    let runtime = rt();
+    let listener = runtime.block_on(tokio::net::TcpListener::bind(&addr)).expect("listen");
+    let config = format!(
+        "controller_url = \"ws://{addr}/agent/v1\"\nallow_insecure_transport = true\nenrollment_token = \"x\"\n\
+         controller_identity_keys = [{:?}]\nnix_trusted_keys = [{:?}]\nreconnect_min = 0.2\nreconnect_max = 1.0\n",
+        identity.public().to_string(),
+        nix_key.to_string()
+    );
+    f.add_raw_device("d1", &config, true).expect("device");
+    (runtime, listener)
+}
+
+/// The enrollment token in a process device's agent configuration.
+fn enrollment_token(f: &Fleet, device: &str) -> String {
+    let config = std::fs::read_to_string(f.device(device).dir.join("agent.toml")).expect("config");
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("enrollment_token = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .expect("token")
+}
+
 #[test]
 fn a_scripted_controller_cannot_make_the_agent_take_bad_offers_or_bad_paths() {
     let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
@@ -303,16 +334,7 @@ fn a_scripted_controller_cannot_make_the_agent_take_bad_offers_or_bad_paths() {
     let nix_key = SecretKey::generate("thymis-1").expect("key");
     let paths = closure(&nix_key);
     let system = paths.last().expect("system").path.clone();
-    let addr = format!("{}:9555", f.host_address());
-    let runtime = rt();
-    let listener = runtime.block_on(tokio::net::TcpListener::bind(&addr)).expect("listen");
-    let config = format!(
-        "controller_url = \"ws://{addr}/agent/v1\"\nallow_insecure_transport = true\nenrollment_token = \"x\"\n\
-         controller_identity_keys = [{:?}]\nnix_trusted_keys = [{:?}]\nreconnect_min = 0.2\nreconnect_max = 1.0\n",
-        identity.public().to_string(),
-        nix_key.public().to_string()
-    );
-    f.add_raw_device("d1", &config, true).expect("device");
+    let (runtime, listener) = scripted_controller(&mut f, 9555, &identity, &nix_key.public());
     let valid = |f: &Fleet, p: &StorePath| {
         let out =
             f.device("d1").exec(&format!("nix-store --check-validity {p} 2>/dev/null && echo valid || echo invalid"));
@@ -487,16 +509,8 @@ fn thymisctl_refuses_artifact_names_that_leave_the_output_directory() {
 fn an_agent_refuses_a_welcome_that_renames_it() {
     let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
     let identity = SecretKey::generate("thymis-controller-1").expect("key");
-    let addr = format!("{}:9556", f.host_address());
-    let runtime = rt();
-    let listener = runtime.block_on(tokio::net::TcpListener::bind(&addr)).expect("listen");
-    let config = format!(
-        "controller_url = \"ws://{addr}/agent/v1\"\nallow_insecure_transport = true\nenrollment_token = \"x\"\n\
-         controller_identity_keys = [{:?}]\nnix_trusted_keys = [{:?}]\nreconnect_min = 0.2\nreconnect_max = 1.0\n",
-        identity.public().to_string(),
-        SecretKey::generate("thymis-1").expect("key").public().to_string()
-    );
-    f.add_raw_device("d1", &config, true).expect("device");
+    let nix_key = SecretKey::generate("thymis-1").expect("key").public();
+    let (runtime, listener) = scripted_controller(&mut f, 9556, &identity, &nix_key);
     runtime.block_on(async {
         // Signed for d1, shown as d2.
         let _renamed = Peer::accept_as(&listener, &identity, "d2", "d1").await;
@@ -521,12 +535,7 @@ fn an_agent_refuses_a_welcome_that_renames_it() {
 fn a_sniffed_enrollment_cannot_enroll_another_key() {
     let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
     f.add_device("d2", "alpha", false).expect("device");
-    let config = std::fs::read_to_string(f.device("d2").dir.join("agent.toml")).expect("config");
-    let token = config
-        .lines()
-        .find_map(|l| l.strip_prefix("enrollment_token = "))
-        .map(|v| v.trim_matches('"').to_owned())
-        .expect("token");
+    let token = enrollment_token(&f, "d2");
     let url = format!("ws://{}/agent/v1", f.controller.listen);
     // What a listener saw of d2's enrollment on another connection: a proof for d2's key.
     let seen_key = SecretKey::generate("thymis-device").expect("key").public();
@@ -570,16 +579,7 @@ fn replayed_offers_and_offers_expired_by_the_controllers_clock_are_refused() {
     let nix_key = SecretKey::generate("thymis-1").expect("key");
     let paths = closure(&nix_key);
     let system = paths.last().expect("system").path.clone();
-    let addr = format!("{}:9557", f.host_address());
-    let runtime = rt();
-    let listener = runtime.block_on(tokio::net::TcpListener::bind(&addr)).expect("listen");
-    let config = format!(
-        "controller_url = \"ws://{addr}/agent/v1\"\nallow_insecure_transport = true\nenrollment_token = \"x\"\n\
-         controller_identity_keys = [{:?}]\nnix_trusted_keys = [{:?}]\nreconnect_min = 0.2\nreconnect_max = 1.0\n",
-        identity.public().to_string(),
-        nix_key.public().to_string()
-    );
-    f.add_raw_device("d1", &config, true).expect("device");
+    let (runtime, listener) = scripted_controller(&mut f, 9557, &identity, &nix_key.public());
     runtime.block_on(async {
         // Captured on the first connection, never delivered there (cancelled).
         let first = Peer::accept(&listener, &identity).await;
@@ -708,12 +708,7 @@ async fn enrolled_agent(url: &str, token: &str) -> Ws {
 fn a_device_flooding_its_log_cannot_fill_the_controller() {
     let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
     f.add_device("d9", "alpha", false).expect("device");
-    let config = std::fs::read_to_string(f.device("d9").dir.join("agent.toml")).expect("config");
-    let token = config
-        .lines()
-        .find_map(|l| l.strip_prefix("enrollment_token = "))
-        .map(|v| v.trim_matches('"').to_owned())
-        .expect("token");
+    let token = enrollment_token(&f, "d9");
     let start = |f: &Fleet, m: &str| -> i64 {
         let out = f.controller.ctl(&["--json", "deploy", "--device", "d9", "-m", m]);
         serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["id"].as_i64().expect("id")
@@ -797,12 +792,7 @@ fn delta_bases_the_device_is_not_known_to_have_are_ignored() {
     };
     let (old_blob, new_blob) = (blob_of(&v1), blob_of(&v2));
     f.add_device("d7", "alpha", false).expect("device");
-    let config = std::fs::read_to_string(f.device("d7").dir.join("agent.toml")).expect("config");
-    let token = config
-        .lines()
-        .find_map(|l| l.strip_prefix("enrollment_token = "))
-        .map(|v| v.trim_matches('"').to_owned())
-        .expect("token");
+    let token = enrollment_token(&f, "d7");
     let url = format!("ws://{}/agent/v1", f.controller.listen);
     let delta_base = rt().block_on(async {
         let mut ws = enrolled_agent(&url, &token).await;
