@@ -1,19 +1,24 @@
-# services.thymis-controller: the Thymis controller as a systemd service, with an
-# optional nginx reverse proxy terminating TLS.
+# services.thymis-controller: the Thymis controller as a systemd service (serving TLS
+# with a certificate it generates, which agents and thymisctl pin), with an optional
+# nginx reverse proxy in front that presents an ACME certificate.
 { config, lib, pkgs, utils, ... }:
 let
   cfg = config.services.thymis-controller;
   port = lib.toInt (lib.last (lib.splitString ":" cfg.listen));
   host = lib.removeSuffix ":${toString port}" cfg.listen;
   loopback = lib.hasPrefix "127." host || host == "[::1]" || host == "localhost";
-  tls = cfg.settings.tls or false;
+  plain = cfg.settings.insecure-plain-http or false;
+  publicUrl = if cfg.publicUrl != null then cfg.publicUrl
+    else if cfg.nginx.enable then "wss://${cfg.nginx.hostName}" else null;
   underVarLib = lib.hasPrefix "/var/lib/" cfg.stateDir;
   # A flag set to true is given alone, false not at all; other values follow their flag.
   flag = k: v: if v == true then [ "--${k}" ] else if v == false then [ ] else [ "--${k}" (toString v) ];
   args = [
     "--state-dir" cfg.stateDir
     "--listen" cfg.listen
-  ] ++ lib.optionals (cfg.publicUrl != null) [ "--public-url" cfg.publicUrl ]
+  ] ++ lib.optionals (publicUrl != null) [ "--public-url" publicUrl ]
+  # Behind nginx, agents check its ACME certificate with the device's CA bundle.
+  ++ lib.optionals (cfg.nginx.enable && !(cfg.settings ? agent-ca-file)) [ "--agent-ca-file" "/etc/ssl/certs/ca-certificates.crt" ]
   ++ lib.concatLists (lib.mapAttrsToList (name: ref: [ "--override-input" "${name}=${ref}" ]) cfg.overrideInputs)
   ++ lib.concatLists (lib.mapAttrsToList flag cfg.settings);
 in
@@ -40,13 +45,13 @@ in
       type = lib.types.nullOr lib.types.str;
       default = null;
       example = "wss://thymis.example.org";
-      description = "The URL agents use (written into generated agent configurations).";
+      description = "The URL agents use (written into generated agent configurations); with nginx, wss://HOSTNAME by default.";
     };
 
     settings = lib.mkOption {
       type = lib.types.attrsOf (lib.types.oneOf [ lib.types.bool lib.types.int lib.types.str ]);
       default = { };
-      example = { confirm-timeout = 120; parallel = 20; tls = true; };
+      example = { confirm-timeout = 120; parallel = 20; };
       description = "Further command-line flags of thymis-controller (without the leading --); `true` gives a flag alone, `false` leaves it out.";
     };
 
@@ -102,9 +107,9 @@ in
         forceSSL = true;
         enableACME = true;
         locations."/" = {
-          # With --tls the controller serves its own certificate (nginx does not check
-          # it: it stands on the same machine).
-          proxyPass = "${if tls then "https" else "http"}://${cfg.listen}";
+          # The controller serves its own certificate (nginx does not check it: it
+          # stands on the same machine), or plain HTTP with insecure-plain-http.
+          proxyPass = "${if plain then "http" else "https"}://${cfg.listen}";
           proxyWebsockets = true;
         };
       };

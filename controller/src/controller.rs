@@ -37,8 +37,11 @@ pub struct Settings {
     pub max_unauthenticated_per_peer: usize,
     /// Failed enrollment attempts allowed per minute from one source address.
     pub enroll_failures_per_minute: u32,
-    /// sha256 of the TLS certificate agents must pin, when serving TLS.
-    pub tls_sha256: Option<String>,
+    /// sha256 of the controller's TLS certificate (agents pin it), when serving TLS.
+    pub tls_sha256: Option<thymis_tls_pin::Fingerprint>,
+    /// A CA bundle on the devices that agents check the public URL's certificate with
+    /// instead of the pin (a proxy with a CA-issued certificate in front).
+    pub agent_ca_file: Option<PathBuf>,
     /// `--override-input NAME REF` for every build.
     pub override_inputs: Vec<(String, String)>,
 }
@@ -300,15 +303,18 @@ impl Controller {
             self.nix_key.public().to_string(),
             self.settings.confirm_timeout.as_secs().max(1),
         );
-        if let Some(pin) = &self.settings.tls_sha256 {
-            s.push_str(&format!("controller_tls_sha256 = {pin:?}\n"));
-        }
-        if url.starts_with("ws://") {
-            s.push_str(
-                "# The controller's URL is ws:// (not encrypted): use it only behind a TLS proxy or on a\n\
-                 # test network. Give the controller --tls-cert/--tls-key for wss://.\n\
-                 allow_insecure_transport = true\n",
-            );
+        // Never `allow_insecure_transport`: only an admin sets that, by hand.
+        match (&self.settings.agent_ca_file, &self.settings.tls_sha256) {
+            _ if url.starts_with("ws://") => s.push_str(
+                "# This URL is ws:// (the controller runs with --insecure-plain-http): the agent refuses it\n\
+                 # unless you add `allow_insecure_transport = true` here, which is only for a test network.\n",
+            ),
+            (Some(ca), _) => s.push_str(&format!("controller_ca_file = {:?}\n", ca.display().to_string())),
+            (None, Some(pin)) => s.push_str(&format!("controller_tls_sha256 = \"{pin}\"\n")),
+            (None, None) => s.push_str(
+                "# The controller serves plain HTTP behind a TLS proxy: name the proxy's certificate with\n\
+                 # controller_tls_sha256 = \"...\" or its CA with controller_ca_file = \"...\".\n",
+            ),
         }
         s
     }

@@ -37,15 +37,22 @@ pub struct Cli {
     /// URL agents use to reach this controller (default: derived from --listen).
     #[arg(long)]
     pub public_url: Option<String>,
-    /// Serve HTTPS/wss:// with this certificate (PEM) and --tls-key.
+    /// Serve HTTPS/wss:// with this certificate (PEM) and --tls-key, instead of the one
+    /// generated at the first start (STATE_DIR/tls.crt, which agents and thymisctl pin).
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Serve HTTPS/wss:// with a certificate generated on first start
-    /// (STATE_DIR/tls.crt; agents pin it, thymisctl trusts it with --ca-file).
-    #[arg(long)]
-    pub tls: bool,
+    /// Serve plain HTTP and ws://, unencrypted: only behind a TLS-terminating proxy (give
+    /// its URL as --public-url) or on a test network. Warns at every start.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub insecure_plain_http: bool,
+    /// Generated agent configurations trust the public URL's certificate through this CA
+    /// bundle on the device (`controller_ca_file`) instead of pinning the controller's own
+    /// certificate: for a TLS-terminating proxy with a CA-issued certificate, e.g.
+    /// /etc/ssl/certs/ca-certificates.crt.
+    #[arg(long, value_name = "PATH_ON_DEVICE")]
+    pub agent_ca_file: Option<PathBuf>,
     /// Seconds between heartbeats on agent connections.
     #[arg(long, default_value_t = 15)]
     pub heartbeat: u64,
@@ -88,7 +95,7 @@ pub struct Cli {
 
 impl Cli {
     pub fn tls_enabled(&self) -> bool {
-        self.tls || self.tls_cert.is_some()
+        !self.insecure_plain_http
     }
 
     pub fn settings(&self) -> controller::Settings {
@@ -99,6 +106,7 @@ impl Cli {
                 format!("{scheme}://{}", self.listen)
             }),
             tls_sha256: None,
+            agent_ca_file: self.agent_ca_file.clone(),
             heartbeat: Duration::from_secs(self.heartbeat.max(1)),
             dead_after: Duration::from_secs(self.dead_after.max(2)),
             handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
@@ -133,9 +141,14 @@ pub async fn run(cli: Cli) -> Result<()> {
         let hosts: Vec<String> =
             [Some(cli.listen.ip().to_string()), host(&settings.public_url)].into_iter().flatten().collect();
         let tls = tls::load(cli.tls_cert.as_deref(), cli.tls_key.as_deref(), &cli.state_dir, &hosts)?;
-        settings.tls_sha256 = Some(tls.cert_sha256.clone());
+        settings.tls_sha256 = Some(tls.cert_sha256);
+        tracing::info!("serving TLS with {} (certificate sha256 {})", tls.cert_path.display(), tls.cert_sha256);
         Some(tls)
     } else {
+        tracing::warn!(
+            "serving plain HTTP and ws:// (--insecure-plain-http): admin token, sessions and closures cross the \
+             network unencrypted; use this only behind a TLS-terminating proxy or on a test network"
+        );
         None
     };
     let ctl = controller::Controller::open(settings)?;

@@ -1,6 +1,7 @@
-//! TLS for the controller: a certificate from `--tls-cert`/`--tls-key`, or one it
-//! generates (self-signed, kept in the state directory). Agents pin its sha256, which
-//! generated agent configurations carry; `thymisctl` trusts it with `--ca-file`.
+//! TLS for the controller, on unless `--insecure-plain-http`: a certificate from
+//! `--tls-cert`/`--tls-key`, or one it generates at its first start (self-signed, kept in
+//! the state directory, its key 0600). Agents pin its sha256, which generated agent
+//! configurations carry; `thymisctl` pins it at first use or at `thymisctl login`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,15 +9,15 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
+use thymis_tls_pin::Fingerprint;
 use tokio_rustls::TlsAcceptor;
 
 /// The loaded certificate and what agents pin.
 #[derive(Clone)]
 pub struct Tls {
     pub acceptor: TlsAcceptor,
-    /// sha256 of the leaf certificate (DER), lower-case hex.
-    pub cert_sha256: String,
+    /// sha256 of the leaf certificate (DER).
+    pub cert_sha256: Fingerprint,
     pub cert_path: PathBuf,
 }
 
@@ -34,6 +35,7 @@ pub fn load(cert: Option<&Path>, key: Option<&Path>, state_dir: &Path, hosts: &[
             let (c, k) = (state_dir.join("tls.crt"), state_dir.join("tls.key"));
             if !c.exists() {
                 generate(&c, &k, hosts)?;
+                tracing::info!("generated a TLS certificate for {hosts:?}: {}", c.display());
             }
             (c, k)
         }
@@ -44,7 +46,7 @@ pub fn load(cert: Option<&Path>, key: Option<&Path>, state_dir: &Path, hosts: &[
         .collect::<Result<_, _>>()
         .with_context(|| format!("parsing {}", cert_path.display()))?;
     let leaf = certs.first().with_context(|| format!("{} holds no certificate", cert_path.display()))?;
-    let cert_sha256 = Sha256::digest(leaf.as_ref()).iter().map(|b| format!("{b:02x}")).collect();
+    let cert_sha256 = Fingerprint::of(leaf.as_ref());
     let key = PrivateKeyDer::from_pem_file(&key_path).with_context(|| format!("reading {}", key_path.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
@@ -55,16 +57,25 @@ pub fn load(cert: Option<&Path>, key: Option<&Path>, state_dir: &Path, hosts: &[
     Ok(Tls { acceptor: TlsAcceptor::from(Arc::new(config)), cert_sha256, cert_path })
 }
 
+/// Writes the key, then the certificate (each through a rename): a crash in between
+/// leaves no certificate, and the next start generates both again.
 fn generate(cert: &Path, key: &Path, hosts: &[String]) -> Result<()> {
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into()];
     names.extend(hosts.iter().filter(|h| !h.is_empty()).cloned());
     names.sort();
     names.dedup();
     let generated = rcgen::generate_simple_self_signed(names).context("generating a TLS certificate")?;
-    std::fs::write(cert, generated.cert.pem())?;
+    write_new(key, generated.signing_key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(cert, generated.cert.pem().as_bytes(), 0o644)
+}
+
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(key)?;
-    f.write_all(generated.signing_key.serialize_pem().as_bytes())?;
-    Ok(())
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }

@@ -7,7 +7,7 @@
   services.thymis-controller = {
     enable = true;
     listen = "0.0.0.0:8443";
-    publicUrl = "ws://controller:8443";
+    publicUrl = "wss://controller:8443";   # the controller's own certificate, which agents pin
     openFirewall = true;
   };
 }

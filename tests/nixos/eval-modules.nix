@@ -142,8 +142,8 @@ in
   bothFlakeModules = let c = eval [ flake.nixosModules.default flake.nixosModules.agent { services.thymis-agent.enable = true; services.thymis-agent.settings.controller_url = "ws://c/agent/v1"; } ];
     in c.systemd.services.thymis-agent.serviceConfig.ExecStart;
 
-  controllerTls = (controller { settings = { tls = true; parallel = 20; }; }).systemd.services.thymis-controller.serviceConfig.ExecStart;
-  controllerNoTls = (controller { settings.tls = false; }).systemd.services.thymis-controller.serviceConfig.ExecStart;
+  controllerPlain = (controller { settings = { insecure-plain-http = true; parallel = 20; }; }).systemd.services.thymis-controller.serviceConfig.ExecStart;
+  controllerDefault = (controller { settings.insecure-plain-http = false; }).systemd.services.thymis-controller.serviceConfig.ExecStart;
   # systemd would expand these: they must reach the controller as written.
   controllerEscaped = (controller { publicUrl = "wss://x.example/%h/$HOME"; }).systemd.services.thymis-controller.serviceConfig.ExecStart;
   controllerFirewallOnLoopback = failed (controller { openFirewall = true; });
@@ -151,8 +151,12 @@ in
     failed = failed c;
     ports = c.networking.firewall.allowedTCPPorts;
   };
-  nginxProxy = let c = controller { settings.tls = true; nginx = { enable = true; hostName = "t.example"; }; }; in
-    c.services.nginx.virtualHosts."t.example".locations."/".proxyPass;
+  nginx = let c = controller { nginx = { enable = true; hostName = "t.example"; }; }; in {
+    proxyPass = c.services.nginx.virtualHosts."t.example".locations."/".proxyPass;
+    execStart = c.systemd.services.thymis-controller.serviceConfig.ExecStart;
+  };
+  nginxPlain = (controller { settings.insecure-plain-http = true; nginx = { enable = true; hostName = "t.example"; }; })
+    .services.nginx.virtualHosts."t.example".locations."/".proxyPass;
 
   docExamples = lib.mapAttrs (name: file:
     let c = eval [ flake.nixosModules.default file ];

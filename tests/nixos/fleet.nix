@@ -70,7 +70,7 @@ in
     start_all()
     controller.wait_for_unit("thymis-controller.service")
     controller.wait_for_open_port(8443)
-    env = "THYMIS_CONTROLLER=http://127.0.0.1:8443 THYMIS_TOKEN_FILE=/var/lib/thymis/admin-token"
+    env = "THYMIS_CONTROLLER=https://127.0.0.1:8443 THYMIS_TOKEN_FILE=/var/lib/thymis/admin-token"
     ctl = lambda args: controller.succeed(f"{env} thymisctl {args}")
 
     # The project: real configurations for the devices, tagged.

@@ -57,7 +57,7 @@ in
     controller.start()
     controller.wait_for_unit("thymis-controller.service")
     controller.wait_for_open_port(8443)
-    env = "THYMIS_CONTROLLER=http://127.0.0.1:8443 THYMIS_TOKEN_FILE=/var/lib/thymis/admin-token"
+    env = "THYMIS_CONTROLLER=https://127.0.0.1:8443 THYMIS_TOKEN_FILE=/var/lib/thymis/admin-token"
     enrollment = json.loads(controller.succeed(f"{env} thymisctl --json device add imaged --config kiosk"))
 
     # Flash the image to a disk file, then put the enrollment in, as the controller's

@@ -51,7 +51,7 @@ struct Challenged {
 
 impl Challenged {
     async fn new(url: &str, nonce: u8) -> Challenged {
-        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+        let mut ws = thymis_fleet_tests::ws_connect(url).await.expect("connect");
         let key = SecretKey::generate("thymis-device").expect("key");
         let client_nonce = Nonce([nonce; 32]);
         let hello = ControllerBound::Hello {
@@ -88,29 +88,29 @@ fn rogue_connections_are_refused_and_the_controller_stays_healthy() {
     let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
     f.add_device("d1", "alpha", true).expect("device");
     f.wait_online("d1");
-    let url = format!("ws://{}/agent/v1", f.controller.listen);
+    let url = f.controller.agent_url();
     rt().block_on(async {
         // Garbage instead of a hello.
-        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+        let mut ws = thymis_fleet_tests::ws_connect(&url).await.expect("connect");
         ws.send(Message::text("{not json")).await.expect("send");
         let r = until_closed(&mut ws, Duration::from_secs(10)).await.unwrap_or_default();
         assert!(r.contains("refused"), "{r}");
 
         // Oversized before the handshake.
-        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+        let mut ws = thymis_fleet_tests::ws_connect(&url).await.expect("connect");
         let big = format!(r#"{{"type":"error","message":"{}"}}"#, "x".repeat(100_000));
         ws.send(Message::text(big)).await.expect("send");
         let r = until_closed(&mut ws, Duration::from_secs(10)).await.unwrap_or_default();
         assert!(r.contains("exceeds the limit"), "{r}");
 
         // Binary before the handshake.
-        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+        let mut ws = thymis_fleet_tests::ws_connect(&url).await.expect("connect");
         ws.send(Message::binary(vec![0u8; 64])).await.expect("send");
         until_closed(&mut ws, Duration::from_secs(10)).await;
 
         // Silent: dropped after the handshake timeout (3 s in tests).
         let start = Instant::now();
-        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+        let mut ws = thymis_fleet_tests::ws_connect(&url).await.expect("connect");
         let r = until_closed(&mut ws, Duration::from_secs(15)).await.unwrap_or_default();
         assert!(r.contains("timed out") && start.elapsed() >= Duration::from_secs(2), "{r}");
 
@@ -122,7 +122,7 @@ fn rogue_connections_are_refused_and_the_controller_stays_healthy() {
         assert!(r.contains("unknown device key"), "{r}");
 
         // An agent from the future: told which side to upgrade.
-        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+        let mut ws = thymis_fleet_tests::ws_connect(&url).await.expect("connect");
         let key = SecretKey::generate("thymis-device").expect("key").public();
         let hello = ControllerBound::Hello {
             protocol_min: 90,
@@ -536,7 +536,7 @@ fn a_sniffed_enrollment_cannot_enroll_another_key() {
     let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
     f.add_device("d2", "alpha", false).expect("device");
     let token = enrollment_token(&f, "d2");
-    let url = format!("ws://{}/agent/v1", f.controller.listen);
+    let url = f.controller.agent_url();
     // What a listener saw of d2's enrollment on another connection: a proof for d2's key.
     let seen_key = SecretKey::generate("thymis-device").expect("key").public();
     rt().block_on(async {
@@ -623,7 +623,7 @@ fn idle_sockets_from_one_address_do_not_keep_agents_out() {
     let mut f = Fleet::new(opts).expect("fleet");
     f.add_device("d1", "alpha", true).expect("device");
     f.wait_online("d1");
-    let url = format!("ws://{}/agent/v1", f.controller.listen);
+    let url = f.controller.agent_url();
     let stop = Arc::new(AtomicBool::new(false));
     let attacker = {
         let stop = stop.clone();
@@ -634,7 +634,7 @@ fn idle_sockets_from_one_address_do_not_keep_agents_out() {
                     let (url, stop) = (url.clone(), stop.clone());
                     tasks.spawn(async move {
                         while !stop.load(Ordering::Relaxed) {
-                            if let Ok((mut ws, _)) = tokio_tungstenite::connect_async(&url).await {
+                            if let Ok(mut ws) = thymis_fleet_tests::ws_connect(&url).await {
                                 // Silent until the controller ends it.
                                 while let Some(Ok(m)) = ws.next().await {
                                     if m.is_close() {
@@ -668,7 +668,7 @@ fn idle_sockets_from_one_address_do_not_keep_agents_out() {
 fn failed_enrollments_from_one_address_do_not_block_another() {
     let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
     f.add_device("d2", "alpha", false).expect("device");
-    let url = format!("ws://{}/agent/v1", f.controller.listen);
+    let url = f.controller.agent_url();
     let refusals = rt().block_on(async {
         let mut last = String::new();
         for i in 0..100u8 {
@@ -721,7 +721,7 @@ fn a_device_flooding_its_log_cannot_fill_the_controller() {
         (!t["result"].is_null()).then_some(t)
     });
     let old_id = Fleet::child(&t, "d9")["deployment_id"].as_str().expect("id").to_owned();
-    let url = format!("ws://{}/agent/v1", f.controller.listen);
+    let url = f.controller.agent_url();
     let in_flight = rt().block_on(async {
         let mut ws = enrolled_agent(&url, &token).await;
         let big = "x".repeat(4 << 20);
@@ -793,7 +793,7 @@ fn delta_bases_the_device_is_not_known_to_have_are_ignored() {
     let (old_blob, new_blob) = (blob_of(&v1), blob_of(&v2));
     f.add_device("d7", "alpha", false).expect("device");
     let token = enrollment_token(&f, "d7");
-    let url = format!("ws://{}/agent/v1", f.controller.listen);
+    let url = f.controller.agent_url();
     let delta_base = rt().block_on(async {
         let mut ws = enrolled_agent(&url, &token).await;
         let out = f.controller.ctl(&["--json", "deploy", "--device", "d7", "-m", "v2"]);

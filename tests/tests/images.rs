@@ -232,6 +232,7 @@ fn the_imager_builds_a_configuration_through_the_controller() {
     let imager = |config: &str, out: &std::path::Path| {
         Command::new(bin("thymis-imager"))
             .args(["build", "--config", config, "--name", "alpha", "--controller", &f.controller.base_url()])
+            .env("THYMIS_CONFIG_DIR", f.controller.thymisctl_config_dir())
             .arg("--token-file")
             .arg(f.controller.state_dir.join("admin-token"))
             .arg("--out")

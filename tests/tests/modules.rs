@@ -79,10 +79,10 @@ fn modules_evaluate_with_the_real_module_system_and_the_docs_examples_hold() {
     assert_eq!(v["agentElsewhere"]["tmpfiles"][0], "d /data/thymis 0700 root root -");
     // nixosModules.default and .agent together: one package, the flake's.
     assert!(v["bothFlakeModules"].as_str().unwrap_or_default().contains("-thymis-flake/bin/thymis-agent"), "{v}");
-    // --tls through settings: a flag alone, or nothing.
-    let tls = v["controllerTls"].as_str().unwrap_or_default();
-    assert!(tls.ends_with("\"--tls\"") && tls.contains("\"--parallel\" \"20\""), "{tls}");
-    assert!(!v["controllerNoTls"].as_str().unwrap_or_default().contains("tls"), "{v}");
+    // Flags through settings: a flag alone, or nothing (TLS unless asked otherwise).
+    let plain = v["controllerPlain"].as_str().unwrap_or_default();
+    assert!(plain.contains("\"--insecure-plain-http\" \"--parallel\" \"20\""), "{plain}");
+    assert!(!v["controllerDefault"].as_str().unwrap_or_default().contains("plain"), "{v}");
     // systemd must not expand % or $ in an argument.
     assert!(v["controllerEscaped"].as_str().unwrap_or_default().ends_with("\"wss://x.example/%%h/$$HOME\""), "{v}");
     // openFirewall on a loopback-only listen is refused; on all addresses it opens the port.
@@ -90,8 +90,13 @@ fn modules_evaluate_with_the_real_module_system_and_the_docs_examples_hold() {
     assert!(refused.contains("listens on 127.0.0.1:8443 only"), "{v}");
     assert_eq!(v["controllerFirewallOnAll"]["failed"], serde_json::json!([]));
     assert_eq!(v["controllerFirewallOnAll"]["ports"], serde_json::json!([8443]));
-    // nginx speaks TLS to a controller that does.
-    assert_eq!(v["nginxProxy"], "https://127.0.0.1:8443");
+    // nginx speaks TLS to the controller unless it serves plain HTTP; agents behind nginx
+    // reach wss://HOSTNAME and check its certificate with the device's CA bundle.
+    assert_eq!(v["nginx"]["proxyPass"], "https://127.0.0.1:8443");
+    assert_eq!(v["nginxPlain"], "http://127.0.0.1:8443");
+    let exec = v["nginx"]["execStart"].as_str().unwrap_or_default();
+    assert!(exec.contains("\"--public-url\" \"wss://t.example\""), "{exec}");
+    assert!(exec.contains("\"--agent-ca-file\" \"/etc/ssl/certs/ca-certificates.crt\""), "{exec}");
     // docs/nixos.md: each example passes every assertion (ACME's included).
     for (name, _) in &examples {
         let e = &v["docExamples"][name];

@@ -88,7 +88,9 @@ fn task_events_stream_live_until_the_task_ends() {
     f.wait_online("d1");
     let t = f.controller.ctl_json(&["deploy", "--device", "d1"]);
     let id = t["id"].as_i64().expect("id");
-    let out = Command::new("curl")
+    let out = f
+        .controller
+        .curl()
         .args(["-sN", "--max-time", "60", "-H", &format!("Authorization: Bearer {}", f.controller.token())])
         .arg(format!("{}/api/v1/tasks/{id}/events", f.controller.base_url()))
         .output()

@@ -146,8 +146,11 @@ fn browser_sessions_need_the_csrf_token_to_change_anything() {
     let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
     let jar = f.tmp.path().join("cookies");
     let base = f.controller.base_url();
+    let ca = f.controller.ca_file().expect("the controller serves TLS");
     let curl = |args: &[&str]| {
         let out = std::process::Command::new("curl")
+            .arg("--cacert")
+            .arg(&ca)
             .args(["-s", "-b", &jar.to_string_lossy(), "-c", &jar.to_string_lossy(), "-w", "\n%{http_code}"])
             .args(args)
             .output()
@@ -199,7 +202,9 @@ fn browser_sessions_need_the_csrf_token_to_change_anything() {
 #[test]
 fn no_web_page_can_open_the_agent_socket() {
     let f = Fleet::new(FleetOptions::default()).expect("fleet");
-    let out = std::process::Command::new("curl")
+    let out = f
+        .controller
+        .curl()
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--http1.1"])
         .args(["-H", "Connection: Upgrade", "-H", "Upgrade: websocket", "-H", "Sec-WebSocket-Version: 13"])
         .args(["-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "-H", "Origin: https://evil.example"])
@@ -220,7 +225,7 @@ fn the_controllers_state_is_private_whatever_the_umask() {
         std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o777
     };
     assert_eq!(mode(""), 0o700, "the state directory");
-    for file in ["db.sqlite", "db.sqlite-wal", "identity.key", "nix-signing.key", "admin-token"] {
+    for file in ["db.sqlite", "db.sqlite-wal", "identity.key", "nix-signing.key", "admin-token", "tls.key"] {
         assert_eq!(mode(file), 0o600, "{file}");
     }
 }

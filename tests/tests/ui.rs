@@ -7,6 +7,19 @@ use std::process::Command;
 use serde_json::json;
 use thymis_fleet_tests::{Fleet, FleetOptions};
 
+/// base64 of the sha256 of the controller's public key (what Chromium pins).
+fn spki_sha256(f: &Fleet) -> String {
+    let cert = f.controller.ca_file().expect("the controller serves TLS");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("openssl x509 -in \"$0\" -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64")
+        .arg(cert)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 fn ui(f: &Fleet, phase: &str, expect: serde_json::Value) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("ui");
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../artifacts/ui");
@@ -16,6 +29,7 @@ fn ui(f: &Fleet, phase: &str, expect: serde_json::Value) {
         .arg(dir.join("ui-test.mjs"))
         .arg(phase)
         .env("THYMIS_URL", f.controller.base_url())
+        .env("THYMIS_SPKI", spki_sha256(f))
         .env("THYMIS_TOKEN", f.controller.token())
         .env("SHOTS", &shots)
         .env("EXPECT", expect.to_string())

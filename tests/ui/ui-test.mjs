@@ -1,6 +1,8 @@
 // Drives the Thymis web UI in headless Chromium (Debian's), as a person would.
 // Usage: node ui-test.mjs PHASE   with THYMIS_URL, THYMIS_TOKEN, SHOTS (screenshot dir),
-// EXPECT (JSON: devices with their expected commit prefix). Exits non-zero on failure.
+// EXPECT (JSON: devices with their expected commit prefix), and THYMIS_SPKI (base64 sha256
+// of the controller's public key: Chromium trusts that one certificate). Exits non-zero
+// on failure.
 import { chromium } from "playwright-core";
 
 const url = process.env.THYMIS_URL;
@@ -15,7 +17,8 @@ function check(cond, what) {
 
 const browser = await chromium.launch({
   executablePath: "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    .concat(process.env.THYMIS_SPKI ? [`--ignore-certificate-errors-spki-list=${process.env.THYMIS_SPKI}`] : []),
 });
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 860 } });

@@ -2,25 +2,77 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
+use thymis_tls_pin::{Fingerprint, Pinned};
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{Connector, TcpConnector};
+
+use crate::known_controllers::{self as known, KnownControllers};
 
 /// How to reach the controller's API.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Connection {
-    /// Controller URL.
-    #[arg(long, env = "THYMIS_CONTROLLER", default_value = "http://127.0.0.1:8443", global = true)]
-    pub controller: String,
+    /// Controller URL [default: the one of the last `thymisctl login`, else
+    /// https://127.0.0.1:8443].
+    #[arg(long, env = "THYMIS_CONTROLLER", global = true)]
+    pub controller: Option<String>,
     /// Admin token (or THYMIS_TOKEN; or --token-file).
     #[arg(long, env = "THYMIS_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
     /// File holding the admin token (the controller writes STATE_DIR/admin-token).
     #[arg(long, env = "THYMIS_TOKEN_FILE", global = true)]
     pub token_file: Option<std::path::PathBuf>,
-    /// A certificate (PEM) to trust for an https:// controller, e.g. the STATE_DIR/tls.crt
-    /// a controller started with --tls generated.
+    /// Check an https:// controller's certificate and host name against this CA
+    /// certificate (PEM) instead of pinning the certificate.
     #[arg(long, env = "THYMIS_CA_FILE", global = true)]
     pub ca_file: Option<std::path::PathBuf>,
+    /// The sha256 of the controller's certificate (the controller logs it at start):
+    /// expect exactly this one instead of the pinned one.
+    #[arg(long, env = "THYMIS_CONTROLLER_SHA256", global = true, value_name = "SHA256")]
+    pub fingerprint: Option<String>,
+}
+
+impl Connection {
+    /// The controller's URL, without a trailing slash.
+    pub fn url(&self) -> Result<String> {
+        let url = match &self.controller {
+            Some(u) => u.clone(),
+            None => known::logged_in_controller(&known::config_dir()?)
+                .unwrap_or_else(|| known::DEFAULT_CONTROLLER.to_owned()),
+        };
+        if !url.starts_with("https://") && !url.starts_with("http://") {
+            bail!("the controller URL {url} is neither https:// nor http://");
+        }
+        Ok(url.trim_end_matches('/').to_owned())
+    }
+
+    pub fn fingerprint(&self) -> Result<Option<Fingerprint>> {
+        self.fingerprint.as_deref().map(|f| f.parse().context("--fingerprint")).transpose()
+    }
+}
+
+/// The certificate an https:// controller must present: `--fingerprint`, else the pin
+/// from an earlier use, else (the first use) the one it presents now, pinned from then on.
+fn expected_certificate(conn: &Connection, url: &str) -> Result<Fingerprint> {
+    if let Some(f) = conn.fingerprint()? {
+        return Ok(f);
+    }
+    let origin = known::origin(url)?;
+    let mut pins = KnownControllers::load(&known::config_dir()?)?;
+    if let Some(f) = pins.get(&origin) {
+        return Ok(f);
+    }
+    let shown = known::presented_certificate(url)?;
+    pins.pin(&origin, shown)?;
+    eprintln!(
+        "thymisctl: first use of {origin}: trusting its certificate, sha256 {shown} (compare it with the \
+         controller's log); pinned in {}",
+        pins.file().display()
+    );
+    Ok(shown)
 }
 
 /// A client of the controller's API.
@@ -29,6 +81,8 @@ pub struct Client {
     pub(crate) base: String,
     pub(crate) token: String,
     pub(crate) agent: ureq::Agent,
+    /// The pin an https:// controller is held to (None: plain, or checked by a CA).
+    pin: Option<(Fingerprint, Arc<Pinned>)>,
 }
 
 impl Client {
@@ -38,6 +92,7 @@ impl Client {
             (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
             (None, None) => bail!("no admin token: pass --token, THYMIS_TOKEN or --token-file"),
         };
+        let base = cli.url()?;
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut tls = ureq::tls::TlsConfig::builder().provider(ureq::tls::TlsProvider::Rustls);
         if let Some(ca) = &cli.ca_file {
@@ -45,13 +100,37 @@ impl Client {
             let cert = ureq::tls::Certificate::from_pem(&pem).with_context(|| format!("parsing {}", ca.display()))?;
             tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&[cert]));
         }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(120)))
             .tls_config(tls.build())
-            .build()
-            .into();
-        Ok(Client { base: cli.controller.trim_end_matches('/').to_owned(), token: token.trim().to_owned(), agent })
+            .build();
+        let (agent, pin) = if base.starts_with("https://") && cli.ca_file.is_none() {
+            let expected = expected_certificate(cli, &base)?;
+            let verifier = Pinned::new(Some(expected), "the certificate pinned for this controller");
+            let connector = ().chain(TcpConnector::default()).chain(known::PinnedTls::new(&verifier)?);
+            (ureq::Agent::with_parts(config, connector, DefaultResolver::default()), Some((expected, verifier)))
+        } else {
+            (config.into(), None)
+        };
+        Ok(Client { base, token: token.trim().to_owned(), agent, pin })
+    }
+
+    /// Says what went wrong when the controller's certificate was not the pinned one.
+    pub(crate) fn explain(&self, e: ureq::Error) -> anyhow::Error {
+        let e = anyhow::Error::new(e).context(format!("reaching the controller at {}", self.base));
+        match &self.pin {
+            Some((expected, verifier)) if verifier.seen().is_some_and(|s| s != *expected) => {
+                let shown = verifier.seen().unwrap_or(*expected);
+                e.context(format!(
+                    "the controller at {} presents the certificate sha256 {shown}, not the pinned {expected}: \
+                     someone may be in between. If the controller's certificate was replaced on purpose, check \
+                     the new sha256 in its log and run `thymisctl login {} --fingerprint {shown}`",
+                    self.base, self.base
+                ))
+            }
+            _ => e,
+        }
     }
 
     /// Downloads `path` of the API to `dest` (through `dest.part`, renamed when complete).
@@ -62,6 +141,7 @@ impl Client {
             .get(&url)
             .header("Authorization", &format!("Bearer {}", self.token))
             .call()
+            .map_err(|e| self.explain(e))
             .with_context(|| format!("downloading {path}"))?;
         if !resp.status().is_success() {
             bail!("downloading {path}: {}", resp.status());
@@ -90,7 +170,7 @@ impl Client {
             (_, Some(b)) => self.agent.post(&url).header("Authorization", &auth).send_json(&b),
             (_, None) => self.agent.post(&url).header("Authorization", &auth).send_empty(),
         }
-        .with_context(|| format!("reaching the controller at {}", self.base))?;
+        .map_err(|e| self.explain(e))?;
         let status = resp.status();
         let v: Value = resp.body_mut().read_json().with_context(|| format!("{method} {path}: reading the answer"))?;
         if !status.is_success() {

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod device;
+pub mod known_controllers;
 
 pub use client::{Client, Connection};
 
@@ -29,6 +30,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
+    /// Trust a controller: pin its certificate (checked against --fingerprint, which its
+    /// log shows at start) and use its URL when no --controller is given.
+    Login { url: String },
     /// Manage devices.
     #[command(subcommand)]
     Device(DeviceCmd),
@@ -140,6 +144,39 @@ pub enum ProjectCmd {
     },
 }
 
+/// `thymisctl login URL`: pins the certificate the controller presents, if it is the one
+/// `--fingerprint` names (or, without it, on first use of that controller, saying so).
+fn login(url: &str, conn: &Connection) -> Result<Value> {
+    use known_controllers as known;
+    let url = Connection { controller: Some(url.to_owned()), ..conn.clone() }.url()?;
+    let dir = known::config_dir()?;
+    let mut sha256 = None;
+    if url.starts_with("https://") {
+        let origin = known::origin(&url)?;
+        let shown = known::presented_certificate(&url)?;
+        let mut pins = known::KnownControllers::load(&dir)?;
+        match (conn.fingerprint()?, pins.get(&origin)) {
+            (Some(expected), _) if expected != shown => bail!(
+                "the controller at {url} presents the certificate sha256 {shown}, not {expected}: nothing was pinned"
+            ),
+            (Some(_), _) => {}
+            (None, Some(pinned)) if pinned != shown => bail!(
+                "the controller at {url} presents the certificate sha256 {shown}, but {pinned} is pinned: if it was \
+                 replaced on purpose, check the new one in the controller's log and pass --fingerprint {shown}"
+            ),
+            (None, Some(_)) => {}
+            (None, None) => eprintln!(
+                "thymisctl: trusting {origin} on first use: certificate sha256 {shown} (compare it with the \
+                 controller's log, or pass --fingerprint)"
+            ),
+        }
+        pins.pin(&origin, shown)?;
+        sha256 = Some(shown.to_string());
+    }
+    known::remember_controller(&dir, &url)?;
+    Ok(json!({ "controller": url, "sha256": sha256 }))
+}
+
 /// Runs a command; returns the process exit status.
 pub fn run(cli: Cli) -> Result<u8> {
     let out = |v: &Value, human: &dyn Fn(&Value)| {
@@ -170,11 +207,19 @@ pub fn run(cli: Cli) -> Result<u8> {
             let ok = matches!(v["result"].as_str(), Some("succeeded" | "succeeded-with-failed-units"));
             return Ok(if ok { 0 } else { EXIT_UNSUCCESSFUL });
         }
+        Cmd::Login { url } => {
+            let v = login(url, &cli.connection)?;
+            out(&v, &|v| match v["sha256"].as_str() {
+                Some(f) => println!("logged in to {} (certificate sha256 {f})", s(&v["controller"])),
+                None => println!("logged in to {} (plain HTTP: not encrypted)", s(&v["controller"])),
+            });
+            return Ok(0);
+        }
         _ => {}
     }
     let c = Client::new(&cli.connection)?;
     match &cli.command {
-        Cmd::Status | Cmd::Rollback | Cmd::InstallBundle { .. } => {}
+        Cmd::Status | Cmd::Rollback | Cmd::InstallBundle { .. } | Cmd::Login { .. } => {}
         Cmd::Image { device, commit, out: dir, replace_key } => {
             let body = json!({ "commit": commit, "replace_key": replace_key });
             let task = c.call("POST", &format!("/devices/{device}/image"), Some(body))?;

@@ -459,7 +459,7 @@ async fn load_agent_connect(url: &str, token: String) -> Option<LoadWs> {
     use thymis_proto::{AgentBound, ControllerBound, decode_agent_bound, encode};
     use tokio_tungstenite::tungstenite::Message;
     let key = thymis_store::signing::SecretKey::generate("thymis-device").ok()?;
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.ok()?;
+    let mut ws = thymis_fleet_tests::ws_connect(url).await.ok()?;
     let client = Nonce(rand32());
     let hello = ControllerBound::Hello {
         protocol_min: 1,
@@ -588,7 +588,7 @@ fn fan_out_load(rows: &mut Vec<String>) {
         let nar = sh(Command::new("nix").args(["path-info", "-S", &system]));
         let nar: f64 = nar.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0.0);
         let tokens = enroll_load_agents(&f, n, "alpha");
-        let url = format!("ws://{}/agent/v1", f.controller.listen);
+        let url = f.controller.agent_url();
         let ctl_pid = f.controller.pid().expect("controller pid");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(128));
@@ -795,7 +795,7 @@ fn scale(n: usize) -> Vec<String> {
     let t0 = Instant::now();
     let tokens = enroll_load_agents(&f, n, "alpha");
     let enroll_secs = t0.elapsed().as_secs_f64();
-    let url = format!("ws://{}/agent/v1", f.controller.listen);
+    let url = f.controller.agent_url();
     let ctl_pid = f.controller.pid().expect("controller pid");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
