@@ -23,11 +23,13 @@ use tracing::{debug, info, warn};
 use crate::controller::{Conn, Controller, Out, lock};
 use crate::deploy;
 use crate::log_budget::{LOG_BUDGET, LogBudget};
+use crate::read_cap::ReadCap;
 use crate::task::ChildState;
 
 pub async fn upgrade(
     State(ctl): State<Arc<Controller>>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    axum::Extension(cap): axum::Extension<ReadCap>,
     headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -36,6 +38,9 @@ pub async fn upgrade(
         use axum::response::IntoResponse;
         return (axum::http::StatusCode::FORBIDDEN, "browsers may not open the agent socket").into_response();
     }
+    // Until the handshake is done, the socket yields only so many bytes, whatever size a
+    // message claims (the WebSocket layer would buffer up to `max` of it).
+    cap.arm(thymis_proto::MAX_HANDSHAKE_BYTES);
     let max = thymis_proto::MAX_TEXT_MESSAGE.max(thymis_proto::MAX_BINARY_FRAME);
     // Small buffers: most of ten thousand connections are idle (the defaults, 128 KiB
     // each way, cost a gigabyte and a half at that scale).
@@ -43,7 +48,7 @@ pub async fn upgrade(
         .max_frame_size(max)
         .read_buffer_size(8 << 10)
         .write_buffer_size(8 << 10)
-        .on_upgrade(move |socket| serve(ctl, socket, peer.ip()))
+        .on_upgrade(move |socket| serve(ctl, socket, peer.ip(), cap))
 }
 
 async fn send(ws: &mut WebSocket, m: &AgentBound) -> Result<()> {
@@ -68,7 +73,7 @@ fn random<const N: usize>() -> [u8; N] {
     b
 }
 
-async fn serve(ctl: Arc<Controller>, mut ws: WebSocket, peer: std::net::IpAddr) {
+async fn serve(ctl: Arc<Controller>, mut ws: WebSocket, peer: std::net::IpAddr, cap: ReadCap) {
     // Unauthenticated connections are capped per source address (and all together),
     // and must finish the handshake quickly.
     let Some(slot) = ctl.peers.handshake(peer) else {
@@ -97,6 +102,7 @@ async fn serve(ctl: Arc<Controller>, mut ws: WebSocket, peer: std::net::IpAddr) 
         }
     };
     drop((permit, slot));
+    cap.lift();
     let (control_tx, control_rx) = mpsc::unbounded_channel::<AgentBound>();
     let (data_tx, data_rx) = mpsc::channel::<Out>(crate::controller::COPY_QUEUE);
     let conn = Arc::new(Conn::new(device.clone(), session, control_tx, data_tx));
@@ -152,6 +158,9 @@ async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str, peer: st
             enroll(ctl, peer, |token_hash| proof_matches(&proof, token_hash, &transcript), &key_text)?
         }
     };
+    if !ctl.peers.log_in(&device) {
+        bail!("device {device} logged in too often in the last minute; try again in a minute");
+    }
     let config = ctl.db.device(&device)?.map(|d| d.config).unwrap_or_default();
     let time = crate::db::now().max(0) as u64;
     let signature = ctl.identity.sign(&welcome_message(session, &device_key, &device, &config, time));
@@ -168,6 +177,15 @@ async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str, peer: st
     )
     .await?;
     Ok(device)
+}
+
+/// A device deployment ended: its log budget goes, saying what it dropped, if anything.
+pub fn close_log_budget(ctl: &Controller, child: &crate::db::ChildRow) -> Result<()> {
+    if let Some((lines, bytes)) = ctl.log_budget.finish(child.id) {
+        let line = format!("{}: {lines} log lines ({bytes} bytes) over the budget were dropped", child.device);
+        ctl.db.log(child.task, Some(child.id), &line)?;
+    }
+    Ok(())
 }
 
 fn enroll(ctl: &Controller, peer: std::net::IpAddr, proves: impl Fn(&[u8; 32]) -> bool, key: &str) -> Result<String> {
@@ -404,13 +422,7 @@ fn record_outcome(ctl: &Arc<Controller>, device: &str, o: &Outcome) -> Result<()
         line.push_str(&format!(": {e}"));
     }
     ctl.db.log(child.task, Some(child.id), &line)?;
-    if let Some((lines, bytes)) = ctl.log_budget.finish(child.id) {
-        ctl.db.log(
-            child.task,
-            Some(child.id),
-            &format!("{device}: {lines} log lines ({bytes} bytes) over the budget were dropped"),
-        )?;
-    }
+    close_log_budget(ctl, &child)?;
     deploy::refresh_task_soon(ctl, child.task);
     Ok(())
 }

@@ -37,6 +37,8 @@ pub struct Settings {
     pub max_unauthenticated_per_peer: usize,
     /// Failed enrollment attempts allowed per minute from one source address.
     pub enroll_failures_per_minute: u32,
+    /// Logins allowed per minute to one device (after it proved it holds its key).
+    pub logins_per_device_per_minute: u32,
     /// sha256 of the controller's TLS certificate (agents pin it), when serving TLS.
     pub tls_sha256: Option<thymis_tls_pin::Fingerprint>,
     /// A CA bundle on the devices that agents check the public URL's certificate with
@@ -253,6 +255,7 @@ impl Controller {
             peers: crate::peer_limits::PeerLimits::new(
                 settings.max_unauthenticated_per_peer,
                 settings.enroll_failures_per_minute,
+                settings.logins_per_device_per_minute,
             ),
             builds: tokio::sync::Mutex::new(HashMap::new()),
             build_count: std::sync::atomic::AtomicU64::new(0),

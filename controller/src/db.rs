@@ -617,6 +617,12 @@ impl Db {
         .optional()?)
     }
 
+    pub fn child(&self, id: i64) -> Result<Option<ChildRow>> {
+        let c = self.c();
+        let sql = format!("SELECT {} FROM children WHERE id = ?1", Self::CHILD_COLS);
+        Ok(c.query_row(&sql, params![id], Self::child_from_row).optional()?)
+    }
+
     pub fn children(&self, task: i64) -> Result<Vec<ChildRow>> {
         let c = self.c();
         let mut st = c.prepare(&format!("SELECT {} FROM children WHERE task = ?1 ORDER BY id", Self::CHILD_COLS))?;

@@ -645,6 +645,15 @@ pub fn sweep(ctl: &Controller) -> Result<()> {
         }
         refresh_task(ctl, task)?;
     }
+    // Deployments that ended without the device's outcome (cancelled, superseded,
+    // expired, ...) give their log budgets back here.
+    for id in ctl.log_budget.children() {
+        match ctl.db.child(id)? {
+            Some(c) if c.state == crate::task::ChildState::Finished => crate::agents::close_log_budget(ctl, &c)?,
+            Some(_) => {}
+            None => drop(ctl.log_budget.finish(id)),
+        }
+    }
     Ok(())
 }
 

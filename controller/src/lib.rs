@@ -13,6 +13,7 @@ pub mod log_budget;
 pub mod nar_cache;
 pub mod peer_limits;
 pub mod project;
+pub mod read_cap;
 pub mod task;
 pub mod tls;
 pub mod ui;
@@ -118,6 +119,7 @@ impl Cli {
             max_unauthenticated: self.max_handshakes.max(1),
             max_unauthenticated_per_peer: self.max_handshakes_per_peer.max(1),
             enroll_failures_per_minute: 30,
+            logins_per_device_per_minute: 60,
             override_inputs: self
                 .override_input
                 .iter()

@@ -38,6 +38,11 @@ impl LogBudgets {
         if first { LogBudget::NowSpent } else { LogBudget::Spent }
     }
 
+    /// The deployments that have a budget now.
+    pub fn children(&self) -> Vec<i64> {
+        lock(&self.0).keys().copied().collect()
+    }
+
     /// The deployment ended: forget it; (lines, bytes) dropped, if any.
     pub fn finish(&self, child: i64) -> Option<(usize, usize)> {
         let (_, lines, bytes) = lock(&self.0).remove(&child)?;
@@ -57,6 +62,9 @@ mod tests {
         assert_eq!(b.take(2, 100), LogBudget::Within, "another deployment has its own budget");
         assert_eq!(b.take(1, 1), LogBudget::NowSpent);
         assert_eq!(b.take(1, 5), LogBudget::Spent);
+        let mut open = b.children();
+        open.sort();
+        assert_eq!(open, [1, 2]);
         assert_eq!(b.finish(1), Some((2, 6)));
         assert_eq!(b.finish(1), None);
         assert_eq!(b.finish(2), None, "nothing dropped");

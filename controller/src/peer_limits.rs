@@ -1,9 +1,13 @@
 //! Limits per source address on the agent socket, so that no one peer can lock the
 //! fleet out: connections in their handshake (a shared pool filled by one peer's idle
 //! sockets kept every agent out), and failed enrollments per minute (a shared limit let
-//! thirty made-up tokens a minute block every enrollment).
+//! thirty made-up tokens a minute block every enrollment). And per device: logins per
+//! minute, counted only once the device proved it holds its key, so that a device in a
+//! reconnect loop (each login costs signatures, queries and resent offers) is slowed,
+//! while no one else can spend a device's logins by naming its public key.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,12 +16,45 @@ use crate::controller::lock;
 
 const WINDOW: Duration = Duration::from_secs(60);
 
+/// Events per key in the current minute of that key.
+#[derive(Debug)]
+struct PerMinute<K> {
+    limit: u32,
+    counts: Mutex<HashMap<K, (Instant, u32)>>,
+}
+
+impl<K: Hash + Eq> PerMinute<K> {
+    fn new(limit: u32) -> Self {
+        PerMinute { limit, counts: Mutex::new(HashMap::new()) }
+    }
+
+    fn below_limit(&self, key: &K) -> bool {
+        let c = lock(&self.counts);
+        c.get(key).is_none_or(|(since, n)| since.elapsed() > WINDOW || *n < self.limit)
+    }
+
+    /// Counts one event; whether it was within the limit.
+    fn count(&self, key: K) -> bool {
+        let mut c = lock(&self.counts);
+        if c.len() > 100_000 {
+            // Bounded: keys whose minute is over are forgotten.
+            c.retain(|_, (since, _)| since.elapsed() <= WINDOW);
+        }
+        let e = c.entry(key).or_insert((Instant::now(), 0));
+        if e.0.elapsed() > WINDOW {
+            *e = (Instant::now(), 0);
+        }
+        e.1 += 1;
+        e.1 <= self.limit
+    }
+}
+
 #[derive(Debug)]
 pub struct PeerLimits {
     max_handshakes: usize,
-    failures_per_minute: u32,
     handshakes: Mutex<HashMap<IpAddr, usize>>,
-    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    failures: PerMinute<IpAddr>,
+    logins: PerMinute<String>,
 }
 
 /// One connection's place among its peer's handshakes; given back when dropped.
@@ -40,12 +77,12 @@ impl Drop for HandshakeSlot {
 }
 
 impl PeerLimits {
-    pub fn new(max_handshakes: usize, failures_per_minute: u32) -> Arc<PeerLimits> {
+    pub fn new(max_handshakes: usize, failures_per_minute: u32, logins_per_minute: u32) -> Arc<PeerLimits> {
         Arc::new(PeerLimits {
             max_handshakes,
-            failures_per_minute,
             handshakes: Mutex::new(HashMap::new()),
-            failures: Mutex::new(HashMap::new()),
+            failures: PerMinute::new(failures_per_minute),
+            logins: PerMinute::new(logins_per_minute),
         })
     }
 
@@ -62,21 +99,16 @@ impl PeerLimits {
 
     /// Whether `peer` may try to enroll now.
     pub fn may_enroll(&self, peer: IpAddr) -> bool {
-        let f = lock(&self.failures);
-        f.get(&peer).is_none_or(|(since, n)| since.elapsed() > WINDOW || *n < self.failures_per_minute)
+        self.failures.below_limit(&peer)
     }
 
     pub fn enrollment_failed(&self, peer: IpAddr) {
-        let mut f = lock(&self.failures);
-        if f.len() > 100_000 {
-            // Bounded: peers whose minute is over are forgotten.
-            f.retain(|_, (since, _)| since.elapsed() <= WINDOW);
-        }
-        let e = f.entry(peer).or_insert((Instant::now(), 0));
-        if e.0.elapsed() > WINDOW {
-            *e = (Instant::now(), 0);
-        }
-        e.1 += 1;
+        self.failures.count(peer);
+    }
+
+    /// Counts a login of `device` (which proved it holds its key); whether it may go on.
+    pub fn log_in(&self, device: &str) -> bool {
+        self.logins.count(device.to_owned())
     }
 }
 
@@ -86,7 +118,7 @@ mod tests {
 
     #[test]
     fn each_peer_has_its_own_share() {
-        let limits = PeerLimits::new(2, 3);
+        let limits = PeerLimits::new(2, 3, 2);
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().expect("ip"), "10.0.0.2".parse().expect("ip"));
         let s1 = limits.handshake(a).expect("first");
         let _s2 = limits.handshake(a).expect("second");
@@ -101,5 +133,9 @@ mod tests {
         }
         assert!(!limits.may_enroll(a), "a peer past its failures");
         assert!(limits.may_enroll(b), "another peer enrolls all the same");
+
+        assert!(limits.log_in("d1") && limits.log_in("d1"));
+        assert!(!limits.log_in("d1"), "a device past its logins");
+        assert!(limits.log_in("d2"), "another device logs in all the same");
     }
 }

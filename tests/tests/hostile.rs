@@ -39,6 +39,85 @@ async fn until_closed(ws: &mut Ws, limit: Duration) -> Option<String> {
     refusal
 }
 
+/// A peer that announces one 4 MiB message before its handshake and sends it slowly: the
+/// controller stops reading it after `MAX_HANDSHAKE_BYTES` and ends the connection,
+/// instead of buffering it whole (messages up to 8 MiB are allowed once authenticated).
+#[test]
+fn a_large_message_before_the_handshake_is_cut_off_not_buffered() {
+    use tokio::io::AsyncWriteExt;
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d1", "alpha", true).expect("device");
+    f.wait_online("d1");
+    let url = f.controller.agent_url();
+    let announced: u64 = 4 << 20;
+    let sent = rt().block_on(async {
+        let mut ws = thymis_fleet_tests::ws_connect(&url).await.expect("connect");
+        let raw = ws.get_mut();
+        // A masked text frame's header (RFC 6455): FIN + text, 64-bit length, mask key.
+        let mut header = vec![0x81u8, 0x80 | 127];
+        header.extend_from_slice(&announced.to_be_bytes());
+        header.extend_from_slice(&[0x11, 0x22, 0x33, 0x44]);
+        raw.write_all(&header).await.expect("header");
+        let chunk = vec![b' '; 32 << 10];
+        let mut sent = 0u64;
+        while sent < announced {
+            let wrote = tokio::time::timeout(Duration::from_secs(10), async {
+                raw.write_all(&chunk).await?;
+                raw.flush().await
+            })
+            .await;
+            if !matches!(wrote, Ok(Ok(()))) {
+                break;
+            }
+            sent += chunk.len() as u64;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sent
+    });
+    assert!(
+        sent < 1 << 20,
+        "the controller took {sent} bytes of a message before any handshake\n{}",
+        f.controller.log()
+    );
+    assert!(f.controller.log().contains("exceeds the limit"), "{}", f.controller.log());
+    let t = f.controller.ctl_json(&["deploy", "--device", "d1", "--wait"]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+}
+
+/// A device that logs in again and again (its real key, proved every time) is refused
+/// for the rest of the minute after 60 logins; another device is not affected.
+#[test]
+fn a_device_logging_in_in_a_loop_is_held_back_and_others_are_not() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d1", "alpha", true).expect("device");
+    f.add_device("d2", "alpha", true).expect("device");
+    f.wait_online("d1");
+    f.wait_online("d2");
+    f.device_mut("d1").kill9();
+    let key_text = std::fs::read_to_string(f.device("d1").state_dir().join("device.key")).expect("key");
+    let url = f.controller.agent_url();
+    let (welcomed, refusal) = rt().block_on(async {
+        for n in 0..100u8 {
+            let key: SecretKey = key_text.trim().parse().expect("key");
+            let mut c = Challenged::with_key(&url, n, key).await;
+            let auth =
+                ControllerBound::Auth { signature: c.signature(), enrollment_token: None, enrollment_proof: None };
+            c.ws.send(Message::text(encode(&auth))).await.expect("send");
+            let Some(Ok(Message::Text(t))) = c.ws.next().await else { panic!("no answer to login {n}") };
+            match thymis_proto::decode_agent_bound(t.as_str(), false) {
+                Ok(AgentBound::Welcome { .. }) => {}
+                _ => return (n, t.to_string()),
+            }
+        }
+        (100, String::new())
+    });
+    // d1 logged in once by itself before.
+    assert!((55..60).contains(&welcomed), "{welcomed} logins before a refusal: {refusal}");
+    assert!(refusal.contains("logged in too often"), "{refusal}");
+    let t = f.controller.ctl_json(&["deploy", "--device", "d2", "--wait"]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+}
+
 /// A device (a fresh key) that said hello and got the controller's challenge.
 struct Challenged {
     ws: Ws,
@@ -51,8 +130,11 @@ struct Challenged {
 
 impl Challenged {
     async fn new(url: &str, nonce: u8) -> Challenged {
+        Challenged::with_key(url, nonce, SecretKey::generate("thymis-device").expect("key")).await
+    }
+
+    async fn with_key(url: &str, nonce: u8, key: SecretKey) -> Challenged {
         let mut ws = thymis_fleet_tests::ws_connect(url).await.expect("connect");
-        let key = SecretKey::generate("thymis-device").expect("key");
         let client_nonce = Nonce([nonce; 32]);
         let hello = ControllerBound::Hello {
             protocol_min: 1,
@@ -769,6 +851,12 @@ fn a_device_flooding_its_log_cannot_fill_the_controller() {
         .map(|n| std::fs::metadata(f.controller.state_dir.join(n)).map(|m| m.len()).unwrap_or(0))
         .sum::<u64>();
     assert!(db < 16 << 20, "the database grew to {db} bytes");
+    // Ended without the device's outcome (cancelled here): the budget is given back, and
+    // the task's log says what it dropped.
+    f.controller.ctl_json(&["cancel", &in_flight.to_string()]);
+    wait_for("the dropped lines counted", Duration::from_secs(30), || {
+        f.controller.task_logs(in_flight).iter().any(|l| l.contains("over the budget were dropped")).then_some(())
+    });
 }
 
 /// A device cannot choose what the controller compresses against: a delta base it names

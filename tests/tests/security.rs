@@ -229,3 +229,49 @@ fn the_controllers_state_is_private_whatever_the_umask() {
         assert_eq!(mode(file), 0o600, "{file}");
     }
 }
+
+/// A client that never finishes its TLS handshake, one that trickles a request header,
+/// and a kept-alive connection left idle are each closed after the listener's 10 s
+/// timeout, not held for as long as the client likes.
+#[test]
+fn silent_trickling_and_idle_clients_are_dropped() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let addr = f.controller.listen.clone();
+    // Seconds until the controller closes the connection (a read of 0 bytes or an error).
+    let closed_after = |mut read: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            let mut buf = [0u8; 256];
+            while matches!(read.read(&mut buf), Ok(n) if n > 0) {}
+            start.elapsed().as_secs_f64()
+        })
+    };
+    let tls = |tcp: TcpStream| {
+        let config = thymis_tls_pin::Pinned::new(None, "nothing").client_config().expect("config");
+        let name = "localhost".try_into().expect("name");
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("tls");
+        rustls::StreamOwned::new(conn, tcp)
+    };
+    let connect = || {
+        let tcp = TcpStream::connect(&addr).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(40))).expect("timeout");
+        tcp
+    };
+
+    let silent = closed_after(Box::new(connect()));
+    let mut trickle = tls(connect());
+    trickle.write_all(b"GET /healthz HTTP/1.1\r\n").expect("write");
+    let mut idle = tls(connect());
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut answer = [0u8; 15];
+    idle.read_exact(&mut answer).expect("answer");
+    assert_eq!(&answer, b"HTTP/1.1 200 OK");
+    let trickling = closed_after(Box::new(trickle));
+    let idling = closed_after(Box::new(idle));
+    for (what, t) in [("silent", silent), ("trickling", trickling), ("idle", idling)] {
+        let secs = t.join().expect("thread");
+        assert!((5.0..30.0).contains(&secs), "a {what} client was closed after {secs:.1} s");
+    }
+}

@@ -27,6 +27,10 @@ pub const PROTOCOL_MAX: u32 = 1;
 pub const MAX_TEXT_MESSAGE: usize = 8 << 20;
 /// Largest message before the handshake is done: unauthenticated peers get little.
 pub const MAX_HANDSHAKE_MESSAGE: usize = 16 << 10;
+/// Bytes a peer may send in all before its handshake is done (two messages with their
+/// framing, and room for pings): the controller stops reading past it, so nothing
+/// larger is ever buffered for an unauthenticated peer.
+pub const MAX_HANDSHAKE_BYTES: usize = 3 * MAX_HANDSHAKE_MESSAGE;
 /// Largest binary frame (a chunk of compressed NAR).
 pub const MAX_BINARY_FRAME: usize = 1 << 20;
 /// Size of the NAR chunks a sender puts in one binary frame.
