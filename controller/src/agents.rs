@@ -67,12 +67,6 @@ async fn recv(ws: &mut WebSocket) -> Result<ControllerBound> {
     }
 }
 
-fn random<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    let _ = getrandom::fill(&mut b);
-    b
-}
-
 async fn serve(ctl: Arc<Controller>, mut ws: WebSocket, peer: std::net::IpAddr, cap: ReadCap) {
     // Unauthenticated connections are capped per source address (and all together),
     // and must finish the handshake quickly.
@@ -85,7 +79,14 @@ async fn serve(ctl: Arc<Controller>, mut ws: WebSocket, peer: std::net::IpAddr, 
         let _ = send(&mut ws, &AgentBound::Refused { reason: "too many connections in handshake".into() }).await;
         return;
     };
-    let session = random::<16>().iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let session = match crate::random::hex::<16>() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("agent handshake: {e:#}");
+            let _ = send(&mut ws, &AgentBound::Refused { reason: format!("controller: {e:#}") }).await;
+            return;
+        }
+    };
     let handshake = handshake(&ctl, &mut ws, &session, peer);
     let device = match tokio::time::timeout(ctl.settings.handshake_timeout, handshake).await {
         Ok(Ok(device)) => device,
@@ -123,7 +124,7 @@ async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str, peer: st
     };
     let protocol = negotiate(protocol_min, protocol_max).map_err(|e| anyhow!(e))?;
     let device_key: PublicKey = device_key.parse().map_err(|e| anyhow!("device key: {e}"))?;
-    let server_nonce = Nonce(random());
+    let server_nonce = Nonce(crate::random::bytes()?);
     let identity = ctl.identity.public();
     let signature = ctl.identity.sign(&controller_transcript(&client_nonce, &server_nonce, session, &device_key));
     send(

@@ -219,9 +219,7 @@ impl Controller {
         let admin_token = match std::fs::read_to_string(&paths.admin_token) {
             Ok(t) => t.trim().to_owned(),
             Err(_) => {
-                let mut raw = [0u8; 24];
-                getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("OS random generator: {e}"))?;
-                let t: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+                let t = crate::random::hex::<24>()?;
                 write_secret(&paths.admin_token, &t)?;
                 t
             }

@@ -225,9 +225,7 @@ impl Db {
     /// A new single-use enrollment token for `device`, valid `ttl` seconds; earlier
     /// unused tokens of the device stop working.
     pub fn issue_token(&self, device: &str, ttl: i64) -> Result<String> {
-        let mut raw = [0u8; 24];
-        getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("OS random generator: {e}"))?;
-        let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let token = crate::random::hex::<24>()?;
         let c = self.c();
         c.execute("DELETE FROM enrollment_tokens WHERE device = ?1", params![device])?;
         c.execute(
@@ -424,11 +422,14 @@ impl Db {
     }
 
     pub fn add_child(&self, task: i64, device: &str, config: &str) -> Result<i64> {
+        // Opaque and short whatever the device's name (one built from the name was too
+        // long for the agent past 59 characters).
+        let deployment_id = format!("dp-{}", crate::random::hex::<8>()?);
         let c = self.c();
         c.execute(
             "INSERT INTO children (task, device, config, deployment_id, state, phase, updated)
              VALUES (?1, ?2, ?3, ?4, 'pending', 'build', ?5)",
-            params![task, device, config, format!("d{task}-{device}"), now()],
+            params![task, device, config, deployment_id, now()],
         )?;
         Ok(c.last_insert_rowid())
     }
@@ -491,12 +492,7 @@ impl Db {
 
     /// A browser session; returns (session id, CSRF token). Only the id's hash is stored.
     pub fn create_session(&self, ttl: i64) -> Result<(String, String)> {
-        let random = || -> Result<String> {
-            let mut raw = [0u8; 32];
-            getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("OS random generator: {e}"))?;
-            Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
-        };
-        let (id, csrf) = (random()?, random()?);
+        let (id, csrf) = (crate::random::hex::<32>()?, crate::random::hex::<32>()?);
         let c = self.c();
         c.execute("DELETE FROM sessions WHERE expires < ?1", params![now()])?;
         c.execute(

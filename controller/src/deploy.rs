@@ -491,9 +491,15 @@ async fn send_to(
         acks.take(m, unacked, &mut in_flight_bytes)?;
     }
     acks.flush();
-    // Recorded before the device is told: from here on a restart must not interrupt it.
-    let _ =
+    // Recorded before the device is told: from here on a restart must not interrupt it,
+    // and only a recorded activation is ever confirmed. Unrecorded, the device is not
+    // told (it would roll back for want of a confirmation).
+    let recorded =
         ctl.db.update_child(child.id, ChildUpdate { phase: Some("activate"), activated: true, ..Default::default() });
+    if let Err(e) = recorded {
+        conn.send(AgentBound::Cancel { deployment_id: id.clone() }).await;
+        return Err(Stop::Refused(format!("not activated: recording the activation failed: {e:#}")));
+    }
     let _ = ctl.db.log(child.task, Some(child.id), &format!("{}: activating", child.device));
     ctl.notify_task(child.task);
     if !conn.send(AgentBound::Activate { deployment_id: id.clone() }).await {

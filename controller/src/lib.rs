@@ -13,6 +13,7 @@ pub mod log_budget;
 pub mod nar_cache;
 pub mod peer_limits;
 pub mod project;
+pub mod random;
 pub mod read_cap;
 pub mod task;
 pub mod tls;
