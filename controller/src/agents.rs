@@ -21,10 +21,11 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::controller::{Conn, Controller, Out, lock};
+use crate::db::Details;
 use crate::deploy;
 use crate::log_budget::{LOG_BUDGET, LogBudget};
+use crate::machine::Event;
 use crate::read_cap::ReadCap;
-use crate::task::ChildState;
 
 pub async fn upgrade(
     State(ctl): State<Arc<Controller>>,
@@ -314,7 +315,7 @@ async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: ControllerBound) -
         ControllerBound::Log { deployment_id, line } => {
             // Only for this device's deployment in flight, and within its budget.
             let child = ctl.db.child_by_deployment(&deployment_id)?;
-            let Some(child) = child.filter(|c| &c.device == device && c.state != ChildState::Finished) else {
+            let Some(child) = child.filter(|c| &c.device == device && !c.stage.is_finished()) else {
                 debug!(%device, deployment = %deployment_id, "log line for no deployment in flight: dropped");
                 return Ok(());
             };
@@ -379,8 +380,7 @@ async fn maybe_confirm(ctl: &Controller, conn: &Conn, report: &DeviceReport) -> 
         return Ok(());
     };
     let matches = child.device == conn.device
-        && child.activated
-        && child.result.is_none()
+        && child.stage.activated()
         && child.system.as_deref() == Some(&p.system.to_string())
         && child.sequence == Some(p.sequence as i64);
     if !matches {
@@ -394,7 +394,10 @@ async fn maybe_confirm(ctl: &Controller, conn: &Conn, report: &DeviceReport) -> 
         sequence: p.sequence,
         session: conn.session.clone(),
     };
-    ctl.db.update_child(child.id, crate::db::ChildUpdate { phase: Some("confirm"), ..Default::default() })?;
+    if let Err(refused) = ctl.db.advance(child.id, Event::Confirming, &Details::default())? {
+        warn!(device = %conn.device, deployment = %p.deployment_id, "not confirming: {refused}");
+        return Ok(());
+    }
     ctl.db.log(child.task, Some(child.id), &format!("{}: reconnected after activation; confirming", conn.device))?;
     ctl.notify_task(child.task);
     conn.send(AgentBound::Confirm { confirmation: Signed::sign(&confirmation, &ctl.identity) }).await;
@@ -411,7 +414,21 @@ fn record_outcome(ctl: &Arc<Controller>, device: &str, o: &Outcome) -> Result<()
         return Ok(());
     }
     info!(%device, deployment = %o.deployment_id, result = ?o.result, reason = ?o.reason, "outcome");
-    ctl.db.record_outcome(child.id, o)?;
+    let text = |v: serde_json::Value| v.as_str().map(str::to_owned);
+    let reason = o.reason.and_then(|r| serde_json::to_value(r).ok()).and_then(text);
+    let phase = o.phase.and_then(|p| serde_json::to_value(p).ok()).and_then(text);
+    let details = Details {
+        reason: reason.as_deref(),
+        error: o.error.as_deref(),
+        failed_units: &o.failed_units,
+        unit_logs: Some(&o.unit_logs),
+        phase: phase.as_deref(),
+    };
+    if let Err(refused) = ctl.db.advance(child.id, Event::Outcome(o.result), &details)? {
+        // Already finished (a repeated report), or not the device's to say.
+        debug!(%device, deployment = %o.deployment_id, "outcome not recorded: {refused}");
+        return Ok(());
+    }
     let mut line = format!("{device}: {}", serde_json::to_value(o.result)?.as_str().unwrap_or_default());
     if let Some(r) = o.reason {
         line.push_str(&format!(" ({})", serde_json::to_value(r)?.as_str().unwrap_or_default()));

@@ -165,7 +165,6 @@ pub struct Controller {
     pub connected: broadcast::Sender<String>,
     /// Task ids as they change (live views listen).
     pub task_changed: broadcast::Sender<i64>,
-    pub cancelled: Mutex<HashSet<i64>>,
     /// Tasks whose state will be recomputed shortly.
     pub refresh_pending: Mutex<HashSet<i64>>,
     pub handshakes: Arc<Semaphore>,
@@ -246,7 +245,6 @@ impl Controller {
             conns: Mutex::new(HashMap::new()),
             connected,
             task_changed,
-            cancelled: Mutex::new(HashSet::new()),
             refresh_pending: Mutex::new(HashSet::new()),
             handshakes,
             log_budget: Default::default(),

@@ -9,9 +9,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use thymis_proto::message::{DeviceReport, Outcome};
+use thymis_proto::message::DeviceReport;
 
-use crate::task::{ChildState, TaskState};
+use crate::machine::{Event, Refused, Stage};
+use crate::task::{Stopped, TaskState};
 
 /// Each entry moves the schema one version up; never edit a released one.
 const MIGRATIONS: &[&str] = &[
@@ -106,6 +107,24 @@ INSERT OR IGNORE INTO revoked_keys (public_key, device, revoked)
     r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 "#,
+    // One column for a device deployment's stage (`crate::machine::Stage`), instead of
+    // `state`, `activated` and the phase (which now says only where a finished one
+    // ended); a task says why it stopped early.
+    r#"
+ALTER TABLE children ADD COLUMN stage TEXT NOT NULL DEFAULT 'building';
+UPDATE children SET stage = CASE
+    WHEN result IS NOT NULL THEN 'finished'
+    WHEN activated = 1 AND phase = 'confirm' THEN 'confirming'
+    WHEN activated = 1 THEN 'activated'
+    WHEN state = 'queued' THEN 'queued'
+    WHEN phase = 'copy' THEN 'copying'
+    ELSE 'building' END;
+UPDATE children SET phase = NULL WHERE result IS NULL;
+ALTER TABLE children DROP COLUMN state;
+ALTER TABLE children DROP COLUMN activated;
+ALTER TABLE tasks ADD COLUMN stopped TEXT;
+UPDATE tasks SET stopped = 'cancelled' WHERE state = 'cancelled';
+"#,
 ];
 
 /// Records the device's enrolled key, if it has one, as revoked.
@@ -148,10 +167,8 @@ pub struct ChildRow {
     pub device: String,
     pub config: String,
     pub deployment_id: String,
-    pub state: ChildState,
-    pub result: Option<String>,
+    pub stage: Stage,
     pub sequence: Option<i64>,
-    pub activated: bool,
     pub system: Option<String>,
 }
 
@@ -427,8 +444,8 @@ impl Db {
         let deployment_id = format!("dp-{}", crate::random::hex::<8>()?);
         let c = self.c();
         c.execute(
-            "INSERT INTO children (task, device, config, deployment_id, state, phase, updated)
-             VALUES (?1, ?2, ?3, ?4, 'pending', 'build', ?5)",
+            "INSERT INTO children (task, device, config, deployment_id, stage, updated)
+             VALUES (?1, ?2, ?3, ?4, 'building', ?5)",
             params![task, device, config, deployment_id, now()],
         )?;
         Ok(c.last_insert_rowid())
@@ -461,16 +478,25 @@ impl Db {
         Ok(s.and_then(|s| TaskState::parse(&s)))
     }
 
-    /// Updates a child's progress fields; `None` leaves a field as it is.
-    pub fn update_child(&self, child: i64, u: ChildUpdate<'_>) -> Result<()> {
+    pub fn set_child_system(&self, child: i64, system: &str) -> Result<()> {
+        self.c()
+            .execute("UPDATE children SET system = ?2, updated = ?3 WHERE id = ?1", params![child, system, now()])?;
+        Ok(())
+    }
+
+    /// Why a task stopped before its devices all finished (cancelled, halted).
+    pub fn set_task_stopped(&self, task: i64, stopped: Stopped) -> Result<()> {
         self.c().execute(
-            "UPDATE children SET
-                state = COALESCE(?2, state), phase = COALESCE(?3, phase), error = COALESCE(?4, error),
-                system = COALESCE(?5, system), activated = MAX(activated, ?6), updated = ?7
-             WHERE id = ?1",
-            params![child, u.state.map(|s| s.as_str()), u.phase, u.error, u.system, u.activated, now()],
+            "UPDATE tasks SET stopped = ?2, updated = ?3 WHERE id = ?1",
+            params![task, stopped.as_str(), now()],
         )?;
         Ok(())
+    }
+
+    pub fn task_stopped(&self, task: i64) -> Result<Option<Stopped>> {
+        let s: Option<Option<String>> =
+            self.c().query_row("SELECT stopped FROM tasks WHERE id = ?1", params![task], |r| r.get(0)).optional()?;
+        Ok(s.flatten().and_then(|s| Stopped::parse(&s)))
     }
 
     pub fn add_progress(&self, child: i64, paths: i64, bytes: i64) -> Result<()> {
@@ -541,67 +567,73 @@ impl Db {
         Ok(())
     }
 
-    /// Ends a child with a terminal result, unless it already has one. Returns whether
-    /// this call set it.
-    pub fn finish_child(
-        &self,
-        child: i64,
-        result: &str,
-        reason: Option<&str>,
-        error: Option<&str>,
-        failed_units: &[String],
-    ) -> Result<bool> {
-        let n = self.c().execute(
-            "UPDATE children SET state = 'finished', result = ?2, reason = ?3, error = COALESCE(?4, error),
-                 failed_units = ?5, updated = ?6
-             WHERE id = ?1 AND result IS NULL",
-            params![child, result, reason, error, serde_json::to_string(failed_units)?, now()],
-        )?;
-        Ok(n > 0)
-    }
-
-    /// Records an agent's outcome. An outcome from the agent is the truth about the
-    /// device, so it replaces a controller-side `unreachable`.
-    pub fn record_outcome(&self, child: i64, o: &Outcome) -> Result<()> {
-        let result = serde_json::to_value(o.result)?.as_str().unwrap_or_default().to_owned();
-        let reason = o.reason.and_then(|r| serde_json::to_value(r).ok()).and_then(|v| v.as_str().map(str::to_owned));
-        let phase = o.phase.and_then(|p| serde_json::to_value(p).ok()).and_then(|v| v.as_str().map(str::to_owned));
-        self.c().execute(
-            "UPDATE children SET state = 'finished', result = ?2, reason = ?3, error = ?4, failed_units = ?5,
-                 phase = COALESCE(?6, phase), unit_logs = ?8, updated = ?7
-             WHERE id = ?1 AND (result IS NULL OR result = 'unreachable')",
-            params![
-                child,
-                result,
-                reason,
-                o.error,
-                serde_json::to_string(&o.failed_units)?,
-                phase,
-                now(),
-                serde_json::to_string(&o.unit_logs)?
-            ],
-        )?;
-        Ok(())
+    /// The one writer of a device deployment's stage: applies `event` through
+    /// [`crate::machine::next`] to the stage as stored, in one transaction; a refused
+    /// event changes nothing. A finishing event records `details` with its result.
+    /// Returns the new stage, or the refusal.
+    pub fn advance(&self, child: i64, event: Event, details: &Details<'_>) -> Result<Result<Stage, Refused>> {
+        let mut c = self.c();
+        let tx = c.transaction()?;
+        let (stage, result): (String, Option<String>) =
+            tx.query_row("SELECT stage, result FROM children WHERE id = ?1", params![child], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        let stage = Stage::parse(&stage, result.as_deref().and_then(parse_result))
+            .with_context(|| format!("child {child} has an unknown stage {stage:?} ({result:?})"))?;
+        let new = match crate::machine::next(stage, event) {
+            Ok(n) => n,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        match new {
+            Stage::Finished(r) => {
+                tx.execute(
+                    // The device's outcome replaces whatever the controller had said.
+                    "UPDATE children SET stage = 'finished', result = ?2, reason = ?3,
+                         error = CASE WHEN ?9 THEN ?4 ELSE COALESCE(?4, error) END,
+                         failed_units = ?5, unit_logs = COALESCE(?6, unit_logs), phase = ?7, updated = ?8
+                     WHERE id = ?1",
+                    params![
+                        child,
+                        result_str(r),
+                        details.reason,
+                        details.error,
+                        serde_json::to_string(details.failed_units)?,
+                        details.unit_logs.map(serde_json::to_string).transpose()?,
+                        details.phase.or(stage.phase()),
+                        now(),
+                        matches!(event, Event::Outcome(_))
+                    ],
+                )?;
+            }
+            _ => {
+                tx.execute(
+                    "UPDATE children SET stage = ?2, error = COALESCE(?3, error), updated = ?4 WHERE id = ?1",
+                    params![child, new.as_str(), details.error, now()],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(Ok(new))
     }
 
     fn child_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChildRow> {
-        let state: String = r.get(5)?;
+        let (stage, result): (String, Option<String>) = (r.get(5)?, r.get(6)?);
+        let stage = Stage::parse(&stage, result.as_deref().and_then(parse_result)).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, format!("stage {stage:?}").into())
+        })?;
         Ok(ChildRow {
             id: r.get(0)?,
             task: r.get(1)?,
             device: r.get(2)?,
             config: r.get(3)?,
             deployment_id: r.get(4)?,
-            state: ChildState::parse(&state).unwrap_or(ChildState::Pending),
-            result: r.get(6)?,
+            stage,
             sequence: r.get(7)?,
-            activated: r.get(8)?,
-            system: r.get(9)?,
+            system: r.get(8)?,
         })
     }
 
-    const CHILD_COLS: &'static str =
-        "id, task, device, config, deployment_id, state, result, sequence, activated, system";
+    const CHILD_COLS: &'static str = "id, task, device, config, deployment_id, stage, result, sequence, system";
 
     pub fn child_by_deployment(&self, deployment_id: &str) -> Result<Option<ChildRow>> {
         let c = self.c();
@@ -627,17 +659,22 @@ impl Db {
     }
 
     /// A task's children grouped by (state, result), with counts.
-    pub fn child_counts(&self, task: i64) -> Result<Vec<(ChildState, Option<String>, usize)>> {
+    /// How many of a task's children are in each stage.
+    pub fn child_counts(&self, task: i64) -> Result<Vec<(Stage, usize)>> {
         let c = self.c();
         let mut st =
-            c.prepare("SELECT state, result, COUNT(*) FROM children WHERE task = ?1 GROUP BY state, result")?;
+            c.prepare("SELECT stage, result, COUNT(*) FROM children WHERE task = ?1 GROUP BY stage, result")?;
         let rows = st
             .query_map(params![task], |r| {
-                let state: String = r.get(0)?;
-                Ok((ChildState::parse(&state).unwrap_or(ChildState::Pending), r.get(1)?, r.get::<_, i64>(2)? as usize))
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, i64>(2)? as usize))
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        rows.into_iter()
+            .map(|(s, r, n)| {
+                let stage = Stage::parse(&s, r.as_deref().and_then(parse_result));
+                Ok((stage.with_context(|| format!("unknown stage {s:?} ({r:?})"))?, n))
+            })
+            .collect()
     }
 
     /// Unfinished children of other tasks for `device` (to be superseded).
@@ -689,16 +726,22 @@ impl Db {
             .optional()?;
         let Some(mut t) = t else { return Ok(None) };
         let mut st = c.prepare(
-            "SELECT id, device, config, state, phase, result, reason, error, failed_units, paths_sent, bytes_sent,
+            "SELECT id, device, config, stage, phase, result, reason, error, failed_units, paths_sent, bytes_sent,
                     system, deployment_id, sequence, updated, unit_logs, paths_total
              FROM children WHERE task = ?1 ORDER BY id",
         )?;
         let children = st
             .query_map(params![task], |r| {
                 let units: String = r.get(8)?;
+                let result: Option<String> = r.get(5)?;
+                let stage = Stage::parse(&r.get::<_, String>(3)?, result.as_deref().and_then(parse_result));
+                let (state, phase) = match stage {
+                    Some(Stage::Finished(_)) | None => ("finished", r.get::<_, Option<String>>(4)?),
+                    Some(s) => (s.state(), s.phase().map(str::to_owned)),
+                };
                 Ok(serde_json::json!({
                     "id": r.get::<_, i64>(0)?, "device": r.get::<_, String>(1)?, "config": r.get::<_, String>(2)?,
-                    "state": r.get::<_, String>(3)?, "phase": r.get::<_, Option<String>>(4)?,
+                    "state": state, "phase": phase,
                     "result": r.get::<_, Option<String>>(5)?, "reason": r.get::<_, Option<String>>(6)?,
                     "error": r.get::<_, Option<String>>(7)?,
                     "failed_units": serde_json::from_str::<serde_json::Value>(&units).unwrap_or_default(),
@@ -745,14 +788,30 @@ impl Db {
     }
 }
 
-/// Fields of a child to change.
+/// What a device deployment's event records beside its stage (a finishing one: why).
 #[derive(Debug, Default, Clone, Copy)]
-pub struct ChildUpdate<'a> {
-    pub state: Option<ChildState>,
-    pub phase: Option<&'a str>,
+pub struct Details<'a> {
+    pub reason: Option<&'a str>,
     pub error: Option<&'a str>,
-    pub system: Option<&'a str>,
-    pub activated: bool,
+    pub failed_units: &'a [String],
+    pub unit_logs: Option<&'a std::collections::BTreeMap<String, Vec<String>>>,
+    /// Where it ended (default: the phase of the stage it ended in).
+    pub phase: Option<&'a str>,
+}
+
+impl<'a> Details<'a> {
+    pub fn error(error: &'a str) -> Self {
+        Details { error: Some(error), ..Default::default() }
+    }
+}
+
+/// The stored (and API) spelling of a result.
+pub fn result_str(r: thymis_proto::DeviceResult) -> String {
+    serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+pub fn parse_result(s: &str) -> Option<thymis_proto::DeviceResult> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
 }
 
 #[cfg(test)]
@@ -807,5 +866,49 @@ mod tests {
         let a = Db::open(&path).expect("open").next_sequence().expect("seq");
         let b = Db::open(&path).expect("reopen").next_sequence().expect("seq");
         assert!(b > a);
+    }
+
+    /// A database of the controller before the stage column: each child's state,
+    /// activation and phase become the one stage, cancelled tasks say so.
+    #[test]
+    fn the_stage_migration_keeps_every_device_deployment_where_it_was() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("db.sqlite");
+        {
+            let c = Connection::open(&path).expect("open");
+            for m in &MIGRATIONS[..5] {
+                c.execute_batch(m).expect("old migration");
+            }
+            c.pragma_update(None, "user_version", 5).expect("version");
+            c.execute_batch(
+                "INSERT INTO tasks (kind, state, created, updated) VALUES ('deployment', 'cancelled', 0, 0);
+                 INSERT INTO children (task, device, config, deployment_id, state, phase, result, activated, updated)
+                 VALUES (1, 'b', 'c', 'i1', 'running', 'build', NULL, 0, 0),
+                        (1, 'q', 'c', 'i2', 'queued', 'copy', NULL, 0, 0),
+                        (1, 'c', 'c', 'i3', 'running', 'copy', NULL, 0, 0),
+                        (1, 'a', 'c', 'i4', 'running', 'activate', NULL, 1, 0),
+                        (1, 'f', 'c', 'i5', 'running', 'confirm', NULL, 1, 0),
+                        (1, 'r', 'c', 'i6', 'finished', 'activate', 'rolled-back', 1, 0);",
+            )
+            .expect("old rows");
+        }
+        let db = Db::open(&path).expect("migrate");
+        let stages: Vec<Stage> = db.children(1).expect("children").iter().map(|c| c.stage).collect();
+        use thymis_proto::DeviceResult as R;
+        assert_eq!(
+            stages,
+            [
+                Stage::Building,
+                Stage::Queued,
+                Stage::Copying,
+                Stage::Activated,
+                Stage::Confirming,
+                Stage::Finished(R::RolledBack)
+            ]
+        );
+        assert_eq!(db.task_stopped(1).expect("stopped"), Some(Stopped::Cancelled));
+        let t = db.task_json(1).expect("json").expect("task");
+        assert_eq!(t["children"][5]["phase"], "activate", "where the finished one ended");
+        assert_eq!(t["children"][3]["state"], "running");
     }
 }

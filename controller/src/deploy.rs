@@ -17,8 +17,9 @@ use tracing::{debug, info, warn};
 
 use crate::build;
 use crate::controller::{Conn, Controller, Out, lock};
-use crate::db::{ChildRow, ChildUpdate, now};
-use crate::task::{ChildState, TaskState, deployment_state};
+use crate::db::{ChildRow, Details, now};
+use crate::machine::Event;
+use crate::task::{Stopped, TaskState, deployment_state};
 
 /// What to deploy where (the API's and `thymisctl deploy`'s request).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -149,9 +150,9 @@ pub async fn start(ctl: &Arc<Controller>, req: DeployRequest) -> Result<i64> {
 /// Older unfinished deployments of `device` that have not activated are superseded.
 fn supersede(ctl: &Controller, device: &str, new_task: i64) -> Result<()> {
     for c in ctl.db.open_children_of_device(device, new_task)? {
-        if !c.activated
-            && ctl.db.finish_child(c.id, "superseded", None, Some(&format!("superseded by task {new_task}")), &[])?
-        {
+        let why = format!("superseded by task {new_task}");
+        // Refused once activated: then only the device ends it.
+        if ctl.db.advance(c.id, Event::Superseded, &Details::error(&why))?.is_ok() {
             if let Some(conn) = ctl.conn(device) {
                 let conn = conn.clone();
                 let id = c.deployment_id.clone();
@@ -181,11 +182,7 @@ pub fn refresh_task_soon(ctl: &Arc<Controller>, task: i64) {
 
 /// Recomputes a deployment's state from its children.
 pub fn refresh_task(ctl: &Controller, task: i64) -> Result<()> {
-    let groups = ctl.db.child_counts(task)?;
-    let cancelled = lock(&ctl.cancelled).contains(&task) || ctl.db.task_state(task)? == Some(TaskState::Cancelled);
-    let counted: Vec<(ChildState, Option<&str>, usize)> =
-        groups.iter().map(|(s, r, n)| (*s, r.as_deref(), *n)).collect();
-    let (state, result) = deployment_state(&counted, cancelled);
+    let (state, result) = deployment_state(&ctl.db.child_counts(task)?, ctl.db.task_stopped(task)?);
     ctl.db.set_task_state(task, state, result, None)?;
     ctl.notify_task(task);
     Ok(())
@@ -200,12 +197,6 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
     let mut closures: HashMap<String, (StorePath, Arc<Vec<PathInfo>>)> = HashMap::new();
     for config in &configs {
         let of_config: Vec<&ChildRow> = children.iter().filter(|c| &c.config == config).collect();
-        for c in &of_config {
-            ctl.db.update_child(
-                c.id,
-                ChildUpdate { state: Some(ChildState::Running), phase: Some("build"), ..Default::default() },
-            )?;
-        }
         ctl.notify_task(task);
         let built = match build::build_cached(ctl, task, commit, config).await {
             Ok(system) => {
@@ -219,16 +210,16 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
         match built {
             Ok((system, closure)) => {
                 for c in &of_config {
-                    ctl.db
-                        .update_child(c.id, ChildUpdate { system: Some(&system.to_string()), ..Default::default() })?;
+                    ctl.db.set_child_system(c.id, &system.to_string())?;
+                    // Refused for one cancelled or superseded meanwhile.
+                    let _ = ctl.db.advance(c.id, Event::Built, &Details::default())?;
                 }
                 closures.insert(config.clone(), (system, Arc::new(closure)));
             }
             Err(e) => {
                 let msg = format!("{e:#}");
                 for c in &of_config {
-                    ctl.db.update_child(c.id, ChildUpdate { phase: Some("build"), ..Default::default() })?;
-                    ctl.db.finish_child(c.id, "failed", None, Some(&msg), &[])?;
+                    let _ = ctl.db.advance(c.id, Event::Failed, &Details::error(&msg))?;
                 }
                 refresh_task(ctl, task)?;
             }
@@ -238,7 +229,7 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
     let mut handles = Vec::new();
     for child in ctl.db.children(task)? {
         let Some((system, closure)) = closures.get(&child.config).cloned() else { continue };
-        if child.result.is_some() {
+        if child.stage.is_finished() {
             continue;
         }
         let (ctl, limit) = (ctl.clone(), limit.clone());
@@ -247,7 +238,7 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
             let id = child.id;
             if let Err(e) = deliver(&ctl, &limit, child, system, closure, &commit, reboot).await {
                 warn!(child = id, "delivery failed: {e:#}");
-                let _ = ctl.db.finish_child(id, "failed", None, Some(&format!("{e:#}")), &[]);
+                let _ = ctl.db.advance(id, Event::Failed, &Details::error(&format!("{e:#}")));
             }
             refresh_task_soon(&ctl, task);
         }));
@@ -267,8 +258,7 @@ enum Stop {
 }
 
 fn is_over(ctl: &Controller, child: &ChildRow) -> Result<bool> {
-    let c = ctl.db.child_by_deployment(&child.deployment_id)?;
-    Ok(c.is_none_or(|c| c.result.is_some()) || lock(&ctl.cancelled).contains(&child.task))
+    Ok(ctl.db.child(child.id)?.is_none_or(|c| c.stage.is_finished()))
 }
 
 async fn deliver(
@@ -286,21 +276,25 @@ async fn deliver(
     let mut unacked: HashMap<StorePath, u64> = HashMap::new();
     let expires =
         ctl.db.task_expires(child.task)?.unwrap_or_else(|| now() + ctl.settings.deployment_ttl.as_secs() as i64);
+    let mut offline = false;
     loop {
         if is_over(ctl, &child)? {
             return Ok(());
         }
         let Some(conn) = ctl.conn(&child.device) else {
-            ctl.db.update_child(child.id, ChildUpdate { state: Some(ChildState::Queued), ..Default::default() })?;
-            refresh_task_soon(ctl, child.task);
+            if !offline {
+                // The deployment is waiting once only offline devices are left.
+                offline = true;
+                refresh_task_soon(ctl, child.task);
+            }
             // Woken when any device connects; re-checks cancel and expiry each second.
             let _ = tokio::time::timeout(Duration::from_secs(1), connected.recv()).await;
             continue;
         };
-        ctl.db.update_child(
-            child.id,
-            ChildUpdate { state: Some(ChildState::Running), phase: Some("copy"), ..Default::default() },
-        )?;
+        if ctl.db.advance(child.id, Event::Offered, &Details::default())?.is_err() {
+            return Ok(());
+        }
+        offline = false;
         refresh_task_soon(ctl, child.task);
         let sequence = match child.sequence {
             Some(s) => s as u64,
@@ -330,11 +324,16 @@ async fn deliver(
         match send_to(ctl, &conn, &child, &offer, &closure, &mut unacked).await {
             Ok(()) => return Ok(()),
             Err(Stop::Refused(reason)) => {
-                ctl.db.finish_child(child.id, "failed", None, Some(&reason), &[])?;
-                ctl.db.log(child.task, Some(child.id), &format!("{}: failed: {reason}", child.device))?;
+                if ctl.db.advance(child.id, Event::Failed, &Details::error(&reason))?.is_ok() {
+                    ctl.db.log(child.task, Some(child.id), &format!("{}: failed: {reason}", child.device))?;
+                }
                 return Ok(());
             }
             Err(Stop::Disconnected) => {
+                if ctl.db.advance(child.id, Event::Lost, &Details::default())?.is_err() {
+                    return Ok(());
+                }
+                refresh_task_soon(ctl, child.task);
                 ctl.db.log(child.task, Some(child.id), &format!("{}: connection lost; will resume", child.device))?;
                 ctl.notify_task(child.task);
             }
@@ -494,11 +493,17 @@ async fn send_to(
     // Recorded before the device is told: from here on a restart must not interrupt it,
     // and only a recorded activation is ever confirmed. Unrecorded, the device is not
     // told (it would roll back for want of a confirmation).
-    let recorded =
-        ctl.db.update_child(child.id, ChildUpdate { phase: Some("activate"), activated: true, ..Default::default() });
-    if let Err(e) = recorded {
-        conn.send(AgentBound::Cancel { deployment_id: id.clone() }).await;
-        return Err(Stop::Refused(format!("not activated: recording the activation failed: {e:#}")));
+    match ctl.db.advance(child.id, Event::Activating, &Details::default()) {
+        Ok(Ok(_)) => {}
+        // Ended meanwhile (cancelled, superseded, expired): the device is not told.
+        Ok(Err(refused)) => {
+            debug!(device = %child.device, "not activating: {refused}");
+            return Ok(());
+        }
+        Err(e) => {
+            conn.send(AgentBound::Cancel { deployment_id: id.clone() }).await;
+            return Err(Stop::Refused(format!("not activated: recording the activation failed: {e:#}")));
+        }
     }
     let _ = ctl.db.log(child.task, Some(child.id), &format!("{}: activating", child.device));
     ctl.notify_task(child.task);
@@ -619,9 +624,9 @@ fn read_chunk(file: &std::fs::File, offset: u64, end: u64) -> Result<Vec<u8>> {
 
 /// Cancels a deployment: every device that has not activated stops.
 pub async fn cancel(ctl: &Arc<Controller>, task: i64) -> Result<()> {
-    lock(&ctl.cancelled).insert(task);
+    ctl.db.set_task_stopped(task, Stopped::Cancelled)?;
     for c in ctl.db.children(task)? {
-        if c.result.is_none() && !c.activated && ctl.db.finish_child(c.id, "cancelled", None, None, &[])? {
+        if ctl.db.advance(c.id, Event::Cancelled, &Details::default())?.is_ok() {
             if let Some(conn) = ctl.conn(&c.device) {
                 conn.send(AgentBound::Cancel { deployment_id: c.deployment_id.clone() }).await;
             }
@@ -639,15 +644,13 @@ pub fn sweep(ctl: &Controller) -> Result<()> {
             continue;
         }
         for c in ctl.db.children(task)? {
-            if c.result.is_some() {
-                continue;
-            }
-            let (result, error) = if c.activated {
-                ("unreachable", "not heard from after activation before the deployment expired")
+            let error = if c.stage.activated() {
+                "not heard from after activation before the deployment expired"
             } else {
-                ("expired", "the deployment expired before the device received it")
+                "the deployment expired before the device received it"
             };
-            ctl.db.finish_child(c.id, result, None, Some(error), &[])?;
+            // Refused for the finished ones.
+            let _ = ctl.db.advance(c.id, Event::Expired, &Details::error(error))?;
         }
         refresh_task(ctl, task)?;
     }
@@ -655,7 +658,7 @@ pub fn sweep(ctl: &Controller) -> Result<()> {
     // expired, ...) give their log budgets back here.
     for id in ctl.log_budget.children() {
         match ctl.db.child(id)? {
-            Some(c) if c.state == crate::task::ChildState::Finished => crate::agents::close_log_budget(ctl, &c)?,
+            Some(c) if c.stage.is_finished() => crate::agents::close_log_budget(ctl, &c)?,
             Some(_) => {}
             None => drop(ctl.log_budget.finish(id)),
         }
@@ -677,17 +680,11 @@ pub fn recover(ctl: &Controller) -> Result<()> {
             continue;
         }
         for c in ctl.db.children(task)? {
-            if c.result.is_none() && !c.activated {
-                ctl.db.finish_child(
-                    c.id,
-                    "interrupted",
-                    None,
-                    Some("the controller stopped before this device activated"),
-                    &[],
-                )?;
-            } else if c.result.is_none() {
-                ctl.db.update_child(c.id, ChildUpdate { state: Some(ChildState::Running), ..Default::default() })?;
-            }
+            let details = match c.stage.activated() {
+                true => Details::default(),
+                false => Details::error("the controller stopped before this device activated"),
+            };
+            let _ = ctl.db.advance(c.id, Event::Restarted, &details)?;
         }
         refresh_task(ctl, task)?;
     }

@@ -10,6 +10,7 @@ pub mod db;
 pub mod deploy;
 pub mod http;
 pub mod log_budget;
+pub mod machine;
 pub mod nar_cache;
 pub mod peer_limits;
 pub mod project;

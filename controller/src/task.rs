@@ -1,5 +1,7 @@
-//! Task and per-device child states, and how a deployment's state follows from its
-//! children (a pure function, tested without I/O).
+//! Task states, and how a deployment's state follows from its devices' stages (a pure
+//! function, tested without I/O).
+
+use crate::machine::Stage;
 
 /// A task's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,57 +37,44 @@ impl TaskState {
     }
 }
 
-/// A per-device child's state.
+/// Why a deployment stopped before all its devices finished by themselves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChildState {
-    Pending,
-    /// The device is offline; it gets the deployment when it connects.
-    Queued,
-    Running,
-    Finished,
+pub enum Stopped {
+    Cancelled,
 }
 
-impl ChildState {
+impl Stopped {
     pub fn as_str(self) -> &'static str {
         match self {
-            ChildState::Pending => "pending",
-            ChildState::Queued => "queued",
-            ChildState::Running => "running",
-            ChildState::Finished => "finished",
+            Stopped::Cancelled => "cancelled",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "pending" => ChildState::Pending,
-            "queued" => ChildState::Queued,
-            "running" => ChildState::Running,
-            "finished" => ChildState::Finished,
-            _ => return None,
-        })
+        match s {
+            "cancelled" => Some(Stopped::Cancelled),
+            _ => None,
+        }
     }
 }
 
-/// A deployment's state and result from its children: (state, result).
-/// `cancelled` is whether someone cancelled the deployment.
-/// `children` holds (state, result, how many children have them), as the database
-/// counts them (a deployment to ten thousand devices is a handful of groups).
-pub fn deployment_state(
-    children: &[(ChildState, Option<&str>, usize)],
-    cancelled: bool,
-) -> (TaskState, Option<&'static str>) {
-    if children.iter().any(|(s, _, n)| *n > 0 && matches!(s, ChildState::Pending | ChildState::Running)) {
+/// A deployment's state and result from how many of its devices are in each stage
+/// (as the database counts them: a deployment to ten thousand devices is a handful of
+/// groups), and whether it was stopped.
+pub fn deployment_state(children: &[(Stage, usize)], stopped: Option<Stopped>) -> (TaskState, Option<&'static str>) {
+    let any = |f: &dyn Fn(Stage) -> bool| children.iter().any(|(s, n)| *n > 0 && f(*s));
+    if any(&|s| !s.is_finished() && s != Stage::Queued) {
         return (TaskState::Running, None);
     }
-    if children.iter().any(|(s, _, n)| *n > 0 && *s == ChildState::Queued) {
+    if any(&|s| s == Stage::Queued) {
         return (TaskState::Waiting, None);
     }
-    if cancelled {
+    if stopped == Some(Stopped::Cancelled) {
         return (TaskState::Cancelled, Some("cancelled"));
     }
-    let ok = |r: &Option<&str>| matches!(r, Some("succeeded" | "succeeded-with-failed-units"));
-    let total: usize = children.iter().map(|(_, _, n)| n).sum();
-    let succeeded: usize = children.iter().filter(|(_, r, _)| ok(r)).map(|(_, _, n)| n).sum();
+    let total: usize = children.iter().map(|(_, n)| n).sum();
+    let succeeded: usize =
+        children.iter().filter(|(s, _)| matches!(s, Stage::Finished(r) if r.is_success())).map(|(_, n)| n).sum();
     let result = if succeeded == total {
         "succeeded"
     } else if succeeded == 0 {
@@ -99,22 +88,28 @@ pub fn deployment_state(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ChildState::*;
+    use Stage::*;
+    use thymis_proto::DeviceResult as R;
 
     #[test]
     fn state_follows_children() {
-        let st = |c: &[(ChildState, Option<&str>, usize)], cancelled| deployment_state(c, cancelled);
-        assert_eq!(st(&[(Running, None, 1), (Finished, Some("succeeded"), 2)], false), (TaskState::Running, None));
-        assert_eq!(st(&[(Queued, None, 1), (Finished, Some("succeeded"), 1)], false), (TaskState::Waiting, None));
+        let st = deployment_state;
+        assert_eq!(st(&[(Copying, 1), (Finished(R::Succeeded), 2)], None), (TaskState::Running, None));
+        assert_eq!(st(&[(Waiting, 1), (Finished(R::Succeeded), 2)], None), (TaskState::Running, None));
+        assert_eq!(st(&[(Queued, 1), (Finished(R::Succeeded), 1)], None), (TaskState::Waiting, None));
         assert_eq!(
-            st(&[(Finished, Some("succeeded"), 5), (Finished, Some("succeeded-with-failed-units"), 1)], false),
+            st(&[(Finished(R::Succeeded), 5), (Finished(R::SucceededWithFailedUnits), 1)], None),
             (TaskState::Finished, Some("succeeded"))
         );
         assert_eq!(
-            st(&[(Finished, Some("succeeded"), 9), (Finished, Some("rolled-back"), 1)], false),
+            st(&[(Finished(R::Succeeded), 9), (Finished(R::RolledBack), 1)], None),
             (TaskState::Finished, Some("partially-failed"))
         );
-        assert_eq!(st(&[(Finished, Some("expired"), 3)], false), (TaskState::Finished, Some("failed")));
-        assert_eq!(st(&[(Finished, Some("cancelled"), 1)], true), (TaskState::Cancelled, Some("cancelled")));
+        assert_eq!(st(&[(Finished(R::Expired), 3)], None), (TaskState::Finished, Some("failed")));
+        assert_eq!(
+            st(&[(Finished(R::Cancelled), 1)], Some(Stopped::Cancelled)),
+            (TaskState::Cancelled, Some("cancelled"))
+        );
+        assert_eq!(st(&[(Activated, 1)], Some(Stopped::Cancelled)), (TaskState::Running, None));
     }
 }

@@ -41,8 +41,8 @@ fn an_activation_the_controller_could_not_record_is_never_sent() {
     let db = rusqlite::Connection::open(f.controller.state_dir.join("db.sqlite")).expect("db");
     db.busy_timeout(std::time::Duration::from_secs(10)).expect("busy timeout");
     db.execute_batch(
-        "CREATE TRIGGER no_activation BEFORE UPDATE OF activated ON children
-         WHEN NEW.activated = 1 AND OLD.activated = 0
+        "CREATE TRIGGER no_activation BEFORE UPDATE OF stage ON children
+         WHEN NEW.stage = 'activated' AND OLD.stage = 'copying'
          BEGIN SELECT RAISE(ABORT, 'database or disk is full (injected)'); END;",
     )
     .expect("trigger");
