@@ -61,6 +61,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/tasks/{id}", get(task))
         .route("/tasks/{id}/logs", get(task_logs))
         .route("/tasks/{id}/cancel", post(task_cancel))
+        .route("/tasks/{id}/resume", post(task_resume))
         .route("/tasks/{id}/events", get(task_events))
         .route("/identity", get(identity))
         .route("/stats", get(stats))
@@ -398,7 +399,7 @@ async fn task_events(
                 continue;
             }
             if let Ok(Some(t)) = st.ctl.db.task_json(id) {
-                st.done = matches!(t["state"].as_str(), Some("finished" | "cancelled"));
+                st.done = matches!(t["state"].as_str(), Some("finished" | "cancelled" | "halted"));
                 st.queue.push_back(Event::default().event("task").data(t.to_string()));
             }
         }
@@ -409,6 +410,13 @@ async fn task_events(
 async fn task_cancel(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>) -> ApiResult {
     deploy::cancel(&ctl, id).await?;
     task_json(&ctl, id)
+}
+
+/// A soaking rollout's next wave now, or a halted one's rest as a new task (the answer
+/// is the task that goes on).
+async fn task_resume(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>) -> ApiResult {
+    let next = deploy::resume(&ctl, id).await?;
+    task_json(&ctl, next)
 }
 
 /// Counters for benchmarks and monitoring.

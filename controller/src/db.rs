@@ -125,6 +125,14 @@ ALTER TABLE children DROP COLUMN activated;
 ALTER TABLE tasks ADD COLUMN stopped TEXT;
 UPDATE tasks SET stopped = 'cancelled' WHERE state = 'cancelled';
 "#,
+    // Staged rollouts (`crate::rollout`): the plan, the wave running, the end of a soak;
+    // each device deployment's wave.
+    r#"
+ALTER TABLE tasks ADD COLUMN rollout TEXT;
+ALTER TABLE tasks ADD COLUMN wave INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN soak_until INTEGER;
+ALTER TABLE children ADD COLUMN wave INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Records the device's enrolled key, if it has one, as revoked.
@@ -170,6 +178,8 @@ pub struct ChildRow {
     pub stage: Stage,
     pub sequence: Option<i64>,
     pub system: Option<String>,
+    /// Its wave in a staged rollout (0: the first, or the only one).
+    pub wave: usize,
 }
 
 /// The database; one connection behind a mutex (the controller's writes are small).
@@ -438,15 +448,15 @@ impl Db {
         Ok(c.last_insert_rowid())
     }
 
-    pub fn add_child(&self, task: i64, device: &str, config: &str) -> Result<i64> {
+    pub fn add_child(&self, task: i64, device: &str, config: &str, wave: usize) -> Result<i64> {
         // Opaque and short whatever the device's name (one built from the name was too
         // long for the agent past 59 characters).
         let deployment_id = format!("dp-{}", crate::random::hex::<8>()?);
         let c = self.c();
         c.execute(
-            "INSERT INTO children (task, device, config, deployment_id, stage, updated)
-             VALUES (?1, ?2, ?3, ?4, 'building', ?5)",
-            params![task, device, config, deployment_id, now()],
+            "INSERT INTO children (task, device, config, deployment_id, stage, wave, updated)
+             VALUES (?1, ?2, ?3, ?4, 'building', ?5, ?6)",
+            params![task, device, config, deployment_id, wave as i64, now()],
         )?;
         Ok(c.last_insert_rowid())
     }
@@ -491,6 +501,53 @@ impl Db {
             params![task, stopped.as_str(), now()],
         )?;
         Ok(())
+    }
+
+    /// A staged rollout's plan, the wave it is at, and when its soak ends.
+    pub fn set_task_rollout(&self, task: i64, staging: &crate::rollout::Staging) -> Result<()> {
+        let plan = serde_json::to_string(staging)?;
+        self.c().execute("UPDATE tasks SET rollout = ?2 WHERE id = ?1", params![task, plan])?;
+        Ok(())
+    }
+
+    /// (plan, wave, soak until), for a staged rollout.
+    pub fn task_rollout(&self, task: i64) -> Result<Option<(crate::rollout::Staging, usize, Option<i64>)>> {
+        let row: Option<(Option<String>, i64, Option<i64>)> = self
+            .c()
+            .query_row("SELECT rollout, wave, soak_until FROM tasks WHERE id = ?1", params![task], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        let Some((Some(plan), wave, soak_until)) = row else { return Ok(None) };
+        Ok(Some((serde_json::from_str(&plan)?, wave as usize, soak_until)))
+    }
+
+    pub fn set_task_wave(&self, task: i64, wave: usize, soak_until: Option<i64>) -> Result<()> {
+        self.c().execute(
+            "UPDATE tasks SET wave = ?2, soak_until = ?3, updated = ?4 WHERE id = ?1",
+            params![task, wave as i64, soak_until, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Ends a soak now (`thymisctl resume`); whether one was running.
+    pub fn end_soak(&self, task: i64) -> Result<bool> {
+        let n = self.c().execute(
+            "UPDATE tasks SET soak_until = ?2 WHERE id = ?1 AND soak_until IS NOT NULL AND soak_until > ?2",
+            params![task, now()],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// (commit, reboot) of a task.
+    pub fn task_commit(&self, task: i64) -> Result<Option<(String, bool)>> {
+        let row: Option<(Option<String>, bool)> = self
+            .c()
+            .query_row("SELECT commit_rev, reboot FROM tasks WHERE id = ?1", params![task], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        Ok(row.and_then(|(c, r)| c.map(|c| (c, r))))
     }
 
     pub fn task_stopped(&self, task: i64) -> Result<Option<Stopped>> {
@@ -630,10 +687,11 @@ impl Db {
             stage,
             sequence: r.get(7)?,
             system: r.get(8)?,
+            wave: r.get::<_, i64>(9)? as usize,
         })
     }
 
-    const CHILD_COLS: &'static str = "id, task, device, config, deployment_id, stage, result, sequence, system";
+    const CHILD_COLS: &'static str = "id, task, device, config, deployment_id, stage, result, sequence, system, wave";
 
     pub fn child_by_deployment(&self, deployment_id: &str) -> Result<Option<ChildRow>> {
         let c = self.c();
@@ -677,6 +735,14 @@ impl Db {
             .collect()
     }
 
+    /// The devices of a task's queued children.
+    pub fn queued_devices(&self, task: i64) -> Result<Vec<String>> {
+        let c = self.c();
+        let mut st = c.prepare("SELECT device FROM children WHERE task = ?1 AND stage = 'queued'")?;
+        let rows = st.query_map(params![task], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+        Ok(rows)
+    }
+
     /// Unfinished children of other tasks for `device` (to be superseded).
     pub fn open_children_of_device(&self, device: &str, except_task: i64) -> Result<Vec<ChildRow>> {
         let c = self.c();
@@ -691,7 +757,8 @@ impl Db {
     /// Tasks not finished: (id, kind, expires).
     pub fn open_tasks(&self) -> Result<Vec<(i64, String, Option<i64>)>> {
         let c = self.c();
-        let mut st = c.prepare("SELECT id, kind, expires FROM tasks WHERE state NOT IN ('finished', 'cancelled')")?;
+        let mut st =
+            c.prepare("SELECT id, kind, expires FROM tasks WHERE state NOT IN ('finished', 'cancelled', 'halted')")?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
@@ -709,7 +776,8 @@ impl Db {
         let c = self.c();
         let t = c
             .query_row(
-                "SELECT id, kind, state, result, commit_rev, message, config, system, error, created, updated, expires
+                "SELECT id, kind, state, result, commit_rev, message, config, system, error, created, updated, expires,
+                        rollout, wave, soak_until
                  FROM tasks WHERE id = ?1",
                 params![task],
                 |r| {
@@ -720,6 +788,11 @@ impl Db {
                         "system": r.get::<_, Option<String>>(7)?, "error": r.get::<_, Option<String>>(8)?,
                         "created": r.get::<_, i64>(9)?, "updated": r.get::<_, i64>(10)?,
                         "expires": r.get::<_, Option<i64>>(11)?,
+                        "rollout": r.get::<_, Option<String>>(12)?.and_then(|p| serde_json::from_str::<serde_json::Value>(&p).ok()).map(|mut p| {
+                            p["wave"] = serde_json::json!(r.get::<_, i64>(13).unwrap_or(0) + 1);
+                            p["soak_until"] = serde_json::json!(r.get::<_, Option<i64>>(14).ok().flatten());
+                            p
+                        }),
                     }))
                 },
             )
@@ -727,7 +800,7 @@ impl Db {
         let Some(mut t) = t else { return Ok(None) };
         let mut st = c.prepare(
             "SELECT id, device, config, stage, phase, result, reason, error, failed_units, paths_sent, bytes_sent,
-                    system, deployment_id, sequence, updated, unit_logs, paths_total
+                    system, deployment_id, sequence, updated, unit_logs, paths_total, wave
              FROM children WHERE task = ?1 ORDER BY id",
         )?;
         let children = st
@@ -750,6 +823,7 @@ impl Db {
                     "sequence": r.get::<_, Option<i64>>(13)?, "updated": r.get::<_, i64>(14)?,
                     "unit_logs": serde_json::from_str::<serde_json::Value>(&r.get::<_, String>(15)?).unwrap_or_default(),
                     "paths_total": r.get::<_, Option<i64>>(16)?,
+                    "wave": r.get::<_, i64>(17)? + 1,
                 }))
             })?
             .collect::<Result<Vec<_>, _>>()?;

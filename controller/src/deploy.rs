@@ -18,7 +18,8 @@ use tracing::{debug, info, warn};
 use crate::build;
 use crate::controller::{Conn, Controller, Out, lock};
 use crate::db::{ChildRow, Details, now};
-use crate::machine::Event;
+use crate::machine::{Event, Stage};
+use crate::rollout::Staging;
 use crate::task::{Stopped, TaskState, deployment_state};
 
 /// What to deploy where (the API's and `thymisctl deploy`'s request).
@@ -33,6 +34,9 @@ pub struct DeployRequest {
     /// Commit message when the project has uncommitted changes.
     pub message: Option<String>,
     pub reboot: bool,
+    /// Waves: a canary, wave sizes, failures tolerated, a soak (none by default).
+    #[serde(flatten)]
+    pub staging: Staging,
 }
 
 /// What a deployment would touch.
@@ -117,6 +121,10 @@ pub fn preview(ctl: &Controller, req: &DeployRequest) -> Result<Preview> {
 
 /// Commits if needed, creates the deployment task and starts it. Returns the task id.
 pub async fn start(ctl: &Arc<Controller>, req: DeployRequest) -> Result<i64> {
+    let staging = req.staging;
+    if !staging.is_staged() && (staging.max_failures.is_some() || staging.soak.is_some()) {
+        bail!("--max-failures and --soak apply between waves: give --canary or --wave-size too");
+    }
     let p = preview(ctl, &req)?;
     let commit = match p.commit {
         Some(c) => c,
@@ -131,20 +139,34 @@ pub async fn start(ctl: &Arc<Controller>, req: DeployRequest) -> Result<i64> {
     let expires = now() + ctl.settings.deployment_ttl.as_secs() as i64;
     let message = req.message.clone().unwrap_or_default();
     let task = ctl.db.create_task("deployment", Some(&commit), Some(&message), None, req.reboot, Some(expires))?;
-    for d in &p.devices {
-        ctl.db.add_child(task, &d.name, &d.config)?;
+    if staging.is_staged() {
+        ctl.db.set_task_rollout(task, &staging)?;
+    }
+    // The devices in waves, in the preview's order (by name).
+    let waves = staging.waves(p.devices.len());
+    let wave_of = waves.iter().enumerate().flat_map(|(w, n)| std::iter::repeat_n(w, *n));
+    for (d, wave) in p.devices.iter().zip(wave_of) {
+        ctl.db.add_child(task, &d.name, &d.config, wave)?;
         supersede(ctl, &d.name, task)?;
     }
+    if waves.len() > 1 {
+        let sizes: Vec<String> = waves.iter().map(usize::to_string).collect();
+        ctl.db.log(task, None, &format!("{} waves of {} devices", waves.len(), sizes.join(", ")))?;
+    }
     info!(task, commit = %commit, devices = p.devices.len(), "deployment created");
-    let ctl2 = ctl.clone();
-    tokio::spawn(async move {
-        if let Err(e) = run(&ctl2, task, &commit, req.reboot).await {
-            warn!(task, "deployment failed: {e:#}");
-            let _ = ctl2.db.set_task_state(task, TaskState::Finished, Some("failed"), Some(&format!("{e:#}")));
-        }
-        ctl2.notify_task(task);
-    });
+    spawn_run(ctl, task, commit, req.reboot);
     Ok(task)
+}
+
+fn spawn_run(ctl: &Arc<Controller>, task: i64, commit: String, reboot: bool) {
+    let ctl = ctl.clone();
+    tokio::spawn(async move {
+        if let Err(e) = run(&ctl, task, &commit, reboot).await {
+            warn!(task, "deployment failed: {e:#}");
+            let _ = ctl.db.set_task_state(task, TaskState::Finished, Some("failed"), Some(&format!("{e:#}")));
+        }
+        ctl.notify_task(task);
+    });
 }
 
 /// Older unfinished deployments of `device` that have not activated are superseded.
@@ -182,7 +204,11 @@ pub fn refresh_task_soon(ctl: &Arc<Controller>, task: i64) {
 
 /// Recomputes a deployment's state from its children.
 pub fn refresh_task(ctl: &Controller, task: i64) -> Result<()> {
-    let (state, result) = deployment_state(&ctl.db.child_counts(task)?, ctl.db.task_stopped(task)?);
+    // A queued device that is online is about to be offered: the deployment is not
+    // waiting for it.
+    let online = ctl.online();
+    let queued_online = ctl.db.queued_devices(task)?.iter().filter(|d| online.contains(*d)).count();
+    let (state, result) = deployment_state(&ctl.db.child_counts(task)?, queued_online, ctl.db.task_stopped(task)?);
     ctl.db.set_task_state(task, state, result, None)?;
     ctl.notify_task(task);
     Ok(())
@@ -191,10 +217,12 @@ pub fn refresh_task(ctl: &Controller, task: i64) -> Result<()> {
 async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Result<()> {
     ctl.db.set_task_state(task, TaskState::Running, None, None)?;
     ctl.notify_task(task);
-    let children = ctl.db.children(task)?;
+    let children: Vec<ChildRow> = ctl.db.children(task)?.into_iter().filter(|c| !c.stage.is_finished()).collect();
     let configs: BTreeSet<String> = children.iter().map(|c| c.config.clone()).collect();
+    let rollout = ctl.db.task_rollout(task)?;
+    let wave = rollout.as_ref().map(|r| r.1).unwrap_or(0);
     // Each configuration is built once, whatever the number of its devices.
-    let mut closures: HashMap<String, (StorePath, Arc<Vec<PathInfo>>)> = HashMap::new();
+    let mut closures: Closures = HashMap::new();
     for config in &configs {
         let of_config: Vec<&ChildRow> = children.iter().filter(|c| &c.config == config).collect();
         ctl.notify_task(task);
@@ -211,8 +239,10 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
             Ok((system, closure)) => {
                 for c in &of_config {
                     ctl.db.set_child_system(c.id, &system.to_string())?;
-                    // Refused for one cancelled or superseded meanwhile.
-                    let _ = ctl.db.advance(c.id, Event::Built, &Details::default())?;
+                    // Its wave now, or later. Refused for one cancelled or superseded
+                    // meanwhile, or past building (after a restart).
+                    let event = if c.wave <= wave { Event::Built } else { Event::Wait };
+                    let _ = ctl.db.advance(c.id, event, &Details::default())?;
                 }
                 closures.insert(config.clone(), (system, Arc::new(closure)));
             }
@@ -225,11 +255,30 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
             }
         }
     }
+    match rollout {
+        None => deliver_all(ctl, task, |_| true, &closures, commit, reboot).await?,
+        Some((staging, ..)) => drive_waves(ctl, task, &staging, &closures, commit, reboot).await?,
+    }
+    refresh_task(ctl, task)
+}
+
+type Closures = HashMap<String, (StorePath, Arc<Vec<PathInfo>>)>;
+
+/// Offers the deployment to its queued devices that `pick` selects, and returns once
+/// each was told to activate (or ended).
+async fn deliver_all(
+    ctl: &Arc<Controller>,
+    task: i64,
+    pick: impl Fn(&ChildRow) -> bool,
+    closures: &Closures,
+    commit: &str,
+    reboot: bool,
+) -> Result<()> {
     let limit = Arc::new(Semaphore::new(ctl.settings.parallel.max(1)));
     let mut handles = Vec::new();
     for child in ctl.db.children(task)? {
         let Some((system, closure)) = closures.get(&child.config).cloned() else { continue };
-        if child.stage.is_finished() {
+        if child.stage != Stage::Queued || !pick(&child) {
             continue;
         }
         let (ctl, limit) = (ctl.clone(), limit.clone());
@@ -246,7 +295,129 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
     for h in handles {
         let _ = h.await;
     }
-    refresh_task(ctl, task)
+    Ok(())
+}
+
+/// A staged rollout from the wave the task is at: each wave offered, waited for until
+/// every device in it finished, its failures counted, then its soak; halted by itself
+/// when more devices failed than tolerated. Where it is (wave, end of the soak) is kept
+/// in the task row before each step, so a restarted controller goes on from there.
+async fn drive_waves(
+    ctl: &Arc<Controller>,
+    task: i64,
+    staging: &Staging,
+    closures: &Closures,
+    commit: &str,
+    reboot: bool,
+) -> Result<()> {
+    loop {
+        if ctl.db.task_stopped(task)?.is_some() {
+            return Ok(());
+        }
+        let Some((_, wave, soak_until)) = ctl.db.task_rollout(task)? else { return Ok(()) };
+        let children = ctl.db.children(task)?;
+        let (total, last) = (children.len(), children.iter().map(|c| c.wave).max().unwrap_or(0));
+        match soak_until {
+            None => {
+                let of_wave: Vec<&ChildRow> = children.iter().filter(|c| c.wave == wave).collect();
+                for c in &of_wave {
+                    let _ = ctl.db.advance(c.id, Event::Release, &Details::default())?;
+                }
+                let names: Vec<&str> = of_wave.iter().map(|c| c.device.as_str()).collect();
+                let what = if wave == 0 && staging.canary.is_some() { " (canary)" } else { "" };
+                ctl.db.log(task, None, &format!("wave {} of {}{what}: {}", wave + 1, last + 1, names.join(", ")))?;
+                deliver_all(ctl, task, |c| c.wave == wave, closures, commit, reboot).await?;
+                // Done when every device of the wave has its result.
+                loop {
+                    if ctl.db.task_stopped(task)?.is_some() {
+                        return Ok(());
+                    }
+                    let open = ctl.db.children(task)?.iter().any(|c| c.wave == wave && !c.stage.is_finished());
+                    if !open {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                if halt_if_failed(ctl, task, staging, total, wave, false)? {
+                    return Ok(());
+                }
+                if wave == last {
+                    return Ok(());
+                }
+                match staging.soak {
+                    Some(soak) => {
+                        ctl.db.set_task_wave(task, wave, Some(now() + soak as i64))?;
+                        ctl.db.log(task, None, &format!("wave {} done; soaking {soak} s", wave + 1))?;
+                    }
+                    None => ctl.db.set_task_wave(task, wave + 1, None)?,
+                }
+            }
+            Some(until) => {
+                // `thymisctl resume` ends a soak early (it moves `until` to now).
+                if now() < until {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                if halt_if_failed(ctl, task, staging, total, wave, true)? {
+                    return Ok(());
+                }
+                ctl.db.set_task_wave(task, wave + 1, None)?;
+            }
+        }
+        ctl.notify_task(task);
+    }
+}
+
+/// Counts the rollout's failed devices so far (after a soak also those that left the
+/// system they were deployed, a rollback after their confirmation); past what is
+/// tolerated, the devices not offered yet end `cancelled` (`halted`) and the task halts.
+fn halt_if_failed(
+    ctl: &Controller,
+    task: i64,
+    staging: &Staging,
+    total: usize,
+    wave: usize,
+    after_soak: bool,
+) -> Result<bool> {
+    let children = ctl.db.children(task)?;
+    let devices: HashMap<String, Option<String>> =
+        ctl.db.devices()?.into_iter().map(|d| (d.name.clone(), d.system.clone())).collect();
+    let mut failed: Vec<String> = vec![];
+    for c in &children {
+        match c.stage {
+            Stage::Finished(r) if crate::rollout::is_failure(r) => {
+                failed.push(format!("{} {}", c.device, crate::db::result_str(r)));
+            }
+            Stage::Finished(r) if r.is_success() && after_soak => {
+                let now_runs = devices.get(&c.device).cloned().flatten();
+                if now_runs.is_some() && now_runs != c.system {
+                    failed.push(format!("{} left the deployed system during the soak", c.device));
+                }
+            }
+            _ => {}
+        }
+    }
+    let tolerated = staging.tolerated(total);
+    if !crate::rollout::halts(failed.len(), tolerated) {
+        return Ok(false);
+    }
+    let why = format!(
+        "halted after wave {}: {} failed ({}), {tolerated} tolerated",
+        wave + 1,
+        failed.len(),
+        failed.join(", ")
+    );
+    warn!(task, "{why}");
+    ctl.db.set_task_stopped(task, Stopped::Halted)?;
+    let halted = Details { reason: Some("halted"), ..Default::default() };
+    for c in children.iter().filter(|c| c.stage == Stage::Waiting) {
+        let _ = ctl.db.advance(c.id, Event::Halted, &halted)?;
+    }
+    ctl.db.log(task, None, &why)?;
+    refresh_task(ctl, task)?;
+    ctl.db.set_task_state(task, TaskState::Halted, Some("halted"), Some(&why))?;
+    ctl.notify_task(task);
+    Ok(true)
 }
 
 /// Why one attempt to deliver to a device stopped.
@@ -680,15 +851,60 @@ pub fn recover(ctl: &Controller) -> Result<()> {
             continue;
         }
         for c in ctl.db.children(task)? {
-            let details = match c.stage.activated() {
-                true => Details::default(),
-                false => Details::error("the controller stopped before this device activated"),
+            // What the restart ends says why (a later wave's devices wait on).
+            let details = match c.stage {
+                Stage::Building | Stage::Queued | Stage::Copying => {
+                    Details::error("the controller stopped before this device activated")
+                }
+                _ => Details::default(),
             };
             let _ = ctl.db.advance(c.id, Event::Restarted, &details)?;
         }
         refresh_task(ctl, task)?;
     }
     Ok(())
+}
+
+/// After a restart (and [`recover`]): staged rollouts go on from the wave, or the soak,
+/// they were at.
+pub fn resume_rollouts(ctl: &Arc<Controller>) -> Result<()> {
+    for (task, kind, _) in ctl.db.open_tasks()? {
+        if kind != "deployment" || ctl.db.task_rollout(task)?.is_none() || ctl.db.task_stopped(task)?.is_some() {
+            continue;
+        }
+        let Some((commit, reboot)) = ctl.db.task_commit(task)? else { continue };
+        info!(task, "resuming a staged rollout");
+        spawn_run(ctl, task, commit, reboot);
+    }
+    Ok(())
+}
+
+/// `thymisctl resume TASK`: a soaking rollout goes on to its next wave now; a halted
+/// one goes on as a new deployment (at the project's HEAD, where the fix is) to its
+/// devices that did not succeed, staged the same way. Returns the task that goes on.
+pub async fn resume(ctl: &Arc<Controller>, task: i64) -> Result<i64> {
+    let Some((staging, ..)) = ctl.db.task_rollout(task)? else { bail!("task {task} is not a staged rollout") };
+    if ctl.db.end_soak(task)? {
+        ctl.db.log(task, None, "soak ended early (resumed)")?;
+        return Ok(task);
+    }
+    if ctl.db.task_stopped(task)? != Some(Stopped::Halted) {
+        bail!("task {task} is neither soaking nor halted");
+    }
+    let devices: Vec<String> = ctl
+        .db
+        .children(task)?
+        .into_iter()
+        .filter(|c| !matches!(c.stage, Stage::Finished(r) if r.is_success()))
+        .map(|c| c.device)
+        .collect();
+    let reboot = ctl.db.task_commit(task)?.is_some_and(|(_, r)| r);
+    let req =
+        DeployRequest { devices, message: Some(format!("resume task {task}")), reboot, staging, ..Default::default() };
+    let next = start(ctl, req).await?;
+    ctl.db.log(task, None, &format!("resumed as task {next}"))?;
+    ctl.notify_task(task);
+    Ok(next)
 }
 
 /// A build task: build a configuration without deploying it.

@@ -16,6 +16,7 @@ pub mod peer_limits;
 pub mod project;
 pub mod random;
 pub mod read_cap;
+pub mod rollout;
 pub mod task;
 pub mod tls;
 pub mod ui;
@@ -157,6 +158,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     };
     let ctl = controller::Controller::open(settings)?;
     deploy::recover(&ctl)?;
+    deploy::resume_rollouts(&ctl)?;
     let sweeper = ctl.clone();
     let every = Duration::from_secs(cli.sweep_interval.max(1));
     tokio::spawn(async move {

@@ -158,6 +158,8 @@ pub fn next(stage: Stage, event: Event) -> Result<Stage, Refused> {
         (_, E::Superseded) if before_activation => S::Finished(DeviceResult::Superseded),
         (_, E::Expired) if before_activation => S::Finished(DeviceResult::Expired),
         (S::Activated | S::Confirming, E::Expired) => S::Finished(DeviceResult::Unreachable),
+        // A later wave's devices wait on: the rollout goes on after the restart.
+        (S::Waiting, E::Restarted) => S::Waiting,
         (_, E::Restarted) if before_activation => S::Finished(DeviceResult::Interrupted),
         // Activated before the restart: the device comes back and is confirmed then.
         (S::Activated | S::Confirming, E::Restarted) => S::Activated,
@@ -231,6 +233,7 @@ mod tests {
             (S::Confirming, E::Expired, S::Finished(R::Unreachable)),
             (S::Activated, E::Restarted, S::Activated),
             (S::Confirming, E::Restarted, S::Activated),
+            (S::Waiting, E::Restarted, S::Waiting),
         ];
         let before = [S::Building, S::Waiting, S::Queued, S::Copying];
         let ends = [
@@ -245,6 +248,7 @@ mod tests {
             for e in EVENTS {
                 let listed = table.iter().find(|(ts, te, _)| *ts == s && *te == e).map(|t| t.2);
                 let ended = ends.iter().find(|(ee, _)| *ee == e && before.contains(&s)).map(|(_, r)| S::Finished(*r));
+                let ended = if (s, e) == (S::Waiting, E::Restarted) { None } else { ended };
                 let expected = listed.or(ended).ok_or(Refused { stage: s, event: e });
                 assert_eq!(next(s, e), expected, "{s:?} + {e:?}");
             }

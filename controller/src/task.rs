@@ -12,6 +12,8 @@ pub enum TaskState {
     Waiting,
     Finished,
     Cancelled,
+    /// A staged rollout stopped by itself: too many devices failed.
+    Halted,
 }
 
 impl TaskState {
@@ -22,6 +24,7 @@ impl TaskState {
             TaskState::Waiting => "waiting",
             TaskState::Finished => "finished",
             TaskState::Cancelled => "cancelled",
+            TaskState::Halted => "halted",
         }
     }
 
@@ -32,6 +35,7 @@ impl TaskState {
             "waiting" => TaskState::Waiting,
             "finished" => TaskState::Finished,
             "cancelled" => TaskState::Cancelled,
+            "halted" => TaskState::Halted,
             _ => return None,
         })
     }
@@ -41,18 +45,21 @@ impl TaskState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
     Cancelled,
+    Halted,
 }
 
 impl Stopped {
     pub fn as_str(self) -> &'static str {
         match self {
             Stopped::Cancelled => "cancelled",
+            Stopped::Halted => "halted",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "cancelled" => Some(Stopped::Cancelled),
+            "halted" => Some(Stopped::Halted),
             _ => None,
         }
     }
@@ -61,16 +68,23 @@ impl Stopped {
 /// A deployment's state and result from how many of its devices are in each stage
 /// (as the database counts them: a deployment to ten thousand devices is a handful of
 /// groups), and whether it was stopped.
-pub fn deployment_state(children: &[(Stage, usize)], stopped: Option<Stopped>) -> (TaskState, Option<&'static str>) {
+/// `queued_online` counts the queued devices that are connected (about to be offered).
+pub fn deployment_state(
+    children: &[(Stage, usize)],
+    queued_online: usize,
+    stopped: Option<Stopped>,
+) -> (TaskState, Option<&'static str>) {
     let any = |f: &dyn Fn(Stage) -> bool| children.iter().any(|(s, n)| *n > 0 && f(*s));
-    if any(&|s| !s.is_finished() && s != Stage::Queued) {
+    if any(&|s| !s.is_finished() && s != Stage::Queued) || queued_online > 0 {
         return (TaskState::Running, None);
     }
     if any(&|s| s == Stage::Queued) {
         return (TaskState::Waiting, None);
     }
-    if stopped == Some(Stopped::Cancelled) {
-        return (TaskState::Cancelled, Some("cancelled"));
+    match stopped {
+        Some(Stopped::Cancelled) => return (TaskState::Cancelled, Some("cancelled")),
+        Some(Stopped::Halted) => return (TaskState::Halted, Some("halted")),
+        None => {}
     }
     let total: usize = children.iter().map(|(_, n)| n).sum();
     let succeeded: usize =
@@ -93,10 +107,11 @@ mod tests {
 
     #[test]
     fn state_follows_children() {
-        let st = deployment_state;
+        let st = |c: &[(Stage, usize)], stopped| deployment_state(c, 0, stopped);
         assert_eq!(st(&[(Copying, 1), (Finished(R::Succeeded), 2)], None), (TaskState::Running, None));
         assert_eq!(st(&[(Waiting, 1), (Finished(R::Succeeded), 2)], None), (TaskState::Running, None));
         assert_eq!(st(&[(Queued, 1), (Finished(R::Succeeded), 1)], None), (TaskState::Waiting, None));
+        assert_eq!(deployment_state(&[(Queued, 2)], 1, None), (TaskState::Running, None), "one is online");
         assert_eq!(
             st(&[(Finished(R::Succeeded), 5), (Finished(R::SucceededWithFailedUnits), 1)], None),
             (TaskState::Finished, Some("succeeded"))
@@ -111,5 +126,9 @@ mod tests {
             (TaskState::Cancelled, Some("cancelled"))
         );
         assert_eq!(st(&[(Activated, 1)], Some(Stopped::Cancelled)), (TaskState::Running, None));
+        assert_eq!(
+            st(&[(Finished(R::RolledBack), 1), (Finished(R::Cancelled), 5)], Some(Stopped::Halted)),
+            (TaskState::Halted, Some("halted"))
+        );
     }
 }

@@ -951,7 +951,7 @@ impl Fleet {
     pub fn wait_task(&self, id: i64, timeout: Duration) -> Value {
         wait_for(&format!("task {id} to settle"), timeout, || {
             let t = self.controller.ctl_json(&["task", &id.to_string()]);
-            matches!(t["state"].as_str(), Some("finished" | "cancelled" | "waiting")).then_some(t)
+            matches!(t["state"].as_str(), Some("finished" | "cancelled" | "waiting" | "halted")).then_some(t)
         })
     }
 

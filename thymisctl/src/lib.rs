@@ -64,6 +64,27 @@ pub enum Cmd {
         /// Wait until no device is pending or running; exit 0 only if all succeeded.
         #[arg(long)]
         wait: bool,
+        /// Deploy to this many devices (or N%) first, alone, and go on only when they
+        /// succeeded.
+        #[arg(long, value_name = "N|P%", value_parser = count)]
+        canary: Option<String>,
+        /// Then go on in waves of this many devices (or N%); default: all the rest.
+        #[arg(long, value_name = "N|P%", value_parser = count)]
+        wave_size: Option<String>,
+        /// Failed devices tolerated before the rollout halts by itself (default: none).
+        #[arg(long, value_name = "N|P%", value_parser = count)]
+        max_failures: Option<String>,
+        /// Seconds to wait after each wave before the next (a device that leaves its new
+        /// system meanwhile counts as failed).
+        #[arg(long, value_name = "SECONDS")]
+        soak: Option<u64>,
+    },
+    /// Go on with a staged rollout: a soaking one's next wave now, or a halted one's
+    /// devices that did not succeed, as a new deployment at the project's HEAD.
+    Resume {
+        id: i64,
+        #[arg(long)]
+        wait: bool,
     },
     /// Build a configuration without deploying it.
     Build {
@@ -177,6 +198,15 @@ fn login(url: &str, conn: &Connection) -> Result<Value> {
     Ok(json!({ "controller": url, "sha256": sha256 }))
 }
 
+/// A number of devices or a percentage (`3`, `25%`).
+fn count(s: &str) -> Result<String, String> {
+    let ok = match s.strip_suffix('%') {
+        Some(p) => p.parse::<u8>().is_ok_and(|p| p <= 100),
+        None => s.parse::<usize>().is_ok(),
+    };
+    if ok { Ok(s.to_owned()) } else { Err(format!("{s:?} is neither a number of devices nor a percentage like 25%")) }
+}
+
 /// Runs a command; returns the process exit status.
 pub fn run(cli: Cli) -> Result<u8> {
     let out = |v: &Value, human: &dyn Fn(&Value)| {
@@ -267,9 +297,23 @@ pub fn run(cli: Cli) -> Result<u8> {
                 c.call("POST", "/project/commit", Some(json!({ "message": message.clone().unwrap_or_default() })))?;
             out(&v, &|v| println!("{}", s(&v["commit"])));
         }
-        Cmd::Deploy { devices, configs, tags, commit, message, reboot, preview, wait } => {
+        Cmd::Deploy {
+            devices,
+            configs,
+            tags,
+            commit,
+            message,
+            reboot,
+            preview,
+            wait,
+            canary,
+            wave_size,
+            max_failures,
+            soak,
+        } => {
             let req = json!({ "devices": devices, "configs": configs, "tags": tags, "commit": commit,
-                              "message": message, "reboot": reboot });
+                              "message": message, "reboot": reboot, "canary": canary, "wave_size": wave_size,
+                              "max_failures": max_failures, "soak": soak });
             if *preview {
                 let v = c.call("POST", "/deploy/preview", Some(req))?;
                 out(&v, &print_preview);
@@ -283,6 +327,20 @@ pub fn run(cli: Cli) -> Result<u8> {
                 return Ok(0);
             }
             let done = follow(&c, id, !cli.json)?;
+            out(&done, &print_task);
+            return Ok(if all_succeeded(&done) { 0 } else { EXIT_UNSUCCESSFUL });
+        }
+        Cmd::Resume { id, wait } => {
+            let task = c.call("POST", &format!("/tasks/{id}/resume"), None)?;
+            let next = task["id"].as_i64().ok_or_else(|| anyhow!("no task id in {task}"))?;
+            if next != *id {
+                eprintln!("task {id} goes on as deployment task {next}");
+            }
+            if !*wait {
+                out(&task, &print_task);
+                return Ok(0);
+            }
+            let done = follow(&c, next, !cli.json)?;
             out(&done, &print_task);
             return Ok(if all_succeeded(&done) { 0 } else { EXIT_UNSUCCESSFUL });
         }
@@ -372,7 +430,7 @@ pub fn all_succeeded(task: &Value) -> bool {
 /// server-sent events, so the result is seen as soon as it is recorded.
 pub fn follow(c: &Client, id: i64, show: bool) -> Result<Value> {
     let tty = std::io::stderr().is_terminal();
-    let settled = |t: &Value| matches!(t["state"].as_str(), Some("finished" | "cancelled" | "waiting"));
+    let settled = |t: &Value| matches!(t["state"].as_str(), Some("finished" | "cancelled" | "waiting" | "halted"));
     let mut last = Value::Null;
     let url = format!("{}/api/v1/tasks/{id}/events", c.base);
     let mut resp = c
@@ -494,6 +552,11 @@ fn print_task(t: &Value) {
     println!("task {} ({}) {} {}", t["id"], s(&t["kind"]), s(&t["state"]), s(&t["result"]));
     if let Some(e) = t["error"].as_str() {
         println!("  error: {e}");
+    }
+    if let Some(r) = t["rollout"].as_object() {
+        let soak =
+            r.get("soak_until").and_then(Value::as_i64).map(|u| format!(", soaking until {u}")).unwrap_or_default();
+        println!("  rollout: wave {}{soak}", s(&t["rollout"]["wave"]));
     }
     for c in t["children"].as_array().cloned().unwrap_or_default() {
         let mut line =
