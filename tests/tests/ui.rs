@@ -89,4 +89,25 @@ fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
             "results": { "a1": "rolled back: activation-failed" },
         }),
     );
+
+    // A canary rollout to the tag, still broken: the canary rolls back, the rollout halts
+    // by itself, the other devices are offered nothing.
+    f.set_configs(&json!({ "alpha": { "version": "4", "activationFails": true }, "beta": { "version": "2" } }))
+        .expect("cfg");
+    ui(
+        &f,
+        "canary",
+        json!({
+            "devices": { "a1": deployed },
+            "changed": "configs.json",
+            "tag": "screens",
+            "preview": ["a1", "a2", "b1"],
+            "canary": "1",
+            "state": "halted",
+            "rollout": "halted in wave 1 of 2",
+            "halted": "a1 rolled-back",
+            "results": { "a1": "rolled back: activation-failed", "a2": "rollout halted", "b1": "rollout halted" },
+        }),
+    );
+    assert_eq!(f.device_row("b1")["commit"], deployed.as_str(), "b1 was deployed to after the canary failed");
 }

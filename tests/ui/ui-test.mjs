@@ -50,6 +50,7 @@ try {
     for (const d of expect.targets) await page.check(`[data-dev="${d}"]`);
   }
   for (const d of expect.preview) await page.waitForSelector(`[data-preview-device="${d}"]`);
+  if (expect.canary) await page.fill("[data-testid=rollout-canary]", expect.canary);
   const button = page.locator("[data-testid=deploy-submit]");
   check((await button.innerText()).includes("Commit & Deploy"), "uncommitted changes offer Commit & Deploy");
   await page.screenshot({ path: `${shots}/${phase}-deploy.png`, fullPage: true });
@@ -57,7 +58,15 @@ try {
 
   // The task page updates live (no reload) until the deployment is finished.
   await page.waitForURL(/#\/tasks\/\d+/);
-  await page.waitForFunction(() => document.querySelector("[data-testid=task-state]")?.textContent === "finished", null, { timeout: 90000 });
+  const ended = expect.state || "finished";
+  await page.waitForFunction((s) => document.querySelector("[data-testid=task-state]")?.textContent === s, ended, { timeout: 90000 });
+  if (expect.rollout) {
+    const status = await page.locator("[data-testid=rollout-status]").innerText();
+    check(status.includes(expect.rollout), `the rollout says "${status}", not "${expect.rollout}"`);
+    const error = await page.locator("[data-testid=task-error]").innerText();
+    check(error.includes(expect.halted), `the task says "${error}", not why it halted ("${expect.halted}")`);
+    check(await page.locator("[data-testid=resume]").isVisible(), "a halted rollout offers Resume");
+  }
   for (const [device, text] of Object.entries(expect.results)) {
     const cell = (await page.locator(`tr[data-child="${device}"] [data-testid=child-result]`).innerText()).trim();
     check(cell.includes(text), `${device}: "${cell}" does not say "${text}"`);

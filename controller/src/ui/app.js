@@ -54,6 +54,7 @@ function resultText(c) {
   if (r === "succeeded-with-failed-units") return `<span class="badge warn">switched, units failed: ${esc((c.failed_units || []).join(", "))}</span>`;
   if (r === "rolled-back") return `<span class="badge bad">rolled back: ${esc(c.reason)}</span>`;
   if (r === "failed") return `<span class="badge bad">failed${c.phase ? ` (${esc(c.phase)})` : ""}</span>`;
+  if (r === "cancelled" && c.reason === "halted") return `<span class="badge">not offered: rollout halted</span>`;
   return `<span class="badge bad">${esc(r)}</span>`;
 }
 
@@ -147,8 +148,25 @@ function progress(done, total) {
   return `<span class="progress" title="${done}/${total}"><span style="width:${pct}%"></span></span> ${done}/${total}`;
 }
 
+// A staged rollout: which wave runs (of how many), a soak, and what can go on.
+function rolloutRow(t) {
+  const r = t.rollout;
+  if (!r) return "";
+  const waves = Math.max(1, ...(t.children || []).map((c) => c.wave || 1));
+  const soaking = r.soak_until && r.soak_until * 1000 > Date.now();
+  const plan = [r.canary != null ? `canary ${esc(r.canary)}` : "", r.wave_size != null ? `waves of ${esc(r.wave_size)}` : "",
+    `max failures ${esc(r.max_failures ?? 0)}`, r.soak ? `soak ${esc(r.soak)} s` : ""].filter(Boolean).join(", ");
+  const now = t.state === "halted" ? `halted in wave ${esc(r.wave)} of ${waves}`
+    : soaking ? `wave ${esc(r.wave)} of ${waves} done; soaking until ${new Date(r.soak_until * 1000).toLocaleTimeString()}`
+    : `wave ${esc(r.wave)} of ${waves}`;
+  const resumable = t.state === "halted" || soaking;
+  return `<div class="card row" data-testid="rollout"><span>Rollout: <strong data-testid="rollout-status">${now}</strong></span>
+    <span class="muted">${plan}</span>${resumable ? '<button id="resume" data-testid="resume">Resume</button>' : ""}</div>`;
+}
+
 function renderTask(t, logs) {
-  const running = !["finished", "cancelled"].includes(t.state);
+  const running = !["finished", "cancelled", "halted"].includes(t.state);
+  const waves = !!t.rollout;
   main.innerHTML = `
     <h1>Task ${t.id} <span class="muted">${esc(t.kind)}</span></h1>
     <div class="card row">
@@ -159,15 +177,21 @@ function renderTask(t, logs) {
       ${running && t.kind === "deployment" ? '<button id="cancel" data-testid="cancel">Cancel</button>' : ""}
       ${t.kind === "image" || t.kind === "bundle" ? `<span id="artifacts"></span>` : ""}
     </div>
-    ${t.error ? `<p class="error">${esc(t.error)}</p>` : ""}
-    ${(t.children || []).length ? `<div class="table-wrap"><table data-testid="children-table"><thead><tr><th>Device</th><th>Configuration</th><th>Phase</th><th>Paths</th><th>Bytes</th><th>Result</th></tr></thead><tbody>
-      ${t.children.map((c) => `<tr data-child="${esc(c.device)}"><td><strong>${esc(c.device)}</strong></td><td>${esc(c.config)}</td><td>${esc(c.phase)}</td>
+    ${rolloutRow(t)}
+    ${t.error ? `<p class="error" data-testid="task-error">${esc(t.error)}</p>` : ""}
+    ${(t.children || []).length ? `<div class="table-wrap"><table data-testid="children-table"><thead><tr><th>Device</th>${waves ? "<th>Wave</th>" : ""}<th>Configuration</th><th>Phase</th><th>Paths</th><th>Bytes</th><th>Result</th></tr></thead><tbody>
+      ${t.children.map((c) => `<tr data-child="${esc(c.device)}"><td><strong>${esc(c.device)}</strong></td>${waves ? `<td>${esc(c.wave)}</td>` : ""}<td>${esc(c.config)}</td><td>${esc(c.phase)}</td>
         <td>${progress(c.paths_sent, c.paths_total)}</td><td>${(c.bytes_sent / 1024).toFixed(1)} KiB</td>
         <td class="wrap" data-testid="child-result">${resultText(c)}${c.error ? `<div class="error">${esc(c.error)}</div>` : ""}</td></tr>`).join("")}
     </tbody></table></div>` : ""}
     <h2>Log</h2><pre data-testid="task-log">${esc(logs.join("\n"))}</pre>`;
   const cancel = document.getElementById("cancel");
   if (cancel) cancel.onclick = () => api("POST", `/api/v1/tasks/${t.id}/cancel`);
+  const resume = document.getElementById("resume");
+  if (resume) resume.onclick = async () => {
+    const next = await api("POST", `/api/v1/tasks/${t.id}/resume`);
+    if (next.id !== t.id) location.hash = `#/tasks/${next.id}`;
+  };
   const arts = document.getElementById("artifacts");
   if (arts && t.result === "succeeded") api("GET", `/api/v1/tasks/${t.id}/artifacts`).then((files) => {
     arts.innerHTML = files.map((f) => `<a href="/api/v1/tasks/${t.id}/artifacts/${encodeURIComponent(f.name)}" download>${esc(f.name)}</a>`).join(" ");
@@ -181,7 +205,7 @@ async function taskView(id) {
   events = new EventSource(`/api/v1/tasks/${id}/events`);
   events.addEventListener("log", (e) => { logs.push(e.data); renderTask(task, logs); });
   events.addEventListener("task", (e) => { task = JSON.parse(e.data); renderTask(task, logs); });
-  events.onerror = () => { if (["finished", "cancelled"].includes(task.state)) events.close(); };
+  events.onerror = () => { if (["finished", "cancelled", "halted"].includes(task.state)) events.close(); };
 }
 
 // ---- deploy ------------------------------------------------------------------------
@@ -205,11 +229,24 @@ async function openDeploy() {
         <div><strong>Configurations</strong>${Object.keys(configs.configs).map((c) => `<div><label><input type="checkbox" data-config="${esc(c)}"> ${esc(c)}</label></div>`).join("")}</div>
         <div><strong>Devices</strong>${devices.map((d) => `<div><label><input type="checkbox" data-dev="${esc(d.name)}"> ${esc(d.name)}</label></div>`).join("")}</div>
       </div>
+      <h2>Rollout</h2>
+      <p class="muted">Empty: every device at once. A number of devices, or a percentage like 25%.</p>
+      <div class="columns">
+        <label>Canary first<br><input id="canary" data-testid="rollout-canary" placeholder="none" size="6"></label>
+        <label>Then waves of<br><input id="wave_size" data-testid="rollout-wave-size" placeholder="all" size="6"></label>
+        <label>Halt after failures over<br><input id="max_failures" data-testid="rollout-max-failures" placeholder="0" size="6"></label>
+        <label>Soak after each wave (s)<br><input id="soak" data-testid="rollout-soak" placeholder="0" size="6" inputmode="numeric"></label>
+      </div>
       <h2>Preview</h2><div id="preview" data-testid="preview"><p class="muted">Pick targets.</p></div>
       <p class="row"><button class="primary" id="go" data-testid="deploy-submit" disabled>${status.dirty ? "Commit &amp; Deploy" : "Deploy"}</button>
       <button id="close">Close</button> <span class="error" id="deploy-error"></span></p>
     </div>`;
-  const request = () => ({ configs: [...chosen.configs], devices: [...chosen.devices], message: document.getElementById("message")?.value });
+  const field = (id) => document.getElementById(id)?.value.trim() || null;
+  const request = () => ({
+    configs: [...chosen.configs], devices: [...chosen.devices], message: document.getElementById("message")?.value,
+    canary: field("canary"), wave_size: field("wave_size"), max_failures: field("max_failures"),
+    soak: field("soak") ? Number(field("soak")) : null,
+  });
   const preview = async () => {
     const go = document.getElementById("go");
     if (!chosen.configs.size && !chosen.devices.size) { go.disabled = true; return; }
