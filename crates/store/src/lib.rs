@@ -5,7 +5,8 @@
 //! alphabet ([`base32`]), NAR hashes ([`hash`]), store paths ([`store_path`]),
 //! path info and closures ([`path_info`], [`closure`]), the ed25519 signature scheme
 //! of binary caches ([`signing`]), registration into a local store with only stock
-//! commands ([`import`]) and the offline update bundle ([`bundle`]).
+//! commands ([`local_store`]), zstd limits for untrusted streams ([`zstd_limits`]) and
+//! the offline update bundle ([`bundle`]).
 
 pub mod base32;
 pub mod bundle;
