@@ -331,10 +331,6 @@ async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: ControllerBound) -
             }
             ctl.notify_task(child.task);
         }
-        ControllerBound::State { deployment_id, state } => {
-            debug!(%device, %deployment_id, state = state.as_str(), "agent state");
-            conn.route(&deployment_id, ControllerBound::State { deployment_id: deployment_id.clone(), state });
-        }
         m @ (ControllerBound::OfferAccepted { .. }
         | ControllerBound::OfferRefused { .. }
         | ControllerBound::PathsMissing { .. }

@@ -513,12 +513,9 @@ async fn deliver(
 }
 
 async fn reply(rx: &mut mpsc::UnboundedReceiver<ControllerBound>, timeout: Duration) -> Result<ControllerBound, Stop> {
-    loop {
-        match tokio::time::timeout(timeout, rx.recv()).await {
-            Ok(Some(ControllerBound::State { .. })) => continue,
-            Ok(Some(m)) => return Ok(m),
-            Ok(None) | Err(_) => return Err(Stop::Disconnected),
-        }
+    match tokio::time::timeout(timeout, rx.recv()).await {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) | Err(_) => Err(Stop::Disconnected),
     }
 }
 
@@ -711,7 +708,6 @@ impl Acks<'_> {
                 Ok(())
             }
             ControllerBound::PathRefused { path, error, .. } => Err(Stop::Refused(format!("{path} refused: {error}"))),
-            ControllerBound::State { .. } => Ok(()),
             other => Err(Stop::Refused(format!("unexpected reply during the copy: {other:?}"))),
         }
     }

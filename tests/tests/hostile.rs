@@ -292,10 +292,9 @@ impl Peer {
             let frame = tokio::time::timeout(Duration::from_secs(30), self.ws.next()).await.expect("agent answers");
             let Some(Ok(Message::Text(t))) = frame else { panic!("connection ended: {frame:?}") };
             match decode_controller_bound(t.as_str(), true).expect("valid message") {
-                ControllerBound::Heartbeat { .. }
-                | ControllerBound::Report(_)
-                | ControllerBound::Log { .. }
-                | ControllerBound::State { .. } => continue,
+                ControllerBound::Heartbeat { .. } | ControllerBound::Report(_) | ControllerBound::Log { .. } => {
+                    continue;
+                }
                 ControllerBound::Outcome(o) => {
                     self.send(&AgentBound::OutcomeRecorded { deployment_id: o.deployment_id.clone() }).await;
                     continue;

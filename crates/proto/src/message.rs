@@ -153,11 +153,6 @@ pub enum ControllerBound {
         path: StorePath,
         error: String,
     },
-    /// Progress of the device's own work.
-    State {
-        deployment_id: String,
-        state: AgentState,
-    },
     /// Output of activation, a line at a time.
     Log {
         deployment_id: String,

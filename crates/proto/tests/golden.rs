@@ -161,7 +161,6 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
             "path_refused",
             ControllerBound::PathRefused { deployment_id: id(), path: sp("system"), error: "NAR hash mismatch".into() },
         ),
-        ("state", ControllerBound::State { deployment_id: id(), state: AgentState::Activating }),
         (
             "log",
             ControllerBound::Log { deployment_id: id(), line: "starting the following units: demo.service".into() },
