@@ -13,6 +13,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
+use thymis_api::{Device, Enrollment, LogLine, TaskState};
+
 use crate::controller::Controller;
 use crate::deploy::{self, DeployRequest};
 use crate::project::valid_name;
@@ -104,17 +106,31 @@ async fn require_token(State(ctl): State<Arc<Controller>>, headers: HeaderMap, r
 
 async fn devices(State(ctl): State<Arc<Controller>>) -> ApiResult {
     let online = ctl.online();
-    let list: Vec<Value> = ctl
+    let list: Vec<Device> = ctl
         .db
         .devices()?
         .into_iter()
-        .map(|d| {
-            let mut v = serde_json::to_value(&d).unwrap_or_default();
-            v["online"] = json!(online.contains(&d.name));
-            v
+        .map(|d| Device {
+            online: online.contains(&d.name),
+            name: d.name,
+            config: d.config,
+            key_fingerprint: d.key_fingerprint,
+            enrolled: d.enrolled,
+            revoked: d.revoked,
+            last_seen: d.last_seen,
+            system: d.system,
+            commit: d.commit,
+            generation: d.generation,
+            agent_version: d.agent_version,
+            agent_state: d.agent_state,
         })
         .collect();
-    Ok(Json(json!(list)))
+    typed(&list)
+}
+
+/// An answer of the API's types (`thymis_api`).
+fn typed(v: &impl serde::Serialize) -> ApiResult {
+    Ok(Json(serde_json::to_value(v).map_err(anyhow::Error::from)?))
 }
 
 #[derive(Deserialize)]
@@ -137,7 +153,9 @@ async fn add_device(State(ctl): State<Arc<Controller>>, Json(req): Json<AddDevic
 }
 
 fn enrollment(ctl: &Controller, name: &str, token: &str) -> Value {
-    json!({ "name": name, "enrollment_token": token, "agent_config": ctl.agent_config(name, token) })
+    let e =
+        Enrollment { name: name.into(), enrollment_token: token.into(), agent_config: ctl.agent_config(name, token) };
+    serde_json::to_value(e).unwrap_or_default()
 }
 
 async fn reenroll(State(ctl): State<Arc<Controller>>, Path(name): Path<String>) -> ApiResult {
@@ -315,11 +333,11 @@ async fn build_start(State(ctl): State<Arc<Controller>>, Json(req): Json<BuildRe
 }
 
 fn task_json(ctl: &Controller, task: i64) -> ApiResult {
-    ctl.db.task_json(task)?.map(Json).ok_or_else(|| not_found(format!("no task {task}")))
+    typed(&ctl.db.task(task)?.ok_or_else(|| not_found(format!("no task {task}")))?)
 }
 
 async fn tasks(State(ctl): State<Arc<Controller>>) -> ApiResult {
-    Ok(Json(json!(ctl.db.tasks(100)?)))
+    typed(&ctl.db.tasks(100)?)
 }
 
 async fn task(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>) -> ApiResult {
@@ -333,9 +351,9 @@ struct LogsQuery {
 }
 
 async fn task_logs(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>, Query(q): Query<LogsQuery>) -> ApiResult {
-    let lines: Vec<Value> =
-        ctl.db.logs(id, q.after)?.into_iter().map(|(i, c, l)| json!({ "id": i, "child": c, "line": l })).collect();
-    Ok(Json(json!(lines)))
+    let lines: Vec<LogLine> =
+        ctl.db.logs(id, q.after)?.into_iter().map(|(id, child, line)| LogLine { id, child, line }).collect();
+    typed(&lines)
 }
 
 /// Server-sent events for a task: `task` (its JSON) on every change and `log` per new
@@ -350,7 +368,7 @@ async fn task_events(
     ApiError,
 > {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    if ctl.db.task_json(id)?.is_none() {
+    if ctl.db.task(id)?.is_none() {
         return Err(not_found(format!("no task {id}")));
     }
     struct St {
@@ -398,9 +416,9 @@ async fn task_events(
             if st.more {
                 continue;
             }
-            if let Ok(Some(t)) = st.ctl.db.task_json(id) {
-                st.done = matches!(t["state"].as_str(), Some("finished" | "cancelled" | "halted"));
-                st.queue.push_back(Event::default().event("task").data(t.to_string()));
+            if let Ok(Some(t)) = st.ctl.db.task(id) {
+                st.done = matches!(t.state, TaskState::Finished | TaskState::Cancelled | TaskState::Halted);
+                st.queue.push_back(Event::default().event("task").data(serde_json::to_string(&t).unwrap_or_default()));
             }
         }
     });

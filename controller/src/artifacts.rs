@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use crate::build;
 use crate::controller::Controller;
 use crate::db::now;
-use crate::task::TaskState;
+use crate::task::{TaskResult, TaskState};
 
 pub fn dir(ctl: &Controller, task: i64) -> PathBuf {
     ctl.paths.root.join("artifacts").join(task.to_string())
@@ -214,10 +214,10 @@ fn finish(ctl: &Controller, task: i64, r: Result<String>) {
     match r {
         Ok(system) => {
             let _ = ctl.db.set_task_system(task, &system);
-            let _ = ctl.db.set_task_state(task, TaskState::Finished, Some("succeeded"), None);
+            let _ = ctl.db.set_task_state(task, TaskState::Finished, Some(TaskResult::Succeeded), None);
         }
         Err(e) => {
-            let _ = ctl.db.set_task_state(task, TaskState::Finished, Some("failed"), Some(&format!("{e:#}")));
+            let _ = ctl.db.set_task_state(task, TaskState::Finished, Some(TaskResult::Failed), Some(&format!("{e:#}")));
         }
     }
     ctl.notify_task(task);

@@ -11,8 +11,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use thymis_proto::message::DeviceReport;
 
+use thymis_api::{Child, ChildState, Rollout, Task};
+
 use crate::machine::{Event, Refused, Stage};
-use crate::task::{Stopped, TaskState};
+use crate::task::{Stopped, TaskResult, TaskState};
 
 /// Each entry moves the schema one version up; never edit a released one.
 const MIGRATIONS: &[&str] = &[
@@ -461,10 +463,16 @@ impl Db {
         Ok(c.last_insert_rowid())
     }
 
-    pub fn set_task_state(&self, task: i64, state: TaskState, result: Option<&str>, error: Option<&str>) -> Result<()> {
+    pub fn set_task_state(
+        &self,
+        task: i64,
+        state: TaskState,
+        result: Option<TaskResult>,
+        error: Option<&str>,
+    ) -> Result<()> {
         self.c().execute(
             "UPDATE tasks SET state = ?2, result = ?3, error = COALESCE(?4, error), updated = ?5 WHERE id = ?1",
-            params![task, state.as_str(), result, error, now()],
+            params![task, state.as_str(), result.map(TaskResult::as_str), error, now()],
         )?;
         Ok(())
     }
@@ -504,14 +512,14 @@ impl Db {
     }
 
     /// A staged rollout's plan, the wave it is at, and when its soak ends.
-    pub fn set_task_rollout(&self, task: i64, staging: &crate::rollout::Staging) -> Result<()> {
+    pub fn set_task_rollout(&self, task: i64, staging: &thymis_api::Staging) -> Result<()> {
         let plan = serde_json::to_string(staging)?;
         self.c().execute("UPDATE tasks SET rollout = ?2 WHERE id = ?1", params![task, plan])?;
         Ok(())
     }
 
     /// (plan, wave, soak until), for a staged rollout.
-    pub fn task_rollout(&self, task: i64) -> Result<Option<(crate::rollout::Staging, usize, Option<i64>)>> {
+    pub fn task_rollout(&self, task: i64) -> Result<Option<(thymis_api::Staging, usize, Option<i64>)>> {
         let row: Option<(Option<String>, i64, Option<i64>)> = self
             .c()
             .query_row("SELECT rollout, wave, soak_until FROM tasks WHERE id = ?1", params![task], |r| {
@@ -771,63 +779,87 @@ impl Db {
         Ok(())
     }
 
-    /// The JSON document of a task (`GET /api/v1/tasks/{id}`, docs/controller.md).
-    pub fn task_json(&self, task: i64) -> Result<Option<serde_json::Value>> {
+    /// A task as the API shows it (`GET /api/v1/tasks/{id}`, docs/controller.md).
+    pub fn task(&self, task: i64) -> Result<Option<Task>> {
         let c = self.c();
-        let t = c
+        type Row = (Task, Option<String>, i64, Option<i64>);
+        let t: Option<Row> = c
             .query_row(
                 "SELECT id, kind, state, result, commit_rev, message, config, system, error, created, updated, expires,
                         rollout, wave, soak_until
                  FROM tasks WHERE id = ?1",
                 params![task],
                 |r| {
-                    Ok(serde_json::json!({
-                        "id": r.get::<_, i64>(0)?, "kind": r.get::<_, String>(1)?, "state": r.get::<_, String>(2)?,
-                        "result": r.get::<_, Option<String>>(3)?, "commit": r.get::<_, Option<String>>(4)?,
-                        "message": r.get::<_, Option<String>>(5)?, "config": r.get::<_, Option<String>>(6)?,
-                        "system": r.get::<_, Option<String>>(7)?, "error": r.get::<_, Option<String>>(8)?,
-                        "created": r.get::<_, i64>(9)?, "updated": r.get::<_, i64>(10)?,
-                        "expires": r.get::<_, Option<i64>>(11)?,
-                        "rollout": r.get::<_, Option<String>>(12)?.and_then(|p| serde_json::from_str::<serde_json::Value>(&p).ok()).map(|mut p| {
-                            p["wave"] = serde_json::json!(r.get::<_, i64>(13).unwrap_or(0) + 1);
-                            p["soak_until"] = serde_json::json!(r.get::<_, Option<i64>>(14).ok().flatten());
-                            p
-                        }),
-                    }))
+                    let text = |i: usize, what: &str| -> rusqlite::Result<String> {
+                        r.get::<_, String>(i).map_err(|_| {
+                            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, what.into())
+                        })
+                    };
+                    let state = text(2, "task state")?;
+                    let state = TaskState::parse(&state).ok_or_else(|| {
+                        let e = format!("task state {state:?}");
+                        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
+                    })?;
+                    let task = Task {
+                        id: r.get(0)?,
+                        kind: text(1, "task kind")?,
+                        state,
+                        result: r.get::<_, Option<String>>(3)?.as_deref().and_then(TaskResult::parse),
+                        commit: r.get(4)?,
+                        message: r.get(5)?,
+                        config: r.get(6)?,
+                        system: r.get(7)?,
+                        error: r.get(8)?,
+                        created: r.get(9)?,
+                        updated: r.get(10)?,
+                        expires: r.get(11)?,
+                        rollout: None,
+                        children: vec![],
+                    };
+                    Ok((task, r.get(12)?, r.get(13)?, r.get(14)?))
                 },
             )
             .optional()?;
-        let Some(mut t) = t else { return Ok(None) };
+        let Some((mut t, plan, wave, soak_until)) = t else { return Ok(None) };
+        if let Some(plan) = plan {
+            t.rollout = Some(Rollout { plan: serde_json::from_str(&plan)?, wave: wave as usize + 1, soak_until });
+        }
         let mut st = c.prepare(
             "SELECT id, device, config, stage, phase, result, reason, error, failed_units, paths_sent, bytes_sent,
                     system, deployment_id, sequence, updated, unit_logs, paths_total, wave
              FROM children WHERE task = ?1 ORDER BY id",
         )?;
-        let children = st
+        t.children = st
             .query_map(params![task], |r| {
-                let units: String = r.get(8)?;
                 let result: Option<String> = r.get(5)?;
-                let stage = Stage::parse(&r.get::<_, String>(3)?, result.as_deref().and_then(parse_result));
+                let result = result.as_deref().and_then(parse_result);
+                let stage = Stage::parse(&r.get::<_, String>(3)?, result);
                 let (state, phase) = match stage {
-                    Some(Stage::Finished(_)) | None => ("finished", r.get::<_, Option<String>>(4)?),
+                    Some(Stage::Finished(_)) | None => (ChildState::Finished, r.get::<_, Option<String>>(4)?),
                     Some(s) => (s.state(), s.phase().map(str::to_owned)),
                 };
-                Ok(serde_json::json!({
-                    "id": r.get::<_, i64>(0)?, "device": r.get::<_, String>(1)?, "config": r.get::<_, String>(2)?,
-                    "state": state, "phase": phase,
-                    "result": r.get::<_, Option<String>>(5)?, "reason": r.get::<_, Option<String>>(6)?,
-                    "error": r.get::<_, Option<String>>(7)?,
-                    "failed_units": serde_json::from_str::<serde_json::Value>(&units).unwrap_or_default(),
-                    "paths_sent": r.get::<_, i64>(9)?, "bytes_sent": r.get::<_, i64>(10)?,
-                    "system": r.get::<_, Option<String>>(11)?, "deployment_id": r.get::<_, String>(12)?,
-                    "sequence": r.get::<_, Option<i64>>(13)?, "updated": r.get::<_, i64>(14)?,
-                    "unit_logs": serde_json::from_str::<serde_json::Value>(&r.get::<_, String>(15)?).unwrap_or_default(),
-                    "paths_total": r.get::<_, Option<i64>>(16)?,
-                    "wave": r.get::<_, i64>(17)? + 1,
-                }))
+                Ok(Child {
+                    id: r.get(0)?,
+                    device: r.get(1)?,
+                    config: r.get(2)?,
+                    state,
+                    phase,
+                    result,
+                    reason: r.get(6)?,
+                    error: r.get(7)?,
+                    failed_units: serde_json::from_str(&r.get::<_, String>(8)?).unwrap_or_default(),
+                    paths_sent: r.get(9)?,
+                    bytes_sent: r.get(10)?,
+                    system: r.get(11)?,
+                    deployment_id: r.get(12)?,
+                    sequence: r.get(13)?,
+                    updated: r.get(14)?,
+                    unit_logs: serde_json::from_str(&r.get::<_, String>(15)?).unwrap_or_default(),
+                    paths_total: r.get(16)?,
+                    wave: r.get::<_, i64>(17)? as usize + 1,
+                })
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        t["children"] = serde_json::Value::Array(children);
         Ok(Some(t))
     }
 
@@ -852,13 +884,13 @@ impl Db {
         Ok(rows)
     }
 
-    pub fn tasks(&self, limit: i64) -> Result<Vec<serde_json::Value>> {
+    pub fn tasks(&self, limit: i64) -> Result<Vec<Task>> {
         let ids: Vec<i64> = {
             let c = self.c();
             let mut st = c.prepare("SELECT id FROM tasks ORDER BY id DESC LIMIT ?1")?;
             st.query_map(params![limit], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?
         };
-        ids.into_iter().filter_map(|id| self.task_json(id).transpose()).collect()
+        ids.into_iter().filter_map(|id| self.task(id).transpose()).collect()
     }
 }
 
@@ -981,8 +1013,8 @@ mod tests {
             ]
         );
         assert_eq!(db.task_stopped(1).expect("stopped"), Some(Stopped::Cancelled));
-        let t = db.task_json(1).expect("json").expect("task");
-        assert_eq!(t["children"][5]["phase"], "activate", "where the finished one ended");
-        assert_eq!(t["children"][3]["state"], "running");
+        let t = db.task(1).expect("read").expect("task");
+        assert_eq!(t.children[5].phase.as_deref(), Some("activate"), "where the finished one ended");
+        assert_eq!(t.children[3].state, ChildState::Running);
     }
 }

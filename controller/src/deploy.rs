@@ -8,54 +8,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use serde::{Deserialize, Serialize};
 use thymis_proto::signed::{Offer, Signed};
 use thymis_proto::{AgentBound, ControllerBound, CopyWindow};
 use thymis_store::{PathInfo, StorePath};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
+pub use thymis_api::{DeployRequest, Preview, PreviewDevice};
+
 use crate::build;
 use crate::controller::{Conn, Controller, Out, lock};
 use crate::db::{ChildRow, Details, now};
 use crate::machine::{Event, Stage};
-use crate::rollout::Staging;
-use crate::task::{Stopped, TaskState, deployment_state};
-
-/// What to deploy where (the API's and `thymisctl deploy`'s request).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default)]
-pub struct DeployRequest {
-    pub devices: Vec<String>,
-    pub configs: Vec<String>,
-    pub tags: Vec<String>,
-    /// A commit to deploy; default: HEAD, after committing uncommitted changes.
-    pub commit: Option<String>,
-    /// Commit message when the project has uncommitted changes.
-    pub message: Option<String>,
-    pub reboot: bool,
-    /// Waves: a canary, wave sizes, failures tolerated, a soak (none by default).
-    #[serde(flatten)]
-    pub staging: Staging,
-}
-
-/// What a deployment would touch.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Preview {
-    /// The commit that would be deployed; `None` when uncommitted changes would be
-    /// committed first.
-    pub commit: Option<String>,
-    pub uncommitted_changes: usize,
-    pub configs: Vec<String>,
-    pub devices: Vec<PreviewDevice>,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct PreviewDevice {
-    pub name: String,
-    pub config: String,
-    pub online: bool,
-}
+use crate::task::{Stopped, TaskResult, TaskState, deployment_state};
+use thymis_api::rollout::Staging;
 
 /// Resolves targets against `thymis.toml` (at the commit, or the work tree when it
 /// would be committed) and the devices table.
@@ -163,7 +129,7 @@ fn spawn_run(ctl: &Arc<Controller>, task: i64, commit: String, reboot: bool) {
     tokio::spawn(async move {
         if let Err(e) = run(&ctl, task, &commit, reboot).await {
             warn!(task, "deployment failed: {e:#}");
-            let _ = ctl.db.set_task_state(task, TaskState::Finished, Some("failed"), Some(&format!("{e:#}")));
+            let _ = ctl.db.set_task_state(task, TaskState::Finished, Some(TaskResult::Failed), Some(&format!("{e:#}")));
         }
         ctl.notify_task(task);
     });
@@ -385,7 +351,7 @@ fn halt_if_failed(
     let mut failed: Vec<String> = vec![];
     for c in &children {
         match c.stage {
-            Stage::Finished(r) if crate::rollout::is_failure(r) => {
+            Stage::Finished(r) if thymis_api::rollout::is_failure(r) => {
                 failed.push(format!("{} {}", c.device, crate::db::result_str(r)));
             }
             Stage::Finished(r) if r.is_success() && after_soak => {
@@ -398,7 +364,7 @@ fn halt_if_failed(
         }
     }
     let tolerated = staging.tolerated(total);
-    if !crate::rollout::halts(failed.len(), tolerated) {
+    if !thymis_api::rollout::halts(failed.len(), tolerated) {
         return Ok(false);
     }
     let why = format!(
@@ -415,7 +381,7 @@ fn halt_if_failed(
     }
     ctl.db.log(task, None, &why)?;
     refresh_task(ctl, task)?;
-    ctl.db.set_task_state(task, TaskState::Halted, Some("halted"), Some(&why))?;
+    ctl.db.set_task_state(task, TaskState::Halted, Some(TaskResult::Halted), Some(&why))?;
     ctl.notify_task(task);
     Ok(true)
 }
@@ -841,7 +807,7 @@ pub fn recover(ctl: &Controller) -> Result<()> {
             ctl.db.set_task_state(
                 task,
                 TaskState::Finished,
-                Some("failed"),
+                Some(TaskResult::Failed),
                 Some("interrupted by a controller restart"),
             )?;
             continue;
@@ -925,10 +891,11 @@ pub async fn start_build(ctl: &Arc<Controller>, config: &str, commit: Option<&st
                 ctl.notify_task(task);
                 let _ = build::warm_nar_cache(&ctl, &system, &config).await;
                 let _ = ctl.db.set_task_system(task, &system.to_string());
-                let _ = ctl.db.set_task_state(task, TaskState::Finished, Some("succeeded"), None);
+                let _ = ctl.db.set_task_state(task, TaskState::Finished, Some(TaskResult::Succeeded), None);
             }
             Err(e) => {
-                let _ = ctl.db.set_task_state(task, TaskState::Finished, Some("failed"), Some(&format!("{e:#}")));
+                let _ =
+                    ctl.db.set_task_state(task, TaskState::Finished, Some(TaskResult::Failed), Some(&format!("{e:#}")));
             }
         }
         ctl.notify_task(task);

@@ -16,7 +16,6 @@ pub mod peer_limits;
 pub mod project;
 pub mod random;
 pub mod read_cap;
-pub mod rollout;
 pub mod task;
 pub mod tls;
 pub mod ui;

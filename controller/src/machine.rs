@@ -109,12 +109,13 @@ impl Stage {
     }
 
     /// The API's `state` of a child (docs/controller.md).
-    pub fn state(self) -> &'static str {
+    pub fn state(self) -> thymis_api::ChildState {
+        use thymis_api::ChildState as C;
         match self {
-            Stage::Waiting => "pending",
-            Stage::Queued => "queued",
-            Stage::Building | Stage::Copying | Stage::Activated | Stage::Confirming => "running",
-            Stage::Finished(_) => "finished",
+            Stage::Waiting => C::Pending,
+            Stage::Queued => C::Queued,
+            Stage::Building | Stage::Copying | Stage::Activated | Stage::Confirming => C::Running,
+            Stage::Finished(_) => C::Finished,
         }
     }
 

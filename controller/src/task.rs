@@ -2,44 +2,7 @@
 //! function, tested without I/O).
 
 use crate::machine::Stage;
-
-/// A task's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TaskState {
-    Pending,
-    Running,
-    /// Only queued children (offline devices) remain.
-    Waiting,
-    Finished,
-    Cancelled,
-    /// A staged rollout stopped by itself: too many devices failed.
-    Halted,
-}
-
-impl TaskState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskState::Pending => "pending",
-            TaskState::Running => "running",
-            TaskState::Waiting => "waiting",
-            TaskState::Finished => "finished",
-            TaskState::Cancelled => "cancelled",
-            TaskState::Halted => "halted",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "pending" => TaskState::Pending,
-            "running" => TaskState::Running,
-            "waiting" => TaskState::Waiting,
-            "finished" => TaskState::Finished,
-            "cancelled" => TaskState::Cancelled,
-            "halted" => TaskState::Halted,
-            _ => return None,
-        })
-    }
-}
+pub use thymis_api::{TaskResult, TaskState};
 
 /// Why a deployment stopped before all its devices finished by themselves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +36,7 @@ pub fn deployment_state(
     children: &[(Stage, usize)],
     queued_online: usize,
     stopped: Option<Stopped>,
-) -> (TaskState, Option<&'static str>) {
+) -> (TaskState, Option<TaskResult>) {
     let any = |f: &dyn Fn(Stage) -> bool| children.iter().any(|(s, n)| *n > 0 && f(*s));
     if any(&|s| !s.is_finished() && s != Stage::Queued) || queued_online > 0 {
         return (TaskState::Running, None);
@@ -82,19 +45,19 @@ pub fn deployment_state(
         return (TaskState::Waiting, None);
     }
     match stopped {
-        Some(Stopped::Cancelled) => return (TaskState::Cancelled, Some("cancelled")),
-        Some(Stopped::Halted) => return (TaskState::Halted, Some("halted")),
+        Some(Stopped::Cancelled) => return (TaskState::Cancelled, Some(TaskResult::Cancelled)),
+        Some(Stopped::Halted) => return (TaskState::Halted, Some(TaskResult::Halted)),
         None => {}
     }
     let total: usize = children.iter().map(|(_, n)| n).sum();
     let succeeded: usize =
         children.iter().filter(|(s, _)| matches!(s, Stage::Finished(r) if r.is_success())).map(|(_, n)| n).sum();
     let result = if succeeded == total {
-        "succeeded"
+        TaskResult::Succeeded
     } else if succeeded == 0 {
-        "failed"
+        TaskResult::Failed
     } else {
-        "partially-failed"
+        TaskResult::PartiallyFailed
     };
     (TaskState::Finished, Some(result))
 }
@@ -114,21 +77,21 @@ mod tests {
         assert_eq!(deployment_state(&[(Queued, 2)], 1, None), (TaskState::Running, None), "one is online");
         assert_eq!(
             st(&[(Finished(R::Succeeded), 5), (Finished(R::SucceededWithFailedUnits), 1)], None),
-            (TaskState::Finished, Some("succeeded"))
+            (TaskState::Finished, Some(TaskResult::Succeeded))
         );
         assert_eq!(
             st(&[(Finished(R::Succeeded), 9), (Finished(R::RolledBack), 1)], None),
-            (TaskState::Finished, Some("partially-failed"))
+            (TaskState::Finished, Some(TaskResult::PartiallyFailed))
         );
-        assert_eq!(st(&[(Finished(R::Expired), 3)], None), (TaskState::Finished, Some("failed")));
+        assert_eq!(st(&[(Finished(R::Expired), 3)], None), (TaskState::Finished, Some(TaskResult::Failed)));
         assert_eq!(
             st(&[(Finished(R::Cancelled), 1)], Some(Stopped::Cancelled)),
-            (TaskState::Cancelled, Some("cancelled"))
+            (TaskState::Cancelled, Some(TaskResult::Cancelled))
         );
         assert_eq!(st(&[(Activated, 1)], Some(Stopped::Cancelled)), (TaskState::Running, None));
         assert_eq!(
             st(&[(Finished(R::RolledBack), 1), (Finished(R::Cancelled), 5)], Some(Stopped::Halted)),
-            (TaskState::Halted, Some("halted"))
+            (TaskState::Halted, Some(TaskResult::Halted))
         );
     }
 }

@@ -948,6 +948,12 @@ impl Fleet {
     }
 
     /// Waits until task `id` is no longer pending/running, and returns its JSON.
+    /// A task's JSON read as the API's type (`thymis_api::Task`): fails when the
+    /// controller answers anything else.
+    pub fn typed_task(v: &Value) -> thymis_api::Task {
+        serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("not a task ({e}): {v}"))
+    }
+
     pub fn wait_task(&self, id: i64, timeout: Duration) -> Value {
         wait_for(&format!("task {id} to settle"), timeout, || {
             let t = self.controller.ctl_json(&["task", &id.to_string()]);

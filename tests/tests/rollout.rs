@@ -81,11 +81,13 @@ fn a_canary_then_waves_of_two_reach_all_six_devices_one_wave_after_another() {
     let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
     let names = ["a1", "a2", "a3", "a4", "a5", "a6"];
     fleet_of(&mut f, &names.map(|n| (n, "alpha")));
-    let task = deploy(&f, &["--config", "alpha", "--canary", "1", "--wave-size", "2"]);
-    assert_eq!(task["result"], "succeeded", "{task}\n{}", f.diagnostics());
-    let waves: Vec<i64> = names.iter().map(|n| Fleet::child(&task, n)["wave"].as_i64().expect("wave")).collect();
+    let json = deploy(&f, &["--config", "alpha", "--canary", "1", "--wave-size", "2"]);
+    let task = Fleet::typed_task(&json);
+    assert!(task.all_succeeded(), "{json}\n{}", f.diagnostics());
+    let waves: Vec<usize> = names.iter().map(|n| task.child(n).expect("child").wave).collect();
     assert_eq!(waves, [1, 2, 2, 3, 3, 4]);
-    let id = task["id"].as_i64().expect("id");
+    assert_eq!(task.rollout.as_ref().map(|r| (r.wave, r.plan.canary)), Some((4, Some(thymis_api::Count::Devices(1)))));
+    let id = task.id;
     let logs = f.controller.task_logs(id);
     assert!(logs.iter().any(|l| l == "wave 1 of 4 (canary): a1"), "{logs:#?}");
     // Each wave finished before the next one's devices were offered anything.

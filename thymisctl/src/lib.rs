@@ -12,6 +12,7 @@ use std::io::IsTerminal;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
+use thymis_api::{Device, Enrollment, Preview, Task};
 
 /// Exit status when a deployment or build finished, but not successfully.
 pub const EXIT_UNSUCCESSFUL: u8 = 2;
@@ -234,7 +235,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::InstallBundle { file } => {
             let v = device::install_bundle(file)?;
             out(&v, &|v| println!("{} {}", s(&v["result"]), s(&v["reason"])));
-            let ok = matches!(v["result"].as_str(), Some("succeeded" | "succeeded-with-failed-units"));
+            let ok = typed::<thymis_api::DeviceResult>(&v["result"]).is_some_and(thymis_api::DeviceResult::is_success);
             return Ok(if ok { 0 } else { EXIT_UNSUCCESSFUL });
         }
         Cmd::Login { url } => {
@@ -420,9 +421,12 @@ pub fn check_artifact_name(name: &str) -> Result<()> {
 
 /// Whether every child ended `succeeded` or `succeeded-with-failed-units`.
 pub fn all_succeeded(task: &Value) -> bool {
-    let children = task["children"].as_array().cloned().unwrap_or_default();
-    !children.is_empty()
-        && children.iter().all(|c| matches!(c["result"].as_str(), Some("succeeded" | "succeeded-with-failed-units")))
+    typed::<Task>(task).is_some_and(|t| t.all_succeeded())
+}
+
+/// An answer as the API's type; `None` for one this thymisctl does not know.
+fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> Option<T> {
+    serde_json::from_value(v.clone()).ok()
 }
 
 /// Follows a task until no child is pending or running, printing logs and progress to
@@ -430,7 +434,7 @@ pub fn all_succeeded(task: &Value) -> bool {
 /// server-sent events, so the result is seen as soon as it is recorded.
 pub fn follow(c: &Client, id: i64, show: bool) -> Result<Value> {
     let tty = std::io::stderr().is_terminal();
-    let settled = |t: &Value| matches!(t["state"].as_str(), Some("finished" | "cancelled" | "waiting" | "halted"));
+    let settled = |t: &Value| typed::<Task>(t).is_some_and(|t| t.state.is_settled());
     let mut last = Value::Null;
     let url = format!("{}/api/v1/tasks/{id}/events", c.base);
     let mut resp = c
@@ -511,63 +515,61 @@ fn s(v: &Value) -> String {
 }
 
 fn print_enrollment(v: &Value) {
-    println!("device {}: enrollment token {}", s(&v["name"]), s(&v["enrollment_token"]));
-    println!("agent configuration (keep it secret):\n{}", s(&v["agent_config"]));
+    let Some(e) = typed::<Enrollment>(v) else { return println!("{v}") };
+    println!("device {}: enrollment token {}", e.name, e.enrollment_token);
+    println!("agent configuration (keep it secret):\n{}", e.agent_config);
 }
 
 fn print_devices(v: &Value) {
+    let Some(devices) = typed::<Vec<Device>>(v) else { return println!("{v}") };
     println!("{:<16} {:<12} {:<7} {:<12} SYSTEM", "NAME", "CONFIG", "ONLINE", "COMMIT");
-    for d in v.as_array().cloned().unwrap_or_default() {
-        println!(
-            "{:<16} {:<12} {:<7} {:<12} {}",
-            s(&d["name"]),
-            s(&d["config"]),
-            if d["online"] == true { "yes" } else { "no" },
-            s(&d["commit"]).chars().take(12).collect::<String>(),
-            s(&d["system"])
-        );
+    for d in devices {
+        let commit: String = d.commit.as_deref().unwrap_or("-").chars().take(12).collect();
+        let online = if d.online { "yes" } else { "no" };
+        println!("{:<16} {:<12} {online:<7} {commit:<12} {}", d.name, d.config, d.system.as_deref().unwrap_or("-"));
     }
 }
 
 fn print_preview(v: &Value) {
-    match v["commit"].as_str() {
+    let Some(p) = typed::<Preview>(v) else { return println!("{v}") };
+    match &p.commit {
         Some(c) => println!("commit {c}"),
-        None => println!("{} uncommitted change(s) will be committed first", v["uncommitted_changes"]),
+        None => println!("{} uncommitted change(s) will be committed first", p.uncommitted_changes),
     }
-    println!(
-        "configurations: {}",
-        v["configs"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default()
-    );
-    for d in v["devices"].as_array().cloned().unwrap_or_default() {
-        println!(
-            "  {:<16} {:<12} {}",
-            s(&d["name"]),
-            s(&d["config"]),
-            if d["online"] == true { "online" } else { "offline" }
-        );
+    println!("configurations: {}", p.configs.join(", "));
+    for d in p.devices {
+        println!("  {:<16} {:<12} {}", d.name, d.config, if d.online { "online" } else { "offline" });
     }
 }
 
-fn print_task(t: &Value) {
-    println!("task {} ({}) {} {}", t["id"], s(&t["kind"]), s(&t["state"]), s(&t["result"]));
-    if let Some(e) = t["error"].as_str() {
+fn print_task(v: &Value) {
+    let Some(t) = typed::<Task>(v) else { return println!("{v}") };
+    let text = |v: Option<&str>| v.unwrap_or("-").to_owned();
+    println!("task {} ({}) {} {}", t.id, t.kind, t.state.as_str(), text(t.result.map(|r| r.as_str())));
+    if let Some(e) = &t.error {
         println!("  error: {e}");
     }
-    if let Some(r) = t["rollout"].as_object() {
-        let soak =
-            r.get("soak_until").and_then(Value::as_i64).map(|u| format!(", soaking until {u}")).unwrap_or_default();
-        println!("  rollout: wave {}{soak}", s(&t["rollout"]["wave"]));
+    if let Some(r) = &t.rollout {
+        let soak = r.soak_until.map(|u| format!(", soaking until {u}")).unwrap_or_default();
+        println!("  rollout: wave {}{soak}", r.wave);
     }
-    for c in t["children"].as_array().cloned().unwrap_or_default() {
-        let mut line =
-            format!("  {:<16} {:<9} {:<9} {:<28}", s(&c["device"]), s(&c["state"]), s(&c["phase"]), s(&c["result"]));
-        if let Some(r) = c["reason"].as_str() {
+    for c in &t.children {
+        let result = c.result.map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_owned)));
+        let state = serde_json::to_value(c.state).ok().and_then(|v| v.as_str().map(str::to_owned));
+        let mut line = format!(
+            "  {:<16} {:<9} {:<9} {:<28}",
+            c.device,
+            text(state.as_deref()),
+            text(c.phase.as_deref()),
+            text(result.flatten().as_deref())
+        );
+        if let Some(r) = &c.reason {
             line.push_str(&format!(" reason: {r}"));
         }
-        if let Some(u) = c["failed_units"].as_array().filter(|u| !u.is_empty()) {
-            line.push_str(&format!(" failed units: {}", u.iter().map(s).collect::<Vec<_>>().join(", ")));
+        if !c.failed_units.is_empty() {
+            line.push_str(&format!(" failed units: {}", c.failed_units.join(", ")));
         }
-        if let Some(e) = c["error"].as_str() {
+        if let Some(e) = &c.error {
             line.push_str(&format!(" error: {e}"));
         }
         println!("{line}");

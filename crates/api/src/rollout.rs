@@ -1,8 +1,8 @@
 //! Staged rollouts: a deployment's devices in waves (a canary first, then waves of a
 //! size), each wave finished before the next is offered, an optional soak after each,
 //! and a halt by itself once more devices failed than allowed. The plan and the pure
-//! decisions are here; `crate::deploy` drives them, and the task row keeps where a
-//! rollout is, so it survives a controller restart.
+//! decisions are here; the controller drives them (its `deploy` module), and its task
+//! row keeps where a rollout is, so it survives a restart.
 
 use serde::{Deserialize, Serialize};
 use thymis_proto::DeviceResult;

@@ -1,0 +1,292 @@
+//! The controller's HTTP API (`/api/v1`, docs/controller.md) as types: what clients send
+//! and what the controller answers. The controller serializes these, and `thymisctl`,
+//! the imager and the fleet tests read them, so the JSON on the wire has one
+//! definition. Device results are `thymis_proto::DeviceResult` everywhere, and whether
+//! a device succeeded is its `is_success`.
+
+pub mod rollout;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+pub use thymis_proto::{DeviceResult, RollbackReason};
+
+pub use rollout::{Count, Staging};
+
+/// What to deploy where (`POST /deploy` and `/deploy/preview`, `thymisctl deploy`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct DeployRequest {
+    pub devices: Vec<String>,
+    pub configs: Vec<String>,
+    pub tags: Vec<String>,
+    /// A commit to deploy; default: HEAD, after committing uncommitted changes.
+    pub commit: Option<String>,
+    /// Commit message when the project has uncommitted changes.
+    pub message: Option<String>,
+    pub reboot: bool,
+    /// Waves: a canary, wave sizes, failures tolerated, a soak (none by default).
+    #[serde(flatten)]
+    pub staging: Staging,
+}
+
+/// What a deployment would touch.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Preview {
+    /// The commit that would be deployed; `None` when uncommitted changes would be
+    /// committed first.
+    pub commit: Option<String>,
+    pub uncommitted_changes: usize,
+    pub configs: Vec<String>,
+    pub devices: Vec<PreviewDevice>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct PreviewDevice {
+    pub name: String,
+    pub config: String,
+    pub online: bool,
+}
+
+/// A task's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskState {
+    Pending,
+    Running,
+    /// Only queued devices (offline ones) remain.
+    Waiting,
+    Finished,
+    Cancelled,
+    /// A staged rollout stopped by itself: more devices failed than tolerated.
+    Halted,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Running => "running",
+            TaskState::Waiting => "waiting",
+            TaskState::Finished => "finished",
+            TaskState::Cancelled => "cancelled",
+            TaskState::Halted => "halted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+    }
+
+    /// Nothing more happens by itself (a waiting task goes on when its devices connect).
+    pub fn is_settled(self) -> bool {
+        !matches!(self, TaskState::Pending | TaskState::Running)
+    }
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskResult {
+    Succeeded,
+    PartiallyFailed,
+    Failed,
+    Cancelled,
+    Halted,
+}
+
+impl TaskResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskResult::Succeeded => "succeeded",
+            TaskResult::PartiallyFailed => "partially-failed",
+            TaskResult::Failed => "failed",
+            TaskResult::Cancelled => "cancelled",
+            TaskResult::Halted => "halted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+    }
+}
+
+/// A device's part of a deployment, as the API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChildState {
+    /// A later wave's device, not offered yet.
+    Pending,
+    /// Its turn, waiting for the device to connect.
+    Queued,
+    Running,
+    Finished,
+}
+
+/// A task (`GET /tasks/{id}`, `GET /tasks`, the `task` events).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Task {
+    pub id: i64,
+    /// `deployment`, `build`, `image`, `bundle`.
+    pub kind: String,
+    pub state: TaskState,
+    pub result: Option<TaskResult>,
+    pub commit: Option<String>,
+    pub message: Option<String>,
+    pub config: Option<String>,
+    pub system: Option<String>,
+    pub error: Option<String>,
+    pub created: i64,
+    pub updated: i64,
+    pub expires: Option<i64>,
+    /// A staged rollout's plan and where it is.
+    pub rollout: Option<Rollout>,
+    /// One per device, for a deployment.
+    pub children: Vec<Child>,
+}
+
+impl Task {
+    /// Every device ended on the new system (what `thymisctl deploy --wait` exits 0 for).
+    pub fn all_succeeded(&self) -> bool {
+        !self.children.is_empty() && self.children.iter().all(|c| c.result.is_some_and(DeviceResult::is_success))
+    }
+
+    pub fn child(&self, device: &str) -> Option<&Child> {
+        self.children.iter().find(|c| c.device == device)
+    }
+}
+
+/// A staged rollout: its plan, the wave it is at (from 1), and the end of a soak.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Rollout {
+    #[serde(flatten)]
+    pub plan: Staging,
+    pub wave: usize,
+    pub soak_until: Option<i64>,
+}
+
+/// One device's deployment.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Child {
+    pub id: i64,
+    pub device: String,
+    pub config: String,
+    pub state: ChildState,
+    /// `build`, `copy`, `activate`, `confirm` (a finished one: where it ended).
+    pub phase: Option<String>,
+    pub result: Option<DeviceResult>,
+    /// Why it rolled back (`activation-failed`, ...), `no-safe-reboot`, `halted`.
+    pub reason: Option<String>,
+    pub error: Option<String>,
+    pub failed_units: Vec<String>,
+    /// Last journal lines of each failed unit.
+    pub unit_logs: BTreeMap<String, Vec<String>>,
+    pub paths_sent: i64,
+    pub bytes_sent: i64,
+    /// Paths the device lacked when the copy first started.
+    pub paths_total: Option<i64>,
+    pub system: Option<String>,
+    pub deployment_id: String,
+    pub sequence: Option<i64>,
+    pub updated: i64,
+    /// Its wave (from 1).
+    pub wave: usize,
+}
+
+/// A device (`GET /devices`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Device {
+    pub name: String,
+    pub config: String,
+    pub key_fingerprint: Option<String>,
+    pub enrolled: bool,
+    pub revoked: bool,
+    pub last_seen: Option<i64>,
+    pub system: Option<String>,
+    pub commit: Option<String>,
+    pub generation: Option<i64>,
+    pub agent_version: Option<String>,
+    pub agent_state: Option<String>,
+    pub online: bool,
+}
+
+/// A device's enrollment (`POST /devices`, `/devices/{name}/reenroll`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Enrollment {
+    pub name: String,
+    pub enrollment_token: String,
+    /// A complete agent configuration (TOML) holding the token.
+    pub agent_config: String,
+}
+
+/// A line of a task's log (`GET /tasks/{id}/logs`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct LogLine {
+    pub id: i64,
+    pub child: Option<i64>,
+    pub line: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_reads_back_as_written_and_success_is_one_rule() {
+        let child = |device: &str, result: Option<DeviceResult>| Child {
+            id: 1,
+            device: device.into(),
+            config: "kiosk".into(),
+            state: if result.is_some() { ChildState::Finished } else { ChildState::Running },
+            phase: Some("confirm".into()),
+            result,
+            reason: None,
+            error: None,
+            failed_units: vec![],
+            unit_logs: BTreeMap::new(),
+            paths_sent: 3,
+            bytes_sent: 1000,
+            paths_total: Some(3),
+            system: None,
+            deployment_id: "dp-0011223344556677".into(),
+            sequence: Some(4),
+            updated: 0,
+            wave: 1,
+        };
+        let mut t = Task {
+            id: 7,
+            kind: "deployment".into(),
+            state: TaskState::Finished,
+            result: Some(TaskResult::Succeeded),
+            commit: None,
+            message: None,
+            config: None,
+            system: None,
+            error: None,
+            created: 0,
+            updated: 0,
+            expires: None,
+            rollout: Some(Rollout {
+                plan: Staging { canary: Some(Count::Devices(1)), ..Default::default() },
+                wave: 2,
+                soak_until: None,
+            }),
+            children: vec![
+                child("a", Some(DeviceResult::Succeeded)),
+                child("b", Some(DeviceResult::SucceededWithFailedUnits)),
+            ],
+        };
+        let json = serde_json::to_value(&t).expect("json");
+        assert_eq!(json["rollout"]["canary"], 1);
+        assert_eq!(json["rollout"]["wave"], 2);
+        assert_eq!(json["children"][1]["result"], "succeeded-with-failed-units");
+        assert_eq!(serde_json::from_value::<Task>(json).expect("back"), t);
+        assert!(t.all_succeeded());
+        t.children.push(child("c", Some(DeviceResult::RolledBack)));
+        assert!(!t.all_succeeded());
+        t.children[2].result = None;
+        assert!(!t.all_succeeded());
+        assert_eq!(TaskState::parse("halted"), Some(TaskState::Halted));
+        assert_eq!(TaskResult::parse("partially-failed"), Some(TaskResult::PartiallyFailed));
+    }
+}
