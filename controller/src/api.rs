@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use thymis_api::{Device, Enrollment, LogLine, TaskState};
+use thymis_api::{Device, Enrollment, Identity, LogLine, TaskState};
 
 use crate::controller::Controller;
 use crate::deploy::{self, DeployRequest};
@@ -449,8 +449,8 @@ async fn stats(State(ctl): State<Arc<Controller>>) -> ApiResult {
 }
 
 async fn identity(State(ctl): State<Arc<Controller>>) -> ApiResult {
-    Ok(Json(json!({
-        "identity_key": ctl.identity.public().to_string(),
-        "nix_signing_key": ctl.nix_key.public().to_string(),
-    })))
+    typed(&Identity {
+        identity_key: ctl.identity.public().to_string(),
+        nix_signing_key: ctl.nix_key.public().to_string(),
+    })
 }

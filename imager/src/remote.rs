@@ -10,6 +10,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
+use thymis_api::{Identity, Task};
 use thymis_store::bundle::{self, Target};
 use thymis_store::signing::PublicKey;
 use thymis_store::{PathInfo, StorePath};
@@ -30,23 +31,23 @@ pub struct Fetched {
 /// fetches the closure. `scratch` holds the bundle and the staged NARs.
 pub fn fetch(connection: &Connection, config: &str, commit: Option<&str>, scratch: &Path) -> Result<Fetched> {
     let client = Client::new(connection)?;
-    let identity = client.call("GET", "/identity", None)?;
-    let key = |field: &str| -> Result<PublicKey> {
-        let text = identity[field].as_str().with_context(|| format!("the controller's /identity has no {field}"))?;
+    let identity: Identity = serde_json::from_value(client.call("GET", "/identity", None)?)
+        .context("the controller's /identity is not what this imager knows")?;
+    let key = |field: &str, text: &str| -> Result<PublicKey> {
         text.parse().with_context(|| format!("the controller's {field} {text:?}"))
     };
-    let (identity_key, nix_key) = (key("identity_key")?, key("nix_signing_key")?);
+    let (identity_key, nix_key) =
+        (key("identity_key", &identity.identity_key)?, key("nix_signing_key", &identity.nix_signing_key)?);
 
     eprintln!("thymis-imager: the controller builds {config} at {}", commit.unwrap_or("its HEAD"));
     let task = client.call("POST", "/bundles", Some(json!({ "config": config, "commit": commit })))?;
     let file = scratch.join("closure.bundle");
     let done = thymisctl::artifacts(&client, &task, true, |_| file.clone())
         .with_context(|| format!("building {config} on the controller"))?;
+    let done: Task = serde_json::from_value(done).context("the controller's task is not what this imager knows")?;
     // The bundle was only the way over: don't keep a copy on the controller.
-    if let Some(id) = done["id"].as_i64()
-        && let Err(e) = client.call("DELETE", &format!("/tasks/{id}/artifacts"), None)
-    {
-        eprintln!("thymis-imager: could not delete task {id}'s bundle on the controller: {e:#}");
+    if let Err(e) = client.call("DELETE", &format!("/tasks/{}/artifacts", done.id), None) {
+        eprintln!("thymis-imager: could not delete task {}'s bundle on the controller: {e:#}", done.id);
     }
 
     let input = File::open(&file).with_context(|| format!("opening {}", file.display()))?;
@@ -57,8 +58,8 @@ pub fn fetch(connection: &Connection, config: &str, commit: Option<&str>, scratc
     if manifest.target != Target::Config(config.to_owned()) {
         bail!("the controller sent a closure for {:?}, not configuration {config}", manifest.target);
     }
-    if let Some(system) = done["system"].as_str()
-        && system != manifest.system.to_string()
+    if let Some(system) = &done.system
+        && *system != manifest.system.to_string()
     {
         bail!("the controller's task names system {system}, its bundle {}", manifest.system);
     }
@@ -69,6 +70,6 @@ pub fn fetch(connection: &Connection, config: &str, commit: Option<&str>, scratc
         infos.push(v.info);
     }
     let infos = thymis_store::closure::sort_dependencies_first(infos)?;
-    let commit = manifest.commit.clone().or_else(|| done["commit"].as_str().map(str::to_owned));
+    let commit = manifest.commit.clone().or(done.commit);
     Ok(Fetched { system: manifest.system, commit, infos, nars })
 }

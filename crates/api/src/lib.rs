@@ -219,6 +219,13 @@ pub struct Enrollment {
     pub agent_config: String,
 }
 
+/// The controller's public keys (`GET /identity`): what agents and images pin.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Identity {
+    pub identity_key: String,
+    pub nix_signing_key: String,
+}
+
 /// A line of a task's log (`GET /tasks/{id}/logs`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct LogLine {
