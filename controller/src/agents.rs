@@ -148,7 +148,7 @@ async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str, peer: st
     let key_text = device_key.to_string();
     let device = match ctl.db.device_by_key(&key_text)? {
         Some(d) if d.revoked => bail!("device {} is revoked", d.name),
-        Some(d) => d.name,
+        Some(d) => d.info.name,
         None if ctl.db.key_revoked(&key_text)? => bail!("this device key was revoked; enrolling takes a new key"),
         None if enrollment_token.is_some() => bail!(
             "this agent sent its enrollment token in the clear, where whoever saw it could enroll another \
@@ -163,7 +163,7 @@ async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str, peer: st
     if !ctl.peers.log_in(&device) {
         bail!("device {device} logged in too often in the last minute; try again in a minute");
     }
-    let config = ctl.db.device(&device)?.map(|d| d.config).unwrap_or_default();
+    let config = ctl.db.device(&device)?.map(|d| d.info.config).unwrap_or_default();
     let time = crate::db::now().max(0) as u64;
     let signature = ctl.identity.sign(&welcome_message(session, &device_key, &device, &config, time));
     send(

@@ -106,25 +106,8 @@ async fn require_token(State(ctl): State<Arc<Controller>>, headers: HeaderMap, r
 
 async fn devices(State(ctl): State<Arc<Controller>>) -> ApiResult {
     let online = ctl.online();
-    let list: Vec<Device> = ctl
-        .db
-        .devices()?
-        .into_iter()
-        .map(|d| Device {
-            online: online.contains(&d.name),
-            name: d.name,
-            config: d.config,
-            key_fingerprint: d.key_fingerprint,
-            enrolled: d.enrolled,
-            revoked: d.revoked,
-            last_seen: d.last_seen,
-            system: d.system,
-            commit: d.commit,
-            generation: d.generation,
-            agent_version: d.agent_version,
-            agent_state: d.agent_state,
-        })
-        .collect();
+    let list: Vec<Device> =
+        ctl.db.devices()?.into_iter().map(|d| Device { online: online.contains(&d.name), ..d.info }).collect();
     typed(&list)
 }
 

@@ -112,7 +112,7 @@ async fn make_image(
     let token = match ctl.db.device(device)? {
         Some(d) if d.enrolled && !replace_key => bail!("device {device} enrolled meanwhile; pass --replace-key"),
         Some(d) if d.enrolled => {
-            let fingerprint = d.key_fingerprint.unwrap_or_default();
+            let fingerprint = d.info.key_fingerprint.unwrap_or_default();
             let token = ctl.db.reenroll(device, ttl)?;
             if let Some(conn) = ctl.conn(device) {
                 ctl.unregister(&conn);
@@ -155,7 +155,7 @@ pub async fn start_bundle(
     expires_in: Option<u64>,
 ) -> Result<i64> {
     let config = match &target {
-        Target::Device(d) => ctl.db.device(d)?.ok_or_else(|| anyhow!("no device {d:?}"))?.config,
+        Target::Device(d) => ctl.db.device(d)?.ok_or_else(|| anyhow!("no device {d:?}"))?.info.config,
         Target::Config(c) => c.clone(),
     };
     let commit = resolve(ctl, commit)?;

@@ -102,7 +102,7 @@ pub fn warm_nar_cache(ctl: &Arc<Controller>, system: &StorePath, config: &str) -
         .unwrap_or_default()
         .into_iter()
         .filter(|d| d.config == config)
-        .filter_map(|d| d.system?.parse().ok())
+        .filter_map(|d| d.info.system?.parse().ok())
         .collect();
     tokio::spawn(async move {
         let query = system.clone();

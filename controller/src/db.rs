@@ -6,7 +6,6 @@ use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use thymis_proto::message::DeviceReport;
@@ -151,22 +150,20 @@ pub fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-/// A device as the devices table shows it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// A device as stored: what the API shows of it (its `online` is the connections'
+/// business, false here), and its enrolled key.
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeviceRow {
-    pub name: String,
-    pub config: String,
-    pub key_fingerprint: Option<String>,
-    pub enrolled: bool,
-    pub revoked: bool,
-    pub last_seen: Option<i64>,
-    pub system: Option<String>,
-    pub commit: Option<String>,
-    pub generation: Option<i64>,
-    pub agent_version: Option<String>,
-    pub agent_state: Option<String>,
-    #[serde(skip)]
+    pub info: thymis_api::Device,
     pub public_key: Option<String>,
+}
+
+impl std::ops::Deref for DeviceRow {
+    type Target = thymis_api::Device;
+
+    fn deref(&self) -> &thymis_api::Device {
+        &self.info
+    }
 }
 
 /// A per-device child as stored.
@@ -349,7 +346,7 @@ impl Db {
 
     fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
         let key: Option<String> = r.get(2)?;
-        Ok(DeviceRow {
+        let info = thymis_api::Device {
             name: r.get(0)?,
             config: r.get(1)?,
             key_fingerprint: key
@@ -357,7 +354,6 @@ impl Db {
                 .and_then(|k| k.parse::<thymis_store::signing::PublicKey>().ok())
                 .map(|k| k.short_fingerprint()),
             enrolled: key.is_some(),
-            public_key: key,
             revoked: r.get(3)?,
             last_seen: r.get(4)?,
             system: r.get(5)?,
@@ -365,7 +361,9 @@ impl Db {
             generation: r.get(7)?,
             agent_version: r.get(8)?,
             agent_state: r.get(9)?,
-        })
+            online: false,
+        };
+        Ok(DeviceRow { info, public_key: key })
     }
 
     const DEVICE_COLS: &'static str =

@@ -498,7 +498,7 @@ async fn known_bases(
         return bases;
     }
     let reported =
-        ctl.db.device(device).ok().flatten().and_then(|d| d.system).and_then(|s| s.parse::<StorePath>().ok());
+        ctl.db.device(device).ok().flatten().and_then(|d| d.info.system).and_then(|s| s.parse::<StorePath>().ok());
     let Some(system) = reported else { return HashMap::new() };
     let closure = tokio::task::spawn_blocking(move || {
         thymis_store::local_store::LocalStore::system().path_infos(std::slice::from_ref(&system), true)

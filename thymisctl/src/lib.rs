@@ -12,7 +12,7 @@ use std::io::IsTerminal;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
-use thymis_api::{Device, Enrollment, Preview, Task};
+use thymis_api::{Device, Enrollment, Preview, Task, TaskState};
 
 /// Exit status when a deployment or build finished, but not successfully.
 pub const EXIT_UNSUCCESSFUL: u8 = 2;
@@ -434,7 +434,7 @@ fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> Option<T> {
 /// server-sent events, so the result is seen as soon as it is recorded.
 pub fn follow(c: &Client, id: i64, show: bool) -> Result<Value> {
     let tty = std::io::stderr().is_terminal();
-    let settled = |t: &Value| typed::<Task>(t).is_some_and(|t| t.state.is_settled());
+    let settled = |t: &Value| t["state"].as_str().and_then(TaskState::parse).is_some_and(TaskState::is_settled);
     let mut last = Value::Null;
     let url = format!("{}/api/v1/tasks/{id}/events", c.base);
     let mut resp = c
