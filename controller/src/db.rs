@@ -788,19 +788,14 @@ impl Db {
                  FROM tasks WHERE id = ?1",
                 params![task],
                 |r| {
-                    let text = |i: usize, what: &str| -> rusqlite::Result<String> {
-                        r.get::<_, String>(i).map_err(|_| {
-                            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, what.into())
-                        })
-                    };
-                    let state = text(2, "task state")?;
+                    let state: String = r.get(2)?;
                     let state = TaskState::parse(&state).ok_or_else(|| {
                         let e = format!("task state {state:?}");
                         rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
                     })?;
                     let task = Task {
                         id: r.get(0)?,
-                        kind: text(1, "task kind")?,
+                        kind: r.get(1)?,
                         state,
                         result: r.get::<_, Option<String>>(3)?.as_deref().and_then(TaskResult::parse),
                         commit: r.get(4)?,
