@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::controller::{Conn, Controller, Out, lock};
 use crate::db::Details;
-use crate::deploy;
+use crate::driver;
 use crate::log_budget::{LOG_BUDGET, LogBudget};
 use crate::machine::Event;
 use crate::read_cap::ReadCap;
@@ -179,15 +179,6 @@ async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str, peer: st
     )
     .await?;
     Ok(device)
-}
-
-/// A device deployment ended: its log budget goes, saying what it dropped, if anything.
-pub fn close_log_budget(ctl: &Controller, child: &crate::db::ChildRow) -> Result<()> {
-    if let Some((lines, bytes)) = ctl.log_budget.finish(child.id) {
-        let line = format!("{}: {lines} log lines ({bytes} bytes) over the budget were dropped", child.device);
-        ctl.db.log(child.task, Some(child.id), &line)?;
-    }
-    Ok(())
 }
 
 fn enroll(ctl: &Controller, peer: std::net::IpAddr, proves: impl Fn(&[u8; 32]) -> bool, key: &str) -> Result<String> {
@@ -369,7 +360,7 @@ async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: ControllerBound) -
 /// A device that reports an activated deployment over this (new) connection gets it
 /// confirmed, if the controller activated it and has no result for it yet. This holds
 /// after a controller restart too: the database knows what was activated.
-async fn maybe_confirm(ctl: &Controller, conn: &Conn, report: &DeviceReport) -> Result<()> {
+async fn maybe_confirm(ctl: &Arc<Controller>, conn: &Conn, report: &DeviceReport) -> Result<()> {
     let Some(p) = &report.pending else { return Ok(()) };
     let Some(child) = ctl.db.child_by_deployment(&p.deployment_id)? else {
         warn!(device = %conn.device, deployment = %p.deployment_id, "unknown deployment pending: not confirming");
@@ -390,7 +381,7 @@ async fn maybe_confirm(ctl: &Controller, conn: &Conn, report: &DeviceReport) -> 
         sequence: p.sequence,
         session: conn.session.clone(),
     };
-    if let Err(refused) = ctl.db.advance(child.id, Event::Confirming, &Details::default())? {
+    if let Err(refused) = driver::report(ctl, &child, Event::Confirming, &Details::default())? {
         warn!(device = %conn.device, deployment = %p.deployment_id, "not confirming: {refused}");
         return Ok(());
     }
@@ -420,7 +411,7 @@ fn record_outcome(ctl: &Arc<Controller>, device: &str, o: &Outcome) -> Result<()
         unit_logs: Some(&o.unit_logs),
         phase: phase.as_deref(),
     };
-    if let Err(refused) = ctl.db.advance(child.id, Event::Outcome(o.result), &details)? {
+    if let Err(refused) = driver::report(ctl, &child, Event::Outcome(o.result), &details)? {
         // Already finished (a repeated report), or not the device's to say.
         debug!(%device, deployment = %o.deployment_id, "outcome not recorded: {refused}");
         return Ok(());
@@ -436,8 +427,6 @@ fn record_outcome(ctl: &Arc<Controller>, device: &str, o: &Outcome) -> Result<()
         line.push_str(&format!(": {e}"));
     }
     ctl.db.log(child.task, Some(child.id), &line)?;
-    close_log_budget(ctl, &child)?;
-    deploy::refresh_task_soon(ctl, child.task);
     Ok(())
 }
 

@@ -633,8 +633,8 @@ impl Db {
     /// The one writer of a device deployment's stage: applies `event` through
     /// [`crate::machine::next`] to the stage as stored, in one transaction; a refused
     /// event changes nothing. A finishing event records `details` with its result.
-    /// Returns the new stage, or the refusal.
-    pub fn advance(&self, child: i64, event: Event, details: &Details<'_>) -> Result<Result<Stage, Refused>> {
+    /// Returns the stages before and after, or the refusal. Only `crate::driver` calls it.
+    pub fn advance(&self, child: i64, event: Event, details: &Details<'_>) -> Result<Result<(Stage, Stage), Refused>> {
         let mut c = self.c();
         let tx = c.transaction()?;
         let (stage, result): (String, Option<String>) =
@@ -676,7 +676,7 @@ impl Db {
             }
         }
         tx.commit()?;
-        Ok(Ok(new))
+        Ok(Ok((stage, new)))
     }
 
     fn child_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChildRow> {

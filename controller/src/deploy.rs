@@ -19,6 +19,7 @@ pub use thymis_api::{DeployRequest, Preview, PreviewDevice};
 use crate::build;
 use crate::controller::{Conn, Controller, Out, lock};
 use crate::db::{ChildRow, Details, now};
+use crate::driver::report;
 use crate::machine::{Event, Stage};
 use crate::task::{Stopped, TaskResult, TaskState, deployment_state};
 use thymis_api::rollout::Staging;
@@ -136,18 +137,11 @@ fn spawn_run(ctl: &Arc<Controller>, task: i64, commit: String, reboot: bool) {
 }
 
 /// Older unfinished deployments of `device` that have not activated are superseded.
-fn supersede(ctl: &Controller, device: &str, new_task: i64) -> Result<()> {
+fn supersede(ctl: &Arc<Controller>, device: &str, new_task: i64) -> Result<()> {
     for c in ctl.db.open_children_of_device(device, new_task)? {
         let why = format!("superseded by task {new_task}");
         // Refused once activated: then only the device ends it.
-        if ctl.db.advance(c.id, Event::Superseded, &Details::error(&why))?.is_ok() {
-            if let Some(conn) = ctl.conn(device) {
-                let conn = conn.clone();
-                let id = c.deployment_id.clone();
-                tokio::spawn(async move { conn.send(AgentBound::Cancel { deployment_id: id }).await });
-            }
-            refresh_task(ctl, c.task)?;
-        }
+        let _ = report(ctl, &c, Event::Superseded, &Details::error(&why))?;
     }
     Ok(())
 }
@@ -208,14 +202,14 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
                     // Its wave now, or later. Refused for one cancelled or superseded
                     // meanwhile, or past building (after a restart).
                     let event = if c.wave <= wave { Event::Built } else { Event::Wait };
-                    let _ = ctl.db.advance(c.id, event, &Details::default())?;
+                    let _ = report(ctl, c, event, &Details::default())?;
                 }
                 closures.insert(config.clone(), (system, Arc::new(closure)));
             }
             Err(e) => {
                 let msg = format!("{e:#}");
                 for c in &of_config {
-                    let _ = ctl.db.advance(c.id, Event::Failed, &Details::error(&msg))?;
+                    let _ = report(ctl, c, Event::Failed, &Details::error(&msg))?;
                 }
                 refresh_task(ctl, task)?;
             }
@@ -250,10 +244,10 @@ async fn deliver_all(
         let (ctl, limit) = (ctl.clone(), limit.clone());
         let commit = commit.to_owned();
         handles.push(tokio::spawn(async move {
-            let id = child.id;
+            let row = child.clone();
             if let Err(e) = deliver(&ctl, &limit, child, system, closure, &commit, reboot).await {
-                warn!(child = id, "delivery failed: {e:#}");
-                let _ = ctl.db.advance(id, Event::Failed, &Details::error(&format!("{e:#}")));
+                warn!(child = row.id, "delivery failed: {e:#}");
+                let _ = report(&ctl, &row, Event::Failed, &Details::error(&format!("{e:#}")));
             }
             refresh_task_soon(&ctl, task);
         }));
@@ -287,7 +281,7 @@ async fn drive_waves(
             None => {
                 let of_wave: Vec<&ChildRow> = children.iter().filter(|c| c.wave == wave).collect();
                 for c in &of_wave {
-                    let _ = ctl.db.advance(c.id, Event::Release, &Details::default())?;
+                    let _ = report(ctl, c, Event::Release, &Details::default())?;
                 }
                 let names: Vec<&str> = of_wave.iter().map(|c| c.device.as_str()).collect();
                 let what = if wave == 0 && staging.canary.is_some() { " (canary)" } else { "" };
@@ -338,7 +332,7 @@ async fn drive_waves(
 /// system they were deployed, a rollback after their confirmation); past what is
 /// tolerated, the devices not offered yet end `cancelled` (`halted`) and the task halts.
 fn halt_if_failed(
-    ctl: &Controller,
+    ctl: &Arc<Controller>,
     task: i64,
     staging: &Staging,
     total: usize,
@@ -377,7 +371,7 @@ fn halt_if_failed(
     ctl.db.set_task_stopped(task, Stopped::Halted)?;
     let halted = Details { reason: Some("halted"), ..Default::default() };
     for c in children.iter().filter(|c| c.stage == Stage::Waiting) {
-        let _ = ctl.db.advance(c.id, Event::Halted, &halted)?;
+        let _ = report(ctl, c, Event::Halted, &halted)?;
     }
     ctl.db.log(task, None, &why)?;
     refresh_task(ctl, task)?;
@@ -428,11 +422,10 @@ async fn deliver(
             let _ = tokio::time::timeout(Duration::from_secs(1), connected.recv()).await;
             continue;
         };
-        if ctl.db.advance(child.id, Event::Offered, &Details::default())?.is_err() {
+        if report(ctl, &child, Event::Offered, &Details::default())?.is_err() {
             return Ok(());
         }
         offline = false;
-        refresh_task_soon(ctl, child.task);
         let sequence = match child.sequence {
             Some(s) => s as u64,
             None => match ctl.db.child_by_deployment(&child.deployment_id)?.and_then(|c| c.sequence) {
@@ -461,16 +454,15 @@ async fn deliver(
         match send_to(ctl, &conn, &child, &offer, &closure, &mut unacked).await {
             Ok(()) => return Ok(()),
             Err(Stop::Refused(reason)) => {
-                if ctl.db.advance(child.id, Event::Failed, &Details::error(&reason))?.is_ok() {
+                if report(ctl, &child, Event::Failed, &Details::error(&reason))?.is_ok() {
                     ctl.db.log(child.task, Some(child.id), &format!("{}: failed: {reason}", child.device))?;
                 }
                 return Ok(());
             }
             Err(Stop::Disconnected) => {
-                if ctl.db.advance(child.id, Event::Lost, &Details::default())?.is_err() {
+                if report(ctl, &child, Event::Lost, &Details::default())?.is_err() {
                     return Ok(());
                 }
-                refresh_task_soon(ctl, child.task);
                 ctl.db.log(child.task, Some(child.id), &format!("{}: connection lost; will resume", child.device))?;
                 ctl.notify_task(child.task);
             }
@@ -627,7 +619,7 @@ async fn send_to(
     // Recorded before the device is told: from here on a restart must not interrupt it,
     // and only a recorded activation is ever confirmed. Unrecorded, the device is not
     // told (it would roll back for want of a confirmation).
-    match ctl.db.advance(child.id, Event::Activating, &Details::default()) {
+    match report(ctl, child, Event::Activating, &Details::default()) {
         Ok(Ok(_)) => {}
         // Ended meanwhile (cancelled, superseded, expired): the device is not told.
         Ok(Err(refused)) => {
@@ -759,18 +751,14 @@ fn read_chunk(file: &std::fs::File, offset: u64, end: u64) -> Result<Vec<u8>> {
 pub async fn cancel(ctl: &Arc<Controller>, task: i64) -> Result<()> {
     ctl.db.set_task_stopped(task, Stopped::Cancelled)?;
     for c in ctl.db.children(task)? {
-        if ctl.db.advance(c.id, Event::Cancelled, &Details::default())?.is_ok() {
-            if let Some(conn) = ctl.conn(&c.device) {
-                conn.send(AgentBound::Cancel { deployment_id: c.deployment_id.clone() }).await;
-            }
-        }
+        let _ = report(ctl, &c, Event::Cancelled, &Details::default())?;
     }
     refresh_task(ctl, task)
 }
 
 /// Ends what is past its deployment's expiry: queued devices `expired`, activated
 /// devices never heard from `unreachable` (their agents roll back by themselves).
-pub fn sweep(ctl: &Controller) -> Result<()> {
+pub fn sweep(ctl: &Arc<Controller>) -> Result<()> {
     let t = now();
     for (task, kind, expires) in ctl.db.open_tasks()? {
         if kind != "deployment" || expires.is_none_or(|e| e > t) {
@@ -783,7 +771,7 @@ pub fn sweep(ctl: &Controller) -> Result<()> {
                 "the deployment expired before the device received it"
             };
             // Refused for the finished ones.
-            let _ = ctl.db.advance(c.id, Event::Expired, &Details::error(error))?;
+            let _ = report(ctl, &c, Event::Expired, &Details::error(error))?;
         }
         refresh_task(ctl, task)?;
     }
@@ -791,7 +779,7 @@ pub fn sweep(ctl: &Controller) -> Result<()> {
     // expired, ...) give their log budgets back here.
     for id in ctl.log_budget.children() {
         match ctl.db.child(id)? {
-            Some(c) if c.stage.is_finished() => crate::agents::close_log_budget(ctl, &c)?,
+            Some(c) if c.stage.is_finished() => crate::driver::close_log_budget(ctl, &c)?,
             Some(_) => {}
             None => drop(ctl.log_budget.finish(id)),
         }
@@ -801,7 +789,7 @@ pub fn sweep(ctl: &Controller) -> Result<()> {
 
 /// After a restart: children that had not activated end `interrupted`; activated ones
 /// keep waiting for their devices (which are confirmed when they reconnect).
-pub fn recover(ctl: &Controller) -> Result<()> {
+pub fn recover(ctl: &Arc<Controller>) -> Result<()> {
     for (task, kind, _) in ctl.db.open_tasks()? {
         if kind != "deployment" {
             ctl.db.set_task_state(
@@ -820,7 +808,7 @@ pub fn recover(ctl: &Controller) -> Result<()> {
                 }
                 _ => Details::default(),
             };
-            let _ = ctl.db.advance(c.id, Event::Restarted, &details)?;
+            let _ = report(ctl, &c, Event::Restarted, &details)?;
         }
         refresh_task(ctl, task)?;
     }

@@ -8,6 +8,7 @@ pub mod build;
 pub mod controller;
 pub mod db;
 pub mod deploy;
+pub mod driver;
 pub mod http;
 pub mod log_budget;
 pub mod machine;

@@ -1,8 +1,10 @@
 //! One device's deployment as the controller sees it: a stage, and one pure transition
 //! function from (stage, event) to the next stage, or a typed refusal. The database
-//! keeps the stage in one column, and [`crate::db::Db::advance`] is its only writer:
-//! the copy, the agent connection, cancel, supersede, expiry and restart recovery all
-//! report events there, and whatever the machine refuses changes nothing.
+//! keeps the stage in one column. Every event (from the copy, the agent connection,
+//! cancel, supersede, a halted rollout, expiry, restart recovery) goes to
+//! [`crate::driver::report`], which applies it here, persists it (`Db::advance`, in one
+//! transaction) and carries out its effects; whatever the machine refuses changes
+//! nothing.
 //!
 //! ```text
 //!  building ──built──▶ queued ◀──lost── copying ──activating──▶ activated ──confirming──▶ confirming

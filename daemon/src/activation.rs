@@ -175,16 +175,34 @@ pub fn launch(state_dir: &Path, name: &str, system: &StorePath, action: SwitchAc
     };
     let mut cmd;
     if systemd_runs() {
-        cmd = Command::new("systemd-run");
-        cmd.args(["--quiet", "--collect", "--service-type=exec"])
-            .arg(format!("--unit=thymis-activate-{name}"))
-            .arg("--")
-            .arg(&exe);
-        helper_args(&mut cmd);
-        let out = cmd.stdin(Stdio::null()).output().context("running systemd-run")?;
-        if !out.status.success() {
-            bail!("systemd-run failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        // A busy systemd can fail a transient unit now and start it a moment later.
+        let mut last = String::new();
+        for attempt in 0..3 {
+            if attempt > 0 {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                // It did start after all (systemd-run reported a failure late): once is enough.
+                if pid_path(state_dir, name).exists() || result_path(state_dir, name).exists() {
+                    return Ok(());
+                }
+            }
+            cmd = Command::new("systemd-run");
+            cmd.args(["--quiet", "--collect", "--service-type=exec"])
+                .arg(format!("--unit=thymis-activate-{name}"))
+                .arg("--")
+                .arg(&exe);
+            helper_args(&mut cmd);
+            let out = cmd.stdin(Stdio::null()).output().context("running systemd-run")?;
+            if out.status.success() {
+                return Ok(());
+            }
+            last = format!("systemd-run failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+            // The unit may exist from the failed attempt: a new one needs its name.
+            let _ = Command::new("systemctl")
+                .args(["reset-failed", &format!("thymis-activate-{name}.service")])
+                .stderr(Stdio::null())
+                .status();
         }
+        bail!("{last}");
     } else {
         // A session of its own (setsid), so signals to the agent's group miss it.
         let setsid = ["/usr/bin/setsid", "/run/current-system/sw/bin/setsid", "/bin/setsid"]

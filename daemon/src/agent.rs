@@ -470,13 +470,26 @@ impl Agent {
             return Ok(());
         }
         info!(deployment = %offer.deployment_id, system = %offer.system, "activating");
-        activation::launch(self.state_dir(), &offer.deployment_id, &offer.system, SwitchAction::Test)?;
+        // Pending is written: whether the helper started or not, waiting for it ends the
+        // activation (a helper that never started is given up after a while, and the
+        // lifecycle goes back to the previous system), so the device always reports.
+        let launch_error =
+            activation::launch(self.state_dir(), &offer.deployment_id, &offer.system, SwitchAction::Test)
+                .err()
+                .map(|e| format!("{e:#}"));
+        if let Some(e) = &launch_error {
+            warn!(deployment = %offer.deployment_id, "starting the activation: {e}");
+        }
         tokio::spawn(async move {
             let (dir, id) = (agent.state_dir().to_owned(), offer.deployment_id.clone());
             let r = activation::wait(&dir, &id, |l| agent.log_line(&id, l)).await;
+            let output = match (r.exit_code, launch_error) {
+                (None, Some(e)) => format!("the activation did not start: {e}"),
+                _ => r.output_tail,
+            };
             let failed_units =
                 tokio::task::spawn_blocking(move || activation::cross_check(r.failed_units)).await.unwrap_or_default();
-            let event = Event::ActivationExited { code: r.exit_code, failed_units, output: r.output_tail };
+            let event = Event::ActivationExited { code: r.exit_code, failed_units, output };
             agent.drive(event).await;
         });
         Ok(())

@@ -143,3 +143,26 @@ fn a_restored_controller_database_cannot_replay_an_old_sequence() {
     assert!(child["error"].as_str().unwrap_or("").contains("not above the last applied"), "{child}");
     assert_eq!(f.device("d1").profile_system(), running, "the device changed system on a replayed sequence");
 }
+
+/// The agent cannot start its activation helper (here its activations directory is a
+/// file): the device still reports an outcome, naming why, instead of staying silent in
+/// "activating" until the deployment expires and the controller calls it unreachable.
+#[test]
+fn an_activation_that_cannot_start_still_ends_with_the_devices_outcome() {
+    let mut f = Fleet::new(FleetOptions { deployment_ttl: 300, ..Default::default() }).expect("fleet");
+    f.add_device("d1", "alpha", true).expect("device");
+    f.wait_online("d1");
+    let first = start_deploy(&f, &["--device", "d1", "-m", "v1"]);
+    assert_eq!(f.wait_task(first, Duration::from_secs(60))["result"], "succeeded");
+    let activations = f.device("d1").state_dir().join("activations");
+    std::fs::remove_dir_all(&activations).expect("rm");
+    std::fs::write(&activations, "not a directory").expect("file");
+
+    f.set_configs(&json!({ "alpha": { "version": "2" }, "beta": {} })).expect("cfg");
+    let task = start_deploy(&f, &["--device", "d1", "-m", "v2"]);
+    let t = f.wait_task(task, Duration::from_secs(200));
+    let child = Fleet::child(&t, "d1");
+    assert_ne!(child["result"], "unreachable", "the device never reported: {child}\n{}", f.diagnostics());
+    assert!(matches!(child["result"].as_str(), Some("rolled-back" | "rollback-failed")), "{child}");
+    assert!(child["error"].as_str().unwrap_or_default().contains("did not start"), "{child}");
+}

@@ -1,0 +1,56 @@
+//! Where every event of a device deployment goes: the copy, the agent connection,
+//! cancel, supersede, a halted rollout, expiry and restart recovery report here, and
+//! nowhere else. [`report`] applies the event through the machine
+//! ([`crate::machine::next`], persisted by `Db::advance`, which only this module calls)
+//! and then does what the transition asks of the world, in one place: a device whose
+//! deployment ended before activation is told to drop it, and a finished deployment
+//! gives back its log budget and has its task recomputed.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use thymis_proto::AgentBound;
+use tracing::debug;
+
+use crate::controller::Controller;
+use crate::db::{ChildRow, Details};
+use crate::machine::{Event, Refused, Stage};
+
+/// Applies `event` to `child`'s deployment: the new stage, or the machine's refusal
+/// (nothing changed then).
+pub fn report(
+    ctl: &Arc<Controller>,
+    child: &ChildRow,
+    event: Event,
+    details: &Details<'_>,
+) -> Result<Result<Stage, Refused>> {
+    let (before, after) = match ctl.db.advance(child.id, event, details)? {
+        Ok(moved) => moved,
+        Err(refused) => {
+            debug!(device = %child.device, deployment = %child.deployment_id, "{refused}");
+            return Ok(Err(refused));
+        }
+    };
+    if let Stage::Finished(_) = after {
+        // Offered (perhaps over a connection since lost) and ended by the controller: the
+        // device drops what it holds of it.
+        if matches!(before, Stage::Queued | Stage::Copying) && !matches!(event, Event::Outcome(_)) {
+            if let Some(conn) = ctl.conn(&child.device) {
+                let id = child.deployment_id.clone();
+                tokio::spawn(async move { conn.send(AgentBound::Cancel { deployment_id: id }).await });
+            }
+        }
+        close_log_budget(ctl, child)?;
+    }
+    crate::deploy::refresh_task_soon(ctl, child.task);
+    Ok(Ok(after))
+}
+
+/// A device deployment ended: its log budget goes, saying what it dropped, if anything.
+pub fn close_log_budget(ctl: &Controller, child: &ChildRow) -> Result<()> {
+    if let Some((lines, bytes)) = ctl.log_budget.finish(child.id) {
+        let line = format!("{}: {lines} log lines ({bytes} bytes) over the budget were dropped", child.device);
+        ctl.db.log(child.task, Some(child.id), &line)?;
+    }
+    Ok(())
+}
