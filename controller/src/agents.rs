@@ -26,6 +26,8 @@ use crate::driver;
 use crate::log_budget::{LOG_BUDGET, LogBudget};
 use crate::machine::Event;
 use crate::read_cap::ReadCap;
+use crate::streams::FromDevice;
+use base64::Engine as _;
 
 pub async fn upgrade(
     State(ctl): State<Arc<Controller>>,
@@ -89,8 +91,8 @@ async fn serve(ctl: Arc<Controller>, mut ws: WebSocket, peer: std::net::IpAddr, 
         }
     };
     let handshake = handshake(&ctl, &mut ws, &session, peer);
-    let device = match tokio::time::timeout(ctl.settings.handshake_timeout, handshake).await {
-        Ok(Ok(device)) => device,
+    let (device, protocol) = match tokio::time::timeout(ctl.settings.handshake_timeout, handshake).await {
+        Ok(Ok(done)) => done,
         Ok(Err(e)) => {
             warn!("agent handshake refused: {e:#}");
             let _ = send(&mut ws, &AgentBound::Refused { reason: format!("{e:#}") }).await;
@@ -107,10 +109,11 @@ async fn serve(ctl: Arc<Controller>, mut ws: WebSocket, peer: std::net::IpAddr, 
     cap.lift();
     let (control_tx, control_rx) = mpsc::unbounded_channel::<AgentBound>();
     let (data_tx, data_rx) = mpsc::channel::<Out>(crate::controller::COPY_QUEUE);
-    let conn = Arc::new(Conn::new(device.clone(), session, control_tx, data_tx));
+    let (stream_tx, stream_rx) = mpsc::channel::<AgentBound>(STREAM_QUEUE);
+    let conn = Arc::new(Conn::new(device.clone(), session, protocol, control_tx, data_tx, stream_tx));
     ctl.register(conn.clone());
-    info!(%device, "agent connected");
-    if let Err(e) = session_loop(&ctl, &conn, ws, control_rx, data_rx).await {
+    info!(%device, protocol, "agent connected");
+    if let Err(e) = session_loop(&ctl, &conn, ws, control_rx, Queues { data: data_rx, streams: stream_rx }).await {
         info!(%device, "agent connection ended: {e:#}");
     } else {
         info!(%device, "agent disconnected");
@@ -118,8 +121,23 @@ async fn serve(ctl: Arc<Controller>, mut ws: WebSocket, peer: std::net::IpAddr, 
     ctl.unregister(&conn);
 }
 
-/// Returns the authenticated device's name.
-async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str, peer: std::net::IpAddr) -> Result<String> {
+/// Terminal input waiting for the connection's writer, in messages of at most
+/// [`thymis_proto::stream::MAX_TERMINAL_CHUNK`] bytes.
+const STREAM_QUEUE: usize = 16;
+
+/// The copy stream and the streams' messages: the writer takes from them in turn.
+struct Queues {
+    data: mpsc::Receiver<Out>,
+    streams: mpsc::Receiver<AgentBound>,
+}
+
+/// Returns the authenticated device's name and the protocol version agreed.
+async fn handshake(
+    ctl: &Controller,
+    ws: &mut WebSocket,
+    session: &str,
+    peer: std::net::IpAddr,
+) -> Result<(String, u32)> {
     let ControllerBound::Hello { protocol_min, protocol_max, device_key, client_nonce, .. } = recv(ws).await? else {
         bail!("expected hello");
     };
@@ -178,7 +196,7 @@ async fn handshake(ctl: &Controller, ws: &mut WebSocket, session: &str, peer: st
         },
     )
     .await?;
-    Ok(device)
+    Ok((device, protocol))
 }
 
 fn enroll(ctl: &Controller, peer: std::net::IpAddr, proves: impl Fn(&[u8; 32]) -> bool, key: &str) -> Result<String> {
@@ -203,7 +221,7 @@ async fn session_loop(
     conn: &Arc<Conn>,
     ws: WebSocket,
     control: mpsc::UnboundedReceiver<AgentBound>,
-    data: mpsc::Receiver<Out>,
+    data: Queues,
 ) -> Result<()> {
     // The writer owns the sending half, so that reading never waits on a write: a
     // reader that did (handling a message that sends a reply while the queue is full
@@ -251,13 +269,14 @@ async fn session_loop(
     }
 }
 
-/// Sends what the connection's queues hold, control messages first, each write bounded
-/// by `stall` (a silently dropped link stalls writes). Ends, closing the socket, when
-/// the control queue closes.
+/// Sends what the connection's queues hold, control messages first, then the copy
+/// stream and the streams' messages in turn (tokio's `select!` picks among ready
+/// branches at random), each write bounded by `stall` (a silently dropped link stalls
+/// writes). Ends, closing the socket, when the control queue closes.
 async fn write_loop(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     mut control: mpsc::UnboundedReceiver<AgentBound>,
-    mut data: mpsc::Receiver<Out>,
+    Queues { mut data, mut streams }: Queues,
     stall: Duration,
 ) -> Result<()> {
     loop {
@@ -267,13 +286,19 @@ async fn write_loop(
                 Some(m) => Message::Text(encode(&m).into()),
                 None => break,
             },
-            Some(out) = data.recv() => match out {
-                Out::Msg(m) => Message::Text(encode(&m).into()),
-                Out::Bin(b) => Message::Binary(b.into()),
-            },
+            frame = async {
+                tokio::select! {
+                    Some(out) = data.recv() => match out {
+                        Out::Msg(m) => Message::Text(encode(&m).into()),
+                        Out::Bin(b) => Message::Binary(b.into()),
+                    },
+                    Some(m) = streams.recv() => Message::Text(encode(&m).into()),
+                    else => std::future::pending().await,
+                }
+            } => frame,
         };
         // Feed without flushing while more is queued: small messages share a write.
-        let more = !control.is_empty() || !data.is_empty();
+        let more = !control.is_empty() || !data.is_empty() || !streams.is_empty();
         let write = async { if more { sink.feed(frame).await } else { sink.send(frame).await } };
         match tokio::time::timeout(stall, write).await {
             Ok(r) => r.map_err(|e| anyhow!("sending: {e}"))?,
@@ -352,6 +377,21 @@ async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: ControllerBound) -
             }
         }
         ControllerBound::Error { message } => warn!(%device, %message, "agent reported an error"),
+        ControllerBound::JournalEntries { stream, entries, dropped } => {
+            if dropped > 0 {
+                conn.streams.route(stream, FromDevice::Dropped(dropped));
+            }
+            conn.streams.route(stream, FromDevice::Entries(entries));
+        }
+        ControllerBound::TerminalOutput { stream, data } => {
+            match base64::engine::general_purpose::STANDARD.decode(data) {
+                Ok(bytes) => conn.streams.route(stream, FromDevice::Output(bytes)),
+                Err(_) => bail!("terminal output that is not base64"),
+            }
+        }
+        ControllerBound::StreamEnd { stream, exit_status, error } => {
+            conn.streams.route(stream, FromDevice::End { exit_status, error })
+        }
         ControllerBound::Hello { .. } | ControllerBound::Auth { .. } => bail!("handshake message mid-session"),
     }
     Ok(())

@@ -44,6 +44,9 @@ type ApiResult<T = Json<Value>> = Result<T, ApiError>;
 pub fn router(ctl: Arc<Controller>) -> Router {
     let api = Router::new()
         .route("/devices", get(devices).post(add_device))
+        .route("/devices/{name}", get(device_detail))
+        .route("/devices/{name}/journal", get(crate::console::journal))
+        .route("/devices/{name}/terminal", get(crate::console::terminal))
         .route("/devices/{name}/reenroll", post(reenroll))
         .route("/devices/{name}/revoke", post(revoke))
         .route("/devices/{name}/image", post(device_image))
@@ -83,13 +86,19 @@ pub fn router(ctl: Arc<Controller>) -> Router {
 
 /// The admin token (`Authorization: Bearer`), or a browser session whose CSRF token
 /// comes with every request that changes something.
-async fn require_token(State(ctl): State<Arc<Controller>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn require_token(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if !presented.is_empty() && bool::from(presented.as_bytes().ct_eq(ctl.admin_token.as_bytes())) {
+        req.extensions_mut().insert(Caller::Token);
         return next.run(req).await;
     }
     let csrf = crate::ui::session_id(&headers).and_then(|id| ctl.db.session_csrf(&id).ok().flatten());
@@ -97,11 +106,70 @@ async fn require_token(State(ctl): State<Arc<Controller>>, headers: HeaderMap, r
         let safe = matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
         let sent = headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).unwrap_or("");
         if safe || bool::from(sent.as_bytes().ct_eq(csrf.as_bytes())) {
+            req.extensions_mut().insert(Caller::Session { csrf });
             return next.run(req).await;
         }
         return ApiError(StatusCode::FORBIDDEN, "missing or wrong CSRF token".into()).into_response();
     }
     ApiError(StatusCode::UNAUTHORIZED, "missing or wrong token (Authorization: Bearer ...)".into()).into_response()
+}
+
+/// Who made an API request.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// The admin token.
+    Token,
+    /// A browser session, with its CSRF token.
+    Session { csrf: String },
+}
+
+impl Caller {
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Caller::Token => "the admin token",
+            Caller::Session { .. } => "a web UI session",
+        }
+    }
+
+    /// For what a page must not read or open by a cross-site request even with a GET (a
+    /// device's journal, its terminal): a session's request carries its CSRF token (in
+    /// `X-CSRF-Token`, or `csrf` for a WebSocket, which cannot send headers) and, if the
+    /// browser sent an Origin, it is this controller's.
+    pub fn check_session(&self, headers: &HeaderMap, query_csrf: Option<&str>) -> Result<(), ApiError> {
+        let Caller::Session { csrf } = self else { return Ok(()) };
+        let sent = headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).or(query_csrf).unwrap_or("");
+        if !bool::from(sent.as_bytes().ct_eq(csrf.as_bytes())) {
+            return Err(ApiError(StatusCode::FORBIDDEN, "missing or wrong CSRF token".into()));
+        }
+        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+            let authority = origin.split_once("://").map_or(origin, |(_, a)| a);
+            if authority != host {
+                return Err(ApiError(StatusCode::FORBIDDEN, format!("origin {origin} is not this controller")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError(status, message.into())
+    }
+}
+
+async fn device_detail(State(ctl): State<Arc<Controller>>, Path(name): Path<String>) -> ApiResult {
+    let Some(row) = ctl.db.device(&name)? else { return Err(not_found(format!("no device {name:?}"))) };
+    let device = Device { online: ctl.conn(&name).is_some(), ..row.info };
+    let toml = ctl.project.toml_worktree()?;
+    let config = toml.configs.get(&device.config);
+    let detail = thymis_api::DeviceDetail {
+        tags: config.map(|c| c.tags.clone()).unwrap_or_default(),
+        config_exists: config.is_some(),
+        history: ctl.db.device_history(&name, 50)?,
+        device,
+    };
+    typed(&detail)
 }
 
 async fn devices(State(ctl): State<Arc<Controller>>) -> ApiResult {

@@ -95,6 +95,13 @@ pub struct Conn {
     control: mpsc::UnboundedSender<AgentBound>,
     /// The copy stream, in order (see [`COPY_QUEUE`]).
     pub data: mpsc::Sender<Out>,
+    /// Journal and terminal messages to the device (terminal input): bounded, and sent
+    /// in turn with the copy stream, so neither waits behind the other.
+    pub stream_out: mpsc::Sender<AgentBound>,
+    /// The protocol version the handshake settled on.
+    pub protocol: u32,
+    /// Its open journal and terminal streams.
+    pub streams: crate::streams::Streams,
     /// Replies routed to the deployment runner waiting for them, by deployment id.
     waiters: Mutex<HashMap<String, mpsc::UnboundedSender<ControllerBound>>>,
     /// Ends the connection (device revoked, or replaced by a newer connection).
@@ -107,14 +114,19 @@ impl Conn {
     pub fn new(
         device: String,
         session: String,
+        protocol: u32,
         control: mpsc::UnboundedSender<AgentBound>,
         data: mpsc::Sender<Out>,
+        stream_out: mpsc::Sender<AgentBound>,
     ) -> Self {
         Conn {
             device,
             session,
             control,
             data,
+            stream_out,
+            protocol,
+            streams: Default::default(),
             waiters: Mutex::new(HashMap::new()),
             kicked: tokio::sync::Notify::new(),
             last_touch: Mutex::new(std::time::Instant::now()),
@@ -142,6 +154,11 @@ impl Conn {
 
     /// Queues a control message; false when the connection is gone.
     pub async fn send(&self, m: AgentBound) -> bool {
+        self.send_control(m)
+    }
+
+    /// [`Conn::send`] where there is no `async`.
+    pub fn send_control(&self, m: AgentBound) -> bool {
         self.control.send(m).is_ok()
     }
 }
@@ -315,6 +332,11 @@ impl Controller {
                  # controller_tls_sha256 = \"...\" or its CA with controller_ca_file = \"...\".\n",
             ),
         }
+        s.push_str(
+            "# `thymisctl shell` and the device page's terminal give this controller's admin a root shell\n\
+             # on the device; the agent refuses them unless you uncomment this:\n\
+             # terminal = true\n",
+        );
         s
     }
 }

@@ -885,6 +885,35 @@ impl Db {
         };
         ids.into_iter().filter_map(|id| self.task(id).transpose()).collect()
     }
+
+    /// A device's last `limit` deployments, newest first.
+    pub fn device_history(&self, device: &str, limit: i64) -> Result<Vec<thymis_api::DeviceDeployment>> {
+        let c = self.c();
+        let mut st = c.prepare(
+            "SELECT c.task, c.deployment_id, t.commit_rev, t.message, c.stage, c.result, c.reason, c.error,
+                    c.system, t.created, c.updated
+             FROM children c JOIN tasks t ON t.id = c.task
+             WHERE c.device = ?1 ORDER BY c.id DESC LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![device, limit], |r| {
+            let result = r.get::<_, Option<String>>(5)?.as_deref().and_then(parse_result);
+            let state = Stage::parse(&r.get::<_, String>(4)?, result).map_or(ChildState::Finished, Stage::state);
+            Ok(thymis_api::DeviceDeployment {
+                task: r.get(0)?,
+                deployment_id: r.get(1)?,
+                commit: r.get(2)?,
+                message: r.get(3)?,
+                state,
+                result,
+                reason: r.get(6)?,
+                error: r.get(7)?,
+                system: r.get(8)?,
+                created: r.get(9)?,
+                updated: r.get(10)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
 }
 
 /// What a device deployment's event records beside its stage (a finishing one: why).

@@ -50,6 +50,10 @@ pub struct AgentConfig {
     /// default (extlinux, or no loader the agent knows): a system that does not come
     /// up then has no way back.
     pub allow_unsafe_reboot: bool,
+    /// Let the controller's admin open a terminal (a root shell) on this device.
+    pub terminal: bool,
+    /// Seconds a terminal may sit without input or output before it is closed.
+    pub terminal_idle_timeout: u64,
 }
 
 impl Default for AgentConfig {
@@ -76,6 +80,8 @@ impl Default for AgentConfig {
             boot_dir: PathBuf::from("/boot"),
             efivars_dir: PathBuf::from("/sys/firmware/efi/efivars"),
             allow_unsafe_reboot: false,
+            terminal: false,
+            terminal_idle_timeout: 900,
         }
     }
 }

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::agent::{Agent, LogSink};
 use crate::receive::{Incoming, Outbox, receiver};
+use crate::streams::Streams;
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -201,7 +202,12 @@ async fn session(agent: &Arc<Agent>, previous: &mut Option<tokio::task::JoinHand
     let (sink, mut stream) = ws.split();
     let (out_tx, out_rx) = mpsc::unbounded_channel::<ControllerBound>();
     let (log_tx, log_rx) = mpsc::channel::<ControllerBound>(256);
-    let mut writer = AbortOnDrop(tokio::spawn(write_loop(sink, out_rx, log_rx, dead_after)));
+    // Journal entries and terminal output wait for room here: the writer serves this
+    // queue in turn with the log lines, after control messages.
+    let (stream_tx, stream_rx) = mpsc::channel::<ControllerBound>(16);
+    let mut writer = AbortOnDrop(tokio::spawn(write_loop(sink, out_rx, (log_rx, stream_rx), dead_after)));
+    let idle = Duration::from_secs(agent.config.terminal_idle_timeout.max(1));
+    let mut streams = Streams::new(out_tx.clone(), stream_tx, agent.config.terminal, idle);
     // Chunks wait for the verifier (CPU-bound, never on the writer): a small bounded queue.
     let (in_tx, in_rx) = mpsc::channel::<Incoming>(16);
     *previous = Some(tokio::spawn(receiver(agent.clone(), in_rx, out_tx.clone())));
@@ -234,7 +240,9 @@ async fn session(agent: &Arc<Agent>, previous: &mut Option<tokio::task::JoinHand
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => return Err(e).context("reading from the controller"),
                 };
-                handle(agent, &session, msg, &out_tx, &in_tx).await?;
+                if !streams.handle(&msg) {
+                    handle(agent, &session, msg, &out_tx, &in_tx).await?;
+                }
             }
             ended = &mut writer.0 => {
                 return match ended {
@@ -255,6 +263,7 @@ async fn session(agent: &Arc<Agent>, previous: &mut Option<tokio::task::JoinHand
                 // Let queued messages (state, outcome) out before closing: the writer
                 // sends what is queued, then closes, once every sender is gone.
                 agent.set_log_sink(None);
+                drop(streams);
                 drop(in_tx);
                 drop(out_tx);
                 let _ = tokio::time::timeout(dead_after, &mut writer.0).await;
@@ -264,13 +273,14 @@ async fn session(agent: &Arc<Agent>, previous: &mut Option<tokio::task::JoinHand
     }
 }
 
-/// Sends what the session queues, control messages first, each write bounded by
-/// `stall` (a silently dropped link stalls writes). Closes the socket when every
-/// sender is gone.
+/// Sends what the session queues, control messages first, then deployment log lines
+/// and the streams' messages in turn (tokio's `select!` picks among ready branches at
+/// random), each write bounded by `stall` (a silently dropped link stalls writes).
+/// Closes the socket when the control queue's senders are gone.
 async fn write_loop(
     mut sink: futures_util::stream::SplitSink<Ws, Message>,
     mut control: mpsc::UnboundedReceiver<ControllerBound>,
-    mut logs: mpsc::Receiver<ControllerBound>,
+    (mut logs, mut streams): (mpsc::Receiver<ControllerBound>, mpsc::Receiver<ControllerBound>),
     stall: Duration,
 ) -> Result<()> {
     loop {
@@ -280,7 +290,13 @@ async fn write_loop(
                 Some(m) => m,
                 None => break,
             },
-            Some(m) = logs.recv() => m,
+            m = async {
+                tokio::select! {
+                    Some(m) = logs.recv() => m,
+                    Some(m) = streams.recv() => m,
+                    else => std::future::pending().await,
+                }
+            } => m,
         };
         let frame = Message::text(encode(&msg));
         // Feed without flushing while more is queued: many small acknowledgements
@@ -381,6 +397,11 @@ async fn handle(
         AgentBound::Error { message } => warn!(%message, "controller reported an error"),
         AgentBound::Refused { reason } => bail!("controller refused: {reason}"),
         AgentBound::Challenge { .. } | AgentBound::Welcome { .. } => debug!("ignoring a handshake message mid-session"),
+        AgentBound::JournalOpen { .. }
+        | AgentBound::TerminalOpen { .. }
+        | AgentBound::TerminalInput { .. }
+        | AgentBound::TerminalResize { .. }
+        | AgentBound::StreamClose { .. } => {}
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod dbus;
+pub mod journal;
 pub mod lifecycle;
 pub mod liveness;
 pub mod persist;
@@ -22,6 +23,8 @@ pub mod receive;
 pub mod sd_notify;
 pub mod state;
 pub mod status;
+pub mod streams;
+pub mod terminal;
 pub mod tls;
 
 use std::path::PathBuf;

@@ -330,15 +330,20 @@ impl Controller {
         std::fs::read_to_string(self.state_dir.join("admin-token")).unwrap_or_default().trim().to_owned()
     }
 
-    /// Runs `thymisctl ARGS` against this controller.
+    /// Runs `thymisctl ARGS` against this controller (stdin empty).
     pub fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_command(args).stdin(Stdio::null()).output().expect("running thymisctl")
+    }
+
+    /// `thymisctl ARGS` against this controller, to be run by the caller.
+    pub fn ctl_command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin("thymisctl"));
         // thymisctl pins the controller's certificate at its first use, as a user's would.
         c.args(args)
             .env("THYMIS_CONTROLLER", self.base_url())
             .env("THYMIS_TOKEN", self.token())
             .env("THYMIS_CONFIG_DIR", self.thymisctl_config_dir());
-        c.output().expect("running thymisctl")
+        c
     }
 
     /// `thymisctl --json ARGS`, parsed; panics with stderr when it fails.
@@ -822,6 +827,15 @@ impl Fleet {
         ip(&["netns", "exec", &netns, "ip", "link", "set", &peer, "up"])?;
         ip(&["netns", "exec", &netns, "ip", "link", "set", "lo", "up"])?;
         Ok((netns, veth))
+    }
+
+    /// Adds `text` to a device's agent configuration (for its next start).
+    pub fn add_agent_config(&self, name: &str, text: &str) -> Result<()> {
+        let file = self.device(name).dir.join("agent.toml");
+        let mut config = std::fs::read_to_string(&file)?;
+        config.push_str(text);
+        std::fs::write(&file, config)?;
+        Ok(())
     }
 
     /// Adds a device bound to `config` and, when `start`, starts its agent.

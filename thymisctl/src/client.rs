@@ -83,6 +83,7 @@ pub struct Client {
     pub(crate) agent: ureq::Agent,
     /// The pin an https:// controller is held to (None: plain, or checked by a CA).
     pin: Option<(Fingerprint, Arc<Pinned>)>,
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl Client {
@@ -113,7 +114,42 @@ impl Client {
         } else {
             (config.into(), None)
         };
-        Ok(Client { base, token: token.trim().to_owned(), agent, pin })
+        Ok(Client { base, token: token.trim().to_owned(), agent, pin, ca_file: cli.ca_file.clone() })
+    }
+
+    /// The TLS configuration for other connections to the controller (the terminal's
+    /// WebSocket): the same pin or CA as the API's. None for plain http://.
+    pub fn tls_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>> {
+        if !self.base.starts_with("https://") {
+            return Ok(None);
+        }
+        let config = match (&self.pin, &self.ca_file) {
+            (Some((_, verifier)), _) => verifier.client_config()?,
+            (None, Some(ca)) => thymis_tls_pin::ca_client_config(ca).map_err(anyhow::Error::msg)?,
+            (None, None) => bail!("no way to check the controller's certificate"),
+        };
+        Ok(Some(Arc::new(config)))
+    }
+
+    /// A GET whose answer is read as it comes, for as long as it lasts (a followed
+    /// journal): the body, or the controller's error.
+    pub fn stream(&self, path: &str) -> Result<impl std::io::BufRead + use<>> {
+        let url = format!("{}/api/v1{path}", self.base);
+        let mut resp = self
+            .agent
+            .get(&url)
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .config()
+            .timeout_global(None)
+            .build()
+            .call()
+            .map_err(|e| self.explain(e))?;
+        if !resp.status().is_success() {
+            let v: Value = resp.body_mut().read_json().with_context(|| format!("GET {path}: reading the answer"))?;
+            bail!("{}", v.get("error").and_then(Value::as_str).unwrap_or(&v.to_string()));
+        }
+        let reader = resp.into_body().into_with_config().limit(u64::MAX).reader();
+        Ok(std::io::BufReader::new(reader))
     }
 
     /// Says what went wrong when the controller's certificate was not the pinned one.

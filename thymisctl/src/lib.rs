@@ -2,6 +2,7 @@
 //! holds exactly one JSON document; progress and logs go to stderr.
 
 pub mod client;
+pub mod console;
 pub mod device;
 pub mod known_controllers;
 
@@ -12,7 +13,7 @@ use std::io::IsTerminal;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
-use thymis_api::{Device, Enrollment, Preview, Task, TaskState};
+use thymis_api::{Device, DeviceResult, Enrollment, Preview, Task, TaskState};
 
 /// Exit status when a deployment or build finished, but not successfully.
 pub const EXIT_UNSUCCESSFUL: u8 = 2;
@@ -39,6 +40,30 @@ pub enum Cmd {
     Device(DeviceCmd),
     /// List devices: configuration, online, the commit and system they run.
     Devices,
+    /// A device's journal, through the controller: the last entries, or those since a
+    /// time; with -f, new ones as they come until interrupted.
+    Logs {
+        device: String,
+        /// Only this unit's entries (repeatable).
+        #[arg(short = 'u', long = "unit")]
+        units: Vec<String>,
+        /// Entries since this time ("2026-12-01 10:00", "-1h", "today").
+        #[arg(long, allow_hyphen_values = true)]
+        since: Option<String>,
+        /// How many past entries (default: 100, or all since --since up to 10,000).
+        #[arg(short = 'n', long)]
+        lines: Option<u32>,
+        /// Keep showing new entries.
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// A terminal on a device, through the controller (its agent must allow it:
+    /// `terminal = true`): a login shell, or COMMAND; exits with its status.
+    Shell {
+        device: String,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// The project repository.
     #[command(subcommand)]
     Project(ProjectCmd),
@@ -153,6 +178,9 @@ pub enum DeviceCmd {
     Reenroll { name: String },
     /// Refuse the device from now on.
     Revoke { name: String },
+    /// A device: configuration, tags, online or last seen, what it runs, its agent, and
+    /// its deployments.
+    Show { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -281,6 +309,15 @@ pub fn run(cli: Cli) -> Result<u8> {
             let v = c.call("GET", "/devices", None)?;
             out(&v, &print_devices);
         }
+        Cmd::Device(DeviceCmd::Show { name }) => {
+            let v = c.call("GET", &format!("/devices/{}", console::encode(name)), None)?;
+            out(&v, &print_device);
+        }
+        Cmd::Logs { device, units, since, lines, follow } => {
+            let q = console::LogsQuery { units, since: since.as_deref(), lines: *lines, follow: *follow };
+            console::logs(&c, device, &q, cli.json)?;
+        }
+        Cmd::Shell { device, command } => return console::shell(&c, device, command),
         Cmd::Project(ProjectCmd::Status) => {
             let v = c.call("GET", "/project/status", None)?;
             out(&v, &|v| {
@@ -530,6 +567,36 @@ fn print_devices(v: &Value) {
     }
 }
 
+fn print_device(v: &Value) {
+    let Some(d) = typed::<thymis_api::DeviceDetail>(v) else { return println!("{v}") };
+    let dev = &d.device;
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let missing = if d.config_exists { "" } else { " (not in the project)" };
+    println!("device        {}", dev.name);
+    println!("configuration {}{missing}", dev.config);
+    println!("tags          {}", if d.tags.is_empty() { "-".into() } else { d.tags.join(", ") });
+    let seen = dev.last_seen.map_or("never".into(), |t| console::utc(t.max(0) as u64));
+    println!("online        {}", if dev.online { "yes".into() } else { format!("no (last seen {seen})") });
+    println!(
+        "enrolled      {}{}",
+        if dev.enrolled { "yes" } else { "no" },
+        if dev.revoked { " (revoked)" } else { "" }
+    );
+    println!("commit        {}", opt(&dev.commit));
+    println!("system        {}", opt(&dev.system));
+    println!("agent         {} ({})", opt(&dev.agent_version), opt(&dev.agent_state));
+    if d.history.is_empty() {
+        return println!("no deployments yet");
+    }
+    println!("\n{:<6} {:<20} {:<12} {:<28} REASON", "TASK", "TIME", "COMMIT", "RESULT");
+    for h in &d.history {
+        let commit: String = h.commit.as_deref().unwrap_or("-").chars().take(12).collect();
+        let result = h.result.map_or_else(|| format!("({})", h.state.as_str()), |r| r.as_str().to_owned());
+        let reason = h.reason.as_deref().or(h.error.as_deref()).unwrap_or("");
+        println!("{:<6} {:<20} {commit:<12} {result:<28} {reason}", h.task, console::utc(h.updated.max(0) as u64));
+    }
+}
+
 fn print_preview(v: &Value) {
     let Some(p) = typed::<Preview>(v) else { return println!("{v}") };
     match &p.commit {
@@ -554,14 +621,12 @@ fn print_task(v: &Value) {
         println!("  rollout: wave {}{soak}", r.wave);
     }
     for c in &t.children {
-        let result = c.result.map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_owned)));
-        let state = serde_json::to_value(c.state).ok().and_then(|v| v.as_str().map(str::to_owned));
         let mut line = format!(
             "  {:<16} {:<9} {:<9} {:<28}",
             c.device,
-            text(state.as_deref()),
+            c.state.as_str(),
             text(c.phase.as_deref()),
-            text(result.flatten().as_deref())
+            text(c.result.map(DeviceResult::as_str))
         );
         if let Some(r) = &c.reason {
             line.push_str(&format!(" reason: {r}"));

@@ -123,6 +123,17 @@ pub enum ChildState {
     Finished,
 }
 
+impl ChildState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChildState::Pending => "pending",
+            ChildState::Queued => "queued",
+            ChildState::Running => "running",
+            ChildState::Finished => "finished",
+        }
+    }
+}
+
 /// A task (`GET /tasks/{id}`, `GET /tasks`, the `task` events).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct Task {
@@ -208,6 +219,49 @@ pub struct Device {
     pub agent_version: Option<String>,
     pub agent_state: Option<String>,
     pub online: bool,
+}
+
+/// A device with what its page shows (`GET /devices/{name}`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct DeviceDetail {
+    #[serde(flatten)]
+    pub device: Device,
+    /// Its configuration's tags in the project's working tree.
+    pub tags: Vec<String>,
+    /// Whether its configuration still exists in the project's working tree.
+    pub config_exists: bool,
+    /// Its deployments, newest first (the last 50).
+    pub history: Vec<DeviceDeployment>,
+}
+
+/// One deployment to a device, as its history shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct DeviceDeployment {
+    pub task: i64,
+    pub deployment_id: String,
+    pub commit: Option<String>,
+    pub message: Option<String>,
+    pub state: ChildState,
+    pub result: Option<DeviceResult>,
+    pub reason: Option<String>,
+    pub error: Option<String>,
+    pub system: Option<String>,
+    /// When the deployment was created, and when this device's part last changed.
+    pub created: i64,
+    pub updated: i64,
+}
+
+/// One event of a journal stream (`GET /devices/{name}/journal`, one JSON object per
+/// line): an entry, entries dropped over a rate or a slow reader, or the end.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JournalEvent {
+    Entry(thymis_proto::stream::JournalEntry),
+    Dropped(u64),
+    End {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 /// A device's enrollment (`POST /devices`, `/devices/{name}/reenroll`).

@@ -11,6 +11,7 @@ pub mod handshake;
 pub mod message;
 pub mod outcome;
 pub mod signed;
+pub mod stream;
 
 pub use message::{
     AgentBound, ControllerBound, CopyWindow, DeltaBase, ProtoError, decode_agent_bound, decode_controller_bound, encode,
@@ -20,7 +21,7 @@ pub use outcome::{AgentState, DeviceResult, Phase, RollbackReason};
 /// Protocol versions this build speaks. A peer whose range does not overlap is refused
 /// with a message that says which side to upgrade.
 pub const PROTOCOL_MIN: u32 = 1;
-pub const PROTOCOL_MAX: u32 = 1;
+pub const PROTOCOL_MAX: u32 = 2;
 
 /// Largest text (JSON) message accepted, in bytes. A query for a closure of tens of
 /// thousands of paths fits.

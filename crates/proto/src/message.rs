@@ -11,6 +11,7 @@ use thymis_store::{PathInfo, StorePath};
 use crate::handshake::Nonce;
 use crate::outcome::{AgentState, DeviceResult, Phase, RollbackReason};
 use crate::signed::Signed;
+use crate::stream::{JournalEntry, JournalQuery};
 use crate::{MAX_HANDSHAKE_MESSAGE, MAX_TEXT_MESSAGE};
 
 /// Messages the controller sends to an agent.
@@ -92,6 +93,36 @@ pub enum AgentBound {
     Error {
         message: String,
     },
+    /// Protocol 2: stream journal entries ([`ControllerBound::JournalEntries`]) until the
+    /// query is done or, with `follow`, until [`AgentBound::StreamClose`].
+    JournalOpen {
+        stream: u32,
+        query: JournalQuery,
+    },
+    /// Protocol 2: a terminal: a PTY running `command`, or a login shell when it is empty.
+    /// Refused unless the agent's configuration enables the terminal.
+    TerminalOpen {
+        stream: u32,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        command: Vec<String>,
+        cols: u16,
+        rows: u16,
+    },
+    /// Keystrokes for a terminal (base64, at most [`crate::stream::MAX_TERMINAL_CHUNK`]
+    /// bytes decoded).
+    TerminalInput {
+        stream: u32,
+        data: String,
+    },
+    TerminalResize {
+        stream: u32,
+        cols: u16,
+        rows: u16,
+    },
+    /// The client left: stop the stream (journalctl or the terminal's processes).
+    StreamClose {
+        stream: u32,
+    },
 }
 
 /// Messages an agent sends to the controller.
@@ -166,6 +197,31 @@ pub enum ControllerBound {
     Error {
         message: String,
     },
+    /// Entries of a journal stream; `dropped` entries before these were over its rate.
+    JournalEntries {
+        stream: u32,
+        entries: Vec<JournalEntry>,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        dropped: u64,
+    },
+    /// A terminal's output (base64).
+    TerminalOutput {
+        stream: u32,
+        data: String,
+    },
+    /// A stream is over: a journal query answered, a terminal's command exited (with
+    /// its status), or an error that says why it could not run or went on.
+    StreamEnd {
+        stream: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_status: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The device's account of itself.

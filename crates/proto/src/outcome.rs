@@ -32,6 +32,22 @@ pub enum DeviceResult {
 }
 
 impl DeviceResult {
+    /// The JSON spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceResult::Succeeded => "succeeded",
+            DeviceResult::SucceededWithFailedUnits => "succeeded-with-failed-units",
+            DeviceResult::RolledBack => "rolled-back",
+            DeviceResult::RollbackFailed => "rollback-failed",
+            DeviceResult::Failed => "failed",
+            DeviceResult::Cancelled => "cancelled",
+            DeviceResult::Superseded => "superseded",
+            DeviceResult::Expired => "expired",
+            DeviceResult::Interrupted => "interrupted",
+            DeviceResult::Unreachable => "unreachable",
+        }
+    }
+
     /// Whether the device ended on the new system.
     pub fn is_success(self) -> bool {
         matches!(self, DeviceResult::Succeeded | DeviceResult::SucceededWithFailedUnits)
@@ -93,6 +109,21 @@ mod tests {
             r#""rebooted-unconfirmed""#
         );
         assert_eq!(serde_json::to_string(&RollbackReason::NoSafeReboot).expect("json"), r#""no-safe-reboot""#);
+        use DeviceResult as R;
+        for r in [
+            R::Succeeded,
+            R::SucceededWithFailedUnits,
+            R::RolledBack,
+            R::RollbackFailed,
+            R::Failed,
+            R::Cancelled,
+            R::Superseded,
+            R::Expired,
+            R::Interrupted,
+            R::Unreachable,
+        ] {
+            assert_eq!(serde_json::to_value(r).expect("json"), r.as_str(), "as_str is the JSON spelling");
+        }
     }
 }
 

@@ -1,0 +1,121 @@
+//! A connection's streams (a device's journal, its terminals): numbered by the
+//! controller, routed from the agent's connection to the one client that opened each.
+//! Nothing here ever waits: what a client is too slow to take is dropped and counted
+//! (the agent's connection must keep reading, or a deployment's acknowledgements would
+//! queue behind a log reader), and what the client sends the device goes through a
+//! small bounded queue the client waits on.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use thymis_proto::AgentBound;
+use thymis_proto::stream::{JournalEntry, MAX_STREAMS, STREAMS_PROTOCOL};
+use tokio::sync::mpsc;
+
+use crate::controller::{Conn, lock};
+
+/// What reaches a stream's client.
+#[derive(Debug)]
+pub enum FromDevice {
+    Entries(Vec<JournalEntry>),
+    Output(Vec<u8>),
+    /// This many entries or output chunks were dropped (over the agent's rate, or the
+    /// client read too slowly).
+    Dropped(u64),
+    End {
+        exit_status: Option<i32>,
+        error: Option<String>,
+    },
+}
+
+/// How many messages a stream's client may fall behind before the controller drops.
+const CLIENT_QUEUE: usize = 256;
+
+#[derive(Debug)]
+struct Open {
+    tx: mpsc::Sender<FromDevice>,
+    /// Dropped since the client last got something.
+    dropped: u64,
+}
+
+/// A connection's open streams.
+#[derive(Debug, Default)]
+pub struct Streams {
+    next: AtomicU32,
+    open: std::sync::Mutex<HashMap<u32, Open>>,
+}
+
+impl Streams {
+    /// Hands what the device sent to the stream's client, without waiting.
+    pub fn route(&self, stream: u32, msg: FromDevice) {
+        let mut open = lock(&self.open);
+        let Some(o) = open.get_mut(&stream) else { return };
+        let end = matches!(msg, FromDevice::End { .. });
+        if o.dropped > 0 && o.tx.try_send(FromDevice::Dropped(o.dropped)).is_ok() {
+            o.dropped = 0;
+        }
+        let n = match &msg {
+            FromDevice::Entries(e) => e.len() as u64,
+            FromDevice::Dropped(n) => *n,
+            _ => 1,
+        };
+        if o.tx.try_send(msg).is_err() && !end {
+            o.dropped += n;
+        }
+        if end {
+            open.remove(&stream);
+        }
+    }
+}
+
+/// A client's end of one stream. Dropping it (the client left) closes the stream on
+/// the device.
+#[derive(Debug)]
+pub struct Stream {
+    conn: Arc<Conn>,
+    pub id: u32,
+    pub rx: mpsc::Receiver<FromDevice>,
+}
+
+impl Stream {
+    /// Opens a stream on `conn` with the message `open(id)` makes.
+    pub fn open(conn: &Arc<Conn>, open: impl FnOnce(u32) -> AgentBound) -> Result<Stream, String> {
+        if conn.protocol < STREAMS_PROTOCOL {
+            return Err(format!(
+                "the agent on {} speaks protocol {}, which has no journal or terminal: upgrade it",
+                conn.device, conn.protocol
+            ));
+        }
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let id = {
+            let mut streams = lock(&conn.streams.open);
+            if streams.len() >= MAX_STREAMS {
+                return Err(format!("{} has {MAX_STREAMS} streams open already; close one", conn.device));
+            }
+            let id = conn.streams.next.fetch_add(1, Ordering::Relaxed);
+            streams.insert(id, Open { tx, dropped: 0 });
+            id
+        };
+        if !conn.send_control(open(id)) {
+            lock(&conn.streams.open).remove(&id);
+            return Err(format!("{} disconnected", conn.device));
+        }
+        Ok(Stream { conn: conn.clone(), id, rx })
+    }
+
+    /// Sends the device a message of this stream, waiting while the connection's stream
+    /// queue is full (terminal input: the client slows down, nothing is lost). False
+    /// when the connection is gone.
+    pub async fn send(&self, m: AgentBound) -> bool {
+        self.conn.stream_out.send(m).await.is_ok()
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if lock(&self.conn.streams.open).remove(&self.id).is_some() {
+            self.conn.send_control(AgentBound::StreamClose { stream: self.id });
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! After a deployment: a device's page (`thymisctl device show`), its journal
+//! (`thymisctl logs`) and a terminal on it (`thymisctl shell`), through the controller,
+//! on a systemd device with its real journald, and what is refused.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use thymis_fleet_tests::{Fleet, FleetOptions, wait_for};
+
+fn text(out: &std::process::Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn a_systemd_devices_history_journal_and_terminal_reach_the_admin() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_systemd_device("s1", "alpha", false).expect("systemd device");
+    f.add_agent_config("s1", "terminal = true\n").expect("config");
+    f.device_mut("s1").start().expect("boot");
+    f.wait_online("s1");
+    f.set_configs(&json!({ "alpha": { "version": "7", "units": ["web.service"] }, "beta": {} })).expect("cfg");
+    let t = f.controller.ctl_json(&["deploy", "--wait", "--device", "s1", "-m", "web up"]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+
+    // The device page: what it runs, and the deployment just made.
+    let d = f.controller.ctl_json(&["device", "show", "s1"]);
+    assert_eq!(d["online"], true);
+    assert_eq!(d["config"], "alpha");
+    assert_eq!(d["history"][0]["task"], t["id"]);
+    assert_eq!(d["history"][0]["result"], "succeeded");
+    assert_eq!(d["history"][0]["commit"], t["commit"]);
+    assert_eq!(d["commit"], t["commit"]);
+    assert!(d["agent_version"].as_str().is_some_and(|v| !v.is_empty()), "{d}");
+    let human = text(&f.controller.ctl(&["device", "show", "s1"])).0;
+    assert!(human.contains("succeeded") && human.contains("web up") || human.contains(&t["id"].to_string()), "{human}");
+
+    // The unit's own lines, from the device's journald.
+    let out = f.controller.ctl(&["logs", "s1", "-u", "web.service", "-n", "50"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("alpha version 7 is up"), "web.service's line not in:\n{stdout}\n{stderr}");
+    assert!(!stdout.contains("thymis-agent"), "-u web.service shows other units' lines:\n{stdout}");
+    let out = f.controller.ctl(&["--json", "logs", "s1", "-u", "web.service", "-n", "50"]);
+    let entries: Vec<serde_json::Value> =
+        text(&out).0.lines().map(|l| serde_json::from_str(l).expect("one JSON entry per line")).collect();
+    assert!(entries.iter().any(|e| e["unit"] == "web.service" && e["time_us"].as_u64().is_some()), "{entries:?}");
+
+    // A follow shows a line written after it started, and ends on the device when the
+    // client leaves.
+    let mut follow = f
+        .controller
+        .ctl_command(&["logs", "s1", "-f", "-n", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("thymisctl logs -f");
+    let lines = BufReader::new(follow.stdout.take().expect("stdout"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let marker = format!("written-after-the-follow-{}", std::process::id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = false;
+    while Instant::now() < deadline && !seen {
+        f.device("s1").exec(&format!("echo {marker} | systemd-cat -t thymis-test"));
+        while let Ok(l) = rx.recv_timeout(Duration::from_secs(1)) {
+            if l.contains(&marker) {
+                seen = true;
+                break;
+            }
+        }
+    }
+    assert!(seen, "the follow never showed the new line\n{}", f.diagnostics());
+    let _ = follow.kill();
+    let _ = follow.wait();
+    wait_for("journalctl to end on the device", Duration::from_secs(30), || {
+        let left = f.device("s1").exec("pgrep -x journalctl || true");
+        left.trim().is_empty().then_some(())
+    });
+
+    // A command in a terminal: its output and its exit status.
+    let out = f.controller.ctl(&["shell", "s1", "--", "systemctl", "is-active", "web.service"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("active"), "{stdout}");
+    let out = f.controller.ctl(&["shell", "s1", "--", "systemctl", "is-active", "no-such.service"]);
+    assert_eq!(out.status.code(), Some(3), "systemctl's status for an inactive unit: {:?}", text(&out));
+    // A login shell reading a script from a pipe.
+    let mut sh =
+        f.controller.ctl_command(&["shell", "s1"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("shell");
+    {
+        use std::io::Write;
+        let mut stdin = sh.stdin.take().expect("stdin");
+        stdin.write_all(b"echo hello-$((40+2)) from $(cat /proc/sys/kernel/hostname)\nexit 7\n").expect("write");
+    }
+    let out = sh.wait_with_output().expect("shell");
+    assert_eq!(out.status.code(), Some(7), "{:?}", text(&out));
+    assert!(text(&out).0.contains("hello-42"), "{:?}", text(&out));
+
+    // Every session is a task saying who, where and how it ended.
+    let tasks = f.controller.ctl_json(&["tasks"]);
+    let terminals: Vec<_> = tasks.as_array().expect("tasks").iter().filter(|t| t["kind"] == "terminal").collect();
+    assert_eq!(terminals.len(), 3, "{tasks}");
+    assert!(terminals.iter().all(|t| t["state"] == "finished"), "{terminals:?}");
+    assert!(
+        terminals
+            .iter()
+            .any(|t| t["result"] == "failed" && t["error"].as_str().is_some_and(|e| e.contains("status 3")))
+    );
+    assert!(terminals[0]["message"].as_str().is_some_and(|m| m.contains("s1") && m.contains("admin token")));
+}
+
+#[test]
+fn journal_and_terminal_are_refused_with_a_reason() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("p1", "alpha", true).expect("device");
+    f.add_device("p2", "alpha", false).expect("device");
+    f.wait_online("p1");
+    let fails = |args: &[&str], says: &str| {
+        let out = f.controller.ctl(args);
+        let (stdout, stderr) = text(&out);
+        assert!(!out.status.success(), "{args:?} succeeded: {stdout}");
+        assert!(stderr.contains(says), "{args:?}: {stderr:?} does not say {says:?}");
+    };
+    fails(&["shell", "p1", "--", "true"], "terminal is disabled on this device");
+    fails(&["logs", "p1"], "no journal");
+    fails(&["logs", "p2"], "p2 is offline");
+    fails(&["shell", "p2"], "p2 is offline");
+    fails(&["logs", "nobody"], "no device \"nobody\"");
+    fails(&["logs", "p1", "-u", "web;reboot"], "not a systemd unit name");
+    fails(&["logs", "p1", "--since", "$(reboot)"], "not a time");
+    fails(&["device", "show", "nobody"], "no device");
+
+    // A browser session needs its CSRF token and this controller's origin.
+    let c = &f.controller;
+    let login = c
+        .curl()
+        .args(["-s", "-i", "-X", "POST", "-H", "content-type: application/json"])
+        .arg("--data")
+        .arg(json!({ "token": c.token() }).to_string())
+        .arg(format!("{}/ui/login", c.base_url()))
+        .output()
+        .expect("curl");
+    let head = String::from_utf8_lossy(&login.stdout).into_owned();
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: ").or_else(|| l.strip_prefix("Set-Cookie: ")))
+        .and_then(|c| c.split(';').next())
+        .expect("session cookie")
+        .to_owned();
+    let status = |extra: &[&str]| {
+        let out = c
+            .curl()
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", &format!("cookie: {cookie}")])
+            .args(extra)
+            .arg(format!("{}/api/v1/devices/p1/journal", c.base_url()))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(status(&[]), "403", "a session's journal request without its CSRF token");
+    assert_eq!(status(&["-H", "x-csrf-token: wrong"]), "403");
+    let csrf = serde_json::from_str::<serde_json::Value>(head.split("\r\n\r\n").nth(1).unwrap_or("{}"))
+        .ok()
+        .and_then(|v| v["csrf"].as_str().map(str::to_owned))
+        .expect("csrf token in the login answer");
+    let with_csrf = format!("x-csrf-token: {csrf}");
+    assert_eq!(status(&["-H", &with_csrf, "-H", "origin: https://evil.example"]), "403");
+    // Past the session's checks, to the device's own answer: p1 has no journald.
+    assert_eq!(status(&["-H", &with_csrf]), "409");
+}
