@@ -18,6 +18,10 @@ use crate::controller::Controller;
 const INDEX: &str = include_str!("ui/index.html");
 const APP_JS: &str = include_str!("ui/app.js");
 const STYLE: &str = include_str!("ui/style.css");
+const DEVICE_JS: &str = include_str!("ui/device.js");
+/// xterm.js, vendored with its licence (docs/ui.md says which version).
+const XTERM_JS: &str = include_str!("ui/vendor/xterm/xterm.js");
+const XTERM_CSS: &str = include_str!("ui/vendor/xterm/xterm.css");
 pub const COOKIE: &str = "thymis_session";
 const SESSION_TTL: i64 = 12 * 3600;
 
@@ -35,6 +39,18 @@ pub async fn app_js() -> Response {
 
 pub async fn style() -> Response {
     asset("text/css; charset=utf-8", STYLE)
+}
+
+pub async fn device_js() -> Response {
+    asset("text/javascript; charset=utf-8", DEVICE_JS)
+}
+
+pub async fn xterm_js() -> Response {
+    asset("text/javascript; charset=utf-8", XTERM_JS)
+}
+
+pub async fn xterm_css() -> Response {
+    asset("text/css; charset=utf-8", XTERM_CSS)
 }
 
 /// The session id from the request's cookies.

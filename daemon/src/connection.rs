@@ -258,7 +258,12 @@ async fn session(agent: &Arc<Agent>, previous: &mut Option<tokio::task::JoinHand
                 seq += 1;
                 let _ = out_tx.send(ControllerBound::Heartbeat { seq });
             }
-            () = agent.outbox_changed.notified() => send_outbox(agent, &out_tx),
+            () = agent.outbox_changed.notified() => {
+                // A deployment ended: what the device runs now and its state (idle) go
+                // with its outcome, so the device page is not left on "awaiting".
+                let _ = out_tx.send(ControllerBound::Report(agent.report()));
+                send_outbox(agent, &out_tx);
+            }
             () = agent.reconnect.notified() => {
                 // Let queued messages (state, outcome) out before closing: the writer
                 // sends what is queued, then closes, once every sender is gone.

@@ -111,3 +111,31 @@ fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
     );
     assert_eq!(f.device_row("b1")["commit"], deployed.as_str(), "b1 was deployed to after the canary failed");
 }
+
+#[test]
+fn the_device_page_shows_its_deployments_its_journal_and_a_working_terminal() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_systemd_device("s1", "alpha", false).expect("systemd device");
+    f.add_agent_config("s1", "terminal = true\n").expect("config");
+    f.device_mut("s1").start().expect("boot");
+    f.wait_online("s1");
+    f.set_configs(&json!({ "alpha": { "version": "5", "units": ["web.service"] }, "beta": {} })).expect("cfg");
+    let t = f.controller.ctl_json(&["deploy", "--wait", "--device", "s1", "-m", "web up"]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    ui(
+        &f,
+        "device",
+        json!({
+            "devices": { "s1": f.controller.project_head() },
+            "device": "s1",
+            "task": t["id"],
+            "result": "succeeded",
+            "unit": "web.service",
+            "journal": "alpha version 5 is up",
+        }),
+    );
+    let tasks = f.controller.ctl_json(&["tasks"]);
+    let terminal = tasks.as_array().expect("tasks").iter().find(|t| t["kind"] == "terminal").expect("a terminal task");
+    assert_eq!(terminal["result"], "failed", "{terminal}");
+    assert!(terminal["message"].as_str().is_some_and(|m| m.contains("web UI session")), "{terminal}");
+}

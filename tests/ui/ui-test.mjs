@@ -15,6 +15,33 @@ function check(cond, what) {
   if (!cond) throw new Error(`UI check failed: ${what}`);
 }
 
+// The device page: its deployments, its journal followed live, and a terminal that
+// answers what is typed into it.
+async function devicePage(page) {
+  await page.click(`tr[data-device="${expect.device}"] [data-testid=device-link]`);
+  await page.waitForURL(new RegExp(`#/devices/${expect.device}$`));
+  await page.waitForFunction(() => document.querySelector("[data-testid=device-facts]")?.textContent.includes("idle"), null, { timeout: 30000 });
+  const row = page.locator(`tr[data-history-task="${expect.task}"] [data-testid=history-result]`);
+  check((await row.innerText()).includes(expect.result), `task ${expect.task} in the history says ${await row.innerText()}`);
+  await page.waitForFunction((t) => document.querySelector("[data-testid=journal]")?.textContent.includes(t), expect.journal, { timeout: 30000 });
+  // Filtered to one unit, then followed: a line written now shows up without a reload.
+  await page.fill("[data-testid=journal-units]", expect.unit);
+  await page.click("[data-testid=journal-show]");
+  await page.waitForFunction((t) => document.querySelector("[data-testid=journal]")?.textContent.includes(t), expect.journal, { timeout: 30000 });
+  const filtered = await page.locator("[data-testid=journal]").innerText();
+  check(!filtered.includes("thymis-agent"), `the unit filter lets other units through: ${filtered}`);
+  await page.screenshot({ path: `${shots}/device-page.png`, fullPage: true });
+
+  await page.click("[data-testid=terminal-open]");
+  await page.waitForFunction(() => document.getElementById("terminal-status")?.textContent === "connected", null, { timeout: 30000 });
+  await page.click("[data-testid=terminal] .xterm");
+  await page.keyboard.type("echo hello-$RANDOM\n");
+  await page.waitForFunction(() => /hello-\d+/.test(document.querySelector("[data-testid=terminal] .xterm-rows")?.textContent || ""), null, { timeout: 30000 });
+  await page.screenshot({ path: `${shots}/device-terminal.png`, fullPage: true });
+  await page.keyboard.type("exit 5\n");
+  await page.waitForFunction(() => document.getElementById("terminal-status")?.textContent === "exited with status 5", null, { timeout: 30000 });
+}
+
 const browser = await chromium.launch({
   executablePath: "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -37,6 +64,12 @@ try {
     check(commit === "" ? shown === "–" : commit.startsWith(shown) && shown.length > 0, `${name} shows commit ${shown}, expected ${commit}`);
   }
   await page.screenshot({ path: `${shots}/${phase}-devices.png`, fullPage: true });
+
+  if (phase === "device") {
+    await devicePage(page);
+    console.log(`ui phase ${phase}: ok`);
+    process.exit(0);
+  }
 
   await page.click("[data-testid=deploy-button]");
   await page.waitForSelector("[data-testid=deploy-modal]");

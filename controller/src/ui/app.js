@@ -1,6 +1,8 @@
 // Thymis web UI: plain modules, no build step. Talks to /api/v1 with the session
 // cookie and the session's CSRF token; live task updates come as server-sent events.
 
+import { deviceView, leaveDevicePage } from "/ui/device.js";
+
 const main = document.getElementById("main");
 const modal = document.getElementById("modal");
 let csrf = null;
@@ -71,7 +73,7 @@ async function devicesView() {
       <thead><tr><th>Name</th><th>Configuration</th><th>Tags</th><th>Status</th><th>Commit</th><th>System</th><th>Last deployment</th><th></th></tr></thead>
       <tbody>${devices.map((d) => `
         <tr data-device="${esc(d.name)}">
-          <td><strong>${esc(d.name)}</strong>${d.revoked ? ' <span class="badge bad">revoked</span>' : ""}</td>
+          <td><a href="#/devices/${encodeURIComponent(d.name)}" data-testid="device-link"><strong>${esc(d.name)}</strong></a>${d.revoked ? ' <span class="badge bad">revoked</span>' : ""}</td>
           <td>${esc(d.config)}</td><td>${tagsOf(d.config)}</td>
           <td>${d.online ? '<span class="badge ok">online</span>' : `<span class="badge">offline</span> <span class="muted">${ago(d.last_seen)}</span>`}</td>
           <td data-testid="device-commit"><code>${short(d.commit)}</code></td>
@@ -293,11 +295,14 @@ async function openDeploy() {
 
 async function route() {
   if (events) { events.close(); events = null; }
+  leaveDevicePage();
   const hash = location.hash || "#/devices";
   document.querySelectorAll("header nav a").forEach((a) => a.classList.toggle("active", hash.startsWith(a.getAttribute("href"))));
   try {
     const m = hash.match(/^#\/tasks\/(\d+)/);
+    const dev = hash.match(/^#\/devices\/(.+)$/);
     if (m) await taskView(m[1]);
+    else if (dev) await deviceView(decodeURIComponent(dev[1]), { api, esc, short, storeName, ago, resultText, main, csrf: () => csrf });
     else if (hash.startsWith("#/tasks")) await tasksView();
     else if (hash.startsWith("#/configs")) await configsView();
     else await devicesView();
