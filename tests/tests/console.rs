@@ -174,3 +174,69 @@ fn journal_and_terminal_are_refused_with_a_reason() {
     // Past the session's checks, to the device's own answer: p1 has no journald.
     assert_eq!(status(&["-H", &with_csrf]), "409");
 }
+
+/// Seconds the device's copy phase took (sampled every 50 ms).
+fn copy_seconds(f: &Fleet, task: i64) -> f64 {
+    let mut started = None;
+    loop {
+        let (_, t) = f.controller.api(&format!("/tasks/{task}"), None);
+        let c = Fleet::child(&t, "s1");
+        match (c["phase"].as_str(), started) {
+            (Some("copy"), None) if c["state"] == "running" => started = Some(Instant::now()),
+            (Some("activate" | "confirm"), Some(s)) => return s.elapsed().as_secs_f64(),
+            _ if !c["result"].is_null() => {
+                assert_eq!(c["result"], "succeeded", "{c}\n{}", f.diagnostics());
+                return started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_copy_goes_as_fast_while_a_chatty_units_journal_is_followed() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_systemd_device("s1", "alpha", true).expect("systemd device");
+    f.wait_online("s1");
+    f.device("s1").shape("8mbit").expect("tc");
+    // Each deployment brings 24 new paths of 256 KiB of incompressible data: about 6 s.
+    let deploy = |payloads: u32| {
+        f.set_configs(&json!({ "alpha": { "version": payloads.to_string(), "payloads": payloads }, "beta": {} }))
+            .expect("cfg");
+        let out = f.controller.ctl(&["--json", "deploy", "--device", "s1", "-m", &format!("{payloads} payloads")]);
+        let t: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let secs = copy_seconds(&f, t["id"].as_i64().expect("id"));
+        let done = f.wait_task(t["id"].as_i64().expect("id"), Duration::from_secs(120));
+        assert_eq!(done["result"], "succeeded", "{done}");
+        secs
+    };
+    let before = deploy(24);
+
+    // About a thousand lines a second, in bursts, followed through the controller.
+    f.device("s1").exec(
+        "systemd-run --unit=chatty bash -c 'exec 3<> <(:); while :; do for j in 0 1 2 3 4 5 6 7 8 9; do \
+         echo chatty line $((i++)); done; read -t 0.01 -u 3; done'",
+    );
+    let mut follow = f
+        .controller
+        .ctl_command(&["logs", "s1", "-u", "chatty.service", "-f", "-n", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("thymisctl logs -f");
+    let lines = BufReader::new(follow.stdout.take().expect("stdout"));
+    let counted = std::thread::spawn(move || lines.lines().map_while(Result::ok).filter(|l| l.contains("chatty line")).count());
+    std::thread::sleep(Duration::from_secs(1));
+    let during = deploy(48);
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let streamed = counted.join().expect("reader");
+    f.device("s1").exec("systemctl stop chatty.service");
+    let after = deploy(72);
+
+    let alone = (before + after) / 2.0;
+    eprintln!("copy alone {before:.2} s and {after:.2} s; with the journal followed {during:.2} s ({streamed} lines)");
+    assert!(streamed > 1_000, "the follow showed {streamed} lines of the chatty unit");
+    assert!(during <= alone * 1.10, "the copy took {during:.2} s with a journal followed, {alone:.2} s without");
+}
