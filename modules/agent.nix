@@ -61,6 +61,15 @@ in
             type = lib.types.ints.positive;
             default = 120;
           };
+          terminal = lib.mkOption {
+            type = lib.types.bool;
+            default = false;
+            description = ''
+              Let the controller's admin open a terminal on this device (`thymisctl shell`,
+              the device page): a root shell. Off unless you want whoever holds the
+              controller's admin token to have root here.
+            '';
+          };
         };
       };
     };

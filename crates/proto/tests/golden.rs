@@ -1,4 +1,4 @@
-//! Golden fixtures: every message of protocol v1 as JSON, checked in both directions,
+//! Golden fixtures: every message of the protocol (v1, and the streams v2 adds) as JSON, checked in both directions,
 //! so that a change to the types that would break an older peer fails here.
 //! Regenerate after an intended change with `THYMIS_BLESS=1 cargo test -p thymis-proto`.
 
@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use thymis_proto::handshake::Nonce;
 use thymis_proto::message::{DeviceReport, Outcome, PendingReport};
 use thymis_proto::signed::Signed;
+use thymis_proto::stream::{JournalEntry, JournalQuery};
 use thymis_proto::{AgentBound, AgentState, ControllerBound, DeviceResult, Phase, RollbackReason};
 use thymis_store::{NarHash, PathInfo, StorePath};
 
@@ -83,6 +84,25 @@ fn agent_bound() -> Vec<(&'static str, AgentBound)> {
         ("outcome_recorded", AgentBound::OutcomeRecorded { deployment_id: id() }),
         ("heartbeat", AgentBound::Heartbeat { seq: 9 }),
         ("error", AgentBound::Error { message: "unknown deployment".into() }),
+        (
+            "journal_open",
+            AgentBound::JournalOpen {
+                stream: 3,
+                query: JournalQuery {
+                    units: vec!["web.service".into()],
+                    since: Some("-1h".into()),
+                    lines: Some(50),
+                    follow: true,
+                },
+            },
+        ),
+        (
+            "terminal_open",
+            AgentBound::TerminalOpen { stream: 4, command: vec!["systemctl".into(), "status".into()], cols: 100, rows: 30 },
+        ),
+        ("terminal_input", AgentBound::TerminalInput { stream: 4, data: "bHMK".into() }),
+        ("terminal_resize", AgentBound::TerminalResize { stream: 4, cols: 120, rows: 40 }),
+        ("stream_close", AgentBound::StreamClose { stream: 3 }),
     ]
 }
 
@@ -182,6 +202,30 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
         ),
         ("heartbeat", ControllerBound::Heartbeat { seq: 9 }),
         ("error", ControllerBound::Error { message: "no such deployment".into() }),
+        (
+            "journal_entries",
+            ControllerBound::JournalEntries {
+                stream: 3,
+                entries: vec![JournalEntry {
+                    time_us: 1_796_245_261_000_000,
+                    unit: Some("web.service".into()),
+                    priority: Some(6),
+                    identifier: Some("web".into()),
+                    message: "listening on :80".into(),
+                }],
+                dropped: 12,
+            },
+        ),
+        ("terminal_output", ControllerBound::TerminalOutput { stream: 4, data: "cm9vdEBraW9zayM=".into() }),
+        ("stream_end", ControllerBound::StreamEnd { stream: 4, exit_status: Some(0), error: None }),
+        (
+            "stream_end_error",
+            ControllerBound::StreamEnd {
+                stream: 5,
+                exit_status: None,
+                error: Some("the terminal is disabled on this device".into()),
+            },
+        ),
     ]
 }
 
