@@ -119,3 +119,64 @@ impl Drop for Stream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(protocol: u32) -> (Arc<Conn>, mpsc::UnboundedReceiver<AgentBound>) {
+        let (control, rx) = mpsc::unbounded_channel();
+        let (data, _) = mpsc::channel(1);
+        let (streams, _) = mpsc::channel(1);
+        (Arc::new(Conn::new("d1".into(), "s".into(), protocol, control, data, streams)), rx)
+    }
+
+    fn entry(n: u64) -> JournalEntry {
+        JournalEntry { time_us: n, unit: None, priority: None, identifier: None, message: format!("line {n}") }
+    }
+
+    #[test]
+    fn a_slow_client_loses_counted_entries_and_never_holds_up_the_connection() {
+        let (conn, mut control) = conn(STREAMS_PROTOCOL);
+        let mut stream =
+            Stream::open(&conn, |stream| AgentBound::JournalOpen { stream, query: Default::default() }).expect("open");
+        assert!(matches!(control.try_recv(), Ok(AgentBound::JournalOpen { .. })));
+        // Routing returns at once, whatever the client reads.
+        for n in 0..(CLIENT_QUEUE as u64 + 10) {
+            conn.streams.route(stream.id, FromDevice::Entries(vec![entry(n)]));
+        }
+        let mut got = 0;
+        while let Ok(FromDevice::Entries(e)) = stream.rx.try_recv() {
+            got += e.len();
+        }
+        assert_eq!(got, CLIENT_QUEUE);
+        conn.streams.route(stream.id, FromDevice::Entries(vec![entry(0)]));
+        assert!(matches!(stream.rx.try_recv(), Ok(FromDevice::Dropped(10))), "the client is told what it lost");
+        assert!(matches!(stream.rx.try_recv(), Ok(FromDevice::Entries(_))));
+
+        // Another device's connection reaches none of this one's streams.
+        let (other, _) = self::conn(STREAMS_PROTOCOL);
+        other.streams.route(stream.id, FromDevice::Output(b"not yours".to_vec()));
+        assert!(stream.rx.try_recv().is_err());
+
+        // The client leaves: the device is told to stop.
+        let id = stream.id;
+        drop(stream);
+        assert!(matches!(control.try_recv(), Ok(AgentBound::StreamClose { stream }) if stream == id));
+    }
+
+    #[test]
+    fn streams_need_protocol_2_and_are_bounded_per_connection() {
+        let (old, _) = conn(1);
+        let err = Stream::open(&old, |stream| AgentBound::StreamClose { stream }).expect_err("protocol 1");
+        assert!(err.contains("protocol 1"), "{err}");
+        let (conn, _control) = conn(STREAMS_PROTOCOL);
+        let open: Vec<_> = (0..MAX_STREAMS)
+            .map(|_| Stream::open(&conn, |stream| AgentBound::StreamClose { stream }).expect("open"))
+            .collect();
+        let err = Stream::open(&conn, |stream| AgentBound::StreamClose { stream }).expect_err("one too many");
+        assert!(err.contains("streams open already"), "{err}");
+        drop(open);
+        assert!(Stream::open(&conn, |stream| AgentBound::StreamClose { stream }).is_ok());
+    }
+}

@@ -69,7 +69,7 @@ async fn journal(stream: u32, query: &JournalQuery, out: &mpsc::Sender<Controlle
     let stdout = child.stdout.take().ok_or("journalctl has no output")?;
     let mut reader = BufReader::with_capacity(64 << 10, stdout);
     let (mut batch, mut dropped) = (Vec::new(), 0u64);
-    let (mut second, mut sent_this_second) = (Instant::now(), 0u32);
+    let mut rate = Rate::new(JOURNAL_ENTRIES_PER_SEC);
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -77,14 +77,10 @@ async fn journal(stream: u32, query: &JournalQuery, out: &mpsc::Sender<Controlle
             break;
         }
         let Some(entry) = std::str::from_utf8(&line).ok().and_then(JournalEntry::from_journal_json) else { continue };
-        if second.elapsed() >= Duration::from_secs(1) {
-            (second, sent_this_second) = (Instant::now(), 0);
-        }
-        if sent_this_second >= JOURNAL_ENTRIES_PER_SEC {
+        if !rate.admit(Instant::now()) {
             dropped += 1;
             continue;
         }
-        sent_this_second += 1;
         batch.push(entry);
         // What journalctl has written so far goes out together; a follow then sends
         // each new entry as it comes.
@@ -109,6 +105,28 @@ async fn journal(stream: u32, query: &JournalQuery, out: &mpsc::Sender<Controlle
         return Err(format!("journalctl failed ({status}): {said}"));
     }
     Ok(())
+}
+
+/// At most `per_sec` admitted in each second (counted from the first admitted in it).
+#[derive(Debug)]
+struct Rate {
+    per_sec: u32,
+    second: Option<Instant>,
+    admitted: u32,
+}
+
+impl Rate {
+    fn new(per_sec: u32) -> Self {
+        Rate { per_sec, second: None, admitted: 0 }
+    }
+
+    fn admit(&mut self, now: Instant) -> bool {
+        if self.second.is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1)) {
+            (self.second, self.admitted) = (Some(now), 0);
+        }
+        self.admitted += 1;
+        self.admitted <= self.per_sec
+    }
 }
 
 /// One line into `line` (without its newline), at most [`MAX_LINE`] bytes of it kept:
@@ -170,6 +188,16 @@ mod tests {
             ]
         );
         assert!(arguments(&JournalQuery::default()).contains(&"--lines=100".to_owned()));
+    }
+
+    #[test]
+    fn a_chatty_unit_gets_its_rate_a_second_and_no_more() {
+        let mut rate = Rate::new(3);
+        let t = Instant::now();
+        let admitted = (0..10).filter(|_| rate.admit(t)).count();
+        assert_eq!(admitted, 3);
+        assert!(!rate.admit(t + Duration::from_millis(999)));
+        assert!(rate.admit(t + Duration::from_secs(1)), "a new second");
     }
 
     #[tokio::test]

@@ -60,7 +60,7 @@ pub fn unix_now() -> u64 {
 /// it takes whatever certificate the controller shows (the harness's own controller;
 /// pinning is what `tests/tests/tls.rs` checks).
 pub async fn ws_connect(
-    url: &str,
+    url: impl tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
 ) -> Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
     let config = thymis_tls_pin::Pinned::new(None, "nothing").client_config()?;
     let connector = tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(config));

@@ -226,7 +226,8 @@ fn a_copy_goes_as_fast_while_a_chatty_units_journal_is_followed() {
         .spawn()
         .expect("thymisctl logs -f");
     let lines = BufReader::new(follow.stdout.take().expect("stdout"));
-    let counted = std::thread::spawn(move || lines.lines().map_while(Result::ok).filter(|l| l.contains("chatty line")).count());
+    let counted =
+        std::thread::spawn(move || lines.lines().map_while(Result::ok).filter(|l| l.contains("chatty line")).count());
     std::thread::sleep(Duration::from_secs(1));
     let during = deploy(48);
     let _ = follow.kill();
@@ -239,4 +240,58 @@ fn a_copy_goes_as_fast_while_a_chatty_units_journal_is_followed() {
     eprintln!("copy alone {before:.2} s and {after:.2} s; with the journal followed {during:.2} s ({streamed} lines)");
     assert!(streamed > 1_000, "the follow showed {streamed} lines of the chatty unit");
     assert!(during <= alone * 1.10, "the copy took {during:.2} s with a journal followed, {alone:.2} s without");
+}
+
+#[test]
+fn a_terminal_follows_window_size_changes_and_closes_when_idle() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("p1", "alpha", false).expect("device");
+    let config = std::fs::read_to_string(f.device("p1").state_dir().with_file_name("agent.toml")).expect("config");
+    assert!(config.contains("# terminal = true"), "the generated configuration does not say how to allow a terminal");
+    f.add_agent_config("p1", "terminal = true\nterminal_idle_timeout = 2\n").expect("config");
+    f.device_mut("p1").start().expect("start");
+    f.wait_online("p1");
+
+    // The size the terminal opened with, then the one the client changes it to.
+    let command = serde_json::to_string(&["sh", "-c", "stty size; read x; stty size"]).expect("json");
+    let url = format!(
+        "{}/api/v1/devices/p1/terminal?cols=80&rows=24&command={}",
+        f.controller.base_url().replacen("https://", "wss://", 1),
+        command.bytes().map(|b| format!("%{b:02X}")).collect::<String>()
+    );
+    let mut request = url.into_client_request().expect("request");
+    request.headers_mut().insert("Authorization", format!("Bearer {}", f.controller.token()).parse().expect("header"));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let (output, last) = rt.block_on(async {
+        let mut ws = thymis_fleet_tests::ws_connect(request).await.expect("terminal socket");
+        let mut output = String::new();
+        let mut resized = false;
+        let last = loop {
+            let msg = tokio::time::timeout(Duration::from_secs(20), ws.next()).await.expect("terminal output");
+            match msg.expect("open").expect("frame") {
+                Message::Binary(b) => output.push_str(&String::from_utf8_lossy(&b)),
+                Message::Text(t) => break t.to_string(),
+                _ => {}
+            }
+            if !resized && output.contains("24 80") {
+                resized = true;
+                ws.send(Message::Text(r#"{"resize":{"cols":120,"rows":40}}"#.into())).await.expect("resize");
+                ws.send(Message::Binary(b"\n".to_vec().into())).await.expect("input");
+            }
+        };
+        (output, last)
+    });
+    assert!(output.contains("24 80") && output.contains("40 120"), "sizes seen: {output:?}");
+    assert_eq!(last, r#"{"exit_status":0}"#);
+
+    // Nothing in or out for the idle timeout: the device closes the session.
+    let started = Instant::now();
+    let out = f.controller.ctl(&["shell", "p1", "--", "sleep", "60"]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success() && stderr.contains("idle for 2 s"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
 }

@@ -98,7 +98,12 @@ fn agent_bound() -> Vec<(&'static str, AgentBound)> {
         ),
         (
             "terminal_open",
-            AgentBound::TerminalOpen { stream: 4, command: vec!["systemctl".into(), "status".into()], cols: 100, rows: 30 },
+            AgentBound::TerminalOpen {
+                stream: 4,
+                command: vec!["systemctl".into(), "status".into()],
+                cols: 100,
+                rows: 30,
+            },
         ),
         ("terminal_input", AgentBound::TerminalInput { stream: 4, data: "bHMK".into() }),
         ("terminal_resize", AgentBound::TerminalResize { stream: 4, cols: 120, rows: 40 }),
@@ -276,6 +281,14 @@ fn unknown_fields_are_ignored_and_unknown_types_refused() {
     let text = r#"{"type":"heartbeat","seq":3,"added_in_a_later_release":true}"#;
     assert_eq!(thymis_proto::decode_agent_bound(text, true).expect("parses"), AgentBound::Heartbeat { seq: 3 });
     assert!(thymis_proto::decode_agent_bound(r#"{"type":"format_disk"}"#, true).is_err());
+    // Streams are the controller's to open: no message of an agent opens one (a device
+    // can never reach another device's journal or terminal).
+    for open in [
+        r#"{"type":"terminal_open","stream":1,"cols":80,"rows":24}"#,
+        r#"{"type":"journal_open","stream":1,"query":{}}"#,
+    ] {
+        assert!(thymis_proto::decode_controller_bound(open, true).is_err(), "{open}");
+    }
 }
 
 #[test]
