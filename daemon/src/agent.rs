@@ -401,7 +401,11 @@ impl Agent {
         let loader = self.loader();
         if reboot && !self.config.allow_unsafe_reboot && Plan::try_once(&loader).is_none() {
             let which = match loader {
-                Loader::Extlinux => format!("extlinux in {}", self.config.boot_dir.display()),
+                Loader::Extlinux => format!(
+                    "extlinux in {}, without the Thymis U-Boot boot script in {}",
+                    self.config.boot_dir.display(),
+                    self.config.firmware_dir.display()
+                ),
                 _ => format!(
                     "none that the agent knows: no systemd-boot in {}, no grub/grub.cfg or extlinux/extlinux.conf in {}",
                     self.config.efivars_dir.display(),
@@ -696,7 +700,7 @@ impl Agent {
     }
 
     fn loader(&self) -> Loader {
-        bootloader::detect(&self.config.boot_dir, &self.config.efivars_dir)
+        bootloader::detect(&self.config.boot_dir, &self.config.efivars_dir, &self.config.firmware_dir)
     }
 
     /// Performs a plan's steps in order (docs/agent.md, "Boot loaders").
@@ -765,6 +769,20 @@ impl Agent {
             (Step::ClearTryOnce, Loader::Grub(grub)) => {
                 let set = grub.env().map_err(|e| format!("{e:#}"))?.iter().any(|(k, _)| k == "next_entry");
                 if set { grub.set_env("next_entry", None).map_err(|e| format!("{e:#}")) } else { Ok(()) }
+            }
+            (Step::TryNewOnce, Loader::UBoot(uboot)) => {
+                let e = |e: anyhow::Error| format!("{e:#}");
+                if uboot.update_script().map_err(e)? {
+                    self.log_line(id, "updated the U-Boot boot script".into());
+                }
+                let label = uboot.label_of(Path::new(&p.offer.system.to_absolute())).map_err(e)?;
+                uboot.set_state(&thymis_uboot::TryState::try_once(&label)).map_err(e)
+            }
+            (Step::ClearTryOnce, Loader::UBoot(uboot)) => {
+                if uboot.state() == thymis_uboot::TryState::default() {
+                    return Ok(());
+                }
+                uboot.set_state(&thymis_uboot::TryState::default()).map_err(|e| format!("{e:#}"))
             }
             // Steps of another loader's plan (the loader changed under the agent): nothing to do.
             (Step::PinPrevious | Step::Unpin | Step::TryNewOnce | Step::ClearTryOnce, _) => Ok(()),

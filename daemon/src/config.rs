@@ -46,6 +46,9 @@ pub struct AgentConfig {
     /// Where the firmware's variables are (efivarfs); systemd-boot is recognised by
     /// its `LoaderInfo` variable there.
     pub efivars_dir: PathBuf,
+    /// Where a U-Boot board's FAT partition is mounted (its boot script and boot-once
+    /// state; NixOS's SD images mount it at `/boot/firmware`).
+    pub firmware_dir: PathBuf,
     /// Reboot into a new generation even where the boot loader can only make it the
     /// default (extlinux, or no loader the agent knows): a system that does not come
     /// up then has no way back.
@@ -79,6 +82,7 @@ impl Default for AgentConfig {
             reboot_command: vec!["systemctl".into(), "reboot".into()],
             boot_dir: PathBuf::from("/boot"),
             efivars_dir: PathBuf::from("/sys/firmware/efi/efivars"),
+            firmware_dir: PathBuf::from("/boot/firmware"),
             allow_unsafe_reboot: false,
             terminal: false,
             terminal_idle_timeout: 900,

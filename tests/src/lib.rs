@@ -890,9 +890,10 @@ impl Fleet {
             config_text
                 .push_str("reboot_command = [\"sh\", \"-c\", \"echo a process device does not reboot >&2; exit 1\"]\n");
             config_text.push_str(&format!(
-                "boot_dir = {:?}\nefivars_dir = {:?}\n",
+                "boot_dir = {:?}\nefivars_dir = {:?}\nfirmware_dir = {:?}\n",
                 dir.join("boot").display().to_string(),
-                dir.join("efivars").display().to_string()
+                dir.join("efivars").display().to_string(),
+                dir.join("firmware").display().to_string()
             ));
         }
         if kind == Kind::Systemd {

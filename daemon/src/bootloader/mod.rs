@@ -10,6 +10,7 @@
 
 pub mod efivars;
 pub mod grub;
+pub mod uboot;
 
 use std::path::Path;
 
@@ -17,6 +18,7 @@ use thymis_store::StorePath;
 
 pub use efivars::EfiVars;
 pub use grub::Grub;
+pub use uboot::UBoot;
 
 /// The loader this device boots with, as far as reboot deployments care.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +29,9 @@ pub enum Loader {
     SystemdBoot(EfiVars),
     /// GRUB as NixOS installs it: grubenv's `next_entry` boots once.
     Grub(Grub),
+    /// U-Boot with this project's boot script on the board's FAT partition: its state
+    /// file names an extlinux.conf label to try once (`thymis_uboot`).
+    UBoot(UBoot),
     /// extlinux (NixOS's generic-extlinux-compatible, on ARM boards): only a default,
     /// no one-shot and no fallback.
     Extlinux,
@@ -39,6 +44,7 @@ impl Loader {
         match self {
             Loader::SystemdBoot(_) => "systemd-boot",
             Loader::Grub(_) => "GRUB",
+            Loader::UBoot(_) => "U-Boot",
             Loader::Extlinux => "extlinux",
             Loader::Unknown => "unknown",
         }
@@ -89,7 +95,9 @@ impl Plan {
             }
             // The previous system's `boot` writes the menu with the new generation in
             // it and itself as the default.
-            Loader::Grub(_) => Some(Plan(vec![SetProfile(Which::New), InstallBoot(Which::Previous), TryNewOnce])),
+            Loader::Grub(_) | Loader::UBoot(_) => {
+                Some(Plan(vec![SetProfile(Which::New), InstallBoot(Which::Previous), TryNewOnce]))
+            }
             Loader::Extlinux | Loader::Unknown => None,
         }
     }
@@ -106,7 +114,9 @@ impl Plan {
             // Unpinned first: loader.conf's default is the new system after a reboot
             // deployment's preparation, or the previous one otherwise, both confirmed.
             Loader::SystemdBoot(_) => Plan(vec![SetProfile(Which::New), Unpin, InstallBoot(Which::New), ClearTryOnce]),
-            Loader::Grub(_) => Plan(vec![SetProfile(Which::New), InstallBoot(Which::New), ClearTryOnce]),
+            Loader::Grub(_) | Loader::UBoot(_) => {
+                Plan(vec![SetProfile(Which::New), InstallBoot(Which::New), ClearTryOnce])
+            }
             Loader::Extlinux | Loader::Unknown => Plan(vec![SetProfile(Which::New), InstallBoot(Which::New)]),
         }
     }
@@ -119,15 +129,16 @@ impl Plan {
         let back = [SetProfile(Which::Previous), DeleteFailed, InstallBoot(Which::Previous)];
         Plan(match loader {
             Loader::SystemdBoot(_) => [&[ClearTryOnce][..], &back, &[Unpin]].concat(),
-            Loader::Grub(_) => [&[ClearTryOnce][..], &back].concat(),
+            Loader::Grub(_) | Loader::UBoot(_) => [&[ClearTryOnce][..], &back].concat(),
             Loader::Extlinux | Loader::Unknown => back.to_vec(),
         })
     }
 }
 
 /// Reads which loader boots this device: systemd-boot from its EFI variable, GRUB and
-/// extlinux from their configuration files under `boot_dir`.
-pub fn detect(boot_dir: &Path, efivars_dir: &Path) -> Loader {
+/// extlinux from their configuration files under `boot_dir`, U-Boot from this project's
+/// boot script in `firmware_dir` beside an extlinux.conf.
+pub fn detect(boot_dir: &Path, efivars_dir: &Path, firmware_dir: &Path) -> Loader {
     let vars = EfiVars { dir: efivars_dir.to_owned() };
     if vars.get("LoaderInfo").is_some_and(|info| info.starts_with("systemd-boot")) {
         return Loader::SystemdBoot(vars);
@@ -135,6 +146,9 @@ pub fn detect(boot_dir: &Path, efivars_dir: &Path) -> Loader {
     let grub = Grub { dir: boot_dir.join("grub") };
     if grub.config().exists() {
         return Loader::Grub(grub);
+    }
+    if let Some(u) = UBoot::detect(firmware_dir, boot_dir) {
+        return Loader::UBoot(u);
     }
     if boot_dir.join("extlinux/extlinux.conf").exists() {
         return Loader::Extlinux;

@@ -2,7 +2,7 @@
 //! loss after any prefix of a plan boots a confirmed system (or the new one exactly
 //! once, then a confirmed one), and each plan ends in the state it promises.
 
-use super::{EfiVars, Grub, Loader, Plan, Step, Which};
+use super::{EfiVars, Grub, Loader, Plan, Step, UBoot, Which};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sys {
@@ -84,6 +84,8 @@ fn loaders() -> Vec<Loader> {
     vec![
         Loader::SystemdBoot(EfiVars { dir: "/sys/firmware/efi/efivars".into() }),
         Loader::Grub(Grub { dir: "/boot/grub".into() }),
+        // The boot script counts the attempt before it boots the try: once, like GRUB's.
+        Loader::UBoot(UBoot { firmware: "/boot/firmware".into(), extlinux: "/boot/extlinux/extlinux.conf".into() }),
     ]
 }
 
