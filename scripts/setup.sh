@@ -6,7 +6,8 @@ set -euo pipefail
 
 packages=(nix-bin busybox-static dosfstools mtools fdisk e2fsprogs zstd bmap-tools
   iproute2 nftables socat dbus dbus-bin systemd-container git curl openssl make chromium jq
-  qemu-system-x86 ovmf systemd-boot-efi grub-efi-amd64-bin grub-common linux-image-amd64)
+  qemu-system-x86 ovmf systemd-boot-efi grub-efi-amd64-bin grub-common linux-image-amd64
+  qemu-system-arm u-boot-qemu u-boot-tools)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -46,6 +47,26 @@ fi
 here=$(cd "$(dirname "$0")/.." && pwd)
 if [ ! -d "$here/tests/ui/node_modules/playwright-core" ]; then
   (cd "$here/tests/ui" && npm ci --no-audit --no-fund --silent)
+fi
+
+# For the ARM board tests: Debian's arm64 cloud kernel and static busybox, unpacked
+# (not installed) into a cache that outlives clones of the repository.
+inputs="${THYMIS_TEST_INPUTS:-/var/cache/thymis-test-inputs}/arm64"
+if [ ! -e "$inputs/.complete" ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+    $sudo dpkg --add-architecture arm64
+    $sudo apt-get update -qq
+  fi
+  kernel=$(apt-cache depends linux-image-cloud-arm64:arm64 | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+  [ -n "$kernel" ] || { echo "setup: no arm64 cloud kernel package found" >&2; exit 1; }
+  echo "setup: fetching $kernel and busybox-static:arm64 into $inputs" >&2
+  $sudo mkdir -p "$inputs"
+  debs=$(mktemp -d)
+  (cd "$debs" && apt-get download -qq "$kernel" busybox-static:arm64 2>/dev/null)
+  for deb in "$debs"/*.deb; do $sudo dpkg-deb -x "$deb" "$inputs"; done
+  rm -rf "$debs"
+  $sudo touch "$inputs/.complete"
 fi
 
 # The Rust toolchain's components that the checks use.

@@ -62,6 +62,10 @@ pub struct Options {
     /// Recorded in the manifest (a closure from the controller brings its own).
     pub commit: Option<String>,
     pub config: Option<String>,
+    /// A U-Boot board's layout instead of the x86-64 UEFI one (`crate::board`).
+    pub board: Option<&'static crate::board::Board>,
+    /// The board's firmware files (default: the system's `firmware/`).
+    pub firmware: Option<PathBuf>,
 }
 
 /// The closure to stage: its system, its paths (dependencies first), and the NARs of
@@ -148,28 +152,46 @@ pub fn build(o: &Options) -> Result<ImageManifest> {
     let staging = Staging::new(&o.out)?;
     let root = staging.path().join("root");
     step(&format!("staging {} store paths", infos.len()));
-    stage_root(&root, &system, &infos, &mut nars, o, commit.as_deref(), config.as_deref())?;
+    let board_entry = stage_root(&root, &system, &infos, &mut nars, o, commit.as_deref(), config.as_deref())?;
     drop(scratch);
 
     let store_bytes: u64 = infos.iter().map(|i| i.nar_size).sum();
-    let esp = esp_size(&root, &system)?;
+    // Before the root: the ESP (UEFI), or the board's gap and FAT partition.
+    let (before_root, after_root) = match o.board {
+        Some(b) => (b.root_offset(), 0),
+        None => (MIB + esp_size(&root, &system)?, MIB),
+    };
     let root_size = match o.size {
-        Some(total) => total.checked_sub(esp + 2 * MIB).filter(|s| *s >= 32 * MIB).with_context(|| {
-            format!("--size {total} leaves no room for the root file system beside a {} MiB ESP", esp / MIB)
+        Some(total) => total.checked_sub(before_root + after_root).filter(|s| *s >= 32 * MIB).with_context(|| {
+            format!(
+                "--size {total} leaves no room for the root file system beside {} MiB of boot partitions",
+                before_root / MIB
+            )
         })?,
         None => (store_bytes + store_bytes / 3 + 128 * MIB).div_ceil(MIB) * MIB,
     };
     // The file systems are made in place, inside the partitions of the (sparse) image.
-    let total = MIB + esp + root_size + MIB;
+    let total = before_root + root_size + after_root;
     let raw = staging.path().join("image.raw");
     step("writing the partition table");
     File::create(&raw)?.set_len(total)?;
-    partition(&raw, &system, esp, root_size)?;
+    match o.board {
+        Some(b) => b.partition(&raw, &uuid(&system, "disk")[..8], root_size)?,
+        None => partition(&raw, &system, before_root - MIB, root_size)?,
+    }
     step(&format!("making the root file system ({} MiB)", root_size / MIB));
-    make_rootfs(&raw, MIB + esp, &root, root_size, &system, staging.mounted)?;
+    let label = if o.board.is_some() { "NIXOS_SD" } else { "nixos" };
+    make_rootfs(&raw, before_root, &root, root_size, &system, label, staging.mounted)?;
     // Only after the root file system took the staged tree's times: reading the kernel
     // and initrd for the ESP may touch their access times.
-    let boot_entry = make_esp(&raw, esp, &system, &infos, &root)?;
+    let boot_entry = match o.board {
+        Some(b) => {
+            step(&format!("making the {} firmware partition", b.name));
+            b.make_firmware(&raw, o.firmware.as_deref(), &root.join("nix/store").join(system.base_name()))?;
+            board_entry
+        }
+        None => make_esp(&raw, before_root - MIB, &system, &infos, &root)?,
+    };
 
     let zst_name = format!("{}.img.zst", o.name);
     let zst = o.out.join(&zst_name);
@@ -185,6 +207,7 @@ pub fn build(o: &Options) -> Result<ImageManifest> {
         configuration: config,
         boots: boot_entry.is_some(),
         boot_entry,
+        board: o.board.map(|b| b.name.to_owned()),
         image_size: total,
         image_sha256,
         compressed_size: fs::metadata(&zst)?.len(),
@@ -197,7 +220,8 @@ pub fn build(o: &Options) -> Result<ImageManifest> {
 }
 
 /// The root file system's tree: the closure (via NAR, in NAR order), its registration,
-/// the system profile, and the agent's files.
+/// the system profile, the agent's files, and for a board its `/boot` (whose default
+/// entry it returns).
 fn stage_root(
     root: &Path,
     system: &StorePath,
@@ -206,7 +230,7 @@ fn stage_root(
     o: &Options,
     commit: Option<&str>,
     config: Option<&str>,
-) -> Result<()> {
+) -> Result<Option<String>> {
     let store = root.join("nix/store");
     fs::create_dir_all(&store)?;
     let bar = crate::progress::bytes("staging", infos.iter().map(|i| i.nar_size).sum());
@@ -277,7 +301,12 @@ fn stage_root(
     fs::set_permissions(&agent_dir, fs::Permissions::from_mode(0o700))?;
     let info = serde_json::json!({ "system": system.to_string(), "commit": commit, "configuration": config });
     fs::write(agent_dir.join("image.json"), serde_json::to_vec_pretty(&info)?)?;
-    canonicalize(root, &store)
+    let entry = match o.board {
+        Some(_) => Some(crate::board::stage_boot(root, system)?),
+        None => None,
+    };
+    canonicalize(root, &store)?;
+    Ok(entry)
 }
 
 fn secret_copy(src: &Path, dest: &Path) -> Result<()> {
@@ -427,12 +456,13 @@ fn make_rootfs(
     tree: &Path,
     size: u64,
     system: &StorePath,
+    label: &str,
     private_tmpfs: bool,
 ) -> Result<()> {
     let id = uuid(system, "rootfs");
     let seed = uuid(system, "hash-seed");
     run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "nixos", "-U", &id, "-I", "256", "-T", "default"])
+        .args(["-q", "-F", "-L", label, "-U", &id, "-I", "256", "-T", "default"])
         .arg("-E")
         .arg(format!(
             "offset={root_offset},root_owner=0:0,hash_seed={seed},lazy_itable_init=0,lazy_journal_init=0,nodiscard"
@@ -520,6 +550,11 @@ fn partition(raw: &Path, system: &StorePath, esp: u64, root_size: u64) -> Result
         sectors(root_size),
         uuid(system, "root"),
     );
+    sfdisk(raw, &script)
+}
+
+/// Writes a partition table from an sfdisk script.
+pub(crate) fn sfdisk(raw: &Path, script: &str) -> Result<()> {
     let mut child = Command::new("sfdisk")
         .args(["--quiet", "--no-reread", "--no-tell-kernel"])
         .arg(raw)

@@ -4,6 +4,7 @@
 //! bundles. See `docs/imager.md`.
 
 pub mod bmap;
+pub mod board;
 pub mod build;
 pub mod closure;
 pub mod flash;
@@ -57,9 +58,18 @@ pub enum Cmd {
         /// controller's project to build (through its API: --controller, --token).
         #[arg(long)]
         config: Option<String>,
+        /// An image for this U-Boot board (aarch64; see `thymis-imager boards`) instead
+        /// of an x86-64 UEFI one.
+        #[arg(long)]
+        board: Option<String>,
+        /// The board's firmware files (default: the system's firmware/ directory).
+        #[arg(long, requires = "board")]
+        firmware: Option<PathBuf>,
         #[command(flatten)]
         connection: thymisctl::Connection,
     },
+    /// List the boards `build --board` knows.
+    Boards,
     /// Check an image set against its manifest and checksums.
     Verify { dir: PathBuf },
     /// Write an image to a block device or file: mapped ranges only, each checked, then read back.
@@ -95,8 +105,27 @@ pub enum Cmd {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::Build { system, out, name, size, agent_config, device_key, closure_info, commit, config, connection } => {
+        Cmd::Boards => {
+            for b in board::BOARDS {
+                println!("{:<16} {}", b.name, b.description);
+            }
+        }
+        Cmd::Build {
+            system,
+            out,
+            name,
+            size,
+            agent_config,
+            device_key,
+            closure_info,
+            commit,
+            config,
+            board,
+            firmware,
+            connection,
+        } => {
             let size = size.map(|s| tools::parse_size(&s)).transpose()?;
+            let board = board.map(|b| board::by_name(&b)).transpose()?;
             let source = match (system, closure_info, &config) {
                 (Some(system), None, _) => build::Source::Store(system),
                 (Some(system), Some(dir), _) => build::Source::ClosureInfo(system, dir),
@@ -106,8 +135,18 @@ pub fn run(cli: Cli) -> Result<()> {
                 (None, Some(_), _) => anyhow::bail!("--closure-info needs --system"),
                 (None, None, None) => anyhow::bail!("give --system, or --config to build through the controller"),
             };
-            let m =
-                build::build(&build::Options { source, out, name, size, agent_config, device_key, commit, config })?;
+            let m = build::build(&build::Options {
+                source,
+                out,
+                name,
+                size,
+                agent_config,
+                device_key,
+                commit,
+                config,
+                board,
+                firmware,
+            })?;
             println!("{}", serde_json::to_string_pretty(&m)?);
         }
         Cmd::Verify { dir } => {

@@ -20,6 +20,9 @@ pub struct ImageManifest {
     /// Whether the image has a boot entry (the closure has a kernel and an initrd).
     pub boots: bool,
     pub boot_entry: Option<String>,
+    /// The U-Boot board whose layout the image has (none: x86-64 UEFI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub board: Option<String>,
     pub image_size: u64,
     pub image_sha256: String,
     pub compressed_size: u64,

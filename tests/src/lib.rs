@@ -765,7 +765,7 @@ impl Fleet {
     fn install_test_project(&self) -> Result<()> {
         let project = self.controller.project_dir();
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/project");
-        for f in ["flake.nix", "fake-system.nix", "boot.nix", "configs.json", "thymis.toml"] {
+        for f in ["flake.nix", "fake-system.nix", "boot.nix", "arm.nix", "configs.json", "thymis.toml"] {
             std::fs::copy(fixtures.join(f), project.join(f))?;
         }
         let out = self.controller.ctl(&["project", "commit", "-m", "fleet test project"]);

@@ -200,6 +200,57 @@ pub fn label_of(extlinux_conf: &str, system: &str) -> Option<String> {
     None
 }
 
+/// One system's boot files, as extlinux.conf names them (relative to its directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtlinuxEntry {
+    /// The system (`APPEND init=SYSTEM/init`).
+    pub system: String,
+    pub kernel: String,
+    pub initrd: String,
+    pub params: String,
+    pub fdtdir: Option<String>,
+}
+
+/// The name NixOS's extlinux builder gives a boot file in `/boot/nixos`: its store path
+/// without `/nix/store/`, slashes as dashes (`HASH-linux-6.1-Image`).
+pub fn boot_file_name(store_file: &str) -> String {
+    store_file.trim_start_matches("/nix/store/").replace('/', "-")
+}
+
+/// extlinux.conf as NixOS's generic-extlinux-compatible builder writes it: `DEFAULT
+/// nixos-default` booting `default`, then one `nixos-N-default` entry per generation,
+/// newest first.
+pub fn extlinux_conf(default: &ExtlinuxEntry, generations: &[(u64, ExtlinuxEntry)], timeout_tenths: u32) -> String {
+    let entry = |label: &str, menu: &str, e: &ExtlinuxEntry| {
+        let mut s = format!(
+            "LABEL {label}\n  MENU LABEL {menu}\n  LINUX ../nixos/{}\n  INITRD ../nixos/{}\n  APPEND init={}/init {}\n",
+            e.kernel,
+            e.initrd,
+            e.system,
+            e.params.trim()
+        );
+        if let Some(f) = &e.fdtdir {
+            s.push_str(&format!("  FDTDIR ../nixos/{f}\n"));
+        }
+        s.push('\n');
+        s
+    };
+    let mut out = format!(
+        "# Generated file, all changes will be lost on nixos-rebuild!\n\n\
+         # Change this to e.g. nixos-42 to temporarily boot to an older configuration.\n\
+         DEFAULT nixos-default\n\n\
+         MENU TITLE ------------------------------------------------------------\n\
+         TIMEOUT {timeout_tenths}\n\n"
+    );
+    out.push_str(&entry("nixos-default", "NixOS - Default", default));
+    let mut gens: Vec<_> = generations.iter().collect();
+    gens.sort_by(|a, b| b.0.cmp(&a.0));
+    for (g, e) in gens {
+        out.push_str(&entry(&format!("nixos-{g}-default"), &format!("NixOS - Configuration {g}-default"), e));
+    }
+    out
+}
+
 /// The label extlinux.conf boots by default.
 pub fn default_label(extlinux_conf: &str) -> Option<String> {
     extlinux_conf.lines().find_map(|l| l.trim().strip_prefix("DEFAULT ").map(|d| d.trim().to_owned()))
@@ -279,6 +330,23 @@ LABEL nixos-1-default
   INITRD ../nixos/k-initrd
   APPEND init=/nix/store/aaaa-old/init loglevel=4
 ";
+
+    #[test]
+    fn a_written_extlinux_conf_reads_back() {
+        let e = |s: &str| ExtlinuxEntry {
+            system: format!("/nix/store/{s}"),
+            kernel: boot_file_name("/nix/store/kkkk-linux/Image"),
+            initrd: "iiii-initrd-initrd".into(),
+            params: "console=ttyAMA0".into(),
+            fdtdir: None,
+        };
+        let conf = extlinux_conf(&e("bbbb-new"), &[(1, e("aaaa-old")), (2, e("bbbb-new"))], 10);
+        assert!(conf.contains("LINUX ../nixos/kkkk-linux-Image\n"));
+        assert_eq!(default_label(&conf).as_deref(), Some("nixos-default"));
+        assert_eq!(label_of(&conf, "/nix/store/bbbb-new").as_deref(), Some("nixos-2-default"));
+        assert_eq!(label_of(&conf, "/nix/store/aaaa-old").as_deref(), Some("nixos-1-default"));
+        assert!(conf.find("nixos-2-default") < conf.find("nixos-1-default"), "newest first");
+    }
 
     #[test]
     fn labels_are_found_by_the_system_they_boot_besides_the_default() {
