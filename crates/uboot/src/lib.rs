@@ -244,7 +244,7 @@ pub fn extlinux_conf(default: &ExtlinuxEntry, generations: &[(u64, ExtlinuxEntry
     );
     out.push_str(&entry("nixos-default", "NixOS - Default", default));
     let mut gens: Vec<_> = generations.iter().collect();
-    gens.sort_by(|a, b| b.0.cmp(&a.0));
+    gens.sort_by_key(|g| std::cmp::Reverse(g.0));
     for (g, e) in gens {
         out.push_str(&entry(&format!("nixos-{g}-default"), &format!("NixOS - Configuration {g}-default"), e));
     }
