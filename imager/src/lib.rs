@@ -26,6 +26,8 @@ pub struct Cli {
     pub command: Cmd,
 }
 
+// Parsed once per run: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Build a compressed full disk image of a system closure.
