@@ -92,3 +92,78 @@ fn a_board_tries_a_new_generation_once_comes_back_from_a_panic_and_keeps_a_confi
         assert_eq!(booted_system(&console).as_deref(), Some(third.as_str()), "{console}");
     }
 }
+
+/// Runs a command; its stdout, or a panic with its stderr.
+fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_raspberry_pi_4_image_has_the_sd_image_layout_and_is_reproducible() {
+    let f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.set_configs(&json!({ "alpha": { "arm": {} }, "beta": {} })).expect("cfg");
+    f.controller.ctl(&["project", "commit", "-m", "an arm board"]);
+    let system = f.controller.ctl_json(&["build", "alpha", "--wait"])["system"].as_str().expect("system").to_owned();
+    // Stand-ins for the Raspberry Pi firmware's files (not bootable here: the layout is what is checked).
+    let firmware = f.tmp.path().join("rpi-firmware");
+    std::fs::create_dir_all(&firmware).expect("mkdir");
+    let imager = |out: &str, firmware: Option<&std::path::Path>| {
+        let mut c = std::process::Command::new(bin("thymis-imager"));
+        c.args(["build", "--board", "raspberry-pi-4", "--size", "256M", "--name", "pi", "--system", &system]);
+        c.arg("--out").arg(f.tmp.path().join(out));
+        if let Some(dir) = firmware {
+            c.arg("--firmware").arg(dir);
+        }
+        c.env("SOURCE_DATE_EPOCH", "1").output().expect("imager")
+    };
+    let out = imager("missing", Some(&firmware));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("start4.elf"), "the missing firmware is not named");
+    for name in ["start4.elf", "fixup4.dat", "bcm2711-rpi-4-b.dtb", "armstub8-gic.bin", "u-boot-rpi4.bin"] {
+        std::fs::write(firmware.join(name), format!("stand-in for {name}\n")).expect("write");
+    }
+    assert!(imager("a", Some(&firmware)).status.success());
+    assert!(imager("b", Some(&firmware)).status.success());
+    let manifest = |dir: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(f.tmp.path().join(dir).join("manifest.json")).expect("manifest")).expect("json")
+    };
+    let (a, b) = (manifest("a"), manifest("b"));
+    assert_eq!(a["image_sha256"], b["image_sha256"], "two builds differ");
+    assert_eq!(a["board"], "raspberry-pi-4");
+    run(std::process::Command::new(bin("thymis-imager")).arg("verify").arg(f.tmp.path().join("a")));
+
+    let raw = f.tmp.path().join("pi.img");
+    run(std::process::Command::new("zstd").arg("-dqf").arg(f.tmp.path().join("a/pi.img.zst")).arg("-o").arg(&raw));
+    let table: serde_json::Value =
+        serde_json::from_str(&run(std::process::Command::new("sfdisk").arg("-J").arg(&raw))).expect("sfdisk");
+    let parts = &table["partitiontable"]["partitions"];
+    assert_eq!(table["partitiontable"]["label"], "dos");
+    assert_eq!((parts[0]["start"].as_u64(), parts[0]["type"].as_str(), parts[0]["bootable"].as_bool()), (Some(16384), Some("c"), Some(true)));
+    assert_eq!(parts[1]["type"], "83");
+    run(std::process::Command::new("sfdisk").arg("--verify").arg(&raw));
+    let part = |i: usize, name: &str| {
+        let p = f.tmp.path().join(name);
+        let (start, size) = (parts[i]["start"].as_u64().expect("start"), parts[i]["size"].as_u64().expect("size"));
+        run(std::process::Command::new("dd")
+            .arg(format!("if={}", raw.display()))
+            .arg(format!("of={}", p.display()))
+            .args(["bs=512", &format!("skip={start}"), &format!("count={size}"), "status=none"]));
+        p
+    };
+    let fat = part(0, "firmware.img");
+    run(std::process::Command::new("fsck.vfat").arg("-n").arg(&fat));
+    let listing = run(std::process::Command::new("mdir").args(["-b", "-i"]).arg(&fat).arg("::/"));
+    for name in ["boot.scr", "config.txt", "start4.elf", "u-boot-rpi4.bin", "bcm2711-rpi-4-b.dtb", "thymis"] {
+        assert!(listing.contains(name), "{name} not on the FAT partition:\n{listing}");
+    }
+    let config = run(std::process::Command::new("mtype").arg("-i").arg(&fat).arg("::/config.txt"));
+    assert!(config.contains("kernel=u-boot-rpi4.bin") && config.contains("arm_64bit=1"), "{config}");
+    let root = part(1, "root.img");
+    run(std::process::Command::new("e2fsck").arg("-fn").arg(&root));
+    let conf = run(std::process::Command::new("debugfs").arg("-R").arg("cat /boot/extlinux/extlinux.conf").arg(&root));
+    assert!(conf.contains("DEFAULT nixos-default") && conf.contains(&format!("init={system}/init")), "{conf}");
+    let label = run(std::process::Command::new("e2label").arg(&root));
+    assert_eq!(label.trim(), "NIXOS_SD");
+}
