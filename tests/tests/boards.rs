@@ -96,7 +96,12 @@ fn a_board_tries_a_new_generation_once_comes_back_from_a_panic_and_keeps_a_confi
 /// Runs a command; its stdout, or a panic with its stderr.
 fn run(cmd: &mut std::process::Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -127,7 +132,8 @@ fn a_raspberry_pi_4_image_has_the_sd_image_layout_and_is_reproducible() {
     assert!(imager("a", Some(&firmware)).status.success());
     assert!(imager("b", Some(&firmware)).status.success());
     let manifest = |dir: &str| -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(f.tmp.path().join(dir).join("manifest.json")).expect("manifest")).expect("json")
+        serde_json::from_slice(&std::fs::read(f.tmp.path().join(dir).join("manifest.json")).expect("manifest"))
+            .expect("json")
     };
     let (a, b) = (manifest("a"), manifest("b"));
     assert_eq!(a["image_sha256"], b["image_sha256"], "two builds differ");
@@ -140,7 +146,10 @@ fn a_raspberry_pi_4_image_has_the_sd_image_layout_and_is_reproducible() {
         serde_json::from_str(&run(std::process::Command::new("sfdisk").arg("-J").arg(&raw))).expect("sfdisk");
     let parts = &table["partitiontable"]["partitions"];
     assert_eq!(table["partitiontable"]["label"], "dos");
-    assert_eq!((parts[0]["start"].as_u64(), parts[0]["type"].as_str(), parts[0]["bootable"].as_bool()), (Some(16384), Some("c"), Some(true)));
+    assert_eq!(
+        (parts[0]["start"].as_u64(), parts[0]["type"].as_str(), parts[0]["bootable"].as_bool()),
+        (Some(16384), Some("c"), Some(true))
+    );
     assert_eq!(parts[1]["type"], "83");
     run(std::process::Command::new("sfdisk").arg("--verify").arg(&raw));
     let part = |i: usize, name: &str| {
