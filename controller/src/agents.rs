@@ -349,12 +349,14 @@ async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: ControllerBound) -
         }
         m @ (ControllerBound::OfferAccepted { .. }
         | ControllerBound::OfferRefused { .. }
+        | ControllerBound::Substituting { .. }
         | ControllerBound::PathsMissing { .. }
         | ControllerBound::PathImported { .. }
         | ControllerBound::PathRefused { .. }) => {
             let id = match &m {
                 ControllerBound::OfferAccepted { deployment_id }
                 | ControllerBound::OfferRefused { deployment_id, .. }
+                | ControllerBound::Substituting { deployment_id, .. }
                 | ControllerBound::PathsMissing { deployment_id, .. }
                 | ControllerBound::PathImported { deployment_id, .. }
                 | ControllerBound::PathRefused { deployment_id, .. } => deployment_id.clone(),

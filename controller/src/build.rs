@@ -63,7 +63,31 @@ pub async fn build(ctl: &Arc<Controller>, task: i64, commit: &str, config: &str)
         .ok_or_else(|| anyhow!("nix build printed no output path"))?;
     let system: StorePath = path.parse()?;
     ctl.db.log(task, None, &format!("built {config}: {system}"))?;
+    publish(ctl, task, &system).await?;
     Ok(system)
+}
+
+/// Copies a built closure to the binary cache of `--publish-cache`, signed with the
+/// controller's Nix key, before any device is offered it (so that devices find it
+/// there). A cache that cannot take it is logged; devices then get it from the controller.
+async fn publish(ctl: &Arc<Controller>, task: i64, system: &StorePath) -> Result<()> {
+    let Some(cache) = &ctl.settings.publish_cache else { return Ok(()) };
+    let sep = if cache.contains('?') { '&' } else { '?' };
+    let to = format!("{cache}{sep}secret-key={}", ctl.paths.nix_key.display());
+    let out = tokio::process::Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command", "copy", "--to", &to])
+        .arg(system.to_absolute())
+        .output()
+        .await
+        .context("running nix copy")?;
+    let line = if out.status.success() {
+        format!("published {system} to the binary cache {cache}")
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        format!("publishing to the binary cache {cache} failed (devices get it from the controller): {}", err.trim())
+    };
+    ctl.db.log(task, None, &line)?;
+    Ok(())
 }
 
 /// [`build`], reusing an earlier build of the same configuration at the same commit

@@ -44,6 +44,8 @@ pub struct Settings {
     /// A CA bundle on the devices that agents check the public URL's certificate with
     /// instead of the pin (a proxy with a CA-issued certificate in front).
     pub agent_ca_file: Option<PathBuf>,
+    /// A Nix binary cache each built closure is copied to (`--publish-cache`).
+    pub publish_cache: Option<String>,
     /// `--override-input NAME REF` for every build.
     pub override_inputs: Vec<(String, String)>,
 }

@@ -134,6 +134,11 @@ ALTER TABLE tasks ADD COLUMN wave INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN soak_until INTEGER;
 ALTER TABLE children ADD COLUMN wave INTEGER NOT NULL DEFAULT 0;
 "#,
+    // Paths (and their compressed bytes) a device got from its binary caches.
+    r#"
+ALTER TABLE children ADD COLUMN paths_substituted INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE children ADD COLUMN bytes_substituted INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Records the device's enrolled key, if it has one, as revoked.
@@ -571,6 +576,23 @@ impl Db {
     }
 
     /// How many paths the device lacked when the copy first started.
+    /// Paths and bytes a device deployment got from the device's binary caches.
+    pub fn substituted(&self, child: i64) -> Result<(i64, i64)> {
+        Ok(self.c().query_row(
+            "SELECT paths_substituted, bytes_substituted FROM children WHERE id = ?1",
+            params![child],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?)
+    }
+
+    pub fn set_substituted(&self, child: i64, paths: i64, bytes: i64) -> Result<()> {
+        self.c().execute(
+            "UPDATE children SET paths_substituted = ?2, bytes_substituted = ?3 WHERE id = ?1",
+            params![child, paths, bytes],
+        )?;
+        Ok(())
+    }
+
     pub fn set_paths_total(&self, child: i64, total: i64) -> Result<()> {
         self.c().execute(
             "UPDATE children SET paths_total = COALESCE(paths_total, ?2) WHERE id = ?1",
@@ -819,7 +841,8 @@ impl Db {
         }
         let mut st = c.prepare(
             "SELECT id, device, config, stage, phase, result, reason, error, failed_units, paths_sent, bytes_sent,
-                    system, deployment_id, sequence, updated, unit_logs, paths_total, wave
+                    system, deployment_id, sequence, updated, unit_logs, paths_total, wave,
+                    paths_substituted, bytes_substituted
              FROM children WHERE task = ?1 ORDER BY id",
         )?;
         t.children = st
@@ -850,6 +873,8 @@ impl Db {
                     unit_logs: serde_json::from_str(&r.get::<_, String>(15)?).unwrap_or_default(),
                     paths_total: r.get(16)?,
                     wave: r.get::<_, i64>(17)? as usize + 1,
+                    paths_substituted: r.get(18)?,
+                    bytes_substituted: r.get(19)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;

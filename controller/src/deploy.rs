@@ -533,15 +533,34 @@ async fn send_to(
     if !conn.send(AgentBound::QueryPaths { deployment_id: id.clone(), paths }).await {
         return Err(Stop::Disconnected);
     }
-    let (missing, bases, window): (BTreeSet<StorePath>, HashMap<StorePath, StorePath>, CopyWindow) =
+    // What this attempt's substitution adds to earlier attempts'.
+    let (base_paths, base_bytes) = ctl.db.substituted(child.id).unwrap_or((0, 0));
+    let substituted = |paths: u64, bytes: u64| {
+        let _ = ctl.db.set_substituted(child.id, base_paths + paths as i64, base_bytes + bytes as i64);
+        ctl.notify_task(child.task);
+    };
+    let (missing, bases, window): (BTreeSet<StorePath>, HashMap<StorePath, StorePath>, CopyWindow) = loop {
         match reply(&mut rx, t).await? {
-            ControllerBound::PathsMissing { missing, bases, window, .. } => (
-                missing.into_iter().collect(),
-                bases.into_iter().map(|b| (b.path, b.base)).collect(),
-                window.unwrap_or(CopyWindow::LEGACY),
-            ),
+            // The device substitutes from its binary caches: it is at work, wait on.
+            ControllerBound::Substituting { paths, bytes, .. } => substituted(paths, bytes),
+            ControllerBound::PathsMissing { missing, bases, window, substituted_paths, substituted_bytes, .. } => {
+                if substituted_paths > 0 {
+                    substituted(substituted_paths, substituted_bytes);
+                    let line = format!(
+                        "{}: got {substituted_paths} paths ({substituted_bytes} bytes) from its binary caches",
+                        child.device
+                    );
+                    let _ = ctl.db.log(child.task, Some(child.id), &line);
+                }
+                break (
+                    missing.into_iter().collect(),
+                    bases.into_iter().map(|b| (b.path, b.base)).collect(),
+                    window.unwrap_or(CopyWindow::LEGACY),
+                );
+            }
             other => return Err(Stop::Refused(format!("unexpected reply to the path query: {other:?}"))),
-        };
+        }
+    };
     let bases = known_bases(ctl, &child.device, bases).await;
     let mut acks = Acks { ctl, child, paths: 0, bytes: 0 };
     for (path, bytes) in unacked.drain() {

@@ -59,6 +59,11 @@ pub struct Cli {
     /// /etc/ssl/certs/ca-certificates.crt.
     #[arg(long, value_name = "PATH_ON_DEVICE")]
     pub agent_ca_file: Option<PathBuf>,
+    /// After each build, copy the system's closure to this Nix binary cache (`nix copy
+    /// --to`, e.g. file:///srv/cache, which a site's web server serves to its devices),
+    /// signed with the controller's Nix key, which agents trust.
+    #[arg(long, value_name = "STORE_URL")]
+    pub publish_cache: Option<String>,
     /// Seconds between heartbeats on agent connections.
     #[arg(long, default_value_t = 15)]
     pub heartbeat: u64,
@@ -113,6 +118,7 @@ impl Cli {
             }),
             tls_sha256: None,
             agent_ca_file: self.agent_ca_file.clone(),
+            publish_cache: self.publish_cache.clone(),
             heartbeat: Duration::from_secs(self.heartbeat.max(1)),
             dead_after: Duration::from_secs(self.dead_after.max(2)),
             handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),

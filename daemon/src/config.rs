@@ -53,6 +53,12 @@ pub struct AgentConfig {
     /// default (extlinux, or no loader the agent knows): a system that does not come
     /// up then has no way back.
     pub allow_unsafe_reboot: bool,
+    /// Nix binary caches asked for a deployment's paths before the controller
+    /// (`http://cache.site.example`); what they serve must be signed by a key of
+    /// `nix_trusted_keys`.
+    pub substituters: Vec<String>,
+    /// Seconds a binary cache has to connect and to answer a request.
+    pub substituter_timeout: u64,
     /// Let the controller's admin open a terminal (a root shell) on this device.
     pub terminal: bool,
     /// Seconds a terminal may sit without input or output before it is closed.
@@ -84,6 +90,8 @@ impl Default for AgentConfig {
             efivars_dir: PathBuf::from("/sys/firmware/efi/efivars"),
             firmware_dir: PathBuf::from("/boot/firmware"),
             allow_unsafe_reboot: false,
+            substituters: vec![],
+            substituter_timeout: 10,
             terminal: false,
             terminal_idle_timeout: 900,
         }

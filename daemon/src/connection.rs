@@ -11,6 +11,7 @@ use thymis_proto::handshake::{
     welcome_message,
 };
 use thymis_proto::{AgentBound, ControllerBound, DeltaBase, PROTOCOL_MAX, PROTOCOL_MIN, decode_agent_bound, encode};
+use thymis_store::StorePath;
 use thymis_store::signing::PublicKey;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -334,6 +335,61 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// What the device lacks of `paths`, after taking what its binary caches have; with
+/// the missing paths, earlier versions of them that the device has (those it runs first):
+/// the controller may send deltas against them.
+async fn query_paths(agent: &Arc<Agent>, deployment_id: String, paths: Vec<StorePath>, out: &Outbox) -> ControllerBound {
+    let missing = |paths: Vec<StorePath>| {
+        let (store, running) = (agent.store.clone(), agent.running());
+        tokio::task::spawn_blocking(move || store.missing_with_bases(&paths, running.as_ref()))
+    };
+    let (mut missing_now, mut bases) = match missing(paths.clone()).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => return ControllerBound::Error { message: format!("checking the store: {e}") },
+        Err(e) => return ControllerBound::Error { message: format!("checking the store: {e}") },
+    };
+    let mut got = crate::substitute::Substituted::default();
+    if !agent.config.substituters.is_empty() && !missing_now.is_empty() {
+        // Progress every two seconds, so the controller knows the device is at work.
+        let progress = Arc::new(std::sync::Mutex::new(crate::substitute::Substituted::default()));
+        let ticker = {
+            let (progress, out, id) = (progress.clone(), out.clone(), deployment_id.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(2));
+                loop {
+                    tick.tick().await;
+                    let p = *progress.lock().unwrap_or_else(|e| e.into_inner());
+                    let msg = ControllerBound::Substituting { deployment_id: id.clone(), paths: p.paths, bytes: p.bytes };
+                    if out.send(msg).is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let (a, wanted) = (agent.clone(), missing_now.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            crate::substitute::substitute(&a, &wanted, &|p| *progress.lock().unwrap_or_else(|e| e.into_inner()) = p)
+        })
+        .await;
+        ticker.abort();
+        got = result.unwrap_or_default();
+        if got.paths > 0 {
+            match missing(paths).await {
+                Ok(Ok(m)) => (missing_now, bases) = m,
+                _ => return ControllerBound::Error { message: "checking the store after substituting".into() },
+            }
+        }
+    }
+    ControllerBound::PathsMissing {
+        deployment_id,
+        missing: missing_now,
+        bases: bases.into_iter().map(|(path, base)| DeltaBase { path, base }).collect(),
+        window: Some(crate::receive::WINDOW),
+        substituted_paths: got.paths,
+        substituted_bytes: got.bytes,
+    }
+}
+
 fn send_outbox(agent: &Agent, out: &Outbox) {
     for outcome in agent.persisted().outbox {
         let _ = out.send(ControllerBound::Outcome(outcome));
@@ -361,19 +417,13 @@ async fn handle(
             }
         },
         AgentBound::QueryPaths { deployment_id, paths } => {
-            let (store, running) = (agent.store.clone(), agent.running());
-            // With what is missing, earlier versions of it that the device has (those
-            // it runs first): the controller may send deltas against them.
-            let missing =
-                tokio::task::spawn_blocking(move || store.missing_with_bases(&paths, running.as_ref())).await?;
-            match missing {
-                Ok((missing, bases)) => {
-                    let bases = bases.into_iter().map(|(path, base)| DeltaBase { path, base }).collect();
-                    let window = Some(crate::receive::WINDOW);
-                    reply(ControllerBound::PathsMissing { deployment_id, missing, bases, window }).await?
-                }
-                Err(e) => reply(ControllerBound::Error { message: format!("checking the store: {e}") }).await?,
-            }
+            // Answered by a task of its own: substituting from binary caches may take a
+            // while, and the connection goes on meanwhile.
+            let (agent, out) = (agent.clone(), out.clone());
+            tokio::spawn(async move {
+                let answer = query_paths(&agent, deployment_id, paths, &out).await;
+                let _ = out.send(answer);
+            });
         }
         AgentBound::PathStart { deployment_id, info, delta_base } => {
             incoming.send(Incoming::Start { deployment_id, info: Box::new(info), delta_base }).await?;

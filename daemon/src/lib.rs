@@ -24,6 +24,7 @@ pub mod sd_notify;
 pub mod state;
 pub mod status;
 pub mod streams;
+pub mod substitute;
 pub mod terminal;
 pub mod tls;
 

@@ -634,6 +634,9 @@ fn print_task(v: &Value) {
         if !c.failed_units.is_empty() {
             line.push_str(&format!(" failed units: {}", c.failed_units.join(", ")));
         }
+        if c.paths_substituted > 0 {
+            line.push_str(&format!(" ({} paths from binary caches)", c.paths_substituted));
+        }
         if let Some(e) = &c.error {
             line.push_str(&format!(" error: {e}"));
         }

@@ -183,7 +183,7 @@ function renderTask(t, logs) {
     ${t.error ? `<p class="error" data-testid="task-error">${esc(t.error)}</p>` : ""}
     ${(t.children || []).length ? `<div class="table-wrap"><table data-testid="children-table"><thead><tr><th>Device</th>${waves ? "<th>Wave</th>" : ""}<th>Configuration</th><th>Phase</th><th>Paths</th><th>Bytes</th><th>Result</th></tr></thead><tbody>
       ${t.children.map((c) => `<tr data-child="${esc(c.device)}"><td><strong>${esc(c.device)}</strong></td>${waves ? `<td>${esc(c.wave)}</td>` : ""}<td>${esc(c.config)}</td><td>${esc(c.phase)}</td>
-        <td>${progress(c.paths_sent, c.paths_total)}</td><td>${(c.bytes_sent / 1024).toFixed(1)} KiB</td>
+        <td>${progress(c.paths_sent, c.paths_total)}</td><td>${(c.bytes_sent / 1024).toFixed(1)} KiB${c.paths_substituted ? `<div class="muted" data-testid="substituted">${c.paths_substituted} paths (${(c.bytes_substituted / 1024).toFixed(1)} KiB) from caches</div>` : ""}</td>
         <td class="wrap" data-testid="child-result">${resultText(c)}${c.error ? `<div class="error">${esc(c.error)}</div>` : ""}</td></tr>`).join("")}
     </tbody></table></div>` : ""}
     <h2>Log</h2><pre data-testid="task-log">${esc(logs.join("\n"))}</pre>`;

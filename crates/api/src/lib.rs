@@ -202,6 +202,11 @@ pub struct Child {
     pub updated: i64,
     /// Its wave (from 1).
     pub wave: usize,
+    /// Paths the device got from its binary caches instead (and their compressed bytes).
+    #[serde(default)]
+    pub paths_substituted: i64,
+    #[serde(default)]
+    pub bytes_substituted: i64,
 }
 
 /// A device (`GET /devices`).
@@ -313,6 +318,8 @@ mod tests {
             sequence: Some(4),
             updated: 0,
             wave: 1,
+            paths_substituted: 0,
+            bytes_substituted: 0,
         };
         let mut t = Task {
             id: 7,

@@ -172,6 +172,19 @@ pub enum ControllerBound {
         /// acknowledgements. An agent that sends none gets [`CopyWindow::LEGACY`].
         #[serde(default, skip_serializing_if = "Option::is_none")]
         window: Option<CopyWindow>,
+        /// Paths of the closure the device got from its binary caches meanwhile (they are
+        /// not in `missing`), and their compressed bytes.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        substituted_paths: u64,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        substituted_bytes: u64,
+    },
+    /// Progress while the device substitutes from its binary caches, before it answers
+    /// a path query: the controller keeps waiting while these come.
+    Substituting {
+        deployment_id: String,
+        paths: u64,
+        bytes: u64,
     },
     /// The path passed every check and is registered in the device's store.
     PathImported {

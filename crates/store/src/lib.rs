@@ -14,6 +14,7 @@ pub mod closure;
 pub mod hash;
 pub mod local_store;
 pub mod nar;
+pub mod narinfo;
 pub mod path_info;
 pub mod signing;
 pub mod store_path;

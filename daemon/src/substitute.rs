@@ -1,0 +1,320 @@
+//! Substitution: before the agent tells the controller which paths it lacks, it asks the
+//! Nix binary caches of its configuration (`substituters`) for them, over the standard
+//! protocol (`nix-cache-info`, `HASH.narinfo`, the NAR compressed with xz, zstd or not at
+//! all), and imports what they have. Each narinfo must be signed by a key of
+//! `nix_trusted_keys` and each NAR must have exactly the narinfo's hash and size, as for
+//! paths from the controller. Whatever goes wrong (a cache that is down or slow, a bad
+//! signature, a wrong hash) leaves that path to the controller: substitution never fails
+//! a deployment.
+
+use std::collections::HashSet;
+use std::io::{self, BufReader, Read};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use thymis_store::narinfo::{Compression, NarInfo, narinfo_name};
+use thymis_store::nar::copy_verified;
+use thymis_store::signing::verify_path;
+use thymis_store::{PathInfo, StorePath};
+use tracing::{debug, info, warn};
+
+use crate::agent::Agent;
+
+/// Narinfo and NAR downloads at once.
+const PARALLEL: usize = 4;
+
+/// What a pass got from the caches.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Substituted {
+    pub paths: u64,
+    /// Compressed bytes downloaded for them.
+    pub bytes: u64,
+}
+
+/// One cache, as this pass sees it.
+#[derive(Debug)]
+struct Cache {
+    url: String,
+    /// Set after a failure of the cache itself (unreachable, timing out, not a Nix cache):
+    /// the rest of the pass does without it.
+    broken: AtomicBool,
+}
+
+fn client(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_connect(Some(timeout))
+        .timeout_recv_response(Some(timeout))
+        .http_status_as_error(false)
+        .tls_config(ureq::tls::TlsConfig::builder().provider(ureq::tls::TlsProvider::Rustls).build())
+        .build()
+        .into()
+}
+
+/// Fetches `url`: the body's reader, `None` for a 404 (the cache lacks it), or an error
+/// that says the cache is unusable.
+fn get(agent: &ureq::Agent, url: &str, body_timeout: Duration) -> Result<Option<Box<dyn Read + Send>>, String> {
+    let resp = agent
+        .get(url)
+        .config()
+        .timeout_recv_body(Some(body_timeout))
+        .build()
+        .call()
+        .map_err(|e| format!("{url}: {e}"))?;
+    match resp.status().as_u16() {
+        200 => Ok(Some(Box::new(resp.into_body().into_with_config().limit(u64::MAX).reader()))),
+        404 | 403 => Ok(None),
+        s => Err(format!("{url}: HTTP {s}")),
+    }
+}
+
+/// Paths of `missing` (dependencies first) that the caches have, imported; the rest is
+/// for the controller. `progress` is told (paths, bytes) as paths arrive.
+pub fn substitute(agent: &Agent, missing: &[StorePath], progress: &(dyn Fn(Substituted) + Sync)) -> Substituted {
+    let config = &agent.config;
+    if config.substituters.is_empty() || missing.is_empty() {
+        return Substituted::default();
+    }
+    let timeout = Duration::from_secs(config.substituter_timeout.max(1));
+    let http = client(timeout);
+    let caches: Vec<Cache> = config
+        .substituters
+        .iter()
+        .map(|u| Cache { url: u.trim_end_matches('/').to_owned(), broken: AtomicBool::new(false) })
+        .filter(|c| usable(&http, c, timeout))
+        .collect();
+    if caches.is_empty() {
+        return Substituted::default();
+    }
+
+    // Which cache has which path, and its narinfo (signed by a trusted key).
+    let found: Vec<Mutex<Option<(usize, NarInfo)>>> = missing.iter().map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..PARALLEL {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(path) = missing.get(i) else { break };
+                    *lock(&found[i]) = lookup(agent, &http, &caches, path, timeout);
+                }
+            });
+        }
+    });
+    let found: Vec<(usize, NarInfo)> = found.into_iter().filter_map(|m| m.into_inner().ok().flatten()).collect();
+    if found.is_empty() {
+        return Substituted::default();
+    }
+    info!(paths = found.len(), of = missing.len(), "substituting from binary caches");
+
+    // Their NARs, each checked into a staging file.
+    let staged: Vec<Mutex<Option<(PathBuf, u64)>>> = found.iter().map(|_| Mutex::new(None)).collect();
+    let (next, done_paths, done_bytes) = (AtomicUsize::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for _ in 0..PARALLEL {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((c, narinfo)) = found.get(i) else { break };
+                    let cache = &caches[*c];
+                    if cache.broken.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    match fetch(agent, &http, cache, narinfo, timeout) {
+                        Ok((nar, bytes)) => {
+                            *lock(&staged[i]) = Some((nar, bytes));
+                            let p = done_paths.fetch_add(1, Ordering::Relaxed) + 1;
+                            let b = done_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+                            agent.liveness.beat();
+                            progress(Substituted { paths: p, bytes: b });
+                        }
+                        Err(e) => warn!(path = %narinfo.info.path, cache = %cache.url, "not substituted: {e}"),
+                    }
+                }
+            });
+        }
+    });
+
+    // Imported dependencies first; a path whose references are neither in the store nor
+    // substituted stays missing (the controller sends it, and them).
+    let missing_set: HashSet<&StorePath> = missing.iter().collect();
+    let mut have: HashSet<StorePath> = HashSet::new();
+    let mut batch: Vec<(&PathInfo, PathBuf, u64)> = vec![];
+    for ((_, narinfo), staged) in found.iter().zip(staged) {
+        let Some((nar, bytes)) = staged.into_inner().ok().flatten() else { continue };
+        let ready = narinfo.info.dependencies().all(|r| !missing_set.contains(r) || have.contains(r));
+        if ready {
+            have.insert(narinfo.info.path.clone());
+            batch.push((&narinfo.info, nar, bytes));
+        } else {
+            let _ = std::fs::remove_file(&nar);
+        }
+    }
+    let mut got = Substituted::default();
+    for chunk in batch.chunks(256) {
+        let files: Result<Vec<_>, String> = chunk
+            .iter()
+            .map(|(info, nar, _)| {
+                let f = std::fs::File::open(nar).map_err(|e| format!("{}: {e}", nar.display()))?;
+                Ok((*info, Box::new(BufReader::new(f)) as Box<dyn Read>))
+            })
+            .collect();
+        let result = files.and_then(|f| agent.store.import(f).map_err(|e| e.to_string()));
+        match result {
+            Ok(()) => {
+                got.paths += chunk.len() as u64;
+                got.bytes += chunk.iter().map(|(_, _, b)| b).sum::<u64>();
+            }
+            // What did not go in is still missing: the controller sends it.
+            Err(e) => warn!("importing substituted paths: {e}"),
+        }
+        for (_, nar, _) in chunk {
+            let _ = std::fs::remove_file(nar);
+        }
+    }
+    info!(paths = got.paths, bytes = got.bytes, "substituted from binary caches");
+    got
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether a cache answers as a Nix binary cache for /nix/store.
+fn usable(http: &ureq::Agent, cache: &Cache, timeout: Duration) -> bool {
+    let info = get(http, &format!("{}/nix-cache-info", cache.url), timeout).and_then(|r| {
+        let mut text = String::new();
+        r.ok_or("no nix-cache-info")?.take(64 << 10).read_to_string(&mut text).map_err(|e| e.to_string())?;
+        Ok(text)
+    });
+    match info {
+        Ok(text) if text.lines().any(|l| l.trim() == "StoreDir: /nix/store") => true,
+        Ok(_) => {
+            warn!(cache = %cache.url, "not a binary cache for /nix/store: not used");
+            false
+        }
+        Err(e) => {
+            warn!(cache = %cache.url, "binary cache unreachable: {e}");
+            false
+        }
+    }
+}
+
+/// The first cache (in configured order) with a narinfo for `path` signed by a trusted key.
+fn lookup(
+    agent: &Agent,
+    http: &ureq::Agent,
+    caches: &[Cache],
+    path: &StorePath,
+    timeout: Duration,
+) -> Option<(usize, NarInfo)> {
+    for (i, cache) in caches.iter().enumerate() {
+        if cache.broken.load(Ordering::Relaxed) {
+            continue;
+        }
+        let url = format!("{}/{}", cache.url, narinfo_name(path));
+        let text = match get(http, &url, timeout) {
+            Ok(Some(r)) => {
+                let mut text = String::new();
+                match r.take(1 << 20).read_to_string(&mut text) {
+                    Ok(_) => text,
+                    Err(e) => {
+                        debug!(%url, "{e}");
+                        continue;
+                    }
+                }
+            }
+            Ok(None) => continue,
+            Err(e) => {
+                warn!(cache = %cache.url, "binary cache failed ({e}); not used for the rest of this deployment");
+                cache.broken.store(true, Ordering::Relaxed);
+                continue;
+            }
+        };
+        match NarInfo::parse(&text) {
+            Ok(n) if n.info.path != *path => warn!(%url, "narinfo for another path ({})", n.info.path),
+            Ok(n) => match verify_path(&n.info, &agent.nix_keys) {
+                Ok(()) => return Some((i, n)),
+                Err(e) => debug!(%url, "narinfo not trusted: {e}"),
+            },
+            Err(e) => warn!(%url, "{e}"),
+        }
+    }
+    None
+}
+
+/// Downloads, decompresses and checks a NAR into a staging file: (file, compressed bytes).
+fn fetch(agent: &Agent, http: &ureq::Agent, cache: &Cache, n: &NarInfo, timeout: Duration) -> Result<(PathBuf, u64), String> {
+    let url = format!("{}/{}", cache.url, n.url);
+    // The body may take its time, at no less than 64 KiB/s.
+    let size = n.file_size.unwrap_or(n.info.nar_size);
+    let body_timeout = timeout + Duration::from_secs(size / (64 << 10));
+    let body = match get(http, &url, body_timeout) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Err(format!("{url}: not found")),
+        Err(e) => {
+            cache.broken.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
+    let counted = Counted { inner: body, bytes: 0 };
+    let nar = agent.staging_dir().join(format!("substitute-{}.nar", n.info.path.base_name()));
+    let result = (|| -> Result<u64, String> {
+        let file = std::fs::File::create(&nar).map_err(|e| format!("{}: {e}", nar.display()))?;
+        let mut w = io::BufWriter::new(file);
+        let mut counted = counted;
+        let checked = match n.compression {
+            Compression::None => copy_verified(&mut counted, &mut w, &n.info.nar_hash, n.info.nar_size),
+            Compression::Zstd => {
+                let d = thymis_store::zstd_limits::decoder(BufReader::new(&mut counted)).map_err(|e| e.to_string())?;
+                copy_verified(d, &mut w, &n.info.nar_hash, n.info.nar_size)
+            }
+            Compression::Xz => {
+                let (mut r, mut wr) = io::pipe().map_err(|e| e.to_string())?;
+                // xz decoding feeds the check through a pipe: lzma-rs writes, the check reads.
+                let decoded = std::thread::scope(|s| {
+                    let reader = &mut counted;
+                    let t = s.spawn(move || {
+                        let mut src = BufReader::new(reader);
+                        let r = lzma_rs::xz_decompress(&mut src, &mut wr);
+                        drop(wr);
+                        r.map_err(|e| format!("xz: {e}"))
+                    });
+                    let checked = copy_verified(&mut r, &mut w, &n.info.nar_hash, n.info.nar_size);
+                    drop(r);
+                    (checked, t.join().unwrap_or_else(|_| Err("xz thread panicked".into())))
+                });
+                match decoded {
+                    (Ok(()), Ok(())) => Ok(()),
+                    (Err(e), _) => Err(e),
+                    (Ok(()), Err(e)) => return Err(e),
+                }
+            }
+        };
+        checked.map_err(|e| e.to_string())?;
+        io::Write::flush(&mut w).map_err(|e| e.to_string())?;
+        Ok(counted.bytes)
+    })();
+    match result {
+        Ok(bytes) => Ok((nar, bytes)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&nar);
+            Err(e)
+        }
+    }
+}
+
+/// Counts the bytes read through it.
+struct Counted<R> {
+    inner: R,
+    bytes: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
