@@ -217,6 +217,8 @@ pub struct FleetOptions {
     pub parallel: Option<usize>,
     /// The controller's `--max-handshakes`, when not its default.
     pub max_handshakes: Option<usize>,
+    /// More arguments for the controller.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for FleetOptions {
@@ -230,6 +232,7 @@ impl Default for FleetOptions {
             tls: true,
             parallel: None,
             max_handshakes: None,
+            extra_args: vec![],
         }
     }
 }
@@ -263,6 +266,7 @@ impl Controller {
             .args(if self.opts.tls { &[][..] } else { &["--insecure-plain-http"][..] })
             .args(self.opts.parallel.map(|p| format!("--parallel={p}")))
             .args(self.opts.max_handshakes.map(|m| format!("--max-handshakes={m}")))
+            .args(&self.opts.extra_args)
             .env("THYMIS_LOG", "info,thymis_controller=debug")
             .stdout(Stdio::null())
             .stderr(log)

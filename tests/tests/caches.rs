@@ -1,0 +1,114 @@
+//! Binary caches: the controller publishes each built closure to a Nix binary cache
+//! (`--publish-cache`, written by `nix copy`), a plain web server (busybox httpd) serves
+//! it, and agents substitute from it before the controller sends anything. A cache that
+//! is down, does not answer, or serves a NAR with the wrong hash only sends the device
+//! back to the controller for what it could not get.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+use thymis_fleet_tests::{Fleet, FleetOptions, wait_for};
+
+/// A process that is killed when the test ends.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(dir: &std::path::Path, addr: &str) -> Server {
+    let child = Command::new("busybox")
+        .args(["httpd", "-f", "-p", addr, "-h"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("busybox httpd");
+    let url = format!("http://{addr}/nix-cache-info");
+    wait_for("the cache's web server", Duration::from_secs(10), || {
+        Command::new("curl").args(["-fs", "-o", "/dev/null", &url]).status().ok()?.success().then_some(())
+    });
+    Server(child)
+}
+
+#[test]
+fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cache = tmp.path().join("cache");
+    let mut f = Fleet::new(FleetOptions {
+        extra_args: vec!["--publish-cache".into(), format!("file://{}", cache.display())],
+        ..Default::default()
+    })
+    .expect("fleet");
+    f.set_configs(&json!({ "alpha": { "version": "1", "payloads": 3, "small": 150 }, "beta": {} })).expect("cfg");
+    f.controller.ctl(&["project", "commit", "-m", "a closure to cache"]);
+    let built = f.controller.ctl_json(&["build", "alpha", "--wait"]);
+    assert_eq!(built["result"], "succeeded", "{built}");
+    let logs = f.controller.task_logs(built["id"].as_i64().expect("id")).join("\n");
+    assert!(logs.contains("published"), "{logs}");
+    let system = built["system"].as_str().expect("system").to_owned();
+    let closure_size = String::from_utf8_lossy(
+        &Command::new("nix-store").args(["-qR", &system]).output().expect("nix-store").stdout,
+    )
+    .lines()
+    .count() as i64;
+
+    // A copy of the cache in which one NAR is another path's (a wrong hash).
+    let evil = tmp.path().join("evil");
+    assert!(Command::new("cp").arg("-r").arg(&cache).arg(&evil).status().expect("cp").success());
+    let mut nars: Vec<_> = std::fs::read_dir(evil.join("nar")).expect("nar dir").map(|e| e.expect("entry").path()).collect();
+    nars.sort();
+    std::fs::copy(&nars[0], &nars[1]).expect("swap a NAR");
+
+    let host = f.host_address();
+    let _good = serve(&cache, &format!("{host}:18080"));
+    let _evil = serve(&evil, &format!("{host}:18081"));
+    // Accepts connections and never answers.
+    let _silent = Server(
+        Command::new("socat")
+            .args([&format!("TCP-LISTEN:18082,bind={host},fork,reuseaddr"), "EXEC:sleep 3600"])
+            .spawn()
+            .expect("socat"),
+    );
+    let devices = [
+        ("good", format!("[\"http://{host}:18080\"]")),
+        ("evil", format!("[\"http://{host}:18081\"]")),
+        // Down (nothing listens on 18083), then silent.
+        ("broken", format!("[\"http://{host}:18083\", \"http://{host}:18082\"]")),
+    ];
+    for (name, substituters) in &devices {
+        f.add_device(name, "alpha", false).expect("device");
+        f.add_agent_config(name, &format!("substituters = {substituters}\nsubstituter_timeout = 2\n")).expect("cfg");
+        f.device_mut(name).start().expect("start");
+    }
+    for (name, _) in &devices {
+        f.wait_online(name);
+    }
+    let t = f.controller.ctl_json(&["deploy", "--config", "alpha", "--wait"]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    let child = |name: &str| Fleet::child(&t, name).clone();
+    let count = |c: &serde_json::Value, k: &str| c[k].as_i64().unwrap_or(-1);
+
+    // Everything from the cache: the controller sent nothing.
+    let good = child("good");
+    assert_eq!(count(&good, "paths_sent"), 0, "{good}");
+    assert!(count(&good, "paths_substituted") >= closure_size - 1, "{good} of {closure_size}");
+    assert!(count(&good, "bytes_substituted") > 0);
+    // The path whose NAR was wrong came from the controller; the rest from the cache.
+    let evil = child("evil");
+    assert!(count(&evil, "paths_sent") >= 1, "{evil}");
+    assert!(count(&evil, "paths_substituted") >= closure_size - 3, "{evil}");
+    // Nothing usable: all from the controller, and no deployment failed for it.
+    let broken = child("broken");
+    assert_eq!(count(&broken, "paths_substituted"), 0, "{broken}");
+    assert!(count(&broken, "paths_sent") >= closure_size - 1, "{broken}");
+    for (name, _) in &devices {
+        assert_eq!(f.device_row(name)["system"], system.as_str(), "{name}");
+    }
+    let agent_log = f.device("evil").log();
+    assert!(agent_log.contains("not substituted"), "the wrong NAR was not refused:\n{agent_log}");
+}
