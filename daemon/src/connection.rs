@@ -338,7 +338,12 @@ impl<T> Drop for AbortOnDrop<T> {
 /// What the device lacks of `paths`, after taking what its binary caches have; with
 /// the missing paths, earlier versions of them that the device has (those it runs first):
 /// the controller may send deltas against them.
-async fn query_paths(agent: &Arc<Agent>, deployment_id: String, paths: Vec<StorePath>, out: &Outbox) -> ControllerBound {
+async fn query_paths(
+    agent: &Arc<Agent>,
+    deployment_id: String,
+    paths: Vec<StorePath>,
+    out: &Outbox,
+) -> ControllerBound {
     let missing = |paths: Vec<StorePath>| {
         let (store, running) = (agent.store.clone(), agent.running());
         tokio::task::spawn_blocking(move || store.missing_with_bases(&paths, running.as_ref()))
@@ -359,7 +364,8 @@ async fn query_paths(agent: &Arc<Agent>, deployment_id: String, paths: Vec<Store
                 loop {
                     tick.tick().await;
                     let p = *progress.lock().unwrap_or_else(|e| e.into_inner());
-                    let msg = ControllerBound::Substituting { deployment_id: id.clone(), paths: p.paths, bytes: p.bytes };
+                    let msg =
+                        ControllerBound::Substituting { deployment_id: id.clone(), paths: p.paths, bytes: p.bytes };
                     if out.send(msg).is_err() {
                         break;
                     }

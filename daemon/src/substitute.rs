@@ -14,8 +14,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use thymis_store::narinfo::{Compression, NarInfo, narinfo_name};
 use thymis_store::nar::copy_verified;
+use thymis_store::narinfo::{Compression, NarInfo, narinfo_name};
 use thymis_store::signing::verify_path;
 use thymis_store::{PathInfo, StorePath};
 use tracing::{debug, info, warn};
@@ -245,7 +245,13 @@ fn lookup(
 }
 
 /// Downloads, decompresses and checks a NAR into a staging file: (file, compressed bytes).
-fn fetch(agent: &Agent, http: &ureq::Agent, cache: &Cache, n: &NarInfo, timeout: Duration) -> Result<(PathBuf, u64), String> {
+fn fetch(
+    agent: &Agent,
+    http: &ureq::Agent,
+    cache: &Cache,
+    n: &NarInfo,
+    timeout: Duration,
+) -> Result<(PathBuf, u64), String> {
     let url = format!("{}/{}", cache.url, n.url);
     // The body may take its time, at no less than 64 KiB/s.
     let size = n.file_size.unwrap_or(n.info.nar_size);

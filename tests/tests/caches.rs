@@ -51,22 +51,36 @@ fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller()
     let logs = f.controller.task_logs(built["id"].as_i64().expect("id")).join("\n");
     assert!(logs.contains("published"), "{logs}");
     let system = built["system"].as_str().expect("system").to_owned();
-    let closure_size = String::from_utf8_lossy(
-        &Command::new("nix-store").args(["-qR", &system]).output().expect("nix-store").stdout,
-    )
-    .lines()
-    .count() as i64;
+    let closure_size =
+        String::from_utf8_lossy(&Command::new("nix-store").args(["-qR", &system]).output().expect("nix-store").stdout)
+            .lines()
+            .count() as i64;
 
     // A copy of the cache in which one NAR is another path's (a wrong hash).
     let evil = tmp.path().join("evil");
     assert!(Command::new("cp").arg("-r").arg(&cache).arg(&evil).status().expect("cp").success());
-    let mut nars: Vec<_> = std::fs::read_dir(evil.join("nar")).expect("nar dir").map(|e| e.expect("entry").path()).collect();
+    let mut nars: Vec<_> =
+        std::fs::read_dir(evil.join("nar")).expect("nar dir").map(|e| e.expect("entry").path()).collect();
     nars.sort();
+    assert!(nars.iter().all(|n| n.to_string_lossy().ends_with(".nar.xz")), "nix copy's default is xz: {nars:?}");
     std::fs::copy(&nars[0], &nars[1]).expect("swap a NAR");
+    // The same closure in caches with NARs compressed with zstd, and not at all.
+    let key = f.controller.state_dir.join("nix-signing.key");
+    for compression in ["zstd", "none"] {
+        let to = format!(
+            "file://{}?compression={compression}&secret-key={}",
+            tmp.path().join(compression).display(),
+            key.display()
+        );
+        let out = Command::new("nix").args(["copy", "--to", &to, &system]).output().expect("nix copy");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
 
     let host = f.host_address();
     let _good = serve(&cache, &format!("{host}:18080"));
     let _evil = serve(&evil, &format!("{host}:18081"));
+    let _zstd = serve(&tmp.path().join("zstd"), &format!("{host}:18084"));
+    let _none = serve(&tmp.path().join("none"), &format!("{host}:18085"));
     // Accepts connections and never answers.
     let _silent = Server(
         Command::new("socat")
@@ -77,6 +91,8 @@ fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller()
     let devices = [
         ("good", format!("[\"http://{host}:18080\"]")),
         ("evil", format!("[\"http://{host}:18081\"]")),
+        ("zstd", format!("[\"http://{host}:18084\"]")),
+        ("plain", format!("[\"http://{host}:18085\"]")),
         // Down (nothing listens on 18083), then silent.
         ("broken", format!("[\"http://{host}:18083\", \"http://{host}:18082\"]")),
     ];
@@ -98,6 +114,11 @@ fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller()
     assert_eq!(count(&good, "paths_sent"), 0, "{good}");
     assert!(count(&good, "paths_substituted") >= closure_size - 1, "{good} of {closure_size}");
     assert!(count(&good, "bytes_substituted") > 0);
+    for name in ["zstd", "plain"] {
+        let c = child(name);
+        assert_eq!(count(&c, "paths_sent"), 0, "{name}: {c}");
+        assert!(count(&c, "paths_substituted") >= closure_size - 1, "{name}: {c}");
+    }
     // The path whose NAR was wrong came from the controller; the rest from the cache.
     let evil = child("evil");
     assert!(count(&evil, "paths_sent") >= 1, "{evil}");

@@ -898,6 +898,8 @@ fn delta_bases_the_device_is_not_known_to_have_are_ignored() {
                     missing: paths,
                     bases: vec![thymis_proto::message::DeltaBase { path: new_blob.clone(), base: old_blob.clone() }],
                     window: None,
+                    substituted_paths: 0,
+                    substituted_bytes: 0,
                 },
                 AgentBound::PathStart { info, delta_base, .. } if info.path == new_blob => return delta_base,
                 _ => continue,

@@ -161,6 +161,8 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
                 missing: vec![sp("system")],
                 bases: vec![],
                 window: None,
+                substituted_paths: 0,
+                substituted_bytes: 0,
             },
         ),
         (
@@ -170,6 +172,8 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
                 missing: vec![sp("lib"), sp("system")],
                 bases: vec![thymis_proto::DeltaBase { path: sp("lib"), base: sp("lib-old") }],
                 window: None,
+                substituted_paths: 0,
+                substituted_bytes: 0,
             },
         ),
         (
@@ -179,8 +183,22 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
                 missing: vec![sp("lib"), sp("system")],
                 bases: vec![],
                 window: Some(thymis_proto::CopyWindow { paths: 512, bytes: 16 << 20 }),
+                substituted_paths: 0,
+                substituted_bytes: 0,
             },
         ),
+        (
+            "paths_missing_substituted",
+            ControllerBound::PathsMissing {
+                deployment_id: id(),
+                missing: vec![sp("system")],
+                bases: vec![],
+                window: Some(thymis_proto::CopyWindow { paths: 512, bytes: 64 << 20 }),
+                substituted_paths: 1204,
+                substituted_bytes: 187_000_000,
+            },
+        ),
+        ("substituting", ControllerBound::Substituting { deployment_id: id(), paths: 310, bytes: 41_000_000 }),
         ("path_imported", ControllerBound::PathImported { deployment_id: id(), path: sp("system") }),
         (
             "path_refused",

@@ -527,6 +527,8 @@ async fn load_agent_copy(mut ws: LoadWs) -> Result<u64, String> {
                     missing: paths,
                     bases: vec![],
                     window: Some(CopyWindow { paths: 512, bytes: 64 << 20 }),
+                    substituted_paths: 0,
+                    substituted_bytes: 0,
                 },
                 AgentBound::PathStart { info, .. } => {
                     dec.reinit().map_err(|e| e.to_string())?;
