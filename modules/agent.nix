@@ -61,6 +61,18 @@ in
             type = lib.types.ints.positive;
             default = 120;
           };
+          substituters = lib.mkOption {
+            type = lib.types.listOf lib.types.str;
+            default = [ ];
+            example = [ "http://cache.site.example" ];
+            description = ''
+              Nix binary caches the agent takes a deployment's paths from before the
+              controller sends them (for example the cache the controller publishes to
+              with --publish-cache, served by the site's web server). What they serve must
+              be signed by a key of nix_trusted_keys; a cache that fails only sends the
+              device back to the controller.
+            '';
+          };
           terminal = lib.mkOption {
             type = lib.types.bool;
             default = false;

@@ -130,7 +130,7 @@ in
 {
   # The generated agent.toml without an enrollment token file (a null left out).
   agentTomlWithoutToken = agentToml (agent { });
-  agentTomlWithTerminal = agentToml (agent { settings.terminal = true; });
+  agentTomlWithTerminal = agentToml (agent { settings.terminal = true; settings.substituters = [ "http://cache.site.example" ]; });
   # The default package is pkgs.thymis (the overlay's).
   agentExecStart = (agent { }).systemd.services.thymis-agent.serviceConfig.ExecStart;
   agentStateDirectory = (agent { settings.state_dir = "/var/lib/fleet"; }).systemd.services.thymis-agent.serviceConfig.StateDirectory;

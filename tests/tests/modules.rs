@@ -68,6 +68,8 @@ fn modules_evaluate_with_the_real_module_system_and_the_docs_examples_hold() {
     assert_eq!(toml["controller_url"], "wss://c.example/agent/v1", "{toml}");
     assert_eq!(toml["terminal"], false, "the terminal is off unless enabled: {toml}");
     assert_eq!(v["agentTomlWithTerminal"]["terminal"], true);
+    assert_eq!(v["agentTomlWithTerminal"]["substituters"], serde_json::json!(["http://cache.site.example"]));
+    assert_eq!(toml["substituters"], serde_json::json!([]), "{toml}");
     assert!(toml.get("enrollment_token_file").is_none(), "{toml}");
     // The package defaults to pkgs.thymis; arguments escaped for systemd.
     let exec = v["agentExecStart"].as_str().unwrap_or_default();
