@@ -108,26 +108,85 @@ pub fn substitute(agent: &Agent, missing: &[StorePath], progress: &(dyn Fn(Subst
     }
     info!(paths = found.len(), of = missing.len(), "substituting from binary caches");
 
-    // Their NARs, each checked into a staging file.
-    let staged: Vec<Mutex<Option<(PathBuf, u64)>>> = found.iter().map(|_| Mutex::new(None)).collect();
+    // In chunks of at most CHUNK_PATHS paths and CHUNK_BYTES of NAR (dependencies
+    // first): the chunk's NARs are checked into staging files, four at a time, then
+    // imported, so staging never holds more than a chunk, whatever the closure's size.
+    let missing_set: HashSet<&StorePath> = missing.iter().collect();
+    let mut have: HashSet<StorePath> = HashSet::new();
+    let mut got = Substituted::default();
+    let mut rest = &found[..];
+    while !rest.is_empty() {
+        let mut n = 0;
+        let mut bytes = 0;
+        while n < rest.len() && n < CHUNK_PATHS && (n == 0 || bytes + rest[n].1.info.nar_size <= CHUNK_BYTES) {
+            bytes += rest[n].1.info.nar_size;
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        let staged = fetch_all(agent, &http, &caches, chunk, timeout, got, progress);
+        // A path whose references are neither in the store nor substituted stays
+        // missing (the controller sends it, and them).
+        let mut batch: Vec<(&PathInfo, PathBuf, u64)> = vec![];
+        let mut in_batch: HashSet<&StorePath> = HashSet::new();
+        for ((_, narinfo), staged) in chunk.iter().zip(staged) {
+            let Some((nar, bytes)) = staged else { continue };
+            let present = |r: &StorePath| !missing_set.contains(r) || have.contains(r) || in_batch.contains(r);
+            if narinfo.info.dependencies().all(present) {
+                in_batch.insert(&narinfo.info.path);
+                batch.push((&narinfo.info, nar, bytes));
+            } else {
+                let _ = std::fs::remove_file(&nar);
+            }
+        }
+        let imported = import(agent, &batch);
+        for (info, nar, bytes) in &batch {
+            let _ = std::fs::remove_file(nar);
+            if imported.contains(&info.path) {
+                have.insert(info.path.clone());
+                got.paths += 1;
+                got.bytes += bytes;
+            }
+        }
+        progress(got);
+    }
+    info!(paths = got.paths, bytes = got.bytes, "substituted from binary caches");
+    got
+}
+
+/// Paths per chunk, and NAR bytes (a larger path goes alone).
+const CHUNK_PATHS: usize = 256;
+const CHUNK_BYTES: u64 = 64 << 20;
+
+/// The chunk's NARs, downloaded and checked into staging files (`None` where that failed).
+fn fetch_all(
+    agent: &Agent,
+    http: &ureq::Agent,
+    caches: &[Cache],
+    chunk: &[(usize, NarInfo)],
+    timeout: Duration,
+    before: Substituted,
+    progress: &(dyn Fn(Substituted) + Sync),
+) -> Vec<Option<(PathBuf, u64)>> {
+    let staged: Vec<Mutex<Option<(PathBuf, u64)>>> = chunk.iter().map(|_| Mutex::new(None)).collect();
     let (next, done_paths, done_bytes) = (AtomicUsize::new(0), AtomicU64::new(0), AtomicU64::new(0));
     std::thread::scope(|s| {
         for _ in 0..PARALLEL {
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((c, narinfo)) = found.get(i) else { break };
+                    let Some((c, narinfo)) = chunk.get(i) else { break };
                     let cache = &caches[*c];
                     if cache.broken.load(Ordering::Relaxed) {
                         continue;
                     }
-                    match fetch(agent, &http, cache, narinfo, timeout) {
+                    match fetch(agent, http, cache, narinfo, timeout) {
                         Ok((nar, bytes)) => {
                             *lock(&staged[i]) = Some((nar, bytes));
                             let p = done_paths.fetch_add(1, Ordering::Relaxed) + 1;
                             let b = done_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
                             agent.liveness.beat();
-                            progress(Substituted { paths: p, bytes: b });
+                            progress(Substituted { paths: before.paths + p, bytes: before.bytes + b });
                         }
                         Err(e) => warn!(path = %narinfo.info.path, cache = %cache.url, "not substituted: {e}"),
                     }
@@ -135,46 +194,33 @@ pub fn substitute(agent: &Agent, missing: &[StorePath], progress: &(dyn Fn(Subst
             });
         }
     });
+    staged.into_iter().map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner())).collect()
+}
 
-    // Imported dependencies first; a path whose references are neither in the store nor
-    // substituted stays missing (the controller sends it, and them).
-    let missing_set: HashSet<&StorePath> = missing.iter().collect();
-    let mut have: HashSet<StorePath> = HashSet::new();
-    let mut batch: Vec<(&PathInfo, PathBuf, u64)> = vec![];
-    for ((_, narinfo), staged) in found.iter().zip(staged) {
-        let Some((nar, bytes)) = staged.into_inner().ok().flatten() else { continue };
-        let ready = narinfo.info.dependencies().all(|r| !missing_set.contains(r) || have.contains(r));
-        if ready {
-            have.insert(narinfo.info.path.clone());
-            batch.push((&narinfo.info, nar, bytes));
-        } else {
-            let _ = std::fs::remove_file(&nar);
-        }
+/// Imports staged paths (dependencies first) with one `nix-store --import`: the paths
+/// that are valid afterwards (after a failure, those that went in before it).
+fn import(agent: &Agent, batch: &[(&PathInfo, PathBuf, u64)]) -> HashSet<StorePath> {
+    if batch.is_empty() {
+        return HashSet::new();
     }
-    let mut got = Substituted::default();
-    for chunk in batch.chunks(256) {
-        let files: Result<Vec<_>, String> = chunk
-            .iter()
-            .map(|(info, nar, _)| {
-                let f = std::fs::File::open(nar).map_err(|e| format!("{}: {e}", nar.display()))?;
-                Ok((*info, Box::new(BufReader::new(f)) as Box<dyn Read>))
-            })
-            .collect();
-        let result = files.and_then(|f| agent.store.import(f).map_err(|e| e.to_string()));
-        match result {
-            Ok(()) => {
-                got.paths += chunk.len() as u64;
-                got.bytes += chunk.iter().map(|(_, _, b)| b).sum::<u64>();
-            }
+    let files: Result<Vec<_>, String> = batch
+        .iter()
+        .map(|(info, nar, _)| {
+            let f = std::fs::File::open(nar).map_err(|e| format!("{}: {e}", nar.display()))?;
+            Ok((*info, Box::new(BufReader::new(f)) as Box<dyn Read>))
+        })
+        .collect();
+    let paths: Vec<StorePath> = batch.iter().map(|(i, _, _)| i.path.clone()).collect();
+    match files.and_then(|f| agent.store.import(f).map_err(|e| e.to_string())) {
+        Ok(()) => paths.into_iter().collect(),
+        Err(e) => {
             // What did not go in is still missing: the controller sends it.
-            Err(e) => warn!("importing substituted paths: {e}"),
-        }
-        for (_, nar, _) in chunk {
-            let _ = std::fs::remove_file(nar);
+            warn!("importing substituted paths: {e}");
+            let invalid: HashSet<StorePath> =
+                agent.store.invalid_paths(&paths).unwrap_or(paths.clone()).into_iter().collect();
+            paths.into_iter().filter(|p| !invalid.contains(p)).collect()
         }
     }
-    info!(paths = got.paths, bytes = got.bytes, "substituted from binary caches");
-    got
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

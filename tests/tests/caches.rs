@@ -44,7 +44,7 @@ fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller()
         ..Default::default()
     })
     .expect("fleet");
-    f.set_configs(&json!({ "alpha": { "version": "1", "payloads": 3, "small": 150 }, "beta": {} })).expect("cfg");
+    f.set_configs(&json!({ "alpha": { "version": "1", "payloads": 3, "small": 600 }, "beta": {} })).expect("cfg");
     f.controller.ctl(&["project", "commit", "-m", "a closure to cache"]);
     let built = f.controller.ctl_json(&["build", "alpha", "--wait"]);
     assert_eq!(built["result"], "succeeded", "{built}");
