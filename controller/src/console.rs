@@ -237,6 +237,10 @@ async fn relay(socket: WebSocket, mut stream: Stream, first: Option<FromDevice>)
     if let Some(last) = last {
         let _ = tx.send(Message::Text(last.to_string().into())).await;
         let _ = tx.close().await;
+        // Until the client has read it and closed: a socket closed with the client's
+        // input unread is reset, and a reset can discard the last frame before it reads it.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(_)) = rx.next().await {} }).await;
     }
     end
 }

@@ -864,6 +864,23 @@ impl Fleet {
         Ok((netns, veth))
     }
 
+    /// A systemd device whose agent allows a terminal, online and deployed to with
+    /// `web.service` running (version `version` of `alpha`): the deployment task.
+    pub fn systemd_device_with_web_unit(&mut self, name: &str, version: &str) -> Result<Value> {
+        self.add_systemd_device(name, "alpha", false)?;
+        self.add_agent_config(name, "terminal = true\n")?;
+        self.device_mut(name).start()?;
+        self.wait_online(name);
+        self.set_configs(
+            &serde_json::json!({ "alpha": { "version": version, "units": ["web.service"] }, "beta": {} }),
+        )?;
+        let t = self.controller.ctl_json(&["deploy", "--wait", "--device", name, "-m", "web up"]);
+        if t["result"] != "succeeded" {
+            bail!("deploying web.service to {name}: {t}\n{}", self.diagnostics());
+        }
+        Ok(t)
+    }
+
     /// Adds `text` to a device's agent configuration (for its next start).
     pub fn add_agent_config(&self, name: &str, text: &str) -> Result<()> {
         let file = self.device(name).dir.join("agent.toml");

@@ -16,13 +16,7 @@ fn text(out: &std::process::Output) -> (String, String) {
 #[test]
 fn a_systemd_devices_history_journal_and_terminal_reach_the_admin() {
     let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
-    f.add_systemd_device("s1", "alpha", false).expect("systemd device");
-    f.add_agent_config("s1", "terminal = true\n").expect("config");
-    f.device_mut("s1").start().expect("boot");
-    f.wait_online("s1");
-    f.set_configs(&json!({ "alpha": { "version": "7", "units": ["web.service"] }, "beta": {} })).expect("cfg");
-    let t = f.controller.ctl_json(&["deploy", "--wait", "--device", "s1", "-m", "web up"]);
-    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    let t = f.systemd_device_with_web_unit("s1", "7").expect("s1 with web.service");
 
     // The device page: what it runs, and the deployment just made.
     let d = f.controller.ctl_json(&["device", "show", "s1"]);

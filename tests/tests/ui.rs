@@ -115,13 +115,7 @@ fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
 #[test]
 fn the_device_page_shows_its_deployments_its_journal_and_a_working_terminal() {
     let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
-    f.add_systemd_device("s1", "alpha", false).expect("systemd device");
-    f.add_agent_config("s1", "terminal = true\n").expect("config");
-    f.device_mut("s1").start().expect("boot");
-    f.wait_online("s1");
-    f.set_configs(&json!({ "alpha": { "version": "5", "units": ["web.service"] }, "beta": {} })).expect("cfg");
-    let t = f.controller.ctl_json(&["deploy", "--wait", "--device", "s1", "-m", "web up"]);
-    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    let t = f.systemd_device_with_web_unit("s1", "5").expect("s1 with web.service");
     ui(
         &f,
         "device",
