@@ -59,6 +59,8 @@ pub struct AgentConfig {
     pub substituters: Vec<String>,
     /// Seconds a binary cache has to connect and to answer a request.
     pub substituter_timeout: u64,
+    /// The CA certificates (PEM) an https:// binary cache's certificate is checked with.
+    pub substituter_ca_file: PathBuf,
     /// Let the controller's admin open a terminal (a root shell) on this device.
     pub terminal: bool,
     /// Seconds a terminal may sit without input or output before it is closed.
@@ -92,6 +94,7 @@ impl Default for AgentConfig {
             allow_unsafe_reboot: false,
             substituters: vec![],
             substituter_timeout: 10,
+            substituter_ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
             terminal: false,
             terminal_idle_timeout: 900,
         }

@@ -42,12 +42,30 @@ struct Cache {
     broken: AtomicBool,
 }
 
-fn client(timeout: Duration) -> ureq::Agent {
+/// An HTTP client for the caches: https:// ones are checked against the CA certificates
+/// of `substituter_ca_file` (none readable: https caches fail, and are not used).
+fn client(timeout: Duration, ca_file: &std::path::Path) -> ureq::Agent {
+    // ureq takes rustls' process-wide provider; already installed is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pem = std::fs::read(ca_file).unwrap_or_default();
+    let roots: Vec<_> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    if roots.is_empty() {
+        debug!(file = %ca_file.display(), "no CA certificates: https binary caches cannot be checked");
+    }
+    let tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+        .build();
     ureq::Agent::config_builder()
         .timeout_connect(Some(timeout))
         .timeout_recv_response(Some(timeout))
         .http_status_as_error(false)
-        .tls_config(ureq::tls::TlsConfig::builder().provider(ureq::tls::TlsProvider::Rustls).build())
+        .tls_config(tls)
         .build()
         .into()
 }
@@ -77,7 +95,7 @@ pub fn substitute(agent: &Agent, missing: &[StorePath], progress: &(dyn Fn(Subst
         return Substituted::default();
     }
     let timeout = Duration::from_secs(config.substituter_timeout.max(1));
-    let http = client(timeout);
+    let http = client(timeout, &config.substituter_ca_file);
     let caches: Vec<Cache> = config
         .substituters
         .iter()

@@ -77,10 +77,34 @@ fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller()
     }
 
     let host = f.host_address();
+    // The good cache again over https, behind a TLS proxy whose certificate a test CA issued.
+    let pki = tmp.path().join("pki");
+    std::fs::create_dir_all(&pki).expect("mkdir");
+    let openssl = format!(
+        "set -e; cd {dir}
+         openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.crt -days 1 -subj /CN=test-ca 2>/dev/null
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout srv.key -out srv.csr -subj /CN=cache 2>/dev/null
+         printf 'subjectAltName=IP:{host}' > ext
+         openssl x509 -req -in srv.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out srv.crt -days 1 -extfile ext 2>/dev/null
+         cat srv.crt srv.key > srv.pem",
+        dir = pki.display()
+    );
+    assert!(Command::new("sh").args(["-c", &openssl]).status().expect("openssl").success());
     let _good = serve(&cache, &format!("{host}:18080"));
     let _evil = serve(&evil, &format!("{host}:18081"));
     let _zstd = serve(&tmp.path().join("zstd"), &format!("{host}:18084"));
     let _none = serve(&tmp.path().join("none"), &format!("{host}:18085"));
+    let _https = Server(
+        Command::new("socat")
+            .arg(format!(
+                "OPENSSL-LISTEN:18086,bind={host},cert={},verify=0,fork,reuseaddr",
+                pki.join("srv.pem").display()
+            ))
+            .arg(format!("TCP:{host}:18080"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat"),
+    );
     // Accepts connections and never answers.
     let _silent = Server(
         Command::new("socat")
@@ -93,6 +117,10 @@ fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller()
         ("evil", format!("[\"http://{host}:18081\"]")),
         ("zstd", format!("[\"http://{host}:18084\"]")),
         ("plain", format!("[\"http://{host}:18085\"]")),
+        (
+            "https",
+            format!("[\"https://{host}:18086\"]\nsubstituter_ca_file = {:?}", pki.join("ca.crt").display().to_string()),
+        ),
         // Down (nothing listens on 18083), then silent.
         ("broken", format!("[\"http://{host}:18083\", \"http://{host}:18082\"]")),
     ];
@@ -114,9 +142,11 @@ fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller()
     assert_eq!(count(&good, "paths_sent"), 0, "{good}");
     assert!(count(&good, "paths_substituted") >= closure_size - 1, "{good} of {closure_size}");
     assert!(count(&good, "bytes_substituted") > 0);
-    for name in ["zstd", "plain"] {
+    for name in ["zstd", "plain", "https"] {
         let c = child(name);
-        assert_eq!(count(&c, "paths_sent"), 0, "{name}: {c}");
+        let log = f.device(name).log();
+        let log: Vec<&str> = log.lines().filter(|l| l.contains("cache") || l.contains("panic")).take(12).collect();
+        assert_eq!(count(&c, "paths_sent"), 0, "{name}: {c}\n{log:?}");
         assert!(count(&c, "paths_substituted") >= closure_size - 1, "{name}: {c}");
     }
     // The path whose NAR was wrong came from the controller; the rest from the cache.
