@@ -96,8 +96,14 @@ impl Streams {
         {
             return self.end(stream, "terminal input chunk too large".into());
         }
-        if tx.try_send(input).is_err() {
-            self.end(stream, "the terminal's input overran (its program is not reading)".into());
+        match tx.try_send(input) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.end(stream, "the terminal's input overran (its program is not reading)".into())
+            }
+            // The session has ended (its command exited): its end, with the exit status, is
+            // on its way; input that came after it is moot.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 
