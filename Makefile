@@ -4,9 +4,9 @@
 
 CARGO ?= cargo
 
-.PHONY: test demo setup build lint fuzz-check bench
+.PHONY: test demo setup setup-tests build lint fuzz-check bench
 
-test: setup lint build
+test: setup-tests lint build
 	$(CARGO) test --workspace
 	@[ -n "$$NIXPKGS_LIB" ] || echo "note: NIXPKGS_LIB is not set: tests/tests/modules.rs skipped evaluating the NixOS modules with lib.evalModules"
 	$(MAKE) fuzz-check
@@ -17,6 +17,9 @@ demo: setup
 
 setup:
 	bash scripts/setup.sh
+
+setup-tests:
+	bash scripts/setup.sh --test-inputs
 
 build:
 	$(CARGO) build --workspace --bins

@@ -49,10 +49,11 @@ if [ ! -d "$here/tests/ui/node_modules/playwright-core" ]; then
   (cd "$here/tests/ui" && npm ci --no-audit --no-fund --silent)
 fi
 
-# For the ARM board tests: Debian's arm64 cloud kernel and static busybox, unpacked
-# (not installed) into a cache that outlives clones of the repository.
+# For the ARM board tests (`setup.sh --test-inputs`, as `make test` runs it): Debian's
+# arm64 cloud kernel and static busybox, unpacked (not installed) into a cache that
+# outlives clones of the repository.
 inputs="${THYMIS_TEST_INPUTS:-/var/cache/thymis-test-inputs}/arm64"
-if [ ! -e "$inputs/.complete" ]; then
+if [ "${1:-}" = "--test-inputs" ] && [ ! -e "$inputs/.complete" ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   if ! dpkg --print-foreign-architectures | grep -qx arm64; then
     $sudo dpkg --add-architecture arm64
