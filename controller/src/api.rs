@@ -31,7 +31,12 @@ impl IntoResponse for ApiError {
 
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
-        ApiError(StatusCode::BAD_REQUEST, format!("{e:#}"))
+        let status = if e.downcast_ref::<crate::sql::Unavailable>().is_some() {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        ApiError(status, format!("{e:#}"))
     }
 }
 

@@ -67,6 +67,33 @@ pub async fn build(ctl: &Arc<Controller>, task: i64, commit: &str, config: &str)
     Ok(system)
 }
 
+/// A system built before (recorded with its deployment), made present in this
+/// controller's store: already there (one machine, or built here), or fetched by Nix
+/// from its substituters (another controller's `--publish-cache`, docs/scale.md).
+pub async fn present(system: &str) -> Result<StorePath> {
+    let path: StorePath = system.parse()?;
+    let check = path.clone();
+    let missing = tokio::task::spawn_blocking(move || LocalStore::system().invalid_paths(&[check])).await??;
+    if missing.is_empty() {
+        return Ok(path);
+    }
+    let out = tokio::process::Command::new("nix-store")
+        .arg("--realise")
+        .arg(path.to_absolute())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("running nix-store --realise")?;
+    if !out.status.success() {
+        bail!(
+            "{system} was built by another controller and is not in this one's Nix store, nor on its substituters \
+             (give the controllers a shared --publish-cache and list it in nix.conf's substituters): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(path)
+}
+
 /// Copies a built closure to the binary cache of `--publish-cache`, signed with the
 /// controller's Nix key, before any device is offered it (so that devices find it
 /// there). A cache that cannot take it is logged; devices then get it from the controller.

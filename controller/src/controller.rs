@@ -17,6 +17,8 @@ use crate::project::Project;
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub state_dir: PathBuf,
+    /// Where the database is (default: `db.sqlite` in the state directory).
+    pub database: Option<crate::sql::Location>,
     /// The URL agents use, written into generated agent configurations.
     pub public_url: String,
     pub heartbeat: Duration,
@@ -194,6 +196,11 @@ pub struct Controller {
     pub nar_cache: crate::nar_cache::NarCache,
     /// Builds run since start (the fan-out benchmark reads it).
     pub build_count: std::sync::atomic::AtomicU64,
+    /// This controller among those sharing the database (kept in the state directory,
+    /// so a restarted controller knows its own tasks).
+    pub instance: String,
+    /// Device deployments this process is delivering now (one delivery each).
+    pub delivering: Mutex<HashSet<i64>>,
 }
 
 fn load_or_create_key(path: &Path, name: &str) -> Result<SecretKey> {
@@ -244,7 +251,10 @@ impl Controller {
         };
         let project = Project::new(&paths.project);
         project.init_if_missing().context("creating the project repository")?;
-        let db = Db::open(&paths.db)?;
+        let db = match &settings.database {
+            Some(location) => Db::connect(location)?,
+            None => Db::open(&paths.db)?,
+        };
         let ended = db.end_sessions_of_other_tokens(&admin_token)?;
         if ended > 0 {
             tracing::warn!(sessions = ended, "the admin token changed: every browser session ended");
@@ -253,7 +263,18 @@ impl Controller {
         let (task_changed, _) = broadcast::channel(1024);
         let handshakes = Arc::new(Semaphore::new(settings.max_unauthenticated));
         let nar_cache_dir = paths.root.join("nar-cache");
+        let instance = match std::fs::read_to_string(paths.root.join("controller-id")) {
+            Ok(id) => id.trim().to_owned(),
+            Err(_) => {
+                let id = format!("ctl-{}", crate::random::hex::<6>()?);
+                write_secret(&paths.root.join("controller-id"), &id)?;
+                id
+            }
+        };
+        db.heartbeat(&instance)?;
         Ok(Arc::new(Controller {
+            instance,
+            delivering: Mutex::new(HashSet::new()),
             nar_cache: crate::nar_cache::NarCache::new(nar_cache_dir),
             paths,
             db,
@@ -282,14 +303,28 @@ impl Controller {
         lock(&self.conns).get(device).cloned()
     }
 
+    /// Devices connected to this controller or to another one that is alive.
     pub fn online(&self) -> HashSet<String> {
-        lock(&self.conns).keys().cloned().collect()
+        let mut online: HashSet<String> = lock(&self.conns).keys().cloned().collect();
+        match self.db.devices_connected_elsewhere(&self.instance, self.alive_since()) {
+            Ok(elsewhere) => online.extend(elsewhere),
+            Err(e) => tracing::warn!("devices connected to other controllers: {e:#}"),
+        }
+        online
+    }
+
+    /// Controllers seen since then are alive (a controller's heartbeat is its sweep).
+    pub fn alive_since(&self) -> i64 {
+        crate::db::now() - self.settings.dead_after.as_secs().max(3) as i64
     }
 
     /// Registers a new connection, replacing (and closing) an older one of the device.
     pub fn register(&self, conn: Arc<Conn>) {
         if let Some(old) = lock(&self.conns).insert(conn.device.clone(), conn.clone()) {
             old.close();
+        }
+        if let Err(e) = self.db.set_device_controller(&conn.device, &self.instance, true) {
+            tracing::warn!(device = %conn.device, "recording the connection: {e:#}");
         }
         let _ = self.connected.send(conn.device.clone());
     }
@@ -298,6 +333,7 @@ impl Controller {
         let mut conns = lock(&self.conns);
         if conns.get(&conn.device).is_some_and(|c| Arc::ptr_eq(c, conn)) {
             conns.remove(&conn.device);
+            let _ = self.db.set_device_controller(&conn.device, &self.instance, false);
         }
         conn.close();
     }

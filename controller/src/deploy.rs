@@ -106,6 +106,7 @@ pub async fn start(ctl: &Arc<Controller>, req: DeployRequest) -> Result<i64> {
     let expires = now() + ctl.settings.deployment_ttl.as_secs() as i64;
     let message = req.message.clone().unwrap_or_default();
     let task = ctl.db.create_task("deployment", Some(&commit), Some(&message), None, req.reboot, Some(expires))?;
+    ctl.db.set_task_owner(task, &ctl.instance)?;
     if staging.is_staged() {
         ctl.db.set_task_rollout(task, &staging)?;
     }
@@ -186,7 +187,14 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
     for config in &configs {
         let of_config: Vec<&ChildRow> = children.iter().filter(|c| &c.config == config).collect();
         ctl.notify_task(task);
-        let built = match build::build_cached(ctl, task, commit, config).await {
+        // Built before (by this controller before a restart, or by another one that
+        // stopped): the recorded system, not a new build.
+        let recorded: BTreeSet<Option<&String>> = of_config.iter().map(|c| c.system.as_ref()).collect();
+        let built = match recorded.into_iter().collect::<Vec<_>>().as_slice() {
+            [Some(system)] => build::present(system).await,
+            _ => build::build_cached(ctl, task, commit, config).await,
+        };
+        let built = match built {
             Ok(system) => {
                 // In the background: the copies start at once, compressing what they
                 // need first (and the next path while one is sent).
@@ -401,6 +409,18 @@ async fn deliver(
     commit: &str,
     reboot: bool,
 ) -> Result<()> {
+    // One delivery of a device deployment per process (the task's run and the pickup of
+    // devices connected here may both start one).
+    if !lock(&ctl.delivering).insert(child.id) {
+        return Ok(());
+    }
+    struct Delivering<'a>(&'a Controller, i64);
+    impl Drop for Delivering<'_> {
+        fn drop(&mut self) {
+            lock(&self.0.delivering).remove(&self.1);
+        }
+    }
+    let _delivering = Delivering(ctl, child.id);
     let mut connected = ctl.connected.subscribe();
     // Paths streamed whole whose acknowledgement the connection lost: if the device has
     // them on the next attempt, they count as sent (and are not sent again).
@@ -422,6 +442,11 @@ async fn deliver(
             let _ = tokio::time::timeout(Duration::from_secs(1), connected.recv()).await;
             continue;
         };
+        // Controllers sharing the database: one of them delivers at a time.
+        if !ctl.db.claim_child(child.id, &ctl.instance, ctl.alive_since())? {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
         if report(ctl, &child, Event::Offered, &Details::default())?.is_err() {
             return Ok(());
         }
@@ -460,6 +485,8 @@ async fn deliver(
                 return Ok(());
             }
             Err(Stop::Disconnected) => {
+                // The device may come back through another controller.
+                ctl.db.release_child(child.id, &ctl.instance)?;
                 if report(ctl, &child, Event::Lost, &Details::default())?.is_err() {
                     return Ok(());
                 }
@@ -806,11 +833,19 @@ pub fn sweep(ctl: &Arc<Controller>) -> Result<()> {
     Ok(())
 }
 
-/// After a restart: children that had not activated end `interrupted`; activated ones
-/// keep waiting for their devices (which are confirmed when they reconnect).
+/// After a restart: the open tasks this controller carried before (or that no live
+/// controller carries) are its own again; their children that had not activated end
+/// `interrupted`, activated ones keep waiting for their devices (which are confirmed
+/// when they reconnect). Staged rollouts then go on from the wave, or the soak, they
+/// were at.
 pub fn recover(ctl: &Arc<Controller>) -> Result<()> {
-    for (task, kind, _) in ctl.db.open_tasks()? {
-        if kind != "deployment" {
+    let me = &ctl.instance;
+    let mine: Vec<(i64, Option<String>)> = ctl.db.orphaned_tasks(me, ctl.alive_since(), true)?;
+    let mine = mine.into_iter().map(|(t, _)| t).chain(ctl.db.tasks_of(me)?);
+    for task in mine.collect::<BTreeSet<i64>>() {
+        ctl.db.set_task_owner(task, me)?;
+        let Some(t) = ctl.db.task(task)? else { continue };
+        if t.kind != "deployment" {
             ctl.db.set_task_state(
                 task,
                 TaskState::Finished,
@@ -830,22 +865,69 @@ pub fn recover(ctl: &Arc<Controller>) -> Result<()> {
             let _ = report(ctl, &c, Event::Restarted, &details)?;
         }
         refresh_task(ctl, task)?;
+        if t.rollout.is_some() && ctl.db.task_stopped(task)?.is_none() {
+            let Some((commit, reboot)) = ctl.db.task_commit(task)? else { continue };
+            info!(task, "resuming a staged rollout");
+            spawn_run(ctl, task, commit, reboot);
+        }
     }
     Ok(())
 }
 
-/// After a restart (and [`recover`]): staged rollouts go on from the wave, or the soak,
-/// they were at.
-pub fn resume_rollouts(ctl: &Arc<Controller>) -> Result<()> {
-    for (task, kind, _) in ctl.db.open_tasks()? {
-        if kind != "deployment" || ctl.db.task_rollout(task)?.is_none() || ctl.db.task_stopped(task)?.is_some() {
+/// Every sweep, for controllers that share a database: the open tasks of a controller
+/// that stopped are carried on here (nothing is ended for it: its devices reconnect
+/// here, are offered their deployment again or confirmed); and device deployments
+/// whose device is connected here are delivered from here, whoever created them.
+pub fn carry_on(ctl: &Arc<Controller>) -> Result<()> {
+    let me = &ctl.instance;
+    for (task, from) in ctl.db.orphaned_tasks(me, ctl.alive_since(), false)? {
+        if !ctl.db.take_task(task, me, from.as_deref())? {
             continue;
         }
-        let Some((commit, reboot)) = ctl.db.task_commit(task)? else { continue };
-        info!(task, "resuming a staged rollout");
-        spawn_run(ctl, task, commit, reboot);
+        let from = from.unwrap_or_default();
+        warn!(task, from, "carrying on the task of a controller that stopped");
+        let Some(t) = ctl.db.task(task)? else { continue };
+        if t.kind != "deployment" {
+            let why = format!("interrupted: controller {from}, which ran it, stopped");
+            ctl.db.set_task_state(task, TaskState::Finished, Some(TaskResult::Failed), Some(&why))?;
+            ctl.notify_task(task);
+            continue;
+        }
+        ctl.db.log(task, None, &format!("controller {from} stopped; controller {me} carries on"))?;
+        if let Some((commit, reboot)) = ctl.db.task_commit(task)? {
+            spawn_run(ctl, task, commit, reboot);
+        }
+    }
+    for child in ctl.db.deliverable_here(me, ctl.alive_since())? {
+        if lock(&ctl.delivering).contains(&child.id) {
+            continue;
+        }
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let row = child.clone();
+            if let Err(e) = deliver_here(&ctl, child).await {
+                warn!(child = row.id, "delivery failed: {e:#}");
+                let _ = report(&ctl, &row, Event::Failed, &Details::error(&format!("{e:#}")));
+            }
+        });
     }
     Ok(())
+}
+
+/// Delivers a device deployment built elsewhere (or before) to its device connected
+/// here: its closure from the recorded system.
+async fn deliver_here(ctl: &Arc<Controller>, child: ChildRow) -> Result<()> {
+    let Some((commit, reboot)) = ctl.db.task_commit(child.task)? else { return Ok(()) };
+    let system = child.system.clone().context("not built")?;
+    let system = build::present(&system).await?;
+    build::warm_nar_cache(ctl, &system, &child.config);
+    let closure = Arc::new(build::signed_closure(ctl, &system).await?);
+    // Offered by a controller that stopped mid-copy: offered again from here.
+    if child.stage == Stage::Copying && !lock(&ctl.delivering).contains(&child.id) {
+        let _ = report(ctl, &child, Event::Lost, &Details::default())?;
+    }
+    let limit = Semaphore::new(1);
+    deliver(ctl, &limit, child, system, closure, &commit, reboot).await
 }
 
 /// `thymisctl resume TASK`: a soaking rollout goes on to its next wave now; a halted
@@ -886,6 +968,7 @@ pub async fn start_build(ctl: &Arc<Controller>, config: &str, commit: Option<&st
         bail!("no configuration {config:?} in thymis.toml at {commit}");
     }
     let task = ctl.db.create_task("build", Some(&commit), None, Some(config), false, None)?;
+    ctl.db.set_task_owner(task, &ctl.instance)?;
     let (ctl, config) = (ctl.clone(), config.to_owned());
     tokio::spawn(async move {
         let _ = ctl.db.set_task_state(task, TaskState::Running, None, None);

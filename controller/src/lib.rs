@@ -18,6 +18,7 @@ pub mod peer_limits;
 pub mod project;
 pub mod random;
 pub mod read_cap;
+pub mod sql;
 pub mod streams;
 pub mod task;
 pub mod tls;
@@ -64,6 +65,12 @@ pub struct Cli {
     /// signed with the controller's Nix key, which agents trust.
     #[arg(long, value_name = "STORE_URL")]
     pub publish_cache: Option<String>,
+    /// The database: an SQLite file (default: STATE_DIR/db.sqlite) or a PostgreSQL URL,
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DB (`host=/run/postgresql` style sockets
+    /// too), which controllers serving one fleet share (docs/scale.md). Connections to
+    /// PostgreSQL are not encrypted: a local socket, loopback or a trusted network.
+    #[arg(long, env = "THYMIS_DATABASE", value_name = "PATH_OR_URL")]
+    pub database: Option<String>,
     /// Seconds between heartbeats on agent connections.
     #[arg(long, default_value_t = 15)]
     pub heartbeat: u64,
@@ -112,6 +119,7 @@ impl Cli {
     pub fn settings(&self) -> controller::Settings {
         controller::Settings {
             state_dir: self.state_dir.clone(),
+            database: self.database.as_deref().map(crate::sql::Location::parse),
             public_url: self.public_url.clone().unwrap_or_else(|| {
                 let scheme = if self.tls_enabled() { "wss" } else { "ws" };
                 format!("{scheme}://{}", self.listen)
@@ -166,14 +174,19 @@ pub async fn run(cli: Cli) -> Result<()> {
     };
     let ctl = controller::Controller::open(settings)?;
     deploy::recover(&ctl)?;
-    deploy::resume_rollouts(&ctl)?;
     let sweeper = ctl.clone();
     let every = Duration::from_secs(cli.sweep_interval.max(1));
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
+            if let Err(e) = sweeper.db.heartbeat(&sweeper.instance) {
+                tracing::warn!("heartbeat: {e:#}");
+            }
             if let Err(e) = deploy::sweep(&sweeper) {
                 tracing::warn!("expiry sweep: {e:#}");
+            }
+            if let Err(e) = deploy::carry_on(&sweeper) {
+                tracing::warn!("carrying on deployments: {e:#}");
             }
             sweeper.nar_cache.prune(Duration::from_secs(24 * 3600));
         }

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+pub mod balancer;
 pub mod board;
+pub mod postgres;
 pub mod vm;
 
 /// The directory holding the workspace's binaries.
@@ -219,6 +221,9 @@ pub struct FleetOptions {
     pub max_handshakes: Option<usize>,
     /// More arguments for the controller.
     pub extra_args: Vec<String>,
+    /// The controller's database on a private PostgreSQL server instead of its SQLite
+    /// file; also set for every fleet by `THYMIS_TEST_DATABASE=postgres`.
+    pub postgres: bool,
 }
 
 impl Default for FleetOptions {
@@ -233,6 +238,7 @@ impl Default for FleetOptions {
             parallel: None,
             max_handshakes: None,
             extra_args: vec![],
+            postgres: std::env::var("THYMIS_TEST_DATABASE").is_ok_and(|d| d == "postgres"),
         }
     }
 }
@@ -772,6 +778,8 @@ impl Drop for Device {
 #[derive(Debug)]
 pub struct Fleet {
     pub controller: Controller,
+    /// The controller's PostgreSQL server, when it has one (dropped after it).
+    pub postgres: Option<postgres::Postgres>,
     pub devices: Vec<Device>,
     net: Net,
     pub tmp: tempfile::TempDir,
@@ -779,9 +787,13 @@ pub struct Fleet {
 
 impl Fleet {
     /// Starts a controller whose project is the fake-system test project.
-    pub fn new(opts: FleetOptions) -> Result<Fleet> {
+    pub fn new(mut opts: FleetOptions) -> Result<Fleet> {
         let tmp = tempfile::Builder::new().prefix("thymis-fleet-").tempdir()?;
         let net = Net::new()?;
+        let postgres = if opts.postgres { Some(postgres::Postgres::start()?) } else { None };
+        if let Some(pg) = &postgres {
+            opts.extra_args.push(format!("--database={}", pg.database("thymis")?));
+        }
         let listen = format!("{}:8443", net.host());
         let mut controller = Controller {
             state_dir: tmp.path().join("controller"),
@@ -791,19 +803,50 @@ impl Fleet {
             log: tmp.path().join("controller.log"),
         };
         controller.start()?;
-        let fleet = Fleet { controller, devices: vec![], net, tmp };
+        let fleet = Fleet { controller, postgres, devices: vec![], net, tmp };
         fleet.install_test_project()?;
         Ok(fleet)
     }
 
+    /// A second controller of the fleet (its database must be PostgreSQL), set up as
+    /// docs/scale.md says: its own state directory with the first one's identity and
+    /// Nix keys, admin token and TLS certificate, the same fixture project; on port 8444.
+    pub fn second_controller(&self) -> Result<Controller> {
+        if self.postgres.is_none() {
+            bail!("two controllers share a PostgreSQL database");
+        }
+        let state_dir = self.tmp.path().join("controller-b");
+        std::fs::create_dir_all(&state_dir)?;
+        for f in ["identity.key", "nix-signing.key", "admin-token", "tls.crt", "tls.key"] {
+            let from = self.controller.state_dir.join(f);
+            if from.exists() {
+                std::fs::copy(&from, state_dir.join(f))?;
+            }
+        }
+        let mut b = Controller {
+            state_dir,
+            listen: format!("{}:8444", self.net.host()),
+            opts: self.controller.opts.clone(),
+            child: None,
+            log: self.tmp.path().join("controller-b.log"),
+        };
+        b.start()?;
+        Self::install_test_project_in(&b)?;
+        Ok(b)
+    }
+
     /// Replaces the starter project with the fixture project and commits it.
     fn install_test_project(&self) -> Result<()> {
-        let project = self.controller.project_dir();
+        Self::install_test_project_in(&self.controller)
+    }
+
+    fn install_test_project_in(controller: &Controller) -> Result<()> {
+        let project = controller.project_dir();
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/project");
         for f in ["flake.nix", "fake-system.nix", "boot.nix", "arm.nix", "configs.json", "thymis.toml"] {
             std::fs::copy(fixtures.join(f), project.join(f))?;
         }
-        let out = self.controller.ctl(&["project", "commit", "-m", "fleet test project"]);
+        let out = controller.ctl(&["project", "commit", "-m", "fleet test project"]);
         if !out.status.success() {
             bail!("committing the test project: {}", String::from_utf8_lossy(&out.stderr));
         }

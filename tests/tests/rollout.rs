@@ -41,14 +41,25 @@ fn an_activation_the_controller_could_not_record_is_never_sent() {
     let generations = f.device("d1").generations();
 
     // The database refuses to record the next activation (as a full disk would).
-    let db = rusqlite::Connection::open(f.controller.state_dir.join("db.sqlite")).expect("db");
-    db.busy_timeout(std::time::Duration::from_secs(10)).expect("busy timeout");
-    db.execute_batch(
-        "CREATE TRIGGER no_activation BEFORE UPDATE OF stage ON children
-         WHEN NEW.stage = 'activated' AND OLD.stage = 'copying'
-         BEGIN SELECT RAISE(ABORT, 'database or disk is full (injected)'); END;",
-    )
-    .expect("trigger");
+    if let Some(pg) = &f.postgres {
+        pg.psql(
+            "thymis",
+            "CREATE FUNCTION no_activation() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'could not extend file: No space left on device (injected)'; END $$;
+             CREATE TRIGGER no_activation BEFORE UPDATE OF stage ON children FOR EACH ROW
+             WHEN (NEW.stage = 'activated' AND OLD.stage = 'copying') EXECUTE FUNCTION no_activation();",
+        )
+        .expect("trigger");
+    } else {
+        let db = rusqlite::Connection::open(f.controller.state_dir.join("db.sqlite")).expect("db");
+        db.busy_timeout(std::time::Duration::from_secs(10)).expect("busy timeout");
+        db.execute_batch(
+            "CREATE TRIGGER no_activation BEFORE UPDATE OF stage ON children
+             WHEN NEW.stage = 'activated' AND OLD.stage = 'copying'
+             BEGIN SELECT RAISE(ABORT, 'database or disk is full (injected)'); END;",
+        )
+        .expect("trigger");
+    }
 
     f.set_configs(&json!({ "alpha": { "version": "2" }, "beta": {} })).expect("cfg");
     let task = deploy(&f, &["--device", "d1", "-m", "v2"]);

@@ -219,7 +219,7 @@ fn no_web_page_can_open_the_agent_socket() {
 #[test]
 fn the_controllers_state_is_private_whatever_the_umask() {
     use std::os::unix::fs::PermissionsExt;
-    let f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let f = Fleet::new(FleetOptions { postgres: false, ..Default::default() }).expect("fleet");
     let mode = |name: &str| {
         let p = f.controller.state_dir.join(name);
         std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o777

@@ -1,0 +1,487 @@
+//! One small SQL interface over the controller's two databases: SQLite (embedded, the
+//! default) and PostgreSQL (shared by several controllers). `crate::db` writes each
+//! statement once, in the dialect both accept, with `?N` parameters; this module binds
+//! values, reads rows, and runs transactions on either.
+//!
+//! PostgreSQL's client library blocks on a runtime of its own, which must not run inside
+//! the controller's: the connection lives on a thread of its own, and statements reach it
+//! as messages (the caller blocks, as it does on SQLite).
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// A value bound to a statement or read from a row. Booleans are stored as integers
+/// (0, 1) in both databases; integers are 64-bit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(v)
+    }
+}
+impl From<bool> for Value {
+    fn from(v: bool) -> Self {
+        Value::Int(v.into())
+    }
+}
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Text(v.to_owned())
+    }
+}
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(v)
+    }
+}
+impl From<&String> for Value {
+    fn from(v: &String) -> Self {
+        Value::Text(v.clone())
+    }
+}
+impl From<Vec<u8>> for Value {
+    fn from(v: Vec<u8>) -> Self {
+        Value::Blob(v)
+    }
+}
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Value::Null, Into::into)
+    }
+}
+
+/// `vals![a, b]`: statement parameters, each converted with `Value::from`.
+#[macro_export]
+macro_rules! vals {
+    ($($v:expr),* $(,)?) => { &[$($crate::sql::Value::from($v)),*][..] };
+}
+
+/// A value read back as a Rust type.
+pub trait FromValue: Sized {
+    fn from_value(v: &Value) -> Option<Self>;
+}
+impl FromValue for i64 {
+    fn from_value(v: &Value) -> Option<Self> {
+        match v {
+            Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+}
+impl FromValue for bool {
+    fn from_value(v: &Value) -> Option<Self> {
+        i64::from_value(v).map(|i| i != 0)
+    }
+}
+impl FromValue for String {
+    fn from_value(v: &Value) -> Option<Self> {
+        match v {
+            Value::Text(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+}
+impl FromValue for Vec<u8> {
+    fn from_value(v: &Value) -> Option<Self> {
+        match v {
+            Value::Blob(b) => Some(b.clone()),
+            _ => None,
+        }
+    }
+}
+impl<T: FromValue> FromValue for Option<T> {
+    fn from_value(v: &Value) -> Option<Self> {
+        match v {
+            Value::Null => Some(None),
+            v => T::from_value(v).map(Some),
+        }
+    }
+}
+
+/// One row of a result.
+#[derive(Debug, Clone)]
+pub struct Row(Vec<Value>);
+
+impl Row {
+    /// Column `i` as a `T`; an error names the column and what it held.
+    pub fn get<T: FromValue>(&self, i: usize) -> Result<T> {
+        let v = self.0.get(i).with_context(|| format!("no column {i}"))?;
+        T::from_value(v).with_context(|| format!("column {i} holds {v:?}, not a {}", std::any::type_name::<T>()))
+    }
+}
+
+/// The database cannot be reached now (the API answers 503 Service Unavailable).
+#[derive(Debug, thiserror::Error)]
+#[error("the database server (PostgreSQL) cannot be reached")]
+pub struct Unavailable;
+
+/// Which database, from `--database`: a PostgreSQL URL, or an SQLite file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Location {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl Location {
+    pub fn parse(s: &str) -> Location {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Location::Postgres(s.to_owned())
+        } else {
+            Location::Sqlite(s.strip_prefix("sqlite:").unwrap_or(s).into())
+        }
+    }
+}
+
+/// An open database connection.
+#[derive(Debug)]
+pub enum Conn {
+    Sqlite(rusqlite::Connection),
+    Postgres(Pg),
+}
+
+impl Conn {
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Conn::Postgres(_))
+    }
+
+    /// Runs `sql` (`?N` parameters); the number of rows it changed.
+    pub fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64> {
+        match self {
+            Conn::Sqlite(c) => {
+                let mut st = c.prepare_cached(&sqlite_text(sql)).with_context(|| format!("preparing {sql}"))?;
+                Ok(st.execute(rusqlite::params_from_iter(params)).with_context(|| format!("running {sql}"))? as u64)
+            }
+            Conn::Postgres(p) => match p.call(Request::Execute(postgres_text(sql), params.to_vec()))? {
+                Reply::Count(n) => Ok(n),
+                _ => bail!("unexpected reply"),
+            },
+        }
+    }
+
+    /// The rows `sql` returns.
+    pub fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
+        match self {
+            Conn::Sqlite(c) => {
+                let mut st = c.prepare_cached(&sqlite_text(sql)).with_context(|| format!("preparing {sql}"))?;
+                let n = st.column_count();
+                let mut rows =
+                    st.query(rusqlite::params_from_iter(params)).with_context(|| format!("running {sql}"))?;
+                let mut out = vec![];
+                while let Some(r) = rows.next()? {
+                    out.push(Row((0..n).map(|i| r.get_ref(i).map(from_sqlite)).collect::<rusqlite::Result<_>>()?));
+                }
+                Ok(out)
+            }
+            Conn::Postgres(p) => match p.call(Request::Query(postgres_text(sql), params.to_vec()))? {
+                Reply::Rows(rows) => Ok(rows),
+                _ => bail!("unexpected reply"),
+            },
+        }
+    }
+
+    /// The one row `sql` returns, if any.
+    pub fn query_opt(&mut self, sql: &str, params: &[Value]) -> Result<Option<Row>> {
+        Ok(self.query(sql, params)?.into_iter().next())
+    }
+
+    /// The one row `sql` must return.
+    pub fn query_one(&mut self, sql: &str, params: &[Value]) -> Result<Row> {
+        self.query_opt(sql, params)?.with_context(|| format!("no row from {sql}"))
+    }
+
+    /// Statements without parameters, separated by `;`.
+    pub fn batch(&mut self, sql: &str) -> Result<()> {
+        match self {
+            Conn::Sqlite(c) => Ok(c.execute_batch(sql)?),
+            Conn::Postgres(p) => p.call(Request::Batch(sql.to_owned())).map(drop),
+        }
+    }
+
+    /// Runs `f` in a transaction: committed if it returns `Ok`, rolled back otherwise.
+    /// On SQLite the write lock is taken at the start; on PostgreSQL, rows that decide
+    /// a write are read `FOR UPDATE`, so two controllers take turns.
+    pub fn transaction<R>(&mut self, f: impl FnOnce(&mut Conn) -> Result<R>) -> Result<R> {
+        self.batch(if self.is_postgres() { "BEGIN" } else { "BEGIN IMMEDIATE" })?;
+        match f(self) {
+            Ok(r) => {
+                if let Err(e) = self.batch("COMMIT") {
+                    let _ = self.batch("ROLLBACK");
+                    return Err(e);
+                }
+                Ok(r)
+            }
+            Err(e) => {
+                let _ = self.batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// SQLite has no `FOR UPDATE`: its transactions here take the write lock at `BEGIN`.
+fn sqlite_text(sql: &str) -> std::borrow::Cow<'_, str> {
+    match sql.strip_suffix(" FOR UPDATE") {
+        Some(s) => s.into(),
+        None => sql.into(),
+    }
+}
+
+/// `?N` becomes `$N` (the statements hold no `?` elsewhere).
+pub fn postgres_text(sql: &str) -> String {
+    sql.replace('?', "$")
+}
+
+fn from_sqlite(v: rusqlite::types::ValueRef<'_>) -> Value {
+    use rusqlite::types::ValueRef as V;
+    match v {
+        V::Null => Value::Null,
+        V::Integer(i) => Value::Int(i),
+        // Not stored by the controller; kept readable rather than refused.
+        V::Real(f) => Value::Int(f as i64),
+        V::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+        V::Blob(b) => Value::Blob(b.to_vec()),
+    }
+}
+
+impl rusqlite::ToSql for Value {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(ToSqlOutput::Borrowed(match self {
+            Value::Null => ValueRef::Null,
+            Value::Int(i) => ValueRef::Integer(*i),
+            Value::Text(s) => ValueRef::Text(s.as_bytes()),
+            Value::Blob(b) => ValueRef::Blob(b),
+        }))
+    }
+}
+
+// ---- PostgreSQL ------------------------------------------------------------------------
+
+enum Request {
+    Execute(String, Vec<Value>),
+    Query(String, Vec<Value>),
+    Batch(String),
+}
+
+enum Reply {
+    Count(u64),
+    Rows(Vec<Row>),
+    Done,
+}
+
+type Job = (Request, mpsc::SyncSender<Result<Reply>>);
+
+/// The PostgreSQL connection's thread, and the way to it.
+#[derive(Debug)]
+pub struct Pg {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Pg {
+    /// Connects (and fails now if the server cannot be reached); the thread reconnects
+    /// later if the connection is lost, though never inside a transaction.
+    pub fn connect(url: &str) -> Result<Pg> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (ready, connected) = mpsc::sync_channel(1);
+        let url = url.to_owned();
+        std::thread::Builder::new().name("postgres".into()).spawn(move || match connect(&url) {
+            Ok(client) => {
+                let _ = ready.send(Ok(()));
+                serve(&url, client, rx);
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e.context(format!("connecting to PostgreSQL at {}", redact(&url)))));
+            }
+        })?;
+        connected.recv().map_err(|_| anyhow!("the PostgreSQL connection's thread ended"))??;
+        Ok(Pg { jobs })
+    }
+
+    fn call(&mut self, req: Request) -> Result<Reply> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.jobs.send((req, tx)).map_err(|_| anyhow!("the PostgreSQL connection's thread ended"))?;
+        rx.recv().map_err(|_| anyhow!("the PostgreSQL connection's thread ended"))?
+    }
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn serve(url: &str, client: postgres::Client, jobs: mpsc::Receiver<Job>) {
+    let mut client = Some(client);
+    let mut statements: HashMap<String, postgres::Statement> = HashMap::new();
+    // A transaction whose connection was lost: everything fails until it ends.
+    let mut broken_tx = false;
+    let mut in_tx = false;
+    for (req, reply) in jobs {
+        let answer = (|| -> Result<Reply> {
+            if let Request::Batch(sql) = &req {
+                let word = sql.trim().to_ascii_uppercase();
+                if word.starts_with("BEGIN") {
+                    in_tx = true;
+                } else if (word == "COMMIT" || word == "ROLLBACK") && std::mem::take(&mut broken_tx) {
+                    in_tx = false;
+                    bail!("the connection to PostgreSQL was lost during the transaction");
+                } else if word == "COMMIT" || word == "ROLLBACK" {
+                    in_tx = false;
+                }
+            }
+            if broken_tx {
+                bail!("the connection to PostgreSQL was lost during the transaction");
+            }
+            if client.as_ref().is_none_or(postgres::Client::is_closed) {
+                statements.clear();
+                if in_tx && !matches!(&req, Request::Batch(s) if s.trim().eq_ignore_ascii_case("BEGIN")) {
+                    broken_tx = true;
+                    bail!("the connection to PostgreSQL was lost during the transaction");
+                }
+                client = Some(connect(url).with_context(|| format!("reconnecting to PostgreSQL at {}", redact(url)))?);
+            }
+            let c = client.as_mut().context("no connection")?;
+            match req {
+                Request::Batch(sql) => {
+                    c.batch_execute(&sql).with_context(|| format!("running {sql}"))?;
+                    Ok(Reply::Done)
+                }
+                Request::Execute(sql, params) => {
+                    let st = prepared(c, &mut statements, &sql)?;
+                    let params: Vec<&(dyn postgres::types::ToSql + Sync)> =
+                        params.iter().map(|p| p as &(dyn postgres::types::ToSql + Sync)).collect();
+                    Ok(Reply::Count(c.execute(&st, &params).with_context(|| format!("running {sql}"))?))
+                }
+                Request::Query(sql, params) => {
+                    let st = prepared(c, &mut statements, &sql)?;
+                    let params: Vec<&(dyn postgres::types::ToSql + Sync)> =
+                        params.iter().map(|p| p as &(dyn postgres::types::ToSql + Sync)).collect();
+                    let rows = c.query(&st, &params).with_context(|| format!("running {sql}"))?;
+                    rows.iter()
+                        .map(|r| {
+                            (0..r.len())
+                                .map(|i| r.try_get::<_, Value>(i).with_context(|| format!("column {i} of {sql}")))
+                                .collect::<Result<Vec<_>>>()
+                                .map(Row)
+                        })
+                        .collect::<Result<Vec<_>>>()
+                        .map(Reply::Rows)
+                }
+            }
+        })();
+        // Lost (or never regained) connections say so, for the API's 503.
+        let answer = answer.map_err(|e| {
+            if client.as_ref().is_none_or(postgres::Client::is_closed) { e.context(Unavailable) } else { e }
+        });
+        let _ = reply.send(answer);
+    }
+}
+
+/// A connection with a bounded connect time and TCP keepalives (a server that vanished
+/// from the network is noticed instead of waited on for ever).
+fn connect(url: &str) -> Result<postgres::Client> {
+    let mut config: postgres::Config =
+        url.parse().with_context(|| format!("{} is not a PostgreSQL URL", redact(url)))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    config.keepalives(true).keepalives_idle(std::time::Duration::from_secs(30));
+    Ok(config.connect(postgres::NoTls)?)
+}
+
+fn prepared(
+    c: &mut postgres::Client,
+    cache: &mut HashMap<String, postgres::Statement>,
+    sql: &str,
+) -> Result<postgres::Statement> {
+    if let Some(st) = cache.get(sql) {
+        return Ok(st.clone());
+    }
+    let st = c.prepare(sql).with_context(|| format!("preparing {sql}"))?;
+    cache.insert(sql.to_owned(), st.clone());
+    Ok(st)
+}
+
+// Values convert to whatever type PostgreSQL inferred for the parameter (an integer
+// compared with a literal is an int4 there), and back from the column types the schema
+// uses.
+impl postgres::types::ToSql for Value {
+    fn to_sql(
+        &self,
+        ty: &postgres::types::Type,
+        out: &mut postgres::types::private::BytesMut,
+    ) -> std::result::Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use postgres::types::{IsNull, Type};
+        match (self, ty) {
+            (Value::Null, _) => Ok(IsNull::Yes),
+            (Value::Int(i), &Type::INT8) => i.to_sql(ty, out),
+            (Value::Int(i), &Type::INT4) => i32::try_from(*i)?.to_sql(ty, out),
+            (Value::Int(i), &Type::INT2) => i16::try_from(*i)?.to_sql(ty, out),
+            (Value::Int(i), &Type::BOOL) => (*i != 0).to_sql(ty, out),
+            (Value::Int(i), &Type::TEXT | &Type::VARCHAR) => i.to_string().to_sql(ty, out),
+            (Value::Text(s), _) => s.to_sql(ty, out),
+            (Value::Blob(b), _) => b.to_sql(ty, out),
+            (v, ty) => Err(format!("cannot bind {v:?} as {ty}").into()),
+        }
+    }
+
+    fn accepts(_: &postgres::types::Type) -> bool {
+        true
+    }
+
+    postgres::types::to_sql_checked!();
+}
+
+impl<'a> postgres::types::FromSql<'a> for Value {
+    fn from_sql(
+        ty: &postgres::types::Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        use postgres::types::Type;
+        Ok(match *ty {
+            Type::INT8 => Value::Int(i64::from_sql(ty, raw)?),
+            Type::INT4 => Value::Int(i32::from_sql(ty, raw)?.into()),
+            Type::INT2 => Value::Int(i16::from_sql(ty, raw)?.into()),
+            Type::BOOL => Value::Int(bool::from_sql(ty, raw)?.into()),
+            Type::BYTEA => Value::Blob(raw.to_vec()),
+            _ => Value::Text(String::from_sql(ty, raw)?),
+        })
+    }
+
+    fn from_sql_null(_: &postgres::types::Type) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Value::Null)
+    }
+
+    fn accepts(ty: &postgres::types::Type) -> bool {
+        use postgres::types::Type;
+        matches!(*ty, Type::INT8 | Type::INT4 | Type::INT2 | Type::BOOL | Type::BYTEA | Type::TEXT | Type::VARCHAR)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_and_locations() {
+        assert_eq!(postgres_text("UPDATE t SET a = ?2 WHERE id = ?1"), "UPDATE t SET a = $2 WHERE id = $1");
+        assert_eq!(sqlite_text("SELECT a FROM t WHERE id = ?1 FOR UPDATE"), "SELECT a FROM t WHERE id = ?1");
+        assert_eq!(Location::parse("postgres://u@h/db"), Location::Postgres("postgres://u@h/db".into()));
+        assert_eq!(Location::parse("/var/lib/thymis/db.sqlite"), Location::Sqlite("/var/lib/thymis/db.sqlite".into()));
+        assert_eq!(redact("postgres://thymis:s3cret@db.example/fleet"), "postgres://thymis@db.example/fleet");
+    }
+}

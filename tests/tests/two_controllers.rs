@@ -1,0 +1,112 @@
+//! Two controllers, one fleet: both on one PostgreSQL database, with the same identity,
+//! Nix key, admin token and certificate, behind a TCP load balancer that hands each new
+//! agent connection to the next controller in turn. A deployment made on either reaches
+//! the devices connected to the other; the offer sequence grows across both; and when
+//! the controller that made a deployment is killed mid-copy, its devices reconnect to
+//! the other, which carries the deployment to the end: nothing rolls back.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use thymis_fleet_tests::balancer::Balancer;
+use thymis_fleet_tests::{Controller, Fleet, FleetOptions, wait_for};
+
+/// The devices a controller's API shows online.
+fn online(c: &Controller) -> BTreeSet<String> {
+    let v = c.ctl_json(&["devices"]);
+    v.as_array()
+        .map(|a| {
+            a.iter().filter(|d| d["online"] == true).filter_map(|d| d["name"].as_str().map(str::to_owned)).collect()
+        })
+        .unwrap_or_default()
+}
+
+fn results(task: &Value) -> Vec<(String, String)> {
+    let children = task["children"].as_array().cloned().unwrap_or_default();
+    children
+        .iter()
+        .map(|c| (c["device"].as_str().unwrap_or("").to_owned(), c["result"].as_str().unwrap_or("").to_owned()))
+        .collect()
+}
+
+#[test]
+fn two_controllers_serve_one_fleet_and_one_carries_on_when_the_other_dies() {
+    let mut f = Fleet::new(FleetOptions { postgres: true, ..Default::default() }).expect("fleet");
+    let mut b = f.second_controller().expect("second controller");
+    let host = f.host_address();
+    let _lb = Balancer::start(&format!("{host}:8445"), vec![format!("{host}:8443"), format!("{host}:8444")])
+        .expect("balancer");
+    for name in ["d1", "d2"] {
+        f.add_device(name, "alpha", false).expect("device");
+        let toml = f.device(name).dir.join("agent.toml");
+        let text = std::fs::read_to_string(&toml).expect("agent.toml");
+        assert!(text.contains(":8443/agent/v1"), "{text}");
+        std::fs::write(&toml, text.replace(":8443/agent/v1", ":8445/agent/v1")).expect("agent.toml");
+        f.device_mut(name).start().expect("agent");
+        f.wait_online(name);
+    }
+    // One device on each controller, and each controller shows both online.
+    let pg = f.postgres.as_ref().expect("postgres");
+    let holders = pg.psql("thymis", "SELECT DISTINCT controller FROM devices").expect("psql");
+    assert_eq!(holders.lines().count(), 2, "the devices are not on both controllers: {holders}");
+    let both: BTreeSet<String> = ["d1", "d2"].map(str::to_owned).into();
+    wait_for("both controllers to show both devices online", Duration::from_secs(20), || {
+        (online(&f.controller) == both && online(&b) == both).then_some(())
+    });
+
+    // A deployment made on the first controller reaches both devices.
+    let first = f.controller.ctl_json(&["deploy", "--wait", "--device", "d1", "--device", "d2", "-m", "v1"]);
+    assert_eq!(
+        results(&first),
+        [("d1".into(), "succeeded".into()), ("d2".into(), "succeeded".into())],
+        "{first}\n{}\n{}",
+        f.diagnostics(),
+        b.log()
+    );
+    let sequences: BTreeSet<i64> =
+        first["children"].as_array().expect("children").iter().filter_map(|c| c["sequence"].as_i64()).collect();
+    assert_eq!(sequences.len(), 2, "{first}");
+
+    // A deployment made on the second controller, copied slowly; the second controller
+    // is killed mid-copy. The first carries it on.
+    for name in ["d1", "d2"] {
+        f.device(name).shape("4mbit").expect("shape");
+    }
+    let configs = json!({ "alpha": { "version": "2", "payloads": 12 }, "beta": {} });
+    std::fs::write(b.project_dir().join("configs.json"), serde_json::to_vec_pretty(&configs).expect("json"))
+        .expect("configs");
+    let made = b.ctl_json(&["deploy", "--device", "d1", "--device", "d2", "-m", "v2"]);
+    let task = made["id"].as_i64().expect("task id");
+    wait_for("both devices to be copying", Duration::from_secs(120), || {
+        let (_, t) = f.controller.api(&format!("/tasks/{task}"), None);
+        let copying = t["children"].as_array()?.iter().all(|c| c["paths_sent"].as_i64().unwrap_or(0) > 0);
+        copying.then_some(())
+    });
+    b.kill();
+    let done = f.wait_task(task, Duration::from_secs(180));
+    for name in ["d1", "d2"] {
+        f.device(name).unshape();
+    }
+    assert_eq!(
+        results(&done),
+        [("d1".into(), "succeeded".into()), ("d2".into(), "succeeded".into())],
+        "{done}\n{}\n{}",
+        f.diagnostics(),
+        b.log()
+    );
+    let logs = f.controller.task_logs(task).join("\n");
+    assert!(logs.contains("stopped; controller") && logs.contains("carries on"), "{logs}");
+    for c in done["children"].as_array().expect("children") {
+        // 14 paths lacked: what the stopped controller sent and what the other sent after
+        // it add up to no more (none sent twice).
+        assert!(c["paths_sent"].as_i64().is_some_and(|n| n <= 14), "a path was sent twice: {c}");
+    }
+    let system = Fleet::child(&done, "d1")["system"].as_str().expect("system").to_owned();
+    for name in ["d1", "d2"] {
+        assert_eq!(f.device(name).running_system(), system, "{name} does not run the new system");
+    }
+    let later: BTreeSet<i64> =
+        done["children"].as_array().expect("children").iter().filter_map(|c| c["sequence"].as_i64()).collect();
+    assert!(later.iter().all(|s| sequences.iter().all(|e| s > e)), "sequences {later:?} after {sequences:?}");
+}
