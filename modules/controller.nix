@@ -17,6 +17,7 @@ let
     "--state-dir" cfg.stateDir
     "--listen" cfg.listen
   ] ++ lib.optionals (publicUrl != null) [ "--public-url" publicUrl ]
+  ++ lib.optionals (cfg.database != null) [ "--database" cfg.database ]
   # Behind nginx, agents check its ACME certificate with the device's CA bundle.
   ++ lib.optionals (cfg.nginx.enable && !(cfg.settings ? agent-ca-file)) [ "--agent-ca-file" "/etc/ssl/certs/ca-certificates.crt" ]
   ++ lib.concatLists (lib.mapAttrsToList (name: ref: [ "--override-input" "${name}=${ref}" ]) cfg.overrideInputs)
@@ -46,6 +47,20 @@ in
       default = null;
       example = "wss://thymis.example.org";
       description = "The URL agents use (written into generated agent configurations); with nginx, wss://HOSTNAME by default.";
+    };
+
+    database = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "postgres://thymis@db.example/thymis";
+      description = "null: SQLite in stateDir. A PostgreSQL URL, which controllers serving one fleet share (docs/scale.md); without its password, which goes in environmentFile as THYMIS_DATABASE (that variable then replaces this option).";
+    };
+
+    environmentFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "/run/secrets/thymis-controller.env";
+      description = "A file of environment variables for the controller, kept out of the Nix store, e.g. THYMIS_DATABASE=postgres://thymis:PASSWORD@db.example/thymis.";
     };
 
     settings = lib.mkOption {
@@ -87,7 +102,7 @@ in
 
     systemd.services.thymis-controller = {
       description = "Thymis controller";
-      after = [ "network-online.target" "nix-daemon.socket" ];
+      after = [ "network-online.target" "nix-daemon.socket" ] ++ lib.optional (config.services.postgresql.enable or false) "postgresql.service";
       wants = [ "network-online.target" ];
       wantedBy = [ "multi-user.target" ];
       serviceConfig = {
@@ -97,6 +112,7 @@ in
         StateDirectory = lib.mkIf underVarLib (lib.removePrefix "/var/lib/" cfg.stateDir);
         StateDirectoryMode = "0700";
         UMask = "0077";
+        EnvironmentFile = lib.mkIf (cfg.environmentFile != null) cfg.environmentFile;
       };
     };
 

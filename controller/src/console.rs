@@ -49,6 +49,13 @@ fn online(ctl: &Controller, name: &str) -> Result<(Arc<Conn>, String), ApiError>
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no device {name:?}")));
     };
     let Some(conn) = ctl.conn(name) else {
+        if ctl.online().contains(name) {
+            let msg = format!(
+                "{name} is connected to another controller of this fleet: open its journal or terminal there \
+                 (controllers do not relay them to each other)"
+            );
+            return Err(ApiError::new(StatusCode::CONFLICT, msg));
+        }
         let seen = device.info.last_seen.map_or("never".to_owned(), |t| format!("last seen at unix time {t}"));
         return Err(ApiError::new(StatusCode::CONFLICT, format!("{name} is offline ({seen})")));
     };

@@ -201,6 +201,8 @@ pub struct Controller {
     pub instance: String,
     /// Device deployments this process is delivering now (one delivery each).
     pub delivering: Mutex<HashSet<i64>>,
+    /// Deliveries of deployments this controller did not start (`--parallel` of them).
+    pub adopted: Semaphore,
 }
 
 fn load_or_create_key(path: &Path, name: &str) -> Result<SecretKey> {
@@ -275,6 +277,7 @@ impl Controller {
         Ok(Arc::new(Controller {
             instance,
             delivering: Mutex::new(HashSet::new()),
+            adopted: Semaphore::new(settings.parallel.max(1)),
             nar_cache: crate::nar_cache::NarCache::new(nar_cache_dir),
             paths,
             db,
@@ -311,6 +314,25 @@ impl Controller {
             Err(e) => tracing::warn!("devices connected to other controllers: {e:#}"),
         }
         online
+    }
+
+    /// Ends connections of devices revoked or re-enrolled through another controller
+    /// (one that did it itself has ended them already).
+    pub fn end_revoked(&self) -> Result<()> {
+        let local: Vec<Arc<Conn>> = lock(&self.conns).values().cloned().collect();
+        if local.is_empty() || !self.db.is_shared() {
+            return Ok(());
+        }
+        let keys: HashMap<String, (bool, Option<String>)> =
+            self.db.devices()?.into_iter().map(|d| (d.name.clone(), (d.revoked, d.public_key))).collect();
+        for conn in local {
+            let ok = keys.get(&conn.device).is_some_and(|(revoked, key)| !revoked && key.is_some());
+            if !ok {
+                tracing::warn!(device = %conn.device, "revoked or re-enrolled through another controller: disconnecting");
+                self.unregister(&conn);
+            }
+        }
+        Ok(())
     }
 
     /// Controllers seen since then are alive (a controller's heartbeat is its sweep).

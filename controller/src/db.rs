@@ -308,6 +308,11 @@ impl Db {
         Ok(Db { conn: Mutex::new(conn) })
     }
 
+    /// Whether other controllers may share this database (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        self.c().is_postgres()
+    }
+
     fn c(&self) -> MutexGuard<'_, Conn> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }

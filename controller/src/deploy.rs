@@ -880,6 +880,7 @@ pub fn recover(ctl: &Arc<Controller>) -> Result<()> {
 /// whose device is connected here are delivered from here, whoever created them.
 pub fn carry_on(ctl: &Arc<Controller>) -> Result<()> {
     let me = &ctl.instance;
+    ctl.end_revoked()?;
     for (task, from) in ctl.db.orphaned_tasks(me, ctl.alive_since(), false)? {
         if !ctl.db.take_task(task, me, from.as_deref())? {
             continue;
@@ -926,8 +927,7 @@ async fn deliver_here(ctl: &Arc<Controller>, child: ChildRow) -> Result<()> {
     if child.stage == Stage::Copying && !lock(&ctl.delivering).contains(&child.id) {
         let _ = report(ctl, &child, Event::Lost, &Details::default())?;
     }
-    let limit = Semaphore::new(1);
-    deliver(ctl, &limit, child, system, closure, &commit, reboot).await
+    deliver(ctl, &ctl.adopted, child, system, closure, &commit, reboot).await
 }
 
 /// `thymisctl resume TASK`: a soaking rollout goes on to its next wave now; a halted

@@ -144,6 +144,10 @@ in
     in c.systemd.services.thymis-agent.serviceConfig.ExecStart;
 
   controllerPlain = (controller { settings = { insecure-plain-http = true; parallel = 20; }; }).systemd.services.thymis-controller.serviceConfig.ExecStart;
+  controllerPostgres = let c = controller { database = "postgres://thymis@db.example/thymis"; environmentFile = "/run/secrets/thymis.env"; }; in {
+    execStart = c.systemd.services.thymis-controller.serviceConfig.ExecStart;
+    environmentFile = c.systemd.services.thymis-controller.serviceConfig.EnvironmentFile;
+  };
   controllerDefault = (controller { settings.insecure-plain-http = false; }).systemd.services.thymis-controller.serviceConfig.ExecStart;
   # systemd would expand these: they must reach the controller as written.
   controllerEscaped = (controller { publicUrl = "wss://x.example/%h/$HOME"; }).systemd.services.thymis-controller.serviceConfig.ExecStart;

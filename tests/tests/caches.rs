@@ -64,6 +64,32 @@ fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller()
     nars.sort();
     assert!(nars.iter().all(|n| n.to_string_lossy().ends_with(".nar.xz")), "nix copy's default is xz: {nars:?}");
     std::fs::copy(&nars[0], &nars[1]).expect("swap a NAR");
+    // A copy of the cache that holds 90 % of the closure (every tenth narinfo gone).
+    let partial = tmp.path().join("partial");
+    assert!(Command::new("cp").arg("-r").arg(&cache).arg(&partial).status().expect("cp").success());
+    let mut narinfos: Vec<_> = std::fs::read_dir(&partial)
+        .expect("cache dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "narinfo"))
+        .collect();
+    narinfos.sort();
+    let mut removed = vec![];
+    for p in narinfos.iter().step_by(10) {
+        let text = std::fs::read_to_string(p).expect("narinfo");
+        removed.extend(text.lines().find_map(|l| l.strip_prefix("StorePath: ")).map(str::to_owned));
+        std::fs::remove_file(p).expect("rm");
+    }
+    // Those, and what refers to them: a path is imported only after its references, so
+    // the device takes these from the controller.
+    let closure: std::collections::BTreeSet<String> =
+        String::from_utf8_lossy(&Command::new("nix-store").args(["-qR", &system]).output().expect("nix-store").stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+    let out = Command::new("nix-store").args(["-q", "--referrers-closure"]).args(&removed).output().expect("nix-store");
+    let not_substitutable =
+        String::from_utf8_lossy(&out.stdout).lines().filter(|p| closure.contains(*p)).count() as i64;
+    assert!(not_substitutable < closure_size, "every path depends on a removed one");
     // The same closure in caches with NARs compressed with zstd, and not at all.
     let key = f.controller.state_dir.join("nix-signing.key");
     for compression in ["zstd", "none"] {
@@ -94,6 +120,7 @@ fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller()
     let _evil = serve(&evil, &format!("{host}:18081"));
     let _zstd = serve(&tmp.path().join("zstd"), &format!("{host}:18084"));
     let _none = serve(&tmp.path().join("none"), &format!("{host}:18085"));
+    let _partial = serve(&partial, &format!("{host}:18087"));
     let _https = Server(
         Command::new("socat")
             .arg(format!(
@@ -117,6 +144,7 @@ fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller()
         ("evil", format!("[\"http://{host}:18081\"]")),
         ("zstd", format!("[\"http://{host}:18084\"]")),
         ("plain", format!("[\"http://{host}:18085\"]")),
+        ("partial", format!("[\"http://{host}:18087\"]")),
         (
             "https",
             format!("[\"https://{host}:18086\"]\nsubstituter_ca_file = {:?}", pki.join("ca.crt").display().to_string()),
@@ -149,6 +177,16 @@ fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller()
         assert_eq!(count(&c, "paths_sent"), 0, "{name}: {c}\n{log:?}");
         assert!(count(&c, "paths_substituted") >= closure_size - 1, "{name}: {c}");
     }
+    // A cache with 90 % of the closure: the controller sent only what could not come from
+    // it (the missing paths and those that refer to them).
+    let partial = child("partial");
+    let sent = count(&partial, "paths_sent");
+    let (gone, expected) = (removed.len(), not_substitutable);
+    assert!(
+        sent <= expected && sent >= expected - 1,
+        "{gone} paths not in the cache, {expected} depend on them, {sent} sent: {partial}"
+    );
+    assert!(count(&partial, "paths_substituted") >= closure_size - expected - 1, "{partial}");
     // The path whose NAR was wrong came from the controller; the rest from the cache.
     let evil = child("evil");
     assert!(count(&evil, "paths_sent") >= 1, "{evil}");

@@ -87,6 +87,13 @@ fn modules_evaluate_with_the_real_module_system_and_the_docs_examples_hold() {
     let plain = v["controllerPlain"].as_str().unwrap_or_default();
     assert!(plain.contains("\"--insecure-plain-http\" \"--parallel\" \"20\""), "{plain}");
     assert!(!v["controllerDefault"].as_str().unwrap_or_default().contains("plain"), "{v}");
+    // A PostgreSQL database, its password from an environment file out of the store.
+    let pg = &v["controllerPostgres"];
+    assert!(
+        pg["execStart"].as_str().unwrap_or_default().contains("\"--database\" \"postgres://thymis@db.example/thymis\""),
+        "{pg}"
+    );
+    assert_eq!(pg["environmentFile"], "/run/secrets/thymis.env");
     // systemd must not expand % or $ in an argument.
     assert!(v["controllerEscaped"].as_str().unwrap_or_default().ends_with("\"wss://x.example/%%h/$$HOME\""), "{v}");
     // openFirewall on a loopback-only listen is refused; on all addresses it opens the port.

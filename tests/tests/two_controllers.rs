@@ -3,7 +3,8 @@
 //! agent connection to the next controller in turn. A deployment made on either reaches
 //! the devices connected to the other; the offer sequence grows across both; and when
 //! the controller that made a deployment is killed mid-copy, its devices reconnect to
-//! the other, which carries the deployment to the end: nothing rolls back.
+//! the other, which carries the deployment to the end: nothing rolls back. A device
+//! revoked through one controller is disconnected from the other.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -54,6 +55,15 @@ fn two_controllers_serve_one_fleet_and_one_carries_on_when_the_other_dies() {
     wait_for("both controllers to show both devices online", Duration::from_secs(20), || {
         (online(&f.controller) == both && online(&b) == both).then_some(())
     });
+
+    // Journals and terminals are not relayed between controllers: asked of the other
+    // one, the answer says where the device is.
+    let b_id = std::fs::read_to_string(b.state_dir.join("controller-id")).expect("controller id");
+    let on_b =
+        pg.psql("thymis", &format!("SELECT name FROM devices WHERE controller = '{}'", b_id.trim())).expect("psql");
+    let out = f.controller.ctl(&["logs", on_b.trim(), "-n", "5"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("connected to another controller"), "{stderr}");
 
     // A deployment made on the first controller reaches both devices.
     let first = f.controller.ctl_json(&["deploy", "--wait", "--device", "d1", "--device", "d2", "-m", "v1"]);
@@ -109,4 +119,12 @@ fn two_controllers_serve_one_fleet_and_one_carries_on_when_the_other_dies() {
     let later: BTreeSet<i64> =
         done["children"].as_array().expect("children").iter().filter_map(|c| c["sequence"].as_i64()).collect();
     assert!(later.iter().all(|s| sequences.iter().all(|e| s > e)), "sequences {later:?} after {sequences:?}");
+
+    // Both devices are on the first controller now; a device revoked through the second
+    // (started again) loses its connection to the first within a sweep.
+    b.restart().expect("restart");
+    let out = b.ctl(&["device", "revoke", "d2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    f.wait_offline("d2");
+    assert!(online(&f.controller).contains("d1"), "d1 went offline too");
 }

@@ -681,6 +681,62 @@ fn fan_out(rows: &mut Vec<String>) -> String {
     foot
 }
 
+/// One fleet-wide rollout through the controller alone, and again with the devices
+/// substituting from a site cache (the controller's `--publish-cache`, served by busybox
+/// httpd): time to all confirmed, and the bytes the controller sent.
+fn site_cache(rows: &mut Vec<String>) {
+    const DEVICES: usize = 20;
+    for with_cache in [false, true] {
+        let cache = tempfile::tempdir_in("/var/tmp").expect("tmp");
+        let mut opts = FleetOptions { reply_timeout: 300, ..Default::default() };
+        if with_cache {
+            opts.extra_args =
+                vec!["--publish-cache".into(), format!("file://{}?compression=zstd", cache.path().display())];
+        }
+        let mut f = Fleet::new(opts).expect("fleet");
+        f.set_configs(
+            &json!({ "alpha": { "version": "4", "payloads": 10, "payloadKiB": 512, "small": 300 }, "beta": {} }),
+        )
+        .expect("cfg");
+        f.controller.ctl(&["project", "commit", "-m", "site cache"]);
+        let built = f.controller.ctl_json(&["build", "alpha", "--wait"]);
+        assert_eq!(built["result"], "succeeded", "{built}");
+        let addr = format!("{}:18090", f.host_address());
+        let mut httpd = Command::new("busybox")
+            .args(["httpd", "-f", "-p", &addr, "-h"])
+            .arg(cache.path())
+            .spawn()
+            .expect("busybox httpd");
+        for i in 0..DEVICES {
+            let name = format!("s{i}");
+            f.add_device(&name, "alpha", false).expect("device");
+            if with_cache {
+                f.add_agent_config(&name, &format!("substituters = [\"http://{addr}\"]\n")).expect("cfg");
+            }
+            f.device_mut(&name).start().expect("start");
+        }
+        for i in 0..DEVICES {
+            f.wait_online(&format!("s{i}"));
+        }
+        let t0 = Instant::now();
+        let t = f.controller.ctl_json(&["deploy", "--config", "alpha", "-m", "site cache", "--wait"]);
+        let secs = t0.elapsed().as_secs_f64();
+        let _ = httpd.kill();
+        let _ = httpd.wait();
+        assert_eq!(t["result"], "succeeded", "{t}");
+        let sum = |k: &str| t["children"].as_array().map_or(0, |c| c.iter().filter_map(|c| c[k].as_i64()).sum::<i64>());
+        rows.push(format!(
+            "| {} | {DEVICES} | {secs:.2} s | {} ({} paths) | {} ({} paths) |",
+            if with_cache { "controller + site cache" } else { "controller alone" },
+            mb(sum("bytes_sent") as f64),
+            sum("paths_sent"),
+            mb(sum("bytes_substituted") as f64),
+            sum("paths_substituted"),
+        ));
+        eprintln!("bench: {}", rows.last().map(String::as_str).unwrap_or(""));
+    }
+}
+
 /// `thymis-imager build` against `cp -a` + `mkfs.ext4 -d` + `zstd -3 -T0` of the same
 /// closure, and `flash` against `bmaptool copy` of the same image (both to a new file).
 fn imager(rows: &mut Vec<String>) {
@@ -887,16 +943,17 @@ fn main() {
         sh(Command::new("nix-store").arg("--version")).replace("nix-store (Nix) ", "")
     );
     let agents: usize = std::env::var("THYMIS_BENCH_AGENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    // THYMIS_BENCH_ONLY=scale|transfer|real|load|fanout|imager runs (and prints) only that part, for investigating.
+    // THYMIS_BENCH_ONLY=scale|transfer|real|load|fanout|cache|imager runs (and prints) only that part, for investigating.
     match std::env::var("THYMIS_BENCH_ONLY").as_deref() {
         Ok("scale") => {
             println!("{}", scale(agents).join("\n"));
             return;
         }
-        Ok(part @ ("real" | "load" | "transfer" | "imager")) => {
+        Ok(part @ ("real" | "load" | "transfer" | "cache" | "imager")) => {
             let mut rows = vec![];
             match part {
                 "real" => real_size(&mut rows),
+                "cache" => site_cache(&mut rows),
                 "load" => fan_out_load(&mut rows),
                 "transfer" => transfer(&mut rows),
                 _ => imager(&mut rows),
@@ -920,6 +977,8 @@ fn main() {
     let foot = fan_out(&mut fan_rows);
     let mut load_rows = vec![];
     fan_out_load(&mut load_rows);
+    let mut cache_rows = vec![];
+    site_cache(&mut cache_rows);
     let mut imager_rows = vec![];
     imager(&mut imager_rows);
     let scale_rows = scale(agents);
@@ -938,6 +997,9 @@ Ours: as above, to the device's activation report. The floor: `nix-store --expor
 ## Fan-out where the controller is the bottleneck: load-generator agents\n\n\
 N agents speaking the real protocol from one process (each with its own key, enrollment and connection) take one deployment at once; each checks every NAR (zstd, sha256, size against the signed path info) but imports nothing, so the figures are the controller's: its time to serve every copy, the aggregate compressed bytes per second it sent, its peak resident memory, its CPU time per device, and what it read from the disk (the cache's NARs are read once per path, not once per device, when the page cache holds them). The closure: 527 paths, 500 of them small and 24 of 2 MiB of incompressible data. The load generators share the machine's cores with the controller; their CPU use is in the last column.\n\n\
 | devices | all copies done | per device | aggregate | controller peak memory (connected, before the deployment) | controller CPU | controller disk reads | load generators' CPU |\n|---|---|---|---|---|---|---|---|\n{}\n\n\
+## A fleet-wide rollout through a site cache\n\n\
+The same deployment (a closure of 315 paths, 5 MB of it incompressible) to 20 devices, through the controller alone, and with the devices substituting from the site cache the controller publishes to (`--publish-cache file://...?compression=zstd`, served by busybox httpd on the same machine): time from `thymisctl deploy` to every device confirmed, and the compressed bytes the controller sent against those the devices took from the cache (docs/scale.md).\n\n\
+| | devices | all confirmed | controller sent | from the cache |\n|---|---|---|---|---|\n{}\n\n\
 ## Agent footprint\n\n| | |\n|---|---|\n{foot}\n\n\
 ## Imager: the transfer benchmark's closure\n\n| | ours | baseline | ours / baseline |\n|---|---|---|---|\n{}\n\n\
 ## Controller scale: {agents} idle agents speaking the real protocol from one process\n\n| | |\n|---|---|\n{}\n",
@@ -946,6 +1008,7 @@ N agents speaking the real protocol from one process (each with its own key, enr
         real_rows.join("\n"),
         fan_rows.join("\n"),
         load_rows.join("\n"),
+        cache_rows.join("\n"),
         imager_rows.join("\n"),
         scale_rows.join("\n"),
     );
