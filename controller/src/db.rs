@@ -149,6 +149,7 @@ CREATE TABLE controllers (id TEXT PRIMARY KEY, seen INTEGER NOT NULL);
 ALTER TABLE tasks ADD COLUMN owner TEXT;
 ALTER TABLE children ADD COLUMN owner TEXT;
 ALTER TABLE devices ADD COLUMN controller TEXT;
+CREATE INDEX children_open ON children(stage) WHERE result IS NULL;
 "#,
 ];
 
@@ -266,6 +267,8 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Every statement the controller runs stays prepared.
+        conn.set_prepared_statement_cache_capacity(128);
         let mut conn = Conn::Sqlite(conn);
         let version: i64 = conn.query_one("PRAGMA user_version", &[])?.get(0)?;
         if version as usize > MIGRATIONS.len() {
@@ -972,6 +975,16 @@ impl Db {
         Ok(n > 0)
     }
 
+    /// A task's device deployments that another live controller is delivering now.
+    pub fn delivered_elsewhere(&self, task: i64, me: &str, alive_since: i64) -> Result<Vec<i64>> {
+        let rows = self.c().query(
+            "SELECT id FROM children WHERE task = ?1 AND owner != ?2
+                 AND owner IN (SELECT id FROM controllers WHERE seen >= ?3)",
+            vals![task, me, alive_since],
+        )?;
+        rows.iter().map(|r| r.get(0)).collect()
+    }
+
     /// `me` no longer delivers it (its connection went away).
     pub fn release_child(&self, child: i64, me: &str) -> Result<()> {
         self.c().execute("UPDATE children SET owner = NULL WHERE id = ?1 AND owner = ?2", vals![child, me])?;
@@ -1020,7 +1033,7 @@ impl Db {
     pub fn deliverable_here(&self, me: &str, alive_since: i64) -> Result<Vec<ChildRow>> {
         let sql = format!(
             "SELECT {} FROM children
-             WHERE stage IN ('queued', 'copying') AND system IS NOT NULL
+             WHERE result IS NULL AND stage IN ('queued', 'copying') AND system IS NOT NULL
                AND device IN (SELECT name FROM devices WHERE controller = ?1)
                AND (owner IS NULL OR owner = ?1 OR owner NOT IN (SELECT id FROM controllers WHERE seen >= ?2))
                AND task IN (SELECT id FROM tasks WHERE state NOT IN ('finished', 'cancelled', 'halted')

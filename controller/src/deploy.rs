@@ -854,7 +854,9 @@ pub fn recover(ctl: &Arc<Controller>) -> Result<()> {
             )?;
             continue;
         }
-        for c in ctl.db.children(task)? {
+        // Another live controller goes on delivering what it delivers.
+        let elsewhere = ctl.db.delivered_elsewhere(task, me, ctl.alive_since())?;
+        for c in ctl.db.children(task)?.into_iter().filter(|c| !elsewhere.contains(&c.id)) {
             // What the restart ends says why (a later wave's devices wait on).
             let details = match c.stage {
                 Stage::Building | Stage::Queued | Stage::Copying => {

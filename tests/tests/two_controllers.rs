@@ -3,8 +3,9 @@
 //! agent connection to the next controller in turn. A deployment made on either reaches
 //! the devices connected to the other; the offer sequence grows across both; and when
 //! the controller that made a deployment is killed mid-copy, its devices reconnect to
-//! the other, which carries the deployment to the end: nothing rolls back. A device
-//! revoked through one controller is disconnected from the other.
+//! the other, which carries the deployment to the end: nothing rolls back. A controller
+//! that restarts leaves alone what the other delivers; a device revoked through one
+//! controller is disconnected from the other.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -120,11 +121,64 @@ fn two_controllers_serve_one_fleet_and_one_carries_on_when_the_other_dies() {
         done["children"].as_array().expect("children").iter().filter_map(|c| c["sequence"].as_i64()).collect();
     assert!(later.iter().all(|s| sequences.iter().all(|e| s > e)), "sequences {later:?} after {sequences:?}");
 
-    // Both devices are on the first controller now; a device revoked through the second
-    // (started again) loses its connection to the first within a sweep.
+    // The second controller again, and d1 moved to it (its agent restarted until the
+    // balancer hands it there).
     b.restart().expect("restart");
-    let out = b.ctl(&["device", "revoke", "d2"]);
+    let id_of =
+        |c: &Controller| std::fs::read_to_string(c.state_dir.join("controller-id")).expect("id").trim().to_owned();
+    let (a_id, b_id) = (id_of(&f.controller), id_of(&b));
+    let holder = |f: &Fleet, device: &str| {
+        let pg = f.postgres.as_ref().expect("postgres");
+        pg.psql("thymis", &format!("SELECT controller FROM devices WHERE name = '{device}'")).expect("psql")
+    };
+    for _ in 0..6 {
+        if holder(&f, "d1") == b_id {
+            break;
+        }
+        f.device_mut("d1").kill9();
+        f.device_mut("d1").start().expect("agent");
+        wait_for("d1 to reconnect", Duration::from_secs(30), || (!holder(&f, "d1").is_empty()).then_some(()));
+    }
+    assert_eq!(holder(&f, "d1"), b_id, "d1 never reached the second controller");
+
+    // The first controller restarts while the second delivers its deployment to d1: what
+    // the second delivers goes on; the restart ends only what the first carried itself.
+    for name in ["d1", "d2"] {
+        f.device(name).shape("4mbit").expect("shape");
+    }
+    f.set_configs(&json!({ "alpha": { "version": "3", "payloads": 12, "payloadKiB": 300 }, "beta": {} })).expect("cfg");
+    let made = f.controller.ctl_json(&["deploy", "--device", "d1", "--device", "d2", "-m", "v3"]);
+    let task = made["id"].as_i64().expect("task id");
+    wait_for("both devices to be copying", Duration::from_secs(120), || {
+        let (_, t) = b.api(&format!("/tasks/{task}"), None);
+        let copying = t["children"].as_array()?.iter().all(|c| c["paths_sent"].as_i64().unwrap_or(0) > 0);
+        copying.then_some(())
+    });
+    f.controller.restart().expect("restart");
+    let done = wait_for("the deployment to end", Duration::from_secs(180), || {
+        let (_, t) = b.api(&format!("/tasks/{task}"), None);
+        (t["state"] == "finished").then_some(t)
+    });
+    for name in ["d1", "d2"] {
+        f.device(name).unshape();
+    }
+    assert_eq!(
+        results(&done),
+        [("d1".into(), "succeeded".into()), ("d2".into(), "interrupted".into())],
+        "{done}\n{}\n{}",
+        f.diagnostics(),
+        b.log()
+    );
+
+    // A device revoked through one controller loses its connection to the other within
+    // a sweep.
+    f.wait_online("d2");
+    let (revoker, other) = if holder(&f, "d2") == a_id { (&b, &f.controller) } else { (&f.controller, &b) };
+    let out = revoker.ctl(&["device", "revoke", "d2"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    f.wait_offline("d2");
+    wait_for("d2 offline on both", Duration::from_secs(20), || {
+        (!online(other).contains("d2") && !online(revoker).contains("d2")).then_some(())
+    });
+    assert!(holder(&f, "d2").is_empty(), "d2 is still connected");
     assert!(online(&f.controller).contains("d1"), "d1 went offline too");
 }
