@@ -209,19 +209,28 @@ impl Conn {
     /// On SQLite the write lock is taken at the start; on PostgreSQL, rows that decide
     /// a write are read `FOR UPDATE`, so two controllers take turns.
     pub fn transaction<R>(&mut self, f: impl FnOnce(&mut Conn) -> Result<R>) -> Result<R> {
-        self.batch(if self.is_postgres() { "BEGIN" } else { "BEGIN IMMEDIATE" })?;
+        self.end_or_begin(Request::Begin)?;
         match f(self) {
             Ok(r) => {
-                if let Err(e) = self.batch("COMMIT") {
-                    let _ = self.batch("ROLLBACK");
-                    return Err(e);
-                }
+                self.end_or_begin(Request::End { commit: true })?;
                 Ok(r)
             }
             Err(e) => {
-                let _ = self.batch("ROLLBACK");
+                let _ = self.end_or_begin(Request::End { commit: false });
                 Err(e)
             }
+        }
+    }
+
+    fn end_or_begin(&mut self, req: Request) -> Result<()> {
+        match (self, req) {
+            (Conn::Sqlite(c), Request::Begin) => Ok(c.execute_batch("BEGIN IMMEDIATE")?),
+            (Conn::Sqlite(c), Request::End { commit: true }) => {
+                // A failed COMMIT leaves the transaction open in SQLite: end it.
+                c.execute_batch("COMMIT").inspect_err(|_| drop(c.execute_batch("ROLLBACK"))).map_err(Into::into)
+            }
+            (Conn::Sqlite(c), _) => Ok(c.execute_batch("ROLLBACK")?),
+            (Conn::Postgres(p), req) => p.call(req).map(drop),
         }
     }
 }
@@ -269,6 +278,11 @@ enum Request {
     Execute(String, Vec<Value>),
     Query(String, Vec<Value>),
     Batch(String),
+    Begin,
+    /// COMMIT, or ROLLBACK.
+    End {
+        commit: bool,
+    },
 }
 
 enum Reply {
@@ -324,53 +338,61 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Where the connection's transaction is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Tx {
+    None,
+    Open,
+    /// Its connection was lost: every statement fails until it ends.
+    Lost,
+}
+
 fn serve(url: &str, client: postgres::Client, jobs: mpsc::Receiver<Job>) {
     let mut client = Some(client);
     let mut statements: HashMap<String, postgres::Statement> = HashMap::new();
-    // A transaction whose connection was lost: everything fails until it ends.
-    let mut broken_tx = false;
-    let mut in_tx = false;
+    let mut tx = Tx::None;
     for (req, reply) in jobs {
         let answer = (|| -> Result<Reply> {
-            if let Request::Batch(sql) = &req {
-                let word = sql.trim().to_ascii_uppercase();
-                if word.starts_with("BEGIN") {
-                    in_tx = true;
-                } else if (word == "COMMIT" || word == "ROLLBACK") && std::mem::take(&mut broken_tx) {
-                    in_tx = false;
-                    bail!("the connection to PostgreSQL was lost during the transaction");
-                } else if word == "COMMIT" || word == "ROLLBACK" {
-                    in_tx = false;
+            let lost = || anyhow!("the connection to PostgreSQL was lost during the transaction");
+            match (&req, tx) {
+                (Request::End { .. }, Tx::Lost) => {
+                    tx = Tx::None;
+                    return Err(lost());
                 }
-            }
-            if broken_tx {
-                bail!("the connection to PostgreSQL was lost during the transaction");
+                (_, Tx::Lost) => return Err(lost()),
+                _ => {}
             }
             if client.as_ref().is_none_or(postgres::Client::is_closed) {
                 statements.clear();
-                if in_tx && !matches!(&req, Request::Batch(s) if s.trim().eq_ignore_ascii_case("BEGIN")) {
-                    broken_tx = true;
-                    bail!("the connection to PostgreSQL was lost during the transaction");
+                if tx == Tx::Open {
+                    tx = Tx::Lost;
+                    return Err(lost());
                 }
                 client = Some(connect(url).with_context(|| format!("reconnecting to PostgreSQL at {}", redact(url)))?);
             }
             let c = client.as_mut().context("no connection")?;
             match req {
+                Request::Begin => {
+                    c.batch_execute("BEGIN")?;
+                    tx = Tx::Open;
+                    Ok(Reply::Done)
+                }
+                Request::End { commit } => {
+                    tx = Tx::None;
+                    c.batch_execute(if commit { "COMMIT" } else { "ROLLBACK" })?;
+                    Ok(Reply::Done)
+                }
                 Request::Batch(sql) => {
                     c.batch_execute(&sql).with_context(|| format!("running {sql}"))?;
                     Ok(Reply::Done)
                 }
-                Request::Execute(sql, params) => {
+                Request::Execute(sql, p) => {
                     let st = prepared(c, &mut statements, &sql)?;
-                    let params: Vec<&(dyn postgres::types::ToSql + Sync)> =
-                        params.iter().map(|p| p as &(dyn postgres::types::ToSql + Sync)).collect();
-                    Ok(Reply::Count(c.execute(&st, &params).with_context(|| format!("running {sql}"))?))
+                    Ok(Reply::Count(c.execute(&st, &params(&p)).with_context(|| format!("running {sql}"))?))
                 }
-                Request::Query(sql, params) => {
+                Request::Query(sql, p) => {
                     let st = prepared(c, &mut statements, &sql)?;
-                    let params: Vec<&(dyn postgres::types::ToSql + Sync)> =
-                        params.iter().map(|p| p as &(dyn postgres::types::ToSql + Sync)).collect();
-                    let rows = c.query(&st, &params).with_context(|| format!("running {sql}"))?;
+                    let rows = c.query(&st, &params(&p)).with_context(|| format!("running {sql}"))?;
                     rows.iter()
                         .map(|r| {
                             (0..r.len())
@@ -401,6 +423,10 @@ fn connect(url: &str) -> Result<postgres::Client> {
     }
     config.keepalives(true).keepalives_idle(std::time::Duration::from_secs(30));
     Ok(config.connect(postgres::NoTls)?)
+}
+
+fn params(p: &[Value]) -> Vec<&(dyn postgres::types::ToSql + Sync)> {
+    p.iter().map(|p| p as &(dyn postgres::types::ToSql + Sync)).collect()
 }
 
 fn prepared(

@@ -859,6 +859,24 @@ impl Fleet {
         Ok(())
     }
 
+    /// Caps what the controller sends to all devices together at `rate` (e.g. "20mbit"),
+    /// as a site's uplink to a distant controller would; other traffic from the host
+    /// (a site cache serving on another port) is not capped.
+    pub fn shape_controller(&self, rate: &str) -> Result<()> {
+        let port = self.controller.listen.rsplit(':').next().unwrap_or("8443").to_owned();
+        let br = &self.net.bridge;
+        run(Command::new("tc").args(["qdisc", "replace", "dev", br, "root", "handle", "1:", "htb", "default", "20"]))?;
+        run(Command::new("tc")
+            .args(["class", "add", "dev", br, "parent", "1:", "classid", "1:10", "htb", "rate", rate]))?;
+        run(Command::new("tc")
+            .args(["class", "add", "dev", br, "parent", "1:", "classid", "1:20", "htb", "rate", "10gbit"]))?;
+        run(Command::new("tc").args([
+            "filter", "add", "dev", br, "parent", "1:", "protocol", "ip", "u32", "match", "ip", "sport", &port,
+            "0xffff", "flowid", "1:10",
+        ]))?;
+        Ok(())
+    }
+
     /// The host side of the fleet's bridge (where a scripted peer can listen).
     pub fn host_address(&self) -> String {
         self.net.host()

@@ -686,9 +686,17 @@ fn fan_out(rows: &mut Vec<String>) -> String {
 /// httpd): time to all confirmed, and the bytes the controller sent.
 fn site_cache(rows: &mut Vec<String>) {
     const DEVICES: usize = 20;
-    for with_cache in [false, true] {
+    for (uplink, with_cache) in [(None, false), (None, true), (Some("20mbit"), false), (Some("20mbit"), true)] {
         let cache = tempfile::tempdir_in("/var/tmp").expect("tmp");
-        let mut opts = FleetOptions { reply_timeout: 300, ..Default::default() };
+        // Closer to the production defaults than the tests' timeouts: a capped uplink
+        // queues the controller's messages behind the copies.
+        let mut opts = FleetOptions {
+            reply_timeout: 300,
+            confirm_timeout: 120,
+            heartbeat: 5,
+            dead_after: 30,
+            ..Default::default()
+        };
         if with_cache {
             opts.extra_args =
                 vec!["--publish-cache".into(), format!("file://{}?compression=zstd", cache.path().display())];
@@ -718,6 +726,9 @@ fn site_cache(rows: &mut Vec<String>) {
         for i in 0..DEVICES {
             f.wait_online(&format!("s{i}"));
         }
+        if let Some(rate) = uplink {
+            f.shape_controller(rate).expect("shape");
+        }
         let t0 = Instant::now();
         let t = f.controller.ctl_json(&["deploy", "--config", "alpha", "-m", "site cache", "--wait"]);
         let secs = t0.elapsed().as_secs_f64();
@@ -726,8 +737,9 @@ fn site_cache(rows: &mut Vec<String>) {
         assert_eq!(t["result"], "succeeded", "{t}");
         let sum = |k: &str| t["children"].as_array().map_or(0, |c| c.iter().filter_map(|c| c[k].as_i64()).sum::<i64>());
         rows.push(format!(
-            "| {} | {DEVICES} | {secs:.2} s | {} ({} paths) | {} ({} paths) |",
+            "| {}{} | {DEVICES} | {secs:.2} s | {} ({} paths) | {} ({} paths) |",
             if with_cache { "controller + site cache" } else { "controller alone" },
+            uplink.map_or(String::new(), |r| format!(", controller's uplink {r}")),
             mb(sum("bytes_sent") as f64),
             sum("paths_sent"),
             mb(sum("bytes_substituted") as f64),
@@ -998,7 +1010,7 @@ Ours: as above, to the device's activation report. The floor: `nix-store --expor
 N agents speaking the real protocol from one process (each with its own key, enrollment and connection) take one deployment at once; each checks every NAR (zstd, sha256, size against the signed path info) but imports nothing, so the figures are the controller's: its time to serve every copy, the aggregate compressed bytes per second it sent, its peak resident memory, its CPU time per device, and what it read from the disk (the cache's NARs are read once per path, not once per device, when the page cache holds them). The closure: 527 paths, 500 of them small and 24 of 2 MiB of incompressible data. The load generators share the machine's cores with the controller; their CPU use is in the last column.\n\n\
 | devices | all copies done | per device | aggregate | controller peak memory (connected, before the deployment) | controller CPU | controller disk reads | load generators' CPU |\n|---|---|---|---|---|---|---|---|\n{}\n\n\
 ## A fleet-wide rollout through a site cache\n\n\
-The same deployment (a closure of 315 paths, 5 MB of it incompressible) to 20 devices, through the controller alone, and with the devices substituting from the site cache the controller publishes to (`--publish-cache file://...?compression=zstd`, served by busybox httpd on the same machine): time from `thymisctl deploy` to every device confirmed, and the compressed bytes the controller sent against those the devices took from the cache (docs/scale.md).\n\n\
+The same deployment (a closure of 315 paths, 5 MB of it incompressible) to 20 devices, through the controller alone, and with the devices substituting from the site cache the controller publishes to (`--publish-cache file://...?compression=zstd`, served by busybox httpd on the same machine); first with no link limit (devices, cache and controller share this machine's cores), then with what the controller sends to all devices together capped at 20 Mbit/s, as a site's uplink to a distant controller would be (the cache, on the site, is not capped): time from `thymisctl deploy` to every device confirmed, and the compressed bytes the controller sent against those the devices took from the cache (docs/scale.md).\n\n\
 | | devices | all confirmed | controller sent | from the cache |\n|---|---|---|---|---|\n{}\n\n\
 ## Agent footprint\n\n| | |\n|---|---|\n{foot}\n\n\
 ## Imager: the transfer benchmark's closure\n\n| | ours | baseline | ours / baseline |\n|---|---|---|---|\n{}\n\n\
