@@ -1028,8 +1028,9 @@ impl Db {
         Ok(n > 0)
     }
 
-    /// Device deployments this controller can deliver now: built, their turn, their
-    /// device connected here, nobody alive delivering them, their task still running.
+    /// Device deployments this controller can deliver now: of another controller's
+    /// running task, built, their turn, their device connected here, nobody alive
+    /// delivering them.
     pub fn deliverable_here(&self, me: &str, alive_since: i64) -> Result<Vec<ChildRow>> {
         let sql = format!(
             "SELECT {} FROM children
@@ -1037,7 +1038,7 @@ impl Db {
                AND device IN (SELECT name FROM devices WHERE controller = ?1)
                AND (owner IS NULL OR owner = ?1 OR owner NOT IN (SELECT id FROM controllers WHERE seen >= ?2))
                AND task IN (SELECT id FROM tasks WHERE state NOT IN ('finished', 'cancelled', 'halted')
-                            AND stopped IS NULL)
+                            AND stopped IS NULL AND owner != ?1)
              ORDER BY id",
             Self::CHILD_COLS
         );

@@ -246,12 +246,15 @@ async fn deliver_all(
     let mut handles = Vec::new();
     for child in ctl.db.children(task)? {
         let Some((system, closure)) = closures.get(&child.config).cloned() else { continue };
-        if child.stage != Stage::Queued || !pick(&child) {
+        // Copying: left mid-copy by a controller that stopped (this task was taken over).
+        if !matches!(child.stage, Stage::Queued | Stage::Copying) || !pick(&child) {
             continue;
         }
+        let Some(delivering) = Delivering::start(ctl, child.id) else { continue };
         let (ctl, limit) = (ctl.clone(), limit.clone());
         let commit = commit.to_owned();
         handles.push(tokio::spawn(async move {
+            let _delivering = delivering;
             let row = child.clone();
             if let Err(e) = deliver(&ctl, &limit, child, system, closure, &commit, reboot).await {
                 warn!(child = row.id, "delivery failed: {e:#}");
@@ -388,6 +391,25 @@ fn halt_if_failed(
     Ok(true)
 }
 
+/// A device deployment this process is delivering: one delivery each (the task's run
+/// and the pickup of devices connected here may both want it), until dropped.
+struct Delivering {
+    ctl: Arc<Controller>,
+    child: i64,
+}
+
+impl Delivering {
+    fn start(ctl: &Arc<Controller>, child: i64) -> Option<Delivering> {
+        lock(&ctl.delivering).insert(child).then(|| Delivering { ctl: ctl.clone(), child })
+    }
+}
+
+impl Drop for Delivering {
+    fn drop(&mut self) {
+        lock(&self.ctl.delivering).remove(&self.child);
+    }
+}
+
 /// Why one attempt to deliver to a device stopped.
 enum Stop {
     /// The connection went away: wait for the device to come back.
@@ -409,18 +431,6 @@ async fn deliver(
     commit: &str,
     reboot: bool,
 ) -> Result<()> {
-    // One delivery of a device deployment per process (the task's run and the pickup of
-    // devices connected here may both start one).
-    if !lock(&ctl.delivering).insert(child.id) {
-        return Ok(());
-    }
-    struct Delivering<'a>(&'a Controller, i64);
-    impl Drop for Delivering<'_> {
-        fn drop(&mut self) {
-            lock(&self.0.delivering).remove(&self.1);
-        }
-    }
-    let _delivering = Delivering(ctl, child.id);
     let mut connected = ctl.connected.subscribe();
     // Paths streamed whole whose acknowledgement the connection lost: if the device has
     // them on the next attempt, they count as sent (and are not sent again).
@@ -447,6 +457,9 @@ async fn deliver(
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
+        // Left mid-copy by a controller that stopped: offered again from here (refused,
+        // changing nothing, for one that is queued).
+        let _ = report(ctl, &child, Event::Lost, &Details::default())?;
         if report(ctl, &child, Event::Offered, &Details::default())?.is_err() {
             return Ok(());
         }
@@ -485,9 +498,11 @@ async fn deliver(
                 return Ok(());
             }
             Err(Stop::Disconnected) => {
-                // The device may come back through another controller.
+                let lost = report(ctl, &child, Event::Lost, &Details::default())?;
+                // The device may come back through another controller, which finds it
+                // queued once the claim is released.
                 ctl.db.release_child(child.id, &ctl.instance)?;
-                if report(ctl, &child, Event::Lost, &Details::default())?.is_err() {
+                if lost.is_err() {
                     return Ok(());
                 }
                 ctl.db.log(child.task, Some(child.id), &format!("{}: connection lost; will resume", child.device))?;
@@ -878,8 +893,9 @@ pub fn recover(ctl: &Arc<Controller>) -> Result<()> {
 
 /// Every sweep, for controllers that share a database: the open tasks of a controller
 /// that stopped are carried on here (nothing is ended for it: its devices reconnect
-/// here, are offered their deployment again or confirmed); and device deployments
-/// whose device is connected here are delivered from here, whoever created them.
+/// here, are offered their deployment again or confirmed); and device deployments of
+/// other controllers' tasks whose device is connected here are delivered from here
+/// (this controller's own tasks deliver theirs themselves).
 pub fn carry_on(ctl: &Arc<Controller>) -> Result<()> {
     let me = &ctl.instance;
     ctl.end_revoked()?;
@@ -902,11 +918,10 @@ pub fn carry_on(ctl: &Arc<Controller>) -> Result<()> {
         }
     }
     for child in ctl.db.deliverable_here(me, ctl.alive_since())? {
-        if lock(&ctl.delivering).contains(&child.id) {
-            continue;
-        }
+        let Some(delivering) = Delivering::start(ctl, child.id) else { continue };
         let ctl = ctl.clone();
         tokio::spawn(async move {
+            let _delivering = delivering;
             let row = child.clone();
             if let Err(e) = deliver_here(&ctl, child).await {
                 warn!(child = row.id, "delivery failed: {e:#}");
@@ -917,7 +932,7 @@ pub fn carry_on(ctl: &Arc<Controller>) -> Result<()> {
     Ok(())
 }
 
-/// Delivers a device deployment built elsewhere (or before) to its device connected
+/// Delivers a device deployment of another controller's task to its device connected
 /// here: its closure from the recorded system.
 async fn deliver_here(ctl: &Arc<Controller>, child: ChildRow) -> Result<()> {
     let Some((commit, reboot)) = ctl.db.task_commit(child.task)? else { return Ok(()) };
@@ -925,10 +940,6 @@ async fn deliver_here(ctl: &Arc<Controller>, child: ChildRow) -> Result<()> {
     let system = build::present(&system).await?;
     build::warm_nar_cache(ctl, &system, &child.config);
     let closure = Arc::new(build::signed_closure(ctl, &system).await?);
-    // Offered by a controller that stopped mid-copy: offered again from here.
-    if child.stage == Stage::Copying && !lock(&ctl.delivering).contains(&child.id) {
-        let _ = report(ctl, &child, Event::Lost, &Details::default())?;
-    }
     deliver(ctl, &ctl.adopted, child, system, closure, &commit, reboot).await
 }
 
