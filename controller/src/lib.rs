@@ -66,9 +66,10 @@ pub struct Cli {
     #[arg(long, value_name = "STORE_URL")]
     pub publish_cache: Option<String>,
     /// The database: an SQLite file (default: STATE_DIR/db.sqlite) or a PostgreSQL URL,
-    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DB (`host=/run/postgresql` style sockets
-    /// too), which controllers serving one fleet share (docs/scale.md). Connections to
-    /// PostgreSQL are not encrypted: a local socket, loopback or a trusted network.
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DB (a local socket's directory as the host,
+    /// percent-encoded: postgres://thymis@%2Frun%2Fpostgresql/thymis), which controllers
+    /// serving one fleet share (docs/scale.md). Connections to PostgreSQL are not
+    /// encrypted: a local socket, loopback or a trusted network.
     #[arg(long, env = "THYMIS_DATABASE", value_name = "PATH_OR_URL")]
     pub database: Option<String>,
     /// Seconds between heartbeats on agent connections.
