@@ -168,7 +168,7 @@ impl ApiError {
 
 async fn device_detail(State(ctl): State<Arc<Controller>>, Path(name): Path<String>) -> ApiResult {
     let Some(row) = ctl.db.device(&name)? else { return Err(not_found(format!("no device {name:?}"))) };
-    let device = Device { online: ctl.conn(&name).is_some() || ctl.online().contains(&name), ..row.info };
+    let device = Device { online: ctl.online().contains(&name), ..row.info };
     let toml = ctl.project.toml_worktree()?;
     let config = toml.configs.get(&device.config);
     let detail = thymis_api::DeviceDetail {

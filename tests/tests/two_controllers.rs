@@ -32,6 +32,23 @@ fn results(task: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Each device's result, in the order of `expected`; the fleet's and the second
+/// controller's diagnostics when they differ.
+fn assert_results(f: &Fleet, b: &Controller, task: &Value, expected: [&str; 2]) {
+    let want: Vec<(String, String)> =
+        ["d1", "d2"].iter().zip(expected).map(|(d, r)| (d.to_string(), r.to_owned())).collect();
+    assert_eq!(results(task), want, "{task}\n{}\n{}", f.diagnostics(), b.log());
+}
+
+/// Waits until every device of the task (as controller `c` shows it) has been sent a path.
+fn wait_copying(c: &Controller, task: i64) {
+    wait_for("both devices to be copying", Duration::from_secs(120), || {
+        let (_, t) = c.api(&format!("/tasks/{task}"), None);
+        let copying = t["children"].as_array()?.iter().all(|c| c["paths_sent"].as_i64().unwrap_or(0) > 0);
+        copying.then_some(())
+    });
+}
+
 #[test]
 fn two_controllers_serve_one_fleet_and_one_carries_on_when_the_other_dies() {
     let mut f = Fleet::new(FleetOptions { postgres: true, ..Default::default() }).expect("fleet");
@@ -68,13 +85,7 @@ fn two_controllers_serve_one_fleet_and_one_carries_on_when_the_other_dies() {
 
     // A deployment made on the first controller reaches both devices.
     let first = f.controller.ctl_json(&["deploy", "--wait", "--device", "d1", "--device", "d2", "-m", "v1"]);
-    assert_eq!(
-        results(&first),
-        [("d1".into(), "succeeded".into()), ("d2".into(), "succeeded".into())],
-        "{first}\n{}\n{}",
-        f.diagnostics(),
-        b.log()
-    );
+    assert_results(&f, &b, &first, ["succeeded", "succeeded"]);
     let sequences: BTreeSet<i64> =
         first["children"].as_array().expect("children").iter().filter_map(|c| c["sequence"].as_i64()).collect();
     assert_eq!(sequences.len(), 2, "{first}");
@@ -89,23 +100,13 @@ fn two_controllers_serve_one_fleet_and_one_carries_on_when_the_other_dies() {
         .expect("configs");
     let made = b.ctl_json(&["deploy", "--device", "d1", "--device", "d2", "-m", "v2"]);
     let task = made["id"].as_i64().expect("task id");
-    wait_for("both devices to be copying", Duration::from_secs(120), || {
-        let (_, t) = f.controller.api(&format!("/tasks/{task}"), None);
-        let copying = t["children"].as_array()?.iter().all(|c| c["paths_sent"].as_i64().unwrap_or(0) > 0);
-        copying.then_some(())
-    });
+    wait_copying(&f.controller, task);
     b.kill();
     let done = f.wait_task(task, Duration::from_secs(180));
     for name in ["d1", "d2"] {
         f.device(name).unshape();
     }
-    assert_eq!(
-        results(&done),
-        [("d1".into(), "succeeded".into()), ("d2".into(), "succeeded".into())],
-        "{done}\n{}\n{}",
-        f.diagnostics(),
-        b.log()
-    );
+    assert_results(&f, &b, &done, ["succeeded", "succeeded"]);
     let logs = f.controller.task_logs(task).join("\n");
     assert!(logs.contains("stopped; controller") && logs.contains("carries on"), "{logs}");
     for c in done["children"].as_array().expect("children") {
@@ -149,11 +150,7 @@ fn two_controllers_serve_one_fleet_and_one_carries_on_when_the_other_dies() {
     f.set_configs(&json!({ "alpha": { "version": "3", "payloads": 12, "payloadKiB": 300 }, "beta": {} })).expect("cfg");
     let made = f.controller.ctl_json(&["deploy", "--device", "d1", "--device", "d2", "-m", "v3"]);
     let task = made["id"].as_i64().expect("task id");
-    wait_for("both devices to be copying", Duration::from_secs(120), || {
-        let (_, t) = b.api(&format!("/tasks/{task}"), None);
-        let copying = t["children"].as_array()?.iter().all(|c| c["paths_sent"].as_i64().unwrap_or(0) > 0);
-        copying.then_some(())
-    });
+    wait_copying(&b, task);
     f.controller.restart().expect("restart");
     let done = wait_for("the deployment to end", Duration::from_secs(180), || {
         let (_, t) = b.api(&format!("/tasks/{task}"), None);
@@ -162,13 +159,7 @@ fn two_controllers_serve_one_fleet_and_one_carries_on_when_the_other_dies() {
     for name in ["d1", "d2"] {
         f.device(name).unshape();
     }
-    assert_eq!(
-        results(&done),
-        [("d1".into(), "succeeded".into()), ("d2".into(), "interrupted".into())],
-        "{done}\n{}\n{}",
-        f.diagnostics(),
-        b.log()
-    );
+    assert_results(&f, &b, &done, ["succeeded", "interrupted"]);
 
     // A device revoked through one controller loses its connection to the other within
     // a sweep.
