@@ -74,13 +74,14 @@ impl Vm {
         String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned()
     }
 
-    /// Waits until the console shows `text`; fails with the console's tail when the VM
-    /// stops first or `timeout` passes.
+    /// Waits until the console shows the whole line holding `text` (QEMU writes the
+    /// console file as it comes, so a line can be caught half-written); fails with the
+    /// console's tail when the VM stops first or `timeout` passes.
     pub fn wait_for_console(&mut self, text: &str, timeout: Duration) -> Result<String> {
         let start = Instant::now();
         loop {
             let console = self.console();
-            if console.contains(text) {
+            if console.find(text).is_some_and(|at| console[at..].contains('\n')) {
                 return Ok(console);
             }
             if let Some(status) = self.child.try_wait()? {
