@@ -115,8 +115,7 @@ fn ours(f: &Fleet, v: &str) -> (Sample, f64, Value) {
     let mut activated: Option<Sample> = None;
     // Polled over one kept-alive HTTP connection: a process per poll (curl) would take
     // a core of this machine away from the deployment it measures.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let http = http_agent();
     let (url, auth) =
         (format!("{}/api/v1/tasks/{id}", f.controller.base_url()), format!("Bearer {}", f.controller.token()));
     loop {
@@ -431,13 +430,25 @@ fn per_path_import(closure: &[String], dir: &Path) -> String {
     )
 }
 
+/// Handshakes the load generators hold open at once: all of them come from one address,
+/// and the controller lets one address hold 32 connections in their handshake
+/// (`--max-handshakes-per-peer`).
+const LOAD_HANDSHAKES: usize = 16;
+
 type LoadWs = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Enrolls `n` devices of `config` through the API (one HTTP connection, kept alive):
 /// their enrollment tokens.
-fn enroll_load_agents(f: &Fleet, n: usize, config: &str) -> Vec<String> {
+/// An HTTP client for the bench's own controller on this machine: over TLS it takes the
+/// certificate the controller shows, as the harness's scripted agents do.
+fn http_agent() -> ureq::Agent {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let tls = ureq::tls::TlsConfig::builder().disable_verification(true).build();
+    ureq::Agent::config_builder().http_status_as_error(false).tls_config(tls).build().into()
+}
+
+fn enroll_load_agents(f: &Fleet, n: usize, config: &str) -> Vec<String> {
+    let agent = http_agent();
     let auth = format!("Bearer {}", f.controller.token());
     (0..n)
         .map(|i| {
@@ -453,13 +464,13 @@ fn enroll_load_agents(f: &Fleet, n: usize, config: &str) -> Vec<String> {
 }
 
 /// A load-generator agent's connection: the real handshake with a fresh key and token.
-async fn load_agent_connect(url: &str, token: String) -> Option<LoadWs> {
+async fn load_agent_connect(url: &str, token: String) -> Result<LoadWs, String> {
     use futures_util::{SinkExt, StreamExt};
     use thymis_proto::handshake::{Nonce, device_transcript, enrollment_proof, enrollment_transcript, token_hash};
     use thymis_proto::{AgentBound, ControllerBound, decode_agent_bound, encode};
     use tokio_tungstenite::tungstenite::Message;
-    let key = thymis_store::signing::SecretKey::generate("thymis-device").ok()?;
-    let mut ws = thymis_fleet_tests::ws_connect(url).await.ok()?;
+    let key = thymis_store::signing::SecretKey::generate("thymis-device").map_err(|e| e.to_string())?;
+    let mut ws = thymis_fleet_tests::ws_connect(url).await.map_err(|e| format!("connect: {e:#}"))?;
     let client = Nonce(rand32());
     let hello = ControllerBound::Hello {
         protocol_min: 1,
@@ -468,20 +479,23 @@ async fn load_agent_connect(url: &str, token: String) -> Option<LoadWs> {
         device_key: key.public().to_string(),
         client_nonce: client,
     };
-    ws.send(Message::text(encode(&hello))).await.ok()?;
-    let Some(Ok(Message::Text(t))) = ws.next().await else { return None };
-    let Ok(AgentBound::Challenge { server_nonce, session, controller_key, .. }) = decode_agent_bound(t.as_str(), false)
-    else {
-        return None;
+    ws.send(Message::text(encode(&hello))).await.map_err(|e| e.to_string())?;
+    let reply = ws.next().await;
+    let Some(Ok(Message::Text(t))) = reply else { return Err(format!("no challenge: {reply:?}")) };
+    let challenge = decode_agent_bound(t.as_str(), false);
+    let Ok(AgentBound::Challenge { server_nonce, session, controller_key, .. }) = challenge else {
+        return Err(format!("no challenge: {t}"));
     };
-    let ck: thymis_store::signing::PublicKey = controller_key.parse().ok()?;
+    let ck: thymis_store::signing::PublicKey = controller_key.parse().map_err(|e| format!("{e:#}"))?;
     let signature = key.sign(&device_transcript(&client, &server_nonce, &session, &ck));
     let bound = enrollment_transcript(&client, &server_nonce, &session, &key.public(), &ck);
     let enrollment_proof = Some(enrollment_proof(&token_hash(&token), &bound));
     let auth = ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof };
-    ws.send(Message::text(encode(&auth))).await.ok()?;
-    let Some(Ok(Message::Text(_welcome))) = ws.next().await else { return None };
-    Some(ws)
+    ws.send(Message::text(encode(&auth))).await.map_err(|e| e.to_string())?;
+    match ws.next().await {
+        Some(Ok(Message::Text(_welcome))) => Ok(ws),
+        other => Err(format!("no welcome: {other:?}")),
+    }
 }
 
 /// A load-generator agent during a copy: accepts the offer, lacks every path, checks each
@@ -593,19 +607,21 @@ fn fan_out_load(rows: &mut Vec<String>) {
         let url = f.controller.agent_url();
         let ctl_pid = f.controller.pid().expect("controller pid");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-        let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(128));
+        let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(LOAD_HANDSHAKES));
         let ready = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut handles = Vec::new();
         for token in tokens {
             let (url, limit, ready) = (url.clone(), limit.clone(), ready.clone());
             handles.push(rt.spawn(async move {
                 let permit = limit.acquire_owned().await.expect("semaphore");
-                let ws = load_agent_connect(&url, token).await.ok_or("handshake failed")?;
+                let ws = load_agent_connect(&url, token).await;
                 drop(permit);
                 ready.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                load_agent_copy(ws).await
+                load_agent_copy(ws.map_err(|e| format!("handshake: {e}"))?).await
             }));
         }
+        // Every handshake has ended, each connected or failed (a failure ends its task,
+        // reported below).
         while ready.load(std::sync::atomic::Ordering::Relaxed) < n {
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -870,13 +886,16 @@ fn scale(n: usize) -> Vec<String> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let offered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(128));
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(LOAD_HANDSHAKES));
     let t_connect = Instant::now();
     for token in tokens {
         let (url, connected, offered, limit) = (url.clone(), connected.clone(), offered.clone(), limit.clone());
         rt.spawn(async move {
             let permit = limit.acquire_owned().await.expect("semaphore");
-            let Some(mut ws) = load_agent_connect(&url, token).await else { return };
+            let mut ws = match load_agent_connect(&url, token).await {
+                Ok(ws) => ws,
+                Err(e) => return eprintln!("bench: a load agent's handshake failed: {e}"),
+            };
             drop(permit);
             connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut beat = tokio::time::interval(Duration::from_secs(15));
