@@ -82,9 +82,15 @@ fn prepare(f: &mut Fleet, base: Option<&str>) {
     let dev = f.device_mut("d1");
     dev.unshape();
     dev.kill9();
+    // The old store is moved aside, not deleted: ext4 allocating inodes among tens of
+    // thousands it freed seconds before costs the next import several times its CPU
+    // (profiled: `recently_deleted`, `find_inode_bit`), which no device sees. The fleet's
+    // temporary directory goes at the end, outside every measurement.
     let nix = dev.nix_dir();
+    let trash = aside(&nix);
+    std::fs::create_dir_all(&trash).expect("mkdir");
     for e in std::fs::read_dir(&nix).into_iter().flatten().flatten() {
-        let _ = Command::new("rm").arg("-rf").arg(e.path()).status();
+        std::fs::rename(e.path(), trash.join(e.file_name())).expect("move the old store aside");
     }
     let state = dev.state_dir();
     for f in ["pending.json", "state.json"] {
@@ -98,6 +104,28 @@ fn prepare(f: &mut Fleet, base: Option<&str>) {
         deploy(f);
     }
     f.device("d1").shape(RATE).expect("tc");
+    settle();
+}
+
+/// A new name beside `dir` for what a run leaves, to be deleted with the fleet's
+/// temporary directory rather than between measurements (see [`prepare`]).
+fn aside(dir: &Path) -> PathBuf {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos());
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dir.with_file_name(format!("{name}-old-{}", nanos.unwrap_or(0)))
+}
+
+/// Moves `dir` aside (see [`aside`]), if it exists.
+fn set_aside(dir: &Path) {
+    if dir.exists() {
+        std::fs::rename(dir, aside(dir)).expect("move aside");
+    }
+}
+
+/// Writes back what earlier runs left in the page cache (a store deleted, another
+/// imported), so that it does not land in the next measurement.
+fn settle() {
+    let _ = Command::new("sync").status();
 }
 
 /// A deployment of variant `v` to d1, its configuration built beforehand (the baselines
@@ -263,8 +291,9 @@ fn nixos_like() -> (String, usize, u64) {
 /// `nix-store --export` of `paths` piped into `nix-store --import` of an empty store on
 /// this machine: the floor of any copy (no network, no checks beyond Nix's own).
 fn export_import(paths: &[String], dir: &Path) -> f64 {
-    let _ = std::fs::remove_dir_all(dir);
+    set_aside(dir);
     std::fs::create_dir_all(dir).expect("mkdir");
+    settle();
     let t0 = Instant::now();
     let mut export = Command::new("nix-store")
         .arg("--export")
@@ -282,7 +311,7 @@ fn export_import(paths: &[String], dir: &Path) -> f64 {
         .expect("nix-store --import");
     assert!(export.wait().is_ok_and(|s| s.success()) && import.success(), "export | import failed");
     let secs = t0.elapsed().as_secs_f64();
-    let _ = std::fs::remove_dir_all(dir);
+    set_aside(dir);
     secs
 }
 
@@ -409,18 +438,18 @@ fn per_path_import(closure: &[String], dir: &Path) -> String {
     let all = export(&small);
     let (mut single, mut batch) = (vec![], vec![]);
     for _ in 0..*RUNS {
-        let _ = std::fs::remove_dir_all(dir);
+        set_aside(dir);
         let t0 = Instant::now();
         for data in &one_each {
             import(data);
         }
         single.push(t0.elapsed().as_secs_f64());
-        let _ = std::fs::remove_dir_all(dir);
+        set_aside(dir);
         let t0 = Instant::now();
         import(&all);
         batch.push(t0.elapsed().as_secs_f64());
     }
-    let _ = std::fs::remove_dir_all(dir);
+    set_aside(dir);
     let n = small.len() as f64;
     format!(
         "| importing {} small paths: a process per path / one batch | {:.1} ms per path / {:.1} ms per path |",
@@ -585,10 +614,13 @@ fn fan_out_load(rows: &mut Vec<String>) {
         .map(|s| s.split(',').filter_map(|n| n.parse().ok()).collect())
         .unwrap_or(vec![100, 1000]);
     for n in sizes {
+        // A deployment that outlives the harness's two-minute expiry would end `expired`
+        // mid-copy on a slow run of this machine, measuring nothing.
         let f = Fleet::new(FleetOptions {
             reply_timeout: 600,
             dead_after: 120,
             heartbeat: 30,
+            deployment_ttl: 3600,
             parallel: Some(n),
             ..Default::default()
         })
