@@ -122,8 +122,8 @@ fn set_aside(dir: &Path) {
     }
 }
 
-/// Writes back what earlier runs left in the page cache (a store deleted, another
-/// imported), so that it does not land in the next measurement.
+/// Writes back what earlier runs left in the page cache (the stores they imported), so
+/// that it does not land in the next measurement.
 fn settle() {
     let _ = Command::new("sync").status();
 }
@@ -466,8 +466,6 @@ const LOAD_HANDSHAKES: usize = 16;
 
 type LoadWs = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Enrolls `n` devices of `config` through the API (one HTTP connection, kept alive):
-/// their enrollment tokens.
 /// An HTTP client for the bench's own controller on this machine: over TLS it takes the
 /// certificate the controller shows, as the harness's scripted agents do.
 fn http_agent() -> ureq::Agent {
@@ -476,6 +474,8 @@ fn http_agent() -> ureq::Agent {
     ureq::Agent::config_builder().http_status_as_error(false).tls_config(tls).build().into()
 }
 
+/// Enrolls `n` devices of `config` through the API (one HTTP connection, kept alive):
+/// their enrollment tokens.
 fn enroll_load_agents(f: &Fleet, n: usize, config: &str) -> Vec<String> {
     let agent = http_agent();
     let auth = format!("Bearer {}", f.controller.token());
