@@ -459,10 +459,16 @@ fn per_path_import(closure: &[String], dir: &Path) -> String {
     )
 }
 
-/// Handshakes the load generators hold open at once: all of them come from one address,
-/// and the controller lets one address hold 32 connections in their handshake
-/// (`--max-handshakes-per-peer`).
-const LOAD_HANDSHAKES: usize = 16;
+/// Handshakes the load generators hold open at once. They all come from one address,
+/// where a real fleet's devices come from many: their controller lets that one address
+/// hold as many ([`load_fleet_args`]), or its per-address limit (32 by default) would
+/// refuse them.
+const LOAD_HANDSHAKES: usize = 128;
+
+/// The controller's arguments for a fleet of load generators (see [`LOAD_HANDSHAKES`]).
+fn load_fleet_args() -> Vec<String> {
+    vec![format!("--max-handshakes-per-peer={LOAD_HANDSHAKES}")]
+}
 
 type LoadWs = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -622,6 +628,7 @@ fn fan_out_load(rows: &mut Vec<String>) {
             heartbeat: 30,
             deployment_ttl: 3600,
             parallel: Some(n),
+            extra_args: load_fleet_args(),
             ..Default::default()
         })
         .expect("fleet");
@@ -908,8 +915,14 @@ fn scale(n: usize) -> Vec<String> {
     use thymis_proto::{AgentBound, ControllerBound, decode_agent_bound, encode};
     use tokio_tungstenite::tungstenite::Message;
 
-    let f = Fleet::new(FleetOptions { heartbeat: 15, dead_after: 45, reply_timeout: 300, ..Default::default() })
-        .expect("fleet");
+    let f = Fleet::new(FleetOptions {
+        heartbeat: 15,
+        dead_after: 45,
+        reply_timeout: 300,
+        extra_args: load_fleet_args(),
+        ..Default::default()
+    })
+    .expect("fleet");
     let t0 = Instant::now();
     let tokens = enroll_load_agents(&f, n, "alpha");
     let enroll_secs = t0.elapsed().as_secs_f64();
