@@ -9,7 +9,7 @@ use std::process::Command;
 
 #[test]
 fn the_load_generator_benchmark_runs_to_the_end_with_every_copy_checked() {
-    let devices = 40;
+    let devices = 100;
     // Bounded: a benchmark that hangs fails here instead of holding the suite.
     let out = Command::new("timeout")
         .arg("600")
