@@ -533,10 +533,63 @@ async fn load_agent_connect(url: &str, token: String) -> Result<LoadWs, String> 
     }
 }
 
-/// A load-generator agent during a copy: accepts the offer, lacks every path, checks each
-/// NAR it receives (zstd, then sha256 and size against the signed path info) without
-/// importing it, acknowledges it, and ends at `activate`. Returns the compressed bytes.
-async fn load_agent_copy(mut ws: LoadWs) -> Result<u64, String> {
+/// A binary cache the load generators substitute from, as agents configured with
+/// `substituters` do: its URL and the keys its narinfos must be signed with.
+struct LoadCache {
+    url: String,
+    keys: Vec<thymis_store::signing::PublicKey>,
+    http: ureq::Agent,
+}
+
+/// What a load generator took from its cache for `paths`: every path the cache has with
+/// a trusted signature is fetched and checked (hash and size, after decompression) but
+/// not imported. Returns the paths still missing, and the paths and compressed bytes
+/// substituted.
+fn load_substitute(cache: &LoadCache, paths: Vec<thymis_store::StorePath>) -> (Vec<thymis_store::StorePath>, u64, u64) {
+    use std::io::Read;
+    use thymis_store::narinfo::{Compression, NarInfo, narinfo_name};
+    let (mut missing, mut n, mut bytes) = (Vec::new(), 0u64, 0u64);
+    for path in paths {
+        let fetched = (|| -> Result<u64, String> {
+            let get = |url: String| -> Result<Vec<u8>, String> {
+                let mut r = cache.http.get(&url).call().map_err(|e| format!("{url}: {e}"))?;
+                if r.status() != 200 {
+                    return Err(format!("{url}: {}", r.status()));
+                }
+                r.body_mut().with_config().limit(1 << 30).read_to_vec().map_err(|e| format!("{url}: {e}"))
+            };
+            let text =
+                String::from_utf8(get(format!("{}/{}", cache.url, narinfo_name(&path)))?).map_err(|e| e.to_string())?;
+            let info = NarInfo::parse(&text).map_err(|e| e.to_string())?;
+            thymis_store::signing::verify_path(&info.info, &cache.keys).map_err(|e| e.to_string())?;
+            let body = get(format!("{}/{}", cache.url, info.url))?;
+            let reader: Box<dyn Read> = match info.compression {
+                Compression::Zstd => {
+                    Box::new(thymis_store::zstd_limits::decoder(&body[..]).map_err(|e| e.to_string())?)
+                }
+                Compression::None => Box::new(&body[..]),
+                Compression::Xz => return Err("the bench's cache writes zstd".into()),
+            };
+            thymis_store::nar::copy_verified(reader, &mut std::io::sink(), &info.info.nar_hash, info.info.nar_size)
+                .map_err(|e| e.to_string())?;
+            Ok(body.len() as u64)
+        })();
+        match fetched {
+            Ok(b) => {
+                n += 1;
+                bytes += b;
+            }
+            Err(_) => missing.push(path),
+        }
+    }
+    (missing, n, bytes)
+}
+
+/// A load-generator agent during a copy: accepts the offer, substitutes what its cache
+/// (if any) has, lacks every other path, checks each NAR it receives (zstd, then sha256
+/// and size against the signed path info) without importing it, acknowledges it, and
+/// ends at `activate`. Returns the compressed bytes received from the controller.
+async fn load_agent_copy(mut ws: LoadWs, cache: Option<std::sync::Arc<LoadCache>>) -> Result<u64, String> {
     use futures_util::{SinkExt, StreamExt};
     use thymis_proto::{AgentBound, ControllerBound, CopyWindow, decode_agent_bound, encode};
     use tokio_tungstenite::tungstenite::Message;
@@ -571,14 +624,22 @@ async fn load_agent_copy(mut ws: LoadWs) -> Result<u64, String> {
                         .unwrap_or_default();
                     ControllerBound::OfferAccepted { deployment_id: id }
                 }
-                AgentBound::QueryPaths { deployment_id, paths } => ControllerBound::PathsMissing {
-                    deployment_id,
-                    missing: paths,
-                    bases: vec![],
-                    window: Some(CopyWindow { paths: 512, bytes: 64 << 20 }),
-                    substituted_paths: 0,
-                    substituted_bytes: 0,
-                },
+                AgentBound::QueryPaths { deployment_id, paths } => {
+                    let (missing, substituted_paths, substituted_bytes) = match cache.clone() {
+                        Some(c) => tokio::task::spawn_blocking(move || load_substitute(&c, paths))
+                            .await
+                            .map_err(|e| e.to_string())?,
+                        None => (paths, 0, 0),
+                    };
+                    ControllerBound::PathsMissing {
+                        deployment_id,
+                        missing,
+                        bases: vec![],
+                        window: Some(CopyWindow { paths: 512, bytes: 64 << 20 }),
+                        substituted_paths,
+                        substituted_bytes,
+                    }
+                }
                 AgentBound::PathStart { info, .. } => {
                     dec.reinit().map_err(|e| e.to_string())?;
                     current = Some((info, thymis_store::hash::NarHasher::new()));
@@ -611,89 +672,178 @@ async fn load_agent_copy(mut ws: LoadWs) -> Result<u64, String> {
     }
 }
 
-/// The controller alone serving copies: N load-generator agents (one process, the real
-/// protocol, hashes checked, nothing imported) take a deployment of one configuration
-/// at once. Aggregate rate, the controller's peak memory and CPU per device.
+/// A fleet for load generators (see [`load_fleet_args`]), with `extra` arguments for its
+/// controller. A deployment that outlives the harness's two-minute expiry would end
+/// `expired` mid-copy on a slow run of this machine, measuring nothing.
+fn load_fleet(n: usize, extra: Vec<String>) -> Fleet {
+    let mut extra_args = load_fleet_args();
+    extra_args.extend(extra);
+    Fleet::new(FleetOptions {
+        reply_timeout: 600,
+        dead_after: 120,
+        heartbeat: 30,
+        deployment_ttl: 3600,
+        parallel: Some(n),
+        extra_args,
+        ..Default::default()
+    })
+    .expect("fleet")
+}
+
+/// Builds configuration `alpha` as `cfg` says: (system, its NAR bytes).
+fn load_build(f: &Fleet, cfg: Value) -> (String, f64) {
+    f.set_configs(&json!({ "alpha": cfg, "beta": {} })).expect("cfg");
+    let _ = f.controller.ctl(&["project", "commit", "-m", "load"]);
+    let b = f.controller.ctl_json(&["build", "alpha", "--wait"]);
+    assert_eq!(b["result"], "succeeded", "{b}");
+    let system = b["system"].as_str().unwrap_or_default().to_owned();
+    let nar = sh(Command::new("nix").args(["path-info", "-S", &system]));
+    (system, nar.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0.0))
+}
+
+/// What one deployment of `alpha` to N load generators measured.
+struct LoadRun {
+    secs: f64,
+    done: usize,
+    /// Compressed bytes the load generators received from the controller.
+    bytes: u64,
+    /// The controller's CPU seconds, and the load generators' (this process's).
+    cpu: f64,
+    gen_cpu: f64,
+    read: u64,
+    peak: String,
+    idle: String,
+    task: Value,
+}
+
+/// N load-generator agents (one process, the real protocol, hashes checked, nothing
+/// imported), each substituting from `cache` first if given, connect and then take one
+/// deployment of `alpha` at once: measured from `thymisctl deploy` to every copy done
+/// (each agent at `activate`).
+fn load_rollout(f: &Fleet, n: usize, cache: Option<std::sync::Arc<LoadCache>>) -> LoadRun {
+    let tokens = enroll_load_agents(f, n, "alpha");
+    let url = f.controller.agent_url();
+    let ctl_pid = f.controller.pid().expect("controller pid");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(LOAD_HANDSHAKES));
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for token in tokens {
+        let (url, limit, ready, cache) = (url.clone(), limit.clone(), ready.clone(), cache.clone());
+        handles.push(rt.spawn(async move {
+            let permit = limit.acquire_owned().await.expect("semaphore");
+            let ws = load_agent_connect(&url, token).await;
+            drop(permit);
+            ready.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            load_agent_copy(ws.map_err(|e| format!("handshake: {e}"))?, cache).await
+        }));
+    }
+    // Every handshake has ended, each connected or failed (a failure ends its task,
+    // reported below).
+    while ready.load(std::sync::atomic::Ordering::Relaxed) < n {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let idle = proc_field(ctl_pid, "VmRSS:");
+    let (c0, g0, io0) = (cpu_ticks(ctl_pid), cpu_ticks(std::process::id()), disk_reads(ctl_pid));
+    let t0 = Instant::now();
+    let out = f.controller.ctl(&["--json", "deploy", "--config", "alpha", "-m", "load"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let results: Vec<Result<u64, String>> = rt
+        .block_on(async { futures_util::future::join_all(handles).await })
+        .into_iter()
+        .map(|r| r.map_err(|e| e.to_string()).and_then(|r| r))
+        .collect();
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_ticks(ctl_pid) - c0) as f64 / 100.0;
+    let gen_cpu = (cpu_ticks(std::process::id()) - g0) as f64 / 100.0;
+    let read = disk_reads(ctl_pid) - io0;
+    let peak = proc_field(ctl_pid, "VmHWM:");
+    rt.shutdown_background();
+    if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+        eprintln!("bench: a load agent failed: {e}");
+    }
+    let id = serde_json::from_slice::<Value>(&out.stdout).ok().and_then(|t| t["id"].as_i64()).expect("task id");
+    let (_, task) = f.controller.api(&format!("/tasks/{id}"), None);
+    LoadRun {
+        secs,
+        done: results.iter().filter(|r| r.is_ok()).count(),
+        bytes: results.iter().filter_map(|r| r.as_ref().ok()).sum(),
+        cpu,
+        gen_cpu,
+        read,
+        peak,
+        idle,
+        task,
+    }
+}
+
+/// The controller alone serving copies: N load generators take a deployment of one
+/// configuration at once. Aggregate rate, the controller's peak memory and CPU per device.
 fn fan_out_load(rows: &mut Vec<String>) {
     let sizes: Vec<usize> = std::env::var("THYMIS_BENCH_LOAD_DEVICES")
         .ok()
         .map(|s| s.split(',').filter_map(|n| n.parse().ok()).collect())
         .unwrap_or(vec![100, 1000]);
     for n in sizes {
-        // A deployment that outlives the harness's two-minute expiry would end `expired`
-        // mid-copy on a slow run of this machine, measuring nothing.
-        let f = Fleet::new(FleetOptions {
-            reply_timeout: 600,
-            dead_after: 120,
-            heartbeat: 30,
-            deployment_ttl: 3600,
-            parallel: Some(n),
-            extra_args: load_fleet_args(),
-            ..Default::default()
-        })
-        .expect("fleet");
-        f.set_configs(
-            &json!({ "alpha": { "version": "2", "small": 500, "payloads": 24, "payloadKiB": 2048 }, "beta": {} }),
-        )
-        .expect("cfg");
-        let _ = f.controller.ctl(&["project", "commit", "-m", "load"]);
-        let b = f.controller.ctl_json(&["build", "alpha", "--wait"]);
-        assert_eq!(b["result"], "succeeded", "{b}");
-        let system = b["system"].as_str().unwrap_or_default().to_owned();
-        let nar = sh(Command::new("nix").args(["path-info", "-S", &system]));
-        let nar: f64 = nar.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0.0);
-        let tokens = enroll_load_agents(&f, n, "alpha");
-        let url = f.controller.agent_url();
-        let ctl_pid = f.controller.pid().expect("controller pid");
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-        let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(LOAD_HANDSHAKES));
-        let ready = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut handles = Vec::new();
-        for token in tokens {
-            let (url, limit, ready) = (url.clone(), limit.clone(), ready.clone());
-            handles.push(rt.spawn(async move {
-                let permit = limit.acquire_owned().await.expect("semaphore");
-                let ws = load_agent_connect(&url, token).await;
-                drop(permit);
-                ready.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                load_agent_copy(ws.map_err(|e| format!("handshake: {e}"))?).await
-            }));
-        }
-        // Every handshake has ended, each connected or failed (a failure ends its task,
-        // reported below).
-        while ready.load(std::sync::atomic::Ordering::Relaxed) < n {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let idle = proc_field(ctl_pid, "VmRSS:");
-        let (c0, g0, io0) = (cpu_ticks(ctl_pid), cpu_ticks(std::process::id()), disk_reads(ctl_pid));
-        let t0 = Instant::now();
-        let out = f.controller.ctl(&["--json", "deploy", "--config", "alpha", "-m", "load"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let results: Vec<Result<u64, String>> = rt
-            .block_on(async { futures_util::future::join_all(handles).await })
-            .into_iter()
-            .map(|r| r.map_err(|e| e.to_string()).and_then(|r| r))
-            .collect();
-        let secs = t0.elapsed().as_secs_f64();
-        let cpu = (cpu_ticks(ctl_pid) - c0) as f64 / 100.0;
-        let gen_cpu = (cpu_ticks(std::process::id()) - g0) as f64 / 100.0;
-        let read = disk_reads(ctl_pid) - io0;
-        let peak = proc_field(ctl_pid, "VmHWM:");
-        rt.shutdown_background();
-        let done = results.iter().filter(|r| r.is_ok()).count();
-        if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
-            eprintln!("bench: a load agent failed: {e}");
-        }
-        let bytes: u64 = results.iter().filter_map(|r| r.as_ref().ok()).sum();
+        let f = load_fleet(n, vec![]);
+        let (_, nar) = load_build(&f, json!({ "version": "2", "small": 500, "payloads": 24, "payloadKiB": 2048 }));
+        let r = load_rollout(&f, n, None);
         rows.push(format!(
-            "| {n} | {done} of {n} in {secs:.1} s | {} compressed ({} NAR) per device | {:.2} GB/s | {peak} ({idle} before) | {:.1} ms per device ({:.2} cores) | {} | {:.2} cores |",
-            mb(bytes as f64 / done.max(1) as f64),
+            "| {n} | {} of {n} in {:.1} s | {} compressed ({} NAR) per device | {:.2} GB/s | {} ({} before) | {:.1} ms per device ({:.2} cores) | {} | {:.2} cores |",
+            r.done,
+            r.secs,
+            mb(r.bytes as f64 / r.done.max(1) as f64),
             mb(nar),
-            bytes as f64 / secs / 1e9,
-            cpu * 1000.0 / n as f64,
-            cpu / secs,
-            mb(read as f64),
-            gen_cpu / secs,
+            r.bytes as f64 / r.secs / 1e9,
+            r.peak,
+            r.idle,
+            r.cpu * 1000.0 / n as f64,
+            r.cpu / r.secs,
+            mb(r.read as f64),
+            r.gen_cpu / r.secs,
+        ));
+        eprintln!("bench: {}", rows.last().map(String::as_str).unwrap_or(""));
+    }
+}
+
+/// The same fleet-wide rollout to N load generators through the controller alone, and
+/// through a site cache the controller publishes to (`--publish-cache`, served by
+/// busybox httpd): the bytes the controller sent and the devices took from the cache,
+/// counted by the controller, and the time to every copy done.
+fn site_cache_load(rows: &mut Vec<String>) {
+    let n: usize = std::env::var("THYMIS_BENCH_CACHE_DEVICES").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    for with_cache in [false, true] {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tmp");
+        let publish = vec!["--publish-cache".into(), format!("file://{}?compression=zstd", dir.path().display())];
+        let f = load_fleet(n, if with_cache { publish } else { vec![] });
+        load_build(&f, json!({ "version": "4", "payloads": 10, "payloadKiB": 512, "small": 300 }));
+        let addr = "127.0.0.1:18091";
+        let mut httpd =
+            Command::new("busybox").args(["httpd", "-f", "-p", &addr, "-h"]).arg(dir.path()).spawn().expect("httpd");
+        let cache = with_cache.then(|| {
+            let (_, id) = f.controller.api("/identity", None);
+            let key = id["nix_signing_key"].as_str().expect("the controller's Nix key");
+            std::sync::Arc::new(LoadCache {
+                url: format!("http://{addr}"),
+                keys: vec![key.parse().expect("nix key")],
+                http: ureq::Agent::config_builder().http_status_as_error(false).build().into(),
+            })
+        });
+        let r = load_rollout(&f, n, cache);
+        let _ = httpd.kill();
+        let _ = httpd.wait();
+        let sum =
+            |k: &str| r.task["children"].as_array().map_or(0, |c| c.iter().filter_map(|c| c[k].as_i64()).sum::<i64>());
+        rows.push(format!(
+            "| {} | {n} load generators | {} of {n} in {:.2} s | {} ({} paths) | {} ({} paths) | {:.2} s |",
+            if with_cache { "controller + site cache" } else { "controller alone" },
+            r.done,
+            r.secs,
+            mb(sum("bytes_sent") as f64),
+            sum("paths_sent"),
+            mb(sum("bytes_substituted") as f64),
+            sum("paths_substituted"),
+            r.cpu,
         ));
         eprintln!("bench: {}", rows.last().map(String::as_str).unwrap_or(""));
     }
@@ -1019,17 +1169,18 @@ fn main() {
         sh(Command::new("nix-store").arg("--version")).replace("nix-store (Nix) ", "")
     );
     let agents: usize = std::env::var("THYMIS_BENCH_AGENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    // THYMIS_BENCH_ONLY=scale|transfer|real|load|fanout|cache|imager runs (and prints) only that part, for investigating.
+    // THYMIS_BENCH_ONLY=scale|transfer|real|load|fanout|cache|loadcache|imager runs (and prints) only that part, for investigating.
     match std::env::var("THYMIS_BENCH_ONLY").as_deref() {
         Ok("scale") => {
             println!("{}", scale(agents).join("\n"));
             return;
         }
-        Ok(part @ ("real" | "load" | "transfer" | "cache" | "imager")) => {
+        Ok(part @ ("real" | "load" | "transfer" | "cache" | "loadcache" | "imager")) => {
             let mut rows = vec![];
             match part {
                 "real" => real_size(&mut rows),
                 "cache" => site_cache(&mut rows),
+                "loadcache" => site_cache_load(&mut rows),
                 "load" => fan_out_load(&mut rows),
                 "transfer" => transfer(&mut rows),
                 _ => imager(&mut rows),
@@ -1055,6 +1206,8 @@ fn main() {
     fan_out_load(&mut load_rows);
     let mut cache_rows = vec![];
     site_cache(&mut cache_rows);
+    let mut load_cache_rows = vec![];
+    site_cache_load(&mut load_cache_rows);
     let mut imager_rows = vec![];
     imager(&mut imager_rows);
     let scale_rows = scale(agents);
@@ -1076,6 +1229,8 @@ N agents speaking the real protocol from one process (each with its own key, enr
 ## A fleet-wide rollout through a site cache\n\n\
 The same deployment (a closure of 315 paths, 5 MB of it incompressible) to 20 devices, through the controller alone, and with the devices substituting from the site cache the controller publishes to (`--publish-cache file://...?compression=zstd`, served by busybox httpd on the same machine); first with no link limit (devices, cache and controller share this machine's cores), then with what the controller sends to all devices together capped at 20 Mbit/s, as a site's uplink to a distant controller would be (the cache, on the site, is not capped): time from `thymisctl deploy` to every device confirmed, and the compressed bytes the controller sent against those the devices took from the cache (docs/scale.md).\n\n\
 | | devices | all confirmed | controller sent | from the cache |\n|---|---|---|---|---|\n{}\n\n\
+The same comparison with load-generator agents (each fetches every narinfo and NAR its cache has over HTTP, checks the signature, hash and size, imports nothing, and asks the controller for the rest): time from `thymisctl deploy` to every copy done, what the controller counted as sent and as substituted, and the controller's CPU time for the rollout.\n\n\
+| | devices | all copies done | controller sent | from the cache | controller CPU |\n|---|---|---|---|---|---|\n{}\n\n\
 ## Agent footprint\n\n| | |\n|---|---|\n{foot}\n\n\
 ## Imager: the transfer benchmark's closure\n\n| | ours | baseline | ours / baseline |\n|---|---|---|---|\n{}\n\n\
 ## Controller scale: {agents} idle agents speaking the real protocol from one process\n\n| | |\n|---|---|\n{}\n",
@@ -1085,6 +1240,7 @@ The same deployment (a closure of 315 paths, 5 MB of it incompressible) to 20 de
         fan_rows.join("\n"),
         load_rows.join("\n"),
         cache_rows.join("\n"),
+        load_cache_rows.join("\n"),
         imager_rows.join("\n"),
         scale_rows.join("\n"),
     );
