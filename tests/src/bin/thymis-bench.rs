@@ -819,7 +819,7 @@ fn site_cache_load(rows: &mut Vec<String>) {
         load_build(&f, json!({ "version": "4", "payloads": 10, "payloadKiB": 512, "small": 300 }));
         let addr = "127.0.0.1:18091";
         let mut httpd =
-            Command::new("busybox").args(["httpd", "-f", "-p", &addr, "-h"]).arg(dir.path()).spawn().expect("httpd");
+            Command::new("busybox").args(["httpd", "-f", "-p", addr, "-h"]).arg(dir.path()).spawn().expect("httpd");
         let cache = with_cache.then(|| {
             let (_, id) = f.controller.api("/identity", None);
             let key = id["nix_signing_key"].as_str().expect("the controller's Nix key");
