@@ -630,7 +630,7 @@ async fn send_to(
         let (ctl, info, base) = (ctl.clone(), (*info).clone(), bases.get(&info.path).cloned());
         tokio::spawn(async move {
             let (file, delta_base) = ctl.nar_cache.best(&info, base.as_ref()).await?;
-            let nar = tokio::task::spawn_blocking(move || Outgoing::open(&file)).await??;
+            let nar = Outgoing::open(&file).await?;
             anyhow::Ok((nar, delta_base))
         })
     };
@@ -756,7 +756,7 @@ async fn ack_reply(
 }
 
 /// A compressed NAR on its way to a device: the open file, its size and its first
-/// chunk, read in one blocking call.
+/// chunk.
 struct Outgoing {
     file: std::sync::Arc<std::fs::File>,
     size: u64,
@@ -764,12 +764,15 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn open(path: &std::path::Path) -> Result<Outgoing> {
+    /// Opens a cached NAR (on this thread, like the cache's check that it exists, which
+    /// has just looked it up) and reads its first chunk.
+    async fn open(path: &std::path::Path) -> Result<Outgoing> {
         let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let size = file.metadata()?.len();
+        let file = std::sync::Arc::new(file);
         let first =
-            read_chunk(&file, 0, size.min(FIRST_CHUNK)).with_context(|| format!("reading {}", path.display()))?;
-        Ok(Outgoing { file: std::sync::Arc::new(file), size, first })
+            read_chunk(&file, 0, size.min(FIRST_CHUNK)).await.with_context(|| format!("reading {}", path.display()))?;
+        Ok(Outgoing { file, size, first })
     }
 
     /// Sends it as binary frames on the copy stream; returns the bytes sent.
@@ -782,11 +785,8 @@ impl Outgoing {
         while offset < size {
             // Read once the queue has room: no chunk waits in hand.
             let room = data.reserve().await.map_err(|_| Stop::Disconnected)?;
-            let f = file.clone();
-            let buf = tokio::task::spawn_blocking(move || read_chunk(&f, offset, size))
-                .await
-                .map_err(|e| Stop::Refused(format!("reading a NAR: {e}")))?
-                .map_err(|e| Stop::Refused(format!("reading a NAR: {e:#}")))?;
+            let buf =
+                read_chunk(&file, offset, size).await.map_err(|e| Stop::Refused(format!("reading a NAR: {e:#}")))?;
             offset += buf.len() as u64;
             room.send(Out::Bin(buf));
         }
@@ -799,13 +799,29 @@ impl Outgoing {
 const FIRST_CHUNK: u64 = 64 << 10;
 
 /// The chunk of `file` at `offset`, up to `end`: sized to what is left, so that a
-/// small NAR costs a small buffer.
-fn read_chunk(file: &std::fs::File, offset: u64, end: u64) -> Result<Vec<u8>> {
+/// small NAR costs a small buffer. Read on this thread when the page cache holds it
+/// (the usual case: a fleet's copies read the same NARs), so that a chunk costs no trip
+/// to a blocking thread and back; on a blocking thread when the read would wait for the
+/// disk.
+async fn read_chunk(file: &std::sync::Arc<std::fs::File>, offset: u64, end: u64) -> Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     let len = (end - offset).min(thymis_proto::CHUNK_SIZE as u64) as usize;
     let mut buf = vec![0; len];
-    file.read_exact_at(&mut buf, offset).context("the cached NAR is shorter than it was")?;
-    Ok(buf)
+    let cached = rustix::io::preadv2(
+        &**file,
+        &mut [std::io::IoSliceMut::new(&mut buf)],
+        offset,
+        rustix::io::ReadWriteFlags::NOWAIT,
+    );
+    if cached.is_ok_and(|n| n == len) {
+        return Ok(buf);
+    }
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || {
+        file.read_exact_at(&mut buf, offset).context("the cached NAR is shorter than it was")?;
+        Ok(buf)
+    })
+    .await?
 }
 
 /// Cancels a deployment: every device that has not activated stops.
@@ -1004,4 +1020,45 @@ pub async fn start_build(ctl: &Arc<Controller>, config: &str, commit: Option<&st
         ctl.notify_task(task);
     });
     Ok(task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A NAR is read back whole and in order, in chunks of at most CHUNK_SIZE, whether
+    /// the page cache holds it or the read falls back to a blocking thread.
+    #[tokio::test]
+    async fn chunks_read_back_the_whole_file_cached_or_not() {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tmp");
+        let path = dir.path().join("nar.zst");
+        let data: Vec<u8> = (0..(3 * thymis_proto::CHUNK_SIZE + 12345)).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &data).expect("write");
+        for evict in [false, true] {
+            if evict {
+                let f = std::fs::File::open(&path).expect("open");
+                f.sync_all().expect("sync");
+                let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+            }
+            let nar = Outgoing::open(&path).await.expect("open");
+            assert_eq!(nar.first, data[..FIRST_CHUNK as usize]);
+            let (tx, mut rx) = mpsc::channel(1);
+            let sender = tokio::spawn(async move { nar.send(&tx).await.map_err(|_| ()) });
+            let mut got = Vec::new();
+            while let Some(out) = rx.recv().await {
+                let Out::Bin(b) = out else { panic!("not a chunk") };
+                assert!(b.len() <= thymis_proto::CHUNK_SIZE);
+                got.extend_from_slice(&b);
+            }
+            assert_eq!(sender.await.expect("join"), Ok(data.len() as u64));
+            assert!(got == data, "the chunks differ from the file (evicted: {evict})");
+        }
+        // A file that shrank after it was opened is an error, not a short NAR.
+        let nar = Outgoing::open(&path).await.expect("open");
+        std::fs::write(&path, &data[..1000]).expect("truncate");
+        let (tx, mut rx) = mpsc::channel(1);
+        let sender = tokio::spawn(async move { nar.send(&tx).await.map_err(|_| ()) });
+        while rx.recv().await.is_some() {}
+        assert!(sender.await.expect("join").is_err());
+    }
 }
