@@ -85,7 +85,7 @@ pub enum Out {
 
 /// A copy stream's queue holds this many frames: one waits while the writer sends
 /// another, and the socket's own buffer keeps the link busy. Each frame held is up to
-/// a 256 KiB chunk per connection: at a thousand copies at once, every one counts.
+/// a 128 KiB chunk per connection: at a thousand copies at once, every one counts.
 pub const COPY_QUEUE: usize = 1;
 
 /// One authenticated agent connection. Its writer sends control messages first, then
