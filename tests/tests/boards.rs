@@ -142,6 +142,13 @@ fn a_raspberry_pi_4_image_has_the_sd_image_layout_and_is_reproducible() {
 
     let raw = f.tmp.path().join("pi.img");
     run(std::process::Command::new("zstd").arg("-dqf").arg(f.tmp.path().join("a/pi.img.zst")).arg("-o").arg(&raw));
+    // Flashed like any image (every range checked, then read back), it is the image.
+    let card = f.tmp.path().join("sd-card.img");
+    run(std::process::Command::new(bin("thymis-imager"))
+        .arg("flash")
+        .arg(f.tmp.path().join("a/pi.img.zst"))
+        .arg(&card));
+    assert!(std::fs::read(&card).expect("card") == std::fs::read(&raw).expect("image"), "the flashed card differs");
     let table: serde_json::Value =
         serde_json::from_str(&run(std::process::Command::new("sfdisk").arg("-J").arg(&raw))).expect("sfdisk");
     let parts = &table["partitiontable"]["partitions"];
