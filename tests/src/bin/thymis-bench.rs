@@ -690,15 +690,19 @@ fn load_fleet(n: usize, extra: Vec<String>) -> Fleet {
     .expect("fleet")
 }
 
-/// Builds configuration `alpha` as `cfg` says: (system, its NAR bytes).
-fn load_build(f: &Fleet, cfg: Value) -> (String, f64) {
+/// Builds configuration `alpha` as `cfg` says: its closure's NAR bytes.
+fn load_build(f: &Fleet, cfg: Value) -> f64 {
     f.set_configs(&json!({ "alpha": cfg, "beta": {} })).expect("cfg");
     let _ = f.controller.ctl(&["project", "commit", "-m", "load"]);
     let b = f.controller.ctl_json(&["build", "alpha", "--wait"]);
     assert_eq!(b["result"], "succeeded", "{b}");
-    let system = b["system"].as_str().unwrap_or_default().to_owned();
-    let nar = sh(Command::new("nix").args(["path-info", "-S", &system]));
-    (system, nar.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0.0))
+    let nar = sh(Command::new("nix").args(["path-info", "-S", b["system"].as_str().unwrap_or_default()]));
+    nar.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0.0)
+}
+
+/// The sum of a numeric field over a task's children.
+fn children_sum(task: &Value, key: &str) -> i64 {
+    task["children"].as_array().map_or(0, |c| c.iter().filter_map(|c| c[key].as_i64()).sum())
 }
 
 /// What one deployment of `alpha` to N load generators measured.
@@ -786,7 +790,7 @@ fn fan_out_load(rows: &mut Vec<String>) {
         .unwrap_or(vec![100, 1000]);
     for n in sizes {
         let f = load_fleet(n, vec![]);
-        let (_, nar) = load_build(&f, json!({ "version": "2", "small": 500, "payloads": 24, "payloadKiB": 2048 }));
+        let nar = load_build(&f, json!({ "version": "2", "small": 500, "payloads": 24, "payloadKiB": 2048 }));
         let r = load_rollout(&f, n, None);
         rows.push(format!(
             "| {n} | {} of {n} in {:.1} s | {} compressed ({} NAR) per device | {:.2} GB/s | {} ({} before) | {:.1} ms per device ({:.2} cores) | {} | {:.2} cores |",
@@ -832,8 +836,7 @@ fn site_cache_load(rows: &mut Vec<String>) {
         let r = load_rollout(&f, n, cache);
         let _ = httpd.kill();
         let _ = httpd.wait();
-        let sum =
-            |k: &str| r.task["children"].as_array().map_or(0, |c| c.iter().filter_map(|c| c[k].as_i64()).sum::<i64>());
+        let sum = |k: &str| children_sum(&r.task, k);
         rows.push(format!(
             "| {} | {n} load generators | {} of {n} in {:.2} s | {} ({} paths) | {} ({} paths) | {:.2} s |",
             if with_cache { "controller + site cache" } else { "controller alone" },
@@ -940,7 +943,7 @@ fn site_cache(rows: &mut Vec<String>) {
         let _ = httpd.kill();
         let _ = httpd.wait();
         assert_eq!(t["result"], "succeeded", "{t}");
-        let sum = |k: &str| t["children"].as_array().map_or(0, |c| c.iter().filter_map(|c| c[k].as_i64()).sum::<i64>());
+        let sum = |k: &str| children_sum(&t, k);
         rows.push(format!(
             "| {}{} | {DEVICES} | {secs:.2} s | {} ({} paths) | {} ({} paths) |",
             if with_cache { "controller + site cache" } else { "controller alone" },
