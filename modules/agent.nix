@@ -15,6 +15,13 @@ let
   # systemd makes and owns a state directory under /var/lib; elsewhere, tmpfiles does.
   underVarLib = lib.hasPrefix "/var/lib/" stateDir;
   configPath = if cfg.configFile != null then cfg.configFile else generated;
+  # The boot loader's own generation limit, which the agent's pruning follows.
+  loader = config.boot.loader;
+  loaderLimit =
+    if loader.systemd-boot.enable then loader.systemd-boot.configurationLimit
+    else if loader.grub.enable then loader.grub.configurationLimit
+    else if loader.generic-extlinux-compatible.enable then loader.generic-extlinux-compatible.configurationLimit
+    else null;
   dbusPolicy = pkgs.writeTextDir "share/dbus-1/system.d/io.thymis.Agent1.conf"
     (builtins.readFile ../daemon/dbus/io.thymis.Agent1.conf);
 in
@@ -86,6 +93,36 @@ in
       };
     };
 
+    hangProtection = {
+      enable = lib.mkOption {
+        type = lib.types.bool;
+        default = true;
+        description = ''
+          Make a generation that hangs at boot reset by itself, so that an unconfirmed
+          generation tried once comes back to the confirmed one without anyone at the
+          device: `panic=<panicTimeout>` and `boot.panic_on_fail` on the kernel command
+          line (a stage 1 failure panics, a panic resets), and systemd's hardware
+          watchdog (`systemd.watchdog.runtimeTime`, where the board has one). The agent
+          refuses reboot deployments into a system that has neither (unless
+          allow_unsafe_reboot). Turning this off means a device that hangs on a new
+          generation stays hung until someone power-cycles it.
+        '';
+      };
+      panicTimeout = lib.mkOption {
+        type = lib.types.ints.positive;
+        default = 10;
+        description = "Seconds from a kernel panic to the reset (`panic=`).";
+      };
+      watchdog = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = "30s";
+        description = ''
+          systemd's hardware watchdog period (`systemd.watchdog.runtimeTime`); a stage 2
+          that stops serving it resets the device. null leaves the watchdog alone.
+        '';
+      };
+    };
+
     configFile = lib.mkOption {
       type = lib.types.nullOr lib.types.str;
       default = null;
@@ -104,6 +141,18 @@ in
     }];
 
     services.dbus.packages = [ dbusPolicy ];
+
+    # What the agent reads about the boot loader (docs/agent.md, "Boot loaders").
+    services.thymis-agent.settings = {
+      can_touch_efi_variables = lib.mkDefault config.boot.loader.efi.canTouchEfiVariables;
+    } // lib.optionalAttrs (loaderLimit != null) {
+      configuration_limit = lib.mkDefault loaderLimit;
+    };
+
+    boot.kernelParams = lib.mkIf cfg.hangProtection.enable
+      [ "panic=${toString cfg.hangProtection.panicTimeout}" "boot.panic_on_fail" ];
+    systemd.watchdog.runtimeTime = lib.mkIf (cfg.hangProtection.enable && cfg.hangProtection.watchdog != null)
+      (lib.mkDefault cfg.hangProtection.watchdog);
 
     systemd.services.thymis-agent = {
       inherit (unit) description after wants wantedBy restartIfChanged;

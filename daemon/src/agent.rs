@@ -17,7 +17,8 @@ use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
 use crate::activation::{self, SwitchAction};
-use crate::bootloader::{self, Loader, Plan, Step, Which};
+use crate::bootloader::exec::{self, Host, Stopped, Target};
+use crate::bootloader::{self, Loader, Plan, safety};
 use crate::clock::{self, BootDeadline};
 use crate::config::AgentConfig;
 use crate::lifecycle::{self, Action, Event, Stage};
@@ -285,6 +286,9 @@ impl Agent {
         if let Some(p) = self.pending() {
             return Err(format!("deployment {} is still {:?}", p.offer.deployment_id, p.stage));
         }
+        if let Some(why) = self.untried_profile() {
+            return Err(why);
+        }
         if offer.sequence <= persisted.last_sequence {
             return Err(format!(
                 "offer sequence {} is not above the last applied {}: replayed or outdated",
@@ -360,7 +364,11 @@ impl Agent {
         tokio::task::spawn_blocking(move || store.add_gc_root(&system, &root)).await??;
 
         let persisted = self.persisted();
-        let previous = profile::resolve(&self.config.system_profile);
+        let profile_system = profile::resolve(&self.config.system_profile);
+        let running = profile::resolve(&self.config.current_system_link);
+        // The rollback point is the system that really runs (a device imaged without a
+        // profile generation has it only there).
+        let previous = running.clone().or_else(|| profile_system.clone());
         // And the rollback point: once the profile names the new system (a reboot
         // deployment, a commit), only this root keeps the previous one from a
         // `nix-collect-garbage -d` until the deployment ends.
@@ -368,10 +376,9 @@ impl Agent {
             let (store, root) = (self.store.clone(), roots.join(previous_root(&offer.deployment_id)));
             tokio::task::spawn_blocking(move || store.add_gc_root(&prev, &root)).await??;
         }
-        let running = profile::resolve(&self.config.current_system_link).or_else(|| previous.clone());
         // Already running and committed: nothing to switch, nothing that could cut the
         // device off, so nothing to confirm. Record it and report at once.
-        if !offer.reboot && running.as_ref() == Some(&offer.system) && previous.as_ref() == Some(&offer.system) {
+        if !offer.reboot && previous.as_ref() == Some(&offer.system) && profile_system.as_ref() == Some(&offer.system) {
             info!(deployment = %offer.deployment_id, "already running this system: nothing to activate");
             {
                 let mut p = lock(&self.persisted);
@@ -395,26 +402,21 @@ impl Agent {
             });
             return Ok(());
         }
-        let reboot = offer.reboot || running.as_ref().is_some_and(|r| bootloader::kernel_changed(r, &offer.system));
-        // A reboot the boot loader would make permanent before anyone confirmed it:
-        // refused before anything changes, unless the device's configuration accepts the risk.
-        let loader = self.loader();
-        if reboot && !self.config.allow_unsafe_reboot && Plan::try_once(&loader).is_none() {
-            let which = match loader {
-                Loader::Extlinux => format!(
-                    "extlinux in {}, without the Thymis U-Boot boot script in {}",
-                    self.config.boot_dir.display(),
-                    self.config.firmware_dir.display()
-                ),
-                _ => format!(
-                    "none that the agent knows: no systemd-boot in {}, no grub/grub.cfg or extlinux/extlinux.conf in {}",
-                    self.config.efivars_dir.display(),
-                    self.config.boot_dir.display()
-                ),
-            };
+        // What only a boot applies is compared with the system that booted.
+        let booted = profile::resolve(&self.config.booted_system_link).or_else(|| previous.clone());
+        let changes = booted.as_ref().map_or(vec![], |b| {
+            safety::boot_changes(Path::new(&b.to_absolute()), Path::new(&offer.system.to_absolute()))
+        });
+        if !changes.is_empty() {
+            self.log_line(&offer.deployment_id, format!("needs a reboot: {} changed", changes.join(", ")));
+        }
+        let reboot = offer.reboot || !changes.is_empty();
+        // A reboot the boot loader would make permanent before anyone confirmed it, or
+        // into a system that would hang for good: refused before anything changes,
+        // unless the device's configuration accepts the risk.
+        if reboot && let Err(why) = self.reboot_safety(&offer.system) {
             let error = format!(
-                "this deployment needs a reboot, and the boot loader ({which}) cannot boot a new \
-                 system once while the previous one stays the default; nothing was changed \
+                "this deployment needs a reboot, and {why}; nothing was changed \
                  (allow_unsafe_reboot = true in the agent's configuration reboots anyway)"
             );
             warn!(deployment = %offer.deployment_id, "{error}");
@@ -464,12 +466,11 @@ impl Agent {
         if reboot {
             info!(deployment = %offer.deployment_id, system = %offer.system, "preparing a reboot into the new system");
             tokio::spawn(async move {
-                let p = agent.pending();
-                let r = match p {
+                let event = match agent.pending() {
                     Some(p) => agent.prepare_reboot(&p).await,
-                    None => Err("the pending deployment vanished".into()),
+                    None => Event::RebootPrepared(Err("the pending deployment vanished".into())),
                 };
-                agent.drive(Event::RebootPrepared(r)).await;
+                agent.drive(event).await;
             });
             return Ok(());
         }
@@ -575,9 +576,26 @@ impl Agent {
                         return;
                     }
                     Action::Reboot => Event::RebootFailed(self.reboot(&updated).await),
+                    Action::PrepareReboot => {
+                        // From now on this is a reboot deployment (a restart resumes the preparation).
+                        let id = updated.offer.deployment_id.clone();
+                        self.log_line(
+                            &id,
+                            "switch-to-configuration: the new system takes effect only after a reboot".into(),
+                        );
+                        updated.reboot = true;
+                        if let Err(e) = self.save_pending(Some(&updated)) {
+                            error!("cannot persist the deployment's stage: {e:#}");
+                        }
+                        *lock(&self.pending) = Some(updated.clone());
+                        self.prepare_reboot(&updated).await
+                    }
                     Action::Commit => Event::CommitFinished(self.commit(&updated).await),
                     Action::Rollback => Event::RollbackFinished(self.roll_back(&updated).await),
                     Action::Finish(f) => {
+                        if f.result == DeviceResult::RollbackFailed {
+                            self.restore_after_failed_rollback(&updated).await;
+                        }
                         self.finish(&updated, f);
                         return;
                     }
@@ -638,7 +656,7 @@ impl Agent {
 
     async fn commit(&self, p: &Pending) -> Result<(), String> {
         let loader = self.loader();
-        self.perform(p, &loader, &Plan::commit(&loader), "commit").await?;
+        self.perform(p, &loader, &Plan::commit(&loader), "commit").await.map_err(|e| e.to_string())?;
         let generation = profile::generation(&self.config.system_profile);
         info!(deployment = %p.offer.deployment_id, generation, "committed");
         Ok(())
@@ -656,7 +674,7 @@ impl Agent {
         let touched = profile::resolve(profile).as_ref() != Some(&previous)
             || profile::generation_of(profile, &p.offer.system).ok().flatten().is_some();
         if touched || p.reboot {
-            self.perform(p, &loader, &Plan::roll_back(&loader), "rollback").await?;
+            self.perform(p, &loader, &Plan::roll_back(&loader), "rollback").await.map_err(|e| e.to_string())?;
         }
         let running = profile::resolve(&self.config.current_system_link);
         if p.reboot && running.as_ref().is_some_and(|r| *r != previous) {
@@ -669,124 +687,119 @@ impl Agent {
         self.run_switch(&name, &previous, SwitchAction::Test).await
     }
 
-    /// Profile generation and boot entries for a reboot deployment: the new generation
-    /// boots once, and the previous one stays the default until confirmation.
-    async fn prepare_reboot(&self, p: &Pending) -> Result<(), String> {
-        let id = &p.offer.deployment_id;
+    /// After a rollback that failed: the profile and the boot default name the previous
+    /// system again as far as they still can, so that neither the next boot nor the
+    /// next deployment takes the unconfirmed system for a confirmed one.
+    async fn restore_after_failed_rollback(&self, p: &Pending) {
+        if p.previous.is_none() {
+            return;
+        }
         let loader = self.loader();
-        match Plan::try_once(&loader) {
-            Some(plan) => {
-                self.perform(p, &loader, &plan, "try-once").await?;
-                self.log_line(
-                    id,
-                    format!(
-                        "the boot loader ({}) boots the new system once; the previous one stays the default",
-                        loader.name()
-                    ),
-                );
-            }
-            None => {
-                self.perform(p, &loader, &Plan::unsafe_reboot(), "unsafe-reboot").await?;
-                self.log_line(
-                    id,
-                    format!(
-                        "the boot loader ({}) has no one-shot entry: the new system is the boot default before the reboot",
-                        loader.name()
-                    ),
-                );
+        for step in Plan::roll_back(&loader).0 {
+            let plan = Plan(vec![step]);
+            if let Err(e) = self.perform(p, &loader, &plan, "restore").await {
+                self.log_line(&p.offer.deployment_id, format!("restoring the previous system: {step:?} failed: {e}"));
             }
         }
-        Ok(())
+    }
+
+    /// The event that ends a reboot deployment's preparation: profile generation and
+    /// boot entries such that the new generation boots once and the previous one stays
+    /// the default until confirmation.
+    async fn prepare_reboot(&self, p: &Pending) -> Event {
+        let id = &p.offer.deployment_id;
+        if let Err(why) = self.reboot_safety(&p.offer.system) {
+            return Event::RebootUnsafe(format!("this deployment needs a reboot, and {why}"));
+        }
+        let loader = self.loader();
+        let (plan, op, said) = match Plan::try_once(&loader) {
+            Some(plan) => (plan, "try-once", "boots the new system once; the previous one stays the default"),
+            None => (
+                Plan::unsafe_reboot(),
+                "unsafe-reboot",
+                "has no one-shot entry: the new system is the boot default before the reboot",
+            ),
+        };
+        match self.perform(p, &loader, &plan, op).await {
+            Ok(()) => {
+                self.log_line(id, format!("the boot loader ({}) {said}", loader.name()));
+                Event::RebootPrepared(Ok(()))
+            }
+            Err(Stopped::Unsafe(why)) => Event::RebootUnsafe(format!("this deployment needs a reboot, and {why}")),
+            Err(Stopped::Failed(e)) => Event::RebootPrepared(Err(e)),
+        }
+    }
+
+    /// Why a reboot into `system` would not be safe here: the boot loader cannot boot
+    /// it once while the previous generation stays the default, or nothing resets a
+    /// generation that hangs. `allow_unsafe_reboot` accepts both risks.
+    fn reboot_safety(&self, system: &StorePath) -> Result<(), String> {
+        if self.config.allow_unsafe_reboot {
+            return Ok(());
+        }
+        let loader = self.loader();
+        if Plan::try_once(&loader).is_none() {
+            let which = match loader {
+                Loader::Extlinux => format!(
+                    "extlinux in {}, without the Thymis U-Boot boot script in {}",
+                    self.config.boot_dir.display(),
+                    self.config.firmware_dir.display()
+                ),
+                Loader::SystemdBoot(_) => "systemd-boot, which the agent may not give a one-shot entry \
+                                           (can_touch_efi_variables = false)"
+                    .to_owned(),
+                _ => format!(
+                    "none that the agent knows: no systemd-boot in {}, no grub/grub.cfg or extlinux/extlinux.conf in {}",
+                    self.config.efivars_dir.display(),
+                    self.config.boot_dir.display()
+                ),
+            };
+            return Err(format!(
+                "the boot loader ({which}) cannot boot a new system once while the previous one stays the default"
+            ));
+        }
+        safety::hang_protection(Path::new(&system.to_absolute()))
+    }
+
+    /// Someone changed the system profile by hand (`nixos-rebuild boot`): it names a
+    /// system that neither booted nor runs, which a deployment would take as its way
+    /// back although it never ran. Says so; `None` when the profile is one that ran.
+    fn untried_profile(&self) -> Option<String> {
+        let profile = profile::resolve(&self.config.system_profile)?;
+        let running = profile::resolve(&self.config.current_system_link)?;
+        let booted = profile::resolve(&self.config.booted_system_link);
+        if profile == running || booted.as_ref() == Some(&profile) {
+            return None;
+        }
+        Some(format!(
+            "the system profile names {profile}, which this device has not run (it runs {running}): someone \
+             changed it by hand (nixos-rebuild boot?), and a deployment now would keep that untried system as \
+             its way back; reboot into it, or set the profile back, first"
+        ))
     }
 
     fn loader(&self) -> Loader {
-        bootloader::detect(&self.config.boot_dir, &self.config.efivars_dir, &self.config.firmware_dir)
+        let c = &self.config;
+        bootloader::detect(&c.boot_dir, &c.efivars_dir, &c.firmware_dir, c.can_touch_efi_variables)
     }
 
     /// Performs a plan's steps in order (docs/agent.md, "Boot loaders").
-    async fn perform(&self, p: &Pending, loader: &Loader, plan: &Plan, op: &str) -> Result<(), String> {
-        for (done, step) in plan.0.iter().enumerate() {
-            self.perform_step(p, loader, *step).await?;
-            crash_point(op, done + 1);
-        }
-        Ok(())
-    }
-
-    async fn perform_step(&self, p: &Pending, loader: &Loader, step: Step) -> Result<(), String> {
-        let id = &p.offer.deployment_id;
-        let profile = self.config.system_profile.clone();
-        let system = |w: Which| match w {
-            Which::New => Ok(p.offer.system.clone()),
-            Which::Previous => p.previous.clone().ok_or_else(|| "there is no previous system".to_owned()),
+    async fn perform(&self, p: &Pending, loader: &Loader, plan: &Plan, op: &str) -> Result<(), Stopped> {
+        let keep = [&self.config.booted_system_link, &self.config.current_system_link]
+            .into_iter()
+            .filter_map(|l| profile::resolve(l))
+            .chain(p.previous.clone())
+            .collect();
+        let target = Target {
+            deployment_id: p.offer.deployment_id.clone(),
+            new: p.offer.system.clone(),
+            previous: p.previous.clone(),
+            profile: self.config.system_profile.clone(),
+            configuration_limit: self.config.configuration_limit,
+            keep,
         };
-        let generation_of = |s: &StorePath| {
-            profile::generation_of(&profile, s)
-                .map_err(|e| format!("{e:#}"))?
-                .ok_or_else(|| format!("no generation of {} names {s}", profile.display()))
-        };
-        let efi = |r: Result<()>| r.map_err(|e| format!("{e:#}"));
-        match (step, loader) {
-            (Step::SetProfile(w), _) => {
-                let system = system(w)?;
-                let profile = profile.clone();
-                tokio::task::spawn_blocking(move || match profile::resolve(&profile) {
-                    Some(current) if current == system => Ok(()),
-                    _ => profile::set(&profile, &system).map(|_| ()),
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("{e:#}"))
-            }
-            (Step::DeleteFailed, _) => {
-                let (profile, failed) = (profile.clone(), p.offer.system.clone());
-                let removed = tokio::task::spawn_blocking(move || profile::delete_generations_of(&profile, &failed))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("{e:#}"))?;
-                if !removed.is_empty() {
-                    self.log_line(id, format!("removed the failed generation(s) {removed:?}"));
-                }
-                Ok(())
-            }
-            (Step::InstallBoot(w), _) => {
-                let suffix = if w == Which::New { "boot" } else { "boot-previous" };
-                self.run_switch(&format!("{id}-{suffix}"), &system(w)?, SwitchAction::Boot).await
-            }
-            (Step::PinPrevious, Loader::SystemdBoot(vars)) => {
-                let generation = generation_of(&system(Which::Previous)?)?;
-                efi(vars.set("LoaderEntryDefault", &bootloader::entry(generation)))
-            }
-            (Step::Unpin, Loader::SystemdBoot(vars)) => efi(vars.remove("LoaderEntryDefault")),
-            (Step::TryNewOnce, Loader::SystemdBoot(vars)) => {
-                let generation = generation_of(&p.offer.system)?;
-                efi(vars.set("LoaderEntryOneShot", &bootloader::entry(generation)))
-            }
-            (Step::ClearTryOnce, Loader::SystemdBoot(vars)) => efi(vars.remove("LoaderEntryOneShot")),
-            (Step::TryNewOnce, Loader::Grub(grub)) => {
-                let entry = grub.entry_of(Path::new(&p.offer.system.to_absolute())).map_err(|e| format!("{e:#}"))?;
-                grub.set_env("next_entry", Some(&entry)).map_err(|e| format!("{e:#}"))
-            }
-            (Step::ClearTryOnce, Loader::Grub(grub)) => {
-                let set = grub.env().map_err(|e| format!("{e:#}"))?.iter().any(|(k, _)| k == "next_entry");
-                if set { grub.set_env("next_entry", None).map_err(|e| format!("{e:#}")) } else { Ok(()) }
-            }
-            (Step::TryNewOnce, Loader::UBoot(uboot)) => {
-                let e = |e: anyhow::Error| format!("{e:#}");
-                if uboot.update_script().map_err(e)? {
-                    self.log_line(id, "updated the U-Boot boot script".into());
-                }
-                let label = uboot.label_of(Path::new(&p.offer.system.to_absolute())).map_err(e)?;
-                uboot.set_state(&thymis_uboot::TryState::try_once(&label)).map_err(e)
-            }
-            (Step::ClearTryOnce, Loader::UBoot(uboot)) => {
-                if uboot.state() == thymis_uboot::TryState::default() {
-                    return Ok(());
-                }
-                uboot.set_state(&thymis_uboot::TryState::default()).map_err(|e| format!("{e:#}"))
-            }
-            // Steps of another loader's plan (the loader changed under the agent): nothing to do.
-            (Step::PinPrevious | Step::Unpin | Step::TryNewOnce | Step::ClearTryOnce, _) => Ok(()),
-        }
+        let host = AgentHost { agent: self, deployment_id: &p.offer.deployment_id };
+        exec::perform(loader, plan, &target, &host, |done| crash_point(op, done)).await
     }
 
     /// Reboots the device after recording that the reboot is planned. Returns only if
@@ -926,6 +939,11 @@ impl Agent {
             }
             *lock(&self.pending) = Some(now);
             let runs_previous = running.is_some() && running == p.previous;
+            if let Loader::SystemdBoot(sb) = self.loader()
+                && let Some(entry) = sb.selected()
+            {
+                self.log_line(&id, format!("systemd-boot booted the entry {entry}"));
+            }
             self.drive(lifecycle::after_boot(&p.stage, p.planned_reboot, runs_new, runs_previous)).await;
             return;
         }
@@ -939,8 +957,8 @@ impl Agent {
             Stage::Activating if p.reboot => {
                 let agent = self.clone();
                 tokio::spawn(async move {
-                    let r = agent.prepare_reboot(&p).await;
-                    agent.drive(Event::RebootPrepared(r)).await;
+                    let event = agent.prepare_reboot(&p).await;
+                    agent.drive(event).await;
                 });
             }
             Stage::Activating => {
@@ -970,6 +988,22 @@ impl Agent {
                 self.drive(Event::RollbackFinished(r)).await;
             }
         }
+    }
+}
+
+/// The agent's side of the boot-loader executor.
+struct AgentHost<'a> {
+    agent: &'a Agent,
+    deployment_id: &'a str,
+}
+
+impl Host for AgentHost<'_> {
+    async fn install_boot(&self, name: String, system: StorePath) -> Result<(), String> {
+        self.agent.run_switch(&name, &system, SwitchAction::Boot).await
+    }
+
+    fn log(&self, line: String) {
+        self.agent.log_line(self.deployment_id, line);
     }
 }
 

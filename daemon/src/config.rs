@@ -49,6 +49,18 @@ pub struct AgentConfig {
     /// Where a U-Boot board's FAT partition is mounted (its boot script and boot-once
     /// state; NixOS's SD images mount it at `/boot/firmware`).
     pub firmware_dir: PathBuf,
+    /// NixOS's `boot.loader.efi.canTouchEfiVariables`: where false, the agent writes no
+    /// EFI variable, so systemd-boot has no one-shot boot for reboot deployments.
+    pub can_touch_efi_variables: bool,
+    /// Where the system that booted is linked (NixOS: `/run/booted-system`): a new
+    /// system whose kernel, initrd, kernel parameters, device trees or init interface
+    /// differ from it needs a reboot.
+    pub booted_system_link: PathBuf,
+    /// Profile generations kept when a deployment is made permanent (as NixOS's
+    /// `configurationLimit`); older ones leave the profile, so the boot menu and the
+    /// ESP stay bounded: an image's ESP has room for this many kernels and one more
+    /// (the one being tried). 0 keeps every generation.
+    pub configuration_limit: usize,
     /// Reboot into a new generation even where the boot loader can only make it the
     /// default (extlinux, or no loader the agent knows): a system that does not come
     /// up then has no way back.
@@ -91,6 +103,9 @@ impl Default for AgentConfig {
             boot_dir: PathBuf::from("/boot"),
             efivars_dir: PathBuf::from("/sys/firmware/efi/efivars"),
             firmware_dir: PathBuf::from("/boot/firmware"),
+            can_touch_efi_variables: true,
+            booted_system_link: PathBuf::from("/run/booted-system"),
+            configuration_limit: 2,
             allow_unsafe_reboot: false,
             substituters: vec![],
             substituter_timeout: 10,

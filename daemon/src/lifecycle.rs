@@ -13,8 +13,9 @@
 //! Committing ── booted the new system ──▶ Committing again; the previous ──▶ RollingBack
 //! RollingBack ── any boot ──▶ RollingBack again (the rollback is idempotent)
 //!
-//! reboot deployments (kernel changed, or asked):
+//! reboot deployments (a part only a boot applies changed, or asked; or `test` exited 100):
 //! Activating ── prepared (profile, boot entry, one-shot) ──▶ Rebooting ── booted the new system ──▶ AwaitingConfirmation
+//!     └── the loader's files give no way back ──▶ RollingBack(no-safe-reboot) ──▶ failed(no-safe-reboot)
 //!                                                               ├── booted something else ──▶ RollingBack(activation-failed)
 //!                                                               └── reboot command failed ──▶ RollingBack(activation-failed)
 //! ```
@@ -64,6 +65,9 @@ pub enum Event {
     },
     /// A reboot deployment's profile and boot entries are ready (or failed to be).
     RebootPrepared(Result<(), String>),
+    /// Preparing the reboot found no way back in the boot loader's files (or nothing
+    /// that resets a generation that hangs): the reboot would not be safe.
+    RebootUnsafe(String),
     /// The reboot command failed: the device still runs the system it ran.
     RebootFailed(String),
     /// The planned reboot happened; `runs_new` when it came up on the new system.
@@ -95,6 +99,9 @@ pub enum Action {
     Rollback,
     /// Reboot into the new system.
     Reboot,
+    /// Prepare a reboot into the new system (`switch-to-configuration test` changed
+    /// nothing: exit 100, "takes effect after a reboot").
+    PrepareReboot,
     /// Done: report this result and forget the pending state.
     Finish(Finish),
 }
@@ -116,10 +123,13 @@ pub fn step(stage: &Stage, event: Event, has_previous: bool) -> Result<(Option<S
         } else {
             // A first deployment has nothing to go back to.
             let error = Some(error.unwrap_or_else(|| "activation failed".into()));
-            (None, Action::Finish(finish(DeviceResult::Failed, None, Some(Phase::Activate), error, vec![])))
+            let reason = (reason == RollbackReason::NoSafeReboot).then_some(reason);
+            (None, Action::Finish(finish(DeviceResult::Failed, reason, Some(Phase::Activate), error, vec![])))
         }
     };
     Ok(match (stage, event) {
+        // NixOS's switch-to-configuration: "won't take effect until you reboot", nothing changed.
+        (S::Activating, E::ActivationExited { code: Some(100), .. }) => (Some(S::Activating), Action::PrepareReboot),
         (S::Activating, E::ActivationExited { code: Some(0 | 4), failed_units, .. }) => {
             (Some(S::AwaitingConfirmation { failed_units }), Action::AwaitConfirmation)
         }
@@ -134,6 +144,7 @@ pub fn step(stage: &Stage, event: Event, has_previous: bool) -> Result<(Option<S
             rollback(RollbackReason::RebootedUnconfirmed, None)
         }
         (S::Activating, E::RebootPrepared(Ok(()))) => (Some(S::Rebooting), Action::Reboot),
+        (S::Activating, E::RebootUnsafe(why)) => rollback(RollbackReason::NoSafeReboot, Some(why)),
         (S::Activating, E::RebootPrepared(Err(e))) => {
             rollback(RollbackReason::ActivationFailed, Some(format!("preparing the reboot failed: {e}")))
         }
@@ -191,6 +202,17 @@ pub fn step(stage: &Stage, event: Event, has_previous: bool) -> Result<(Option<S
         (S::Committing { .. }, E::CommitFinished(Err(e))) => {
             rollback(RollbackReason::ActivationFailed, Some(format!("making the system permanent failed: {e}")))
         }
+        // Nothing new ever ran: the deployment failed, and the device is as it was.
+        (S::RollingBack { reason: RollbackReason::NoSafeReboot, error }, E::RollbackFinished(Ok(()))) => (
+            None,
+            Action::Finish(finish(
+                DeviceResult::Failed,
+                Some(RollbackReason::NoSafeReboot),
+                Some(Phase::Activate),
+                error.clone(),
+                vec![],
+            )),
+        ),
         (S::RollingBack { reason, error }, E::RollbackFinished(Ok(()))) => {
             (None, Action::Finish(finish(DeviceResult::RolledBack, Some(*reason), None, error.clone(), vec![])))
         }
@@ -345,8 +367,9 @@ mod tests {
         let both = |f: fn(Result<(), String>) -> Event| vec![f(Ok(())), f(Err("x".into()))];
         match stage {
             Stage::Activating => {
-                let mut v = vec![exited(Some(0), &[]), exited(Some(1), &[]), exited(None, &[])];
+                let mut v = vec![exited(Some(0), &[]), exited(Some(1), &[]), exited(Some(100), &[]), exited(None, &[])];
                 v.extend(both(Event::RebootPrepared));
+                v.push(Event::RebootUnsafe("x".into()));
                 v
             }
             // The reboot itself, or its command failing.
@@ -423,6 +446,24 @@ mod tests {
         assert!(matches!(s3, Some(Stage::RollingBack { reason: RollbackReason::ActivationFailed, .. })));
         let (_, a) = step(&Stage::Activating, Event::RebootPrepared(Err("disk full".into())), false).expect("ok");
         assert_eq!(finished(a).result, DeviceResult::Failed);
+    }
+
+    #[test]
+    fn exit_100_means_a_reboot_and_an_unsafe_one_fails_with_the_device_as_it_was() {
+        let (s, a) = step(&Stage::Activating, exited(Some(100), &[]), true).expect("ok");
+        assert_eq!((s, a), (Some(Stage::Activating), Action::PrepareReboot), "not a failed activation");
+        let (s, a) = step(&Stage::Activating, Event::RebootUnsafe("no entry".into()), true).expect("ok");
+        assert_eq!(a, Action::Rollback, "what the preparation changed is undone");
+        let (_, a) = step(&s.expect("stage"), Event::RollbackFinished(Ok(())), true).expect("ok");
+        let f = finished(a);
+        assert_eq!(
+            (f.result, f.reason, f.phase),
+            (DeviceResult::Failed, Some(RollbackReason::NoSafeReboot), Some(Phase::Activate))
+        );
+        assert_eq!(f.error.as_deref(), Some("no entry"));
+        let (_, a) = step(&Stage::Activating, Event::RebootUnsafe("no entry".into()), false).expect("ok");
+        let f = finished(a);
+        assert_eq!((f.result, f.reason), (DeviceResult::Failed, Some(RollbackReason::NoSafeReboot)));
     }
 
     #[test]

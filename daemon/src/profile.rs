@@ -81,11 +81,31 @@ pub fn generation_of(profile: &Path, system: &StorePath) -> Result<Option<u64>> 
 /// drops them at the next `switch-to-configuration boot`.
 pub fn delete_generations_of(profile: &Path, system: &StorePath) -> Result<Vec<u64>> {
     let current = generation(profile);
-    let mut doomed: Vec<u64> = generations(profile)?
+    let doomed: Vec<u64> = generations(profile)?
         .into_iter()
         .filter(|(n, link)| Some(*n) != current && resolve(link).as_ref() == Some(system))
         .map(|(n, _)| n)
         .collect();
+    delete(profile, doomed)
+}
+
+/// Deletes the oldest generations beyond the newest `keep`, except those that point at
+/// one of `protect` (the running, booted and new systems); returns their numbers. So
+/// the boot menu, which lists every generation, cannot outgrow a small ESP.
+pub fn prune(profile: &Path, keep: usize, protect: &[&StorePath]) -> Result<Vec<u64>> {
+    let mut all = generations(profile)?;
+    all.sort_unstable_by_key(|(n, _)| std::cmp::Reverse(*n));
+    let current = generation(profile);
+    let doomed: Vec<u64> = all
+        .into_iter()
+        .skip(keep)
+        .filter(|(n, link)| Some(*n) != current && !resolve(link).is_some_and(|s| protect.contains(&&s)))
+        .map(|(n, _)| n)
+        .collect();
+    delete(profile, doomed)
+}
+
+fn delete(profile: &Path, mut doomed: Vec<u64>) -> Result<Vec<u64>> {
     if doomed.is_empty() {
         return Ok(doomed);
     }

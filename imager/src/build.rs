@@ -159,7 +159,7 @@ pub fn build(o: &Options) -> Result<ImageManifest> {
     // Before the root: the ESP (UEFI), or the board's gap and FAT partition.
     let (before_root, after_root) = match o.board {
         Some(b) => (b.root_offset(), 0),
-        None => (MIB + esp_size(&root, &system)?, MIB),
+        None => (MIB + esp_size(&root, &system, esp_pairs(o.agent_config.as_deref())?)?, MIB),
     };
     let root_size = match o.size {
         Some(total) => total.checked_sub(before_root + after_root).filter(|s| *s >= 32 * MIB).with_context(|| {
@@ -433,10 +433,27 @@ fn systemd_boot_efi(infos: &[PathInfo], root: &Path) -> Result<PathBuf> {
     bail!("no systemd-bootx64.efi in the closure or on this machine (Debian: systemd-boot-efi)")
 }
 
-/// The ESP's size: room for [`ESP_PAIRS`] of the system's kernel and initrd and the boot
+/// Kernel and initrd pairs the ESP needs room for: the agent keeps `configuration_limit`
+/// generations (its default 2) and tries one more; at least [`ESP_PAIRS`]. With 0 (keep
+/// every generation) nothing bounds them: [`ESP_PAIRS`], and the docs say so.
+fn esp_pairs(agent_config: Option<&Path>) -> Result<u64> {
+    let Some(path) = agent_config else { return Ok(ESP_PAIRS) };
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let table: toml::Table = text.parse().with_context(|| format!("{} is not TOML", path.display()))?;
+    let limit = match table.get("configuration_limit") {
+        None => 2,
+        Some(v) => v
+            .as_integer()
+            .and_then(|n| u64::try_from(n).ok())
+            .with_context(|| format!("{}: configuration_limit is not a count", path.display()))?,
+    };
+    Ok(if limit == 0 { ESP_PAIRS } else { (limit + 1).max(ESP_PAIRS) })
+}
+
+/// The ESP's size: room for `pairs` of the system's kernel and initrd and the boot
 /// loader, at least [`ESP_MIN`] (the first kernel-changing deployment must fit beside
 /// the image's own).
-fn esp_size(root: &Path, system: &StorePath) -> Result<u64> {
+fn esp_size(root: &Path, system: &StorePath, pairs: u64) -> Result<u64> {
     let sys = root.join("nix/store").join(system.base_name());
     let mut pair = 0;
     for f in ["kernel", "initrd"] {
@@ -445,7 +462,7 @@ fn esp_size(root: &Path, system: &StorePath) -> Result<u64> {
         pair += fs::metadata(&staged).with_context(|| format!("the system's {f}, {}", target.display()))?.len();
     }
     // The loader, its entries and FAT32's own tables.
-    let needed = ESP_PAIRS * pair + 16 * MIB + pair / 8;
+    let needed = pairs * pair + 16 * MIB + pair / 8;
     Ok(needed.max(ESP_MIN).div_ceil(MIB) * MIB)
 }
 
@@ -642,5 +659,27 @@ impl<W: Write> Write for HashingWriter<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_esp_holds_the_kept_generations_and_the_one_being_tried() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let cfg = |text: &str| {
+            let p = tmp.path().join("agent.toml");
+            fs::write(&p, text).expect("write");
+            esp_pairs(Some(&p))
+        };
+        assert_eq!(esp_pairs(None).expect("none"), ESP_PAIRS);
+        assert_eq!(cfg("controller_url = \"wss://c/agent/v1\"\n").expect("default"), 3, "2 kept, 1 tried");
+        assert_eq!(cfg("configuration_limit = 5\n").expect("five"), 6);
+        assert_eq!(cfg("configuration_limit = 1\n").expect("one"), ESP_PAIRS);
+        assert_eq!(cfg("configuration_limit = 0\n").expect("all"), ESP_PAIRS);
+        assert!(cfg("configuration_limit = -1\n").is_err());
+        assert!(cfg("configuration_limit = \"many\"\n").is_err());
     }
 }

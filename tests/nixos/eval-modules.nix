@@ -3,7 +3,7 @@
 # Run by `tests/tests/modules.rs` when NIXPKGS_LIB points at a checkout of nixpkgs' lib.
 #
 # Stand-ins, because NixOS and nixpkgs' packages are not here: the NixOS options the
-# modules set are declared with the types NixOS gives them (and the ACME module's two
+# modules set or read are declared with the types and defaults NixOS gives them (and the ACME module's two
 # assertions on terms and e-mail), `pkgs` holds fake packages and `formats.toml`, whose
 # `generate` refuses nulls as nixpkgs' json2toml does, and `utils.escapeSystemdExecArgs`
 # quotes as systemd.service(5) asks: double quotes, "%" as "%%" and "$" as "$$".
@@ -74,6 +74,15 @@ let
         });
       };
       services.dbus.packages = mkOption { type = types.listOf types.path; default = [ ]; };
+      boot.kernelParams = mkOption { type = types.listOf types.str; default = [ ]; };
+      systemd.watchdog.runtimeTime = mkOption { type = types.nullOr types.str; default = null; };
+      boot.loader.efi.canTouchEfiVariables = mkOption { type = types.bool; default = false; };
+      boot.loader.systemd-boot.enable = mkOption { type = types.bool; default = false; };
+      boot.loader.systemd-boot.configurationLimit = mkOption { type = types.nullOr types.int; default = null; };
+      boot.loader.grub.enable = mkOption { type = types.bool; default = true; };
+      boot.loader.grub.configurationLimit = mkOption { type = types.int; default = 100; };
+      boot.loader.generic-extlinux-compatible.enable = mkOption { type = types.bool; default = false; };
+      boot.loader.generic-extlinux-compatible.configurationLimit = mkOption { type = types.int; default = 20; };
       networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
       security.acme.acceptTerms = mkOption { type = types.bool; default = false; };
       security.acme.defaults.email = mkOption { type = types.nullOr types.str; default = null; };
@@ -131,6 +140,20 @@ in
   # The generated agent.toml without an enrollment token file (a null left out).
   agentTomlWithoutToken = agentToml (agent { });
   agentTomlWithTerminal = agentToml (agent { settings.terminal = true; settings.substituters = [ "http://cache.site.example" ]; });
+  # Hangs reset by themselves unless turned off; the loader's limit and EFI rights reach the agent.
+  agentHangProtection = let c = agent { }; in {
+    kernelParams = c.boot.kernelParams;
+    watchdog = c.systemd.watchdog.runtimeTime;
+    toml = agentToml c;
+  };
+  agentHangProtectionOff = let c = agent { hangProtection.enable = false; }; in {
+    kernelParams = c.boot.kernelParams;
+    watchdog = c.systemd.watchdog.runtimeTime;
+  };
+  agentSystemdBoot = agentToml (eval [ ../../modules/agent.nix {
+    services.thymis-agent = { enable = true; settings.controller_url = "wss://c.example/agent/v1"; };
+    boot.loader = { grub.enable = false; systemd-boot = { enable = true; configurationLimit = 5; }; efi.canTouchEfiVariables = true; };
+  } ]);
   # The default package is pkgs.thymis (the overlay's).
   agentExecStart = (agent { }).systemd.services.thymis-agent.serviceConfig.ExecStart;
   agentStateDirectory = (agent { settings.state_dir = "/var/lib/fleet"; }).systemd.services.thymis-agent.serviceConfig.StateDirectory;

@@ -1027,9 +1027,10 @@ impl Fleet {
             // Its reboot is the harness's to make: the agent says so and waits to be stopped.
             config_text.push_str(&format!(
                 "reboot_command = [\"touch\", {:?}]\nboot_dir = \"/boot\"\nfirmware_dir = \"/boot/firmware\"\n\
-                 efivars_dir = {:?}\ncurrent_system_link = {:?}\n",
+                 efivars_dir = {:?}\ncurrent_system_link = {:?}\nbooted_system_link = {:?}\n",
                 dir.join("reboot-requested").display().to_string(),
                 dir.join("efivars").display().to_string(),
+                dir.join("current-system").display().to_string(),
                 dir.join("current-system").display().to_string()
             ));
         }

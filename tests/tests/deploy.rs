@@ -199,3 +199,92 @@ fn a_reboot_deployment_on_extlinux_is_refused_before_anything_changes() {
     assert_eq!(dev.generations(), generations, "a generation was added");
     assert_eq!(f.device_row("e1")["system"], v1.as_str());
 }
+
+const LOADER_GUID: &str = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
+
+/// `switch-to-configuration test` that exits 100 ("won't take effect until you reboot")
+/// changed nothing: the deployment becomes a reboot deployment, not a failed activation.
+/// Where the boot loader cannot try the new system once, it fails `no-safe-reboot` with
+/// the device as it was; under systemd-boot (a stand-in loader for a process device,
+/// whose reboot command fails) it prepares the trial boot and asks for the reboot.
+#[test]
+fn an_activation_that_needs_a_reboot_becomes_a_reboot_deployment() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    for name in ["n1", "n2"] {
+        f.add_device(name, "alpha", false).expect("device");
+    }
+    // n2 boots with systemd-boot: its LoaderInfo variable says so.
+    let vars = f.device("n2").dir.join("efivars");
+    std::fs::create_dir_all(&vars).expect("mkdir");
+    let mut info = 7u32.to_le_bytes().to_vec();
+    "systemd-boot 252 (stand-in)".encode_utf16().chain([0]).for_each(|u| info.extend(u.to_le_bytes()));
+    std::fs::write(vars.join(format!("LoaderInfo-{LOADER_GUID}")), info).expect("LoaderInfo");
+    for name in ["n1", "n2"] {
+        f.device_mut(name).start().expect("start");
+        f.wait_online(name);
+    }
+    let (_, first) = deploy(&f, &["--device", "n1", "--device", "n2", "-m", "v1"]);
+    assert_eq!(first["result"], "succeeded", "{first}\n{}", f.diagnostics());
+    let v1 = f.device("n1").profile_system().expect("profile");
+    let generations = f.device("n1").generations();
+
+    f.set_configs(&json!({ "alpha": { "version": "2", "needsReboot": true }, "beta": {} })).expect("cfg");
+    let (code, task) = deploy(&f, &["--device", "n1", "--device", "n2", "-m", "v2, a new init interface"]);
+    assert_ne!(code, 0, "{task}");
+    let logs = f.controller.task_logs(task["id"].as_i64().expect("id")).join("\n");
+    assert!(logs.contains("takes effect only after a reboot"), "{logs}");
+
+    let n1 = Fleet::child(&task, "n1");
+    assert_eq!(n1["result"], "failed", "not a failed activation, not a rollback: {n1}\n{}", f.diagnostics());
+    assert_eq!(n1["reason"], "no-safe-reboot", "{n1}");
+    assert!(n1["error"].as_str().unwrap_or_default().contains("needs a reboot"), "{n1}");
+    let dev = f.device("n1");
+    assert_eq!(dev.profile_system().as_deref(), Some(v1.as_str()), "the profile changed");
+    assert_eq!(dev.generations(), generations, "a generation stayed behind");
+    assert_eq!(dev.running_system(), v1);
+
+    let n2 = Fleet::child(&task, "n2");
+    assert_eq!(n2["result"], "rolled-back", "{n2}\n{}", f.diagnostics());
+    let error = n2["error"].as_str().unwrap_or_default();
+    assert!(error.contains("the reboot into the new system did not happen"), "the trial boot was not prepared: {n2}");
+    assert_eq!(f.device("n2").profile_system().as_deref(), Some(v1.as_str()));
+    assert!(!vars.join(format!("LoaderEntryOneShot-{LOADER_GUID}")).exists(), "a one-shot stayed behind");
+}
+
+/// A person's own `nixos-rebuild boot` on the device (the profile names a system that
+/// never ran) is never overridden: offers are refused, saying why, until it ran or the
+/// profile is set back.
+#[test]
+fn a_profile_changed_by_hand_is_not_taken_as_the_way_back() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("h1", "alpha", true).expect("device");
+    f.wait_online("h1");
+    let (_, first) = deploy(&f, &["--device", "h1", "-m", "v1"]);
+    assert_eq!(first["result"], "succeeded", "{first}\n{}", f.diagnostics());
+    let v1 = f.device("h1").profile_system().expect("profile");
+
+    // By hand: a generation of another store path (the app of v1) that never ran.
+    let other = f.device("h1").exec(&format!("readlink -f {v1}/bin/app | cut -d/ -f1-4"));
+    let other = other.trim().to_owned();
+    assert!(other.starts_with("/nix/store/"), "{other}");
+    f.device("h1").exec(&format!("nix-env -p /nix/var/nix/profiles/system --set {other}"));
+    assert_eq!(f.device("h1").profile_system().as_deref(), Some(other.as_str()), "the hand-made generation");
+
+    f.set_configs(&json!({ "alpha": { "version": "2" }, "beta": {} })).expect("cfg");
+    let (code, task) = deploy(&f, &["--device", "h1", "-m", "v2"]);
+    assert_ne!(code, 0, "{task}");
+    let child = Fleet::child(&task, "h1");
+    assert_eq!(child["result"], "failed", "{child}\n{}", f.diagnostics());
+    assert!(child["error"].as_str().unwrap_or_default().contains("changed it by hand"), "{child}");
+    assert_eq!(
+        f.device("h1").profile_system().as_deref(),
+        Some(other.as_str()),
+        "the person's generation was replaced"
+    );
+    assert_eq!(f.device("h1").running_system(), v1);
+
+    // Set back: deployments go through again.
+    f.device("h1").exec(&format!("nix-env -p /nix/var/nix/profiles/system --set {v1}"));
+    let (_, again) = deploy(&f, &["--device", "h1", "-m", "v2 again"]);
+    assert_eq!(again["result"], "succeeded", "{again}\n{}", f.diagnostics());
+}

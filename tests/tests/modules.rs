@@ -71,6 +71,21 @@ fn modules_evaluate_with_the_real_module_system_and_the_docs_examples_hold() {
     assert_eq!(v["agentTomlWithTerminal"]["substituters"], serde_json::json!(["http://cache.site.example"]));
     assert_eq!(toml["substituters"], serde_json::json!([]), "{toml}");
     assert!(toml.get("enrollment_token_file").is_none(), "{toml}");
+    // A generation that hangs resets by itself, unless turned off (docs/agent.md).
+    let hang = &v["agentHangProtection"];
+    assert_eq!(hang["kernelParams"], serde_json::json!(["panic=10", "boot.panic_on_fail"]), "{hang}");
+    assert_eq!(hang["watchdog"], "30s", "{hang}");
+    let off = &v["agentHangProtectionOff"];
+    assert_eq!((&off["kernelParams"], &off["watchdog"]), (&serde_json::json!([]), &Value::Null), "{off}");
+    // GRUB (NixOS's default loader) keeps 100 generations; no EFI variables by default.
+    assert_eq!(hang["toml"]["configuration_limit"], 100, "{hang}");
+    assert_eq!(hang["toml"]["can_touch_efi_variables"], false, "{hang}");
+    let sb = &v["agentSystemdBoot"];
+    assert_eq!(
+        (&sb["configuration_limit"], &sb["can_touch_efi_variables"]),
+        (&serde_json::json!(5), &Value::Bool(true)),
+        "{sb}"
+    );
     // The package defaults to pkgs.thymis; arguments escaped for systemd.
     let exec = v["agentExecStart"].as_str().unwrap_or_default();
     assert!(

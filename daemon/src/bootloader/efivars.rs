@@ -30,6 +30,16 @@ impl EfiVars {
         decode(&std::fs::read(self.path(name)).ok()?)
     }
 
+    /// A list variable's strings (`LoaderEntries`: NUL-separated UTF-16, ending in two NULs).
+    pub fn get_list(&self, name: &str) -> Option<Vec<String>> {
+        decode_list(&std::fs::read(self.path(name)).ok()?)
+    }
+
+    /// Writes a list variable (the loader's job; tests stand in for it).
+    pub fn set_list(&self, name: &str, values: &[&str]) -> Result<()> {
+        self.set(name, &values.join("\0"))
+    }
+
     /// Sets a variable in one write (efivarfs takes nothing else).
     pub fn set(&self, name: &str, value: &str) -> Result<()> {
         let path = self.path(name);
@@ -88,6 +98,16 @@ fn decode(bytes: &[u8]) -> Option<String> {
     String::from_utf16(&units).ok()
 }
 
+fn decode_list(bytes: &[u8]) -> Option<Vec<String>> {
+    let data = bytes.get(4..)?;
+    if data.len() % 2 != 0 {
+        return None;
+    }
+    let units: Vec<u16> = data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+    let text = String::from_utf16(&units).ok()?;
+    Some(text.split('\0').filter(|s| !s.is_empty()).map(str::to_owned).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +121,8 @@ mod tests {
         assert_eq!(decode(&bytes).as_deref(), Some("nixos-generation-7.conf"));
         assert_eq!(decode(&[7, 0, 0]), None, "too short");
         assert_eq!(decode(&[7, 0, 0, 0, b'a']), None, "odd length");
+        let list = encode("a.conf\0b.efi\0");
+        assert_eq!(decode_list(&list), Some(vec!["a.conf".to_owned(), "b.efi".to_owned()]));
     }
 
     #[test]

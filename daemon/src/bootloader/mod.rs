@@ -9,24 +9,25 @@
 //! the table.
 
 pub mod efivars;
+pub mod exec;
 pub mod grub;
+pub mod safety;
+pub mod systemd_boot;
 pub mod uboot;
 
 use std::path::Path;
 
-use thymis_store::StorePath;
-
 pub use efivars::EfiVars;
 pub use grub::Grub;
+pub use systemd_boot::SystemdBoot;
 pub use uboot::UBoot;
 
 /// The loader this device boots with, as far as reboot deployments care.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Loader {
-    /// systemd-boot (it announces itself in the `LoaderInfo` EFI variable): the
-    /// `LoaderEntryOneShot` variable boots an entry once; `LoaderEntryDefault`
-    /// overrides loader.conf's `default`.
-    SystemdBoot(EfiVars),
+    /// systemd-boot (it announces itself in the `LoaderInfo` EFI variable): loader.conf
+    /// names the default entry; the `LoaderEntryOneShot` variable boots an entry once.
+    SystemdBoot(SystemdBoot),
     /// GRUB as NixOS installs it: grubenv's `next_entry` boots once.
     Grub(Grub),
     /// U-Boot with this project's boot script on the board's FAT partition: its state
@@ -49,6 +50,16 @@ impl Loader {
             Loader::Unknown => "unknown",
         }
     }
+
+    /// Whether this loader can boot a new generation once while the previous one stays
+    /// the default (systemd-boot only where the agent may write EFI variables).
+    pub fn has_one_shot(&self) -> bool {
+        match self {
+            Loader::SystemdBoot(sb) => sb.can_touch_efi_variables,
+            Loader::Grub(_) | Loader::UBoot(_) => true,
+            Loader::Extlinux | Loader::Unknown => false,
+        }
+    }
 }
 
 /// Which of a deployment's two systems a step is about.
@@ -65,17 +76,18 @@ pub enum Step {
     SetProfile(Which),
     /// The failed deployment's generations leave the profile.
     DeleteFailed,
+    /// Generations beyond the configured limit leave the profile (and so the ESP).
+    Prune,
     /// This system's `switch-to-configuration boot`: the loader's entries follow the
     /// profile and its default names this system.
     InstallBoot(Which),
-    /// systemd-boot: `LoaderEntryDefault` names the previous generation, overriding
-    /// the default that `InstallBoot(New)` writes.
-    PinPrevious,
-    /// systemd-boot: `LoaderEntryDefault` removed, so loader.conf's default applies.
-    Unpin,
-    /// Boot the new generation once (`LoaderEntryOneShot`, grubenv `next_entry`).
+    /// The menu just written has the way back (the previous generation, as the
+    /// default) and the try (the new one); else the reboot is refused as unsafe.
+    CheckWayBack,
+    /// Boot the new generation once (`LoaderEntryOneShot`, grubenv `next_entry`, the
+    /// U-Boot state).
     TryNewOnce,
-    /// Forget a one-shot boot that did not happen.
+    /// Forget a one-shot boot of the new generation that did not happen.
     ClearTryOnce,
 }
 
@@ -85,21 +97,15 @@ pub struct Plan(pub Vec<Step>);
 
 impl Plan {
     /// Before a reboot into the new system: it boots once, and any other boot (a power
-    /// loss, a kernel that panics) comes up on the previous one. `None` where the loader
-    /// cannot do that (extlinux, unknown): the new generation could only be the default.
+    /// loss, a kernel that panics) comes up on the previous one. The previous system's
+    /// `boot` writes the menu with the new generation in it and itself as the default,
+    /// so the way back is in the loader's own files, never in an EFI variable. `None`
+    /// where the loader cannot boot once: the new generation could only be the default.
     pub fn try_once(loader: &Loader) -> Option<Plan> {
         use Step::*;
-        match loader {
-            Loader::SystemdBoot(_) => {
-                Some(Plan(vec![PinPrevious, SetProfile(Which::New), InstallBoot(Which::New), TryNewOnce]))
-            }
-            // The previous system's `boot` writes the menu with the new generation in
-            // it and itself as the default.
-            Loader::Grub(_) | Loader::UBoot(_) => {
-                Some(Plan(vec![SetProfile(Which::New), InstallBoot(Which::Previous), TryNewOnce]))
-            }
-            Loader::Extlinux | Loader::Unknown => None,
-        }
+        loader
+            .has_one_shot()
+            .then(|| Plan(vec![SetProfile(Which::New), InstallBoot(Which::Previous), CheckWayBack, TryNewOnce]))
     }
 
     /// What a loader without a one-shot boot can do: make the new system the default.
@@ -110,38 +116,30 @@ impl Plan {
     /// After confirmation: the new system is the default from now on.
     pub fn commit(loader: &Loader) -> Plan {
         use Step::*;
-        match loader {
-            // Unpinned first: loader.conf's default is the new system after a reboot
-            // deployment's preparation, or the previous one otherwise, both confirmed.
-            Loader::SystemdBoot(_) => Plan(vec![SetProfile(Which::New), Unpin, InstallBoot(Which::New), ClearTryOnce]),
-            Loader::Grub(_) | Loader::UBoot(_) => {
-                Plan(vec![SetProfile(Which::New), InstallBoot(Which::New), ClearTryOnce])
-            }
-            Loader::Extlinux | Loader::Unknown => Plan(vec![SetProfile(Which::New), InstallBoot(Which::New)]),
+        let mut steps = vec![SetProfile(Which::New), Prune, InstallBoot(Which::New)];
+        if loader.has_one_shot() {
+            steps.push(ClearTryOnce);
         }
+        Plan(steps)
     }
 
     /// After a failure: the previous system is the default again and the failed
-    /// generations are gone. A one-shot boot that did not happen goes first; the pin
-    /// last, so until then it still boots the previous system.
+    /// generations are gone. A one-shot boot that did not happen goes first.
     pub fn roll_back(loader: &Loader) -> Plan {
         use Step::*;
         let back = [SetProfile(Which::Previous), DeleteFailed, InstallBoot(Which::Previous)];
-        Plan(match loader {
-            Loader::SystemdBoot(_) => [&[ClearTryOnce][..], &back, &[Unpin]].concat(),
-            Loader::Grub(_) | Loader::UBoot(_) => [&[ClearTryOnce][..], &back].concat(),
-            Loader::Extlinux | Loader::Unknown => back.to_vec(),
-        })
+        Plan(if loader.has_one_shot() { [&[ClearTryOnce][..], &back].concat() } else { back.to_vec() })
     }
 }
 
 /// Reads which loader boots this device: systemd-boot from its EFI variable, GRUB and
 /// extlinux from their configuration files under `boot_dir`, U-Boot from this project's
 /// boot script in `firmware_dir` beside an extlinux.conf.
-pub fn detect(boot_dir: &Path, efivars_dir: &Path, firmware_dir: &Path) -> Loader {
+/// systemd-boot's ESP is `boot_dir` (NixOS's default `efiSysMountPoint`).
+pub fn detect(boot_dir: &Path, efivars_dir: &Path, firmware_dir: &Path, can_touch_efi_variables: bool) -> Loader {
     let vars = EfiVars { dir: efivars_dir.to_owned() };
     if vars.get("LoaderInfo").is_some_and(|info| info.starts_with("systemd-boot")) {
-        return Loader::SystemdBoot(vars);
+        return Loader::SystemdBoot(SystemdBoot { vars, esp: boot_dir.to_owned(), can_touch_efi_variables });
     }
     let grub = Grub { dir: boot_dir.join("grub") };
     if grub.config().exists() {
@@ -154,23 +152,6 @@ pub fn detect(boot_dir: &Path, efivars_dir: &Path, firmware_dir: &Path) -> Loade
         return Loader::Extlinux;
     }
     Loader::Unknown
-}
-
-/// NixOS's systemd-boot entry name of a system profile generation.
-pub fn entry(generation: u64) -> String {
-    format!("nixos-generation-{generation}.conf")
-}
-
-/// Whether going from `old` to `new` changes the kernel, initrd or kernel modules,
-/// which only a reboot applies. Systems without a kernel (test systems) never do.
-pub fn kernel_changed(old: &StorePath, new: &StorePath) -> bool {
-    ["kernel", "initrd", "kernel-modules"].iter().any(|f| {
-        let link = |s: &StorePath| std::fs::read_link(Path::new(&s.to_absolute()).join(f)).ok();
-        match (link(old), link(new)) {
-            (Some(a), Some(b)) => a != b,
-            _ => false,
-        }
-    })
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! loss after any prefix of a plan boots a confirmed system (or the new one exactly
 //! once, then a confirmed one), and each plan ends in the state it promises.
 
-use super::{EfiVars, Grub, Loader, Plan, Step, UBoot, Which};
+use super::{EfiVars, Grub, Loader, Plan, Step, SystemdBoot, UBoot, Which};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sys {
@@ -19,29 +19,20 @@ impl From<Which> for Sys {
     }
 }
 
-/// What the loader and the profile hold. systemd-boot boots the one-shot entry, else
-/// `LoaderEntryDefault`, else loader.conf's default, each only if its entry exists;
-/// GRUB boots `next_entry` (clearing it first), else the default of the last install.
+/// What the loader and the profile hold. Each loader boots its one-shot entry (and
+/// forgets it) if that entry exists, else the default of the last install.
 #[derive(Debug, Clone)]
 struct Device {
     generations: Vec<Option<Sys>>,
     current: usize,
     menu: Vec<Sys>,
     default: Sys,
-    pin: Option<Sys>,
     once: Option<Sys>,
 }
 
 impl Device {
     fn new() -> Device {
-        Device {
-            generations: vec![Some(Sys::Prev)],
-            current: 0,
-            menu: vec![Sys::Prev],
-            default: Sys::Prev,
-            pin: None,
-            once: None,
-        }
+        Device { generations: vec![Some(Sys::Prev)], current: 0, menu: vec![Sys::Prev], default: Sys::Prev, once: None }
     }
 
     fn apply(&mut self, step: Step) {
@@ -63,8 +54,7 @@ impl Device {
                 self.menu = self.generations.iter().flatten().copied().collect();
                 self.default = w.into();
             }
-            Step::PinPrevious => self.pin = Some(Sys::Prev),
-            Step::Unpin => self.pin = None,
+            Step::Prune | Step::CheckWayBack => {}
             Step::TryNewOnce => self.once = Some(Sys::New),
             Step::ClearTryOnce => self.once = None,
         }
@@ -72,7 +62,7 @@ impl Device {
 
     fn boot(&mut self) -> Sys {
         let once = self.once.take();
-        [once, self.pin].into_iter().flatten().find(|s| self.menu.contains(s)).unwrap_or(self.default)
+        once.filter(|s| self.menu.contains(s)).unwrap_or(self.default)
     }
 
     fn profile(&self) -> Option<Sys> {
@@ -82,7 +72,11 @@ impl Device {
 
 fn loaders() -> Vec<Loader> {
     vec![
-        Loader::SystemdBoot(EfiVars { dir: "/sys/firmware/efi/efivars".into() }),
+        Loader::SystemdBoot(SystemdBoot {
+            vars: EfiVars { dir: "/sys/firmware/efi/efivars".into() },
+            esp: "/boot".into(),
+            can_touch_efi_variables: true,
+        }),
         Loader::Grub(Grub { dir: "/boot/grub".into() }),
         // The boot script counts the attempt before it boots the try: once, like GRUB's.
         Loader::UBoot(UBoot { firmware: "/boot/firmware".into(), extlinux: "/boot/extlinux/extlinux.conf".into() }),
@@ -141,7 +135,6 @@ fn committing_keeps_a_confirmed_system_at_every_step_and_makes_the_new_one_stay(
                 "{loader:?}: the new system stays"
             );
             assert_eq!(d.profile(), Some(Sys::New));
-            assert_eq!(d.pin, None, "{loader:?}: no lasting LoaderEntryDefault");
         }
     }
 }
@@ -171,7 +164,7 @@ fn rolling_back_from_any_point_of_a_trial_boots_the_previous_system_and_forgets_
             assert_eq!((after.boot(), after.boot()), (Sys::Prev, Sys::Prev), "{loader:?}: from {start:?}");
             assert_eq!(d.profile(), Some(Sys::Prev), "the profile names the previous system");
             assert!(!d.generations.contains(&Some(Sys::New)), "the failed generation is gone: {d:?}");
-            assert_eq!((d.pin, d.once), (None, None), "{loader:?}: nothing left in the EFI variables or grubenv");
+            assert_eq!(d.once, None, "{loader:?}: nothing left in the EFI variables or grubenv");
         }
     }
 }
@@ -180,6 +173,13 @@ fn rolling_back_from_any_point_of_a_trial_boots_the_previous_system_and_forgets_
 fn loaders_without_a_one_shot_boot_have_no_trial_plan() {
     assert_eq!(Plan::try_once(&Loader::Extlinux), None);
     assert_eq!(Plan::try_once(&Loader::Unknown), None);
+    // systemd-boot where NixOS may not touch EFI variables (canTouchEfiVariables = false).
+    let no_vars = Loader::SystemdBoot(SystemdBoot {
+        vars: EfiVars { dir: "/sys/firmware/efi/efivars".into() },
+        esp: "/boot".into(),
+        can_touch_efi_variables: false,
+    });
+    assert_eq!(Plan::try_once(&no_vars), None);
     // What allow_unsafe_reboot accepts: the new system is the default before the reboot.
     let mut d = run(Device::new(), &Plan::unsafe_reboot().0);
     assert_eq!((d.boot(), d.boot()), (Sys::New, Sys::New));
