@@ -590,8 +590,8 @@ impl Agent {
                         *lock(&self.pending) = Some(updated.clone());
                         self.prepare_reboot(&updated).await
                     }
-                    Action::Commit => Event::CommitFinished(self.commit(&updated).await),
-                    Action::Rollback => Event::RollbackFinished(self.roll_back(&updated).await),
+                    Action::Commit => self.commit_event(&updated).await,
+                    Action::Rollback => self.rollback_event(&updated).await,
                     Action::Finish(f) => {
                         if f.result == DeviceResult::RollbackFailed {
                             self.restore_after_failed_rollback(&updated).await;
@@ -652,6 +652,48 @@ impl Agent {
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         });
+    }
+
+    /// Commits, unless someone changed the system on the device meanwhile.
+    async fn commit_event(&self, p: &Pending) -> Event {
+        match self.changed_on_device(p) {
+            Some(why) => Event::ChangedOnDevice(why),
+            None => Event::CommitFinished(self.commit(p).await),
+        }
+    }
+
+    /// Rolls back; if someone changed the system on the device meanwhile, leaves their
+    /// profile and boot loader alone, and only takes the device off the unconfirmed
+    /// system if that is what still runs.
+    async fn rollback_event(&self, p: &Pending) -> Event {
+        let Some(why) = self.changed_on_device(p) else {
+            return Event::RollbackFinished(self.roll_back(p).await);
+        };
+        let running = profile::resolve(&self.config.current_system_link);
+        if running.as_ref() == Some(&p.offer.system)
+            && let Some(previous) = &p.previous
+        {
+            let name = format!("{}-rollback", p.offer.deployment_id);
+            if let Err(e) = self.run_switch(&name, previous, SwitchAction::Test).await {
+                return Event::ChangedOnDevice(format!("{why}; re-activating the previous system failed: {e}"));
+            }
+        }
+        Event::ChangedOnDevice(why)
+    }
+
+    /// Whether the profile or the running system is one this deployment never set:
+    /// someone ran `nixos-rebuild` on the device meanwhile. Says what they set.
+    fn changed_on_device(&self, p: &Pending) -> Option<String> {
+        let ours = |s: &StorePath| *s == p.offer.system || p.previous.as_ref() == Some(s);
+        let profile = profile::resolve(&self.config.system_profile).filter(|s| !ours(s));
+        let running = profile::resolve(&self.config.current_system_link).filter(|s| !ours(s));
+        let what = match (profile, running) {
+            (_, Some(r)) => format!("the device was switched to {r} by hand during the deployment"),
+            (Some(s), None) => format!("the system profile was set to {s} by hand during the deployment"),
+            (None, None) => return None,
+        };
+        warn!(deployment = %p.offer.deployment_id, "{what}: leaving the profile and the boot loader alone");
+        Some(format!("{what}; the agent left the profile and the boot loader as they are"))
     }
 
     async fn commit(&self, p: &Pending) -> Result<(), String> {
@@ -757,6 +799,10 @@ impl Agent {
             return Err(format!(
                 "the boot loader ({which}) cannot boot a new system once while the previous one stays the default"
             ));
+        }
+        // GRUB clears its one-shot at boot only where it can write grubenv.
+        if let Loader::Grub(grub) = &loader {
+            safety::grub_can_write(&grub.dir)?;
         }
         safety::hang_protection(Path::new(&system.to_absolute()))
     }
@@ -980,12 +1026,12 @@ impl Agent {
                 }
             }
             Stage::Committing { .. } => {
-                let r = self.commit(&p).await;
-                self.drive(Event::CommitFinished(r)).await;
+                let event = self.commit_event(&p).await;
+                self.drive(event).await;
             }
             Stage::RollingBack { .. } => {
-                let r = self.roll_back(&p).await;
-                self.drive(Event::RollbackFinished(r)).await;
+                let event = self.rollback_event(&p).await;
+                self.drive(event).await;
             }
         }
     }

@@ -12,6 +12,7 @@
 //!                                      (finished rolled-back at once when there is no previous system)
 //! Committing ── booted the new system ──▶ Committing again; the previous ──▶ RollingBack
 //! RollingBack ── any boot ──▶ RollingBack again (the rollback is idempotent)
+//! Committing / RollingBack ── the system was changed on the device by someone else ──▶ failed(changed-on-device)
 //!
 //! reboot deployments (a part only a boot applies changed, or asked; or `test` exited 100):
 //! Activating ── prepared (profile, boot entry, one-shot) ──▶ Rebooting ── booted the new system ──▶ AwaitingConfirmation
@@ -74,6 +75,9 @@ pub enum Event {
     Rebooted {
         runs_new: bool,
     },
+    /// Someone changed the system on the device (its profile or running system is
+    /// neither the new nor the previous one): it is theirs now.
+    ChangedOnDevice(String),
     CommitFinished(Result<(), String>),
     RollbackFinished(Result<(), String>),
 }
@@ -223,6 +227,17 @@ pub fn step(stage: &Stage, event: Event, has_previous: bool) -> Result<(Option<S
             });
             (None, Action::Finish(finish(DeviceResult::RollbackFailed, Some(*reason), None, error, vec![])))
         }
+        // Never touch what a person chose on the device; the deployment ends there.
+        (S::Committing { .. } | S::RollingBack { .. }, E::ChangedOnDevice(why)) => (
+            None,
+            Action::Finish(finish(
+                DeviceResult::Failed,
+                Some(RollbackReason::ChangedOnDevice),
+                None,
+                Some(why),
+                vec![],
+            )),
+        ),
         (stage, event) => {
             return Err(NotAllowed { stage: format!("{stage:?}"), event: format!("{event:?}") });
         }
@@ -375,8 +390,16 @@ mod tests {
             // The reboot itself, or its command failing.
             Stage::Rebooting => vec![Event::RebootFailed("x".into())],
             Stage::AwaitingConfirmation { .. } => vec![Event::Confirmed, Event::DeadlinePassed, Event::RollbackAsked],
-            Stage::Committing { .. } => both(Event::CommitFinished),
-            Stage::RollingBack { .. } => both(Event::RollbackFinished),
+            Stage::Committing { .. } => {
+                let mut v = both(Event::CommitFinished);
+                v.push(Event::ChangedOnDevice("x".into()));
+                v
+            }
+            Stage::RollingBack { .. } => {
+                let mut v = both(Event::RollbackFinished);
+                v.push(Event::ChangedOnDevice("x".into()));
+                v
+            }
         }
     }
 

@@ -1,6 +1,6 @@
 //! VM devices: QEMU under software emulation (never `-accel kvm`: there is none here)
 //! booting a disk image through OVMF's UEFI and the image's own systemd-boot, with the
-//! serial console in a file the test reads. Debian's `qemu-system-x86`, `ovmf` and
+//! serial console in a file the test reads and a hardware watchdog (i6300esb). Debian's `qemu-system-x86`, `ovmf` and
 //! `linux-image-amd64` (for the kernel packed into test closures; `scripts/setup.sh`).
 
 use std::path::{Path, PathBuf};
@@ -46,7 +46,9 @@ impl Vm {
         // The last boot's console stays beside it (and is never read as this one's).
         let _ = std::fs::rename(&console, dir.join("console.previous.log"));
         let mut cmd = Command::new("qemu-system-x86_64");
+        // A hardware watchdog (Intel 6300ESB), as many boards have: its reset ends QEMU too.
         cmd.args(["-machine", "q35", "-m", "512", "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot"])
+            .args(["-device", "i6300esb"])
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .arg("-drive")

@@ -413,3 +413,91 @@ fn reboot_deployments_keep_a_way_back(grub: bool) {
     assert!(menu.iter().all(|e| !e.contains(&v3)), "v3 is still in the boot menu: {menu:?}");
     assert!(menu.iter().any(|e| e.contains(&v2)), "{menu:?}");
 }
+
+/// Real devices, not test kernels that reset on every panic: a generation tried once
+/// that hangs with nothing to reset it is refused before the reboot; one that hangs
+/// with the hardware watchdog armed (no `panic=` on its command line) is reset by the
+/// watchdog and comes back on the confirmed generation by itself; and where the boot
+/// loader's own builder drops the previous generation (systemd-boot's
+/// `configurationLimit = 1`), the reboot is refused and the menu put back.
+#[test]
+fn a_generation_that_hangs_comes_back_by_the_watchdog_and_unsafe_reboots_are_refused() {
+    let name = "wd1";
+    let (f, vm, disk, v1) = vm_device(name);
+    let dir = f.tmp.path().join(format!("{name}-vm"));
+    let boot = || Vm::boot(&disk, &dir, true).expect("qemu");
+    let booted = |machine: &mut Vm| -> String {
+        let console = machine.wait_for_console("THYMIS-BOOT-OK", Duration::from_secs(240)).expect("boot");
+        let line = console.lines().find(|l| l.contains("THYMIS-BOOT-OK")).unwrap_or_default();
+        line.split("system=").nth(1).unwrap_or_default().trim().to_owned()
+    };
+    let deploy = |extra: serde_json::Value, args: &[&str]| -> (String, serde_json::Value) {
+        f.set_configs(&vm_configs(&vm, extra)).expect("configs");
+        let mut full = vec!["--json", "deploy", "--device", name];
+        full.extend_from_slice(args);
+        let out = f.controller.ctl(&full);
+        let task: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let id = task["id"].as_i64().expect("task id").to_string();
+        let t = thymis_fleet_tests::wait_for("the deployment to end", Duration::from_secs(300), || {
+            let t = f.controller.ctl_json(&["task", &id]);
+            (!Fleet::child(&t, name)["result"].is_null()).then_some(t)
+        });
+        (id, Fleet::child(&t, name).clone())
+    };
+    let esp = format!("{}@@1M", disk.display());
+    let mut machine = boot();
+    assert_eq!(booted(&mut machine), v1);
+    f.wait_online(name);
+
+    // Neither panic= with boot.panic_on_fail nor a watchdog: refused, nothing changes.
+    let (_, child) =
+        deploy(json!({ "version": "2", "panicOnFail": false }), &["--reboot", "-m", "v2, no hang protection"]);
+    assert_eq!(child["result"], "failed", "{child}\n{}", f.diagnostics());
+    assert_eq!(child["reason"], "no-safe-reboot", "{child}");
+    assert!(
+        child["error"].as_str().unwrap_or_default().contains("neither panic=SECONDS nor boot.panic_on_fail"),
+        "{child}"
+    );
+
+    // A system whose builder keeps one generation (no reboot needed to switch to it).
+    let (_, child) = deploy(json!({ "version": "3", "configurationLimit": 1 }), &["-m", "v3 keeps one generation"]);
+    assert_eq!(child["result"], "succeeded", "{child}\n{}", f.diagnostics());
+    let v3 = child["system"].as_str().expect("v3").to_owned();
+    // Its `boot` for a trial would drop its own entry: refused, and its menu put back.
+    let (_, child) = deploy(json!({ "version": "4" }), &["--reboot", "-m", "v4 with a reboot"]);
+    assert_eq!(child["result"], "failed", "{child}\n{}", f.diagnostics());
+    assert_eq!(child["reason"], "no-safe-reboot", "{child}");
+    assert!(child["error"].as_str().unwrap_or_default().contains("configurationLimit"), "{child}");
+    f.wait_online(name);
+    let (_, child) = deploy(json!({ "version": "5" }), &["-m", "v5, the default builder"]);
+    assert_eq!(child["result"], "succeeded", "{child}\n{}", f.diagnostics());
+    let v5 = child["system"].as_str().expect("v5").to_owned();
+    assert_ne!(v5, v3);
+
+    // v6 hangs in stage 2 with the watchdog armed and no panic= on its command line.
+    f.set_configs(&vm_configs(&vm, json!({ "version": "6", "panicOnFail": false, "watchdog": "10s", "hangs": true })))
+        .expect("configs");
+    let out = f.controller.ctl(&["--json", "deploy", "--device", name, "--reboot", "-m", "v6 hangs"]);
+    let task: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let task = task["id"].as_i64().expect("task id").to_string();
+    machine.wait_exit(Duration::from_secs(300)).expect("the agent reboots the VM for v6");
+    let mut machine = boot();
+    machine.wait_for_console("hangs on purpose", Duration::from_secs(240)).expect("v6 boots and hangs");
+    assert!(machine.console().contains("hardware watchdog armed"), "{}", machine.console());
+    // Nobody touches it: the watchdog resets the VM (and QEMU ends: -no-reboot).
+    machine.wait_exit(Duration::from_secs(180)).expect("the watchdog resets the hung VM");
+    let mut machine = boot();
+    assert_eq!(booted(&mut machine), v5, "after the watchdog's reset the VM did not come back on v5");
+    let child = thymis_fleet_tests::wait_for("the rollback report", Duration::from_secs(300), || {
+        let t = f.controller.ctl_json(&["task", &task]);
+        let c = Fleet::child(&t, name).clone();
+        (!c["result"].is_null()).then_some(c)
+    });
+    assert_eq!(child["result"], "rolled-back", "{child}\n{}", f.diagnostics());
+    assert_eq!(child["reason"], "activation-failed", "{child}");
+    drop(machine);
+    let conf = run(Command::new("mtype").args(["-i", &esp, "::/loader/loader.conf"]));
+    let default = conf.lines().find_map(|l| l.strip_prefix("default ")).unwrap_or_default().trim().to_owned();
+    let entry = run(Command::new("mtype").args(["-i", &esp, &format!("::/loader/entries/{default}")]));
+    assert!(entry.contains(&v5), "the boot default is not v5: {conf}\n{entry}");
+}

@@ -186,7 +186,7 @@ pub struct Child {
     /// `build`, `copy`, `activate`, `confirm` (a finished one: where it ended).
     pub phase: Option<String>,
     pub result: Option<DeviceResult>,
-    /// Why it rolled back (`activation-failed`, ...), `no-safe-reboot`, `halted`.
+    /// Why it rolled back (`activation-failed`, ...), `no-safe-reboot`, `changed-on-device`, `halted`.
     pub reason: Option<String>,
     pub error: Option<String>,
     pub failed_units: Vec<String>,

@@ -77,6 +77,9 @@ pub enum RollbackReason {
     /// A reboot was needed, and the device's boot loader cannot boot a new generation
     /// once while keeping the previous one the default (extlinux).
     NoSafeReboot,
+    /// Someone changed the system on the device during the deployment (`nixos-rebuild`):
+    /// the agent stopped touching the profile and the boot loader (with `failed`).
+    ChangedOnDevice,
 }
 
 #[cfg(test)]
@@ -109,6 +112,7 @@ mod tests {
             r#""rebooted-unconfirmed""#
         );
         assert_eq!(serde_json::to_string(&RollbackReason::NoSafeReboot).expect("json"), r#""no-safe-reboot""#);
+        assert_eq!(serde_json::to_string(&RollbackReason::ChangedOnDevice).expect("json"), r#""changed-on-device""#);
         use DeviceResult as R;
         for r in [
             R::Succeeded,
