@@ -151,6 +151,10 @@ ALTER TABLE children ADD COLUMN owner TEXT;
 ALTER TABLE devices ADD COLUMN controller TEXT;
 CREATE INDEX children_open ON children(stage) WHERE result IS NULL;
 "#,
+    // The system a device's profile names when it is not the one it runs (set by hand).
+    r#"
+ALTER TABLE devices ADD COLUMN boots_next TEXT;
+"#,
 ];
 
 /// The migrations as PostgreSQL takes them: the same statements, with its names for the
@@ -441,13 +445,14 @@ impl Db {
             generation: r.get(7)?,
             agent_version: r.get(8)?,
             agent_state: r.get(9)?,
+            boots_next: r.get(10)?,
             online: false,
         };
         Ok(DeviceRow { info, public_key: key })
     }
 
-    const DEVICE_COLS: &'static str =
-        "name, config, public_key, revoked, last_seen, system, commit_rev, generation, agent_version, agent_state";
+    const DEVICE_COLS: &'static str = "name, config, public_key, revoked, last_seen, system, commit_rev, generation, agent_version, agent_state, \
+         boots_next";
 
     pub fn devices(&self) -> Result<Vec<DeviceRow>> {
         let rows = self.c().query(&format!("SELECT {} FROM devices ORDER BY name", Self::DEVICE_COLS), &[])?;
@@ -468,7 +473,7 @@ impl Db {
     pub fn record_report(&self, name: &str, r: &DeviceReport) -> Result<()> {
         self.c().execute(
             "UPDATE devices SET last_seen = ?2, system = ?3, commit_rev = ?4, generation = ?5, agent_version = ?6,
-                 agent_state = ?7, last_sequence = ?8 WHERE name = ?1",
+                 agent_state = ?7, last_sequence = ?8, boots_next = ?9 WHERE name = ?1",
             vals![
                 name,
                 now(),
@@ -477,7 +482,8 @@ impl Db {
                 r.generation.map(|g| g as i64),
                 r.agent_version.as_str(),
                 r.state.as_str(),
-                r.last_sequence as i64
+                r.last_sequence as i64,
+                r.profile_system.as_ref().map(|s| s.to_string())
             ],
         )?;
         Ok(())

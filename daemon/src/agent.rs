@@ -241,9 +241,12 @@ impl Agent {
     pub fn report(&self) -> DeviceReport {
         let persisted = self.persisted();
         let pending = self.pending();
+        let system = self.running_system(&persisted, pending.as_ref());
+        let profile_system = profile::resolve(&self.config.system_profile).filter(|p| Some(p) != system.as_ref());
         DeviceReport {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            system: self.running_system(&persisted, pending.as_ref()),
+            system,
+            profile_system,
             commit: self.status().current_commit,
             generation: profile::generation(&self.config.system_profile),
             state: self.status().state,
@@ -1054,11 +1057,20 @@ impl Host for AgentHost<'_> {
 }
 
 /// Tests stop the agent between two steps of a plan (`THYMIS_TEST_CRASH_AFTER=try-once:2`)
-/// to check each row of the crash-window table in docs/agent.md.
+/// to check each row of the crash-window table in docs/agent.md; with `:hold` it waits
+/// there instead, for the test to cut a VM's power.
 fn crash_point(op: &str, done: usize) {
-    if std::env::var("THYMIS_TEST_CRASH_AFTER").is_ok_and(|v| v == format!("{op}:{done}")) {
-        error!("THYMIS_TEST_CRASH_AFTER={op}:{done}: stopping here");
+    let Ok(wanted) = std::env::var("THYMIS_TEST_CRASH_AFTER") else { return };
+    let here = format!("{op}:{done}");
+    if wanted == here {
+        error!("THYMIS_TEST_CRASH_AFTER={here}: stopping here");
         std::process::abort();
+    }
+    if wanted == format!("{here}:hold") {
+        error!("THYMIS_TEST_CRASH_AFTER={wanted}: holding here for a power cut");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
     }
 }
 

@@ -370,4 +370,11 @@ fn a_profile_changed_by_hand_during_a_deployment_is_left_alone() {
     let dev = f.device("h2");
     assert_eq!(dev.profile_system().as_deref(), Some(other.as_str()), "the person's profile was replaced");
     assert_eq!(dev.running_system(), v1, "the device stayed on the unconfirmed system");
+    // The devices table and the device's page say what it boots next.
+    thymis_fleet_tests::wait_for("the report of what h2 boots next", std::time::Duration::from_secs(30), || {
+        (f.device_row("h2")["boots_next"] == other.as_str()).then_some(())
+    });
+    let shown = f.controller.ctl(&["device", "show", "h2"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains(&format!("boots next    {other} (set on the device")), "{shown}");
 }

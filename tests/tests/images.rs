@@ -501,3 +501,165 @@ fn a_generation_that_hangs_comes_back_by_the_watchdog_and_unsafe_reboots_are_ref
     let entry = run(Command::new("mtype").args(["-i", &esp, &format!("::/loader/entries/{default}")]));
     assert!(entry.contains(&v5), "the boot default is not v5: {conf}\n{entry}");
 }
+
+/// Where a power-cut test cuts: after step `step` of the agent's `plan` (docs/agent.md,
+/// "Boot loaders").
+#[derive(Debug, Clone, Copy)]
+struct Cut {
+    plan: &'static str,
+    step: usize,
+}
+
+/// The crash-window table with real power cuts: the agent holds after a step of a plan
+/// (`THYMIS_TEST_CRASH_AFTER=PLAN:N:hold`, read from the ESP by the test system's stage
+/// 2), QEMU is killed (whatever the guest had not written is lost), the VM is powered on
+/// again, and the test checks which generation runs and how the deployment ends.
+fn power_cuts_leave_a_confirmed_generation(grub: bool, cuts: &[Cut]) {
+    let name = if grub { "pcg" } else { "pcs" };
+    let (f, vm, disk, v1) = vm_device(name);
+    if grub {
+        switch_to_grub(&disk, &v1, &f.tmp.path().join("grub"));
+    }
+    let dir = f.tmp.path().join(format!("{name}-vm"));
+    let esp = format!("{}@@1M", disk.display());
+    let marker = f.tmp.path().join("crash-after");
+    // Powers the VM on, the agent holding at `cut` in this boot.
+    let boot = |cut: Option<Cut>| -> Vm {
+        let _ = Command::new("mdel").args(["-i", &esp, "::/thymis-test-crash-after"]).output();
+        if let Some(c) = cut {
+            std::fs::write(&marker, format!("{}:{}:hold", c.plan, c.step)).expect("write");
+            run(Command::new("mcopy").args(["-o", "-i", &esp]).arg(&marker).arg("::/thymis-test-crash-after"));
+        }
+        Vm::boot(&disk, &dir, true).expect("qemu")
+    };
+    let booted = |machine: &mut Vm| -> String {
+        let console = machine.wait_for_console("THYMIS-BOOT-OK", Duration::from_secs(240)).expect("boot");
+        let line = console.lines().find(|l| l.contains("THYMIS-BOOT-OK")).unwrap_or_default();
+        line.split("system=").nth(1).unwrap_or_default().trim().to_owned()
+    };
+    let hold = |machine: &mut Vm, c: Cut| {
+        let text = format!("{}:{}:hold: holding here", c.plan, c.step);
+        machine.wait_for_console(&text, Duration::from_secs(300)).expect("the agent holds at the cut");
+    };
+    let child = |task: &str| -> serde_json::Value {
+        thymis_fleet_tests::wait_for("the deployment to end", Duration::from_secs(300), || {
+            let t = f.controller.ctl_json(&["task", task]);
+            let c = Fleet::child(&t, name).clone();
+            (!c["result"].is_null()).then_some(c)
+        })
+    };
+    let mut version = 1;
+    let mut deploy = |extra: serde_json::Value| -> String {
+        version += 1;
+        let mut config = json!({ "version": version.to_string() });
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            config[k] = v.clone();
+        }
+        f.set_configs(&vm_configs(&vm, config)).expect("configs");
+        let out = f.controller.ctl(&["--json", "deploy", "--device", name, "--reboot", "-m", "power cut"]);
+        let task: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        task["id"].as_i64().expect("task id").to_string()
+    };
+
+    let mut confirmed = v1;
+    let mut machine = boot(cuts.first().filter(|c| c.plan == "try-once").copied());
+    assert_eq!(booted(&mut machine), confirmed);
+    for (i, &cut) in cuts.iter().enumerate() {
+        f.wait_online(name);
+        let next = cuts.get(i + 1).filter(|c| c.plan == "try-once").copied();
+        let (task, expected) = match cut.plan {
+            "try-once" => {
+                let task = deploy(json!({}));
+                hold(&mut machine, cut);
+                drop(machine); // the power cut
+                machine = boot(next);
+                if cut.step == 4 {
+                    // The one-shot boots the new system once; its agent goes back by
+                    // rebooting into the previous one.
+                    assert_ne!(booted(&mut machine), confirmed, "the one-shot was lost:\n{}", machine.console());
+                    machine.wait_exit(Duration::from_secs(300)).expect("the agent reboots back");
+                    machine = boot(next);
+                }
+                (task, ("rolled-back", "rebooted-unconfirmed"))
+            }
+            "commit" => {
+                let task = deploy(json!({}));
+                machine.wait_exit(Duration::from_secs(300)).expect("the agent reboots for the trial");
+                machine = boot(Some(cut));
+                let tried = booted(&mut machine);
+                assert_ne!(tried, confirmed, "the trial did not boot the new system");
+                hold(&mut machine, cut);
+                drop(machine);
+                machine = boot(next);
+                // Before the new system's `boot` (step 3) its default is still the previous one.
+                if cut.step >= 3 {
+                    confirmed = tried;
+                    (task, ("succeeded", ""))
+                } else {
+                    (task, ("rolled-back", "rebooted-unconfirmed"))
+                }
+            }
+            _ => {
+                let task = deploy(json!({ "bootFails": true }));
+                machine.wait_exit(Duration::from_secs(300)).expect("the agent reboots for the trial");
+                let mut panics = boot(None);
+                panics.wait_exit(Duration::from_secs(240)).expect("the trial panics and resets");
+                drop(panics);
+                machine = boot(Some(cut));
+                assert_eq!(booted(&mut machine), confirmed);
+                hold(&mut machine, cut);
+                drop(machine);
+                machine = boot(next);
+                (task, ("rolled-back", "activation-failed"))
+            }
+        };
+        assert_eq!(booted(&mut machine), confirmed, "after the cut at {cut:?}:\n{}", machine.console());
+        let c = child(&task);
+        assert_eq!(c["result"], expected.0, "cut at {cut:?}: {c}\n{}", f.diagnostics());
+        if !expected.1.is_empty() {
+            assert_eq!(c["reason"], expected.1, "cut at {cut:?}: {c}");
+        }
+        thymis_fleet_tests::wait_for("the VM to report", Duration::from_secs(60), || {
+            (f.device_row(name)["system"] == confirmed.as_str()).then_some(())
+        });
+    }
+    // And it stays there at the next power cycle.
+    drop(machine);
+    let mut machine = boot(None);
+    assert_eq!(booted(&mut machine), confirmed, "a power cycle after the cuts:\n{}", machine.console());
+}
+
+/// Every step of every plan is cut on one of the two loaders (their plans have the same
+/// steps); the one-shot (step 4 of "try-once") on both, as it is theirs alone.
+#[test]
+fn power_cuts_under_systemd_boot_leave_a_confirmed_generation() {
+    let cut = |plan, step| Cut { plan, step };
+    power_cuts_leave_a_confirmed_generation(
+        false,
+        &[
+            cut("try-once", 1),
+            cut("try-once", 2),
+            cut("try-once", 4),
+            cut("commit", 2),
+            cut("commit", 3),
+            cut("rollback", 1),
+            cut("rollback", 3),
+        ],
+    );
+}
+
+#[test]
+fn power_cuts_under_grub_leave_a_confirmed_generation() {
+    let cut = |plan, step| Cut { plan, step };
+    power_cuts_leave_a_confirmed_generation(
+        true,
+        &[
+            cut("try-once", 3),
+            cut("try-once", 4),
+            cut("commit", 1),
+            cut("commit", 4),
+            cut("rollback", 2),
+            cut("rollback", 4),
+        ],
+    );
+}

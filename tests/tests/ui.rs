@@ -90,6 +90,19 @@ fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
         }),
     );
 
+    // Someone sets b1's profile by hand (a system it never ran): the table says what it
+    // boots next.
+    let b1 = f.device("b1");
+    let v = b1.profile_system().expect("b1's profile");
+    let other = b1.exec(&format!("readlink -f {v}/bin/app | cut -d/ -f1-4")).trim().to_owned();
+    b1.exec(&format!("nix-env -p /nix/var/nix/profiles/system --set {other}"));
+    let dev = f.device_mut("b1");
+    dev.kill9();
+    dev.start().expect("start b1");
+    thymis_fleet_tests::wait_for("b1 to report what it boots next", std::time::Duration::from_secs(60), || {
+        (f.device_row("b1")["boots_next"] == other.as_str()).then_some(())
+    });
+
     // A canary rollout to the tag, still broken: the canary rolls back, the rollout halts
     // by itself, the other devices are offered nothing.
     f.set_configs(&json!({ "alpha": { "version": "4", "activationFails": true }, "beta": { "version": "2" } }))
@@ -106,6 +119,7 @@ fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
             "state": "halted",
             "rollout": "halted in wave 1 of 2",
             "halted": "a1 rolled-back",
+            "bootsNext": { "b1": "thymis-test-app-beta" },
             "results": { "a1": "rolled back: activation-failed", "a2": "rollout halted", "b1": "rollout halted" },
         }),
     );

@@ -63,6 +63,11 @@ try {
     const shown = (await row.locator("[data-testid=device-commit]").innerText()).trim();
     check(commit === "" ? shown === "–" : commit.startsWith(shown) && shown.length > 0, `${name} shows commit ${shown}, expected ${commit}`);
   }
+  // A device whose profile was set by hand says what it boots next.
+  for (const [name, next] of Object.entries(expect.bootsNext || {})) {
+    const shown = await page.locator(`tr[data-device="${name}"] [data-testid=boots-next]`).innerText();
+    check(shown.includes(`boots next ${next}`), `${name} shows "${shown}", expected it to boot ${next} next`);
+  }
   await page.screenshot({ path: `${shots}/${phase}-devices.png`, fullPage: true });
 
   if (phase === "device") {

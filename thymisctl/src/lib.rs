@@ -564,7 +564,16 @@ fn print_devices(v: &Value) {
         let commit: String = d.commit.as_deref().unwrap_or("-").chars().take(12).collect();
         let online = if d.online { "yes" } else { "no" };
         println!("{:<16} {:<12} {online:<7} {commit:<12} {}", d.name, d.config, d.system.as_deref().unwrap_or("-"));
+        if let Some(next) = hand_set(&d) {
+            println!("{:<16} boots next {next} (set on the device)", "");
+        }
     }
+}
+
+/// What an idle device's profile names instead of what it runs: set on the device by
+/// hand, so deployments are refused until it ran or is set back (docs/agent.md).
+fn hand_set(d: &Device) -> Option<&str> {
+    d.boots_next.as_deref().filter(|_| d.agent_state.as_deref() == Some("idle"))
 }
 
 fn print_device(v: &Value) {
@@ -584,6 +593,9 @@ fn print_device(v: &Value) {
     );
     println!("commit        {}", opt(&dev.commit));
     println!("system        {}", opt(&dev.system));
+    if let Some(next) = hand_set(dev) {
+        println!("boots next    {next} (set on the device: deployments wait until it ran or is set back)");
+    }
     println!("agent         {} ({})", opt(&dev.agent_version), opt(&dev.agent_state));
     if d.history.is_empty() {
         return println!("no deployments yet");

@@ -62,6 +62,13 @@ function resultText(c) {
 
 // ---- devices ---------------------------------------------------------------------
 
+// An idle device whose profile names another system than it runs: set on the device by
+// hand, so deployments wait until it ran or is set back (docs/agent.md).
+function handSet(d) {
+  if (!d.boots_next || d.agent_state !== "idle") return "";
+  return ` <span class="badge bad" data-testid="boots-next" title="${esc(d.boots_next)}">boots next ${storeName(d.boots_next)}, set on the device</span>`;
+}
+
 async function devicesView() {
   const [devices, configs, tasks] = await Promise.all([api("GET", "/api/v1/devices"), api("GET", "/api/v1/project/configs"), api("GET", "/api/v1/tasks")]);
   const last = {};
@@ -77,7 +84,7 @@ async function devicesView() {
           <td>${esc(d.config)}</td><td>${tagsOf(d.config)}</td>
           <td>${d.online ? '<span class="badge ok">online</span>' : `<span class="badge">offline</span> <span class="muted">${ago(d.last_seen)}</span>`}</td>
           <td data-testid="device-commit"><code>${short(d.commit)}</code></td>
-          <td class="wrap"><code title="${esc(d.system)}">${storeName(d.system)}</code></td>
+          <td class="wrap"><code title="${esc(d.system)}">${storeName(d.system)}</code>${handSet(d)}</td>
           <td>${last[d.name] ? resultText(last[d.name]) : '<span class="muted">–</span>'}</td>
           <td><button data-image="${esc(d.name)}" data-enrolled="${d.enrolled ? "yes" : ""}">Download image</button></td>
         </tr>`).join("")}</tbody>
@@ -302,7 +309,7 @@ async function route() {
     const m = hash.match(/^#\/tasks\/(\d+)/);
     const dev = hash.match(/^#\/devices\/(.+)$/);
     if (m) await taskView(m[1]);
-    else if (dev) await deviceView(decodeURIComponent(dev[1]), { api, esc, short, storeName, ago, resultText, main, csrf: () => csrf });
+    else if (dev) await deviceView(decodeURIComponent(dev[1]), { api, esc, short, storeName, ago, resultText, handSet, main, csrf: () => csrf });
     else if (hash.startsWith("#/tasks")) await tasksView();
     else if (hash.startsWith("#/configs")) await configsView();
     else await devicesView();

@@ -12,7 +12,7 @@ export function leaveDevicePage() {
 }
 
 export async function deviceView(name, ui) {
-  const { api, esc, short, storeName, ago, resultText, main } = ui;
+  const { api, esc, short, storeName, ago, resultText, handSet, main } = ui;
   const d = await api("GET", `/api/v1/devices/${encodeURIComponent(name)}`);
   const tags = d.tags.map((t) => `<span class="badge">${esc(t)}</span>`).join(" ") || '<span class="muted">–</span>';
   const status = d.online ? '<span class="badge ok">online</span>' : `<span class="badge">offline</span> <span class="muted">last seen ${ago(d.last_seen)}</span>`;
@@ -23,7 +23,7 @@ export async function deviceView(name, ui) {
       <div><div class="muted">Configuration</div>${esc(d.config)}${d.config_exists ? "" : ' <span class="badge bad">not in the project</span>'}</div>
       <div><div class="muted">Tags</div>${tags}</div>
       <div><div class="muted">Commit</div><code data-testid="device-page-commit">${short(d.commit)}</code></div>
-      <div><div class="muted">System</div><code title="${esc(d.system)}">${storeName(d.system)}</code></div>
+      <div><div class="muted">System</div><code title="${esc(d.system)}">${storeName(d.system)}</code>${handSet(d)}</div>
       <div><div class="muted">Agent</div>${esc(d.agent_version || "–")} <span class="muted">${esc(d.agent_state || "")}</span></div>
     </div>
     <h2>Deployments</h2>

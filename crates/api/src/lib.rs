@@ -223,6 +223,10 @@ pub struct Device {
     pub generation: Option<i64>,
     pub agent_version: Option<String>,
     pub agent_state: Option<String>,
+    /// The system the device's profile names when it is not the one it runs: what it
+    /// boots next, set on the device by hand (or a deployment under way).
+    #[serde(default)]
+    pub boots_next: Option<String>,
     pub online: bool,
 }
 

@@ -252,6 +252,10 @@ pub struct DeviceReport {
     /// A deployment activated and awaiting confirmation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<PendingReport>,
+    /// The system the profile names (what the device boots next) when it is not the one
+    /// it runs: someone set it on the device, or a deployment is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile_system: Option<StorePath>,
 }
 
 /// A deployment waiting for the controller's confirmation.

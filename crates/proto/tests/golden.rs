@@ -147,6 +147,7 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
                     sequence: 42,
                     seconds_left: 97,
                 }),
+                profile_system: None,
             }),
         ),
         ("offer_accepted", ControllerBound::OfferAccepted { deployment_id: id() }),
