@@ -65,14 +65,23 @@ fn client(timeout: Duration, ca_file: &std::path::Path) -> ureq::Agent {
         .timeout_connect(Some(timeout))
         .timeout_recv_response(Some(timeout))
         .http_status_as_error(false)
+        // A redirect would send the device to a URL no narinfo check saw (another host,
+        // its own local services): a cache that redirects is not used.
+        .max_redirects(0)
+        .max_redirects_will_error(false)
         .tls_config(tls)
         .build()
         .into()
 }
 
-/// Fetches `url`: the body's reader, `None` for a 404 (the cache lacks it), or an error
-/// that says the cache is unusable.
-fn get(agent: &ureq::Agent, url: &str, body_timeout: Duration) -> Result<Option<Box<dyn Read + Send>>, String> {
+/// Fetches `url`: the body's reader (at most `limit` bytes of it, within `body_timeout`),
+/// `None` for a 404 (the cache lacks it), or an error that says the cache is unusable.
+fn get(
+    agent: &ureq::Agent,
+    url: &str,
+    body_timeout: Duration,
+    limit: u64,
+) -> Result<Option<Box<dyn Read + Send>>, String> {
     let resp = agent
         .get(url)
         .config()
@@ -81,8 +90,9 @@ fn get(agent: &ureq::Agent, url: &str, body_timeout: Duration) -> Result<Option<
         .call()
         .map_err(|e| format!("{url}: {e}"))?;
     match resp.status().as_u16() {
-        200 => Ok(Some(Box::new(resp.into_body().into_with_config().limit(u64::MAX).reader()))),
+        200 => Ok(Some(Box::new(resp.into_body().into_with_config().limit(limit).reader()))),
         404 | 403 => Ok(None),
+        s @ 300..=399 => Err(format!("{url}: HTTP {s}: redirects are not followed")),
         s => Err(format!("{url}: HTTP {s}")),
     }
 }
@@ -247,9 +257,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Whether a cache answers as a Nix binary cache for /nix/store.
 fn usable(http: &ureq::Agent, cache: &Cache, timeout: Duration) -> bool {
-    let info = get(http, &format!("{}/nix-cache-info", cache.url), timeout).and_then(|r| {
+    let info = get(http, &format!("{}/nix-cache-info", cache.url), timeout, 64 << 10).and_then(|r| {
         let mut text = String::new();
-        r.ok_or("no nix-cache-info")?.take(64 << 10).read_to_string(&mut text).map_err(|e| e.to_string())?;
+        r.ok_or("no nix-cache-info")?.read_to_string(&mut text).map_err(|e| e.to_string())?;
         Ok(text)
     });
     match info {
@@ -278,10 +288,10 @@ fn lookup(
             continue;
         }
         let url = format!("{}/{}", cache.url, narinfo_name(path));
-        let text = match get(http, &url, timeout) {
-            Ok(Some(r)) => {
+        let text = match get(http, &url, timeout, 1 << 20) {
+            Ok(Some(mut r)) => {
                 let mut text = String::new();
-                match r.take(1 << 20).read_to_string(&mut text) {
+                match r.read_to_string(&mut text) {
                     Ok(_) => text,
                     Err(e) => {
                         debug!(%url, "{e}");
@@ -317,10 +327,12 @@ fn fetch(
     timeout: Duration,
 ) -> Result<(PathBuf, u64), String> {
     let url = format!("{}/{}", cache.url, n.url);
-    // The body may take its time, at no less than 64 KiB/s.
-    let size = n.file_size.unwrap_or(n.info.nar_size);
-    let body_timeout = timeout + Duration::from_secs(size / (64 << 10));
-    let body = match get(http, &url, body_timeout) {
+    // Only the signed NAR size bounds what is read, never the narinfo's unsigned
+    // FileSize: a compressed NAR is at most a little larger than the NAR, and the body
+    // may take its time at no less than 64 KiB/s of it.
+    let limit = max_body(n.info.nar_size);
+    let body_timeout = timeout + Duration::from_secs(limit / (64 << 10));
+    let body = match get(http, &url, body_timeout, limit) {
         Ok(Some(b)) => b,
         Ok(None) => return Err(format!("{url}: not found")),
         Err(e) => {
@@ -341,25 +353,12 @@ fn fetch(
                 copy_verified(d, &mut w, &n.info.nar_hash, n.info.nar_size)
             }
             Compression::Xz => {
-                let (mut r, mut wr) = io::pipe().map_err(|e| e.to_string())?;
-                // xz decoding feeds the check through a pipe: lzma-rs writes, the check reads.
-                let decoded = std::thread::scope(|s| {
-                    let reader = &mut counted;
-                    let t = s.spawn(move || {
-                        let mut src = BufReader::new(reader);
-                        let r = lzma_rs::xz_decompress(&mut src, &mut wr);
-                        drop(wr);
-                        r.map_err(|e| format!("xz: {e}"))
-                    });
-                    let checked = copy_verified(&mut r, &mut w, &n.info.nar_hash, n.info.nar_size);
-                    drop(r);
-                    (checked, t.join().unwrap_or_else(|_| Err("xz thread panicked".into())))
-                });
-                match decoded {
-                    (Ok(()), Ok(())) => Ok(()),
-                    (Err(e), _) => Err(e),
-                    (Ok(()), Err(e)) => return Err(e),
-                }
+                // liblzma decodes as a stream (what it holds is its dictionary, bounded
+                // by XZ_MEMLIMIT), so the check sees each byte as it comes and stops the
+                // download at the first that does not fit the signed NAR.
+                let stream = liblzma::stream::Stream::new_stream_decoder(XZ_MEMLIMIT, 0).map_err(|e| e.to_string())?;
+                let d = liblzma::read::XzDecoder::new_stream(BufReader::new(&mut counted), stream);
+                copy_verified(d, &mut w, &n.info.nar_hash, n.info.nar_size)
             }
         };
         checked.map_err(|e| e.to_string())?;
@@ -373,6 +372,16 @@ fn fetch(
             Err(e)
         }
     }
+}
+
+/// What an xz decoder may hold: its dictionary (xz -9 needs 65 MiB), nothing that grows
+/// with the data. A NAR compressed with a larger dictionary is refused.
+const XZ_MEMLIMIT: u64 = 80 << 20;
+
+/// The most a cache's compressed NAR of `nar_size` bytes may take: the NAR and what the
+/// compression adds to incompressible data, with room for the format's own bytes.
+fn max_body(nar_size: u64) -> u64 {
+    nar_size + nar_size / 16 + (1 << 20)
 }
 
 /// Counts the bytes read through it.

@@ -201,3 +201,167 @@ fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller()
     let agent_log = f.device("evil").log();
     assert!(agent_log.contains("not substituted"), "the wrong NAR was not refused:\n{agent_log}");
 }
+
+/// What a hostile cache does with each NAR it is asked for (its narinfos are the real,
+/// signed ones, with the unsigned fields rewritten).
+#[derive(Clone, Copy, PartialEq)]
+enum Hostile {
+    /// xz that decompresses to 1 GiB of zeros (about 150 KB).
+    Bomb,
+    /// A `FileSize` of a petabyte, and the body one byte a second.
+    Trickle,
+    /// A redirect to the honest cache's NAR (the device would get the path if it followed).
+    Redirect,
+}
+
+/// Serves `cache`'s narinfos rewritten to point at NARs that behave as `how` says, on
+/// `addr`, until the test ends. `honest` is the URL of the real cache (for redirects).
+fn serve_hostile(cache: std::path::PathBuf, addr: &str, how: Hostile, bomb: std::path::PathBuf, honest: String) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind(addr).expect("bind");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let (cache, bomb, honest) = (cache.clone(), bomb.clone(), honest.clone());
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                if reader.read_line(&mut line).is_err() {
+                    return;
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                // The rest of the request's head.
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) <= 2 {
+                        break;
+                    }
+                }
+                let respond = |conn: &mut std::net::TcpStream, status: &str, headers: &str, body: &[u8]| {
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{headers}Connection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = conn.write_all(head.as_bytes()).and_then(|_| conn.write_all(body));
+                };
+                if path == "/nix-cache-info" {
+                    return respond(&mut conn, "200 OK", "", b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 10\n");
+                }
+                if let Some(name) = path.strip_prefix('/').filter(|p| p.ends_with(".narinfo")) {
+                    let Ok(text) = std::fs::read_to_string(cache.join(name)) else {
+                        return respond(&mut conn, "404 Not Found", "", b"");
+                    };
+                    let real_url = text.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap_or_default().to_owned();
+                    let file_size = if how == Hostile::Trickle {
+                        "1000000000000000".to_owned()
+                    } else {
+                        std::fs::metadata(&bomb).map(|m| m.len().to_string()).unwrap_or_default()
+                    };
+                    let rewritten: String = text
+                        .lines()
+                        .map(|l| match l.split_once(": ") {
+                            Some(("URL", _)) => format!("URL: hostile/{real_url}"),
+                            Some(("Compression", _)) => "Compression: xz".to_owned(),
+                            Some(("FileSize", _)) => format!("FileSize: {file_size}"),
+                            _ => l.to_owned(),
+                        })
+                        .map(|l| l + "\n")
+                        .collect();
+                    return respond(&mut conn, "200 OK", "", rewritten.as_bytes());
+                }
+                let Some(real) = path.strip_prefix("/hostile/") else {
+                    return respond(&mut conn, "404 Not Found", "", b"");
+                };
+                match how {
+                    Hostile::Bomb => respond(&mut conn, "200 OK", "", &std::fs::read(&bomb).expect("bomb")),
+                    Hostile::Redirect => {
+                        respond(&mut conn, "302 Found", &format!("Location: {honest}/{real}\r\n"), b"")
+                    }
+                    Hostile::Trickle => {
+                        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000000\r\n\r\n");
+                        for _ in 0..3600 {
+                            if conn.write_all(&[0xfd]).is_err() {
+                                return;
+                            }
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// The agent's peak memory (VmHWM), in MiB.
+fn peak_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmHWM");
+    kib / 1024
+}
+
+/// Caches that attack the device (an xz bomb, a trickle behind a petabyte `FileSize`, a
+/// redirect elsewhere) cost it bounded memory and time, and the controller serves what
+/// they did not.
+#[test]
+fn hostile_caches_cost_bounded_memory_and_time_and_the_controller_serves_the_rest() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cache = tmp.path().join("cache");
+    let mut f = Fleet::new(FleetOptions {
+        extra_args: vec!["--publish-cache".into(), format!("file://{}", cache.display())],
+        ..Default::default()
+    })
+    .expect("fleet");
+    f.set_configs(&json!({ "alpha": { "version": "1", "payloads": 2 }, "beta": {} })).expect("cfg");
+    f.controller.ctl(&["project", "commit", "-m", "a closure to cache"]);
+    let built = f.controller.ctl_json(&["build", "alpha", "--wait"]);
+    assert_eq!(built["result"], "succeeded", "{built}");
+    let system = built["system"].as_str().expect("system").to_owned();
+    let closure_size =
+        String::from_utf8_lossy(&Command::new("nix-store").args(["-qR", &system]).output().expect("nix-store").stdout)
+            .lines()
+            .count() as i64;
+    let bomb = tmp.path().join("bomb.xz");
+    let made = Command::new("sh")
+        .args(["-c", &format!("head -c 1G /dev/zero | xz -0 -T1 > {}", bomb.display())])
+        .status()
+        .expect("xz");
+    assert!(made.success());
+
+    let host = f.host_address();
+    let _honest = serve(&cache, &format!("{host}:18090"));
+    let honest = format!("http://{host}:18090");
+    let caches =
+        [("bomb", Hostile::Bomb, 18091), ("trickle", Hostile::Trickle, 18092), ("redirect", Hostile::Redirect, 18093)];
+    for (name, how, port) in caches {
+        serve_hostile(cache.clone(), &format!("{host}:{port}"), how, bomb.clone(), honest.clone());
+        f.add_device(name, "alpha", false).expect("device");
+        f.add_agent_config(name, &format!("substituters = [\"http://{host}:{port}\"]\nsubstituter_timeout = 2\n"))
+            .expect("cfg");
+        f.device_mut(name).start().expect("start");
+    }
+    for (name, _, _) in caches {
+        f.wait_online(name);
+    }
+    let started = std::time::Instant::now();
+    let t = f.controller.ctl_json(&["deploy", "--config", "alpha", "--wait"]);
+    let took = started.elapsed();
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    // Bounded time: the trickle is given up by the signed NAR size's budget (a few seconds
+    // for these paths), not by a petabyte's.
+    assert!(took < Duration::from_secs(90), "the deployment took {took:?}");
+    for (name, _, _) in caches {
+        let c = Fleet::child(&t, name);
+        assert_eq!(c["paths_substituted"], 0, "{name}: {c}");
+        assert!(c["paths_sent"].as_i64().unwrap_or(0) >= closure_size - 1, "{name}: {c}");
+        assert_eq!(f.device_row(name)["system"], system.as_str(), "{name}");
+    }
+    // Bounded memory: the bomb was cut at the first byte that is not a NAR.
+    let pid = f.device("bomb").agent_pid().expect("the agent runs");
+    let peak = peak_mib(pid);
+    assert!(peak < 150, "the xz bomb took the agent to {peak} MiB");
+    assert!(f.device("redirect").log().contains("redirects are not followed"), "{}", f.device("redirect").log());
+}
