@@ -909,3 +909,31 @@ fn delta_bases_the_device_is_not_known_to_have_are_ignored() {
     });
     assert_eq!(delta_base, None, "the controller compressed against a base the device named at will");
 }
+
+/// Escape sequences in what a device sends (its activation output, in the task's log and
+/// the device's error) reach the admin's terminal as text, never as commands; `--raw`
+/// shows them as they came.
+#[test]
+fn escape_sequences_from_a_device_are_shown_not_obeyed() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("x1", "alpha", true).expect("device");
+    f.wait_online("x1");
+    let t = f.controller.ctl_json(&["deploy", "--device", "x1", "--wait"]);
+    assert_eq!(t["result"], "succeeded", "{t}");
+    // A title change, a screen clear and a CSI in the activation's output, which fails.
+    let evil = "2\u{1b}]0;owned\u{7}\u{1b}[2J\u{9b}31m";
+    f.set_configs(&serde_json::json!({ "alpha": { "version": evil, "activationFails": true }, "beta": {} }))
+        .expect("cfg");
+    let out = f.controller.ctl(&["deploy", "--device", "x1", "--wait", "-m", "escapes"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stderr.contains("activating alpha version 2\\x1b]0;owned\\x07\\x1b[2J\\x9b31m"), "{stderr}");
+    for text in [&stdout, &stderr] {
+        assert!(!text.contains(['\u{1b}', '\u{7}', '\u{9b}']), "a control character reached the terminal: {text:?}");
+    }
+    let id = f.controller.ctl_json(&["tasks"]).as_array().expect("tasks")[0]["id"].as_i64().expect("id").to_string();
+    let shown = f.controller.ctl(&["task", &id]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("\\x1b[2J") && !shown.contains('\u{1b}'), "{shown}");
+    let raw = f.controller.ctl(&["--raw", "task", &id]);
+    assert!(String::from_utf8_lossy(&raw.stdout).contains("\u{1b}[2J"), "--raw shows what came");
+}

@@ -11,6 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::Client;
+use crate::safe_text::{printable, printable_or_dash};
 
 /// What `thymisctl logs` asks for.
 #[derive(Debug, Default)]
@@ -56,11 +57,11 @@ pub fn logs(c: &Client, device: &str, q: &LogsQuery<'_>, json: bool) -> Result<(
         match event {
             JournalEvent::Entry(e) if json => writeln!(out, "{}", serde_json::to_string(&e)?)?,
             JournalEvent::Entry(e) => {
-                let who = e.identifier.as_deref().or(e.unit.as_deref()).unwrap_or("-");
-                writeln!(out, "{} {who}: {}", utc(e.time_us / 1_000_000), e.message)?
+                let who = printable_or_dash(e.identifier.as_deref().or(e.unit.as_deref()));
+                writeln!(out, "{} {who}: {}", utc(e.time_us / 1_000_000), printable(&e.message))?
             }
             JournalEvent::Dropped(n) => eprintln!("thymisctl: {n} journal entries dropped (over the rate limit)"),
-            JournalEvent::End { error: Some(e) } => bail!("{device}: {e}"),
+            JournalEvent::End { error: Some(e) } => bail!("{device}: {}", printable(&e)),
             JournalEvent::End { error: None } => return Ok(()),
         }
         // A follow shows each entry when it comes, also through a pipe.

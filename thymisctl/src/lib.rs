@@ -5,6 +5,7 @@ pub mod client;
 pub mod console;
 pub mod device;
 pub mod known_controllers;
+pub mod safe_text;
 
 pub use client::{Client, Connection};
 
@@ -14,6 +15,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use thymis_api::{Device, DeviceResult, Enrollment, Preview, Task, TaskState};
+
+use crate::safe_text::{printable, printable_or_dash};
 
 /// Exit status when a deployment or build finished, but not successfully.
 pub const EXIT_UNSUCCESSFUL: u8 = 2;
@@ -26,6 +29,10 @@ pub struct Cli {
     /// Print exactly one JSON document on stdout.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Print what devices sent (logs, errors, versions) as it came, escape sequences and
+    /// all, instead of showing their control characters as `\xNN`.
+    #[arg(long, global = true)]
+    pub raw: bool,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -238,6 +245,7 @@ fn count(s: &str) -> Result<String, String> {
 
 /// Runs a command; returns the process exit status.
 pub fn run(cli: Cli) -> Result<u8> {
+    safe_text::set_raw(cli.raw);
     let out = |v: &Value, human: &dyn Fn(&Value)| {
         if cli.json {
             println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
@@ -496,7 +504,7 @@ pub fn follow(c: &Client, id: i64, show: bool) -> Result<Value> {
                     if tty {
                         eprint!("\r\x1b[2K");
                     }
-                    eprintln!("  {data}");
+                    eprintln!("  {}", printable(data));
                 }
                 "task" => {
                     last = serde_json::from_str(data).unwrap_or(Value::Null);
@@ -561,11 +569,11 @@ fn print_devices(v: &Value) {
     let Some(devices) = typed::<Vec<Device>>(v) else { return println!("{v}") };
     println!("{:<16} {:<12} {:<7} {:<12} SYSTEM", "NAME", "CONFIG", "ONLINE", "COMMIT");
     for d in devices {
-        let commit: String = d.commit.as_deref().unwrap_or("-").chars().take(12).collect();
+        let commit: String = printable_or_dash(d.commit.as_deref()).chars().take(12).collect();
         let online = if d.online { "yes" } else { "no" };
-        println!("{:<16} {:<12} {online:<7} {commit:<12} {}", d.name, d.config, d.system.as_deref().unwrap_or("-"));
+        println!("{:<16} {:<12} {online:<7} {commit:<12} {}", d.name, d.config, printable_or_dash(d.system.as_deref()));
         if let Some(next) = hand_set(&d) {
-            println!("{:<16} boots next {next} (set on the device)", "");
+            println!("{:<16} boots next {} (set on the device)", "", printable(next));
         }
     }
 }
@@ -579,7 +587,7 @@ fn hand_set(d: &Device) -> Option<&str> {
 fn print_device(v: &Value) {
     let Some(d) = typed::<thymis_api::DeviceDetail>(v) else { return println!("{v}") };
     let dev = &d.device;
-    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let opt = |v: &Option<String>| printable_or_dash(v.as_deref()).into_owned();
     let missing = if d.config_exists { "" } else { " (not in the project)" };
     println!("device        {}", dev.name);
     println!("configuration {}{missing}", dev.config);
@@ -594,7 +602,7 @@ fn print_device(v: &Value) {
     println!("commit        {}", opt(&dev.commit));
     println!("system        {}", opt(&dev.system));
     if let Some(next) = hand_set(dev) {
-        println!("boots next    {next} (set on the device: deployments wait until it ran or is set back)");
+        println!("boots next    {} (set on the device: deployments wait until it ran or is set back)", printable(next));
     }
     println!("agent         {} ({})", opt(&dev.agent_version), opt(&dev.agent_state));
     if d.history.is_empty() {
@@ -602,9 +610,9 @@ fn print_device(v: &Value) {
     }
     println!("\n{:<6} {:<20} {:<12} {:<28} REASON", "TASK", "TIME", "COMMIT", "RESULT");
     for h in &d.history {
-        let commit: String = h.commit.as_deref().unwrap_or("-").chars().take(12).collect();
+        let commit: String = printable_or_dash(h.commit.as_deref()).chars().take(12).collect();
         let result = h.result.map_or_else(|| format!("({})", h.state.as_str()), |r| r.as_str().to_owned());
-        let reason = h.reason.as_deref().or(h.error.as_deref()).unwrap_or("");
+        let reason = printable(h.reason.as_deref().or(h.error.as_deref()).unwrap_or(""));
         println!("{:<6} {:<20} {commit:<12} {result:<28} {reason}", h.task, console::utc(h.updated.max(0) as u64));
     }
 }
@@ -626,7 +634,7 @@ fn print_task(v: &Value) {
     let text = |v: Option<&str>| v.unwrap_or("-").to_owned();
     println!("task {} ({}) {} {}", t.id, t.kind, t.state.as_str(), text(t.result.map(|r| r.as_str())));
     if let Some(e) = &t.error {
-        println!("  error: {e}");
+        println!("  error: {}", printable(e));
     }
     if let Some(r) = &t.rollout {
         let soak = r.soak_until.map(|u| format!(", soaking until {u}")).unwrap_or_default();
@@ -641,16 +649,16 @@ fn print_task(v: &Value) {
             text(c.result.map(DeviceResult::as_str))
         );
         if let Some(r) = &c.reason {
-            line.push_str(&format!(" reason: {r}"));
+            line.push_str(&format!(" reason: {}", printable(r)));
         }
         if !c.failed_units.is_empty() {
-            line.push_str(&format!(" failed units: {}", c.failed_units.join(", ")));
+            line.push_str(&format!(" failed units: {}", printable(&c.failed_units.join(", "))));
         }
         if c.paths_substituted > 0 {
             line.push_str(&format!(" ({} paths from binary caches)", c.paths_substituted));
         }
         if let Some(e) = &c.error {
-            line.push_str(&format!(" error: {e}"));
+            line.push_str(&format!(" error: {}", printable(e)));
         }
         println!("{line}");
     }
