@@ -196,7 +196,10 @@ pub fn build(o: &Options) -> Result<ImageManifest> {
     let zst_name = format!("{}.img.zst", o.name);
     let zst = o.out.join(&zst_name);
     step(&format!("compressing to {}", zst.display()));
-    let (bmap, image_sha256, compressed_sha256) = compress(&raw, &zst)?;
+    // An image with the agent's configuration (its enrollment token) or a device key is
+    // a secret: only its owner may read it.
+    let secret = o.agent_config.is_some() || o.device_key.is_some();
+    let (bmap, image_sha256, compressed_sha256) = compress(&raw, &zst, if secret { 0o600 } else { 0o644 })?;
     fs::write(o.out.join(format!("{zst_name}.sha256")), format!("{compressed_sha256}  {zst_name}\n"))?;
     fs::write(o.out.join(format!("{}.bmap", o.name)), bmap.to_xml())?;
     let m = ImageManifest {
@@ -590,11 +593,14 @@ pub(crate) fn sfdisk(raw: &Path, script: &str) -> Result<()> {
 
 /// One pass over the raw image: its sha256, the bmap's checksum of each mapped range,
 /// and the compressed image with its own sha256.
-fn compress(raw: &Path, zst: &Path) -> Result<(Bmap, String, String)> {
+fn compress(raw: &Path, zst: &Path, mode: u32) -> Result<(Bmap, String, String)> {
     let (size, mapped) = crate::bmap::mapped(raw)?;
     let mut input = File::open(raw)?;
     let bar = crate::progress::bytes("compressing", size);
-    let out = HashingWriter { inner: io::BufWriter::new(File::create(zst)?), hash: Sha256::new() };
+    // Removed first: an older file keeps its own mode when it is opened again.
+    let _ = fs::remove_file(zst);
+    let file = OpenOptions::new().write(true).create_new(true).mode(mode).open(zst)?;
+    let out = HashingWriter { inner: io::BufWriter::new(file), hash: Sha256::new() };
     let mut enc = zstd::stream::write::Encoder::new(out, 3)?;
     enc.multithread(ZSTD_WORKERS)?;
     // Store paths repeat themselves at long distances; 16 MiB windows stay within what

@@ -82,6 +82,11 @@ fn an_image_passes_the_outside_tools_and_carries_a_valid_store() {
     for f in ["dev.img.zst", "dev.img.zst.sha256", "dev.bmap", "manifest.json"] {
         assert!(out.join(f).exists(), "{f} missing");
     }
+    // It carries an enrollment token and a device key: a secret, whatever the umask.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(out.join("dev.img.zst")).expect("stat").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the image with secrets is readable by others");
     run(Command::new("zstd").args(["-t", "-q"]).arg(out.join("dev.img.zst")));
     run(Command::new(IMAGER).arg("verify").arg(&out));
 

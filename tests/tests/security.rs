@@ -169,6 +169,9 @@ fn browser_sessions_need_the_csrf_token_to_change_anything() {
         serde_json::from_str::<serde_json::Value>(&body).expect("json")["csrf"].as_str().expect("csrf").to_owned();
     let cookies = std::fs::read_to_string(&jar).expect("jar");
     assert!(cookies.contains("#HttpOnly_") && cookies.contains("thymis_session"), "{cookies}");
+    // Served over https: the cookie is Secure (curl's jar: domain, subdomains, path, secure, ...).
+    let line = cookies.lines().find(|l| l.contains("thymis_session")).expect("the session cookie");
+    assert_eq!(line.split('\t').nth(3), Some("TRUE"), "the session cookie is not Secure: {line}");
     // Reading works with the cookie alone; changing needs the CSRF token.
     let (code, _) = curl(&[&format!("{base}/api/v1/devices")]);
     assert_eq!(code, "200");
