@@ -118,6 +118,7 @@ async fn serve(ctl: Arc<Controller>, mut ws: WebSocket, peer: std::net::IpAddr, 
     } else {
         info!(%device, "agent disconnected");
     }
+    conn.streams.end_all();
     ctl.unregister(&conn);
 }
 

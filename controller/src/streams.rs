@@ -69,6 +69,14 @@ impl Streams {
     }
 }
 
+impl Streams {
+    /// The connection is gone: every stream ends (its sender dropped, so its client
+    /// reads the end and says the device disconnected), rather than waiting for ever.
+    pub fn end_all(&self) {
+        lock(&self.open).clear();
+    }
+}
+
 /// A client's end of one stream. Dropping it (the client left) closes the stream on
 /// the device.
 #[derive(Debug)]
@@ -163,6 +171,13 @@ mod tests {
         let id = stream.id;
         drop(stream);
         assert!(matches!(control.try_recv(), Ok(AgentBound::StreamClose { stream }) if stream == id));
+
+        // The connection ends: every stream's client learns it, instead of waiting for ever.
+        let mut left = Stream::open(&conn, |stream| AgentBound::StreamClose { stream }).expect("open");
+        conn.streams.route(left.id, FromDevice::Output(b"last".to_vec()));
+        conn.streams.end_all();
+        assert!(matches!(left.rx.try_recv(), Ok(FromDevice::Output(_))), "what came first is still read");
+        assert!(matches!(left.rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)));
     }
 
     #[test]

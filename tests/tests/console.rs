@@ -289,3 +289,39 @@ fn a_terminal_follows_window_size_changes_and_closes_when_idle() {
     assert!(!out.status.success() && stderr.contains("idle for 2 s"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
 }
+
+/// A terminal whose device drops off ends by itself: `thymisctl shell` says the device
+/// disconnected and exits non-zero, and the terminal's task ends, instead of waiting for
+/// ever in raw mode.
+#[test]
+fn a_terminal_ends_with_its_devices_connection() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("p1", "alpha", false).expect("device");
+    f.add_agent_config("p1", "terminal = true\n").expect("cfg");
+    f.device_mut("p1").start().expect("start");
+    f.wait_online("p1");
+    let mut shell = f
+        .controller
+        .ctl_command(&["shell", "p1", "--", "sleep", "600"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("thymisctl shell");
+    let terminal = |f: &Fleet| {
+        let tasks = f.controller.ctl_json(&["tasks"]);
+        tasks.as_array().expect("tasks").iter().find(|t| t["kind"] == "terminal").cloned()
+    };
+    wait_for("the terminal to open", Duration::from_secs(30), || terminal(&f).filter(|t| t["state"] == "running"));
+    f.device_mut("p1").kill9();
+    let status =
+        wait_for("thymisctl shell to end by itself", Duration::from_secs(30), || shell.try_wait().ok().flatten());
+    let out = shell.wait_with_output().expect("output");
+    let (_, stderr) = text(&out);
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("p1: the device disconnected"), "{stderr}");
+    let task = wait_for("the terminal's task to end", Duration::from_secs(30), || {
+        terminal(&f).filter(|t| t["state"] == "finished")
+    });
+    assert_eq!(task["result"], "failed", "{task}");
+}

@@ -168,7 +168,7 @@ async fn shell_session(c: &Client, device: &str, command: &[String]) -> Result<u
                     }
                     let e = v["error"].as_str().unwrap_or(t.as_str()).to_owned();
                     drop(_raw);
-                    bail!("{device}: {e}");
+                    bail!("{device}: {}", printable(&e));
                 }
                 Some(Ok(Message::Close(_))) | None => bail!("{device}: the terminal was closed without an exit status"),
                 Some(Ok(_)) => {}
