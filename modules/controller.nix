@@ -17,7 +17,8 @@ let
     "--state-dir" cfg.stateDir
     "--listen" cfg.listen
   ] ++ lib.optionals (publicUrl != null) [ "--public-url" publicUrl ]
-  ++ lib.optionals (cfg.database != null) [ "--database" cfg.database ]
+  # The database goes in the environment (THYMIS_DATABASE), not the command line: a
+  # command-line flag would override the environment file's URL with its password.
   # Behind nginx, agents check its ACME certificate with the device's CA bundle.
   ++ lib.optionals (cfg.nginx.enable && !(cfg.settings ? agent-ca-file)) [ "--agent-ca-file" "/etc/ssl/certs/ca-certificates.crt" ]
   ++ lib.concatLists (lib.mapAttrsToList (name: ref: [ "--override-input" "${name}=${ref}" ]) cfg.overrideInputs)
@@ -105,6 +106,8 @@ in
       after = [ "network-online.target" "nix-daemon.socket" ] ++ lib.optional (config.services.postgresql.enable or false) "postgresql.service";
       wants = [ "network-online.target" ];
       wantedBy = [ "multi-user.target" ];
+      # environmentFile's THYMIS_DATABASE (with the password) overrides this one.
+      environment = lib.optionalAttrs (cfg.database != null) { THYMIS_DATABASE = cfg.database; };
       serviceConfig = {
         ExecStart = utils.escapeSystemdExecArgs ([ "${cfg.package}/bin/thymis-controller" ] ++ args);
         Restart = "always";

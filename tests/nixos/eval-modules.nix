@@ -65,6 +65,7 @@ let
             wants = mkOption { type = types.listOf types.str; default = [ ]; };
             wantedBy = mkOption { type = types.listOf types.str; default = [ ]; };
             restartIfChanged = mkOption { type = types.bool; default = true; };
+            environment = mkOption { type = types.attrsOf types.str; default = { }; };
             path = mkOption { type = types.listOf (types.either types.package types.str); default = [ ]; };
             serviceConfig = mkOption {
               type = types.attrsOf (types.oneOf [ types.bool types.int types.str (types.listOf types.str) ]);
@@ -169,6 +170,7 @@ in
   controllerPlain = (controller { settings = { insecure-plain-http = true; parallel = 20; }; }).systemd.services.thymis-controller.serviceConfig.ExecStart;
   controllerPostgres = let c = controller { database = "postgres://thymis@db.example/thymis"; environmentFile = "/run/secrets/thymis.env"; }; in {
     execStart = c.systemd.services.thymis-controller.serviceConfig.ExecStart;
+    environment = c.systemd.services.thymis-controller.environment;
     environmentFile = c.systemd.services.thymis-controller.serviceConfig.EnvironmentFile;
   };
   controllerDefault = (controller { settings.insecure-plain-http = false; }).systemd.services.thymis-controller.serviceConfig.ExecStart;
