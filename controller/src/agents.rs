@@ -122,6 +122,9 @@ async fn serve(ctl: Arc<Controller>, mut ws: WebSocket, peer: std::net::IpAddr, 
     ctl.unregister(&conn);
 }
 
+/// `Error` messages from one connection that reach the log.
+const ERRORS_LOGGED: u32 = 20;
+
 /// Terminal input waiting for the connection's writer, in messages of at most
 /// [`thymis_proto::stream::MAX_TERMINAL_CHUNK`] bytes.
 const STREAM_QUEUE: usize = 16;
@@ -322,10 +325,12 @@ async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: ControllerBound) -
     let device = &conn.device;
     match msg {
         ControllerBound::Report(report) => {
+            let report = report.bounded();
             ctl.db.record_report(device, &report)?;
             maybe_confirm(ctl, conn, &report).await?;
         }
         ControllerBound::Outcome(outcome) => {
+            let outcome = outcome.bounded();
             record_outcome(ctl, device, &outcome)?;
             conn.send(AgentBound::OutcomeRecorded { deployment_id: outcome.deployment_id }).await;
         }
@@ -379,7 +384,16 @@ async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: ControllerBound) -
                 tokio::task::spawn_blocking(move || c.db.touch_device(&d));
             }
         }
-        ControllerBound::Error { message } => warn!(%device, %message, "agent reported an error"),
+        ControllerBound::Error { mut message } => {
+            // Logged cut, and at most ERRORS_LOGGED times per connection.
+            let n = conn.errors_logged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n < ERRORS_LOGGED {
+                thymis_proto::bounds::cut(&mut message, 512);
+                warn!(%device, %message, "agent reported an error");
+            } else if n == ERRORS_LOGGED {
+                warn!(%device, "agent reported more errors: not logged until it connects again");
+            }
+        }
         ControllerBound::JournalEntries { stream, entries, dropped } => {
             if dropped > 0 {
                 conn.streams.route(stream, FromDevice::Dropped(dropped));

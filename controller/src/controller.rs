@@ -112,6 +112,8 @@ pub struct Conn {
     pub kicked: tokio::sync::Notify,
     /// When "last seen" was last written for this connection.
     pub last_touch: Mutex<std::time::Instant>,
+    /// `Error` messages it sent (only the first few are logged).
+    pub errors_logged: std::sync::atomic::AtomicU32,
 }
 
 impl Conn {
@@ -134,6 +136,7 @@ impl Conn {
             waiters: Mutex::new(HashMap::new()),
             kicked: tokio::sync::Notify::new(),
             last_touch: Mutex::new(std::time::Instant::now()),
+            errors_logged: Default::default(),
         }
     }
 

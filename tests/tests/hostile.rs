@@ -937,3 +937,47 @@ fn escape_sequences_from_a_device_are_shown_not_obeyed() {
     let raw = f.controller.ctl(&["--raw", "task", &id]);
     assert!(String::from_utf8_lossy(&raw.stdout).contains("\u{1b}[2J"), "--raw shows what came");
 }
+
+/// A device's report and error messages cannot grow the controller: the fields it stores
+/// and lists are cut to their bounds, and only the first errors of a connection are
+/// logged, each cut.
+#[test]
+fn a_devices_reports_and_errors_are_bounded_in_bytes() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d8", "alpha", false).expect("device");
+    let token = enrollment_token(&f, "d8");
+    let url = f.controller.agent_url();
+    let log_before = f.controller.log().len();
+    rt().block_on(async {
+        let mut ws = enrolled_agent(&url, &token).await;
+        let big = "v".repeat(1 << 20);
+        let report = ControllerBound::Report(thymis_proto::message::DeviceReport {
+            agent_version: big.clone(),
+            system: None,
+            commit: Some(big.clone()),
+            generation: None,
+            state: thymis_proto::AgentState::Idle,
+            last_sequence: 0,
+            pending: None,
+            profile_system: None,
+        });
+        ws.send(Message::text(encode(&report))).await.expect("send");
+        for _ in 0..40 {
+            let e = ControllerBound::Error { message: format!("error-flood {big}") };
+            ws.send(Message::text(encode(&e))).await.expect("send");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(3), async { while ws.next().await.is_some() {} }).await;
+    });
+    let row = wait_for("d8's report", Duration::from_secs(30), || {
+        let row = f.device_row("d8");
+        row["agent_version"].is_string().then_some(row)
+    });
+    let version = row["agent_version"].as_str().unwrap_or_default();
+    assert!(version.len() <= thymis_proto::bounds::MAX_NAME && version.ends_with("[cut]"), "{} bytes", version.len());
+    assert!(row["commit"].as_str().unwrap_or_default().len() <= thymis_proto::bounds::MAX_NAME);
+    let log = f.controller.log();
+    let grew = log.len() - log_before;
+    assert!(log.contains("error-flood"), "the first errors are logged");
+    assert!(log.contains("not logged until it connects again"), "{}", &log[log_before..]);
+    assert!(grew < 64 << 10, "40 errors of 1 MiB grew the controller's log by {grew} bytes");
+}

@@ -7,6 +7,7 @@
 //! preceding [`PathStart`](AgentBound::PathStart). The handshake ([`handshake`]) makes
 //! both sides prove their keys before anything else is acted on.
 
+pub mod bounds;
 pub mod handshake;
 pub mod message;
 pub mod outcome;
