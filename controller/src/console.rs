@@ -66,7 +66,7 @@ fn online(ctl: &Controller, name: &str) -> Result<(Arc<Conn>, String), ApiError>
 /// (no journal, terminal disabled, a command that cannot run) becomes the response.
 async fn open(conn: &Arc<Conn>, msg: impl FnOnce(u32) -> AgentBound) -> Result<(Stream, Option<FromDevice>), ApiError> {
     let mut stream = Stream::open(conn, msg).map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
-    match tokio::time::timeout(OPEN_TIMEOUT, stream.rx.recv()).await {
+    match tokio::time::timeout(OPEN_TIMEOUT, stream.recv()).await {
         Ok(Some(FromDevice::End { error: Some(e), .. })) => {
             Err(ApiError::new(StatusCode::CONFLICT, format!("{}: {e}", conn.device)))
         }
@@ -107,7 +107,7 @@ pub async fn journal(
         let mut stream = stream?;
         let msg = match ahead {
             Some(m) => Some(m),
-            None => match tokio::time::timeout(KEEPALIVE, stream.rx.recv()).await {
+            None => match tokio::time::timeout(KEEPALIVE, stream.recv()).await {
                 Ok(m) => m,
                 Err(_) => return Some((String::from("\n"), (Some(stream), None))),
             },
@@ -197,7 +197,7 @@ async fn relay(socket: WebSocket, mut stream: Stream, first: Option<FromDevice>)
             Some(m) => Err(Some(m)),
             None => tokio::select! {
                 m = rx.next() => Ok(m),
-                m = stream.rx.recv() => Err(m),
+                m = stream.recv() => Err(m),
             },
         };
         match msg {

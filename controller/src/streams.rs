@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use thymis_proto::AgentBound;
 use thymis_proto::stream::{JournalEntry, MAX_STREAMS, STREAMS_PROTOCOL};
@@ -31,12 +31,31 @@ pub enum FromDevice {
 
 /// How many messages a stream's client may fall behind before the controller drops.
 const CLIENT_QUEUE: usize = 256;
+/// And how many bytes of them: a device's messages may be large (megabytes of journal
+/// entries), so a slow client's queue is bounded in bytes too.
+const CLIENT_BYTES: usize = 4 << 20;
 
 #[derive(Debug)]
 struct Open {
     tx: mpsc::Sender<FromDevice>,
     /// Dropped since the client last got something.
     dropped: u64,
+    /// Bytes queued for the client and not yet taken.
+    queued: Arc<AtomicUsize>,
+}
+
+/// The bytes a message holds for its client.
+fn bytes(m: &FromDevice) -> usize {
+    match m {
+        FromDevice::Entries(entries) => entries
+            .iter()
+            .map(|e| {
+                e.message.len() + e.unit.as_ref().map_or(0, String::len) + e.identifier.as_ref().map_or(0, String::len)
+            })
+            .sum(),
+        FromDevice::Output(b) => b.len(),
+        FromDevice::Dropped(_) | FromDevice::End { .. } => 0,
+    }
 }
 
 /// A connection's open streams.
@@ -60,7 +79,11 @@ impl Streams {
             FromDevice::Dropped(n) => *n,
             _ => 1,
         };
-        if o.tx.try_send(msg).is_err() && !end {
+        let size = bytes(&msg);
+        let fits = end || o.queued.load(Ordering::Relaxed) + size <= CLIENT_BYTES;
+        if fits && o.tx.try_send(msg).is_ok() {
+            o.queued.fetch_add(size, Ordering::Relaxed);
+        } else if !end {
             o.dropped += n;
         }
         if end {
@@ -83,7 +106,8 @@ impl Streams {
 pub struct Stream {
     conn: Arc<Conn>,
     pub id: u32,
-    pub rx: mpsc::Receiver<FromDevice>,
+    rx: mpsc::Receiver<FromDevice>,
+    queued: Arc<AtomicUsize>,
 }
 
 impl Stream {
@@ -96,20 +120,41 @@ impl Stream {
             ));
         }
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let queued = Arc::new(AtomicUsize::new(0));
         let id = {
             let mut streams = lock(&conn.streams.open);
             if streams.len() >= MAX_STREAMS {
                 return Err(format!("{} has {MAX_STREAMS} streams open already; close one", conn.device));
             }
             let id = conn.streams.next.fetch_add(1, Ordering::Relaxed);
-            streams.insert(id, Open { tx, dropped: 0 });
+            streams.insert(id, Open { tx, dropped: 0, queued: queued.clone() });
             id
         };
         if !conn.send_control(open(id)) {
             lock(&conn.streams.open).remove(&id);
             return Err(format!("{} disconnected", conn.device));
         }
-        Ok(Stream { conn: conn.clone(), id, rx })
+        Ok(Stream { conn: conn.clone(), id, rx, queued })
+    }
+
+    /// The next message from the device; `None` once the stream or its connection ended.
+    pub async fn recv(&mut self) -> Option<FromDevice> {
+        let m = self.rx.recv().await;
+        self.took(m.as_ref());
+        m
+    }
+
+    /// [`Self::recv`] without waiting.
+    pub fn try_recv(&mut self) -> Result<FromDevice, mpsc::error::TryRecvError> {
+        let m = self.rx.try_recv();
+        self.took(m.as_ref().ok());
+        m
+    }
+
+    fn took(&self, m: Option<&FromDevice>) {
+        if let Some(m) = m {
+            self.queued.fetch_sub(bytes(m), Ordering::Relaxed);
+        }
     }
 
     /// Sends the device a message of this stream, waiting while the connection's stream
@@ -154,18 +199,18 @@ mod tests {
             conn.streams.route(stream.id, FromDevice::Entries(vec![entry(n)]));
         }
         let mut got = 0;
-        while let Ok(FromDevice::Entries(e)) = stream.rx.try_recv() {
+        while let Ok(FromDevice::Entries(e)) = stream.try_recv() {
             got += e.len();
         }
         assert_eq!(got, CLIENT_QUEUE);
         conn.streams.route(stream.id, FromDevice::Entries(vec![entry(0)]));
-        assert!(matches!(stream.rx.try_recv(), Ok(FromDevice::Dropped(10))), "the client is told what it lost");
-        assert!(matches!(stream.rx.try_recv(), Ok(FromDevice::Entries(_))));
+        assert!(matches!(stream.try_recv(), Ok(FromDevice::Dropped(10))), "the client is told what it lost");
+        assert!(matches!(stream.try_recv(), Ok(FromDevice::Entries(_))));
 
         // Another device's connection reaches none of this one's streams.
         let (other, _) = self::conn(STREAMS_PROTOCOL);
         other.streams.route(stream.id, FromDevice::Output(b"not yours".to_vec()));
-        assert!(stream.rx.try_recv().is_err());
+        assert!(stream.try_recv().is_err());
 
         // The client leaves: the device is told to stop.
         let id = stream.id;
@@ -176,8 +221,35 @@ mod tests {
         let mut left = Stream::open(&conn, |stream| AgentBound::StreamClose { stream }).expect("open");
         conn.streams.route(left.id, FromDevice::Output(b"last".to_vec()));
         conn.streams.end_all();
-        assert!(matches!(left.rx.try_recv(), Ok(FromDevice::Output(_))), "what came first is still read");
-        assert!(matches!(left.rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)));
+        assert!(matches!(left.try_recv(), Ok(FromDevice::Output(_))), "what came first is still read");
+        assert!(matches!(left.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)));
+    }
+
+    #[test]
+    fn a_slow_clients_queue_is_bounded_in_bytes() {
+        let (conn, _control) = conn(STREAMS_PROTOCOL);
+        let mut stream = Stream::open(&conn, |stream| AgentBound::StreamClose { stream }).expect("open");
+        let big = |n| JournalEntry { message: "x".repeat(1 << 20), ..entry(n) };
+        for n in 0..100 {
+            conn.streams.route(stream.id, FromDevice::Entries(vec![big(n)]));
+        }
+        let (mut got, mut dropped) = (0, 0);
+        while let Ok(m) = stream.try_recv() {
+            match m {
+                FromDevice::Entries(e) => got += e.len(),
+                FromDevice::Dropped(n) => dropped += n,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(got, CLIENT_BYTES >> 20, "at most CLIENT_BYTES queued for a client that does not read");
+        // What the client took is room again; it is told what it lost (the last count
+        // goes with the next message).
+        conn.streams.route(stream.id, FromDevice::Entries(vec![big(0)]));
+        if let Ok(FromDevice::Dropped(n)) = stream.try_recv() {
+            dropped += n;
+        }
+        assert_eq!(dropped, 96, "the client is told what it lost");
+        assert!(matches!(stream.try_recv(), Ok(FromDevice::Entries(_))));
     }
 
     #[test]
