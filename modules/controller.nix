@@ -115,6 +115,8 @@ in
         StateDirectory = lib.mkIf underVarLib (lib.removePrefix "/var/lib/" cfg.stateDir);
         StateDirectoryMode = "0700";
         UMask = "0077";
+        # A fleet's connections need more than systemd's 1024 open files.
+        LimitNOFILE = 65536;
         EnvironmentFile = lib.mkIf (cfg.environmentFile != null) cfg.environmentFile;
       };
     };

@@ -7,13 +7,15 @@
 //! handshake is done).
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tracing::debug;
+use rustix::process::{Resource, getrlimit, setrlimit};
+use tracing::{debug, info, warn};
 
 use crate::read_cap::{Capped, ReadCap};
 use crate::tls::Tls;
@@ -24,20 +26,49 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// WebSocket upgrade takes over (read before any cap is armed).
 const MAX_READ_BUFFER: usize = 64 << 10;
 
+/// Descriptors kept for everything but connections (database, NAR files, git, logs).
+const RESERVED_FILES: usize = 512;
+
+/// Raises the soft open-file limit to the hard one (systemd starts services with 1024,
+/// which a fleet's connections alone exceed), and returns how many connections may be
+/// open at once: `wanted`, within what that limit leaves.
+pub fn connection_limit(wanted: usize) -> usize {
+    let mut l = getrlimit(Resource::Nofile);
+    if l.maximum.is_some_and(|max| l.current.is_some_and(|cur| cur < max)) {
+        l.current = l.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
+            warn!("raising the open-file limit: {e}");
+        }
+    }
+    // None: unlimited.
+    let files = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX / 2);
+    let limit = wanted.min(usize::try_from(files).unwrap_or(usize::MAX).saturating_sub(RESERVED_FILES)).max(16);
+    info!(open_files = files, max_connections = limit, "connection limit");
+    limit
+}
+
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<Tls>,
     app: axum::Router,
+    max_connections: usize,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     tokio::pin!(stop);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut accept_errors = AcceptErrors::default();
     loop {
+        // At the limit, new connections wait in the listen queue until one ends.
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s?,
+            () = &mut stop => return Ok(()),
+        };
         let (tcp, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 // Out of file descriptors, a connection reset before accept: go on.
                 Err(e) => {
-                    debug!("accept: {e}");
+                    accept_errors.note(&e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -46,6 +77,7 @@ pub async fn serve(
         };
         let (tls, app) = (tls.clone(), app.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let app = TowerToHyperService::new(app);
             let cap = ReadCap::default();
             let for_requests = cap.clone();
@@ -75,5 +107,24 @@ pub async fn serve(
                 debug!(%peer, "connection: {e}");
             }
         });
+    }
+}
+
+/// Accept errors are logged at warn (they mean clients are refused), at most one line
+/// every ten seconds, with how many came since.
+#[derive(Default)]
+struct AcceptErrors {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl AcceptErrors {
+    fn note(&mut self, e: &std::io::Error) {
+        self.since += 1;
+        if self.last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            warn!(errors = self.since, "accepting connections fails: {e}");
+            self.last = Some(Instant::now());
+            self.since = 0;
+        }
     }
 }

@@ -110,6 +110,10 @@ pub struct Cli {
     /// behind one NAT address shares it; its agents retry).
     #[arg(long, default_value_t = 32)]
     pub max_handshakes_per_peer: usize,
+    /// Connections open at once (API, web UI and agents); past it, new ones wait in the
+    /// listen queue. Never more than the open-file limit allows.
+    #[arg(long, default_value_t = 16384)]
+    pub max_connections: usize,
 }
 
 impl Cli {
@@ -208,7 +212,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             _ = term.recv() => {}
         }
     };
-    http::serve(listener, tls, app, stop).await.context("serving")
+    let max_connections = http::connection_limit(cli.max_connections);
+    http::serve(listener, tls, app, max_connections, stop).await.context("serving")
 }
 
 fn init_logging() {

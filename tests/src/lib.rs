@@ -257,8 +257,9 @@ impl Controller {
     fn start(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         // Under the most permissive umask: what must be private is made so explicitly.
+        // And with systemd's default soft limit of 1024 open files (a service's).
         let child = Command::new("sh")
-            .args(["-c", "umask 000; exec \"$0\" \"$@\""])
+            .args(["-c", "umask 000; ulimit -Sn 1024; exec \"$0\" \"$@\""])
             .arg(bin("thymis-controller"))
             .arg("--state-dir")
             .arg(&self.state_dir)

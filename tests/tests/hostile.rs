@@ -981,3 +981,60 @@ fn a_devices_reports_and_errors_are_bounded_in_bytes() {
     assert!(log.contains("not logged until it connects again"), "{}", &log[log_before..]);
     assert!(grew < 64 << 10, "40 errors of 1 MiB grew the controller's log by {grew} bytes");
 }
+
+/// 3,000 idle connections (more than the 1,024 open files systemd gives a service) do not
+/// keep a device or the API out: the controller raises its own open-file limit, holds
+/// connections up to its limit, and drops silent ones after the header timeout.
+#[test]
+fn thousands_of_idle_connections_do_not_keep_devices_or_the_api_out() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // This test process itself needs the descriptors.
+    let pid = std::process::id().to_string();
+    let raised = Command::new("prlimit").args(["--pid", &pid, "--nofile=16384:16384"]).status().expect("prlimit");
+    assert!(raised.success());
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d1", "alpha", true).expect("device");
+    f.wait_online("d1");
+    let addr = f.controller.listen.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let attacker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut socks = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                // Keep 3,000 open, replacing those the controller closes.
+                socks.retain(|s: &std::net::TcpStream| {
+                    s.peek(&mut [0u8; 1]).is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock)
+                });
+                while socks.len() < 3000 {
+                    match std::net::TcpStream::connect(&addr) {
+                        Ok(s) => {
+                            let _ = s.set_nonblocking(true);
+                            socks.push(s);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            socks.len()
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let dev = f.device_mut("d1");
+    dev.kill9();
+    dev.start().expect("start");
+    let started = Instant::now();
+    f.wait_online("d1");
+    // Not held back until idle connections time out (10 s each, in turn).
+    assert!(started.elapsed() < Duration::from_secs(20), "the device took {:?} to get in", started.elapsed());
+    let started = Instant::now();
+    let devices = f.controller.ctl(&["devices"]);
+    assert!(devices.status.success(), "{}", String::from_utf8_lossy(&devices.stderr));
+    assert!(started.elapsed() < Duration::from_secs(10), "the API took {:?}", started.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    let held = attacker.join().expect("attacker");
+    assert!(held >= 2000, "only {held} idle connections were held open: the test did not load the controller");
+    assert!(!f.controller.log().contains("accepting connections fails"), "{}", f.controller.log());
+}
