@@ -35,16 +35,15 @@ fn serve(dir: &std::path::Path, addr: &str) -> Server {
     Server(child)
 }
 
-#[test]
-fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let cache = tmp.path().join("cache");
-    let mut f = Fleet::new(FleetOptions {
+/// A fleet whose controller publishes to the file cache `cache`, and configuration
+/// "alpha" (`alpha`) built and published there: (fleet, its system, its closure's size).
+fn published(cache: &std::path::Path, alpha: serde_json::Value) -> (Fleet, String, i64) {
+    let f = Fleet::new(FleetOptions {
         extra_args: vec!["--publish-cache".into(), format!("file://{}", cache.display())],
         ..Default::default()
     })
     .expect("fleet");
-    f.set_configs(&json!({ "alpha": { "version": "1", "payloads": 3, "small": 600 }, "beta": {} })).expect("cfg");
+    f.set_configs(&json!({ "alpha": alpha, "beta": {} })).expect("cfg");
     f.controller.ctl(&["project", "commit", "-m", "a closure to cache"]);
     let built = f.controller.ctl_json(&["build", "alpha", "--wait"]);
     assert_eq!(built["result"], "succeeded", "{built}");
@@ -55,6 +54,14 @@ fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller()
         String::from_utf8_lossy(&Command::new("nix-store").args(["-qR", &system]).output().expect("nix-store").stdout)
             .lines()
             .count() as i64;
+    (f, system, closure_size)
+}
+
+#[test]
+fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cache = tmp.path().join("cache");
+    let (mut f, system, closure_size) = published(&cache, json!({ "version": "1", "payloads": 3, "small": 600 }));
 
     // A copy of the cache in which one NAR is another path's (a wrong hash).
     let evil = tmp.path().join("evil");
@@ -310,20 +317,7 @@ fn peak_mib(pid: u32) -> u64 {
 fn hostile_caches_cost_bounded_memory_and_time_and_the_controller_serves_the_rest() {
     let tmp = tempfile::tempdir().expect("tmp");
     let cache = tmp.path().join("cache");
-    let mut f = Fleet::new(FleetOptions {
-        extra_args: vec!["--publish-cache".into(), format!("file://{}", cache.display())],
-        ..Default::default()
-    })
-    .expect("fleet");
-    f.set_configs(&json!({ "alpha": { "version": "1", "payloads": 2 }, "beta": {} })).expect("cfg");
-    f.controller.ctl(&["project", "commit", "-m", "a closure to cache"]);
-    let built = f.controller.ctl_json(&["build", "alpha", "--wait"]);
-    assert_eq!(built["result"], "succeeded", "{built}");
-    let system = built["system"].as_str().expect("system").to_owned();
-    let closure_size =
-        String::from_utf8_lossy(&Command::new("nix-store").args(["-qR", &system]).output().expect("nix-store").stdout)
-            .lines()
-            .count() as i64;
+    let (mut f, system, closure_size) = published(&cache, json!({ "version": "1", "payloads": 2 }));
     let bomb = tmp.path().join("bomb.xz");
     let made = Command::new("sh")
         .args(["-c", &format!("head -c 1G /dev/zero | xz -0 -T1 > {}", bomb.display())])

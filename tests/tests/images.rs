@@ -276,6 +276,13 @@ fn reboot_deployments_under_grub_stay_when_confirmed_and_come_back_when_the_syst
 /// Makes a flashed image boot with GRUB instead of systemd-boot: the system's own GRUB
 /// builder writes the first menu (from outside, for generation 1), and a GRUB EFI image
 /// replaces the ESP's loader.
+/// The system a VM says it booted (its stage 2's marker line), once it has.
+fn booted(machine: &mut Vm) -> String {
+    let console = machine.wait_for_console("THYMIS-BOOT-OK", Duration::from_secs(240)).expect("boot");
+    let line = console.lines().find(|l| l.contains("THYMIS-BOOT-OK")).unwrap_or_default();
+    line.split("system=").nth(1).unwrap_or_default().trim().to_owned()
+}
+
 fn switch_to_grub(disk: &std::path::Path, system: &str, work: &std::path::Path) {
     let stc =
         std::fs::read_to_string(format!("{system}/bin/switch-to-configuration")).expect("switch-to-configuration");
@@ -314,11 +321,6 @@ fn reboot_deployments_keep_a_way_back(grub: bool) {
     }
     let dir = f.tmp.path().join(format!("{name}-vm"));
     let boot = || Vm::boot(&disk, &dir, true).expect("qemu");
-    let booted = |machine: &mut Vm| -> String {
-        let console = machine.wait_for_console("THYMIS-BOOT-OK", Duration::from_secs(240)).expect("boot");
-        let line = console.lines().find(|l| l.contains("THYMIS-BOOT-OK")).unwrap_or_default();
-        line.split("system=").nth(1).unwrap_or_default().trim().to_owned()
-    };
     let start_deploy = |message: &str| -> String {
         let out = f.controller.ctl(&["--json", "deploy", "--device", name, "--reboot", "-m", message]);
         let task: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
@@ -426,11 +428,6 @@ fn a_generation_that_hangs_comes_back_by_the_watchdog_and_unsafe_reboots_are_ref
     let (f, vm, disk, v1) = vm_device(name);
     let dir = f.tmp.path().join(format!("{name}-vm"));
     let boot = || Vm::boot(&disk, &dir, true).expect("qemu");
-    let booted = |machine: &mut Vm| -> String {
-        let console = machine.wait_for_console("THYMIS-BOOT-OK", Duration::from_secs(240)).expect("boot");
-        let line = console.lines().find(|l| l.contains("THYMIS-BOOT-OK")).unwrap_or_default();
-        line.split("system=").nth(1).unwrap_or_default().trim().to_owned()
-    };
     let deploy = |extra: serde_json::Value, args: &[&str]| -> (String, serde_json::Value) {
         f.set_configs(&vm_configs(&vm, extra)).expect("configs");
         let mut full = vec!["--json", "deploy", "--device", name];
@@ -531,11 +528,6 @@ fn power_cuts_leave_a_confirmed_generation(grub: bool, cuts: &[Cut]) {
             run(Command::new("mcopy").args(["-o", "-i", &esp]).arg(&marker).arg("::/thymis-test-crash-after"));
         }
         Vm::boot(&disk, &dir, true).expect("qemu")
-    };
-    let booted = |machine: &mut Vm| -> String {
-        let console = machine.wait_for_console("THYMIS-BOOT-OK", Duration::from_secs(240)).expect("boot");
-        let line = console.lines().find(|l| l.contains("THYMIS-BOOT-OK")).unwrap_or_default();
-        line.split("system=").nth(1).unwrap_or_default().trim().to_owned()
     };
     let hold = |machine: &mut Vm, c: Cut| {
         let text = format!("{}:{}:hold: holding here", c.plan, c.step);
