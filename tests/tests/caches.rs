@@ -215,6 +215,8 @@ fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller()
 enum Hostile {
     /// xz that decompresses to 1 GiB of zeros (about 150 KB).
     Bomb,
+    /// The same with zstd.
+    ZstdBomb,
     /// A `FileSize` of a petabyte, and the body one byte a second.
     Trickle,
     /// A redirect to the honest cache's NAR (the device would get the path if it followed).
@@ -223,7 +225,8 @@ enum Hostile {
 
 /// Serves `cache`'s narinfos rewritten to point at NARs that behave as `how` says, on
 /// `addr`, until the test ends. `honest` is the URL of the real cache (for redirects).
-fn serve_hostile(cache: std::path::PathBuf, addr: &str, how: Hostile, bomb: std::path::PathBuf, honest: String) {
+fn serve_hostile(cache: std::path::PathBuf, addr: &str, how: Hostile, bombs: [std::path::PathBuf; 2], honest: String) {
+    let bomb = if how == Hostile::ZstdBomb { bombs[1].clone() } else { bombs[0].clone() };
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind(addr).expect("bind");
     std::thread::spawn(move || {
@@ -268,6 +271,7 @@ fn serve_hostile(cache: std::path::PathBuf, addr: &str, how: Hostile, bomb: std:
                         .lines()
                         .map(|l| match l.split_once(": ") {
                             Some(("URL", _)) => format!("URL: hostile/{real_url}"),
+                            Some(("Compression", _)) if how == Hostile::ZstdBomb => "Compression: zstd".to_owned(),
                             Some(("Compression", _)) => "Compression: xz".to_owned(),
                             Some(("FileSize", _)) => format!("FileSize: {file_size}"),
                             _ => l.to_owned(),
@@ -280,7 +284,9 @@ fn serve_hostile(cache: std::path::PathBuf, addr: &str, how: Hostile, bomb: std:
                     return respond(&mut conn, "404 Not Found", "", b"");
                 };
                 match how {
-                    Hostile::Bomb => respond(&mut conn, "200 OK", "", &std::fs::read(&bomb).expect("bomb")),
+                    Hostile::Bomb | Hostile::ZstdBomb => {
+                        respond(&mut conn, "200 OK", "", &std::fs::read(&bomb).expect("bomb"))
+                    }
                     Hostile::Redirect => {
                         respond(&mut conn, "302 Found", &format!("Location: {honest}/{real}\r\n"), b"")
                     }
@@ -310,28 +316,34 @@ fn peak_mib(pid: u32) -> u64 {
     kib / 1024
 }
 
-/// Caches that attack the device (an xz bomb, a trickle behind a petabyte `FileSize`, a
-/// redirect elsewhere) cost it bounded memory and time, and the controller serves what
+/// Caches that attack the device (xz and zstd bombs, a trickle behind a petabyte
+/// `FileSize`, a redirect elsewhere) cost it bounded memory and time, and the controller serves what
 /// they did not.
 #[test]
 fn hostile_caches_cost_bounded_memory_and_time_and_the_controller_serves_the_rest() {
     let tmp = tempfile::tempdir().expect("tmp");
     let cache = tmp.path().join("cache");
     let (mut f, system, closure_size) = published(&cache, json!({ "version": "1", "payloads": 2 }));
-    let bomb = tmp.path().join("bomb.xz");
-    let made = Command::new("sh")
-        .args(["-c", &format!("head -c 1G /dev/zero | xz -0 -T1 > {}", bomb.display())])
-        .status()
-        .expect("xz");
-    assert!(made.success());
+    let bombs = [tmp.path().join("bomb.xz"), tmp.path().join("bomb.zst")];
+    for (bomb, tool) in bombs.iter().zip(["xz -0 -T1", "zstd -q -3"]) {
+        let made = Command::new("sh")
+            .args(["-c", &format!("head -c 1G /dev/zero | {tool} > {}", bomb.display())])
+            .status()
+            .expect("compress");
+        assert!(made.success());
+    }
 
     let host = f.host_address();
     let _honest = serve(&cache, &format!("{host}:18090"));
     let honest = format!("http://{host}:18090");
-    let caches =
-        [("bomb", Hostile::Bomb, 18091), ("trickle", Hostile::Trickle, 18092), ("redirect", Hostile::Redirect, 18093)];
+    let caches = [
+        ("bomb", Hostile::Bomb, 18091),
+        ("zbomb", Hostile::ZstdBomb, 18094),
+        ("trickle", Hostile::Trickle, 18092),
+        ("redirect", Hostile::Redirect, 18093),
+    ];
     for (name, how, port) in caches {
-        serve_hostile(cache.clone(), &format!("{host}:{port}"), how, bomb.clone(), honest.clone());
+        serve_hostile(cache.clone(), &format!("{host}:{port}"), how, bombs.clone(), honest.clone());
         f.add_device(name, "alpha", false).expect("device");
         f.add_agent_config(name, &format!("substituters = [\"http://{host}:{port}\"]\nsubstituter_timeout = 2\n"))
             .expect("cfg");
@@ -353,9 +365,11 @@ fn hostile_caches_cost_bounded_memory_and_time_and_the_controller_serves_the_res
         assert!(c["paths_sent"].as_i64().unwrap_or(0) >= closure_size - 1, "{name}: {c}");
         assert_eq!(f.device_row(name)["system"], system.as_str(), "{name}");
     }
-    // Bounded memory: the bomb was cut at the first byte that is not a NAR.
-    let pid = f.device("bomb").agent_pid().expect("the agent runs");
-    let peak = peak_mib(pid);
-    assert!(peak < 150, "the xz bomb took the agent to {peak} MiB");
+    // Bounded memory: each bomb was cut at the first byte that is not a NAR.
+    for name in ["bomb", "zbomb"] {
+        let pid = f.device(name).agent_pid().expect("the agent runs");
+        let peak = peak_mib(pid);
+        assert!(peak < 150, "{name}: the decompression bomb took the agent to {peak} MiB");
+    }
     assert!(f.device("redirect").log().contains("redirects are not followed"), "{}", f.device("redirect").log());
 }
