@@ -4,9 +4,9 @@
 
 CARGO ?= cargo
 
-.PHONY: test demo setup setup-tests build lint fuzz-check bench
+.PHONY: test demo setup setup-tests build agent-aarch64 lint fuzz-check bench
 
-test: setup-tests lint build
+test: setup-tests lint build agent-aarch64
 	$(CARGO) test --workspace
 	# The deploy, rollout and fault suites again, on PostgreSQL (a private server each).
 	THYMIS_TEST_DATABASE=postgres $(CARGO) test -p thymis-fleet-tests --test deploy --test rollout --test faults --test crash_windows
@@ -25,6 +25,10 @@ setup-tests:
 
 build:
 	$(CARGO) build --workspace --bins
+
+# The agent for aarch64, which the ARM board tests run inside the board (cached).
+agent-aarch64:
+	bash scripts/agent-aarch64.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

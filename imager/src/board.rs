@@ -117,8 +117,11 @@ impl Board {
     /// The FAT partition: the boot script, an empty boot-once state, the firmware.
     pub fn make_firmware(&self, raw: &Path, firmware: Option<&Path>, sys: &Path) -> Result<()> {
         let offset = self.fat_offset_mib * MIB;
+        // The FAT type is named: mkfs.vfat would pick it from the size of the whole image
+        // file and fail on a small partition in a large image.
+        let fat_bits = if self.fat_mib < 256 { "16" } else { "32" };
         run(Command::new("mkfs.vfat")
-            .args(["--invariant", "-n", "FIRMWARE", "-i", "2178694e"])
+            .args(["--invariant", "-F", fat_bits, "-n", "FIRMWARE", "-i", "2178694e"])
             .args(["--offset", &(offset / 512).to_string()])
             .arg(raw)
             .arg((self.fat_mib * MIB / 1024).to_string()))?;

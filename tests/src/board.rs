@@ -1,10 +1,11 @@
 //! An aarch64 U-Boot board in QEMU (`-M virt`, Debian's U-Boot as its firmware), its
-//! disk an image from `thymis-imager build --board qemu-virt`. While the board is off,
-//! the disk's partitions are there for the board's agent, which runs on this machine
-//! ([`crate::Kind::Board`]); a boot puts them back, runs QEMU until the board powers off
-//! or resets, and gives its console. The root (ext4) is loop-mounted. This machine's
-//! kernel has no FAT driver: the FAT partition's files are copied out with mtools to a
-//! directory standing in for its mount, and copied back before each boot.
+//! disk an image from `thymis-imager build --board qemu-virt`, booted with
+//! [`crate::vm::Vm::boot_board`]. Its agent is the aarch64 build of thymis-agent
+//! (scripts/agent-aarch64.sh), inside the board's system.
+//!
+//! While the board is off, a test can look at its disk: the root (ext4) is loop-mounted
+//! read-write; the FAT partition (this machine's kernel has no FAT driver) is read with
+//! mtools.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,10 +15,20 @@ use anyhow::{Context, Result, bail};
 /// QEMU's aarch64 U-Boot (Debian's u-boot-qemu).
 pub const UBOOT: &str = "/usr/lib/u-boot/qemu_arm64/u-boot.bin";
 
+/// The aarch64 agent that scripts/agent-aarch64.sh builds (`make test` runs it).
+pub fn aarch64_agent() -> Result<PathBuf> {
+    let inputs = std::env::var("THYMIS_TEST_INPUTS").unwrap_or_else(|_| "/var/cache/thymis-test-inputs".into());
+    let agent = Path::new(&inputs).join("arm64/thymis-agent");
+    if !agent.exists() {
+        bail!("{} is missing: run scripts/agent-aarch64.sh (make test does)", agent.display());
+    }
+    Ok(agent)
+}
+
 #[derive(Debug)]
 pub struct BoardDisk {
     pub raw: PathBuf,
-    /// Where the partitions are mounted: `root` (ext4) and `firmware` (FAT).
+    /// Where the root is mounted (`root`) and the FAT partition's files copied (`firmware`).
     pub dir: PathBuf,
     mounted: bool,
 }
@@ -31,11 +42,9 @@ fn run(cmd: &mut Command) -> Result<String> {
 }
 
 impl BoardDisk {
-    /// The disk of an image set (`NAME.img.zst`), decompressed to `dir/disk.img`;
-    /// `dir` is where its partitions get mounted.
+    /// The disk of an image set (`NAME.img.zst`), decompressed to `dir/disk.img`.
     pub fn from_image(zst: &Path, dir: &Path) -> Result<BoardDisk> {
         std::fs::create_dir_all(dir.join("root"))?;
-        std::fs::create_dir_all(dir.join("firmware"))?;
         let raw = dir.join("disk.img");
         run(Command::new("zstd").args(["-dqf"]).arg(zst).arg("-o").arg(&raw))?;
         Ok(BoardDisk { raw, dir: dir.to_owned(), mounted: false })
@@ -52,62 +61,39 @@ impl BoardDisk {
             .collect())
     }
 
+    /// Mounts the root and copies the FAT partition's files out (the board must be off).
     pub fn mount(&mut self) -> Result<()> {
         if self.mounted {
             return Ok(());
         }
         let parts = self.partitions()?;
-        let [(fw_start, fw_size), (root_start, root_size)] = parts[..] else { bail!("expected two partitions") };
-        let mount = |fs: &str, start: u64, size: u64, at: &str| {
-            run(Command::new("mount")
-                .args(["-t", fs, "-o", &format!("loop,offset={start},sizelimit={size}")])
-                .arg(&self.raw)
-                .arg(self.dir.join(at)))
-        };
-        let _ = fw_size;
+        let [(fw_start, _), (root_start, root_size)] = parts[..] else { bail!("expected two partitions") };
         let fw = self.dir.join("firmware");
         let _ = std::fs::remove_dir_all(&fw);
         std::fs::create_dir_all(&fw)?;
         run(Command::new("mcopy")
             .args(["-s", "-n", "-m", "-i", &format!("{}@@{fw_start}", self.raw.display()), "::/"])
             .arg(&fw))?;
-        mount("ext4", root_start, root_size, "root")?;
+        run(Command::new("mount")
+            .args(["-t", "ext4", "-o", &format!("loop,offset={root_start},sizelimit={root_size}")])
+            .arg(&self.raw)
+            .arg(self.dir.join("root")))?;
         self.mounted = true;
         Ok(())
     }
 
     pub fn unmount(&mut self) -> Result<()> {
-        if !self.mounted {
-            return Ok(());
+        if self.mounted {
+            run(Command::new("umount").arg(self.dir.join("root")))?;
+            self.mounted = false;
         }
-        run(Command::new("umount").arg(self.dir.join("root")))?;
-        let parts = self.partitions()?;
-        let fw_start = parts.first().context("no FAT partition")?.0;
-        let fw = self.dir.join("firmware");
-        let mut files = vec![];
-        for e in std::fs::read_dir(&fw)? {
-            files.push(e?.path());
-        }
-        run(Command::new("mcopy")
-            .args(["-s", "-o", "-m", "-i", &format!("{}@@{fw_start}", self.raw.display())])
-            .args(&files)
-            .arg("::/"))?;
-        self.mounted = false;
         Ok(())
     }
 
-    /// Boots the board once (unmounted first): its console until it powered off or
-    /// reset (a kernel panic resets it with `panic=-1`).
-    pub fn boot(&mut self) -> Result<String> {
+    /// Powers the board on (unmounted first); its console and QEMU's files go to `dir`.
+    pub fn boot(&mut self, dir: &Path) -> Result<crate::vm::Vm> {
         self.unmount()?;
-        let out = Command::new("timeout")
-            .args(["120", "qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a57", "-m", "512"])
-            .args(["-nographic", "-no-reboot", "-bios", UBOOT, "-drive"])
-            .arg(format!("if=virtio,file={},format=raw", self.raw.display()))
-            .stdin(std::process::Stdio::null())
-            .output()
-            .context("running qemu-system-aarch64")?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        crate::vm::Vm::boot_board(&self.raw, dir)
     }
 
     /// The extlinux.conf the board boots (mounted).
@@ -121,13 +107,25 @@ impl BoardDisk {
             .ok()
             .and_then(|b| thymis_uboot::TryState::decode(&b).ok())
     }
+
+    /// A file on the root file system (mounted), written for the next boot.
+    pub fn write_root_file(&self, path: &str, text: Option<&str>) -> Result<()> {
+        let p = self.dir.join("root").join(path.trim_start_matches('/'));
+        match text {
+            Some(t) => std::fs::write(&p, t)?,
+            None => {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The system a board's console says it booted (`THYMIS-BOOTED SYSTEM/init`).
 pub fn booted_system(console: &str) -> Option<String> {
     console
         .lines()
-        .find_map(|l| l.trim().strip_prefix("THYMIS-BOOTED ").map(|s| s.trim_end_matches("/init").to_owned()))
+        .find_map(|l| l.trim().strip_prefix("THYMIS-BOOTED ").map(|s| s.trim().trim_end_matches("/init").to_owned()))
 }
 
 impl Drop for BoardDisk {

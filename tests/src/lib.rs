@@ -425,12 +425,6 @@ pub enum Kind {
     /// agent as its systemd unit (the repository's unit file), its own netns; reboots
     /// are real (the container exits and the harness boots it again).
     Systemd,
-    /// The agent of an aarch64 U-Boot board, run on this machine like a process device
-    /// (this toolchain cannot build an aarch64 agent): its `/nix` and `/boot` are the
-    /// partitions of the board's disk image, mounted here while the board is off, and
-    /// its boots happen in QEMU ([`board::BoardDisk`]); its boot id is a file the harness
-    /// changes at each boot.
-    Board,
 }
 
 /// A simulated device: a real agent with its own `/nix`, `/run` and network namespace.
@@ -450,20 +444,7 @@ pub struct Device {
 
 impl Device {
     pub fn nix_dir(&self) -> PathBuf {
-        match self.kind {
-            Kind::Board => self.dir.join("disk/root/nix"),
-            _ => self.dir.join("nix"),
-        }
-    }
-
-    /// A board device boots: a new boot id, and the system it came up on.
-    pub fn booted(&self, system: &str) -> Result<()> {
-        let id = std::fs::read_to_string("/proc/sys/kernel/random/uuid")?;
-        std::fs::write(self.dir.join("boot_id"), id)?;
-        let link = self.dir.join("current-system");
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(system, link)?;
-        Ok(())
+        self.dir.join("nix")
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -475,19 +456,8 @@ impl Device {
             return self.boot();
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log"))?;
-        // A board's /boot and FAT partition are its disk image's; its boot id a file.
-        let board = if self.kind == Kind::Board {
-            format!(
-                "mount --bind '{disk}/root/boot' /boot && mount --bind '{disk}/firmware' /boot/firmware && \
-                 mount --bind '{dir}/boot_id' /proc/sys/kernel/random/boot_id && ",
-                disk = self.dir.join("disk").display(),
-                dir = self.dir.display()
-            )
-        } else {
-            String::new()
-        };
         let script = format!(
-            "mkdir -p /nix && mount --bind '{nix}' /nix && mount -t tmpfs tmpfs /run && {board}exec '{agent}' --config '{config}'",
+            "mkdir -p /nix && mount --bind '{nix}' /nix && mount -t tmpfs tmpfs /run && exec '{agent}' --config '{config}'",
             nix = self.nix_dir().display(),
             agent = bin("thymis-agent").display(),
             config = self.dir.join("agent.toml").display(),
@@ -973,12 +943,6 @@ impl Fleet {
         self.add_device_with(name, config, start, None, Kind::Systemd)
     }
 
-    /// A U-Boot board device ([`Kind::Board`]) whose disk is mounted at `DIR/disk`
-    /// ([`board::BoardDisk`]); not started.
-    pub fn add_board_device(&mut self, name: &str, config: &str) -> Result<usize> {
-        self.add_device_with(name, config, false, None, Kind::Board)
-    }
-
     fn add_device_with(
         &mut self,
         name: &str,
@@ -994,7 +958,7 @@ impl Fleet {
         std::fs::create_dir_all(dir.join("nix"))?;
         std::fs::create_dir_all(dir.join("state"))?;
         let state_dir = match kind {
-            Kind::Process | Kind::Board => dir.join("state").display().to_string(),
+            Kind::Process => dir.join("state").display().to_string(),
             Kind::Systemd => "/var/lib/thymis-agent".to_owned(),
         };
         let mut config_text = format!(
@@ -1023,17 +987,6 @@ impl Fleet {
             config_text.push_str(
                 "boot_dir = \"/var/lib/thymis-agent/no-boot\"\nefivars_dir = \"/var/lib/thymis-agent/no-efivars\"\nallow_unsafe_reboot = true\n",
             );
-        }
-        if kind == Kind::Board {
-            // Its reboot is the harness's to make: the agent says so and waits to be stopped.
-            config_text.push_str(&format!(
-                "reboot_command = [\"touch\", {:?}]\nboot_dir = \"/boot\"\nfirmware_dir = \"/boot/firmware\"\n\
-                 efivars_dir = {:?}\ncurrent_system_link = {:?}\nbooted_system_link = {:?}\n",
-                dir.join("reboot-requested").display().to_string(),
-                dir.join("efivars").display().to_string(),
-                dir.join("current-system").display().to_string(),
-                dir.join("current-system").display().to_string()
-            ));
         }
         if kind == Kind::Systemd {
             install_units(&dir.join("units"))?;

@@ -62,12 +62,49 @@ impl Vm {
         } else {
             cmd.args(["-nic", "none"]);
         }
+        Vm::spawn(cmd, dir, console)
+    }
+
+    /// Boots an aarch64 U-Boot board (QEMU's `virt` machine with Debian's U-Boot as its
+    /// firmware, [`crate::board::UBOOT`]) from `disk`, with QEMU's user network as
+    /// [`Vm::boot`] has it. A reset (a panic with `panic=-1`, the watchdog, a reboot)
+    /// ends QEMU.
+    pub fn boot_board(disk: &Path, dir: &Path) -> Result<Vm> {
+        std::fs::create_dir_all(dir)?;
+        let console = dir.join("console.log");
+        let _ = std::fs::rename(&console, dir.join("console.previous.log"));
+        let mut cmd = Command::new("qemu-system-aarch64");
+        cmd.args([
+            "-M",
+            "virt",
+            "-cpu",
+            "cortex-a57",
+            "-m",
+            "512",
+            "-smp",
+            "1",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+        ])
+        .args(["-no-reboot", "-bios", crate::board::UBOOT])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-drive")
+        .arg(format!("if=virtio,file={},format=raw", disk.display()))
+        .args(["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]);
+        Vm::spawn(cmd, dir, console)
+    }
+
+    fn spawn(mut cmd: Command, dir: &Path, console: PathBuf) -> Result<Vm> {
+        let program = cmd.get_program().to_string_lossy().into_owned();
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("qemu.stderr"))?)
             .spawn()
-            .context("starting qemu-system-x86_64 (Debian: qemu-system-x86)")?;
+            .with_context(|| format!("starting {program} (Debian: qemu-system-x86, qemu-system-arm)"))?;
         Ok(Vm { child, console })
     }
 

@@ -1,96 +1,269 @@
 //! An aarch64 U-Boot board in QEMU, its disk made by `thymis-imager build --board
-//! qemu-virt`, taking reboot deployments through the Thymis boot script: a system whose
-//! kernel panics is tried once and the board comes back by itself; a good one is tried,
-//! confirmed, made the default and stays. The agent cannot run inside the aarch64 VM (this
-//! toolchain has no aarch64 standard library): it runs on this machine against the
-//! board's partitions while the board is off (`Kind::Board`), and each boot happens in
-//! QEMU with Debian's U-Boot, arm64 kernel and busybox.
+//! qemu-virt`, running its own agent: the aarch64 build of thymis-agent
+//! (scripts/agent-aarch64.sh) with Debian's arm64 Nix, started by the board's init and
+//! talking to the controller over QEMU's user network. It enrolls with the token its
+//! image carries and takes reboot deployments through the Thymis boot script, whose
+//! state (and, when older, the script itself) it writes through Linux's vfat on the
+//! board, mounting the `noauto` FAT partition itself: a new generation is tried once;
+//! one whose kernel panics, or that hangs until the watchdog resets the board, comes
+//! back by itself and the board's agent reports it rolled back; a good one is
+//! confirmed over a fresh connection, made the default and stays; a power cut right
+//! after the agent wrote the boot state leaves a board that boots.
 
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use thymis_fleet_tests::board::{BoardDisk, booted_system};
+use thymis_fleet_tests::board::{BoardDisk, aarch64_agent, booted_system};
+use thymis_fleet_tests::vm::Vm;
 use thymis_fleet_tests::{Fleet, FleetOptions, bin, wait_for};
 
-/// Deploys `configs` to the board with a reboot and waits for the agent's reboot.
-fn deploy_with_reboot(f: &Fleet, message: &str) -> i64 {
-    let t = f.controller.ctl_json(&["deploy", "--device", "b1", "--reboot", "-m", message]);
-    let requested = f.device("b1").dir.join("reboot-requested");
-    wait_for("the agent to reboot the board", Duration::from_secs(120), || requested.exists().then_some(()));
-    std::fs::remove_file(&requested).expect("rm");
-    t["id"].as_i64().expect("task id")
+const NAME: &str = "b1";
+
+/// A fleet whose configuration "alpha" is an aarch64 system carrying the board's agent,
+/// and the board "b1" made from its image (powered off).
+struct Board {
+    f: Fleet,
+    disk: BoardDisk,
+    vm_dir: PathBuf,
+    agent: serde_json::Value,
+    version: u32,
+}
+
+impl Board {
+    /// The board and the system its image holds.
+    fn new() -> (Board, String) {
+        // A boot under emulation takes tens of seconds; the confirmation waits for it.
+        let f = Fleet::new(FleetOptions { confirm_timeout: 300, dead_after: 15, ..Default::default() }).expect("fleet");
+        let agent_bin = aarch64_agent().expect("the aarch64 agent");
+        let stamp = run(Command::new("sha256sum").arg(&agent_bin));
+        let agent = json!({ "agent": agent_bin, "agentStamp": stamp.split_whitespace().next() });
+        f.set_configs(&configs(&agent, 1, json!({}))).expect("configs");
+        assert!(f.controller.ctl(&["project", "commit", "-m", "an arm board"]).status.success());
+        let first = f.controller.ctl_json(&["build", "alpha", "--wait"])["system"].as_str().expect("system").to_owned();
+
+        // The board's image, as a user would make it: with the agent's configuration
+        // (its enrollment token) from `device add`.
+        let added = f.controller.ctl_json(&["device", "add", NAME, "--config", "alpha"]);
+        let mut config = added["agent_config"].as_str().expect("agent_config").to_owned();
+        config.push_str("dbus = false\nreconnect_min = 0.5\nreconnect_max = 2.0\nconnect_timeout = 10\n");
+        let config_file = f.tmp.path().join("agent.toml");
+        std::fs::write(&config_file, config).expect("write");
+        let images = f.tmp.path().join("images");
+        run(Command::new(bin("thymis-imager"))
+            .args(["build", "--board", "qemu-virt", "--size", "512M", "--name", "board", "--system", &first])
+            .args(["--commit", &f.controller.project_head()])
+            .arg("--agent-config")
+            .arg(&config_file)
+            .arg("--out")
+            .arg(&images));
+        let disk = BoardDisk::from_image(&images.join("board.img.zst"), &f.tmp.path().join("disk")).expect("disk");
+        let vm_dir = f.tmp.path().join("vm");
+        (Board { f, disk, vm_dir, agent, version: 1 }, first)
+    }
+
+    /// Powers the board on; with `crash_after`, its agent holds there
+    /// (`THYMIS_TEST_CRASH_AFTER`, read by the test system's stage 2).
+    fn boot(&mut self, crash_after: Option<&str>) -> Vm {
+        self.disk.mount().expect("mount");
+        self.disk.write_root_file("etc/thymis-test-crash-after", crash_after).expect("crash point");
+        self.disk.boot(&self.vm_dir).expect("qemu")
+    }
+
+    /// Commits the next version of alpha (with `arm` settings `extra`) and deploys it
+    /// with a reboot; the task's id.
+    fn deploy(&mut self, extra: serde_json::Value, message: &str) -> String {
+        self.version += 1;
+        self.f.set_configs(&configs(&self.agent, self.version, extra)).expect("configs");
+        let t = self.f.controller.ctl_json(&["deploy", "--device", NAME, "--reboot", "-m", message]);
+        t["id"].as_i64().expect("task id").to_string()
+    }
+
+    /// The board's deployment in task `task`, once it has a result.
+    fn result(&self, task: &str) -> serde_json::Value {
+        wait_for("the deployment to end", Duration::from_secs(400), || {
+            let t = self.f.controller.ctl_json(&["task", task]);
+            let c = Fleet::child(&t, NAME).clone();
+            (!c["result"].is_null()).then_some(c)
+        })
+    }
+
+    /// Waits until the board's agent, in this boot, connected and the controller shows it
+    /// online on `system`.
+    fn wait_reports(&self, system: &str, machine: &mut Vm) {
+        machine.wait_for_console("connected to the controller", Duration::from_secs(300)).expect("the agent connects");
+        wait_for("the board's agent to report", Duration::from_secs(300), || {
+            let row = self.f.device_row(NAME);
+            (row["online"] == true && row["system"] == system).then_some(())
+        });
+    }
+
+    /// Waits for the board to end this boot by itself (its agent reboots it, a panic or
+    /// the watchdog resets it); fails at once when deployment `task` ends first with
+    /// anything but `ends_with`.
+    fn wait_reset(&self, machine: &mut Vm, why: &str, task: Option<&str>) {
+        let start = std::time::Instant::now();
+        while machine.wait_exit(Duration::from_secs(2)).is_err() {
+            let ended = task.map(|t| Fleet::child(&self.f.controller.ctl_json(&["task", t]), NAME).clone());
+            let ended = ended.filter(|c| !c["result"].is_null() && c["result"] != "rolled-back");
+            if ended.is_some() || start.elapsed() > Duration::from_secs(400) {
+                panic!("{why}: {ended:?}\n{}\n{}", self.f.diagnostics(), machine.console());
+            }
+        }
+    }
+}
+
+/// The project: alpha, the board's system (`arm` settings: the agent plus `extra`).
+fn configs(agent: &serde_json::Value, version: u32, extra: serde_json::Value) -> serde_json::Value {
+    let mut arm = agent.clone();
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        arm[k] = v.clone();
+    }
+    json!({ "alpha": { "version": version.to_string(), "arm": arm }, "beta": {} })
+}
+
+/// The system the board booted, once its console says.
+fn booted(machine: &mut Vm) -> String {
+    let console = machine.wait_for_console("THYMIS-BOOTED", Duration::from_secs(300)).expect("the board boots");
+    booted_system(&console).expect("a system")
+}
+
+/// The board's FAT partition, as mtools reads it (the board off).
+fn fat(disk: &BoardDisk) -> String {
+    format!("{}@@8M", disk.raw.display())
 }
 
 #[test]
-fn a_board_tries_a_new_generation_once_comes_back_from_a_panic_and_keeps_a_confirmed_one() {
-    let mut f = Fleet::new(FleetOptions { confirm_timeout: 60, ..Default::default() }).expect("fleet");
-    let arm = |version: &str, panics: bool| json!({ "version": version, "arm": { "panics": panics } });
-    f.set_configs(&json!({ "alpha": arm("1", false), "beta": {} })).expect("cfg");
-    f.controller.ctl(&["project", "commit", "-m", "an arm board"]);
-    let built = f.controller.ctl_json(&["build", "alpha", "--wait"]);
-    let first = built["system"].as_str().expect("system").to_owned();
+fn the_boards_agent_enrolls_tries_a_generation_once_comes_back_from_a_panic_and_keeps_a_confirmed_one() {
+    let (mut b, first) = Board::new();
+    // An older boot script than this agent's: the agent replaces it before its first try.
+    let mut old = thymis_uboot::script_text(2);
+    old = old.replacen(&format!("(version {})", thymis_uboot::SCRIPT_VERSION), "(version 0)", 1);
+    let old_scr = b.f.tmp.path().join("old-boot.scr");
+    std::fs::write(&old_scr, thymis_uboot::script_image(&old, "Thymis boot script")).expect("write");
+    run(Command::new("mcopy").args(["-o", "-i", &fat(&b.disk)]).arg(&old_scr).arg("::/boot.scr"));
 
-    // The board's image, as a user would make it.
-    let images = f.tmp.path().join("images");
-    let out = std::process::Command::new(bin("thymis-imager"))
-        .args(["build", "--board", "qemu-virt", "--size", "384M", "--name", "board", "--system", &first])
-        .arg("--out")
-        .arg(&images)
-        .output()
-        .expect("imager");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    f.add_board_device("b1", "alpha").expect("device");
-    let mut disk =
-        BoardDisk::from_image(&images.join("board.img.zst"), &f.device("b1").dir.join("disk")).expect("disk");
-
-    let console = disk.boot().expect("boot");
-    assert_eq!(booted_system(&console).as_deref(), Some(first.as_str()), "the image does not boot:\n{console}");
-    disk.mount().expect("mount");
-    f.device("b1").booted(&first).expect("boot");
-    f.device_mut("b1").start().expect("agent");
-    f.wait_online("b1");
-    assert_eq!(f.device_row("b1")["system"], first.as_str());
+    let mut machine = b.boot(None);
+    assert_eq!(booted(&mut machine), first, "the image does not boot:\n{}", machine.console());
+    machine.wait_for_console("stage 2: starting the agent", Duration::from_secs(120)).expect("stage 2");
+    b.wait_reports(&first, &mut machine);
+    let row = b.f.device_row(NAME);
+    assert_eq!(row["enrolled"], true, "enrolled with the token its image carried: {row}");
+    assert_eq!(row["commit"], b.f.controller.project_head().as_str(), "{row}");
 
     // A generation whose kernel panics: tried once, then the board is back by itself.
-    f.set_configs(&json!({ "alpha": arm("2", true), "beta": {} })).expect("cfg");
-    let task = deploy_with_reboot(&f, "panics");
-    assert_eq!(disk.try_state().and_then(|s| s.label).as_deref(), Some("nixos-2-default"), "{}", disk.extlinux_conf());
-    f.device_mut("b1").kill9();
-    let console = disk.boot().expect("boot");
+    let task = b.deploy(json!({ "panics": true }), "panics");
+    b.wait_reset(&mut machine, "the agent did not reboot the board", Some(&task));
+    let console = machine.console();
+    assert!(console.contains("mounted /boot/firmware"), "the agent did not mount the FAT partition:\n{console}");
+    assert!(console.contains("stage 2: rebooting"), "{console}");
+    drop(machine);
+    let scr = run(Command::new("mtype").args(["-i", &fat(&b.disk), "::/boot.scr"]));
+    assert!(scr.contains(&format!("(version {})", thymis_uboot::SCRIPT_VERSION)), "boot.scr was not updated");
+    let mut machine = b.boot(None);
+    b.wait_reset(&mut machine, "the panicking generation did not reset the board", None);
+    let console = machine.console();
     assert!(console.contains("trying nixos-2-default once") && console.contains("Kernel panic"), "{console}");
-    let console = disk.boot().expect("boot");
-    assert!(console.contains("was tried already"), "{console}");
-    assert_eq!(booted_system(&console).as_deref(), Some(first.as_str()), "not back on the first system:\n{console}");
-    disk.mount().expect("mount");
-    f.device("b1").booted(&first).expect("boot");
-    f.device_mut("b1").start().expect("agent");
-    let t = f.wait_task(task, Duration::from_secs(120));
-    let child = Fleet::child(&t, "b1");
-    assert_eq!(child["result"], "rolled-back", "{child}\n{}", f.diagnostics());
-    assert!(child["error"].as_str().is_some_and(|e| e.contains("did not come up after the reboot")), "{child}");
-    f.wait_online("b1");
-    assert_eq!(disk.try_state().and_then(|s| s.label), None, "the try was not cleared");
-    assert!(!disk.extlinux_conf().contains("nixos-2-default"), "the failed generation is still offered");
+    drop(machine);
+    let mut machine = b.boot(None);
+    assert_eq!(booted(&mut machine), first, "not back on the first system:\n{}", machine.console());
+    assert!(machine.console().contains("was tried already"), "{}", machine.console());
+    let child = b.result(&task);
+    assert_eq!(child["result"], "rolled-back", "{child}\n{}\n{}", b.f.diagnostics(), machine.console());
+    b.wait_reports(&first, &mut machine);
+    let ids = [task.parse().unwrap_or_default(), child["id"].as_i64().unwrap_or_default()];
+    let logs = ids.map(|id| b.f.controller.task_logs(id).join("\n")).join("\n");
+    assert!(logs.contains("updated the U-Boot boot script"), "{logs}");
+    machine.wait_for_console("deployment finished", Duration::from_secs(60)).expect("the agent finishes");
+    drop(machine);
+    b.disk.mount().expect("mount");
+    assert_eq!(b.disk.try_state().and_then(|s| s.label), None, "the try was not cleared");
+    assert!(!b.disk.extlinux_conf().contains("nixos-2-default"), "the failed generation is still offered");
 
-    // A good generation: tried, confirmed, made the default, and it stays.
-    f.set_configs(&json!({ "alpha": arm("3", false), "beta": {} })).expect("cfg");
-    let task = deploy_with_reboot(&f, "good");
-    f.device_mut("b1").kill9();
-    let console = disk.boot().expect("boot");
-    let third = booted_system(&console).expect("a system booted");
-    assert_ne!(third, first, "the new generation was not tried:\n{console}");
-    disk.mount().expect("mount");
-    f.device("b1").booted(&third).expect("boot");
-    f.device_mut("b1").start().expect("agent");
-    let t = f.wait_task(task, Duration::from_secs(120));
-    assert_eq!(Fleet::child(&t, "b1")["result"], "succeeded", "{t}\n{}", f.diagnostics());
-    assert_eq!(Fleet::child(&t, "b1")["system"], third.as_str());
-    wait_for("the try to be cleared", Duration::from_secs(30), || disk.try_state()?.label.is_none().then_some(()));
-    f.device_mut("b1").kill9();
-    for _ in 0..2 {
-        let console = disk.boot().expect("boot");
-        assert_eq!(booted_system(&console).as_deref(), Some(third.as_str()), "{console}");
+    // A good generation: tried, confirmed over a fresh connection, made the default, and it stays.
+    let mut machine = b.boot(None);
+    assert_eq!(booted(&mut machine), first);
+    b.wait_reports(&first, &mut machine);
+    let task = b.deploy(json!({}), "good");
+    b.wait_reset(&mut machine, "the agent did not reboot the board", Some(&task));
+    drop(machine);
+    let mut machine = b.boot(None);
+    let third = booted(&mut machine);
+    assert_ne!(third, first, "the new generation was not tried:\n{}", machine.console());
+    assert!(machine.console().contains("once"), "{}", machine.console());
+    let child = b.result(&task);
+    assert_eq!(child["result"], "succeeded", "{child}\n{}\n{}", b.f.diagnostics(), machine.console());
+    assert_eq!(child["system"], third.as_str());
+    machine.wait_for_console("deployment finished", Duration::from_secs(60)).expect("the agent finishes");
+    drop(machine);
+    b.disk.mount().expect("mount");
+    assert_eq!(b.disk.try_state().and_then(|s| s.label), None, "the try was not cleared");
+    for cycle in 1..=2 {
+        let mut machine = b.boot(None);
+        assert_eq!(booted(&mut machine), third, "power cycle {cycle}:\n{}", machine.console());
     }
+}
+
+#[test]
+fn a_hang_comes_back_by_the_watchdog_and_power_cuts_after_the_boot_state_is_written_leave_a_board_that_boots() {
+    let (mut b, first) = Board::new();
+    let mut machine = b.boot(None);
+    assert_eq!(booted(&mut machine), first);
+    b.wait_reports(&first, &mut machine);
+
+    // A generation whose stage 2 hangs with the watchdog armed: the watchdog resets it.
+    let task = b.deploy(json!({ "hangs": true, "watchdog": 10 }), "hangs");
+    b.wait_reset(&mut machine, "the agent did not reboot the board", Some(&task));
+    drop(machine);
+    let mut machine = b.boot(None);
+    b.wait_reset(&mut machine, "the watchdog did not reset the hanging board", None);
+    let console = machine.console();
+    assert!(console.contains("watchdog armed") && console.contains("hangs on purpose"), "{console}");
+    drop(machine);
+    let mut machine = b.boot(None);
+    assert_eq!(booted(&mut machine), first, "not back on the first system:\n{}", machine.console());
+    let child = b.result(&task);
+    assert_eq!(child["result"], "rolled-back", "{child}\n{}", b.f.diagnostics());
+    b.wait_reports(&first, &mut machine);
+    drop(machine);
+
+    // A power cut right after the agent wrote the try (step 4 of "try-once"): the board
+    // boots the new generation once, whose agent takes it back to the confirmed one.
+    let mut machine = b.boot(Some("try-once:4:hold"));
+    assert_eq!(booted(&mut machine), first);
+    b.wait_reports(&first, &mut machine);
+    let task = b.deploy(json!({}), "cut after the try is written");
+    machine.wait_for_console("try-once:4:hold: holding here", Duration::from_secs(400)).expect("the agent holds");
+    drop(machine); // the power cut
+    let mut machine = b.boot(None);
+    assert_ne!(booted(&mut machine), first, "the try was lost:\n{}", machine.console());
+    b.wait_reset(&mut machine, "the unconfirmed generation's agent did not reboot back", None);
+    drop(machine);
+    let mut machine = b.boot(None);
+    assert_eq!(booted(&mut machine), first, "{}", machine.console());
+    let child = b.result(&task);
+    assert_eq!(
+        (child["result"].as_str(), child["reason"].as_str()),
+        (Some("rolled-back"), Some("rebooted-unconfirmed")),
+        "{child}"
+    );
+    b.wait_reports(&first, &mut machine);
+
+    // A power cut right after the confirmed generation's agent cleared the try (step 4
+    // of "commit"): the board boots the confirmed generation.
+    let task = b.deploy(json!({}), "cut after the try is cleared");
+    b.wait_reset(&mut machine, "the agent did not reboot the board", Some(&task));
+    drop(machine);
+    let mut machine = b.boot(Some("commit:4:hold"));
+    let tried = booted(&mut machine);
+    assert_ne!(tried, first);
+    machine.wait_for_console("commit:4:hold: holding here", Duration::from_secs(400)).expect("the agent holds");
+    drop(machine); // the power cut
+    let mut machine = b.boot(None);
+    assert_eq!(booted(&mut machine), tried, "{}", machine.console());
+    assert_eq!(b.result(&task)["result"], "succeeded");
+    b.wait_reports(&tried, &mut machine);
 }
 
 /// Runs a command; its stdout, or a panic with its stderr.

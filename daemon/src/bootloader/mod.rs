@@ -11,6 +11,7 @@
 pub mod efivars;
 pub mod exec;
 pub mod grub;
+pub mod on_demand;
 pub mod safety;
 pub mod systemd_boot;
 pub mod uboot;
@@ -136,6 +137,7 @@ impl Plan {
 /// extlinux from their configuration files under `boot_dir`, U-Boot from this project's
 /// boot script in `firmware_dir` beside an extlinux.conf.
 /// systemd-boot's ESP is `boot_dir` (NixOS's default `efiSysMountPoint`).
+/// A `noauto` file system at `firmware_dir` is mounted first ([`on_demand`]).
 pub fn detect(boot_dir: &Path, efivars_dir: &Path, firmware_dir: &Path, can_touch_efi_variables: bool) -> Loader {
     let vars = EfiVars { dir: efivars_dir.to_owned() };
     if vars.get("LoaderInfo").is_some_and(|info| info.starts_with("systemd-boot")) {
@@ -144,6 +146,9 @@ pub fn detect(boot_dir: &Path, efivars_dir: &Path, firmware_dir: &Path, can_touc
     let grub = Grub { dir: boot_dir.join("grub") };
     if grub.config().exists() {
         return Loader::Grub(grub);
+    }
+    if boot_dir.join("extlinux/extlinux.conf").exists() {
+        on_demand::mount(firmware_dir);
     }
     if let Some(u) = UBoot::detect(firmware_dir, boot_dir) {
         return Loader::UBoot(u);
