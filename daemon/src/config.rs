@@ -47,7 +47,8 @@ pub struct AgentConfig {
     /// its `LoaderInfo` variable there.
     pub efivars_dir: PathBuf,
     /// Where a U-Boot board's FAT partition is mounted (its boot script and boot-once
-    /// state; NixOS's SD images mount it at `/boot/firmware`).
+    /// state; NixOS's SD images list it at `/boot/firmware` with `noauto`, and the agent
+    /// mounts it then: `bootloader::on_demand`).
     pub firmware_dir: PathBuf,
     /// NixOS's `boot.loader.efi.canTouchEfiVariables`: where false, the agent writes no
     /// EFI variable, so systemd-boot has no one-shot boot for reboot deployments.
