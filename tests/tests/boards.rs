@@ -71,6 +71,19 @@ impl Board {
         self.disk.boot(&self.vm_dir).expect("qemu")
     }
 
+    /// Puts an older version of the boot script on the FAT partition (the board off),
+    /// which the agent replaces before it sets a try.
+    fn put_old_script(&self) {
+        let old = thymis_uboot::script_text(2).replacen(
+            &format!("(version {})", thymis_uboot::SCRIPT_VERSION),
+            "(version 0)",
+            1,
+        );
+        let file = self.f.tmp.path().join("old-boot.scr");
+        std::fs::write(&file, thymis_uboot::script_image(&old, "Thymis boot script")).expect("write");
+        run(Command::new("mcopy").args(["-o", "-i", &fat(&self.disk)]).arg(&file).arg("::/boot.scr"));
+    }
+
     /// Commits the next version of alpha (with `arm` settings `extra`) and deploys it
     /// with a reboot; the task's id.
     fn deploy(&mut self, extra: serde_json::Value, message: &str) -> String {
@@ -138,11 +151,7 @@ fn fat(disk: &BoardDisk) -> String {
 fn the_boards_agent_enrolls_tries_a_generation_once_comes_back_from_a_panic_and_keeps_a_confirmed_one() {
     let (mut b, first) = Board::new();
     // An older boot script than this agent's: the agent replaces it before its first try.
-    let mut old = thymis_uboot::script_text(2);
-    old = old.replacen(&format!("(version {})", thymis_uboot::SCRIPT_VERSION), "(version 0)", 1);
-    let old_scr = b.f.tmp.path().join("old-boot.scr");
-    std::fs::write(&old_scr, thymis_uboot::script_image(&old, "Thymis boot script")).expect("write");
-    run(Command::new("mcopy").args(["-o", "-i", &fat(&b.disk)]).arg(&old_scr).arg("::/boot.scr"));
+    b.put_old_script();
 
     let mut machine = b.boot(None);
     assert_eq!(booted(&mut machine), first, "the image does not boot:\n{}", machine.console());
@@ -228,14 +237,18 @@ fn a_hang_comes_back_by_the_watchdog_and_power_cuts_after_the_boot_state_is_writ
     b.wait_reports(&first, &mut machine);
     drop(machine);
 
-    // A power cut right after the agent wrote the try (step 4 of "try-once"): the board
-    // boots the new generation once, whose agent takes it back to the confirmed one.
+    // A power cut right after the agent replaced the boot script and wrote the try (step
+    // 4 of "try-once"): the board boots the new generation once, with the new script,
+    // and that generation's agent takes it back to the confirmed one.
+    b.put_old_script();
     let mut machine = b.boot(Some("try-once:4:hold"));
     assert_eq!(booted(&mut machine), first);
     b.wait_reports(&first, &mut machine);
     let task = b.deploy(json!({}), "cut after the try is written");
     machine.wait_for_console("try-once:4:hold: holding here", Duration::from_secs(400)).expect("the agent holds");
     drop(machine); // the power cut
+    let scr = run(Command::new("mtype").args(["-i", &fat(&b.disk), "::/boot.scr"]));
+    assert!(scr.contains(&format!("(version {})", thymis_uboot::SCRIPT_VERSION)), "boot.scr was not replaced");
     let mut machine = b.boot(None);
     assert_ne!(booted(&mut machine), first, "the try was lost:\n{}", machine.console());
     b.wait_reset(&mut machine, "the unconfirmed generation's agent did not reboot back", None);
