@@ -37,6 +37,11 @@ impl Vm {
     /// The EFI variables live in `dir`: booting again with the same `dir` is the same
     /// machine powered on again (a reboot ends QEMU: `-no-reboot`).
     pub fn boot(disk: &Path, dir: &Path, network: bool) -> Result<Vm> {
+        Vm::boot_disks(&[disk], dir, network)
+    }
+
+    /// [`Vm::boot`] with more disks after the first (`/dev/vdb`, ...).
+    pub fn boot_disks(disks: &[&Path], dir: &Path, network: bool) -> Result<Vm> {
         std::fs::create_dir_all(dir)?;
         let vars = dir.join("OVMF_VARS.fd");
         if !vars.exists() {
@@ -55,8 +60,9 @@ impl Vm {
             .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"))
             .arg("-drive")
             .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()))
-            .arg("-drive")
-            .arg(format!("file={},format=raw,if=virtio", disk.display()));
+            .args(
+                disks.iter().flat_map(|d| ["-drive".to_owned(), format!("file={},format=raw,if=virtio", d.display())]),
+            );
         if network {
             cmd.args(["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]);
         } else {

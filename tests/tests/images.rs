@@ -283,14 +283,19 @@ fn booted(machine: &mut Vm) -> String {
     line.split("system=").nth(1).unwrap_or_default().trim().to_owned()
 }
 
-fn switch_to_grub(disk: &std::path::Path, system: &str, work: &std::path::Path) {
+/// The system's own GRUB builder (what its `switch-to-configuration boot` runs).
+fn grub_builder(system: &str) -> String {
     let stc =
         std::fs::read_to_string(format!("{system}/bin/switch-to-configuration")).expect("switch-to-configuration");
-    let builder = stc.split_whitespace().find(|w| w.ends_with("/bin/grub-builder")).expect("the system's GRUB builder");
+    stc.split_whitespace().find(|w| w.ends_with("/bin/grub-builder")).expect("the system's GRUB builder").to_owned()
+}
+
+fn switch_to_grub(disk: &std::path::Path, system: &str, work: &std::path::Path) {
+    let builder = grub_builder(system);
     let (profiles, esp) = (work.join("profiles"), work.join("esp"));
     std::fs::create_dir_all(&profiles).expect("mkdir");
     std::os::unix::fs::symlink(system, profiles.join("system-1-link")).expect("link");
-    run(Command::new(builder).arg(system).env("ESP", &esp).env("PROFILES", &profiles));
+    run(Command::new(&builder).arg(system).env("ESP", &esp).env("PROFILES", &profiles));
     run(Command::new("grub-mkimage")
         .args(["-O", "x86_64-efi", "-p", "/grub", "-o"])
         .arg(esp.join("BOOTX64.EFI"))
@@ -311,6 +316,71 @@ fn switch_to_grub(disk: &std::path::Path, system: &str, work: &std::path::Path) 
     run(Command::new("mdeltree").args(["-i", &img, "::/loader", "::/EFI/systemd"]));
     run(Command::new("mcopy").args(["-o", "-i", &img]).arg(esp.join("BOOTX64.EFI")).arg("::/EFI/BOOT/BOOTX64.EFI"));
     run(Command::new("mcopy").args(["-s", "-i", &img]).arg(esp.join("grub")).arg(esp.join("kernels")).arg("::/"));
+}
+
+/// GRUB with /boot on btrfs, as NixOS installs it on a btrfs root: the VM boots through
+/// GRUB reading its menu, grubenv and kernels from the btrfs of a second disk, and its
+/// agent refuses a reboot deployment before anything changes (GRUB's `save_env` does not
+/// write to btrfs, so the one-shot would stay for good): the VM keeps running v1, and
+/// grubenv and the menu are as they were.
+#[test]
+fn grub_with_boot_on_btrfs_boots_in_qemu_and_refuses_reboot_deployments() {
+    let name = "gb1";
+    let (f, vm, disk, v1) = vm_device(name);
+    let work = f.tmp.path().join("btrfs");
+    let (mnt, profiles) = (work.join("mnt"), work.join("profiles"));
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    std::fs::create_dir_all(&profiles).expect("mkdir");
+    std::os::unix::fs::symlink(&v1, profiles.join("system-1-link")).expect("link");
+    let boot_disk = f.tmp.path().join("boot-btrfs.img");
+    let uuid = "6a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+    run(Command::new("truncate").args(["-s", "256M"]).arg(&boot_disk));
+    run(Command::new("mkfs.btrfs").args(["-q", "-U", uuid]).arg(&boot_disk));
+    let btrfs_boot = || -> String {
+        run(Command::new("mount").args(["-o", "loop"]).arg(&boot_disk).arg(&mnt));
+        mnt.display().to_string()
+    };
+    let unmount = || run(Command::new("umount").arg(&mnt));
+    let esp = btrfs_boot();
+    run(Command::new(grub_builder(&v1)).arg(&v1).env("ESP", &esp).env("PROFILES", &profiles));
+    run(Command::new("grub-editenv").arg(mnt.join("grub/grubenv")).arg("create"));
+    unmount();
+    // GRUB's EFI image on the ESP finds /boot by its file system's UUID.
+    let early = work.join("early.cfg");
+    std::fs::write(&early, format!("search --no-floppy --fs-uuid --set=root {uuid}\nset prefix=($root)/grub\n"))
+        .expect("write");
+    run(Command::new("grub-mkimage")
+        .args(["-O", "x86_64-efi", "-p", "/grub", "-c"])
+        .arg(&early)
+        .arg("-o")
+        .arg(work.join("BOOTX64.EFI"))
+        .args(["part_gpt", "fat", "btrfs", "normal", "linux", "configfile", "loadenv", "echo", "test", "search"])
+        .args(["search_fs_uuid", "boot", "minicmd"]));
+    let img = format!("{}@@1M", disk.display());
+    run(Command::new("mdeltree").args(["-i", &img, "::/loader", "::/EFI/systemd"]));
+    run(Command::new("mcopy").args(["-o", "-i", &img]).arg(work.join("BOOTX64.EFI")).arg("::/EFI/BOOT/BOOTX64.EFI"));
+
+    let mut machine =
+        Vm::boot_disks(&[disk.as_path(), boot_disk.as_path()], &f.tmp.path().join("gb1-vm"), true).expect("qemu");
+    assert_eq!(booted(&mut machine), v1, "GRUB did not boot v1 from btrfs:\n{}", machine.console());
+    f.wait_online(name);
+    f.set_configs(&vm_configs(&vm, json!({ "version": "2" }))).expect("configs");
+    let t = f.controller.ctl_json(&["deploy", "--device", name, "--reboot", "-m", "v2 with a reboot", "--wait"]);
+    let child = Fleet::child(&t, name);
+    assert_eq!(child["result"], "failed", "{child}\n{}\n{}", f.diagnostics(), machine.console());
+    assert_eq!(child["reason"], "no-safe-reboot", "{child}");
+    let error = child["error"].as_str().unwrap_or_default();
+    assert!(error.contains("GRUB cannot write its environment") && error.contains("0x9123683e"), "{child}");
+    assert!(machine.wait_exit(Duration::from_secs(5)).is_err(), "the VM rebooted:\n{}", machine.console());
+    assert_eq!(f.device_row(name)["system"], v1.as_str());
+    drop(machine);
+    btrfs_boot();
+    let env = run(Command::new("grub-editenv").arg(mnt.join("grub/grubenv")).arg("list"));
+    let menu = std::fs::read_to_string(mnt.join("grub/grub.cfg")).expect("grub.cfg");
+    unmount();
+    assert!(!env.contains("next_entry=NixOS"), "a one-shot was set: {env}");
+    let default = menu.split("menuentry ").nth(1).unwrap_or_default();
+    assert!(default.starts_with("\"NixOS - Default\"") && default.contains(&v1), "the default changed:\n{menu}");
 }
 
 fn reboot_deployments_keep_a_way_back(grub: bool) {
