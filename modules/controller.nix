@@ -21,6 +21,7 @@ let
   # command-line flag would override the environment file's URL with its password.
   # Behind nginx, agents check its ACME certificate with the device's CA bundle.
   ++ lib.optionals (cfg.nginx.enable && !(cfg.settings ? agent-ca-file)) [ "--agent-ca-file" "/etc/ssl/certs/ca-certificates.crt" ]
+  ++ lib.concatMap (p: [ "--trusted-proxy" p ]) cfg.trustedProxies
   ++ lib.concatLists (lib.mapAttrsToList (name: ref: [ "--override-input" "${name}=${ref}" ]) cfg.overrideInputs)
   ++ lib.concatLists (lib.mapAttrsToList flag cfg.settings);
 in
@@ -82,6 +83,14 @@ in
       type = lib.types.bool;
       default = false;
       description = "Open the listen port (or 443 with nginx) in the firewall.";
+    };
+
+    trustedProxies = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = lib.optionals cfg.nginx.enable [ "127.0.0.1" "::1" ];
+      defaultText = lib.literalExpression ''lib.optionals config.services.thymis-controller.nginx.enable [ "127.0.0.1" "::1" ]'';
+      example = [ "10.0.0.0/8" ];
+      description = "Reverse proxies (addresses or blocks) whose X-Forwarded-For header names the client, so that the controller's per-address limits count clients, not the proxy. nginx on this machine (nginx.enable) is trusted by default.";
     };
 
     nginx = {

@@ -47,11 +47,12 @@ pub async fn upgrade(
     let max = thymis_proto::MAX_TEXT_MESSAGE.max(thymis_proto::MAX_BINARY_FRAME);
     // Small buffers: most of ten thousand connections are idle (the defaults, 128 KiB
     // each way, cost a gigabyte and a half at that scale).
+    let peer = crate::client_addr::client(peer.ip(), &headers, &ctl.settings.trusted_proxies);
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(8 << 10)
         .write_buffer_size(8 << 10)
-        .on_upgrade(move |socket| serve(ctl, socket, peer.ip(), cap))
+        .on_upgrade(move |socket| serve(ctl, socket, peer, cap))
 }
 
 async fn send(ws: &mut WebSocket, m: &AgentBound) -> Result<()> {
@@ -94,7 +95,7 @@ async fn serve(ctl: Arc<Controller>, mut ws: WebSocket, peer: std::net::IpAddr, 
     let (device, protocol) = match tokio::time::timeout(ctl.settings.handshake_timeout, handshake).await {
         Ok(Ok(done)) => done,
         Ok(Err(e)) => {
-            warn!("agent handshake refused: {e:#}");
+            warn!(%peer, "agent handshake refused: {e:#}");
             let _ = send(&mut ws, &AgentBound::Refused { reason: format!("{e:#}") }).await;
             let _ = ws.close().await;
             return;
@@ -210,7 +211,7 @@ fn enroll(ctl: &Controller, peer: std::net::IpAddr, proves: impl Fn(&[u8; 32]) -
     match ctl.db.enroll_with(proves, key) {
         Ok(device) => {
             let fp = key.parse::<PublicKey>().map(|k| k.short_fingerprint()).unwrap_or_default();
-            info!(%device, fingerprint = %fp, "device enrolled");
+            info!(%device, fingerprint = %fp, %peer, "device enrolled");
             Ok(device)
         }
         Err(e) => {

@@ -37,6 +37,8 @@ pub struct Settings {
     pub max_unauthenticated: usize,
     /// Connections still in their handshake from one source address.
     pub max_unauthenticated_per_peer: usize,
+    /// Proxies whose `X-Forwarded-For` names the client (`client_addr`).
+    pub trusted_proxies: Vec<crate::client_addr::Cidr>,
     /// Failed enrollment attempts allowed per minute from one source address.
     pub enroll_failures_per_minute: u32,
     /// Logins allowed per minute to one device (after it proved it holds its key).

@@ -5,6 +5,7 @@ pub mod agents;
 pub mod api;
 pub mod artifacts;
 pub mod build;
+pub mod client_addr;
 pub mod console;
 pub mod controller;
 pub mod db;
@@ -114,6 +115,12 @@ pub struct Cli {
     /// listen queue. Never more than the open-file limit allows.
     #[arg(long, default_value_t = 16384)]
     pub max_connections: usize,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (an address or a block,
+    /// repeatable, or comma-separated in the environment): behind a proxy every
+    /// connection comes from the proxy, and the per-address limits would put every
+    /// client in one bucket. Connections from other addresses are their own clients.
+    #[arg(long = "trusted-proxy", env = "THYMIS_TRUSTED_PROXIES", value_delimiter = ',', value_name = "ADDR[/LEN]")]
+    pub trusted_proxies: Vec<crate::client_addr::Cidr>,
 }
 
 impl Cli {
@@ -142,6 +149,7 @@ impl Cli {
             parallel: self.parallel.max(1),
             max_unauthenticated: self.max_handshakes.max(1),
             max_unauthenticated_per_peer: self.max_handshakes_per_peer.max(1),
+            trusted_proxies: self.trusted_proxies.clone(),
             enroll_failures_per_minute: 30,
             logins_per_device_per_minute: 60,
             override_inputs: self

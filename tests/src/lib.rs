@@ -17,6 +17,7 @@ use serde_json::Value;
 
 pub mod balancer;
 pub mod board;
+pub mod nginx;
 pub mod postgres;
 pub mod vm;
 
@@ -332,6 +333,13 @@ impl Controller {
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
         self.start()
+    }
+
+    /// Restarts the controller with these extra arguments (for ones that name the
+    /// fleet's network, known only once the fleet exists).
+    pub fn restart_with(&mut self, extra_args: Vec<String>) -> Result<()> {
+        self.opts.extra_args = extra_args;
+        self.restart()
     }
 
     pub fn log(&self) -> String {

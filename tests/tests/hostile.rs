@@ -769,6 +769,85 @@ fn failed_enrollments_from_one_address_do_not_block_another() {
     assert_eq!(f.device_row("d2")["enrolled"], true);
 }
 
+/// Behind a reverse proxy (a real nginx, set up as the NixOS module sets it up, trusted
+/// with `--trusted-proxy`), the per-address limits count clients, not the proxy: a
+/// hundred made-up enrollments and 40 silent sockets from one client through nginx do not
+/// keep a new device, behind the same nginx, from enrolling. (Without the trusted proxy,
+/// all of them would be the proxy's one address, and the device would be refused.)
+#[test]
+fn behind_a_trusted_proxy_one_clients_flood_does_not_keep_another_out() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let opts = FleetOptions { tls: false, max_handshakes: Some(4096), ..FleetOptions::default() };
+    let mut f = Fleet::new(opts).expect("fleet");
+    let host = f.host_address();
+    // nginx reaches the controller from the fleet's host address, which it trusts.
+    f.controller.restart_with(vec!["--trusted-proxy".into(), format!("{host}/32")]).expect("restart");
+    let proxy = format!("{host}:8445");
+    let _nginx = thymis_fleet_tests::nginx::Nginx::start(
+        &f.tmp.path().join("nginx"),
+        &["127.0.0.1:8445", &proxy],
+        &f.controller.listen,
+    )
+    .expect("nginx");
+    f.add_device("d3", "alpha", false).expect("device");
+    // The device reaches the controller through nginx.
+    let toml = f.device("d3").dir.join("agent.toml");
+    let text = std::fs::read_to_string(&toml).expect("agent.toml");
+    std::fs::write(&toml, text.replace(&f.controller.listen, &proxy)).expect("agent.toml");
+
+    // The flood comes through nginx from 127.0.0.1, the device from its own address.
+    let url = "ws://127.0.0.1:8445/agent/v1".to_owned();
+    let refusals = rt().block_on(async {
+        let mut last = String::new();
+        for i in 0..100u8 {
+            let mut c = Challenged::new(&url, i).await;
+            let proof = Some(format!("{i:064x}"));
+            let auth =
+                ControllerBound::Auth { signature: c.signature(), enrollment_token: None, enrollment_proof: proof };
+            c.ws.send(Message::text(encode(&auth))).await.expect("send");
+            last = until_closed(&mut c.ws, Duration::from_secs(10)).await.unwrap_or_default();
+        }
+        last
+    });
+    assert!(refusals.contains("too many failed enrollments"), "{refusals}");
+    // 40 sockets silent in their handshake, each reopened as soon as the controller drops it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let silent = {
+        let (stop, url) = (stop.clone(), url.clone());
+        std::thread::spawn(move || {
+            rt().block_on(async {
+                let mut tasks = tokio::task::JoinSet::new();
+                for _ in 0..40 {
+                    let (url, stop) = (url.clone(), stop.clone());
+                    tasks.spawn(async move {
+                        while !stop.load(Ordering::Relaxed) {
+                            match thymis_fleet_tests::ws_connect(&url).await {
+                                Ok(mut ws) => {
+                                    while let Some(Ok(m)) = ws.next().await {
+                                        if m.is_close() {
+                                            break;
+                                        }
+                                    }
+                                }
+                                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                            }
+                        }
+                    });
+                }
+                while tasks.join_next().await.is_some() {}
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    f.device_mut("d3").start().expect("start");
+    f.wait_online("d3");
+    assert_eq!(f.device_row("d3")["enrolled"], true);
+    eprintln!("DIAG {}", f.diagnostics());
+    stop.store(true, Ordering::Relaxed);
+    silent.join().expect("silent sockets");
+}
+
 /// Connects as a device enrolling with `token` (the real handshake, a fresh key).
 async fn enrolled_agent(url: &str, token: &str) -> Ws {
     use thymis_proto::handshake::{enrollment_proof, enrollment_transcript, token_hash};

@@ -123,6 +123,8 @@ fn modules_evaluate_with_the_real_module_system_and_the_docs_examples_hold() {
     let exec = v["nginx"]["execStart"].as_str().unwrap_or_default();
     assert!(exec.contains("\"--public-url\" \"wss://t.example\""), "{exec}");
     assert!(exec.contains("\"--agent-ca-file\" \"/etc/ssl/certs/ca-certificates.crt\""), "{exec}");
+    // nginx on the same machine names the client in X-Forwarded-For, which is believed from it alone.
+    assert!(exec.contains("\"--trusted-proxy\" \"127.0.0.1\" \"--trusted-proxy\" \"::1\""), "{exec}");
     // docs/nixos.md: each example passes every assertion (ACME's included).
     for (name, _) in &examples {
         let e = &v["docExamples"][name];
