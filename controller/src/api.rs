@@ -141,11 +141,12 @@ impl Caller {
 
     /// For what a page must not read or open by a cross-site request even with a GET (a
     /// device's journal, its terminal): a session's request carries its CSRF token (in
-    /// `X-CSRF-Token`, or `csrf` for a WebSocket, which cannot send headers) and, if the
-    /// browser sent an Origin, it is this controller's.
-    pub fn check_session(&self, headers: &HeaderMap, query_csrf: Option<&str>) -> Result<(), ApiError> {
+    /// `X-CSRF-Token`, or, for the terminal's WebSocket, which cannot send headers, in
+    /// `ws_csrf`: an offered subprotocol) and, if the browser sent an Origin, it is this
+    /// controller's.
+    pub fn check_session(&self, headers: &HeaderMap, ws_csrf: Option<&str>) -> Result<(), ApiError> {
         let Caller::Session { csrf } = self else { return Ok(()) };
-        let sent = headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).or(query_csrf).unwrap_or("");
+        let sent = headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).or(ws_csrf).unwrap_or("");
         if !bool::from(sent.as_bytes().ct_eq(csrf.as_bytes())) {
             return Err(ApiError(StatusCode::FORBIDDEN, "missing or wrong CSRF token".into()));
         }

@@ -136,8 +136,22 @@ pub struct TerminalParams {
     rows: Option<u16>,
     /// A command to run instead of a login shell: a JSON array of strings.
     command: Option<String>,
-    /// A browser session's CSRF token (a WebSocket cannot carry headers).
-    csrf: Option<String>,
+}
+
+/// The WebSocket subprotocol of the terminal. A browser cannot set headers on a
+/// WebSocket, so its session's CSRF token travels as a second offered subprotocol,
+/// `csrf.TOKEN`, never in the URL (which proxies and browsers keep in their logs and
+/// history); the controller answers with [`TERMINAL_PROTOCOL`] alone.
+pub const TERMINAL_PROTOCOL: &str = "thymis.terminal";
+
+/// The CSRF token a browser offered as a subprotocol.
+fn csrf_protocol(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix("csrf."))
 }
 
 pub async fn terminal(
@@ -148,7 +162,7 @@ pub async fn terminal(
     Query(p): Query<TerminalParams>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    caller.check_session(&headers, p.csrf.as_deref())?;
+    caller.check_session(&headers, csrf_protocol(&headers))?;
     let command: Vec<String> = match &p.command {
         Some(c) => serde_json::from_str(c)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("command: a JSON array of strings: {e}")))?,
@@ -170,7 +184,7 @@ pub async fn terminal(
     ctl.db.log(task, None, &format!("{name}: {what} opened by {who}"))?;
     ctl.notify_task(task);
     info!(device = %name, task, "terminal opened by {who}");
-    Ok(ws.on_upgrade(move |socket| async move {
+    Ok(ws.protocols([TERMINAL_PROTOCOL]).on_upgrade(move |socket| async move {
         let started = Instant::now();
         let (exit_status, error) = relay(socket, stream, first).await;
         let secs = started.elapsed().as_secs();

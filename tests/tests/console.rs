@@ -167,6 +167,33 @@ fn journal_and_terminal_are_refused_with_a_reason() {
     assert_eq!(status(&["-H", &with_csrf, "-H", "origin: https://evil.example"]), "403");
     // Past the session's checks, to the device's own answer: p1 has no journald.
     assert_eq!(status(&["-H", &with_csrf]), "409");
+
+    // The terminal's WebSocket: the token as an offered subprotocol, never in the URL.
+    let upgrade = |query: &str, protocols: Option<String>| {
+        let mut cmd = c.curl();
+        cmd.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            "-H",
+            &format!("cookie: {cookie}"),
+        ])
+        .args(["-H", "connection: Upgrade", "-H", "upgrade: websocket", "-H", "sec-websocket-version: 13"])
+        .args(["-H", "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ=="]);
+        if let Some(p) = protocols {
+            cmd.args(["-H", &format!("sec-websocket-protocol: {p}")]);
+        }
+        let out = cmd.arg(format!("{}/api/v1/devices/p1/terminal{query}", c.base_url())).output().expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(upgrade(&format!("?csrf={csrf}"), None), "403", "the CSRF token in the URL is not taken");
+    assert_eq!(upgrade("", Some("thymis.terminal, csrf.wrong".into())), "403");
+    // p1 has `terminal = false`: the device refuses, past the session's checks.
+    assert_eq!(upgrade("", Some(format!("thymis.terminal, csrf.{csrf}"))), "409");
 }
 
 /// Seconds the device's copy phase took (sampled every 50 ms).

@@ -148,8 +148,10 @@ async function openTerminal(name, ui) {
   const term = new window.Terminal({ cols: 100, rows: 28, convertEol: false, cursorBlink: true });
   term.open(box);
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  const params = new URLSearchParams({ cols: "100", rows: "28", csrf: ui.csrf() });
-  const ws = new WebSocket(`${proto}//${location.host}/api/v1/devices/${encodeURIComponent(name)}/terminal?${params}`);
+  const params = new URLSearchParams({ cols: "100", rows: "28" });
+  // The session's CSRF token goes as an offered subprotocol, not in the URL.
+  const url = `${proto}//${location.host}/api/v1/devices/${encodeURIComponent(name)}/terminal?${params}`;
+  const ws = new WebSocket(url, ["thymis.terminal", `csrf.${ui.csrf()}`]);
   ws.binaryType = "arraybuffer";
   const enc = new TextEncoder();
   status.textContent = "connecting…";
