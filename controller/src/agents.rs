@@ -11,7 +11,8 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use thymis_proto::handshake::{
-    Nonce, controller_transcript, device_transcript, enrollment_transcript, negotiate, proof_matches, welcome_message,
+    Nonce, Proof, controller_transcript, device_transcript, enrollment_transcript, negotiate, proof_matches,
+    welcome_message,
 };
 use thymis_proto::message::{DeviceReport, Outcome};
 use thymis_proto::signed::{Confirmation, Signed};
@@ -21,7 +22,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::controller::{Conn, Controller, Out, lock};
-use crate::db::Details;
+use crate::db::{Details, Presented};
 use crate::driver;
 use crate::log_budget::{LOG_BUDGET, LogBudget};
 use crate::machine::Event;
@@ -180,7 +181,16 @@ async fn handshake(
         None => {
             let Some(proof) = enrollment_proof else { bail!("unknown device key and no enrollment token") };
             let transcript = enrollment_transcript(&client_nonce, &server_nonce, session, &device_key, &identity);
-            enroll(ctl, peer, |token_hash| proof_matches(&proof, token_hash, &transcript), &key_text)?
+            match Proof::parse(&proof) {
+                Proof::Signed { id, signature } => {
+                    let proves = |k: &PublicKey| k.verifies(&transcript, signature);
+                    enroll(ctl, peer, Presented::Key { id, proves: &proves }, &key_text)?
+                }
+                Proof::Hmac(mac) => {
+                    let proves = |token_hash: &[u8; 32]| proof_matches(mac, token_hash, &transcript);
+                    enroll(ctl, peer, Presented::Hash(&proves), &key_text)?
+                }
+            }
         }
     };
     if !ctl.peers.log_in(&device) {
@@ -204,7 +214,7 @@ async fn handshake(
     Ok((device, protocol))
 }
 
-fn enroll(ctl: &Controller, peer: std::net::IpAddr, proves: impl Fn(&[u8; 32]) -> bool, key: &str) -> Result<String> {
+fn enroll(ctl: &Controller, peer: std::net::IpAddr, proves: Presented, key: &str) -> Result<String> {
     if !ctl.peers.may_enroll(peer) {
         bail!("too many failed enrollments from this address; try again in a minute");
     }

@@ -7,7 +7,6 @@ use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use thymis_proto::message::DeviceReport;
 
 use thymis_api::{Child, ChildState, Rollout, Task};
@@ -155,7 +154,37 @@ CREATE INDEX children_open ON children(stage) WHERE result IS NULL;
     r#"
 ALTER TABLE devices ADD COLUMN boots_next TEXT;
 "#,
+    // Enrollment tokens kept as the public half of the key each derives, found by id:
+    // nothing stored can make a proof (enrollment_tokens' hashes could, for older agents).
+    r#"
+CREATE TABLE enrollment_keys (
+    token_id TEXT PRIMARY KEY,
+    verify_key TEXT NOT NULL,
+    device TEXT NOT NULL REFERENCES devices(name) ON DELETE CASCADE,
+    expires INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0
+);
+"#,
 ];
+
+/// The enrollment token an agent proves it holds.
+pub enum Presented<'a> {
+    /// Named by its id ([`thymis_proto::handshake::token_id`]); `proves` checks the proof
+    /// with the public half of the token's key.
+    Key { id: &'a str, proves: &'a dyn Fn(&thymis_store::signing::PublicKey) -> bool },
+    /// An older agent's proof, keyed with the token's hash: checked against the tokens
+    /// issued before token keys, which were kept by their hash.
+    Hash(&'a dyn Fn(&[u8; 32]) -> bool),
+}
+
+impl std::fmt::Debug for Presented<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Presented::Key { id, .. } => write!(f, "Presented::Key({id})"),
+            Presented::Hash(_) => f.write_str("Presented::Hash"),
+        }
+    }
+}
 
 /// The migrations as PostgreSQL takes them: the same statements, with its names for the
 /// same types (64-bit integers, byte strings, identity columns) and idioms.
@@ -178,6 +207,13 @@ fn postgres_migration(sql: &str) -> String {
 
 /// Serializes migrations between controllers that start at once on one PostgreSQL.
 const MIGRATION_LOCK: i64 = 0x7468_796d_6973;
+
+/// Forgets the device's enrollment tokens, of either kind.
+fn delete_tokens(c: &mut Conn, device: &str) -> Result<()> {
+    c.execute("DELETE FROM enrollment_tokens WHERE device = ?1", vals![device])?;
+    c.execute("DELETE FROM enrollment_keys WHERE device = ?1", vals![device])?;
+    Ok(())
+}
 
 /// Records the device's enrolled key, if it has one, as revoked.
 fn revoke_key(c: &mut Conn, device: &str) -> Result<()> {
@@ -338,15 +374,16 @@ impl Db {
     }
 
     /// A new single-use enrollment token for `device`, valid `ttl` seconds; earlier
-    /// unused tokens of the device stop working.
+    /// unused tokens of the device stop working. Kept: its id and its key's public half.
     pub fn issue_token(&self, device: &str, ttl: i64) -> Result<String> {
+        use thymis_proto::handshake::{token_id, token_key};
         let token = crate::random::hex::<24>()?;
-        let hash = thymis_proto::handshake::token_hash(&token).to_vec();
+        let (id, verify_key) = (token_id(&token), token_key(&token).public().to_string());
         self.c().transaction(|c| {
-            c.execute("DELETE FROM enrollment_tokens WHERE device = ?1", vals![device])?;
+            delete_tokens(c, device)?;
             c.execute(
-                "INSERT INTO enrollment_tokens (hash, device, expires) VALUES (?1, ?2, ?3)",
-                vals![hash, device, now() + ttl],
+                "INSERT INTO enrollment_keys (token_id, verify_key, device, expires) VALUES (?1, ?2, ?3, ?4)",
+                vals![id, verify_key, device, now() + ttl],
             )
         })?;
         Ok(token)
@@ -354,24 +391,46 @@ impl Db {
 
     /// Binds `public_key` to the device whose token this is; the token is used up.
     pub fn enroll(&self, token: &str, public_key: &str) -> Result<String> {
-        let presented = thymis_proto::handshake::token_hash(token);
-        self.enroll_with(|stored| bool::from(stored.ct_eq(&presented)), public_key)
+        use thymis_proto::handshake::{token_id, token_key};
+        let (id, key) = (token_id(token), token_key(token).public());
+        self.enroll_with(Presented::Key { id: &id, proves: &|k| *k == key }, public_key)
     }
 
-    /// Binds `public_key` to the device of the token (known by its hash) that `proves`
-    /// accepts: an agent's proof is checked against each token's hash, since the
-    /// token itself never arrives. The token is used up.
-    pub fn enroll_with(&self, proves: impl Fn(&[u8; 32]) -> bool, public_key: &str) -> Result<String> {
+    /// Binds `public_key` to the device of the token the agent proved it holds (the token
+    /// itself never arrives). The token is used up.
+    pub fn enroll_with(&self, presented: Presented, public_key: &str) -> Result<String> {
         self.c().transaction(|c| {
-            let rows = c.query("SELECT hash, device, expires, used FROM enrollment_tokens FOR UPDATE", &[])?;
-            let mut found = None;
-            for r in rows {
-                let hash: Vec<u8> = r.get(0)?;
-                if <[u8; 32]>::try_from(hash.as_slice()).is_ok_and(|h| proves(&h)) {
-                    found = Some((hash, r.get::<String>(1)?, r.get::<i64>(2)?, r.get::<bool>(3)?));
-                    break;
+            let (table, column, found): (&str, &str, Option<(Value, String, i64, bool)>) = match &presented {
+                Presented::Key { id, proves } => {
+                    let row = c.query_opt(
+                        "SELECT verify_key, device, expires, used FROM enrollment_keys WHERE token_id = ?1 FOR UPDATE",
+                        vals![*id],
+                    )?;
+                    let found = match row {
+                        Some(r) => {
+                            let key: String = r.get(0)?;
+                            let proved = key.parse().is_ok_and(|k| proves(&k));
+                            proved.then(|| -> Result<_> {
+                                Ok((Value::from(id.to_string()), r.get(1)?, r.get(2)?, r.get(3)?))
+                            })
+                        }
+                        None => None,
+                    };
+                    ("enrollment_keys", "token_id", found.transpose()?)
                 }
-            }
+                Presented::Hash(proves) => {
+                    let rows = c.query("SELECT hash, device, expires, used FROM enrollment_tokens FOR UPDATE", &[])?;
+                    let mut found = None;
+                    for r in rows {
+                        let hash: Vec<u8> = r.get(0)?;
+                        if <[u8; 32]>::try_from(hash.as_slice()).is_ok_and(|h| proves(&h)) {
+                            found = Some((Value::from(hash), r.get(1)?, r.get(2)?, r.get(3)?));
+                            break;
+                        }
+                    }
+                    ("enrollment_tokens", "hash", found)
+                }
+            };
             let Some((presented, device, expires, used)) = found else { bail!("unknown enrollment token") };
             if used {
                 bail!("enrollment token already used");
@@ -388,7 +447,7 @@ impl Db {
             if let Some(was) = key_revoked {
                 bail!("this key was revoked (it was {}'s); enrolling takes a new key", was.get::<String>(0)?);
             }
-            c.execute("UPDATE enrollment_tokens SET used = 1 WHERE hash = ?1", vals![presented])?;
+            c.execute(&format!("UPDATE {table} SET used = 1 WHERE {column} = ?1"), &[presented])?;
             c.execute("UPDATE devices SET public_key = NULL WHERE public_key = ?1", vals![public_key])?;
             c.execute("UPDATE devices SET public_key = ?1 WHERE name = ?2", vals![public_key, &device])?;
             Ok(device)
@@ -403,7 +462,7 @@ impl Db {
                 bail!("no device {name}");
             }
             revoke_key(c, name)?;
-            c.execute("DELETE FROM enrollment_tokens WHERE device = ?1", vals![name])?;
+            delete_tokens(c, name)?;
             Ok(())
         })
     }
@@ -1113,7 +1172,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tokens_are_single_use_expiring_and_hashed() {
+    fn tokens_are_single_use_expiring_and_kept_as_a_key_that_cannot_prove() {
         let tmp = tempfile::tempdir().expect("tmp");
         let db = Db::open(&tmp.path().join("db.sqlite")).expect("open");
         db.add_device("d1", "kiosk").expect("add");
@@ -1124,9 +1183,30 @@ mod tests {
         assert!(db.enroll("nope", "k:2").is_err());
         let expired = db.issue_token("d1", -1).expect("token");
         assert!(db.enroll(&expired, "k:3").expect_err("expired").to_string().contains("expired"));
-        let raw: Vec<u8> =
-            db.c().query_one("SELECT hash FROM enrollment_tokens", &[]).and_then(|r| r.get(0)).expect("row");
-        assert_ne!(raw, expired.as_bytes(), "token stored in the clear");
+        // Kept: the token's id and its key's public half, neither of which can make a
+        // proof; the older agents' HMAC path does not reach tokens kept so.
+        let row = db.c().query_one("SELECT token_id, verify_key FROM enrollment_keys", &[]).expect("row");
+        let (id, verify_key): (String, String) = (row.get(0).expect("id"), row.get(1).expect("key"));
+        assert!(!id.contains(&expired) && !verify_key.contains(&expired), "token stored in the clear");
+        assert_eq!(id, thymis_proto::handshake::token_id(&expired));
+        let fresh = db.issue_token("d1", 60).expect("token");
+        let anything = |_: &[u8; 32]| true;
+        let err = db.enroll_with(Presented::Hash(&anything), "k:5").expect_err("the HMAC path");
+        assert!(err.to_string().contains("unknown enrollment token"), "{err}");
+        let wrong = |_: &thymis_store::signing::PublicKey| false;
+        let id = thymis_proto::handshake::token_id(&fresh);
+        assert!(db.enroll_with(Presented::Key { id: &id, proves: &wrong }, "k:5").is_err(), "a wrong proof");
+        // A token issued before token keys (kept by its hash) still enrolls an older agent.
+        let old = "an older controller's token";
+        let hash = thymis_proto::handshake::token_hash(old).to_vec();
+        db.c()
+            .execute(
+                "INSERT INTO enrollment_tokens (hash, device, expires) VALUES (?1, 'd1', ?2)",
+                vals![hash, now() + 60],
+            )
+            .expect("insert");
+        let matches = |h: &[u8; 32]| *h == thymis_proto::handshake::token_hash(old);
+        assert_eq!(db.enroll_with(Presented::Hash(&matches), "k:6").expect("older agent"), "d1");
         db.revoke("d1").expect("revoke");
         let again = db.reenroll("d1", 60).expect("reenroll");
         db.revoke("d1").expect("revoke");

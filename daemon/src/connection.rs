@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
 use thymis_proto::handshake::{
-    Nonce, controller_transcript, device_transcript, enrollment_proof, enrollment_transcript, token_hash,
-    welcome_message,
+    Nonce, controller_transcript, device_transcript, enrollment_transcript, token_proof, welcome_message,
 };
 use thymis_proto::{AgentBound, ControllerBound, DeltaBase, PROTOCOL_MAX, PROTOCOL_MIN, decode_agent_bound, encode};
 use thymis_store::StorePath;
@@ -143,7 +142,7 @@ async fn handshake(agent: &Agent, ws: &mut Ws) -> Result<Established> {
     let token = if agent.persisted().enrolled { None } else { agent.config.enrollment_token()? };
     let enrollment_proof = token.map(|t| {
         let bound = enrollment_transcript(&client_nonce, &server_nonce, &session, &device_pub, &controller_key);
-        enrollment_proof(&token_hash(&t), &bound)
+        token_proof(&t, &bound)
     });
     let signature = agent.device_key.sign(&transcript);
     send(ws, &ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof }).await?;

@@ -632,7 +632,7 @@ fn a_sniffed_enrollment_cannot_enroll_another_key() {
                 &seen_key,
                 &ck,
             );
-            let proof = thymis_proto::handshake::enrollment_proof(&thymis_proto::handshake::token_hash(&token), &seen);
+            let proof = thymis_proto::handshake::token_proof(&token, &seen);
             let auth = if clear {
                 ControllerBound::Auth { signature, enrollment_token: Some(token.clone()), enrollment_proof: None }
             } else {
@@ -850,11 +850,11 @@ fn behind_a_trusted_proxy_one_clients_flood_does_not_keep_another_out() {
 
 /// Connects as a device enrolling with `token` (the real handshake, a fresh key).
 async fn enrolled_agent(url: &str, token: &str) -> Ws {
-    use thymis_proto::handshake::{enrollment_proof, enrollment_transcript, token_hash};
+    use thymis_proto::handshake::{enrollment_transcript, token_proof};
     let mut c = Challenged::new(url, 8).await;
     let signature = c.signature();
     let bound = enrollment_transcript(&c.client_nonce, &c.server_nonce, &c.session, &c.key.public(), &c.controller_key);
-    let proof = Some(enrollment_proof(&token_hash(token), &bound));
+    let proof = Some(token_proof(token, &bound));
     let auth = ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof: proof };
     c.ws.send(Message::text(encode(&auth))).await.expect("send");
     let Some(Ok(Message::Text(t))) = c.ws.next().await else { panic!("no welcome") };

@@ -14,7 +14,9 @@
 //! Both signatures cover both fresh nonces and the session id, so neither can be
 //! replayed on another connection. The enrollment token itself never crosses the wire:
 //! the agent sends a proof that it holds it, bound to this connection and to its own
-//! key ([`enrollment_proof`]), so whoever sees the exchange cannot enroll another key.
+//! key ([`token_proof`]), so whoever sees the exchange cannot enroll another key; and
+//! the controller keeps only the token key's public half, so whoever reads its
+//! database cannot make a proof either.
 
 use std::fmt;
 
@@ -24,7 +26,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use thymis_store::signing::PublicKey;
+use thymis_store::signing::{PublicKey, SecretKey};
 
 use crate::{PROTOCOL_MAX, PROTOCOL_MIN};
 
@@ -77,7 +79,47 @@ pub fn enrollment_transcript(
     m
 }
 
-/// What the controller keeps of an enrollment token: its SHA-256.
+/// An enrollment token's id: how the agent names it beside its proof, and the
+/// controller finds it (a hash of the token that gives nothing toward a proof).
+pub fn token_id(token: &str) -> String {
+    let h = Sha256::digest(format!("thymis enrollment token id\n{token}").as_bytes());
+    h[..12].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The signing key an enrollment token derives. The agent proves it holds the token by
+/// signing the enrollment transcript with it; the controller keeps only its public half,
+/// which can check a proof but not make one.
+pub fn token_key(token: &str) -> SecretKey {
+    let seed: [u8; 32] = Sha256::digest(format!("thymis enrollment key\n{token}").as_bytes()).into();
+    SecretKey::from_seed("thymis-enrollment", &seed)
+}
+
+/// The agent's proof that it holds `token`, bound to this connection and key
+/// (`transcript`): `ID/SIGNATURE`, the token's id and the token key's signature.
+pub fn token_proof(token: &str, transcript: &[u8]) -> String {
+    format!("{}/{}", token_id(token), token_key(token).sign(transcript))
+}
+
+/// A proof as the agent sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proof<'a> {
+    /// [`token_proof`]: the token's id and a signature by its key.
+    Signed { id: &'a str, signature: &'a str },
+    /// An older agent's HMAC keyed with the token's hash ([`enrollment_proof`]).
+    Hmac(&'a str),
+}
+
+impl<'a> Proof<'a> {
+    pub fn parse(proof: &'a str) -> Proof<'a> {
+        match proof.split_once('/') {
+            Some((id, signature)) => Proof::Signed { id, signature },
+            None => Proof::Hmac(proof),
+        }
+    }
+}
+
+/// What the controller kept of an enrollment token before token keys: its SHA-256,
+/// which older agents key their HMAC proof with (so the stored hash could make a proof).
 pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }

@@ -58,6 +58,11 @@ impl SecretKey {
         Ok(SecretKey { name: name.to_owned(), key: SigningKey::from_bytes(&seed) })
     }
 
+    /// The key whose seed is `seed` (a key derived from a secret, not random).
+    pub fn from_seed(name: &str, seed: &[u8; 32]) -> Self {
+        SecretKey { name: name.to_owned(), key: SigningKey::from_bytes(seed) }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

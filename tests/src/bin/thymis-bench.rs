@@ -501,7 +501,7 @@ fn enroll_load_agents(f: &Fleet, n: usize, config: &str) -> Vec<String> {
 /// A load-generator agent's connection: the real handshake with a fresh key and token.
 async fn load_agent_connect(url: &str, token: String) -> Result<LoadWs, String> {
     use futures_util::{SinkExt, StreamExt};
-    use thymis_proto::handshake::{Nonce, device_transcript, enrollment_proof, enrollment_transcript, token_hash};
+    use thymis_proto::handshake::{Nonce, device_transcript, enrollment_transcript, token_proof};
     use thymis_proto::{AgentBound, ControllerBound, decode_agent_bound, encode};
     use tokio_tungstenite::tungstenite::Message;
     let key = thymis_store::signing::SecretKey::generate("thymis-device").map_err(|e| e.to_string())?;
@@ -524,7 +524,7 @@ async fn load_agent_connect(url: &str, token: String) -> Result<LoadWs, String> 
     let ck: thymis_store::signing::PublicKey = controller_key.parse().map_err(|e| format!("{e:#}"))?;
     let signature = key.sign(&device_transcript(&client, &server_nonce, &session, &ck));
     let bound = enrollment_transcript(&client, &server_nonce, &session, &key.public(), &ck);
-    let enrollment_proof = Some(enrollment_proof(&token_hash(&token), &bound));
+    let enrollment_proof = Some(token_proof(&token, &bound));
     let auth = ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof };
     ws.send(Message::text(encode(&auth))).await.map_err(|e| e.to_string())?;
     match ws.next().await {
