@@ -177,6 +177,9 @@ pub enum Presented<'a> {
     Hash(&'a dyn Fn(&[u8; 32]) -> bool),
 }
 
+/// A token found: its key column's value, its device, expiry and whether it was used.
+type TokenRow = (Value, String, i64, bool);
+
 impl std::fmt::Debug for Presented<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -400,7 +403,7 @@ impl Db {
     /// itself never arrives). The token is used up.
     pub fn enroll_with(&self, presented: Presented, public_key: &str) -> Result<String> {
         self.c().transaction(|c| {
-            let (table, column, found): (&str, &str, Option<(Value, String, i64, bool)>) = match &presented {
+            let (table, column, found): (&str, &str, Option<TokenRow>) = match &presented {
                 Presented::Key { id, proves } => {
                     let row = c.query_opt(
                         "SELECT verify_key, device, expires, used FROM enrollment_keys WHERE token_id = ?1 FOR UPDATE",
