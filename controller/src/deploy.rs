@@ -581,10 +581,21 @@ async fn send_to(
         let _ = ctl.db.set_substituted(child.id, base_paths + paths as i64, base_bytes + bytes as i64);
         ctl.notify_task(child.task);
     };
+    // The device may substitute from its binary caches first. It is given `t` from its
+    // last real progress (more bytes than before), not from its last message: a device
+    // or cache that only says it is at work cannot hold the deployment.
+    let mut deadline = tokio::time::Instant::now() + t;
+    let mut progress = None;
     let (missing, bases, window): (BTreeSet<StorePath>, HashMap<StorePath, StorePath>, CopyWindow) = loop {
-        match reply(&mut rx, t).await? {
-            // The device substitutes from its binary caches: it is at work, wait on.
-            ControllerBound::Substituting { paths, bytes, .. } => substituted(paths, bytes),
+        let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match reply(&mut rx, wait).await? {
+            ControllerBound::Substituting { paths, bytes, .. } => {
+                if progress.is_none_or(|p| bytes > p) {
+                    progress = Some(bytes);
+                    deadline = tokio::time::Instant::now() + t;
+                    substituted(paths, bytes);
+                }
+            }
             ControllerBound::PathsMissing { missing, bases, window, substituted_paths, substituted_bytes, .. } => {
                 if substituted_paths > 0 {
                     substituted(substituted_paths, substituted_bytes);

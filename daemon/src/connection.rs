@@ -354,15 +354,21 @@ async fn query_paths(
     };
     let mut got = crate::substitute::Substituted::default();
     if !agent.config.substituters.is_empty() && !missing_now.is_empty() {
-        // Progress every two seconds, so the controller knows the device is at work.
+        // Progress every two seconds while bytes arrive, so the controller knows the
+        // device is at work (it waits from the last real progress, not the last message).
         let progress = Arc::new(std::sync::Mutex::new(crate::substitute::Substituted::default()));
         let ticker = {
             let (progress, out, id) = (progress.clone(), out.clone(), deployment_id.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(2));
+                let mut sent = None;
                 loop {
                     tick.tick().await;
                     let p = *progress.lock().unwrap_or_else(|e| e.into_inner());
+                    if sent.is_some_and(|s| p.bytes <= s) {
+                        continue;
+                    }
+                    sent = Some(p.bytes);
                     let msg =
                         ControllerBound::Substituting { deployment_id: id.clone(), paths: p.paths, bytes: p.bytes };
                     if out.send(msg).is_err() {

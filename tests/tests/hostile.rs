@@ -862,6 +862,58 @@ async fn enrolled_agent(url: &str, token: &str) -> Ws {
     c.ws
 }
 
+/// A device that only says it is substituting (the same byte count every second, as a
+/// stalled cache would leave it) cannot hold a deployment: the controller waits its
+/// reply timeout from the last real progress, then ends the device's deployment; while
+/// the count grows, it waits on.
+#[test]
+fn substituting_without_progress_cannot_hold_a_deployment() {
+    let opts = FleetOptions { reply_timeout: 6, ..FleetOptions::default() };
+    let mut f = Fleet::new(opts).expect("fleet");
+    f.add_device("d8", "alpha", false).expect("device");
+    let token = enrollment_token(&f, "d8");
+    let url = f.controller.agent_url();
+    let (task, held) = rt().block_on(async {
+        let mut ws = enrolled_agent(&url, &token).await;
+        let out = f.controller.ctl(&["--json", "deploy", "--device", "d8", "-m", "stalls"]);
+        let task = serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["id"].as_i64().expect("id");
+        let id = loop {
+            let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("connection ended") };
+            if let Ok(AgentBound::Offer { offer }) = thymis_proto::decode_agent_bound(t.as_str(), true) {
+                let o: serde_json::Value = serde_json::from_str(&offer.payload).expect("offer");
+                break o["deployment_id"].as_str().expect("id").to_owned();
+            }
+        };
+        let send = |bytes: u64| encode(&ControllerBound::Substituting { deployment_id: id.clone(), paths: 1, bytes });
+        ws.send(Message::text(encode(&ControllerBound::OfferAccepted { deployment_id: id.clone() })))
+            .await
+            .expect("send");
+        let start = Instant::now();
+        // Real progress for 10 s (longer than the timeout), then the same count.
+        let mut bytes = 0;
+        let ended = loop {
+            bytes += if start.elapsed() < Duration::from_secs(10) { 4096 } else { 0 };
+            if ws.send(Message::text(send(bytes))).await.is_err() {
+                break start.elapsed();
+            }
+            let t = f.controller.ctl_json(&["task", &task.to_string()]);
+            if !Fleet::child(&t, "d8")["result"].is_null() || start.elapsed() > Duration::from_secs(60) {
+                break start.elapsed();
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        (task, ended)
+    });
+    let t = f.controller.ctl_json(&["task", &task.to_string()]);
+    let child = Fleet::child(&t, "d8");
+    assert!(!child["result"].is_null(), "the deployment is still held after {held:?}: {child}");
+    assert_ne!(child["result"], "succeeded", "{child}");
+    assert!(
+        held >= Duration::from_secs(12) && held < Duration::from_secs(30),
+        "ended after {held:?}: while bytes came it should wait, after that only its timeout"
+    );
+}
+
 /// An enrolled device that floods its log cannot fill the controller: lines for a
 /// deployment that is not in flight are dropped, an in-flight one keeps its lines up to
 /// its budget (the rest dropped, and said so), and the database stays small.
