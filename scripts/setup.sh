@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(nix-bin busybox-static dosfstools mtools fdisk e2fsprogs zstd bmap-tools
   iproute2 nftables socat dbus dbus-bin systemd-container git curl openssl make chromium jq
   qemu-system-x86 ovmf systemd-boot-efi grub-efi-amd64-bin grub-common linux-image-amd64
-  qemu-system-arm u-boot-qemu u-boot-tools postgresql btrfs-progs nginx)
+  qemu-system-arm u-boot-qemu u-boot-tools postgresql btrfs-progs nginx faketime)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -85,7 +85,7 @@ pub async fn start_image(ctl: &Arc<Controller>, device: &str, commit: Option<&st
         );
     }
     let commit = resolve(ctl, commit)?;
-    let task = ctl.db.create_task("image", Some(&commit), None, Some(&d.config), false, None)?;
+    let task = ctl.db.create_task(&ctl.instance, "image", Some(&commit), None, Some(&d.config), false, None)?;
     let ctl2 = ctl.clone();
     let device = device.to_owned();
     tokio::spawn(async move {
@@ -162,7 +162,7 @@ pub async fn start_bundle(
     if !ctl.project.toml_at(&commit)?.configs.contains_key(&config) {
         bail!("no configuration {config:?} in thymis.toml at {commit}");
     }
-    let task = ctl.db.create_task("bundle", Some(&commit), None, Some(&config), false, None)?;
+    let task = ctl.db.create_task(&ctl.instance, "bundle", Some(&commit), None, Some(&config), false, None)?;
     let ctl2 = ctl.clone();
     tokio::spawn(async move {
         let r = make_bundle(&ctl2, task, target, &config, &commit, expires_in).await;

@@ -179,7 +179,7 @@ pub async fn terminal(
 
     let who = caller.describe();
     let message = format!("terminal on {name}, opened by {who}");
-    let task = ctl.db.create_task("terminal", None, Some(&message), Some(&config), false, None)?;
+    let task = ctl.db.create_task(&ctl.instance, "terminal", None, Some(&message), Some(&config), false, None)?;
     ctl.db.set_task_state(task, TaskState::Running, None, None)?;
     ctl.db.log(task, None, &format!("{name}: {what} opened by {who}"))?;
     ctl.notify_task(task);

@@ -340,9 +340,11 @@ impl Controller {
         Ok(())
     }
 
-    /// Controllers seen since then are alive (a controller's heartbeat is its sweep).
+    /// Controllers seen since then are alive (a controller's heartbeat is its sweep), by
+    /// the database's clock, as heartbeats are.
     pub fn alive_since(&self) -> i64 {
-        crate::db::now() - self.settings.dead_after.as_secs().max(3) as i64
+        let now = self.db.clock().unwrap_or_else(|_| crate::db::now());
+        now - self.settings.dead_after.as_secs().max(3) as i64
     }
 
     /// Registers a new connection, replacing (and closing) an older one of the device.

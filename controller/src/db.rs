@@ -566,8 +566,12 @@ impl Db {
 
     // ---- tasks ---------------------------------------------------------------------
 
+    /// A new task, carried by controller `owner` (the one that runs it: another one that
+    /// restarts leaves it alone while `owner` is alive).
+    #[allow(clippy::too_many_arguments)]
     pub fn create_task(
         &self,
+        owner: &str,
         kind: &str,
         commit: Option<&str>,
         message: Option<&str>,
@@ -577,9 +581,9 @@ impl Db {
     ) -> Result<i64> {
         self.c()
             .query_one(
-                "INSERT INTO tasks (kind, state, commit_rev, message, config, reboot, created, updated, expires)
-                 VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?6, ?7) RETURNING id",
-                vals![kind, commit, message, config, reboot, now(), expires],
+                "INSERT INTO tasks (kind, state, commit_rev, message, config, reboot, created, updated, expires, owner)
+                 VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8) RETURNING id",
+                vals![kind, commit, message, config, reboot, now(), expires, owner],
             )?
             .get(0)
     }
@@ -880,10 +884,13 @@ impl Db {
     }
 
     /// Tasks not finished: (id, kind, expires).
-    pub fn open_tasks(&self) -> Result<Vec<(i64, String, Option<i64>)>> {
-        let rows = self
-            .c()
-            .query("SELECT id, kind, expires FROM tasks WHERE state NOT IN ('finished', 'cancelled', 'halted')", &[])?;
+    /// Open tasks that controller `me` carries: (id, kind, expiry by its clock).
+    pub fn open_tasks(&self, me: &str) -> Result<Vec<(i64, String, Option<i64>)>> {
+        let rows = self.c().query(
+            "SELECT id, kind, expires FROM tasks
+             WHERE state NOT IN ('finished', 'cancelled', 'halted') AND owner = ?1",
+            vals![me],
+        )?;
         rows.iter().map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).collect()
     }
 
@@ -1001,11 +1008,23 @@ impl Db {
 
     // ---- controllers sharing the database ---------------------------------------
 
-    /// This controller is alive (every sweep).
+    /// The time by the database's clock (PostgreSQL's, which every controller sharing it
+    /// reads alike; SQLite's is this machine's): what controllers judge each other's
+    /// heartbeats by, so that two machines' clocks never need to agree.
+    pub fn clock(&self) -> Result<i64> {
+        let mut c = self.c();
+        if !c.is_postgres() {
+            return Ok(now());
+        }
+        c.query_one("SELECT CAST(EXTRACT(EPOCH FROM now()) AS BIGINT)", &[])?.get(0)
+    }
+
+    /// This controller is alive (every sweep), at the database's time.
     pub fn heartbeat(&self, me: &str) -> Result<()> {
+        let at = self.clock()?;
         self.c().execute(
             "INSERT INTO controllers (id, seen) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET seen = excluded.seen",
-            vals![me, now()],
+            vals![me, at],
         )?;
         Ok(())
     }

@@ -105,7 +105,15 @@ pub async fn start(ctl: &Arc<Controller>, req: DeployRequest) -> Result<i64> {
     };
     let expires = now() + ctl.settings.deployment_ttl.as_secs() as i64;
     let message = req.message.clone().unwrap_or_default();
-    let task = ctl.db.create_task("deployment", Some(&commit), Some(&message), None, req.reboot, Some(expires))?;
+    let task = ctl.db.create_task(
+        &ctl.instance,
+        "deployment",
+        Some(&commit),
+        Some(&message),
+        None,
+        req.reboot,
+        Some(expires),
+    )?;
     ctl.db.set_task_owner(task, &ctl.instance)?;
     if staging.is_staged() {
         ctl.db.set_task_rollout(task, &staging)?;
@@ -845,10 +853,12 @@ pub async fn cancel(ctl: &Arc<Controller>, task: i64) -> Result<()> {
 }
 
 /// Ends what is past its deployment's expiry: queued devices `expired`, activated
-/// devices never heard from `unreachable` (their agents roll back by themselves).
+/// devices never heard from `unreachable` (their agents roll back by themselves). Only
+/// this controller's own tasks, whose expiry its own clock set (another controller's
+/// are its own business while it is alive, and this one's once it carries them on).
 pub fn sweep(ctl: &Arc<Controller>) -> Result<()> {
     let t = now();
-    for (task, kind, expires) in ctl.db.open_tasks()? {
+    for (task, kind, expires) in ctl.db.open_tasks(&ctl.instance)? {
         if kind != "deployment" || expires.is_none_or(|e| e > t) {
             continue;
         }
@@ -1007,7 +1017,7 @@ pub async fn start_build(ctl: &Arc<Controller>, config: &str, commit: Option<&st
     if !ctl.project.toml_at(&commit)?.configs.contains_key(config) {
         bail!("no configuration {config:?} in thymis.toml at {commit}");
     }
-    let task = ctl.db.create_task("build", Some(&commit), None, Some(config), false, None)?;
+    let task = ctl.db.create_task(&ctl.instance, "build", Some(&commit), None, Some(config), false, None)?;
     ctl.db.set_task_owner(task, &ctl.instance)?;
     let (ctl, config) = (ctl.clone(), config.to_owned());
     tokio::spawn(async move {

@@ -252,6 +252,8 @@ pub struct Controller {
     opts: FleetOptions,
     child: Option<Child>,
     log: PathBuf,
+    /// Extra environment for the controller (from its next start).
+    pub env: Vec<(String, String)>,
 }
 
 impl Controller {
@@ -276,6 +278,7 @@ impl Controller {
             .args(self.opts.max_handshakes.map(|m| format!("--max-handshakes={m}")))
             .args(&self.opts.extra_args)
             .env("THYMIS_LOG", "info,thymis_controller=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -780,6 +783,7 @@ impl Fleet {
             opts,
             child: None,
             log: tmp.path().join("controller.log"),
+            env: vec![],
         };
         controller.start()?;
         let fleet = Fleet { controller, postgres, devices: vec![], net, tmp };
@@ -808,6 +812,7 @@ impl Fleet {
             opts: self.controller.opts.clone(),
             child: None,
             log: self.tmp.path().join("controller-b.log"),
+            env: vec![],
         };
         b.start()?;
         Self::install_test_project_in(&b)?;

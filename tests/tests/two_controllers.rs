@@ -173,3 +173,46 @@ fn two_controllers_serve_one_fleet_and_one_carries_on_when_the_other_dies() {
     assert!(holder(&f, "d2").is_empty(), "d2 is still connected");
     assert!(online(&f.controller).contains("d1"), "d1 went offline too");
 }
+
+/// Controllers judge each other alive by the database's clock, not their own: a
+/// controller whose clock runs ten minutes ahead (libfaketime) restarts and leaves
+/// alone the tasks the other runs, a waiting deployment and a running one of another
+/// kind alike; every task names the controller that runs it from the start.
+#[test]
+fn a_controller_with_a_wrong_clock_leaves_the_others_tasks_alone() {
+    let f = Fleet::new(FleetOptions { postgres: true, ..Default::default() }).expect("fleet");
+    let mut b = f.second_controller().expect("second controller");
+    let mut f = f;
+    f.add_device("d7", "alpha", false).expect("device");
+    let pg = f.postgres.as_ref().expect("postgres");
+    let id_of =
+        |c: &Controller| std::fs::read_to_string(c.state_dir.join("controller-id")).expect("id").trim().to_owned();
+    let a_id = id_of(&f.controller);
+    // A deployment to an offline device waits on the first controller.
+    let waiting = f.controller.ctl_json(&["deploy", "--device", "d7", "-m", "waits"])["id"].as_i64().expect("id");
+    let built = f.controller.ctl_json(&["build", "beta", "--wait"]);
+    let build_owner = pg.psql("thymis", &format!("SELECT owner FROM tasks WHERE id = {}", built["id"])).expect("psql");
+    assert_eq!(build_owner.trim(), a_id, "a build task carries its controller's id");
+
+    b.env = vec![
+        ("LD_PRELOAD".into(), "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".into()),
+        ("FAKETIME".into(), "+600s".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    b.restart().expect("restart with a wrong clock");
+    // Several sweeps of both.
+    std::thread::sleep(Duration::from_secs(6));
+    let owner = pg.psql("thymis", &format!("SELECT owner FROM tasks WHERE id = {waiting}")).expect("psql");
+    assert_eq!(owner.trim(), a_id, "the other controller took the task:\n{}", b.log());
+    let t = f.controller.ctl_json(&["task", &waiting.to_string()]);
+    assert!(t["result"].is_null(), "the waiting deployment was ended: {t}");
+    let logs = f.controller.task_logs(waiting).join("\n");
+    assert!(!logs.contains("carries on"), "{logs}");
+    // The first controller still delivers it: d7 comes online and gets it.
+    f.device_mut("d7").start().expect("agent");
+    let done = wait_for("d7's deployment to end", Duration::from_secs(120), || {
+        let t = f.controller.ctl_json(&["task", &waiting.to_string()]);
+        (!Fleet::child(&t, "d7")["result"].is_null()).then_some(t)
+    });
+    assert_eq!(Fleet::child(&done, "d7")["result"], "succeeded", "{done}\n{}", f.diagnostics());
+}
