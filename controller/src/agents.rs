@@ -248,6 +248,7 @@ async fn session_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut seq = 0;
+    let mut reports = ReportRate::new();
     loop {
         tokio::select! {
             frame = stream.next() => {
@@ -255,6 +256,13 @@ async fn session_loop(
                 match frame {
                     Some(Ok(Message::Text(t))) => {
                         let msg = decode_controller_bound(t.as_str(), true)?;
+                        let msg = match msg {
+                            ControllerBound::Report(r) => match reports.admit(r, &conn.device) {
+                                Some(r) => ControllerBound::Report(r),
+                                None => continue,
+                            },
+                            other => other,
+                        };
                         handle(ctl, conn, msg).await?;
                     }
                     Some(Ok(Message::Binary(_))) => bail!("agents send no binary frames"),
@@ -279,8 +287,61 @@ async fn session_loop(
                 }
                 seq += 1;
                 conn.send(AgentBound::Heartbeat { seq }).await;
+                if let Some(r) = reports.due() {
+                    handle(ctl, conn, ControllerBound::Report(r)).await?;
+                }
             }
         }
+    }
+}
+
+/// Reports a device may send: a burst of [`ReportRate::BURST`], then one a second. One
+/// that comes faster is not lost: the latest waits for the next heartbeat tick with a
+/// free slot (each costs a database write, and a compromised device could send
+/// thousands a second).
+struct ReportRate {
+    tokens: f64,
+    at: Instant,
+    waiting: Option<DeviceReport>,
+    warned: bool,
+}
+
+impl ReportRate {
+    const BURST: f64 = 10.0;
+
+    fn new() -> ReportRate {
+        ReportRate { tokens: Self::BURST, at: Instant::now(), waiting: None, warned: false }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64()).min(Self::BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The report to handle now, if it may be.
+    fn admit(&mut self, report: DeviceReport, device: &str) -> Option<DeviceReport> {
+        if self.take() {
+            self.waiting = None;
+            return Some(report);
+        }
+        if !self.warned {
+            warn!(%device, "reports faster than one a second: the latest is kept for the next heartbeat");
+            self.warned = true;
+        }
+        self.waiting = Some(report);
+        None
+    }
+
+    /// The report that waited, once it may be handled.
+    fn due(&mut self) -> Option<DeviceReport> {
+        if self.waiting.is_some() && self.take() { self.waiting.take() } else { None }
     }
 }
 

@@ -914,6 +914,40 @@ fn substituting_without_progress_cannot_hold_a_deployment() {
     );
 }
 
+/// A device sending reports in a loop is slowed to one a second after a burst (each is
+/// a database write), and its latest report is not lost: it is recorded at the next
+/// heartbeat.
+#[test]
+fn a_device_flooding_reports_is_slowed_and_its_latest_report_kept() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d6", "alpha", false).expect("device");
+    let token = enrollment_token(&f, "d6");
+    let url = f.controller.agent_url();
+    rt().block_on(async {
+        let mut ws = enrolled_agent(&url, &token).await;
+        for generation in 1..=2000 {
+            let report = ControllerBound::Report(thymis_proto::message::DeviceReport {
+                agent_version: "flood".into(),
+                system: None,
+                commit: None,
+                generation: Some(generation),
+                state: thymis_proto::AgentState::Idle,
+                last_sequence: 0,
+                pending: None,
+                profile_system: None,
+            });
+            ws.send(Message::text(encode(&report))).await.expect("send");
+        }
+        // Answering heartbeats for a while (the connection stays up).
+        let _ = tokio::time::timeout(Duration::from_secs(4), async { while ws.next().await.is_some() {} }).await;
+    });
+    let row = f.device_row("d6");
+    assert_eq!(row["generation"], 2000, "the latest report was lost: {row}");
+    let log = f.controller.log();
+    let slowed = log.matches("reports faster than one a second").count();
+    assert_eq!(slowed, 1, "the controller did not slow the flood (or said so for each report)");
+}
+
 /// An enrolled device that floods its log cannot fill the controller: lines for a
 /// deployment that is not in flight are dropped, an in-flight one keeps its lines up to
 /// its budget (the rest dropped, and said so), and the database stays small.
