@@ -11,6 +11,12 @@ let
   publicUrl = if cfg.publicUrl != null then cfg.publicUrl
     else if cfg.nginx.enable then "wss://${cfg.nginx.hostName}" else null;
   underVarLib = lib.hasPrefix "/var/lib/" cfg.stateDir;
+  # The database's host, when it is a PostgreSQL URL (a local socket's is empty or "%2F...").
+  dbHost = let m = if cfg.database == null then null
+    else builtins.match "postgres(ql)?://([^@/]*@)?(\\[[^]]*]|[^/:?]*).*" cfg.database;
+    in if m == null then null else builtins.elemAt m 2;
+  dbRemote = dbHost != null && dbHost != "" && !(lib.hasPrefix "%2F" dbHost || lib.hasPrefix "%2f" dbHost)
+    && dbHost != "localhost" && !(lib.hasPrefix "127." dbHost) && dbHost != "[::1]";
   # A flag set to true is given alone, false not at all; other values follow their flag.
   flag = k: v: if v == true then [ "--${k}" ] else if v == false then [ ] else [ "--${k}" (toString v) ];
   args = [
@@ -54,7 +60,7 @@ in
     database = lib.mkOption {
       type = lib.types.nullOr lib.types.str;
       default = null;
-      example = "postgres://thymis@db.example/thymis";
+      example = "postgres://thymis@db.example/thymis?sslmode=verify-full&sslrootcert=/etc/db-ca.pem";
       description = "null: SQLite in stateDir. A PostgreSQL URL, which controllers serving one fleet share (docs/scale.md); without its password, which goes in environmentFile as THYMIS_DATABASE (that variable then replaces this option).";
     };
 
@@ -106,6 +112,9 @@ in
     assertions = [{
       assertion = !(cfg.openFirewall && loopback && !cfg.nginx.enable);
       message = "services.thymis-controller.openFirewall opens port ${toString port}, but the controller listens on ${cfg.listen} only; set listen (e.g. \"0.0.0.0:${toString port}\") or nginx.enable.";
+    } {
+      assertion = !dbRemote || (lib.hasInfix "sslmode=verify-full" cfg.database && lib.hasInfix "sslrootcert=" cfg.database);
+      message = "services.thymis-controller.database reaches ${toString dbHost} over the network: add ?sslmode=verify-full&sslrootcert=/path/to/the-servers-ca.pem (the controller refuses a remote PostgreSQL server without verified TLS).";
     }];
 
     nix.settings.experimental-features = [ "nix-command" "flakes" ];

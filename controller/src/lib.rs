@@ -16,6 +16,7 @@ pub mod log_budget;
 pub mod machine;
 pub mod nar_cache;
 pub mod peer_limits;
+pub mod pg_tls;
 pub mod project;
 pub mod random;
 pub mod read_cap;
@@ -69,8 +70,9 @@ pub struct Cli {
     /// The database: an SQLite file (default: STATE_DIR/db.sqlite) or a PostgreSQL URL,
     /// postgres://USER[:PASSWORD]@HOST[:PORT]/DB (a local socket's directory as the host,
     /// percent-encoded: postgres://thymis@%2Frun%2Fpostgresql/thymis), which controllers
-    /// serving one fleet share (docs/scale.md). Connections to PostgreSQL are not
-    /// encrypted: a local socket, loopback or a trusted network.
+    /// serving one fleet share (docs/scale.md). A server over the network (not a local
+    /// socket or loopback) only with ?sslmode=verify-full&sslrootcert=CA.pem: TLS checked
+    /// against that CA and the host.
     #[arg(long, env = "THYMIS_DATABASE", value_name = "PATH_OR_URL")]
     pub database: Option<String>,
     /// Seconds between heartbeats on agent connections.

@@ -416,13 +416,29 @@ fn serve(url: &str, client: postgres::Client, jobs: mpsc::Receiver<Job>) {
 /// A connection with a bounded connect time and TCP keepalives (a server that vanished
 /// from the network is noticed instead of waited on for ever).
 fn connect(url: &str) -> Result<postgres::Client> {
+    let wanted = crate::pg_tls::wanted(url);
     let mut config: postgres::Config =
-        url.parse().with_context(|| format!("{} is not a PostgreSQL URL", redact(url)))?;
+        wanted.url.parse().with_context(|| format!("{} is not a PostgreSQL URL", redact(url)))?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(std::time::Duration::from_secs(10));
     }
     config.keepalives(true).keepalives_idle(std::time::Duration::from_secs(30));
-    Ok(config.connect(postgres::NoTls)?)
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            postgres::config::Host::Tcp(name) => name.clone(),
+            postgres::config::Host::Unix(dir) => dir.display().to_string(),
+        })
+        .collect();
+    crate::pg_tls::check(&hosts, &wanted)?;
+    match &wanted.root_cert {
+        Some(ca) if wanted.tls => {
+            config.ssl_mode(postgres::config::SslMode::Require);
+            Ok(config.connect(crate::pg_tls::Connector::new(ca)?)?)
+        }
+        _ => Ok(config.connect(postgres::NoTls)?),
+    }
 }
 
 fn params(p: &[Value]) -> Vec<&(dyn postgres::types::ToSql + Sync)> {

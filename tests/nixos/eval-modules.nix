@@ -168,11 +168,14 @@ in
     in c.systemd.services.thymis-agent.serviceConfig.ExecStart;
 
   controllerPlain = (controller { settings = { insecure-plain-http = true; parallel = 20; }; }).systemd.services.thymis-controller.serviceConfig.ExecStart;
-  controllerPostgres = let c = controller { database = "postgres://thymis@db.example/thymis"; environmentFile = "/run/secrets/thymis.env"; }; in {
+  controllerPostgres = let c = controller { database = "postgres://thymis@db.example/thymis?sslmode=verify-full&sslrootcert=/etc/db-ca.pem"; environmentFile = "/run/secrets/thymis.env"; }; in {
     execStart = c.systemd.services.thymis-controller.serviceConfig.ExecStart;
     environment = c.systemd.services.thymis-controller.environment;
     environmentFile = c.systemd.services.thymis-controller.serviceConfig.EnvironmentFile;
   };
+  controllerPostgresPlain = failed (controller { database = "postgres://thymis@db.example/thymis"; });
+  controllerPostgresTls = failed (controller { database = "postgres://thymis@db.example/thymis?sslmode=verify-full&sslrootcert=/etc/db-ca.pem"; });
+  controllerPostgresLocal = failed (controller { database = "postgres://thymis@%2Frun%2Fpostgresql/thymis"; });
   controllerDefault = (controller { settings.insecure-plain-http = false; }).systemd.services.thymis-controller.serviceConfig.ExecStart;
   # systemd would expand these: they must reach the controller as written.
   controllerEscaped = (controller { publicUrl = "wss://x.example/%h/$HOME"; }).systemd.services.thymis-controller.serviceConfig.ExecStart;

@@ -20,6 +20,8 @@ pub struct Postgres {
     user: Option<(u32, u32)>,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Server settings beyond the defaults (`-c NAME=VALUE`).
+    settings: Vec<String>,
 }
 
 /// Debian puts the server's programs under /usr/lib/postgresql/VERSION/bin; the newest.
@@ -62,7 +64,7 @@ impl Postgres {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
             l.local_addr()?.port()
         };
-        let mut pg = Postgres { port, bin, user, dir, child: None };
+        let mut pg = Postgres { port, bin, user, dir, child: None, settings: vec![] };
         pg.restart()?;
         Ok(pg)
     }
@@ -76,6 +78,7 @@ impl Postgres {
             .arg(self.dir.path().join("data"))
             .args(["-p", &self.port.to_string(), "-k", ""])
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"])
+            .args(self.settings.iter().flat_map(|c| ["-c", c.as_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -84,6 +87,63 @@ impl Postgres {
             self.psql("postgres", "SELECT 1").ok()
         });
         Ok(())
+    }
+
+    /// Serves TLS on `addr` too (besides loopback), with a certificate for that address
+    /// from a CA of its own, and takes connections from there only over TLS; the CA's
+    /// certificate (PEM), for `sslrootcert`.
+    pub fn serve_tls(&mut self, addr: &str) -> Result<PathBuf> {
+        let d = self.dir.path().join("tls");
+        std::fs::create_dir_all(&d)?;
+        let openssl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(&d));
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"];
+        openssl(
+            &[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=thymis test CA"]]
+                .concat(),
+        )?;
+        std::fs::write(
+            d.join("ext.cnf"),
+            format!("subjectAltName=IP:{addr}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+        )?;
+        openssl(
+            &[&["req", "-new"][..], &ec[..5], &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=db"]]
+                .concat(),
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ])?;
+        std::fs::set_permissions(d.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        for f in ["server.key", "server.crt"] {
+            if let Some((uid, gid)) = self.user {
+                std::os::unix::fs::chown(d.join(f), Some(uid), Some(gid))?;
+            }
+        }
+        let data = self.dir.path().join("data");
+        let mut hba = std::fs::read_to_string(data.join("pg_hba.conf"))?;
+        hba.push_str(&format!("hostssl all all {addr}/32 trust\n"));
+        std::fs::write(data.join("pg_hba.conf"), hba)?;
+        self.settings = vec![
+            format!("listen_addresses=127.0.0.1,{addr}"),
+            "ssl=on".into(),
+            format!("ssl_cert_file={}", d.join("server.crt").display()),
+            format!("ssl_key_file={}", d.join("server.key").display()),
+        ];
+        self.restart()?;
+        Ok(d.join("ca.crt"))
     }
 
     /// Runs one statement with psql; its output.

@@ -107,8 +107,17 @@ fn modules_evaluate_with_the_real_module_system_and_the_docs_examples_hold() {
     // command-line --database would override the file).
     let pg = &v["controllerPostgres"];
     assert!(!pg["execStart"].as_str().unwrap_or_default().contains("--database"), "{pg}");
-    assert_eq!(pg["environment"]["THYMIS_DATABASE"], "postgres://thymis@db.example/thymis", "{pg}");
+    assert_eq!(
+        pg["environment"]["THYMIS_DATABASE"],
+        "postgres://thymis@db.example/thymis?sslmode=verify-full&sslrootcert=/etc/db-ca.pem",
+        "{pg}"
+    );
     assert_eq!(pg["environmentFile"], "/run/secrets/thymis.env");
+    // A server over the network only with verified TLS; a local socket needs none.
+    let plain = v["controllerPostgresPlain"][0].as_str().unwrap_or_default();
+    assert!(plain.contains("db.example") && plain.contains("sslmode=verify-full"), "{v}");
+    assert_eq!(v["controllerPostgresTls"], serde_json::json!([]));
+    assert_eq!(v["controllerPostgresLocal"], serde_json::json!([]));
     // systemd must not expand % or $ in an argument.
     assert!(v["controllerEscaped"].as_str().unwrap_or_default().ends_with("\"wss://x.example/%%h/$$HOME\""), "{v}");
     // openFirewall on a loopback-only listen is refused; on all addresses it opens the port.

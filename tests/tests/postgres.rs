@@ -59,3 +59,46 @@ fn a_database_that_cannot_be_reached_is_a_clear_error_at_start() {
     assert!(!stderr.contains("hunter2"), "the password was printed: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A PostgreSQL server over the network (here the fleet's host address, not loopback)
+/// only over TLS checked against its CA: without `sslmode=verify-full` the controller
+/// refuses to start and says what to add; with another CA it refuses the server's
+/// certificate; with its CA it runs, and its connections to the server are encrypted.
+#[test]
+fn a_remote_postgresql_server_is_reached_only_over_verified_tls() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let host = f.host_address();
+    let mut pg = thymis_fleet_tests::postgres::Postgres::start().expect("postgres");
+    let ca = pg.serve_tls(&host).expect("tls");
+    pg.psql("postgres", "CREATE DATABASE thymis").expect("database");
+    let url = format!("postgres://postgres@{host}:{}/thymis", pg.port);
+    let starts = |database: &str| {
+        let state = tempfile::tempdir().expect("tmp");
+        std::process::Command::new(bin("thymis-controller"))
+            .arg("--state-dir")
+            .arg(state.path())
+            .args(["--listen", "127.0.0.1:0", "--database", database])
+            .output()
+            .expect("thymis-controller")
+    };
+    let out = starts(&url);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("sslmode=verify-full"), "{err}");
+    let other_ca = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(other_ca.path(), std::fs::read(f.controller.state_dir.join("tls.crt")).expect("cert"))
+        .expect("write");
+    let out = starts(&format!("{url}?sslmode=verify-full&sslrootcert={}", other_ca.path().display()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.to_lowercase().contains("certificate"), "{err}");
+
+    let verified = format!("{url}?sslmode=verify-full&sslrootcert={}", ca.display());
+    f.controller.restart_with(vec!["--database".into(), verified]).expect("controller on PostgreSQL over TLS");
+    f.add_device("d1", "alpha", true).expect("device");
+    f.wait_online("d1");
+    let t = deploy(&f, "v1");
+    assert_eq!(Fleet::child(&t, "d1")["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    let ssl = pg
+        .psql("postgres", &format!("SELECT DISTINCT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.client_addr = '{host}'"))
+        .expect("psql");
+    assert_eq!(ssl.trim(), "t", "the controller's connections are not encrypted: {ssl:?}");
+}
