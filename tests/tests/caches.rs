@@ -373,3 +373,42 @@ fn hostile_caches_cost_bounded_memory_and_time_and_the_controller_serves_the_res
     }
     assert!(f.device("redirect").log().contains("redirects are not followed"), "{}", f.device("redirect").log());
 }
+
+/// An honest cache's large NAR, xz-compressed as `nix copy --to file://` does (256 MiB of
+/// incompressible data in one xz stream), substitutes within the same memory bound as the
+/// bombs are held to: the decoder streams it.
+#[test]
+fn an_honest_256_mib_xz_nar_substitutes_within_the_bombs_memory_bound() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cache = tmp.path().join("cache");
+    // xz at level 0 (fast to make; the decoder's memory does not depend on the level here).
+    let f = Fleet::new(FleetOptions {
+        extra_args: vec!["--publish-cache".into(), format!("file://{}?compression-level=0", cache.display())],
+        ..Default::default()
+    })
+    .expect("fleet");
+    let mut f = f;
+    f.set_configs(&json!({ "alpha": { "version": "1", "blob": { "kib": 262144 } }, "beta": {} })).expect("cfg");
+    f.controller.ctl(&["project", "commit", "-m", "a large path to cache"]);
+    let built = f.controller.ctl_json(&["build", "alpha", "--wait"]);
+    assert_eq!(built["result"], "succeeded", "{built}");
+    let nars: Vec<u64> = std::fs::read_dir(cache.join("nar"))
+        .expect("nar dir")
+        .map(|e| e.expect("entry"))
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".nar.xz"))
+        .map(|e| e.metadata().expect("meta").len())
+        .collect();
+    assert!(nars.iter().any(|n| *n > 200 << 20), "no large xz NAR in the cache: {nars:?}");
+    let host = f.host_address();
+    let _server = serve(&cache, &format!("{host}:18095"));
+    f.add_device("big", "alpha", false).expect("device");
+    f.add_agent_config("big", &format!("substituters = [\"http://{host}:18095\"]\n")).expect("cfg");
+    f.device_mut("big").start().expect("start");
+    f.wait_online("big");
+    let t = f.controller.ctl_json(&["deploy", "--config", "alpha", "--wait"]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    let c = Fleet::child(&t, "big");
+    assert!(c["bytes_substituted"].as_i64().unwrap_or(0) > 200 << 20, "the large path was not substituted: {c}");
+    let peak = peak_mib(f.device("big").agent_pid().expect("the agent runs"));
+    assert!(peak < 150, "substituting a 256 MiB xz NAR took the agent to {peak} MiB");
+}
