@@ -1,0 +1,173 @@
+//! The per-device children of a deployment: stage, sequence, progress.
+
+use anyhow::Result;
+
+use super::*;
+
+impl Db {
+    pub fn add_child(&self, task: i64, device: &str, config: &str, wave: usize) -> Result<i64> {
+        // Opaque and short whatever the device's name (one built from the name was too
+        // long for the agent past 59 characters).
+        let deployment_id = format!("dp-{}", crate::random::hex::<8>()?);
+        self.c()
+            .query_one(
+                "INSERT INTO children (task, device, config, deployment_id, stage, wave, updated)
+                 VALUES (?1, ?2, ?3, ?4, 'building', ?5, ?6) RETURNING id",
+                vals![task, device, config, deployment_id, wave as i64, now()],
+            )?
+            .get(0)
+    }
+
+    pub fn set_child_system(&self, child: i64, system: &str) -> Result<()> {
+        self.c().execute("UPDATE children SET system = ?2, updated = ?3 WHERE id = ?1", vals![child, system, now()])?;
+        Ok(())
+    }
+
+    pub fn add_progress(&self, child: i64, paths: i64, bytes: i64) -> Result<()> {
+        self.c().execute(
+            "UPDATE children SET paths_sent = paths_sent + ?2, bytes_sent = bytes_sent + ?3, updated = ?4 WHERE id = ?1",
+            vals![child, paths, bytes, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Paths and bytes a device deployment got from the device's binary caches.
+    pub fn substituted(&self, child: i64) -> Result<(i64, i64)> {
+        let r = self
+            .c()
+            .query_one("SELECT paths_substituted, bytes_substituted FROM children WHERE id = ?1", vals![child])?;
+        Ok((r.get(0)?, r.get(1)?))
+    }
+
+    pub fn set_substituted(&self, child: i64, paths: i64, bytes: i64) -> Result<()> {
+        self.c().execute(
+            "UPDATE children SET paths_substituted = ?2, bytes_substituted = ?3 WHERE id = ?1",
+            vals![child, paths, bytes],
+        )?;
+        Ok(())
+    }
+
+    /// How many paths the device lacked when the copy first started.
+    pub fn set_paths_total(&self, child: i64, total: i64) -> Result<()> {
+        self.c().execute(
+            "UPDATE children SET paths_total = COALESCE(paths_total, ?2) WHERE id = ?1",
+            vals![child, total],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_child_sequence(&self, child: i64, sequence: u64) -> Result<()> {
+        self.c().execute("UPDATE children SET sequence = ?2 WHERE id = ?1", vals![child, sequence as i64])?;
+        Ok(())
+    }
+
+    /// The one writer of a device deployment's stage: applies `event` through
+    /// [`crate::machine::next`] to the stage as stored, in one transaction (the row
+    /// locked, whichever controller writes); a refused event changes nothing. A
+    /// finishing event records `details` with its result. Returns the stages before and
+    /// after, or the refusal. Only `crate::driver` calls it.
+    pub fn advance(&self, child: i64, event: Event, details: &Details<'_>) -> Result<Result<(Stage, Stage), Refused>> {
+        self.c().transaction(|c| {
+            let r = c.query_one("SELECT stage, result FROM children WHERE id = ?1 FOR UPDATE", vals![child])?;
+            let (stage, result): (String, Option<String>) = (r.get(0)?, r.get(1)?);
+            let stage = Stage::parse(&stage, result.as_deref().and_then(parse_result))
+                .with_context(|| format!("child {child} has an unknown stage {stage:?} ({result:?})"))?;
+            let new = match crate::machine::next(stage, event) {
+                Ok(n) => n,
+                Err(refused) => return Ok(Err(refused)),
+            };
+            match new {
+                Stage::Finished(r) => {
+                    c.execute(
+                        // The device's outcome replaces whatever the controller had said.
+                        "UPDATE children SET stage = 'finished', result = ?2, reason = ?3,
+                             error = CASE WHEN ?9 = 1 THEN ?4 ELSE COALESCE(?4, error) END,
+                             failed_units = ?5, unit_logs = COALESCE(?6, unit_logs), phase = ?7, updated = ?8
+                         WHERE id = ?1",
+                        vals![
+                            child,
+                            result_str(r),
+                            details.reason,
+                            details.error,
+                            serde_json::to_string(details.failed_units)?,
+                            details.unit_logs.map(serde_json::to_string).transpose()?,
+                            details.phase.or(stage.phase()),
+                            now(),
+                            matches!(event, Event::Outcome(_))
+                        ],
+                    )?;
+                }
+                _ => {
+                    c.execute(
+                        "UPDATE children SET stage = ?2, error = COALESCE(?3, error), updated = ?4 WHERE id = ?1",
+                        vals![child, new.as_str(), details.error, now()],
+                    )?;
+                }
+            }
+            Ok(Ok((stage, new)))
+        })
+    }
+
+    pub(super) fn child_from_row(r: &Row) -> Result<ChildRow> {
+        let (stage, result): (String, Option<String>) = (r.get(5)?, r.get(6)?);
+        let stage = Stage::parse(&stage, result.as_deref().and_then(parse_result))
+            .with_context(|| format!("unknown stage {stage:?} ({result:?})"))?;
+        Ok(ChildRow {
+            id: r.get(0)?,
+            task: r.get(1)?,
+            device: r.get(2)?,
+            config: r.get(3)?,
+            deployment_id: r.get(4)?,
+            stage,
+            sequence: r.get(7)?,
+            system: r.get(8)?,
+            wave: r.get::<i64>(9)? as usize,
+        })
+    }
+
+    pub(super) const CHILD_COLS: &'static str =
+        "id, task, device, config, deployment_id, stage, result, sequence, system, wave";
+
+    pub(super) fn children_where(&self, condition: &str, params: &[Value]) -> Result<Vec<ChildRow>> {
+        let sql = format!("SELECT {} FROM children WHERE {condition} ORDER BY id", Self::CHILD_COLS);
+        self.c().query(&sql, params)?.iter().map(Self::child_from_row).collect()
+    }
+
+    pub fn child_by_deployment(&self, deployment_id: &str) -> Result<Option<ChildRow>> {
+        Ok(self.children_where("deployment_id = ?1", vals![deployment_id])?.pop())
+    }
+
+    pub fn child(&self, id: i64) -> Result<Option<ChildRow>> {
+        Ok(self.children_where("id = ?1", vals![id])?.pop())
+    }
+
+    pub fn children(&self, task: i64) -> Result<Vec<ChildRow>> {
+        self.children_where("task = ?1", vals![task])
+    }
+
+    /// How many of a task's children are in each stage.
+    pub fn child_counts(&self, task: i64) -> Result<Vec<(Stage, usize)>> {
+        let rows = self.c().query(
+            "SELECT stage, result, COUNT(*) FROM children WHERE task = ?1 GROUP BY stage, result",
+            vals![task],
+        )?;
+        rows.iter()
+            .map(|r| {
+                let (s, res): (String, Option<String>) = (r.get(0)?, r.get(1)?);
+                let stage = Stage::parse(&s, res.as_deref().and_then(parse_result));
+                Ok((stage.with_context(|| format!("unknown stage {s:?} ({res:?})"))?, r.get::<i64>(2)? as usize))
+            })
+            .collect()
+    }
+
+    /// The devices of a task's queued children.
+    pub fn queued_devices(&self, task: i64) -> Result<Vec<String>> {
+        let rows = self.c().query("SELECT device FROM children WHERE task = ?1 AND stage = 'queued'", vals![task])?;
+        rows.iter().map(|r| r.get(0)).collect()
+    }
+
+    /// Unfinished children of other tasks for `device` (to be superseded).
+    pub fn open_children_of_device(&self, device: &str, except_task: i64) -> Result<Vec<ChildRow>> {
+        self.children_where("device = ?1 AND task != ?2 AND result IS NULL", vals![device, except_task])
+    }
+}
