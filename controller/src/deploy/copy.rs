@@ -1,0 +1,330 @@
+//! One attempt over one connection: offer, query what the device lacks, copy it in
+//! chunks within the device's window, acknowledged as it goes.
+
+use super::deliver::{Stop, known_bases, reply};
+use super::*;
+
+/// One attempt over one connection: offer, query, copy what is missing, activate.
+pub(super) async fn send_to(
+    ctl: &Arc<Controller>,
+    conn: &Arc<Conn>,
+    child: &ChildRow,
+    offer: &Offer,
+    closure: &[PathInfo],
+    unacked: &mut HashMap<StorePath, u64>,
+) -> Result<(), Stop> {
+    let id = &child.deployment_id;
+    let t = ctl.settings.reply_timeout;
+    let mut rx = conn.subscribe(id);
+    if !conn.send(AgentBound::Offer { offer: Signed::sign(offer, &ctl.identity) }).await {
+        return Err(Stop::Disconnected);
+    }
+    match reply(&mut rx, t).await? {
+        ControllerBound::OfferAccepted { .. } => {}
+        ControllerBound::OfferRefused { reason, .. } => return Err(Stop::Refused(format!("offer refused: {reason}"))),
+        other => return Err(Stop::Refused(format!("unexpected reply to the offer: {other:?}"))),
+    }
+    let paths: Vec<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
+    if !conn.send(AgentBound::QueryPaths { deployment_id: id.clone(), paths }).await {
+        return Err(Stop::Disconnected);
+    }
+    // What this attempt's substitution adds to earlier attempts'.
+    let (base_paths, base_bytes) = ctl.db.substituted(child.id).unwrap_or((0, 0));
+    let substituted = |paths: u64, bytes: u64| {
+        let _ = ctl.db.set_substituted(child.id, base_paths + paths as i64, base_bytes + bytes as i64);
+        ctl.notify_task(child.task);
+    };
+    // The device may substitute from its binary caches first. It is given `t` from its
+    // last real progress (more bytes than before), not from its last message: a device
+    // or cache that only says it is at work cannot hold the deployment.
+    let mut deadline = tokio::time::Instant::now() + t;
+    let mut progress = None;
+    let (missing, bases, window): (BTreeSet<StorePath>, HashMap<StorePath, StorePath>, CopyWindow) = loop {
+        let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match reply(&mut rx, wait).await? {
+            ControllerBound::Substituting { paths, bytes, .. } => {
+                if progress.is_none_or(|p| bytes > p) {
+                    progress = Some(bytes);
+                    deadline = tokio::time::Instant::now() + t;
+                    substituted(paths, bytes);
+                }
+            }
+            ControllerBound::PathsMissing { missing, bases, window, substituted_paths, substituted_bytes, .. } => {
+                if substituted_paths > 0 {
+                    substituted(substituted_paths, substituted_bytes);
+                    let line = format!(
+                        "{}: got {substituted_paths} paths ({substituted_bytes} bytes) from its binary caches",
+                        child.device
+                    );
+                    let _ = ctl.db.log(child.task, Some(child.id), &line);
+                }
+                break (
+                    missing.into_iter().collect(),
+                    bases.into_iter().map(|b| (b.path, b.base)).collect(),
+                    window.unwrap_or(CopyWindow::LEGACY),
+                );
+            }
+            other => return Err(Stop::Refused(format!("unexpected reply to the path query: {other:?}"))),
+        }
+    };
+    let bases = known_bases(ctl, &child.device, bases).await;
+    let mut acks = Acks { ctl, child, paths: 0, bytes: 0 };
+    for (path, bytes) in unacked.drain() {
+        if !missing.contains(&path) {
+            acks.paths += 1;
+            acks.bytes += bytes;
+        }
+    }
+    acks.flush();
+    let to_send: Vec<&PathInfo> = closure.iter().filter(|i| missing.contains(&i.path)).collect();
+    let _ = ctl.db.set_paths_total(child.id, to_send.len() as i64);
+    let _ = ctl.db.log(
+        child.task,
+        Some(child.id),
+        &format!("{}: lacks {} of {} paths", child.device, to_send.len(), closure.len()),
+    );
+    ctl.notify_task(child.task);
+    // Paths sent and not yet acknowledged (`unacked`) stay within the agent's window;
+    // acknowledgements are taken as they come, without waiting for each.
+    let mut in_flight_bytes = 0u64;
+    // The next path is compressed (when no one has yet) while this one is sent; a path
+    // the device has an earlier version of goes as a delta against it when smaller.
+    // Its file is opened and its first chunk read then too (most NARs are one chunk).
+    let prefetch = |info: &&PathInfo| {
+        let (ctl, info, base) = (ctl.clone(), (*info).clone(), bases.get(&info.path).cloned());
+        tokio::spawn(async move {
+            let (file, delta_base) = ctl.nar_cache.best(&info, base.as_ref()).await?;
+            let nar = Outgoing::open(&file).await?;
+            anyhow::Ok((nar, delta_base))
+        })
+    };
+    let mut next = to_send.first().map(prefetch);
+    for (n, info) in to_send.iter().enumerate() {
+        let compressed = match next.take() {
+            Some(handle) => handle.await.map_err(|e| anyhow::anyhow!("compression task: {e}")).and_then(|r| r),
+            None => Err(anyhow::anyhow!("no compression started")),
+        };
+        next = to_send.get(n + 1).map(prefetch);
+        let (nar, delta_base) = match compressed {
+            Ok(f) => f,
+            Err(e) => return Err(Stop::Refused(format!("reading {}: {e:#}", info.path))),
+        };
+        let size = nar.size;
+        while let Ok(m) = rx.try_recv() {
+            acks.take(m, unacked, &mut in_flight_bytes)?;
+        }
+        while !window.admits(unacked.len(), in_flight_bytes, size) {
+            acks.flush();
+            let m = ack_reply(&mut rx, t, in_flight_bytes).await?;
+            acks.take(m, unacked, &mut in_flight_bytes)?;
+        }
+        acks.flush();
+        let start = AgentBound::PathStart { deployment_id: id.clone(), info: (*info).clone(), delta_base };
+        if conn.data.send(Out::Msg(start)).await.is_err() {
+            return Err(Stop::Disconnected);
+        }
+        let bytes = nar.send(&conn.data).await?;
+        if conn
+            .data
+            .send(Out::Msg(AgentBound::PathEnd { deployment_id: id.clone(), path: info.path.clone() }))
+            .await
+            .is_err()
+        {
+            return Err(Stop::Disconnected);
+        }
+        unacked.insert(info.path.clone(), bytes);
+        in_flight_bytes += bytes;
+    }
+    while !unacked.is_empty() {
+        acks.flush();
+        let m = ack_reply(&mut rx, t, in_flight_bytes).await?;
+        acks.take(m, unacked, &mut in_flight_bytes)?;
+    }
+    acks.flush();
+    // Recorded before the device is told: from here on a restart must not interrupt it,
+    // and only a recorded activation is ever confirmed. Unrecorded, the device is not
+    // told (it would roll back for want of a confirmation).
+    match report(ctl, child, Event::Activating, &Details::default()) {
+        Ok(Ok(_)) => {}
+        // Ended meanwhile (cancelled, superseded, expired): the device is not told.
+        Ok(Err(refused)) => {
+            debug!(device = %child.device, "not activating: {refused}");
+            return Ok(());
+        }
+        Err(e) => {
+            conn.send(AgentBound::Cancel { deployment_id: id.clone() }).await;
+            return Err(Stop::Refused(format!("not activated: recording the activation failed: {e:#}")));
+        }
+    }
+    let _ = ctl.db.log(child.task, Some(child.id), &format!("{}: activating", child.device));
+    ctl.notify_task(child.task);
+    if !conn.send(AgentBound::Activate { deployment_id: id.clone() }).await {
+        // Activation may or may not have reached the device; its report will tell.
+        warn!(device = %child.device, "connection lost while sending activate");
+    }
+    Ok(())
+}
+
+/// Acknowledged paths and their bytes, written to the database a batch at a time (the
+/// agent acknowledges a whole import at once; a write per path would cost thousands of
+/// writes per device).
+pub(super) struct Acks<'a> {
+    ctl: &'a Controller,
+    child: &'a ChildRow,
+    paths: i64,
+    bytes: u64,
+}
+
+impl Acks<'_> {
+    fn take(
+        &mut self,
+        m: ControllerBound,
+        unacked: &mut HashMap<StorePath, u64>,
+        in_flight: &mut u64,
+    ) -> Result<(), Stop> {
+        match m {
+            ControllerBound::PathImported { path, .. } => {
+                let bytes = unacked.remove(&path).unwrap_or(0);
+                *in_flight = in_flight.saturating_sub(bytes);
+                self.paths += 1;
+                self.bytes += bytes;
+                Ok(())
+            }
+            ControllerBound::PathRefused { path, error, .. } => Err(Stop::Refused(format!("{path} refused: {error}"))),
+            other => Err(Stop::Refused(format!("unexpected reply during the copy: {other:?}"))),
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.paths > 0 {
+            let _ = self.ctl.db.add_progress(self.child.id, self.paths, self.bytes as i64);
+            self.ctl.notify_task(self.child.task);
+            (self.paths, self.bytes) = (0, 0);
+        }
+    }
+}
+
+/// The lowest rate at which a device must take in a copy before the wait for an
+/// acknowledgement gives up on it (on top of the reply timeout): what is in flight
+/// must cross the link first.
+pub(super) const SLOWEST_LINK_BYTES_PER_SEC: u64 = 32 << 10;
+
+/// The next acknowledgement; the connection's own liveness checks end a dead link
+/// sooner (the waiter closes with it).
+pub(super) async fn ack_reply(
+    rx: &mut mpsc::UnboundedReceiver<ControllerBound>,
+    reply_timeout: Duration,
+    in_flight: u64,
+) -> Result<ControllerBound, Stop> {
+    reply(rx, reply_timeout + Duration::from_secs(in_flight / SLOWEST_LINK_BYTES_PER_SEC)).await
+}
+
+/// A compressed NAR on its way to a device: the open file, its size and its first
+/// chunk.
+pub(super) struct Outgoing {
+    file: std::sync::Arc<std::fs::File>,
+    size: u64,
+    first: Vec<u8>,
+}
+
+impl Outgoing {
+    /// Opens a cached NAR (on this thread, like the cache's check that it exists, which
+    /// has just looked it up) and reads its first chunk.
+    async fn open(path: &std::path::Path) -> Result<Outgoing> {
+        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let size = file.metadata()?.len();
+        let file = std::sync::Arc::new(file);
+        let first =
+            read_chunk(&file, 0, size.min(FIRST_CHUNK)).await.with_context(|| format!("reading {}", path.display()))?;
+        Ok(Outgoing { file, size, first })
+    }
+
+    /// Sends it as binary frames on the copy stream; returns the bytes sent.
+    async fn send(self, data: &mpsc::Sender<Out>) -> Result<u64, Stop> {
+        let Outgoing { file, size, first } = self;
+        let mut offset = first.len() as u64;
+        if !first.is_empty() {
+            data.send(Out::Bin(first)).await.map_err(|_| Stop::Disconnected)?;
+        }
+        while offset < size {
+            // Read once the queue has room: no chunk waits in hand.
+            let room = data.reserve().await.map_err(|_| Stop::Disconnected)?;
+            let buf =
+                read_chunk(&file, offset, size).await.map_err(|e| Stop::Refused(format!("reading a NAR: {e:#}")))?;
+            offset += buf.len() as u64;
+            room.send(Out::Bin(buf));
+        }
+        Ok(size)
+    }
+}
+
+/// How much of a NAR is read ahead, while the path before it is sent: all of a small
+/// one (most are), a little of a large one (a thousand devices each hold one).
+pub(super) const FIRST_CHUNK: u64 = 64 << 10;
+
+/// The chunk of `file` at `offset`, up to `end`: sized to what is left, so that a
+/// small NAR costs a small buffer. Read on this thread when the page cache holds it
+/// (the usual case: a fleet's copies read the same NARs), so that a chunk costs no trip
+/// to a blocking thread and back; on a blocking thread when the read would wait for the
+/// disk.
+pub(super) async fn read_chunk(file: &std::sync::Arc<std::fs::File>, offset: u64, end: u64) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let len = (end - offset).min(thymis_proto::CHUNK_SIZE as u64) as usize;
+    let mut buf = vec![0; len];
+    let cached = rustix::io::preadv2(
+        &**file,
+        &mut [std::io::IoSliceMut::new(&mut buf)],
+        offset,
+        rustix::io::ReadWriteFlags::NOWAIT,
+    );
+    if cached.is_ok_and(|n| n == len) {
+        return Ok(buf);
+    }
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || {
+        file.read_exact_at(&mut buf, offset).context("the cached NAR is shorter than it was")?;
+        Ok(buf)
+    })
+    .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A NAR is read back whole and in order, in chunks of at most CHUNK_SIZE, whether
+    /// the page cache holds it or the read falls back to a blocking thread.
+    #[tokio::test]
+    async fn chunks_read_back_the_whole_file_cached_or_not() {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tmp");
+        let path = dir.path().join("nar.zst");
+        let data: Vec<u8> = (0..(3 * thymis_proto::CHUNK_SIZE + 12345)).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &data).expect("write");
+        for evict in [false, true] {
+            if evict {
+                let f = std::fs::File::open(&path).expect("open");
+                f.sync_all().expect("sync");
+                let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+            }
+            let nar = Outgoing::open(&path).await.expect("open");
+            assert_eq!(nar.first, data[..FIRST_CHUNK as usize]);
+            let (tx, mut rx) = mpsc::channel(1);
+            let sender = tokio::spawn(async move { nar.send(&tx).await.map_err(|_| ()) });
+            let mut got = Vec::new();
+            while let Some(out) = rx.recv().await {
+                let Out::Bin(b) = out else { panic!("not a chunk") };
+                assert!(b.len() <= thymis_proto::CHUNK_SIZE);
+                got.extend_from_slice(&b);
+            }
+            assert_eq!(sender.await.expect("join"), Ok(data.len() as u64));
+            assert!(got == data, "the chunks differ from the file (evicted: {evict})");
+        }
+        // A file that shrank after it was opened is an error, not a short NAR.
+        let nar = Outgoing::open(&path).await.expect("open");
+        std::fs::write(&path, &data[..1000]).expect("truncate");
+        let (tx, mut rx) = mpsc::channel(1);
+        let sender = tokio::spawn(async move { nar.send(&tx).await.map_err(|_| ()) });
+        while rx.recv().await.is_some() {}
+        assert!(sender.await.expect("join").is_err());
+    }
+}

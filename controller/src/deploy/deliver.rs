@@ -1,0 +1,179 @@
+//! Delivering one device deployment: claiming it, one attempt after another until it
+//! ends, and the device's replies.
+
+use super::copy::send_to;
+use super::*;
+
+/// A device deployment this process is delivering: one delivery each (the task's run
+/// and the pickup of devices connected here may both want it), until dropped.
+pub(super) struct Delivering {
+    ctl: Arc<Controller>,
+    child: i64,
+}
+
+impl Delivering {
+    pub(super) fn start(ctl: &Arc<Controller>, child: i64) -> Option<Delivering> {
+        lock(&ctl.delivering).insert(child).then(|| Delivering { ctl: ctl.clone(), child })
+    }
+}
+
+impl Drop for Delivering {
+    fn drop(&mut self) {
+        lock(&self.ctl.delivering).remove(&self.child);
+    }
+}
+
+/// Why one attempt to deliver to a device stopped.
+pub(super) enum Stop {
+    /// The connection went away: wait for the device to come back.
+    Disconnected,
+    /// The device refused: the deployment ends for it.
+    Refused(String),
+}
+
+pub(super) fn is_over(ctl: &Controller, child: &ChildRow) -> Result<bool> {
+    Ok(ctl.db.child(child.id)?.is_none_or(|c| c.stage.is_finished()))
+}
+
+pub(super) async fn deliver(
+    ctl: &Arc<Controller>,
+    limit: &Semaphore,
+    child: ChildRow,
+    system: StorePath,
+    closure: Arc<Vec<PathInfo>>,
+    commit: &str,
+    reboot: bool,
+) -> Result<()> {
+    let mut connected = ctl.connected.subscribe();
+    // Paths streamed whole whose acknowledgement the connection lost: if the device has
+    // them on the next attempt, they count as sent (and are not sent again).
+    let mut unacked: HashMap<StorePath, u64> = HashMap::new();
+    let expires =
+        ctl.db.task_expires(child.task)?.unwrap_or_else(|| now() + ctl.settings.deployment_ttl.as_secs() as i64);
+    let mut offline = false;
+    loop {
+        if is_over(ctl, &child)? {
+            return Ok(());
+        }
+        let Some(conn) = ctl.conn(&child.device) else {
+            if !offline {
+                // The deployment is waiting once only offline devices are left.
+                offline = true;
+                refresh_task_soon(ctl, child.task);
+            }
+            // Woken when any device connects; re-checks cancel and expiry each second.
+            let _ = tokio::time::timeout(Duration::from_secs(1), connected.recv()).await;
+            continue;
+        };
+        // Controllers sharing the database: one of them delivers at a time.
+        if !ctl.db.claim_child(child.id, &ctl.instance, ctl.alive_since())? {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        // Left mid-copy by a controller that stopped: offered again from here (refused,
+        // changing nothing, for one that is queued).
+        let _ = report(ctl, &child, Event::Lost, &Details::default())?;
+        if report(ctl, &child, Event::Offered, &Details::default())?.is_err() {
+            return Ok(());
+        }
+        offline = false;
+        let sequence = match child.sequence {
+            Some(s) => s as u64,
+            None => match ctl.db.child_by_deployment(&child.deployment_id)?.and_then(|c| c.sequence) {
+                Some(s) => s as u64,
+                None => {
+                    let s = ctl.db.next_sequence()?;
+                    ctl.db.set_child_sequence(child.id, s)?;
+                    s
+                }
+            },
+        };
+        let offer = Offer {
+            device: child.device.clone(),
+            deployment_id: child.deployment_id.clone(),
+            config: child.config.clone(),
+            system: system.clone(),
+            commit: Some(commit.to_owned()),
+            sequence,
+            expires: expires as u64,
+            reboot,
+            session: Some(conn.session.clone()),
+        };
+        // Up to `parallel` devices at a time (sending ten thousand offers at once was
+        // slower: every delivery then contends for the database).
+        let _permit = limit.acquire().await?;
+        match send_to(ctl, &conn, &child, &offer, &closure, &mut unacked).await {
+            Ok(()) => return Ok(()),
+            Err(Stop::Refused(reason)) => {
+                if report(ctl, &child, Event::Failed, &Details::error(&reason))?.is_ok() {
+                    ctl.db.log(child.task, Some(child.id), &format!("{}: failed: {reason}", child.device))?;
+                }
+                return Ok(());
+            }
+            Err(Stop::Disconnected) => {
+                let lost = report(ctl, &child, Event::Lost, &Details::default())?;
+                // The device may come back through another controller, which finds it
+                // queued once the claim is released.
+                ctl.db.release_child(child.id, &ctl.instance)?;
+                if lost.is_err() {
+                    return Ok(());
+                }
+                ctl.db.log(child.task, Some(child.id), &format!("{}: connection lost; will resume", child.device))?;
+                ctl.notify_task(child.task);
+            }
+        }
+    }
+}
+
+pub(super) async fn reply(
+    rx: &mut mpsc::UnboundedReceiver<ControllerBound>,
+    timeout: Duration,
+) -> Result<ControllerBound, Stop> {
+    match tokio::time::timeout(timeout, rx.recv()).await {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) | Err(_) => Err(Stop::Disconnected),
+    }
+}
+
+/// The delta bases a device names, kept only where the controller knows the device has
+/// the base (in the closure of the system it reports) and it is an earlier version of
+/// the path (the same name): a device cannot make the controller read, hold and
+/// compress against any store path it likes.
+pub(super) async fn known_bases(
+    ctl: &Arc<Controller>,
+    device: &str,
+    bases: HashMap<StorePath, StorePath>,
+) -> HashMap<StorePath, StorePath> {
+    if bases.is_empty() {
+        return bases;
+    }
+    let reported =
+        ctl.db.device(device).ok().flatten().and_then(|d| d.info.system).and_then(|s| s.parse::<StorePath>().ok());
+    let Some(system) = reported else { return HashMap::new() };
+    let closure = tokio::task::spawn_blocking(move || {
+        thymis_store::local_store::LocalStore::system().path_infos(std::slice::from_ref(&system), true)
+    })
+    .await;
+    let has: std::collections::HashSet<StorePath> = match closure {
+        Ok(Ok(infos)) => infos.into_iter().map(|i| i.path).collect(),
+        _ => return HashMap::new(),
+    };
+    let before = bases.len();
+    let kept: HashMap<StorePath, StorePath> =
+        bases.into_iter().filter(|(path, base)| has.contains(base) && base.name() == path.name()).collect();
+    if kept.len() < before {
+        debug!(%device, named = before, kept = kept.len(), "delta bases the device is not known to have were ignored");
+    }
+    kept
+}
+
+/// Delivers a device deployment of another controller's task to its device connected
+/// here: its closure from the recorded system.
+pub(super) async fn deliver_here(ctl: &Arc<Controller>, child: ChildRow) -> Result<()> {
+    let Some((commit, reboot)) = ctl.db.task_commit(child.task)? else { return Ok(()) };
+    let system = child.system.clone().context("not built")?;
+    let system = build::present(&system).await?;
+    build::warm_nar_cache(ctl, &system, &child.config);
+    let closure = Arc::new(build::signed_closure(ctl, &system).await?);
+    deliver(ctl, &ctl.adopted, child, system, closure, &commit, reboot).await
+}

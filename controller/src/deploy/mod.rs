@@ -1,0 +1,326 @@
+//! Deployments: targets and preview, one child per device, each configuration built
+//! once at the deployed commit, then per device: offer, copy only what it lacks,
+//! activate. Confirmation and outcomes arrive over the agent connection
+//! ([`crate::agents`]). Also cancel, supersede, expiry and restart recovery.
+//!
+//! Here the verbs the API calls (preview, start, cancel, resume, build) and a
+//! deployment's run; `rollout` (waves and soak), `deliver` (one device deployment,
+//! attempt after attempt), `copy` (one attempt over one connection), `recovery`
+//! (expiry, restarts, carrying on another controller's work).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use thymis_proto::signed::{Offer, Signed};
+use thymis_proto::{AgentBound, ControllerBound, CopyWindow};
+use thymis_store::{PathInfo, StorePath};
+use tokio::sync::{Semaphore, mpsc};
+use tracing::{debug, info, warn};
+
+pub use thymis_api::{DeployRequest, Preview, PreviewDevice};
+
+use crate::build;
+use crate::controller::{Conn, Controller, Out, lock};
+use crate::db::{ChildRow, Details, now};
+use crate::driver::report;
+use crate::machine::{Event, Stage};
+use crate::task::{Stopped, TaskResult, TaskState, deployment_state};
+use thymis_api::rollout::Staging;
+
+mod copy;
+mod deliver;
+mod recovery;
+mod rollout;
+
+pub use recovery::{carry_on, recover, sweep};
+use rollout::{deliver_all, drive_waves};
+
+/// Resolves targets against `thymis.toml` (at the commit, or the work tree when it
+/// would be committed) and the devices table.
+pub fn preview(ctl: &Controller, req: &DeployRequest) -> Result<Preview> {
+    let changes = ctl.project.status()?.len();
+    let (commit, toml) = match &req.commit {
+        Some(rev) => {
+            let c = ctl.project.resolve(rev)?;
+            let t = ctl.project.toml_at(&c)?;
+            (Some(c), t)
+        }
+        None if changes > 0 => (None, ctl.project.toml_worktree()?),
+        None => {
+            let c = ctl.project.head()?;
+            let t = ctl.project.toml_at(&c)?;
+            (Some(c), t)
+        }
+    };
+    let mut configs: BTreeSet<String> = BTreeSet::new();
+    for c in &req.configs {
+        if !toml.configs.contains_key(c) {
+            bail!("no configuration {c:?} in thymis.toml");
+        }
+        configs.insert(c.clone());
+    }
+    for t in &req.tags {
+        let tagged = toml.with_tag(t);
+        if tagged.is_empty() {
+            bail!("no configuration carries tag {t:?}");
+        }
+        configs.extend(tagged);
+    }
+    let all = ctl.db.devices()?;
+    let online = ctl.online();
+    let mut devices: BTreeMap<String, String> = BTreeMap::new();
+    for d in all.iter().filter(|d| !d.revoked && configs.contains(&d.config)) {
+        devices.insert(d.name.clone(), d.config.clone());
+    }
+    for name in &req.devices {
+        let d = all.iter().find(|d| &d.name == name).ok_or_else(|| anyhow!("no device {name:?}"))?;
+        if d.revoked {
+            bail!("device {name} is revoked");
+        }
+        if !toml.configs.contains_key(&d.config) {
+            bail!("device {name} is bound to {:?}, which is not in thymis.toml", d.config);
+        }
+        devices.insert(d.name.clone(), d.config.clone());
+    }
+    if devices.is_empty() {
+        bail!("the targets select no device");
+    }
+    let configs: BTreeSet<String> = devices.values().cloned().collect();
+    Ok(Preview {
+        commit,
+        uncommitted_changes: changes,
+        configs: configs.into_iter().collect(),
+        devices: devices
+            .into_iter()
+            .map(|(name, config)| PreviewDevice { online: online.contains(&name), name, config })
+            .collect(),
+    })
+}
+
+/// Commits if needed, creates the deployment task and starts it. Returns the task id.
+pub async fn start(ctl: &Arc<Controller>, req: DeployRequest) -> Result<i64> {
+    let staging = req.staging;
+    if !staging.is_staged() && (staging.max_failures.is_some() || staging.soak.is_some()) {
+        bail!("--max-failures and --soak apply between waves: give --canary or --wave-size too");
+    }
+    let p = preview(ctl, &req)?;
+    let commit = match p.commit {
+        Some(c) => c,
+        None => {
+            let msg = match &req.message {
+                Some(m) if !m.trim().is_empty() => m.clone(),
+                _ => ctl.project.default_message()?,
+            };
+            ctl.project.commit(&msg)?
+        }
+    };
+    let expires = now() + ctl.settings.deployment_ttl.as_secs() as i64;
+    let message = req.message.clone().unwrap_or_default();
+    let task = ctl.db.create_task(
+        &ctl.instance,
+        "deployment",
+        Some(&commit),
+        Some(&message),
+        None,
+        req.reboot,
+        Some(expires),
+    )?;
+    ctl.db.set_task_owner(task, &ctl.instance)?;
+    if staging.is_staged() {
+        ctl.db.set_task_rollout(task, &staging)?;
+    }
+    // The devices in waves, in the preview's order (by name).
+    let waves = staging.waves(p.devices.len());
+    let wave_of = waves.iter().enumerate().flat_map(|(w, n)| std::iter::repeat_n(w, *n));
+    for (d, wave) in p.devices.iter().zip(wave_of) {
+        ctl.db.add_child(task, &d.name, &d.config, wave)?;
+        supersede(ctl, &d.name, task)?;
+    }
+    if waves.len() > 1 {
+        let sizes: Vec<String> = waves.iter().map(usize::to_string).collect();
+        ctl.db.log(task, None, &format!("{} waves of {} devices", waves.len(), sizes.join(", ")))?;
+    }
+    info!(task, commit = %commit, devices = p.devices.len(), "deployment created");
+    spawn_run(ctl, task, commit, req.reboot);
+    Ok(task)
+}
+
+fn spawn_run(ctl: &Arc<Controller>, task: i64, commit: String, reboot: bool) {
+    let ctl = ctl.clone();
+    tokio::spawn(async move {
+        if let Err(e) = run(&ctl, task, &commit, reboot).await {
+            warn!(task, "deployment failed: {e:#}");
+            let _ = ctl.db.set_task_state(task, TaskState::Finished, Some(TaskResult::Failed), Some(&format!("{e:#}")));
+        }
+        ctl.notify_task(task);
+    });
+}
+
+/// Older unfinished deployments of `device` that have not activated are superseded.
+fn supersede(ctl: &Arc<Controller>, device: &str, new_task: i64) -> Result<()> {
+    for c in ctl.db.open_children_of_device(device, new_task)? {
+        let why = format!("superseded by task {new_task}");
+        // Refused once activated: then only the device ends it.
+        let _ = report(ctl, &c, Event::Superseded, &Details::error(&why))?;
+    }
+    Ok(())
+}
+
+/// Recomputes a deployment's state soon (within 200 ms), once however many of its
+/// devices change meanwhile: a deployment to thousands of devices would otherwise
+/// recount its children thousands of times.
+pub fn refresh_task_soon(ctl: &Arc<Controller>, task: i64) {
+    if !lock(&ctl.refresh_pending).insert(task) {
+        return;
+    }
+    let ctl = ctl.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        lock(&ctl.refresh_pending).remove(&task);
+        let c = ctl.clone();
+        let _ = tokio::task::spawn_blocking(move || refresh_task(&c, task)).await;
+    });
+}
+
+/// Recomputes a deployment's state from its children.
+pub fn refresh_task(ctl: &Controller, task: i64) -> Result<()> {
+    // A queued device that is online is about to be offered: the deployment is not
+    // waiting for it.
+    let online = ctl.online();
+    let queued_online = ctl.db.queued_devices(task)?.iter().filter(|d| online.contains(*d)).count();
+    let (state, result) = deployment_state(&ctl.db.child_counts(task)?, queued_online, ctl.db.task_stopped(task)?);
+    ctl.db.set_task_state(task, state, result, None)?;
+    ctl.notify_task(task);
+    Ok(())
+}
+
+async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Result<()> {
+    ctl.db.set_task_state(task, TaskState::Running, None, None)?;
+    ctl.notify_task(task);
+    let children: Vec<ChildRow> = ctl.db.children(task)?.into_iter().filter(|c| !c.stage.is_finished()).collect();
+    let configs: BTreeSet<String> = children.iter().map(|c| c.config.clone()).collect();
+    let rollout = ctl.db.task_rollout(task)?;
+    let wave = rollout.as_ref().map(|r| r.1).unwrap_or(0);
+    // Each configuration is built once, whatever the number of its devices.
+    let mut closures: Closures = HashMap::new();
+    for config in &configs {
+        let of_config: Vec<&ChildRow> = children.iter().filter(|c| &c.config == config).collect();
+        ctl.notify_task(task);
+        // Built before (by this controller before a restart, or by another one that
+        // stopped): the recorded system, not a new build.
+        let recorded: BTreeSet<Option<&String>> = of_config.iter().map(|c| c.system.as_ref()).collect();
+        let built = match recorded.into_iter().collect::<Vec<_>>().as_slice() {
+            [Some(system)] => build::present(system).await,
+            _ => build::build_cached(ctl, task, commit, config).await,
+        };
+        let built = match built {
+            Ok(system) => {
+                // In the background: the copies start at once, compressing what they
+                // need first (and the next path while one is sent).
+                build::warm_nar_cache(ctl, &system, config);
+                build::signed_closure(ctl, &system).await.map(|cl| (system, cl))
+            }
+            Err(e) => Err(e),
+        };
+        match built {
+            Ok((system, closure)) => {
+                for c in &of_config {
+                    ctl.db.set_child_system(c.id, &system.to_string())?;
+                    // Its wave now, or later. Refused for one cancelled or superseded
+                    // meanwhile, or past building (after a restart).
+                    let event = if c.wave <= wave { Event::Built } else { Event::Wait };
+                    let _ = report(ctl, c, event, &Details::default())?;
+                }
+                closures.insert(config.clone(), (system, Arc::new(closure)));
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                for c in &of_config {
+                    let _ = report(ctl, c, Event::Failed, &Details::error(&msg))?;
+                }
+                refresh_task(ctl, task)?;
+            }
+        }
+    }
+    match rollout {
+        None => deliver_all(ctl, task, |_| true, &closures, commit, reboot).await?,
+        Some((staging, ..)) => drive_waves(ctl, task, &staging, &closures, commit, reboot).await?,
+    }
+    refresh_task(ctl, task)
+}
+
+type Closures = HashMap<String, (StorePath, Arc<Vec<PathInfo>>)>;
+
+/// Cancels a deployment: every device that has not activated stops.
+pub async fn cancel(ctl: &Arc<Controller>, task: i64) -> Result<()> {
+    ctl.db.set_task_stopped(task, Stopped::Cancelled)?;
+    for c in ctl.db.children(task)? {
+        let _ = report(ctl, &c, Event::Cancelled, &Details::default())?;
+    }
+    refresh_task(ctl, task)
+}
+
+/// `thymisctl resume TASK`: a soaking rollout goes on to its next wave now; a halted
+/// one goes on as a new deployment (at the project's HEAD, where the fix is) to its
+/// devices that did not succeed, staged the same way. Returns the task that goes on.
+pub async fn resume(ctl: &Arc<Controller>, task: i64) -> Result<i64> {
+    let Some((staging, ..)) = ctl.db.task_rollout(task)? else { bail!("task {task} is not a staged rollout") };
+    if ctl.db.end_soak(task)? {
+        ctl.db.log(task, None, "soak ended early (resumed)")?;
+        return Ok(task);
+    }
+    if ctl.db.task_stopped(task)? != Some(Stopped::Halted) {
+        bail!("task {task} is neither soaking nor halted");
+    }
+    let devices: Vec<String> = ctl
+        .db
+        .children(task)?
+        .into_iter()
+        .filter(|c| !matches!(c.stage, Stage::Finished(r) if r.is_success()))
+        .map(|c| c.device)
+        .collect();
+    let reboot = ctl.db.task_commit(task)?.is_some_and(|(_, r)| r);
+    let req =
+        DeployRequest { devices, message: Some(format!("resume task {task}")), reboot, staging, ..Default::default() };
+    let next = start(ctl, req).await?;
+    ctl.db.log(task, None, &format!("resumed as task {next}"))?;
+    ctl.notify_task(task);
+    Ok(next)
+}
+
+/// A build task: build a configuration without deploying it.
+pub async fn start_build(ctl: &Arc<Controller>, config: &str, commit: Option<&str>) -> Result<i64> {
+    let commit = match commit {
+        Some(c) => ctl.project.resolve(c)?,
+        None => ctl.project.head()?,
+    };
+    if !ctl.project.toml_at(&commit)?.configs.contains_key(config) {
+        bail!("no configuration {config:?} in thymis.toml at {commit}");
+    }
+    let task = ctl.db.create_task(&ctl.instance, "build", Some(&commit), None, Some(config), false, None)?;
+    ctl.db.set_task_owner(task, &ctl.instance)?;
+    let (ctl, config) = (ctl.clone(), config.to_owned());
+    tokio::spawn(async move {
+        let _ = ctl.db.set_task_state(task, TaskState::Running, None, None);
+        ctl.notify_task(task);
+        match build::build_cached(&ctl, task, &commit, &config).await {
+            Ok(system) => {
+                // A build on its own prepares the deployment: it ends when the closure
+                // is compressed, ready to be sent.
+                let _ = ctl.db.log(task, None, "compressing the closure for deployment");
+                ctl.notify_task(task);
+                let _ = build::warm_nar_cache(&ctl, &system, &config).await;
+                let _ = ctl.db.set_task_system(task, &system.to_string());
+                let _ = ctl.db.set_task_state(task, TaskState::Finished, Some(TaskResult::Succeeded), None);
+            }
+            Err(e) => {
+                let _ =
+                    ctl.db.set_task_state(task, TaskState::Finished, Some(TaskResult::Failed), Some(&format!("{e:#}")));
+            }
+        }
+        ctl.notify_task(task);
+    });
+    Ok(task)
+}
