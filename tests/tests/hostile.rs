@@ -694,6 +694,39 @@ fn replayed_offers_and_offers_expired_by_the_controllers_clock_are_refused() {
     });
 }
 
+/// `n` sockets silent in their handshake from this process, each reopened as soon as the
+/// controller drops it, until `stop`.
+fn silent_sockets(
+    url: &str,
+    n: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        rt().block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..n {
+                let (url, stop) = (url.clone(), stop.clone());
+                tasks.spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        match thymis_fleet_tests::ws_connect(&url).await {
+                            Ok(mut ws) => {
+                                while let Some(Ok(m)) = ws.next().await {
+                                    if m.is_close() {
+                                        break;
+                                    }
+                                }
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                        }
+                    }
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        })
+    })
+}
+
 /// One address holding 300 sockets in their handshake (each reopened as soon as the
 /// controller drops it) does not keep real agents out, even where the controller allows
 /// only 256 handshakes in all: each address has its own share.
@@ -707,32 +740,7 @@ fn idle_sockets_from_one_address_do_not_keep_agents_out() {
     f.wait_online("d1");
     let url = f.controller.agent_url();
     let stop = Arc::new(AtomicBool::new(false));
-    let attacker = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            rt().block_on(async {
-                let mut tasks = tokio::task::JoinSet::new();
-                for _ in 0..300 {
-                    let (url, stop) = (url.clone(), stop.clone());
-                    tasks.spawn(async move {
-                        while !stop.load(Ordering::Relaxed) {
-                            if let Ok(mut ws) = thymis_fleet_tests::ws_connect(&url).await {
-                                // Silent until the controller ends it.
-                                while let Some(Ok(m)) = ws.next().await {
-                                    if m.is_close() {
-                                        break;
-                                    }
-                                }
-                            } else {
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                        }
-                    });
-                }
-                while tasks.join_next().await.is_some() {}
-            })
-        })
-    };
+    let attacker = silent_sockets(&url, 300, stop.clone());
     std::thread::sleep(Duration::from_secs(2));
     let dev = f.device_mut("d1");
     dev.kill9();
@@ -744,17 +752,12 @@ fn idle_sockets_from_one_address_do_not_keep_agents_out() {
     attacker.join().expect("attacker");
 }
 
-/// A hundred made-up enrollments from one address block that address, not the others:
-/// a new device enrolls meanwhile.
-#[test]
-fn failed_enrollments_from_one_address_do_not_block_another() {
-    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
-    f.add_device("d2", "alpha", false).expect("device");
-    let url = f.controller.agent_url();
-    let refusals = rt().block_on(async {
+/// A hundred enrollments with made-up proofs from this process; the last refusal.
+fn made_up_enrollments(url: &str) -> String {
+    rt().block_on(async {
         let mut last = String::new();
         for i in 0..100u8 {
-            let mut c = Challenged::new(&url, i).await;
+            let mut c = Challenged::new(url, i).await;
             let proof = Some(format!("{i:064x}"));
             let auth =
                 ControllerBound::Auth { signature: c.signature(), enrollment_token: None, enrollment_proof: proof };
@@ -762,7 +765,17 @@ fn failed_enrollments_from_one_address_do_not_block_another() {
             last = until_closed(&mut c.ws, Duration::from_secs(10)).await.unwrap_or_default();
         }
         last
-    });
+    })
+}
+
+/// A hundred made-up enrollments from one address block that address, not the others:
+/// a new device enrolls meanwhile.
+#[test]
+fn failed_enrollments_from_one_address_do_not_block_another() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d2", "alpha", false).expect("device");
+    let url = f.controller.agent_url();
+    let refusals = made_up_enrollments(&url);
     assert!(refusals.contains("too many failed enrollments"), "{refusals}");
     f.device_mut("d2").start().expect("start");
     f.wait_online("d2");
@@ -798,47 +811,11 @@ fn behind_a_trusted_proxy_one_clients_flood_does_not_keep_another_out() {
 
     // The flood comes through nginx from 127.0.0.1, the device from its own address.
     let url = "ws://127.0.0.1:8445/agent/v1".to_owned();
-    let refusals = rt().block_on(async {
-        let mut last = String::new();
-        for i in 0..100u8 {
-            let mut c = Challenged::new(&url, i).await;
-            let proof = Some(format!("{i:064x}"));
-            let auth =
-                ControllerBound::Auth { signature: c.signature(), enrollment_token: None, enrollment_proof: proof };
-            c.ws.send(Message::text(encode(&auth))).await.expect("send");
-            last = until_closed(&mut c.ws, Duration::from_secs(10)).await.unwrap_or_default();
-        }
-        last
-    });
+    let refusals = made_up_enrollments(&url);
     assert!(refusals.contains("too many failed enrollments"), "{refusals}");
     // 40 sockets silent in their handshake, each reopened as soon as the controller drops it.
     let stop = Arc::new(AtomicBool::new(false));
-    let silent = {
-        let (stop, url) = (stop.clone(), url.clone());
-        std::thread::spawn(move || {
-            rt().block_on(async {
-                let mut tasks = tokio::task::JoinSet::new();
-                for _ in 0..40 {
-                    let (url, stop) = (url.clone(), stop.clone());
-                    tasks.spawn(async move {
-                        while !stop.load(Ordering::Relaxed) {
-                            match thymis_fleet_tests::ws_connect(&url).await {
-                                Ok(mut ws) => {
-                                    while let Some(Ok(m)) = ws.next().await {
-                                        if m.is_close() {
-                                            break;
-                                        }
-                                    }
-                                }
-                                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                            }
-                        }
-                    });
-                }
-                while tasks.join_next().await.is_some() {}
-            })
-        })
-    };
+    let silent = silent_sockets(&url, 40, stop.clone());
     std::thread::sleep(Duration::from_secs(2));
     f.device_mut("d3").start().expect("start");
     f.wait_online("d3");
