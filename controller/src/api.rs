@@ -15,30 +15,10 @@ use subtle::ConstantTimeEq;
 
 use thymis_api::{Device, Enrollment, Identity, LogLine, TaskState};
 
+pub use crate::caller::{ApiError, Caller};
 use crate::controller::Controller;
 use crate::deploy::{self, DeployRequest};
 use crate::project::valid_name;
-
-/// An API error: a status and a message for people.
-#[derive(Debug)]
-pub struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
-    }
-}
-
-impl From<anyhow::Error> for ApiError {
-    fn from(e: anyhow::Error) -> Self {
-        let status = if e.downcast_ref::<crate::sql::Unavailable>().is_some() {
-            StatusCode::SERVICE_UNAVAILABLE
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        ApiError(status, format!("{e:#}"))
-    }
-}
 
 fn not_found(what: String) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, what)
@@ -120,51 +100,6 @@ async fn require_token(
         return ApiError(StatusCode::FORBIDDEN, "missing or wrong CSRF token".into()).into_response();
     }
     ApiError(StatusCode::UNAUTHORIZED, "missing or wrong token (Authorization: Bearer ...)".into()).into_response()
-}
-
-/// Who made an API request.
-#[derive(Debug, Clone)]
-pub enum Caller {
-    /// The admin token.
-    Token,
-    /// A browser session, with its CSRF token.
-    Session { csrf: String },
-}
-
-impl Caller {
-    pub fn describe(&self) -> &'static str {
-        match self {
-            Caller::Token => "the admin token",
-            Caller::Session { .. } => "a web UI session",
-        }
-    }
-
-    /// For what a page must not read or open by a cross-site request even with a GET (a
-    /// device's journal, its terminal): a session's request carries its CSRF token (in
-    /// `X-CSRF-Token`, or, for the terminal's WebSocket, which cannot send headers, in
-    /// `ws_csrf`: an offered subprotocol) and, if the browser sent an Origin, it is this
-    /// controller's.
-    pub fn check_session(&self, headers: &HeaderMap, ws_csrf: Option<&str>) -> Result<(), ApiError> {
-        let Caller::Session { csrf } = self else { return Ok(()) };
-        let sent = headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).or(ws_csrf).unwrap_or("");
-        if !bool::from(sent.as_bytes().ct_eq(csrf.as_bytes())) {
-            return Err(ApiError(StatusCode::FORBIDDEN, "missing or wrong CSRF token".into()));
-        }
-        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
-        if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-            let authority = origin.split_once("://").map_or(origin, |(_, a)| a);
-            if authority != host {
-                return Err(ApiError(StatusCode::FORBIDDEN, format!("origin {origin} is not this controller")));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError(status, message.into())
-    }
 }
 
 async fn device_detail(State(ctl): State<Arc<Controller>>, Path(name): Path<String>) -> ApiResult {

@@ -29,7 +29,7 @@ use thymis_proto::AgentBound;
 use thymis_proto::stream::{JournalQuery, MAX_TERMINAL_CHUNK};
 use tracing::info;
 
-use crate::api::{ApiError, Caller};
+use crate::caller::{ApiError, Caller};
 use crate::controller::{Conn, Controller};
 use crate::streams::{FromDevice, Stream};
 

@@ -4,9 +4,10 @@
 //! ([`crate::machine::next`], persisted by `Db::advance`, which only this module calls)
 //! and then does what the transition asks of the world, in one place: a device whose
 //! deployment ended before activation is told to drop it, and a finished deployment
-//! gives back its log budget and has its task recomputed.
+//! gives back its log budget and has its task recomputed (here too: [`refresh_task`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
 use thymis_proto::AgentBound;
@@ -15,6 +16,8 @@ use tracing::debug;
 use crate::controller::Controller;
 use crate::db::{ChildRow, Details};
 use crate::machine::{Event, Refused, Stage};
+use crate::sync::lock;
+use crate::task::deployment_state;
 
 /// Applies `event` to `child`'s deployment: the new stage, or the machine's refusal
 /// (nothing changed then).
@@ -42,7 +45,7 @@ pub fn report(
         }
         close_log_budget(ctl, child)?;
     }
-    crate::deploy::refresh_task_soon(ctl, child.task);
+    refresh_task_soon(ctl, child.task);
     Ok(Ok(after))
 }
 
@@ -52,5 +55,33 @@ pub fn close_log_budget(ctl: &Controller, child: &ChildRow) -> Result<()> {
         let line = format!("{}: {lines} log lines ({bytes} bytes) over the budget were dropped", child.device);
         ctl.db.log(child.task, Some(child.id), &line)?;
     }
+    Ok(())
+}
+
+/// Recomputes a deployment's state soon (within 200 ms), once however many of its
+/// devices change meanwhile: a deployment to thousands of devices would otherwise
+/// recount its children thousands of times.
+pub fn refresh_task_soon(ctl: &Arc<Controller>, task: i64) {
+    if !lock(&ctl.refresh_pending).insert(task) {
+        return;
+    }
+    let ctl = ctl.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        lock(&ctl.refresh_pending).remove(&task);
+        let c = ctl.clone();
+        let _ = tokio::task::spawn_blocking(move || refresh_task(&c, task)).await;
+    });
+}
+
+/// Recomputes a deployment's state from its children.
+pub fn refresh_task(ctl: &Controller, task: i64) -> Result<()> {
+    // A queued device that is online is about to be offered: the deployment is not
+    // waiting for it.
+    let online = ctl.online();
+    let queued_online = ctl.db.queued_devices(task)?.iter().filter(|d| online.contains(*d)).count();
+    let (state, result) = deployment_state(&ctl.db.child_counts(task)?, queued_online, ctl.db.task_stopped(task)?);
+    ctl.db.set_task_state(task, state, result, None)?;
+    ctl.notify_task(task);
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::controller::lock;
+use crate::sync::lock;
 
 /// Log bytes stored per device deployment.
 pub const LOG_BUDGET: usize = 1 << 20;

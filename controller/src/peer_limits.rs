@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::controller::lock;
+use crate::sync::lock;
 
 const WINDOW: Duration = Duration::from_secs(60);
 

@@ -13,7 +13,8 @@ use thymis_proto::AgentBound;
 use thymis_proto::stream::{JournalEntry, MAX_STREAMS, STREAMS_PROTOCOL};
 use tokio::sync::mpsc;
 
-use crate::controller::{Conn, lock};
+use crate::controller::Conn;
+use crate::sync::lock;
 
 /// What reaches a stream's client.
 #[derive(Debug)]

@@ -93,7 +93,7 @@ impl Board {
             sectors(self.root_offset()),
             sectors(root_size),
         );
-        crate::build::sfdisk(raw, &script)
+        crate::tools::sfdisk(raw, &script)
     }
 
     /// The firmware files' source: `--firmware DIR`, else the system's `firmware/`.

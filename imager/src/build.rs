@@ -570,25 +570,7 @@ fn partition(raw: &Path, system: &StorePath, esp: u64, root_size: u64) -> Result
         sectors(root_size),
         uuid(system, "root"),
     );
-    sfdisk(raw, &script)
-}
-
-/// Writes a partition table from an sfdisk script.
-pub(crate) fn sfdisk(raw: &Path, script: &str) -> Result<()> {
-    let mut child = Command::new("sfdisk")
-        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
-        .arg(raw)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("running sfdisk")?;
-    child.stdin.take().context("stdin")?.write_all(script.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("sfdisk failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
+    crate::tools::sfdisk(raw, &script)
 }
 
 /// One pass over the raw image: its sha256, the bmap's checksum of each mapped range,

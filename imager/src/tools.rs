@@ -1,6 +1,8 @@
 //! Running the outside tools the imager builds on (sfdisk, mkfs.vfat, mtools,
 //! mkfs.ext4, nix-store), with argument vectors and checked exit statuses.
 
+use std::io::Write;
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -25,6 +27,24 @@ pub fn parse_size(s: &str) -> Result<u64> {
     };
     let n: u64 = num.parse().with_context(|| format!("size {s:?} is not a number with K, M or G"))?;
     n.checked_mul(mult).context("size too large")
+}
+
+/// Writes a partition table from an sfdisk script.
+pub(crate) fn sfdisk(raw: &Path, script: &str) -> Result<()> {
+    let mut child = Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(raw)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running sfdisk")?;
+    child.stdin.take().context("stdin")?.write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("sfdisk failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -113,7 +113,7 @@ impl Fleet {
     pub(crate) fn install_test_project_in(controller: &Controller) -> Result<()> {
         let project = controller.project_dir();
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/project");
-        for f in ["flake.nix", "fake-system.nix", "boot.nix", "arm.nix", "configs.json", "thymis.toml"] {
+        for f in ["flake.nix", "fake-system.nix", "boot.nix", "arm.nix", "stage1.nix", "configs.json", "thymis.toml"] {
             std::fs::copy(fixtures.join(f), project.join(f))?;
         }
         let out = controller.ctl(&["project", "commit", "-m", "fleet test project"]);

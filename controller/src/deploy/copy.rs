@@ -1,7 +1,6 @@
 //! One attempt over one connection: offer, query what the device lacks, copy it in
 //! chunks within the device's window, acknowledged as it goes.
 
-use super::deliver::{Stop, known_bases, reply};
 use super::*;
 
 /// One attempt over one connection: offer, query, copy what is missing, activate.
@@ -286,6 +285,57 @@ pub(super) async fn read_chunk(file: &std::sync::Arc<std::fs::File>, offset: u64
         Ok(buf)
     })
     .await?
+}
+
+/// Why one attempt to deliver to a device stopped.
+pub(super) enum Stop {
+    /// The connection went away: wait for the device to come back.
+    Disconnected,
+    /// The device refused: the deployment ends for it.
+    Refused(String),
+}
+
+/// The device's next message about this deployment, within `timeout`.
+pub(super) async fn reply(
+    rx: &mut mpsc::UnboundedReceiver<ControllerBound>,
+    timeout: Duration,
+) -> Result<ControllerBound, Stop> {
+    match tokio::time::timeout(timeout, rx.recv()).await {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) | Err(_) => Err(Stop::Disconnected),
+    }
+}
+
+/// The delta bases a device names, kept only where the controller knows the device has
+/// the base (in the closure of the system it reports) and it is an earlier version of
+/// the path (the same name): a device cannot make the controller read, hold and
+/// compress against any store path it likes.
+pub(super) async fn known_bases(
+    ctl: &Arc<Controller>,
+    device: &str,
+    bases: HashMap<StorePath, StorePath>,
+) -> HashMap<StorePath, StorePath> {
+    if bases.is_empty() {
+        return bases;
+    }
+    let reported =
+        ctl.db.device(device).ok().flatten().and_then(|d| d.info.system).and_then(|s| s.parse::<StorePath>().ok());
+    let Some(system) = reported else { return HashMap::new() };
+    let closure = tokio::task::spawn_blocking(move || {
+        thymis_store::local_store::LocalStore::system().path_infos(std::slice::from_ref(&system), true)
+    })
+    .await;
+    let has: std::collections::HashSet<StorePath> = match closure {
+        Ok(Ok(infos)) => infos.into_iter().map(|i| i.path).collect(),
+        _ => return HashMap::new(),
+    };
+    let before = bases.len();
+    let kept: HashMap<StorePath, StorePath> =
+        bases.into_iter().filter(|(path, base)| has.contains(base) && base.name() == path.name()).collect();
+    if kept.len() < before {
+        debug!(%device, named = before, kept = kept.len(), "delta bases the device is not known to have were ignored");
+    }
+    kept
 }
 
 #[cfg(test)]

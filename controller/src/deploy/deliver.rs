@@ -1,7 +1,7 @@
 //! Delivering one device deployment: claiming it, one attempt after another until it
 //! ends, and the device's replies.
 
-use super::copy::send_to;
+use super::copy::{Stop, send_to};
 use super::*;
 
 /// A device deployment this process is delivering: one delivery each (the task's run
@@ -21,14 +21,6 @@ impl Drop for Delivering {
     fn drop(&mut self) {
         lock(&self.ctl.delivering).remove(&self.child);
     }
-}
-
-/// Why one attempt to deliver to a device stopped.
-pub(super) enum Stop {
-    /// The connection went away: wait for the device to come back.
-    Disconnected,
-    /// The device refused: the deployment ends for it.
-    Refused(String),
 }
 
 pub(super) fn is_over(ctl: &Controller, child: &ChildRow) -> Result<bool> {
@@ -123,48 +115,6 @@ pub(super) async fn deliver(
             }
         }
     }
-}
-
-pub(super) async fn reply(
-    rx: &mut mpsc::UnboundedReceiver<ControllerBound>,
-    timeout: Duration,
-) -> Result<ControllerBound, Stop> {
-    match tokio::time::timeout(timeout, rx.recv()).await {
-        Ok(Some(m)) => Ok(m),
-        Ok(None) | Err(_) => Err(Stop::Disconnected),
-    }
-}
-
-/// The delta bases a device names, kept only where the controller knows the device has
-/// the base (in the closure of the system it reports) and it is an earlier version of
-/// the path (the same name): a device cannot make the controller read, hold and
-/// compress against any store path it likes.
-pub(super) async fn known_bases(
-    ctl: &Arc<Controller>,
-    device: &str,
-    bases: HashMap<StorePath, StorePath>,
-) -> HashMap<StorePath, StorePath> {
-    if bases.is_empty() {
-        return bases;
-    }
-    let reported =
-        ctl.db.device(device).ok().flatten().and_then(|d| d.info.system).and_then(|s| s.parse::<StorePath>().ok());
-    let Some(system) = reported else { return HashMap::new() };
-    let closure = tokio::task::spawn_blocking(move || {
-        thymis_store::local_store::LocalStore::system().path_infos(std::slice::from_ref(&system), true)
-    })
-    .await;
-    let has: std::collections::HashSet<StorePath> = match closure {
-        Ok(Ok(infos)) => infos.into_iter().map(|i| i.path).collect(),
-        _ => return HashMap::new(),
-    };
-    let before = bases.len();
-    let kept: HashMap<StorePath, StorePath> =
-        bases.into_iter().filter(|(path, base)| has.contains(base) && base.name() == path.name()).collect();
-    if kept.len() < before {
-        debug!(%device, named = before, kept = kept.len(), "delta bases the device is not known to have were ignored");
-    }
-    kept
 }
 
 /// Delivers a device deployment of another controller's task to its device connected

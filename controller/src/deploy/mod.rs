@@ -26,7 +26,7 @@ use crate::controller::{Conn, Controller, Out, lock};
 use crate::db::{ChildRow, Details, now};
 use crate::driver::report;
 use crate::machine::{Event, Stage};
-use crate::task::{Stopped, TaskResult, TaskState, deployment_state};
+use crate::task::{Stopped, TaskResult, TaskState};
 use thymis_api::rollout::Staging;
 
 mod copy;
@@ -34,6 +34,7 @@ mod deliver;
 mod recovery;
 mod rollout;
 
+use crate::driver::{refresh_task, refresh_task_soon};
 pub use recovery::{carry_on, recover, sweep};
 use rollout::{deliver_all, drive_waves};
 
@@ -165,34 +166,6 @@ fn supersede(ctl: &Arc<Controller>, device: &str, new_task: i64) -> Result<()> {
         // Refused once activated: then only the device ends it.
         let _ = report(ctl, &c, Event::Superseded, &Details::error(&why))?;
     }
-    Ok(())
-}
-
-/// Recomputes a deployment's state soon (within 200 ms), once however many of its
-/// devices change meanwhile: a deployment to thousands of devices would otherwise
-/// recount its children thousands of times.
-pub fn refresh_task_soon(ctl: &Arc<Controller>, task: i64) {
-    if !lock(&ctl.refresh_pending).insert(task) {
-        return;
-    }
-    let ctl = ctl.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        lock(&ctl.refresh_pending).remove(&task);
-        let c = ctl.clone();
-        let _ = tokio::task::spawn_blocking(move || refresh_task(&c, task)).await;
-    });
-}
-
-/// Recomputes a deployment's state from its children.
-pub fn refresh_task(ctl: &Controller, task: i64) -> Result<()> {
-    // A queued device that is online is about to be offered: the deployment is not
-    // waiting for it.
-    let online = ctl.online();
-    let queued_online = ctl.db.queued_devices(task)?.iter().filter(|d| online.contains(*d)).count();
-    let (state, result) = deployment_state(&ctl.db.child_counts(task)?, queued_online, ctl.db.task_stopped(task)?);
-    ctl.db.set_task_state(task, state, result, None)?;
-    ctl.notify_task(task);
     Ok(())
 }
 
