@@ -161,7 +161,9 @@ fn vm_configs(vm: &serde_json::Value, extra: serde_json::Value) -> serde_json::V
 /// A fleet whose configuration "vm" boots in QEMU and a device of it flashed from its
 /// image: (fleet, the vm settings, the disk, the image's system).
 fn vm_device(device: &str) -> (Fleet, serde_json::Value, std::path::PathBuf, String) {
-    let f = Fleet::new(FleetOptions::default()).expect("fleet");
+    // Deployments expire late: a VM under emulation on a busy machine takes minutes
+    // where a process device takes seconds (what expiry does is tested elsewhere).
+    let f = Fleet::new(FleetOptions { deployment_ttl: 900, ..Default::default() }).expect("fleet");
     let kernel = vm::kernel_version().expect("kernel");
     let agent = bin("thymis-agent");
     let vm = json!({
