@@ -38,7 +38,9 @@ pub fn wanted(url: &str) -> Wanted {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("sslmode", v)) => mode = v.to_owned(),
-            Some(("sslrootcert", v)) => root_cert = Some(PathBuf::from(percent_decode(v))),
+            Some(("sslrootcert", v)) => {
+                root_cert = Some(PathBuf::from(percent_encoding::percent_decode_str(v).decode_utf8_lossy().as_ref()))
+            }
             _ => rest.push(pair),
         }
     }
@@ -51,25 +53,6 @@ pub fn wanted(url: &str) -> Wanted {
         url = format!("{url}{}sslmode={mode}", if rest.is_empty() { "?" } else { "&" });
     }
     Wanted { url, tls, mode, root_cert }
-}
-
-fn percent_decode(s: &str) -> String {
-    let mut out = vec![];
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        match (b[i], b.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Refuses a server over the network without verified TLS. `hosts` are the URL's hosts

@@ -61,19 +61,24 @@ impl BoardDisk {
             .collect())
     }
 
+    /// The FAT partition as mtools names it (`DISK@@OFFSET`), for reading and writing
+    /// its files while the board is off.
+    pub fn fat(&self) -> Result<String> {
+        let (start, _) = *self.partitions()?.first().context("no FAT partition")?;
+        Ok(format!("{}@@{start}", self.raw.display()))
+    }
+
     /// Mounts the root and copies the FAT partition's files out (the board must be off).
     pub fn mount(&mut self) -> Result<()> {
         if self.mounted {
             return Ok(());
         }
         let parts = self.partitions()?;
-        let [(fw_start, _), (root_start, root_size)] = parts[..] else { bail!("expected two partitions") };
+        let [_, (root_start, root_size)] = parts[..] else { bail!("expected two partitions") };
         let fw = self.dir.join("firmware");
         let _ = std::fs::remove_dir_all(&fw);
         std::fs::create_dir_all(&fw)?;
-        run(Command::new("mcopy")
-            .args(["-s", "-n", "-m", "-i", &format!("{}@@{fw_start}", self.raw.display()), "::/"])
-            .arg(&fw))?;
+        run(Command::new("mcopy").args(["-s", "-n", "-m", "-i", &self.fat()?, "::/"]).arg(&fw))?;
         run(Command::new("mount")
             .args(["-t", "ext4", "-o", &format!("loop,offset={root_start},sizelimit={root_size}")])
             .arg(&self.raw)

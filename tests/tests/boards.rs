@@ -81,7 +81,10 @@ impl Board {
         );
         let file = self.f.tmp.path().join("old-boot.scr");
         std::fs::write(&file, thymis_uboot::script_image(&old, "Thymis boot script")).expect("write");
-        run(Command::new("mcopy").args(["-o", "-i", &fat(&self.disk)]).arg(&file).arg("::/boot.scr"));
+        run(Command::new("mcopy")
+            .args(["-o", "-i", &self.disk.fat().expect("partitions")])
+            .arg(&file)
+            .arg("::/boot.scr"));
     }
 
     /// Commits the next version of alpha (with `arm` settings `extra`) and deploys it
@@ -142,11 +145,6 @@ fn booted(machine: &mut Vm) -> String {
     booted_system(&console).expect("a system")
 }
 
-/// The board's FAT partition, as mtools reads it (the board off).
-fn fat(disk: &BoardDisk) -> String {
-    format!("{}@@8M", disk.raw.display())
-}
-
 #[test]
 fn the_boards_agent_enrolls_tries_a_generation_once_comes_back_from_a_panic_and_keeps_a_confirmed_one() {
     let (mut b, first) = Board::new();
@@ -168,7 +166,7 @@ fn the_boards_agent_enrolls_tries_a_generation_once_comes_back_from_a_panic_and_
     assert!(console.contains("mounted /boot/firmware"), "the agent did not mount the FAT partition:\n{console}");
     assert!(console.contains("stage 2: rebooting"), "{console}");
     drop(machine);
-    let scr = run(Command::new("mtype").args(["-i", &fat(&b.disk), "::/boot.scr"]));
+    let scr = run(Command::new("mtype").args(["-i", &b.disk.fat().expect("partitions"), "::/boot.scr"]));
     assert!(scr.contains(&format!("(version {})", thymis_uboot::SCRIPT_VERSION)), "boot.scr was not updated");
     let mut machine = b.boot(None);
     b.wait_reset(&mut machine, "the panicking generation did not reset the board", None);
@@ -247,7 +245,7 @@ fn a_hang_comes_back_by_the_watchdog_and_power_cuts_after_the_boot_state_is_writ
     let task = b.deploy(json!({}), "cut after the try is written");
     machine.wait_for_console("try-once:4:hold: holding here", Duration::from_secs(400)).expect("the agent holds");
     drop(machine); // the power cut
-    let scr = run(Command::new("mtype").args(["-i", &fat(&b.disk), "::/boot.scr"]));
+    let scr = run(Command::new("mtype").args(["-i", &b.disk.fat().expect("partitions"), "::/boot.scr"]));
     assert!(scr.contains(&format!("(version {})", thymis_uboot::SCRIPT_VERSION)), "boot.scr was not replaced");
     let mut machine = b.boot(None);
     assert_ne!(booted(&mut machine), first, "the try was lost:\n{}", machine.console());
