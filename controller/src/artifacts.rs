@@ -15,7 +15,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use crate::build;
 use crate::controller::Controller;
 use crate::db::now;
-use crate::task::{TaskResult, TaskState};
+use crate::engine;
+use crate::model::task::{Event as TaskEvent, TaskResult};
 
 pub fn dir(ctl: &Controller, task: i64) -> PathBuf {
     ctl.paths.root.join("artifacts").join(task.to_string())
@@ -103,7 +104,7 @@ async fn make_image(
     commit: &str,
     replace_key: bool,
 ) -> Result<String> {
-    ctl.db.set_task_state(task, TaskState::Running, None, None)?;
+    engine::task_event(ctl, task, TaskEvent::Started, None)?;
     let system = build::build(ctl, task, commit, config).await?;
     let out = dir(ctl, task);
     private_dir(&out)?;
@@ -179,7 +180,7 @@ async fn make_bundle(
     commit: &str,
     expires_in: Option<u64>,
 ) -> Result<String> {
-    ctl.db.set_task_state(task, TaskState::Running, None, None)?;
+    engine::task_event(ctl, task, TaskEvent::Started, None)?;
     let system = build::build(ctl, task, commit, config).await?;
     let closure = build::signed_closure(ctl, &system).await?;
     let sequence = ctl.db.next_sequence()?;
@@ -214,10 +215,10 @@ fn finish(ctl: &Controller, task: i64, r: Result<String>) {
     match r {
         Ok(system) => {
             let _ = ctl.db.set_task_system(task, &system);
-            let _ = ctl.db.set_task_state(task, TaskState::Finished, Some(TaskResult::Succeeded), None);
+            let _ = engine::task_event(ctl, task, TaskEvent::Ended(TaskResult::Succeeded), None);
         }
         Err(e) => {
-            let _ = ctl.db.set_task_state(task, TaskState::Finished, Some(TaskResult::Failed), Some(&format!("{e:#}")));
+            let _ = engine::task_event(ctl, task, TaskEvent::Ended(TaskResult::Failed), Some(&format!("{e:#}")));
         }
     }
     ctl.notify_task(task);

@@ -24,14 +24,17 @@ use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
-use thymis_api::{JournalEvent, TaskResult, TaskState};
+use thymis_api::{JournalEvent, TaskResult};
 use thymis_proto::AgentBound;
 use thymis_proto::stream::{JournalQuery, MAX_TERMINAL_CHUNK};
 use tracing::info;
 
 use crate::caller::{ApiError, Caller};
-use crate::controller::{Conn, Controller};
-use crate::streams::{FromDevice, Stream};
+use crate::conn::{Conn, Stream};
+use crate::controller::Controller;
+use crate::engine;
+use crate::model::task::Event as TaskEvent;
+use crate::streams::FromDevice;
 
 /// How long the device has to say whether a stream could start.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -180,7 +183,7 @@ pub async fn terminal(
     let who = caller.describe();
     let message = format!("terminal on {name}, opened by {who}");
     let task = ctl.db.create_task(&ctl.instance, "terminal", None, Some(&message), Some(&config), false, None)?;
-    ctl.db.set_task_state(task, TaskState::Running, None, None)?;
+    engine::task_event(&ctl, task, TaskEvent::Started, None)?;
     ctl.db.log(task, None, &format!("{name}: {what} opened by {who}"))?;
     ctl.notify_task(task);
     info!(device = %name, task, "terminal opened by {who}");
@@ -196,7 +199,7 @@ pub async fn terminal(
         };
         let error = (result != TaskResult::Succeeded).then_some(line.as_str());
         let _ = ctl.db.log(task, None, &line);
-        let _ = ctl.db.set_task_state(task, TaskState::Finished, Some(result), error);
+        let _ = engine::task_event(&ctl, task, TaskEvent::Ended(result), error);
         ctl.notify_task(task);
     }))
 }

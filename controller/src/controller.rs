@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use thymis_proto::{AgentBound, ControllerBound};
 use thymis_store::signing::SecretKey;
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{Semaphore, broadcast};
 
+use crate::conn::Conn;
 use crate::db::Db;
 use crate::project::Project;
 
@@ -78,100 +78,6 @@ impl Paths {
     }
 }
 
-/// What goes on a connection's copy stream: a path's start, its NAR chunks, its end.
-#[derive(Debug)]
-pub enum Out {
-    Msg(AgentBound),
-    Bin(Vec<u8>),
-}
-
-/// A copy stream's queue holds this many frames: one waits while the writer sends
-/// another, and the socket's own buffer keeps the link busy. Each frame held is up to
-/// a 128 KiB chunk per connection: at a thousand copies at once, every one counts.
-pub const COPY_QUEUE: usize = 1;
-
-/// One authenticated agent connection. Its writer sends control messages first, then
-/// the copy stream: control messages never wait behind NAR chunks.
-#[derive(Debug)]
-pub struct Conn {
-    pub device: String,
-    pub session: String,
-    /// Control messages: few, small, and bounded by the protocol (requests, replies,
-    /// one heartbeat a tick), so the queue has no bound and nobody waits on it.
-    control: mpsc::UnboundedSender<AgentBound>,
-    /// The copy stream, in order (see [`COPY_QUEUE`]).
-    pub data: mpsc::Sender<Out>,
-    /// Journal and terminal messages to the device (terminal input): bounded, and sent
-    /// in turn with the copy stream, so neither waits behind the other.
-    pub stream_out: mpsc::Sender<AgentBound>,
-    /// The protocol version the handshake settled on.
-    pub protocol: u32,
-    /// Its open journal and terminal streams.
-    pub streams: crate::streams::Streams,
-    /// Replies routed to the deployment runner waiting for them, by deployment id.
-    waiters: Mutex<HashMap<String, mpsc::UnboundedSender<ControllerBound>>>,
-    /// Ends the connection (device revoked, or replaced by a newer connection).
-    pub kicked: tokio::sync::Notify,
-    /// When "last seen" was last written for this connection.
-    pub last_touch: Mutex<std::time::Instant>,
-    /// `Error` messages it sent (only the first few are logged).
-    pub errors_logged: std::sync::atomic::AtomicU32,
-}
-
-impl Conn {
-    pub fn new(
-        device: String,
-        session: String,
-        protocol: u32,
-        control: mpsc::UnboundedSender<AgentBound>,
-        data: mpsc::Sender<Out>,
-        stream_out: mpsc::Sender<AgentBound>,
-    ) -> Self {
-        Conn {
-            device,
-            session,
-            control,
-            data,
-            stream_out,
-            protocol,
-            streams: Default::default(),
-            waiters: Mutex::new(HashMap::new()),
-            kicked: tokio::sync::Notify::new(),
-            last_touch: Mutex::new(std::time::Instant::now()),
-            errors_logged: Default::default(),
-        }
-    }
-
-    /// Receives this connection's replies about `deployment_id` until dropped; the
-    /// channel closes when the connection ends.
-    pub fn subscribe(&self, deployment_id: &str) -> mpsc::UnboundedReceiver<ControllerBound> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        lock(&self.waiters).insert(deployment_id.to_owned(), tx);
-        rx
-    }
-
-    /// Hands a reply to its waiter; false when nobody waits for it.
-    pub fn route(&self, deployment_id: &str, msg: ControllerBound) -> bool {
-        lock(&self.waiters).get(deployment_id).is_some_and(|tx| tx.send(msg).is_ok())
-    }
-
-    /// Closes every waiter and ends the connection.
-    pub fn close(&self) {
-        lock(&self.waiters).clear();
-        self.kicked.notify_one();
-    }
-
-    /// Queues a control message; false when the connection is gone.
-    pub async fn send(&self, m: AgentBound) -> bool {
-        self.send_control(m)
-    }
-
-    /// [`Conn::send`] where there is no `async`.
-    pub fn send_control(&self, m: AgentBound) -> bool {
-        self.control.send(m).is_ok()
-    }
-}
-
 pub use crate::sync::lock;
 
 /// Everything the controller's handlers share.
@@ -189,8 +95,8 @@ pub struct Controller {
     pub connected: broadcast::Sender<String>,
     /// Task ids as they change (live views listen).
     pub task_changed: broadcast::Sender<i64>,
-    /// Tasks whose state will be recomputed shortly.
-    pub refresh_pending: Mutex<HashSet<i64>>,
+    /// The engine's state in memory (recounts due, rollouts waiting for waves).
+    pub engine: crate::engine::Engine,
     pub handshakes: Arc<Semaphore>,
     pub peers: Arc<crate::peer_limits::PeerLimits>,
     pub log_budget: crate::log_budget::LogBudgets,
@@ -291,7 +197,7 @@ impl Controller {
             conns: Mutex::new(HashMap::new()),
             connected,
             task_changed,
-            refresh_pending: Mutex::new(HashSet::new()),
+            engine: Default::default(),
             handshakes,
             log_budget: Default::default(),
             peers: crate::peer_limits::PeerLimits::new(

@@ -612,7 +612,7 @@ fn print_device(v: &Value) {
     for h in &d.history {
         let commit: String = printable_or_dash(h.commit.as_deref()).chars().take(12).collect();
         let result = h.result.map_or_else(|| format!("({})", h.state.as_str()), |r| r.as_str().to_owned());
-        let reason = printable(h.reason.as_deref().or(h.error.as_deref()).unwrap_or(""));
+        let reason = printable(h.reason.map(|r| r.as_str()).or(h.error.as_deref()).unwrap_or(""));
         println!("{:<6} {:<20} {commit:<12} {result:<28} {reason}", h.task, console::utc(h.updated.max(0) as u64));
     }
 }
@@ -645,11 +645,11 @@ fn print_task(v: &Value) {
             "  {:<16} {:<9} {:<9} {:<28}",
             c.device,
             c.state.as_str(),
-            text(c.phase.as_deref()),
+            text(c.phase.map(|p| p.as_str())),
             text(c.result.map(DeviceResult::as_str))
         );
         if let Some(r) = &c.reason {
-            line.push_str(&format!(" reason: {}", printable(r)));
+            line.push_str(&format!(" reason: {r}"));
         }
         if !c.failed_units.is_empty() {
             line.push_str(&format!(" failed units: {}", printable(&c.failed_units.join(", "))));

@@ -61,53 +61,6 @@ impl Db {
         Ok(())
     }
 
-    /// The one writer of a device deployment's stage: applies `event` through
-    /// [`crate::machine::next`] to the stage as stored, in one transaction (the row
-    /// locked, whichever controller writes); a refused event changes nothing. A
-    /// finishing event records `details` with its result. Returns the stages before and
-    /// after, or the refusal. Only `crate::driver` calls it.
-    pub fn advance(&self, child: i64, event: Event, details: &Details<'_>) -> Result<Result<(Stage, Stage), Refused>> {
-        self.c().transaction(|c| {
-            let r = c.query_one("SELECT stage, result FROM children WHERE id = ?1 FOR UPDATE", vals![child])?;
-            let (stage, result): (String, Option<String>) = (r.get(0)?, r.get(1)?);
-            let stage = Stage::parse(&stage, result.as_deref().and_then(parse_result))
-                .with_context(|| format!("child {child} has an unknown stage {stage:?} ({result:?})"))?;
-            let new = match crate::machine::next(stage, event) {
-                Ok(n) => n,
-                Err(refused) => return Ok(Err(refused)),
-            };
-            match new {
-                Stage::Finished(r) => {
-                    c.execute(
-                        // The device's outcome replaces whatever the controller had said.
-                        "UPDATE children SET stage = 'finished', result = ?2, reason = ?3,
-                             error = CASE WHEN ?9 = 1 THEN ?4 ELSE COALESCE(?4, error) END,
-                             failed_units = ?5, unit_logs = COALESCE(?6, unit_logs), phase = ?7, updated = ?8
-                         WHERE id = ?1",
-                        vals![
-                            child,
-                            result_str(r),
-                            details.reason,
-                            details.error,
-                            serde_json::to_string(details.failed_units)?,
-                            details.unit_logs.map(serde_json::to_string).transpose()?,
-                            details.phase.or(stage.phase()),
-                            now(),
-                            matches!(event, Event::Outcome(_))
-                        ],
-                    )?;
-                }
-                _ => {
-                    c.execute(
-                        "UPDATE children SET stage = ?2, error = COALESCE(?3, error), updated = ?4 WHERE id = ?1",
-                        vals![child, new.as_str(), details.error, now()],
-                    )?;
-                }
-            }
-            Ok(Ok((stage, new)))
-        })
-    }
-
     pub(super) fn child_from_row(r: &Row) -> Result<ChildRow> {
         let (stage, result): (String, Option<String>) = (r.get(5)?, r.get(6)?);
         let stage = Stage::parse(&stage, result.as_deref().and_then(parse_result))
@@ -158,6 +111,18 @@ impl Db {
                 Ok((stage.with_context(|| format!("unknown stage {s:?} ({res:?})"))?, r.get::<i64>(2)? as usize))
             })
             .collect()
+    }
+
+    /// How many devices of a task's wave have not finished.
+    pub fn open_in_wave(&self, task: i64, wave: usize) -> Result<usize> {
+        let n: i64 = self
+            .c()
+            .query_one(
+                "SELECT COUNT(*) FROM children WHERE task = ?1 AND wave = ?2 AND stage != 'finished'",
+                vals![task, wave as i64],
+            )?
+            .get(0)?;
+        Ok(n as usize)
     }
 
     /// The devices of a task's queued children.

@@ -155,7 +155,7 @@ impl Db {
                     message: r.get(3)?,
                     state,
                     result,
-                    reason: r.get(6)?,
+                    reason: r.get::<Option<String>>(6)?.as_deref().and_then(thymis_api::Reason::parse),
                     error: r.get(7)?,
                     system: r.get(8)?,
                     created: r.get(9)?,

@@ -15,9 +15,9 @@ use thymis_proto::message::DeviceReport;
 
 use thymis_api::{Child, ChildState, Rollout, Task};
 
-use crate::machine::{Event, Refused, Stage};
+use crate::model::device::Stage;
+use crate::model::task::{Stopped, TaskResult, TaskState};
 use crate::sql::{Conn, Location, Row, Value};
-use crate::task::{Stopped, TaskResult, TaskState};
 use crate::vals;
 
 mod children;
@@ -159,7 +159,7 @@ impl Db {
         self.c().is_postgres()
     }
 
-    fn c(&self) -> MutexGuard<'_, Conn> {
+    pub(crate) fn c(&self) -> MutexGuard<'_, Conn> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -167,12 +167,12 @@ impl Db {
 /// What a device deployment's event records beside its stage (a finishing one: why).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Details<'a> {
-    pub reason: Option<&'a str>,
+    pub reason: Option<thymis_api::Reason>,
     pub error: Option<&'a str>,
     pub failed_units: &'a [String],
     pub unit_logs: Option<&'a std::collections::BTreeMap<String, Vec<String>>>,
     /// Where it ended (default: the phase of the stage it ended in).
-    pub phase: Option<&'a str>,
+    pub phase: Option<thymis_proto::Phase>,
 }
 
 impl<'a> Details<'a> {

@@ -93,7 +93,7 @@ INSERT OR IGNORE INTO revoked_keys (public_key, device, revoked)
     r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 "#,
-    // One column for a device deployment's stage (`crate::machine::Stage`), instead of
+    // One column for a device deployment's stage (`crate::model::device::Stage`), instead of
     // `state`, `activated` and the phase (which now says only where a finished one
     // ended); a task says why it stopped early.
     r#"

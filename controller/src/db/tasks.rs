@@ -2,6 +2,8 @@
 
 use anyhow::Result;
 
+use thymis_proto::Phase;
+
 use super::*;
 
 impl Db {
@@ -27,20 +29,6 @@ impl Db {
             .get(0)
     }
 
-    pub fn set_task_state(
-        &self,
-        task: i64,
-        state: TaskState,
-        result: Option<TaskResult>,
-        error: Option<&str>,
-    ) -> Result<()> {
-        self.c().execute(
-            "UPDATE tasks SET state = ?2, result = ?3, error = COALESCE(?4, error), updated = ?5 WHERE id = ?1",
-            vals![task, state.as_str(), result.map(TaskResult::as_str), error, now()],
-        )?;
-        Ok(())
-    }
-
     pub fn set_task_system(&self, task: i64, system: &str) -> Result<()> {
         self.c().execute("UPDATE tasks SET system = ?2, updated = ?3 WHERE id = ?1", vals![task, system, now()])?;
         Ok(())
@@ -54,15 +42,6 @@ impl Db {
     pub fn task_state(&self, task: i64) -> Result<Option<TaskState>> {
         let row = self.c().query_opt("SELECT state FROM tasks WHERE id = ?1", vals![task])?;
         Ok(row.map(|r| r.get::<String>(0)).transpose()?.and_then(|s| TaskState::parse(&s)))
-    }
-
-    /// Why a task stopped before its devices all finished (cancelled, halted).
-    pub fn set_task_stopped(&self, task: i64, stopped: Stopped) -> Result<()> {
-        self.c().execute(
-            "UPDATE tasks SET stopped = ?2, updated = ?3 WHERE id = ?1",
-            vals![task, stopped.as_str(), now()],
-        )?;
-        Ok(())
     }
 
     /// A staged rollout's plan, the wave it is at, and when its soak ends.
@@ -80,23 +59,6 @@ impl Db {
         };
         let Some(plan) = r.get::<Option<String>>(0)? else { return Ok(None) };
         Ok(Some((serde_json::from_str(&plan)?, r.get::<i64>(1)? as usize, r.get(2)?)))
-    }
-
-    pub fn set_task_wave(&self, task: i64, wave: usize, soak_until: Option<i64>) -> Result<()> {
-        self.c().execute(
-            "UPDATE tasks SET wave = ?2, soak_until = ?3, updated = ?4 WHERE id = ?1",
-            vals![task, wave as i64, soak_until, now()],
-        )?;
-        Ok(())
-    }
-
-    /// Ends a soak now (`thymisctl resume`); whether one was running.
-    pub fn end_soak(&self, task: i64) -> Result<bool> {
-        let n = self.c().execute(
-            "UPDATE tasks SET soak_until = ?2 WHERE id = ?1 AND soak_until IS NOT NULL AND soak_until > ?2",
-            vals![task, now()],
-        )?;
-        Ok(n > 0)
     }
 
     /// (commit, reboot) of a task.
@@ -178,8 +140,10 @@ impl Db {
                 let result = result.as_deref().and_then(parse_result);
                 let stage = Stage::parse(&r.get::<String>(3)?, result);
                 let (state, phase) = match stage {
-                    Some(Stage::Finished(_)) | None => (ChildState::Finished, r.get::<Option<String>>(4)?),
-                    Some(s) => (s.state(), s.phase().map(str::to_owned)),
+                    Some(Stage::Finished(_)) | None => {
+                        (ChildState::Finished, r.get::<Option<String>>(4)?.as_deref().and_then(Phase::parse))
+                    }
+                    Some(s) => (s.state(), s.phase()),
                 };
                 Ok(Child {
                     id: r.get(0)?,
@@ -188,7 +152,7 @@ impl Db {
                     state,
                     phase,
                     result,
-                    reason: r.get(6)?,
+                    reason: r.get::<Option<String>>(6)?.as_deref().and_then(thymis_api::Reason::parse),
                     error: r.get(7)?,
                     failed_units: serde_json::from_str(&r.get::<String>(8)?).unwrap_or_default(),
                     paths_sent: r.get(9)?,

@@ -109,6 +109,6 @@ fn the_stage_migration_keeps_every_device_deployment_where_it_was() {
     );
     assert_eq!(db.task_stopped(1).expect("stopped"), Some(Stopped::Cancelled));
     let t = db.task(1).expect("read").expect("task");
-    assert_eq!(t.children[5].phase.as_deref(), Some("activate"), "where the finished one ended");
+    assert_eq!(t.children[5].phase, Some(thymis_proto::Phase::Activate), "where the finished one ended");
     assert_eq!(t.children[3].state, ChildState::Running);
 }

@@ -22,21 +22,21 @@ use tracing::{debug, info, warn};
 pub use thymis_api::{DeployRequest, Preview, PreviewDevice};
 
 use crate::build;
-use crate::controller::{Conn, Controller, Out, lock};
+use crate::conn::{Conn, Out};
+use crate::controller::{Controller, lock};
 use crate::db::{ChildRow, Details, now};
-use crate::driver::report;
-use crate::machine::{Event, Stage};
-use crate::task::{Stopped, TaskResult, TaskState};
-use thymis_api::rollout::Staging;
+use crate::engine::{self, report};
+use crate::model::device::{Event, Stage};
+use crate::model::task::{Event as TaskEvent, Stopped, TaskResult};
 
 mod copy;
 mod deliver;
 mod recovery;
 mod rollout;
 
-use crate::driver::{refresh_task, refresh_task_soon};
+use crate::engine::{refresh_task, refresh_task_soon};
 pub use recovery::{carry_on, recover, sweep};
-use rollout::{deliver_all, drive_waves};
+use rollout::deliver_all;
 
 /// Resolves targets against `thymis.toml` (at the commit, or the work tree when it
 /// would be committed) and the devices table.
@@ -153,9 +153,8 @@ fn spawn_run(ctl: &Arc<Controller>, task: i64, commit: String, reboot: bool) {
     tokio::spawn(async move {
         if let Err(e) = run(&ctl, task, &commit, reboot).await {
             warn!(task, "deployment failed: {e:#}");
-            let _ = ctl.db.set_task_state(task, TaskState::Finished, Some(TaskResult::Failed), Some(&format!("{e:#}")));
+            let _ = engine::task_event(&ctl, task, TaskEvent::Ended(TaskResult::Failed), Some(&format!("{e:#}")));
         }
-        ctl.notify_task(task);
     });
 }
 
@@ -170,8 +169,7 @@ fn supersede(ctl: &Arc<Controller>, device: &str, new_task: i64) -> Result<()> {
 }
 
 async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Result<()> {
-    ctl.db.set_task_state(task, TaskState::Running, None, None)?;
-    ctl.notify_task(task);
+    engine::task_event(ctl, task, TaskEvent::Started, None)?;
     let children: Vec<ChildRow> = ctl.db.children(task)?.into_iter().filter(|c| !c.stage.is_finished()).collect();
     let configs: BTreeSet<String> = children.iter().map(|c| c.config.clone()).collect();
     let rollout = ctl.db.task_rollout(task)?;
@@ -219,7 +217,14 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
     }
     match rollout {
         None => deliver_all(ctl, task, |_| true, &closures, commit, reboot).await?,
-        Some((staging, ..)) => drive_waves(ctl, task, &staging, &closures, commit, reboot).await?,
+        Some(_) => {
+            // Each wave as the engine releases it (when the one before settled, and its
+            // soak is over); the channel closes when the rollout ends.
+            let mut waves = engine::start_rollout(ctl, task)?;
+            while let Some(wave) = waves.recv().await {
+                deliver_all(ctl, task, |c| c.wave == wave, &closures, commit, reboot).await?;
+            }
+        }
     }
     refresh_task(ctl, task)
 }
@@ -228,7 +233,7 @@ type Closures = HashMap<String, (StorePath, Arc<Vec<PathInfo>>)>;
 
 /// Cancels a deployment: every device that has not activated stops.
 pub async fn cancel(ctl: &Arc<Controller>, task: i64) -> Result<()> {
-    ctl.db.set_task_stopped(task, Stopped::Cancelled)?;
+    engine::cancel(ctl, task)?;
     for c in ctl.db.children(task)? {
         let _ = report(ctl, &c, Event::Cancelled, &Details::default())?;
     }
@@ -240,8 +245,7 @@ pub async fn cancel(ctl: &Arc<Controller>, task: i64) -> Result<()> {
 /// devices that did not succeed, staged the same way. Returns the task that goes on.
 pub async fn resume(ctl: &Arc<Controller>, task: i64) -> Result<i64> {
     let Some((staging, ..)) = ctl.db.task_rollout(task)? else { bail!("task {task} is not a staged rollout") };
-    if ctl.db.end_soak(task)? {
-        ctl.db.log(task, None, "soak ended early (resumed)")?;
+    if engine::resume_soak(ctl, task)? {
         return Ok(task);
     }
     if ctl.db.task_stopped(task)? != Some(Stopped::Halted) {
@@ -276,8 +280,7 @@ pub async fn start_build(ctl: &Arc<Controller>, config: &str, commit: Option<&st
     ctl.db.set_task_owner(task, &ctl.instance)?;
     let (ctl, config) = (ctl.clone(), config.to_owned());
     tokio::spawn(async move {
-        let _ = ctl.db.set_task_state(task, TaskState::Running, None, None);
-        ctl.notify_task(task);
+        let _ = engine::task_event(&ctl, task, TaskEvent::Started, None);
         match build::build_cached(&ctl, task, &commit, &config).await {
             Ok(system) => {
                 // A build on its own prepares the deployment: it ends when the closure
@@ -286,14 +289,13 @@ pub async fn start_build(ctl: &Arc<Controller>, config: &str, commit: Option<&st
                 ctl.notify_task(task);
                 let _ = build::warm_nar_cache(&ctl, &system, &config).await;
                 let _ = ctl.db.set_task_system(task, &system.to_string());
-                let _ = ctl.db.set_task_state(task, TaskState::Finished, Some(TaskResult::Succeeded), None);
+                let _ = engine::task_event(&ctl, task, TaskEvent::Ended(TaskResult::Succeeded), None);
             }
             Err(e) => {
-                let _ =
-                    ctl.db.set_task_state(task, TaskState::Finished, Some(TaskResult::Failed), Some(&format!("{e:#}")));
+                let error = format!("{e:#}");
+                let _ = engine::task_event(&ctl, task, TaskEvent::Ended(TaskResult::Failed), Some(&error));
             }
         }
-        ctl.notify_task(task);
     });
     Ok(task)
 }

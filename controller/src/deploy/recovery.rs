@@ -10,7 +10,10 @@ use super::*;
 /// are its own business while it is alive, and this one's once it carries them on).
 pub fn sweep(ctl: &Arc<Controller>) -> Result<()> {
     let t = now();
-    for (task, kind, expires) in ctl.db.open_tasks(&ctl.instance)? {
+    let open = ctl.db.open_tasks(&ctl.instance)?;
+    let deployments: Vec<i64> = open.iter().filter(|(_, kind, _)| kind == "deployment").map(|(t, ..)| *t).collect();
+    engine::tick(ctl, &deployments)?;
+    for (task, kind, expires) in open {
         if kind != "deployment" || expires.is_none_or(|e| e > t) {
             continue;
         }
@@ -29,7 +32,7 @@ pub fn sweep(ctl: &Arc<Controller>) -> Result<()> {
     // expired, ...) give their log budgets back here.
     for id in ctl.log_budget.children() {
         match ctl.db.child(id)? {
-            Some(c) if c.stage.is_finished() => crate::driver::close_log_budget(ctl, &c)?,
+            Some(c) if c.stage.is_finished() => engine::close_log_budget(ctl, &c)?,
             Some(_) => {}
             None => drop(ctl.log_budget.finish(id)),
         }
@@ -50,12 +53,7 @@ pub fn recover(ctl: &Arc<Controller>) -> Result<()> {
         ctl.db.set_task_owner(task, me)?;
         let Some(t) = ctl.db.task(task)? else { continue };
         if t.kind != "deployment" {
-            ctl.db.set_task_state(
-                task,
-                TaskState::Finished,
-                Some(TaskResult::Failed),
-                Some("interrupted by a controller restart"),
-            )?;
+            engine::task_event(ctl, task, TaskEvent::Interrupted, Some("interrupted by a controller restart"))?;
             continue;
         }
         // Another live controller goes on delivering what it delivers.
@@ -97,8 +95,7 @@ pub fn carry_on(ctl: &Arc<Controller>) -> Result<()> {
         let Some(t) = ctl.db.task(task)? else { continue };
         if t.kind != "deployment" {
             let why = format!("interrupted: controller {from}, which ran it, stopped");
-            ctl.db.set_task_state(task, TaskState::Finished, Some(TaskResult::Failed), Some(&why))?;
-            ctl.notify_task(task);
+            engine::task_event(ctl, task, TaskEvent::Interrupted, Some(&why))?;
             continue;
         }
         ctl.db.log(task, None, &format!("controller {from} stopped; controller {me} carries on"))?;

@@ -9,7 +9,7 @@ pub mod rollout;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-pub use thymis_proto::{DeviceResult, RollbackReason};
+pub use thymis_proto::{DeviceResult, Phase, RollbackReason};
 
 pub use rollout::{Count, Staging};
 
@@ -184,10 +184,10 @@ pub struct Child {
     pub config: String,
     pub state: ChildState,
     /// `build`, `copy`, `activate`, `confirm` (a finished one: where it ended).
-    pub phase: Option<String>,
+    pub phase: Option<Phase>,
     pub result: Option<DeviceResult>,
     /// Why it rolled back (`activation-failed`, ...), `no-safe-reboot`, `changed-on-device`, `halted`.
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     pub error: Option<String>,
     pub failed_units: Vec<String>,
     /// Last journal lines of each failed unit.
@@ -243,6 +243,37 @@ pub struct DeviceDetail {
     pub history: Vec<DeviceDeployment>,
 }
 
+/// Why a device's deployment ended as it did: the agent's reason, or the controller's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    /// Not offered: the staged rollout halted before the device's wave.
+    Halted,
+    /// The agent's (`activation-failed`, `unconfirmed`, `no-safe-reboot`, ...).
+    #[serde(untagged)]
+    Device(RollbackReason),
+}
+
+impl Reason {
+    /// The JSON spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Halted => "halted",
+            Reason::Device(r) => r.as_str(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One deployment to a device, as its history shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct DeviceDeployment {
@@ -252,7 +283,7 @@ pub struct DeviceDeployment {
     pub message: Option<String>,
     pub state: ChildState,
     pub result: Option<DeviceResult>,
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     pub error: Option<String>,
     pub system: Option<String>,
     /// When the deployment was created, and when this device's part last changed.
@@ -302,13 +333,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reasons_read_back_as_their_documented_names() {
+        let reasons =
+            [Reason::Halted, Reason::Device(RollbackReason::NoSafeReboot), Reason::Device(RollbackReason::Unconfirmed)];
+        for r in reasons {
+            let json = serde_json::to_value(r).expect("json");
+            assert_eq!(json, r.as_str());
+            assert_eq!(serde_json::from_value::<Reason>(json).expect("read"), r);
+            assert_eq!(Reason::parse(r.as_str()), Some(r));
+        }
+        assert_eq!(Reason::parse("halted"), Some(Reason::Halted));
+        assert_eq!(Reason::parse("activation-failed"), Some(Reason::Device(RollbackReason::ActivationFailed)));
+        assert_eq!(Reason::parse("made-up"), None);
+    }
+
+    #[test]
     fn a_task_reads_back_as_written_and_success_is_one_rule() {
         let child = |device: &str, result: Option<DeviceResult>| Child {
             id: 1,
             device: device.into(),
             config: "kiosk".into(),
             state: if result.is_some() { ChildState::Finished } else { ChildState::Running },
-            phase: Some("confirm".into()),
+            phase: Some(Phase::Confirm),
             result,
             reason: None,
             error: None,

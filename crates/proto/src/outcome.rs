@@ -12,6 +12,28 @@ pub enum Phase {
     Confirm,
 }
 
+impl Phase {
+    /// The JSON spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Build => "build",
+            Phase::Copy => "copy",
+            Phase::Activate => "activate",
+            Phase::Confirm => "confirm",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Phase::Build, Phase::Copy, Phase::Activate, Phase::Confirm].into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A terminal per-device result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -82,6 +104,20 @@ pub enum RollbackReason {
     ChangedOnDevice,
 }
 
+impl RollbackReason {
+    /// The JSON spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RollbackReason::ActivationFailed => "activation-failed",
+            RollbackReason::Unconfirmed => "unconfirmed",
+            RollbackReason::RebootedUnconfirmed => "rebooted-unconfirmed",
+            RollbackReason::Asked => "asked",
+            RollbackReason::NoSafeReboot => "no-safe-reboot",
+            RollbackReason::ChangedOnDevice => "changed-on-device",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +149,16 @@ mod tests {
         );
         assert_eq!(serde_json::to_string(&RollbackReason::NoSafeReboot).expect("json"), r#""no-safe-reboot""#);
         assert_eq!(serde_json::to_string(&RollbackReason::ChangedOnDevice).expect("json"), r#""changed-on-device""#);
+        use RollbackReason as B;
+        for r in
+            [B::ActivationFailed, B::Unconfirmed, B::RebootedUnconfirmed, B::Asked, B::NoSafeReboot, B::ChangedOnDevice]
+        {
+            assert_eq!(serde_json::to_value(r).expect("json"), r.as_str(), "as_str is the JSON spelling");
+        }
+        for p in [Phase::Build, Phase::Copy, Phase::Activate, Phase::Confirm] {
+            assert_eq!(serde_json::to_value(p).expect("json"), p.as_str(), "as_str is the JSON spelling");
+            assert_eq!(Phase::parse(p.as_str()), Some(p));
+        }
         use DeviceResult as R;
         for r in [
             R::Succeeded,

@@ -21,14 +21,19 @@ use thymis_store::signing::PublicKey;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::controller::{Conn, Controller, Out, lock};
+use crate::conn::{Conn, Out};
+use crate::controller::{Controller, lock};
 use crate::db::{Details, Presented};
-use crate::driver;
+use crate::engine;
 use crate::log_budget::{LOG_BUDGET, LogBudget};
-use crate::machine::Event;
+use crate::model::device::Event;
 use crate::read_cap::ReadCap;
 use crate::streams::FromDevice;
 use base64::Engine as _;
+
+mod messages;
+
+use messages::{ReportRate, handle};
 
 pub async fn upgrade(
     State(ctl): State<Arc<Controller>>,
@@ -110,7 +115,7 @@ async fn serve(ctl: Arc<Controller>, mut ws: WebSocket, peer: std::net::IpAddr, 
     drop((permit, slot));
     cap.lift();
     let (control_tx, control_rx) = mpsc::unbounded_channel::<AgentBound>();
-    let (data_tx, data_rx) = mpsc::channel::<Out>(crate::controller::COPY_QUEUE);
+    let (data_tx, data_rx) = mpsc::channel::<Out>(crate::conn::COPY_QUEUE);
     let (stream_tx, stream_rx) = mpsc::channel::<AgentBound>(STREAM_QUEUE);
     let conn = Arc::new(Conn::new(device.clone(), session, protocol, control_tx, data_tx, stream_tx));
     ctl.register(conn.clone());
@@ -295,56 +300,6 @@ async fn session_loop(
     }
 }
 
-/// Reports a device may send: a burst of [`ReportRate::BURST`], then one a second. One
-/// that comes faster is not lost: the latest waits for the next heartbeat tick with a
-/// free slot (each costs a database write, and a compromised device could send
-/// thousands a second).
-struct ReportRate {
-    tokens: f64,
-    at: Instant,
-    waiting: Option<DeviceReport>,
-    warned: bool,
-}
-
-impl ReportRate {
-    const BURST: f64 = 10.0;
-
-    fn new() -> ReportRate {
-        ReportRate { tokens: Self::BURST, at: Instant::now(), waiting: None, warned: false }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64()).min(Self::BURST);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// The report to handle now, if it may be.
-    fn admit(&mut self, report: DeviceReport, device: &str) -> Option<DeviceReport> {
-        if self.take() {
-            self.waiting = None;
-            return Some(report);
-        }
-        if !self.warned {
-            warn!(%device, "reports faster than one a second: the latest is kept for the next heartbeat");
-            self.warned = true;
-        }
-        self.waiting = Some(report);
-        None
-    }
-
-    /// The report that waited, once it may be handled.
-    fn due(&mut self) -> Option<DeviceReport> {
-        if self.waiting.is_some() && self.take() { self.waiting.take() } else { None }
-    }
-}
-
 /// Sends what the connection's queues hold, control messages first, then the copy
 /// stream and the streams' messages in turn (tokio's `select!` picks among ready
 /// branches at random), each write bounded by `stall` (a silently dropped link stalls
@@ -391,184 +346,4 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: ControllerBound) -> Result<()> {
-    let device = &conn.device;
-    match msg {
-        ControllerBound::Report(report) => {
-            let report = report.bounded();
-            ctl.db.record_report(device, &report)?;
-            maybe_confirm(ctl, conn, &report).await?;
-        }
-        ControllerBound::Outcome(outcome) => {
-            let outcome = outcome.bounded();
-            record_outcome(ctl, device, &outcome)?;
-            conn.send(AgentBound::OutcomeRecorded { deployment_id: outcome.deployment_id }).await;
-        }
-        ControllerBound::Log { deployment_id, line } => {
-            // Only for this device's deployment in flight, and within its budget.
-            let child = ctl.db.child_by_deployment(&deployment_id)?;
-            let Some(child) = child.filter(|c| &c.device == device && !c.stage.is_finished()) else {
-                debug!(%device, deployment = %deployment_id, "log line for no deployment in flight: dropped");
-                return Ok(());
-            };
-            let line = cut_line(&line);
-            match ctl.log_budget.take(child.id, line.len()) {
-                LogBudget::Within => ctl.db.log(child.task, Some(child.id), &format!("{device}: {line}"))?,
-                LogBudget::NowSpent => ctl.db.log(
-                    child.task,
-                    Some(child.id),
-                    &format!("{device}: the deployment's log budget ({} KiB) is spent; further lines are dropped and counted", LOG_BUDGET >> 10),
-                )?,
-                LogBudget::Spent => return Ok(()),
-            }
-            ctl.notify_task(child.task);
-        }
-        m @ (ControllerBound::OfferAccepted { .. }
-        | ControllerBound::OfferRefused { .. }
-        | ControllerBound::Substituting { .. }
-        | ControllerBound::PathsMissing { .. }
-        | ControllerBound::PathImported { .. }
-        | ControllerBound::PathRefused { .. }) => {
-            let id = match &m {
-                ControllerBound::OfferAccepted { deployment_id }
-                | ControllerBound::OfferRefused { deployment_id, .. }
-                | ControllerBound::Substituting { deployment_id, .. }
-                | ControllerBound::PathsMissing { deployment_id, .. }
-                | ControllerBound::PathImported { deployment_id, .. }
-                | ControllerBound::PathRefused { deployment_id, .. } => deployment_id.clone(),
-                _ => String::new(),
-            };
-            if !conn.route(&id, m) {
-                debug!(%device, deployment = %id, "reply nobody waits for");
-            }
-        }
-        ControllerBound::Heartbeat { .. } => {
-            // "Last seen" to the minute: a write per heartbeat of every agent would keep
-            // the database busy for nothing.
-            let mut last = lock(&conn.last_touch);
-            if last.elapsed() > Duration::from_secs(60) {
-                *last = Instant::now();
-                drop(last);
-                // Off the connection's task: the database may be busy with a deployment.
-                let (c, d) = (ctl.clone(), device.clone());
-                tokio::task::spawn_blocking(move || c.db.touch_device(&d));
-            }
-        }
-        ControllerBound::Error { mut message } => {
-            // Logged cut, and at most ERRORS_LOGGED times per connection.
-            let n = conn.errors_logged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if n < ERRORS_LOGGED {
-                thymis_proto::bounds::cut(&mut message, 512);
-                warn!(%device, %message, "agent reported an error");
-            } else if n == ERRORS_LOGGED {
-                warn!(%device, "agent reported more errors: not logged until it connects again");
-            }
-        }
-        ControllerBound::JournalEntries { stream, entries, dropped } => {
-            if dropped > 0 {
-                conn.streams.route(stream, FromDevice::Dropped(dropped));
-            }
-            conn.streams.route(stream, FromDevice::Entries(entries));
-        }
-        ControllerBound::TerminalOutput { stream, data } => {
-            match base64::engine::general_purpose::STANDARD.decode(data) {
-                Ok(bytes) => conn.streams.route(stream, FromDevice::Output(bytes)),
-                Err(_) => bail!("terminal output that is not base64"),
-            }
-        }
-        ControllerBound::StreamEnd { stream, exit_status, error } => {
-            conn.streams.route(stream, FromDevice::End { exit_status, error })
-        }
-        ControllerBound::Hello { .. } | ControllerBound::Auth { .. } => bail!("handshake message mid-session"),
-    }
-    Ok(())
-}
-
-/// A device that reports an activated deployment over this (new) connection gets it
-/// confirmed, if the controller activated it and has no result for it yet. This holds
-/// after a controller restart too: the database knows what was activated.
-async fn maybe_confirm(ctl: &Arc<Controller>, conn: &Conn, report: &DeviceReport) -> Result<()> {
-    let Some(p) = &report.pending else { return Ok(()) };
-    let Some(child) = ctl.db.child_by_deployment(&p.deployment_id)? else {
-        warn!(device = %conn.device, deployment = %p.deployment_id, "unknown deployment pending: not confirming");
-        return Ok(());
-    };
-    let matches = child.device == conn.device
-        && child.stage.activated()
-        && child.system.as_deref() == Some(&p.system.to_string())
-        && child.sequence == Some(p.sequence as i64);
-    if !matches {
-        warn!(device = %conn.device, deployment = %p.deployment_id, "pending deployment does not match: not confirming");
-        return Ok(());
-    }
-    let confirmation = Confirmation {
-        device: conn.device.clone(),
-        deployment_id: p.deployment_id.clone(),
-        system: p.system.clone(),
-        sequence: p.sequence,
-        session: conn.session.clone(),
-    };
-    if let Err(refused) = driver::report(ctl, &child, Event::Confirming, &Details::default())? {
-        warn!(device = %conn.device, deployment = %p.deployment_id, "not confirming: {refused}");
-        return Ok(());
-    }
-    ctl.db.log(child.task, Some(child.id), &format!("{}: reconnected after activation; confirming", conn.device))?;
-    ctl.notify_task(child.task);
-    conn.send(AgentBound::Confirm { confirmation: Signed::sign(&confirmation, &ctl.identity) }).await;
-    Ok(())
-}
-
-fn record_outcome(ctl: &Arc<Controller>, device: &str, o: &Outcome) -> Result<()> {
-    let Some(child) = ctl.db.child_by_deployment(&o.deployment_id)? else {
-        warn!(%device, deployment = %o.deployment_id, "outcome for an unknown deployment");
-        return Ok(());
-    };
-    if child.device != device {
-        warn!(%device, deployment = %o.deployment_id, "outcome for another device's deployment ignored");
-        return Ok(());
-    }
-    info!(%device, deployment = %o.deployment_id, result = ?o.result, reason = ?o.reason, "outcome");
-    let text = |v: serde_json::Value| v.as_str().map(str::to_owned);
-    let reason = o.reason.and_then(|r| serde_json::to_value(r).ok()).and_then(text);
-    let phase = o.phase.and_then(|p| serde_json::to_value(p).ok()).and_then(text);
-    let details = Details {
-        reason: reason.as_deref(),
-        error: o.error.as_deref(),
-        failed_units: &o.failed_units,
-        unit_logs: Some(&o.unit_logs),
-        phase: phase.as_deref(),
-    };
-    if let Err(refused) = driver::report(ctl, &child, Event::Outcome(o.result), &details)? {
-        // Already finished (a repeated report), or not the device's to say.
-        debug!(%device, deployment = %o.deployment_id, "outcome not recorded: {refused}");
-        return Ok(());
-    }
-    let mut line = format!("{device}: {}", serde_json::to_value(o.result)?.as_str().unwrap_or_default());
-    if let Some(r) = o.reason {
-        line.push_str(&format!(" ({})", serde_json::to_value(r)?.as_str().unwrap_or_default()));
-    }
-    if !o.failed_units.is_empty() {
-        line.push_str(&format!("; failed units: {}", o.failed_units.join(", ")));
-    }
-    if let Some(e) = &o.error {
-        line.push_str(&format!(": {e}"));
-    }
-    ctl.db.log(child.task, Some(child.id), &line)?;
-    Ok(())
-}
-
-/// The longest log line kept; the rest of a line is cut.
-const LOG_LINE_MAX: usize = 4 << 10;
-
-fn cut_line(line: &str) -> std::borrow::Cow<'_, str> {
-    if line.len() <= LOG_LINE_MAX {
-        return line.into();
-    }
-    let mut end = LOG_LINE_MAX;
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes cut)", &line[..end], line.len() - end).into()
 }

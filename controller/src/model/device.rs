@@ -1,10 +1,10 @@
 //! One device's deployment as the controller sees it: a stage, and one pure transition
-//! function from (stage, event) to the next stage, or a typed refusal. The database
-//! keeps the stage in one column. Every event (from the copy, the agent connection,
-//! cancel, supersede, a halted rollout, expiry, restart recovery) goes to
-//! [`crate::driver::report`], which applies it here, persists it (`Db::advance`, in one
-//! transaction) and carries out its effects; whatever the machine refuses changes
-//! nothing.
+//! function ([`step`]) from (stage, event) to the next stage and what that asks of the
+//! world, or a typed refusal. The database keeps the stage in one column. Every event
+//! (from the copy, the agent connection, cancel, supersede, a halted rollout, expiry,
+//! restart recovery) goes to [`crate::engine::report`], which applies it here, persists
+//! it in one transaction and carries out its effects; whatever the machine refuses
+//! changes nothing.
 //!
 //! ```text
 //!  building ──built──▶ queued ◀──lost── copying ──activating──▶ activated ──confirming──▶ confirming
@@ -13,7 +13,7 @@
 //!                     interrupted (restart), before activation              (expired: unreachable)
 //! ```
 
-use thymis_proto::DeviceResult;
+use thymis_proto::{DeviceResult, Phase};
 
 /// Where a device deployment is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,19 +122,66 @@ impl Stage {
     }
 
     /// The API's `phase` while in this stage (a finished child keeps the phase it ended in).
-    pub fn phase(self) -> Option<&'static str> {
+    pub fn phase(self) -> Option<Phase> {
         match self {
-            Stage::Building | Stage::Waiting => Some("build"),
-            Stage::Queued | Stage::Copying => Some("copy"),
-            Stage::Activated => Some("activate"),
-            Stage::Confirming => Some("confirm"),
+            Stage::Building | Stage::Waiting => Some(Phase::Build),
+            Stage::Queued | Stage::Copying => Some(Phase::Copy),
+            Stage::Activated => Some(Phase::Activate),
+            Stage::Confirming => Some(Phase::Confirm),
             Stage::Finished(_) => None,
         }
     }
 }
 
+/// What a transition asks of the world; the engine performs it after the new stage is
+/// stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Tell the device to activate (the copy does, over the connection it copied on).
+    Activate,
+    /// Send the device its signed confirmation (over the connection it came back on).
+    Confirm,
+    /// The device was offered the deployment, which ended before activation: tell it to
+    /// drop what it holds of it.
+    TellCancel,
+    /// Give back the deployment's log budget, saying what it dropped.
+    CloseLogBudget,
+    /// A device of a staged rollout finished: its wave may have settled.
+    SettleWave,
+}
+
+/// A transition: the next stage and its effects, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub before: Stage,
+    pub stage: Stage,
+    pub effects: Vec<Effect>,
+}
+
+/// The next stage and what it asks of the world, or why not.
+pub fn step(stage: Stage, event: Event) -> Result<Step, Refused> {
+    let new = next(stage, event)?;
+    let mut effects = vec![];
+    match (stage, new) {
+        (Stage::Copying, Stage::Activated) => effects.push(Effect::Activate),
+        (_, Stage::Confirming) => effects.push(Effect::Confirm),
+        (_, Stage::Finished(_)) => {
+            if matches!(stage, Stage::Queued | Stage::Copying) && !matches!(event, Event::Outcome(_)) {
+                effects.push(Effect::TellCancel);
+            }
+            effects.push(Effect::CloseLogBudget);
+            // An unreachable device's late outcome changes its result, not its wave.
+            if !stage.is_finished() {
+                effects.push(Effect::SettleWave);
+            }
+        }
+        _ => {}
+    }
+    Ok(Step { before: stage, stage: new, effects })
+}
+
 /// The next stage, or why not.
-pub fn next(stage: Stage, event: Event) -> Result<Stage, Refused> {
+fn next(stage: Stage, event: Event) -> Result<Stage, Refused> {
     use Event as E;
     use Stage as S;
     let refused = Err(Refused { stage, event });
@@ -272,6 +319,35 @@ mod tests {
                 assert!(next(S::Finished(r), e).is_err(), "finished {r:?} + {e:?}");
             }
         }
+    }
+
+    /// What each kind of transition asks of the world.
+    #[test]
+    fn every_effect() {
+        use Effect::*;
+        for s in STAGES {
+            for e in EVENTS {
+                let Ok(st) = step(s, e) else { continue };
+                let expected: Vec<Effect> = match (s, st.stage) {
+                    (S::Copying, S::Activated) => vec![Activate],
+                    (_, S::Confirming) => vec![Confirm],
+                    (S::Finished(_), S::Finished(_)) => vec![CloseLogBudget],
+                    (S::Queued | S::Copying, S::Finished(_)) if !matches!(e, E::Outcome(_)) => {
+                        vec![TellCancel, CloseLogBudget, SettleWave]
+                    }
+                    (_, S::Finished(_)) => vec![CloseLogBudget, SettleWave],
+                    _ => vec![],
+                };
+                assert_eq!(st.effects, expected, "{s:?} + {e:?}");
+                assert_eq!(st.before, s);
+            }
+        }
+        // The ones a user would notice, spelled out.
+        assert_eq!(step(S::Copying, E::Cancelled).map(|s| s.effects), Ok(vec![TellCancel, CloseLogBudget, SettleWave]));
+        assert_eq!(step(S::Building, E::Cancelled).map(|s| s.effects), Ok(vec![CloseLogBudget, SettleWave]));
+        assert_eq!(step(S::Copying, E::Outcome(R::Failed)).map(|s| s.effects), Ok(vec![CloseLogBudget, SettleWave]));
+        assert_eq!(step(S::Activated, E::Confirming).map(|s| s.effects), Ok(vec![Confirm]));
+        assert_eq!(step(S::Confirming, E::Restarted).map(|s| s.effects), Ok(vec![]));
     }
 
     #[test]

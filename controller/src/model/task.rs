@@ -1,7 +1,7 @@
 //! Task states, and how a deployment's state follows from its devices' stages (a pure
 //! function, tested without I/O).
 
-use crate::machine::Stage;
+use crate::model::device::Stage;
 pub use thymis_api::{TaskResult, TaskState};
 
 /// Why a deployment stopped before all its devices finished by themselves.
@@ -62,11 +62,78 @@ pub fn deployment_state(
     (TaskState::Finished, Some(result))
 }
 
+/// What happens to a task as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Its work began.
+    Started,
+    /// Its job ended with this result (a terminal: its command's exit, or the client
+    /// leaving).
+    Ended(TaskResult),
+    /// A controller restart (or the controller running it stopping) cut its job short.
+    Interrupted,
+    /// A deployment's devices changed: its state follows from them.
+    Recount { state: TaskState, result: Option<TaskResult> },
+}
+
+/// A disallowed (state, event) pair: nothing changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a task {state:?} does not take {event:?}")]
+pub struct Refused {
+    pub state: TaskState,
+    pub event: Event,
+}
+
+/// A task's next state and result, or why not. A job that ended stays ended; a
+/// deployment's recount may change even a settled one (an unreachable device's late
+/// outcome changes its result).
+pub fn next(state: TaskState, event: Event) -> Result<(TaskState, Option<TaskResult>), Refused> {
+    use TaskState as S;
+    let open = matches!(state, S::Pending | S::Running | S::Waiting);
+    match event {
+        Event::Started if state == S::Pending => Ok((S::Running, None)),
+        Event::Ended(r) if open => Ok((S::Finished, Some(r))),
+        Event::Interrupted if open => Ok((S::Finished, Some(TaskResult::Failed))),
+        Event::Recount { state, result } => Ok((state, result)),
+        _ => Err(Refused { state, event }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use Stage::*;
     use thymis_proto::DeviceResult as R;
+
+    #[test]
+    fn every_job_transition() {
+        use TaskResult as T;
+        use TaskState as S;
+        let states = [S::Pending, S::Running, S::Waiting, S::Finished, S::Cancelled, S::Halted];
+        let events = [
+            Event::Started,
+            Event::Ended(T::Succeeded),
+            Event::Ended(T::Cancelled),
+            Event::Interrupted,
+            Event::Recount { state: S::Waiting, result: None },
+        ];
+        for s in states {
+            for e in events {
+                let open = matches!(s, S::Pending | S::Running | S::Waiting);
+                let expected = match e {
+                    Event::Started if s == S::Pending => Ok((S::Running, None)),
+                    Event::Ended(r) if open => Ok((S::Finished, Some(r))),
+                    Event::Interrupted if open => Ok((S::Finished, Some(T::Failed))),
+                    Event::Recount { .. } => Ok((S::Waiting, None)),
+                    _ => Err(Refused { state: s, event: e }),
+                };
+                assert_eq!(next(s, e), expected, "{s:?} + {e:?}");
+            }
+        }
+        // A finished job is not started again, nor does a late failure replace success.
+        assert!(next(S::Finished, Event::Started).is_err());
+        assert!(next(S::Finished, Event::Ended(T::Failed)).is_err());
+    }
 
     #[test]
     fn state_follows_children() {
