@@ -13,7 +13,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use thymis_api::{Device, Enrollment, Identity, LogLine, TaskState};
+use thymis_api::{
+    AddDevice, Artifact, ArtifactRequest, BuildRequest, CommitRequest, Committed, Device, Enrollment, FileChange,
+    Identity, LogLine, ProjectStatus, TaskState,
+};
 
 pub use crate::caller::{ApiError, Caller};
 use crate::controller::Controller;
@@ -128,12 +131,6 @@ fn typed(v: &impl serde::Serialize) -> ApiResult {
     Ok(Json(serde_json::to_value(v).map_err(anyhow::Error::from)?))
 }
 
-#[derive(Deserialize)]
-struct AddDevice {
-    name: String,
-    config: String,
-}
-
 async fn add_device(State(ctl): State<Arc<Controller>>, Json(req): Json<AddDevice>) -> ApiResult {
     if !valid_name(&req.name) {
         return Err(anyhow::anyhow!("device name {:?} must be [A-Za-z0-9_-]{{1,64}}", req.name).into());
@@ -167,19 +164,7 @@ async fn revoke(State(ctl): State<Arc<Controller>>, Path(name): Path<String>) ->
     if let Some(conn) = ctl.conn(&name) {
         ctl.unregister(&conn);
     }
-    Ok(Json(json!({ "name": name, "revoked": true })))
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct ArtifactRequest {
-    commit: Option<String>,
-    /// An image for an enrolled device carries a token for a new key, which revokes the
-    /// enrolled one: only when asked.
-    replace_key: bool,
-    device: Option<String>,
-    config: Option<String>,
-    expires_in: Option<u64>,
+    typed(&thymis_api::Revoked { name, revoked: true })
 }
 
 async fn device_image(
@@ -203,17 +188,17 @@ async fn bundle_start(State(ctl): State<Arc<Controller>>, Json(req): Json<Artifa
 }
 
 async fn artifacts_list(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>) -> ApiResult {
-    let files: Vec<Value> = crate::artifacts::list(&ctl, id)
+    let files: Vec<Artifact> = crate::artifacts::list(&ctl, id)
         .map_err(|e| not_found(format!("{e:#}")))?
         .into_iter()
-        .map(|(name, size)| json!({ "name": name, "size": size }))
+        .map(|(name, size)| Artifact { name, size })
         .collect();
-    Ok(Json(json!(files)))
+    typed(&files)
 }
 
 async fn artifacts_delete(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>) -> ApiResult {
     crate::artifacts::delete(&ctl, id).map_err(|e| not_found(format!("{e:#}")))?;
-    Ok(Json(json!({ "task": id, "deleted": true })))
+    typed(&thymis_api::ArtifactsDeleted { task: id, deleted: true })
 }
 
 async fn artifact_download(
@@ -254,13 +239,14 @@ fn tokio_util_stream(
 }
 
 async fn project_status(State(ctl): State<Arc<Controller>>) -> ApiResult {
-    let changes = ctl.project.status()?;
-    Ok(Json(json!({
-        "head": ctl.project.head()?,
-        "dirty": !changes.is_empty(),
-        "changes": changes,
-        "default_message": ctl.project.default_message()?,
-    })))
+    let changes: Vec<FileChange> =
+        ctl.project.status()?.into_iter().map(|c| FileChange { path: c.path, status: c.status.to_owned() }).collect();
+    typed(&ProjectStatus {
+        head: ctl.project.head()?,
+        dirty: !changes.is_empty(),
+        changes,
+        default_message: ctl.project.default_message()?,
+    })
 }
 
 #[derive(Deserialize)]
@@ -272,15 +258,9 @@ async fn project_diff(State(ctl): State<Arc<Controller>>, Query(q): Query<DiffQu
     Ok(Json(json!({ "path": q.path, "diff": ctl.project.diff(&q.path)? })))
 }
 
-#[derive(Deserialize)]
-struct CommitRequest {
-    #[serde(default)]
-    message: String,
-}
-
 async fn project_commit(State(ctl): State<Arc<Controller>>, Json(req): Json<CommitRequest>) -> ApiResult {
     let message = if req.message.trim().is_empty() { ctl.project.default_message()? } else { req.message };
-    Ok(Json(json!({ "commit": ctl.project.commit(&message)? })))
+    typed(&Committed { commit: ctl.project.commit(&message)? })
 }
 
 async fn project_log(State(ctl): State<Arc<Controller>>) -> ApiResult {
@@ -314,12 +294,6 @@ async fn deploy_preview(State(ctl): State<Arc<Controller>>, Json(req): Json<Depl
 async fn deploy_start(State(ctl): State<Arc<Controller>>, Json(req): Json<DeployRequest>) -> ApiResult {
     let task = deploy::start(&ctl, req).await?;
     task_json(&ctl, task)
-}
-
-#[derive(Deserialize)]
-struct BuildRequest {
-    config: String,
-    commit: Option<String>,
 }
 
 async fn build_start(State(ctl): State<Arc<Controller>>, Json(req): Json<BuildRequest>) -> ApiResult {

@@ -4,7 +4,6 @@
 use axum::Json;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use subtle::ConstantTimeEq;
 
 /// An API error: a status and a message for people.
@@ -13,7 +12,7 @@ pub struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(thymis_api::ErrorBody { error: self.1 })).into_response()
     }
 }
 

@@ -23,8 +23,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
-use serde_json::json;
-use thymis_api::{JournalEvent, TaskResult};
+use thymis_api::{JournalEvent, TaskResult, TerminalControl, TerminalEnd};
 use thymis_proto::AgentBound;
 use thymis_proto::stream::{JournalQuery, MAX_TERMINAL_CHUNK};
 use tracing::info;
@@ -227,16 +226,7 @@ async fn relay(socket: WebSocket, mut stream: Stream, first: Option<FromDevice>)
                 }
             }
             Ok(Some(Ok(Message::Text(t)))) => {
-                #[derive(Deserialize)]
-                struct Resize {
-                    cols: u16,
-                    rows: u16,
-                }
-                #[derive(Deserialize)]
-                struct Control {
-                    resize: Option<Resize>,
-                }
-                if let Ok(Control { resize: Some(r) }) = serde_json::from_str::<Control>(t.as_str()) {
+                if let Ok(TerminalControl { resize: Some(r) }) = serde_json::from_str(t.as_str()) {
                     let (cols, rows) = (r.cols.clamp(1, 1000), r.rows.clamp(1, 1000));
                     stream.send(AgentBound::TerminalResize { stream: stream.id, cols, rows }).await;
                 }
@@ -254,12 +244,12 @@ async fn relay(socket: WebSocket, mut stream: Stream, first: Option<FromDevice>)
         }
     };
     let last = match &end {
-        (Some(n), _) => Some(json!({ "exit_status": n })),
-        (None, Some(e)) => Some(json!({ "error": e })),
+        (Some(n), _) => Some(TerminalEnd::Exited { exit_status: *n }),
+        (None, Some(e)) => Some(TerminalEnd::Failed { error: e.clone() }),
         (None, None) => None,
     };
-    if let Some(last) = last {
-        let _ = tx.send(Message::Text(last.to_string().into())).await;
+    if let Some(last) = last.and_then(|l| serde_json::to_string(&l).ok()) {
+        let _ = tx.send(Message::Text(last.into())).await;
         let _ = tx.close().await;
         // Until the client has read it and closed: a socket closed with the client's
         // input unread is reset, and a reset can discard the last frame before it reads it.

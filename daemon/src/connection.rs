@@ -6,12 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
-use thymis_proto::handshake::{
-    Nonce, controller_transcript, device_transcript, enrollment_transcript, token_proof, welcome_message,
-};
-use thymis_proto::{AgentBound, ControllerBound, DeltaBase, PROTOCOL_MAX, PROTOCOL_MIN, decode_agent_bound, encode};
+use thymis_proto::handshake::{AgentHandshake, Nonce};
+use thymis_proto::{AgentBound, ControllerBound, DeltaBase, decode_agent_bound, encode};
 use thymis_store::StorePath;
-use thymis_store::signing::PublicKey;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -102,68 +99,26 @@ struct Established {
     dead_after: Duration,
 }
 
-/// The handshake: both sides prove their keys.
+/// The handshake: both sides prove their keys (the steps and checks are
+/// [`AgentHandshake`]'s; here the socket and what the agent keeps of the welcome).
 async fn handshake(agent: &Agent, ws: &mut Ws) -> Result<Established> {
-    let mut client = [0u8; 32];
-    getrandom::fill(&mut client).map_err(|e| anyhow!("random nonce: {e}"))?;
-    let client_nonce = Nonce(client);
-    let device_pub = agent.device_key.public();
-    send(
-        ws,
-        &ControllerBound::Hello {
-            protocol_min: PROTOCOL_MIN,
-            protocol_max: PROTOCOL_MAX,
-            agent_version: env!("CARGO_PKG_VERSION").into(),
-            device_key: device_pub.to_string(),
-            client_nonce,
-        },
-    )
-    .await?;
-    let (session, server_nonce, controller_key) = match recv(ws, false).await? {
-        AgentBound::Challenge { protocol, controller_key, server_nonce, session, signature } => {
-            if !(PROTOCOL_MIN..=PROTOCOL_MAX).contains(&protocol) {
-                bail!("controller chose protocol {protocol}; this agent speaks {PROTOCOL_MIN}..={PROTOCOL_MAX}");
-            }
-            let key: PublicKey = controller_key.parse().context("controller identity key")?;
-            if !agent.identity_keys.contains(&key) {
-                bail!("controller identity key {key} is not pinned in controller_identity_keys");
-            }
-            let transcript = controller_transcript(&client_nonce, &server_nonce, &session, &device_pub);
-            if !key.verifies(&transcript, &signature) {
-                bail!("controller failed to prove its identity (bad handshake signature)");
-            }
-            (session, server_nonce, key)
-        }
-        AgentBound::Refused { reason } => bail!("controller refused the connection: {reason}"),
-        other => bail!("expected a challenge, got {other:?}"),
-    };
-    let transcript = device_transcript(&client_nonce, &server_nonce, &session, &controller_key);
+    let mut nonce = [0u8; 32];
+    getrandom::fill(&mut nonce).map_err(|e| anyhow!("random nonce: {e}"))?;
     // The token never crosses the wire: a proof bound to this connection and this key.
     let token = if agent.persisted().enrolled { None } else { agent.config.enrollment_token()? };
-    let enrollment_proof = token.map(|t| {
-        let bound = enrollment_transcript(&client_nonce, &server_nonce, &session, &device_pub, &controller_key);
-        token_proof(&t, &bound)
-    });
-    let signature = agent.device_key.sign(&transcript);
-    send(ws, &ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof }).await?;
-    match recv(ws, false).await? {
-        AgentBound::Welcome { device, config, heartbeat_secs, dead_after_secs, time, signature } => {
-            // The name and configuration it gives are what offers are checked against.
-            let signed = welcome_message(&session, &device_pub, &device, &config, time);
-            if !signature.is_some_and(|s| controller_key.verifies(&signed, &s)) {
-                bail!("the controller's welcome (device {device:?}) is not signed by its identity key: refused");
-            }
-            agent.welcomed(&device, &config, time)?;
-            info!(%device, %config, session = %session, "connected to the controller");
-            Ok(Established {
-                session,
-                heartbeat: Duration::from_secs(heartbeat_secs.max(1)),
-                dead_after: Duration::from_secs(dead_after_secs.max(2)),
-            })
-        }
-        AgentBound::Refused { reason } => bail!("controller refused this device: {reason}"),
-        other => bail!("expected a welcome, got {other:?}"),
-    }
+    let mut h = AgentHandshake::new(&agent.device_key, &agent.identity_keys, token, Nonce(nonce));
+    send(ws, &h.hello(env!("CARGO_PKG_VERSION"))).await?;
+    let auth = h.on_challenge(recv(ws, false).await?)?;
+    send(ws, &auth).await?;
+    let w = h.on_welcome(recv(ws, false).await?)?;
+    // The name and configuration it gives are what offers are checked against.
+    agent.welcomed(&w.device, &w.config, w.time)?;
+    info!(device = %w.device, config = %w.config, session = %w.session, "connected to the controller");
+    Ok(Established {
+        session: w.session,
+        heartbeat: Duration::from_secs(w.heartbeat_secs.max(1)),
+        dead_after: Duration::from_secs(w.dead_after_secs.max(2)),
+    })
 }
 
 async fn session(agent: &Arc<Agent>, previous: &mut Option<tokio::task::JoinHandle<()>>) -> Result<End> {
@@ -205,7 +160,12 @@ async fn session(agent: &Arc<Agent>, previous: &mut Option<tokio::task::JoinHand
     // Journal entries and terminal output wait for room here: the writer serves this
     // queue in turn with the log lines, after control messages.
     let (stream_tx, stream_rx) = mpsc::channel::<ControllerBound>(16);
-    let mut writer = AbortOnDrop(tokio::spawn(write_loop(sink, out_rx, (log_rx, stream_rx), dead_after)));
+    // Control messages first, then log lines and the streams' messages in turn.
+    let queues = thymis_ws::Queues { control: out_rx, first: log_rx, second: stream_rx };
+    let mut writer = AbortOnDrop(tokio::spawn(thymis_ws::write_loop(sink, queues, dead_after, |next| {
+        let (thymis_ws::Next::Control(m) | thymis_ws::Next::First(m) | thymis_ws::Next::Second(m)) = next;
+        Message::text(encode(&m))
+    })));
     let idle = Duration::from_secs(agent.config.terminal_idle_timeout.max(1));
     let mut streams = Streams::new(out_tx.clone(), stream_tx, agent.config.terminal, idle);
     // Chunks wait for the verifier (CPU-bound, never on the writer): a small bounded queue.
@@ -247,7 +207,7 @@ async fn session(agent: &Arc<Agent>, previous: &mut Option<tokio::task::JoinHand
             ended = &mut writer.0 => {
                 return match ended {
                     Ok(Ok(())) => Ok(End::Closed),
-                    Ok(Err(e)) => Err(e),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("sending to the controller")),
                     Err(e) => Err(anyhow!("connection writer: {e}")),
                 };
             }
@@ -276,45 +236,6 @@ async fn session(agent: &Arc<Agent>, previous: &mut Option<tokio::task::JoinHand
             }
         }
     }
-}
-
-/// Sends what the session queues, control messages first, then deployment log lines
-/// and the streams' messages in turn (tokio's `select!` picks among ready branches at
-/// random), each write bounded by `stall` (a silently dropped link stalls writes).
-/// Closes the socket when the control queue's senders are gone.
-async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<Ws, Message>,
-    mut control: mpsc::UnboundedReceiver<ControllerBound>,
-    (mut logs, mut streams): (mpsc::Receiver<ControllerBound>, mpsc::Receiver<ControllerBound>),
-    stall: Duration,
-) -> Result<()> {
-    loop {
-        let msg = tokio::select! {
-            biased;
-            m = control.recv() => match m {
-                Some(m) => m,
-                None => break,
-            },
-            m = async {
-                tokio::select! {
-                    Some(m) = logs.recv() => m,
-                    Some(m) = streams.recv() => m,
-                    else => std::future::pending().await,
-                }
-            } => m,
-        };
-        let frame = Message::text(encode(&msg));
-        // Feed without flushing while more is queued: many small acknowledgements
-        // then share a write.
-        let more = !control.is_empty();
-        let write = async { if more { sink.feed(frame).await } else { sink.send(frame).await } };
-        match tokio::time::timeout(stall, write).await {
-            Ok(r) => r.context("sending to the controller")?,
-            Err(_) => bail!("sending to the controller stalled for {stall:?}: connection declared dead"),
-        }
-    }
-    let _ = tokio::time::timeout(stall, sink.close()).await;
-    Ok(())
 }
 
 /// Stops sending log lines to a connection that has ended.

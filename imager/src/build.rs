@@ -48,7 +48,7 @@ pub enum Source {
     /// A system whose closure a `closureInfo` directory describes (inside a Nix build).
     ClosureInfo(StorePath, PathBuf),
     /// A configuration of the controller's project, built by the controller.
-    Controller { connection: thymisctl::Connection, config: String, commit: Option<String> },
+    Controller { connection: thymis_client::Connection, config: String, commit: Option<String> },
 }
 
 #[derive(Debug, Clone)]

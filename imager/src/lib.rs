@@ -68,7 +68,7 @@ pub enum Cmd {
         #[arg(long, requires = "board")]
         firmware: Option<PathBuf>,
         #[command(flatten)]
-        connection: thymisctl::Connection,
+        connection: thymis_client::Connection,
     },
     /// List the boards `build --board` knows.
     Boards,

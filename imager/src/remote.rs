@@ -9,12 +9,11 @@ use std::fs::File;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use serde_json::json;
-use thymis_api::{Identity, Task};
+use thymis_api::{ArtifactRequest, Identity, Task};
+use thymis_client::{Client, Connection, Progress};
 use thymis_store::bundle::{self, Target};
 use thymis_store::signing::PublicKey;
 use thymis_store::{PathInfo, StorePath};
-use thymisctl::{Client, Connection};
 
 /// A closure fetched from the controller, its NARs verified and staged.
 #[derive(Debug)]
@@ -31,8 +30,7 @@ pub struct Fetched {
 /// fetches the closure. `scratch` holds the bundle and the staged NARs.
 pub fn fetch(connection: &Connection, config: &str, commit: Option<&str>, scratch: &Path) -> Result<Fetched> {
     let client = Client::new(connection)?;
-    let identity: Identity = serde_json::from_value(client.call("GET", "/identity", None)?)
-        .context("the controller's /identity is not what this imager knows")?;
+    let identity: Identity = client.get("/identity")?;
     let key = |field: &str, text: &str| -> Result<PublicKey> {
         text.parse().with_context(|| format!("the controller's {field} {text:?}"))
     };
@@ -40,13 +38,23 @@ pub fn fetch(connection: &Connection, config: &str, commit: Option<&str>, scratc
         (key("identity_key", &identity.identity_key)?, key("nix_signing_key", &identity.nix_signing_key)?);
 
     eprintln!("thymis-imager: the controller builds {config} at {}", commit.unwrap_or("its HEAD"));
-    let task = client.call("POST", "/bundles", Some(json!({ "config": config, "commit": commit })))?;
+    let req =
+        ArtifactRequest { config: Some(config.to_owned()), commit: commit.map(str::to_owned), ..Default::default() };
+    let task: Task = client.post("/bundles", Some(&req))?;
     let file = scratch.join("closure.bundle");
-    let done = thymisctl::artifacts(&client, &task, true, |_| file.clone())
-        .with_context(|| format!("building {config} on the controller"))?;
-    let done: Task = serde_json::from_value(done).context("the controller's task is not what this imager knows")?;
+    let done = thymis_client::artifacts(
+        &client,
+        task.id,
+        |_| file.clone(),
+        |p| {
+            if let Progress::Log(line) = p {
+                eprintln!("  {}", thymis_client::safe_text::printable(line));
+            }
+        },
+    )
+    .with_context(|| format!("building {config} on the controller"))?;
     // The bundle was only the way over: don't keep a copy on the controller.
-    if let Err(e) = client.call("DELETE", &format!("/tasks/{}/artifacts", done.id), None) {
+    if let Err(e) = client.delete::<thymis_api::ArtifactsDeleted>(&format!("/tasks/{}/artifacts", done.id)) {
         eprintln!("thymis-imager: could not delete task {}'s bundle on the controller: {e:#}", done.id);
     }
 

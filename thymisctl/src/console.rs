@@ -5,13 +5,13 @@ use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
-use thymis_api::JournalEvent;
+use thymis_api::{ErrorBody, JournalEvent, TerminalControl, TerminalEnd, TerminalSize};
 use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::Client;
 use crate::safe_text::{printable, printable_or_dash};
+use thymis_client::Client;
 
 /// What `thymisctl logs` asks for.
 #[derive(Debug, Default)]
@@ -127,22 +127,19 @@ pub fn shell(c: &Client, device: &str, command: &[String]) -> Result<u8> {
 async fn shell_session(c: &Client, device: &str, command: &[String]) -> Result<u8> {
     let interactive = std::io::stdin().is_terminal();
     let (cols, rows) = window_size();
-    let base = c.base.replacen("https://", "wss://", 1).replacen("http://", "ws://", 1);
+    let base = c.base().replacen("https://", "wss://", 1).replacen("http://", "ws://", 1);
     let mut url = format!("{base}/api/v1/devices/{}/terminal?cols={cols}&rows={rows}", encode(device));
     if !command.is_empty() {
         url.push_str(&format!("&command={}", encode(&serde_json::to_string(command)?)));
     }
     let mut request = url.as_str().into_client_request()?;
-    request.headers_mut().insert("Authorization", format!("Bearer {}", c.token).parse()?);
+    request.headers_mut().insert("Authorization", c.bearer().parse()?);
     let connector = c.tls_config()?.map(tokio_tungstenite::Connector::Rustls);
     let (ws, _) = match tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector).await {
         Ok(ok) => ok,
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
-            let msg = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_owned))
-                .unwrap_or(body);
+            let msg = serde_json::from_str::<ErrorBody>(&body).map(|b| b.error).unwrap_or(body);
             bail!("{msg}");
         }
         Err(e) => return Err(e).with_context(|| format!("opening a terminal on {device}")),
@@ -162,11 +159,11 @@ async fn shell_session(c: &Client, device: &str, command: &[String]) -> Result<u
                     stdout.flush()?;
                 }
                 Some(Ok(Message::Text(t))) => {
-                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
-                    if let Some(n) = v["exit_status"].as_i64() {
-                        return Ok(n.clamp(0, 255) as u8);
-                    }
-                    let e = v["error"].as_str().unwrap_or(t.as_str()).to_owned();
+                    let e = match serde_json::from_str::<TerminalEnd>(t.as_str()) {
+                        Ok(TerminalEnd::Exited { exit_status }) => return Ok(exit_status.clamp(0, 255) as u8),
+                        Ok(TerminalEnd::Failed { error }) => error,
+                        Err(_) => t.as_str().to_owned(),
+                    };
                     drop(_raw);
                     bail!("{device}: {}", printable(&e));
                 }
@@ -184,8 +181,8 @@ async fn shell_session(c: &Client, device: &str, command: &[String]) -> Result<u
             },
             _ = resized.recv() => {
                 let (cols, rows) = window_size();
-                let resize = serde_json::json!({ "resize": { "cols": cols, "rows": rows } });
-                tx.send(Message::Text(resize.to_string().into())).await?;
+                let resize = TerminalControl { resize: Some(TerminalSize { cols, rows }) };
+                tx.send(Message::Text(serde_json::to_string(&resize)?.into())).await?;
             }
         }
     }

@@ -1,20 +1,21 @@
 //! `thymisctl`: drives a Thymis controller over its HTTP API. With `--json`, stdout
 //! holds exactly one JSON document; progress and logs go to stderr.
 
-pub mod client;
 pub mod console;
 pub mod device;
-pub mod known_controllers;
-pub mod safe_text;
-
-pub use client::{Client, Connection};
+pub use thymis_client::safe_text;
 
 use std::io::IsTerminal;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use serde_json::{Value, json};
-use thymis_api::{Device, DeviceResult, Enrollment, Preview, Task, TaskState};
+use serde::Serialize;
+use thymis_api::{
+    AddDevice, ArtifactRequest, BuildRequest, ChildState, CommitRequest, Committed, Count, DeployRequest, Device,
+    DeviceDetail, DeviceResult, Enrollment, Preview, ProjectStatus, Revoked, Staging, Task, TaskResult, TaskState,
+};
+use thymis_client::known_controllers as known;
+use thymis_client::{Client, Connection, Progress, artifacts, follow};
 
 use crate::safe_text::{printable, printable_or_dash};
 
@@ -99,14 +100,14 @@ pub enum Cmd {
         wait: bool,
         /// Deploy to this many devices (or N%) first, alone, and go on only when they
         /// succeeded.
-        #[arg(long, value_name = "N|P%", value_parser = count)]
-        canary: Option<String>,
+        #[arg(long, value_name = "N|P%")]
+        canary: Option<Count>,
         /// Then go on in waves of this many devices (or N%); default: all the rest.
-        #[arg(long, value_name = "N|P%", value_parser = count)]
-        wave_size: Option<String>,
+        #[arg(long, value_name = "N|P%")]
+        wave_size: Option<Count>,
         /// Failed devices tolerated before the rollout halts by itself (default: none).
-        #[arg(long, value_name = "N|P%", value_parser = count)]
-        max_failures: Option<String>,
+        #[arg(long, value_name = "N|P%")]
+        max_failures: Option<Count>,
         /// Seconds to wait after each wave before the next (a device that leaves its new
         /// system meanwhile counts as failed).
         #[arg(long, value_name = "SECONDS")]
@@ -201,10 +202,16 @@ pub enum ProjectCmd {
     },
 }
 
+/// What `thymisctl login` did (`--json`).
+#[derive(Debug, Serialize)]
+struct LoggedIn {
+    controller: String,
+    sha256: Option<String>,
+}
+
 /// `thymisctl login URL`: pins the certificate the controller presents, if it is the one
 /// `--fingerprint` names (or, without it, on first use of that controller, saying so).
-fn login(url: &str, conn: &Connection) -> Result<Value> {
-    use known_controllers as known;
+fn login(url: &str, conn: &Connection) -> Result<LoggedIn> {
     let url = Connection { controller: Some(url.to_owned()), ..conn.clone() }.url()?;
     let dir = known::config_dir()?;
     let mut sha256 = None;
@@ -231,32 +238,25 @@ fn login(url: &str, conn: &Connection) -> Result<Value> {
         sha256 = Some(shown.to_string());
     }
     known::remember_controller(&dir, &url)?;
-    Ok(json!({ "controller": url, "sha256": sha256 }))
-}
-
-/// A number of devices or a percentage (`3`, `25%`).
-fn count(s: &str) -> Result<String, String> {
-    let ok = match s.strip_suffix('%') {
-        Some(p) => p.parse::<u8>().is_ok_and(|p| p <= 100),
-        None => s.parse::<usize>().is_ok(),
-    };
-    if ok { Ok(s.to_owned()) } else { Err(format!("{s:?} is neither a number of devices nor a percentage like 25%")) }
+    Ok(LoggedIn { controller: url, sha256 })
 }
 
 /// Runs a command; returns the process exit status.
 pub fn run(cli: Cli) -> Result<u8> {
     safe_text::set_raw(cli.raw);
-    let out = |v: &Value, human: &dyn Fn(&Value)| {
-        if cli.json {
+    // With --json, the answer as the API's type; else as `human` shows it.
+    fn out<T: Serialize>(json: bool, v: &T, human: impl FnOnce(&T)) {
+        if json {
             println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
         } else {
             human(v);
         }
-    };
+    }
+    let json = cli.json;
     match &cli.command {
         Cmd::Status => {
             let v = device::status()?;
-            out(&v, &|v| {
+            out(json, &v, |v| {
                 for (k, val) in v.as_object().into_iter().flatten() {
                     println!("{k:<20} {}", s(val));
                 }
@@ -265,83 +265,89 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Rollback => {
             let msg = device::rollback()?;
-            out(&json!({ "message": msg }), &|_| println!("{msg}"));
+            out(json, &serde_json::json!({ "message": msg }), |_| println!("{msg}"));
             return Ok(0);
         }
         Cmd::InstallBundle { file } => {
             let v = device::install_bundle(file)?;
-            out(&v, &|v| println!("{} {}", s(&v["result"]), s(&v["reason"])));
-            let ok = typed::<thymis_api::DeviceResult>(&v["result"]).is_some_and(thymis_api::DeviceResult::is_success);
+            out(json, &v, |v| println!("{} {}", s(&v["result"]), s(&v["reason"])));
+            let ok = serde_json::from_value::<DeviceResult>(v["result"].clone()).is_ok_and(DeviceResult::is_success);
             return Ok(if ok { 0 } else { EXIT_UNSUCCESSFUL });
         }
         Cmd::Login { url } => {
             let v = login(url, &cli.connection)?;
-            out(&v, &|v| match v["sha256"].as_str() {
-                Some(f) => println!("logged in to {} (certificate sha256 {f})", s(&v["controller"])),
-                None => println!("logged in to {} (plain HTTP: not encrypted)", s(&v["controller"])),
+            out(json, &v, |v| match &v.sha256 {
+                Some(f) => println!("logged in to {} (certificate sha256 {f})", v.controller),
+                None => println!("logged in to {} (plain HTTP: not encrypted)", v.controller),
             });
             return Ok(0);
         }
         _ => {}
     }
     let c = Client::new(&cli.connection)?;
+    let show = !json;
     match &cli.command {
         Cmd::Status | Cmd::Rollback | Cmd::InstallBundle { .. } | Cmd::Login { .. } => {}
         Cmd::Image { device, commit, out: dir, replace_key } => {
-            let body = json!({ "commit": commit, "replace_key": replace_key });
-            let task = c.call("POST", &format!("/devices/{device}/image"), Some(body))?;
-            let done = artifacts(&c, &task, !cli.json, |name| dir.join(name))?;
-            out(&done, &|t| println!("image of {device} in {} ({})", dir.display(), s(&t["system"])));
-            return Ok(if done["result"] == "succeeded" { 0 } else { EXIT_UNSUCCESSFUL });
+            let req = ArtifactRequest { commit: commit.clone(), replace_key: *replace_key, ..Default::default() };
+            let task: Task = c.post(&format!("/devices/{device}/image"), Some(&req))?;
+            let done = artifacts(&c, task.id, |name| dir.join(name), progress(show))?;
+            out(json, &done, |t| println!("image of {device} in {} ({})", dir.display(), dash(t.system.as_deref())));
+            return Ok(exit_status(done.result == Some(TaskResult::Succeeded)));
         }
         Cmd::Bundle { device, config, commit, expires_in, out: file } => {
-            let body = json!({ "device": device, "config": config, "commit": commit, "expires_in": expires_in });
-            let task = c.call("POST", "/bundles", Some(body))?;
-            let done = artifacts(&c, &task, !cli.json, |_| file.clone())?;
-            out(&done, &|t| println!("bundle of {} in {}", s(&t["system"]), file.display()));
-            return Ok(if done["result"] == "succeeded" { 0 } else { EXIT_UNSUCCESSFUL });
+            let req = ArtifactRequest {
+                device: device.clone(),
+                config: config.clone(),
+                commit: commit.clone(),
+                expires_in: *expires_in,
+                ..Default::default()
+            };
+            let task: Task = c.post("/bundles", Some(&req))?;
+            let done = artifacts(&c, task.id, |_| file.clone(), progress(show))?;
+            out(json, &done, |t| println!("bundle of {} in {}", dash(t.system.as_deref()), file.display()));
+            return Ok(exit_status(done.result == Some(TaskResult::Succeeded)));
         }
         Cmd::Device(DeviceCmd::Add { name, config }) => {
-            let v = c.call("POST", "/devices", Some(json!({ "name": name, "config": config })))?;
-            out(&v, &print_enrollment);
+            let v: Enrollment = c.post("/devices", Some(&AddDevice { name: name.clone(), config: config.clone() }))?;
+            out(json, &v, print_enrollment);
         }
         Cmd::Device(DeviceCmd::Reenroll { name }) => {
-            let v = c.call("POST", &format!("/devices/{name}/reenroll"), None)?;
-            out(&v, &print_enrollment);
+            let v: Enrollment = c.post(&format!("/devices/{name}/reenroll"), None::<&()>)?;
+            out(json, &v, print_enrollment);
         }
         Cmd::Device(DeviceCmd::Revoke { name }) => {
-            let v = c.call("POST", &format!("/devices/{name}/revoke"), None)?;
-            out(&v, &|_| println!("device {name} revoked"));
+            let v: Revoked = c.post(&format!("/devices/{name}/revoke"), None::<&()>)?;
+            out(json, &v, |_| println!("device {name} revoked"));
         }
         Cmd::Devices => {
-            let v = c.call("GET", "/devices", None)?;
-            out(&v, &print_devices);
+            let v: Vec<Device> = c.get("/devices")?;
+            out(json, &v, |v| print_devices(v));
         }
         Cmd::Device(DeviceCmd::Show { name }) => {
-            let v = c.call("GET", &format!("/devices/{}", console::encode(name)), None)?;
-            out(&v, &print_device);
+            let v: DeviceDetail = c.get(&format!("/devices/{}", console::encode(name)))?;
+            out(json, &v, print_device);
         }
         Cmd::Logs { device, units, since, lines, follow } => {
             let q = console::LogsQuery { units, since: since.as_deref(), lines: *lines, follow: *follow };
-            console::logs(&c, device, &q, cli.json)?;
+            console::logs(&c, device, &q, json)?;
         }
         Cmd::Shell { device, command } => return console::shell(&c, device, command),
         Cmd::Project(ProjectCmd::Status) => {
-            let v = c.call("GET", "/project/status", None)?;
-            out(&v, &|v| {
-                let changes = v["changes"].as_array().cloned().unwrap_or_default();
-                if changes.is_empty() {
-                    println!("clean at {}", s(&v["head"]));
+            let v: ProjectStatus = c.get("/project/status")?;
+            out(json, &v, |v| {
+                if v.changes.is_empty() {
+                    println!("clean at {}", v.head);
                 }
-                for ch in changes {
-                    println!("{:<9} {}", s(&ch["status"]), s(&ch["path"]));
+                for ch in &v.changes {
+                    println!("{:<9} {}", ch.status, printable(&ch.path));
                 }
             });
         }
         Cmd::Project(ProjectCmd::Commit { message }) => {
-            let v =
-                c.call("POST", "/project/commit", Some(json!({ "message": message.clone().unwrap_or_default() })))?;
-            out(&v, &|v| println!("{}", s(&v["commit"])));
+            let req = CommitRequest { message: message.clone().unwrap_or_default() };
+            let v: Committed = c.post("/project/commit", Some(&req))?;
+            out(json, &v, |v| println!("{}", v.commit));
         }
         Cmd::Deploy {
             devices,
@@ -357,222 +363,160 @@ pub fn run(cli: Cli) -> Result<u8> {
             max_failures,
             soak,
         } => {
-            let req = json!({ "devices": devices, "configs": configs, "tags": tags, "commit": commit,
-                              "message": message, "reboot": reboot, "canary": canary, "wave_size": wave_size,
-                              "max_failures": max_failures, "soak": soak });
+            let req = DeployRequest {
+                devices: devices.clone(),
+                configs: configs.clone(),
+                tags: tags.clone(),
+                commit: commit.clone(),
+                message: message.clone(),
+                reboot: *reboot,
+                staging: Staging { canary: *canary, wave_size: *wave_size, max_failures: *max_failures, soak: *soak },
+            };
             if *preview {
-                let v = c.call("POST", "/deploy/preview", Some(req))?;
-                out(&v, &print_preview);
+                let v: Preview = c.post("/deploy/preview", Some(&req))?;
+                out(json, &v, print_preview);
                 return Ok(0);
             }
-            let task = c.call("POST", "/deploy", Some(req))?;
-            let id = task["id"].as_i64().ok_or_else(|| anyhow!("no task id in {task}"))?;
-            eprintln!("deployment task {id} at commit {}", s(&task["commit"]));
-            if !*wait {
-                out(&task, &print_task);
-                return Ok(0);
-            }
-            let done = follow(&c, id, !cli.json)?;
-            out(&done, &print_task);
-            return Ok(if all_succeeded(&done) { 0 } else { EXIT_UNSUCCESSFUL });
+            let task: Task = c.post("/deploy", Some(&req))?;
+            eprintln!("deployment task {} at commit {}", task.id, dash(task.commit.as_deref()));
+            return finish(&c, task, *wait, json);
         }
         Cmd::Resume { id, wait } => {
-            let task = c.call("POST", &format!("/tasks/{id}/resume"), None)?;
-            let next = task["id"].as_i64().ok_or_else(|| anyhow!("no task id in {task}"))?;
-            if next != *id {
-                eprintln!("task {id} goes on as deployment task {next}");
+            let task: Task = c.post(&format!("/tasks/{id}/resume"), None::<&()>)?;
+            if task.id != *id {
+                eprintln!("task {id} goes on as deployment task {}", task.id);
             }
-            if !*wait {
-                out(&task, &print_task);
-                return Ok(0);
-            }
-            let done = follow(&c, next, !cli.json)?;
-            out(&done, &print_task);
-            return Ok(if all_succeeded(&done) { 0 } else { EXIT_UNSUCCESSFUL });
+            return finish(&c, task, *wait, json);
         }
         Cmd::Build { config, commit, wait } => {
-            let task = c.call("POST", "/build", Some(json!({ "config": config, "commit": commit })))?;
-            let id = task["id"].as_i64().ok_or_else(|| anyhow!("no task id"))?;
-            if !*wait {
-                out(&task, &print_task);
-                return Ok(0);
-            }
-            let done = follow(&c, id, !cli.json)?;
-            out(&done, &print_task);
-            return Ok(if done["result"] == "succeeded" { 0 } else { EXIT_UNSUCCESSFUL });
+            let task: Task =
+                c.post("/build", Some(&BuildRequest { config: config.clone(), commit: commit.clone() }))?;
+            return finish(&c, task, *wait, json);
         }
         Cmd::Tasks => {
-            let v = c.call("GET", "/tasks", None)?;
-            out(&v, &|v| {
-                for t in v.as_array().cloned().unwrap_or_default() {
+            let v: Vec<Task> = c.get("/tasks")?;
+            out(json, &v, |v| {
+                for t in v {
                     println!(
                         "{:>5}  {:<10} {:<9} {:<16} {}",
-                        t["id"],
-                        s(&t["kind"]),
-                        s(&t["state"]),
-                        s(&t["result"]),
-                        &s(&t["commit"]).chars().take(12).collect::<String>()
+                        t.id,
+                        t.kind,
+                        t.state.as_str(),
+                        t.result.map_or("-", TaskResult::as_str),
+                        dash(t.commit.as_deref()).chars().take(12).collect::<String>()
                     );
                 }
             });
         }
         Cmd::Task { id, follow: f } => {
-            let v = if *f { follow(&c, *id, !cli.json)? } else { c.call("GET", &format!("/tasks/{id}"), None)? };
-            out(&v, &print_task);
+            let v: Task = if *f { follow(&c, *id, progress(show))? } else { c.get(&format!("/tasks/{id}"))? };
+            if *f && show {
+                say_queued(&v);
+            }
+            out(json, &v, print_task);
         }
         Cmd::Cancel { id } => {
-            let v = c.call("POST", &format!("/tasks/{id}/cancel"), None)?;
-            out(&v, &print_task);
+            let v: Task = c.post(&format!("/tasks/{id}/cancel"), None::<&()>)?;
+            out(json, &v, print_task);
         }
     }
     Ok(0)
 }
 
-/// Waits for an image or bundle task, then downloads its files to `dest(name)`.
-pub fn artifacts(c: &Client, task: &Value, show: bool, dest: impl Fn(&str) -> std::path::PathBuf) -> Result<Value> {
-    let id = task["id"].as_i64().ok_or_else(|| anyhow!("no task id in {task}"))?;
-    let done = follow(c, id, show)?;
-    if done["result"] != "succeeded" {
-        bail!("task {id} {}: {}", s(&done["result"]), s(&done["error"]));
-    }
-    for f in c.call("GET", &format!("/tasks/{id}/artifacts"), None)?.as_array().cloned().unwrap_or_default() {
-        let name = s(&f["name"]);
-        check_artifact_name(&name)?;
-        let path = dest(&name);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+/// A started deployment or build: shown at once, or (`--wait`) followed to its end, its
+/// exit status saying whether every device (or the build) succeeded.
+fn finish(c: &Client, task: Task, wait: bool, json: bool) -> Result<u8> {
+    let show = |t: &Task| {
+        if json {
+            println!("{}", serde_json::to_string_pretty(t).unwrap_or_default());
+        } else {
+            print_task(t);
         }
-        c.download(&format!("/tasks/{id}/artifacts/{name}"), &path)?;
-        if show {
-            eprintln!("  downloaded {}", path.display());
-        }
+    };
+    if !wait {
+        show(&task);
+        return Ok(0);
     }
-    Ok(done)
-}
-
-/// An artifact's name as the server gives it becomes a file name under `--out`: a
-/// plain name only (no `/`, no `..`, no leading dot), or the server could write anywhere.
-pub fn check_artifact_name(name: &str) -> Result<()> {
-    let plain = !name.is_empty()
-        && name.len() <= 255
-        && !name.starts_with('.')
-        && !name.contains("..")
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b));
-    if !plain {
-        bail!("the controller named an artifact {name:?}, which is not a plain file name: refused");
+    let done = follow(c, task.id, progress(!json))?;
+    if !json {
+        say_queued(&done);
     }
-    Ok(())
+    show(&done);
+    let ok = if task.kind == "deployment" { done.all_succeeded() } else { done.result == Some(TaskResult::Succeeded) };
+    Ok(exit_status(ok))
 }
 
-/// Whether every child ended `succeeded` or `succeeded-with-failed-units`.
-pub fn all_succeeded(task: &Value) -> bool {
-    typed::<Task>(task).is_some_and(|t| t.all_succeeded())
+fn exit_status(ok: bool) -> u8 {
+    if ok { 0 } else { EXIT_UNSUCCESSFUL }
 }
 
-/// An answer as the API's type; `None` for one this thymisctl does not know.
-fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> Option<T> {
-    serde_json::from_value(v.clone()).ok()
-}
-
-/// Follows a task until no child is pending or running, printing logs and progress to
-/// stderr. Queued children (offline devices) do not hold the wait. Uses the task's
-/// server-sent events, so the result is seen as soon as it is recorded.
-pub fn follow(c: &Client, id: i64, show: bool) -> Result<Value> {
+/// Shows a followed task's progress on stderr: its log lines, and on a terminal one
+/// line of its devices that keeps being rewritten.
+fn progress(show: bool) -> impl FnMut(Progress<'_>) {
     let tty = std::io::stderr().is_terminal();
-    let settled = |t: &Value| t["state"].as_str().and_then(TaskState::parse).is_some_and(TaskState::is_settled);
-    let mut last = Value::Null;
-    let url = format!("{}/api/v1/tasks/{id}/events", c.base);
-    let mut resp = c
-        .agent
-        .get(&url)
-        .header("Authorization", &format!("Bearer {}", c.token))
-        .header("Accept", "text/event-stream")
-        .call()
-        .with_context(|| format!("following task {id}"))?;
-    if !resp.status().is_success() {
-        bail!("following task {id}: {}", resp.status());
-    }
-    let reader = std::io::BufReader::new(resp.body_mut().with_config().limit(u64::MAX).reader());
-    let mut event = String::new();
-    for line in std::io::BufRead::lines(reader) {
-        let line = line?;
-        if let Some(name) = line.strip_prefix("event: ") {
-            event = name.to_owned();
-        } else if let Some(data) = line.strip_prefix("data: ") {
-            match event.as_str() {
-                "log" if show => {
-                    if tty {
-                        eprint!("\r\x1b[2K");
-                    }
-                    eprintln!("  {}", printable(data));
-                }
-                "task" => {
-                    last = serde_json::from_str(data).unwrap_or(Value::Null);
-                    if settled(&last) {
-                        break;
-                    }
-                    if show && tty {
-                        let summary: Vec<String> = last["children"]
-                            .as_array()
-                            .cloned()
-                            .unwrap_or_default()
-                            .iter()
-                            .map(|ch| {
-                                format!(
-                                    "{} {}/{} {} paths",
-                                    s(&ch["device"]),
-                                    s(&ch["state"]),
-                                    s(&ch["phase"]),
-                                    ch["paths_sent"]
-                                )
-                            })
-                            .collect();
-                        eprint!("\r\x1b[2K{}", summary.join("  |  "));
-                    }
-                }
-                _ => {}
+    let mut drawn = false;
+    move |p| {
+        if !show {
+            return;
+        }
+        if drawn {
+            eprint!("\r\x1b[2K");
+            drawn = false;
+        }
+        match p {
+            Progress::Log(line) => eprintln!("  {}", printable(line)),
+            Progress::Downloaded(path) => eprintln!("  downloaded {}", path.display()),
+            Progress::Task(t) if tty && !t.state.is_settled() => {
+                let summary: Vec<String> = t
+                    .children
+                    .iter()
+                    .map(|ch| {
+                        let phase = ch.phase.map_or("-", |p| p.as_str());
+                        format!("{} {}/{phase} {} paths", ch.device, ch.state.as_str(), ch.paths_sent)
+                    })
+                    .collect();
+                eprint!("\r\x1b[2K{}", summary.join("  |  "));
+                drawn = true;
             }
+            Progress::Task(_) => {}
         }
     }
-    if show && tty {
-        eprint!("\r\x1b[2K");
-    }
-    // The stream ends with the task; a "waiting" task (queued devices) ends the wait too.
-    if !settled(&last) {
-        last = c.call("GET", &format!("/tasks/{id}"), None)?;
-    }
-    if last["state"] == "waiting" && show {
-        for ch in last["children"].as_array().cloned().unwrap_or_default() {
-            if ch["state"] == "queued" {
-                eprintln!("  {} is offline: queued until it connects", s(&ch["device"]));
-            }
-        }
-    }
-    Ok(last)
 }
 
-fn s(v: &Value) -> String {
+/// A "waiting" deployment ended the wait: its offline devices are named.
+fn say_queued(t: &Task) {
+    if t.state == TaskState::Waiting {
+        for ch in t.children.iter().filter(|ch| ch.state == ChildState::Queued) {
+            eprintln!("  {} is offline: queued until it connects", ch.device);
+        }
+    }
+}
+
+fn dash(v: Option<&str>) -> String {
+    printable_or_dash(v).into_owned()
+}
+
+/// A value of the agent's D-Bus answers (not the controller's API), as text.
+fn s(v: &serde_json::Value) -> String {
     match v {
-        Value::String(x) => x.clone(),
-        Value::Null => "-".into(),
+        serde_json::Value::String(x) => x.clone(),
+        serde_json::Value::Null => "-".into(),
         other => other.to_string(),
     }
 }
 
-fn print_enrollment(v: &Value) {
-    let Some(e) = typed::<Enrollment>(v) else { return println!("{v}") };
+fn print_enrollment(e: &Enrollment) {
     println!("device {}: enrollment token {}", e.name, e.enrollment_token);
     println!("agent configuration (keep it secret):\n{}", e.agent_config);
 }
 
-fn print_devices(v: &Value) {
-    let Some(devices) = typed::<Vec<Device>>(v) else { return println!("{v}") };
+fn print_devices(devices: &[Device]) {
     println!("{:<16} {:<12} {:<7} {:<12} SYSTEM", "NAME", "CONFIG", "ONLINE", "COMMIT");
     for d in devices {
         let commit: String = printable_or_dash(d.commit.as_deref()).chars().take(12).collect();
         let online = if d.online { "yes" } else { "no" };
         println!("{:<16} {:<12} {online:<7} {commit:<12} {}", d.name, d.config, printable_or_dash(d.system.as_deref()));
-        if let Some(next) = hand_set(&d) {
+        if let Some(next) = hand_set(d) {
             println!("{:<16} boots next {} (set on the device)", "", printable(next));
         }
     }
@@ -584,8 +528,7 @@ fn hand_set(d: &Device) -> Option<&str> {
     d.boots_next.as_deref().filter(|_| d.agent_state.as_deref() == Some("idle"))
 }
 
-fn print_device(v: &Value) {
-    let Some(d) = typed::<thymis_api::DeviceDetail>(v) else { return println!("{v}") };
+fn print_device(d: &DeviceDetail) {
     let dev = &d.device;
     let opt = |v: &Option<String>| printable_or_dash(v.as_deref()).into_owned();
     let missing = if d.config_exists { "" } else { " (not in the project)" };
@@ -617,20 +560,18 @@ fn print_device(v: &Value) {
     }
 }
 
-fn print_preview(v: &Value) {
-    let Some(p) = typed::<Preview>(v) else { return println!("{v}") };
+fn print_preview(p: &Preview) {
     match &p.commit {
         Some(c) => println!("commit {c}"),
         None => println!("{} uncommitted change(s) will be committed first", p.uncommitted_changes),
     }
     println!("configurations: {}", p.configs.join(", "));
-    for d in p.devices {
+    for d in &p.devices {
         println!("  {:<16} {:<12} {}", d.name, d.config, if d.online { "online" } else { "offline" });
     }
 }
 
-fn print_task(v: &Value) {
-    let Some(t) = typed::<Task>(v) else { return println!("{v}") };
+fn print_task(t: &Task) {
     let text = |v: Option<&str>| v.unwrap_or("-").to_owned();
     println!("task {} ({}) {} {}", t.id, t.kind, t.state.as_str(), text(t.result.map(|r| r.as_str())));
     if let Some(e) = &t.error {

@@ -33,6 +33,8 @@ use base64::Engine as _;
 
 mod messages;
 
+use thymis_ws::Next;
+
 use messages::{ReportRate, handle};
 
 pub async fn upgrade(
@@ -120,7 +122,8 @@ async fn serve(ctl: Arc<Controller>, mut ws: WebSocket, peer: std::net::IpAddr, 
     let conn = Arc::new(Conn::new(device.clone(), session, protocol, control_tx, data_tx, stream_tx));
     ctl.register(conn.clone());
     info!(%device, protocol, "agent connected");
-    if let Err(e) = session_loop(&ctl, &conn, ws, control_rx, Queues { data: data_rx, streams: stream_rx }).await {
+    let queues = Queues { control: control_rx, first: data_rx, second: stream_rx };
+    if let Err(e) = session_loop(&ctl, &conn, ws, queues).await {
         info!(%device, "agent connection ended: {e:#}");
     } else {
         info!(%device, "agent disconnected");
@@ -136,11 +139,9 @@ const ERRORS_LOGGED: u32 = 20;
 /// [`thymis_proto::stream::MAX_TERMINAL_CHUNK`] bytes.
 const STREAM_QUEUE: usize = 16;
 
-/// The copy stream and the streams' messages: the writer takes from them in turn.
-struct Queues {
-    data: mpsc::Receiver<Out>,
-    streams: mpsc::Receiver<AgentBound>,
-}
+/// What the writer sends: control messages first, then the copy stream and the
+/// streams' messages in turn.
+type Queues = thymis_ws::Queues<AgentBound, Out, AgentBound>;
 
 /// Returns the authenticated device's name and the protocol version agreed.
 async fn handshake(
@@ -236,18 +237,16 @@ fn enroll(ctl: &Controller, peer: std::net::IpAddr, proves: Presented, key: &str
     }
 }
 
-async fn session_loop(
-    ctl: &Arc<Controller>,
-    conn: &Arc<Conn>,
-    ws: WebSocket,
-    control: mpsc::UnboundedReceiver<AgentBound>,
-    data: Queues,
-) -> Result<()> {
+async fn session_loop(ctl: &Arc<Controller>, conn: &Arc<Conn>, ws: WebSocket, queues: Queues) -> Result<()> {
     // The writer owns the sending half, so that reading never waits on a write: a
     // reader that did (handling a message that sends a reply while the queue is full
     // of NAR chunks) would stop reading the acknowledgements that free that queue.
     let (sink, mut stream) = ws.split();
-    let mut writer = tokio::spawn(write_loop(sink, control, data, ctl.settings.dead_after));
+    let mut writer = tokio::spawn(thymis_ws::write_loop(sink, queues, ctl.settings.dead_after, |next| match next {
+        Next::Control(m) | Next::Second(m) => Message::Text(encode(&m).into()),
+        Next::First(Out::Msg(m)) => Message::Text(encode(&m).into()),
+        Next::First(Out::Bin(b)) => Message::Binary(b.into()),
+    }));
     let _abort = AbortOnDrop(writer.abort_handle());
     let mut ticker = tokio::time::interval(ctl.settings.heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -278,7 +277,7 @@ async fn session_loop(
             }
             ended = &mut writer => {
                 return match ended {
-                    Ok(r) => r,
+                    Ok(r) => Ok(r?),
                     Err(e) => Err(anyhow!("connection writer: {e}")),
                 };
             }
@@ -298,46 +297,6 @@ async fn session_loop(
             }
         }
     }
-}
-
-/// Sends what the connection's queues hold, control messages first, then the copy
-/// stream and the streams' messages in turn (tokio's `select!` picks among ready
-/// branches at random), each write bounded by `stall` (a silently dropped link stalls
-/// writes). Ends, closing the socket, when the control queue closes.
-async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut control: mpsc::UnboundedReceiver<AgentBound>,
-    Queues { mut data, mut streams }: Queues,
-    stall: Duration,
-) -> Result<()> {
-    loop {
-        let frame = tokio::select! {
-            biased;
-            m = control.recv() => match m {
-                Some(m) => Message::Text(encode(&m).into()),
-                None => break,
-            },
-            frame = async {
-                tokio::select! {
-                    Some(out) = data.recv() => match out {
-                        Out::Msg(m) => Message::Text(encode(&m).into()),
-                        Out::Bin(b) => Message::Binary(b.into()),
-                    },
-                    Some(m) = streams.recv() => Message::Text(encode(&m).into()),
-                    else => std::future::pending().await,
-                }
-            } => frame,
-        };
-        // Feed without flushing while more is queued: small messages share a write.
-        let more = !control.is_empty() || !data.is_empty() || !streams.is_empty();
-        let write = async { if more { sink.feed(frame).await } else { sink.send(frame).await } };
-        match tokio::time::timeout(stall, write).await {
-            Ok(r) => r.map_err(|e| anyhow!("sending: {e}"))?,
-            Err(_) => bail!("sending stalled for {stall:?}: connection declared dead"),
-        }
-    }
-    let _ = tokio::time::timeout(stall, sink.close()).await;
-    Ok(())
 }
 
 struct AbortOnDrop(tokio::task::AbortHandle);

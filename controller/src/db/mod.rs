@@ -3,8 +3,10 @@
 //! controllers that share a fleet; the same versioned migrations for both.
 //!
 //! One `Db`, its methods by what they keep: `schema` (migrations), `devices`,
-//! `enrollment`, `sessions`, `tasks`, `children` (a deployment's per-device rows, whose
-//! stage only `Db::advance` writes), `cluster` (controllers sharing the database).
+//! `enrollment`, `sessions`, `tasks`, `children` (a deployment's per-device rows),
+//! `cluster` (controllers sharing the database). The writers of a deployment's, a
+//! rollout's and a task's state are the engine's (`crate::engine`), not here: only it
+//! may change them.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};

@@ -4,14 +4,20 @@
 //! definition. Device results are `thymis_proto::DeviceResult` everywhere, and whether
 //! a device succeeded is its `is_success`.
 
+pub mod artifacts;
+pub mod project;
 pub mod rollout;
+pub mod terminal;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 pub use thymis_proto::{DeviceResult, Phase, RollbackReason};
 
+pub use artifacts::{Artifact, ArtifactRequest, ArtifactsDeleted, BuildRequest};
+pub use project::{CommitRequest, Committed, FileChange, ProjectStatus};
 pub use rollout::{Count, Staging};
+pub use terminal::{ErrorBody, TerminalControl, TerminalEnd, TerminalSize};
 
 /// What to deploy where (`POST /deploy` and `/deploy/preview`, `thymisctl deploy`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -311,6 +317,20 @@ pub struct Enrollment {
     pub enrollment_token: String,
     /// A complete agent configuration (TOML) holding the token.
     pub agent_config: String,
+}
+
+/// `POST /devices`: a device added, bound to a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct AddDevice {
+    pub name: String,
+    pub config: String,
+}
+
+/// `POST /devices/{name}/revoke`: its key no longer connects.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Revoked {
+    pub name: String,
+    pub revoked: bool,
 }
 
 /// The controller's public keys (`GET /identity`): what agents and images pin.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use thymis_fleet_tests::{Fleet, FleetOptions};
+use thymis_store::signing::PublicKey;
 
 static RUNS: std::sync::LazyLock<usize> =
     std::sync::LazyLock::new(|| std::env::var("THYMIS_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3));
@@ -498,39 +499,35 @@ fn enroll_load_agents(f: &Fleet, n: usize, config: &str) -> Vec<String> {
         .collect()
 }
 
-/// A load-generator agent's connection: the real handshake with a fresh key and token.
-async fn load_agent_connect(url: &str, token: String) -> Result<LoadWs, String> {
+/// A load-generator agent's connection: the agent's own handshake
+/// ([`AgentHandshake`]) with a fresh key and token, trusting only `controller_key`.
+async fn load_agent_connect(url: &str, token: String, controller_key: PublicKey) -> Result<LoadWs, String> {
     use futures_util::{SinkExt, StreamExt};
-    use thymis_proto::handshake::{Nonce, device_transcript, enrollment_transcript, token_proof};
-    use thymis_proto::{AgentBound, ControllerBound, decode_agent_bound, encode};
+    use thymis_proto::handshake::{AgentHandshake, Nonce};
+    use thymis_proto::{decode_agent_bound, encode};
     use tokio_tungstenite::tungstenite::Message;
     let key = thymis_store::signing::SecretKey::generate("thymis-device").map_err(|e| e.to_string())?;
     let mut ws = thymis_fleet_tests::ws_connect(url).await.map_err(|e| format!("connect: {e:#}"))?;
-    let client = Nonce(rand32());
-    let hello = ControllerBound::Hello {
-        protocol_min: 1,
-        protocol_max: 1,
-        agent_version: "load".into(),
-        device_key: key.public().to_string(),
-        client_nonce: client,
-    };
-    ws.send(Message::text(encode(&hello))).await.map_err(|e| e.to_string())?;
-    let reply = ws.next().await;
-    let Some(Ok(Message::Text(t))) = reply else { return Err(format!("no challenge: {reply:?}")) };
-    let challenge = decode_agent_bound(t.as_str(), false);
-    let Ok(AgentBound::Challenge { server_nonce, session, controller_key, .. }) = challenge else {
-        return Err(format!("no challenge: {t}"));
-    };
-    let ck: thymis_store::signing::PublicKey = controller_key.parse().map_err(|e| format!("{e:#}"))?;
-    let signature = key.sign(&device_transcript(&client, &server_nonce, &session, &ck));
-    let bound = enrollment_transcript(&client, &server_nonce, &session, &key.public(), &ck);
-    let enrollment_proof = Some(token_proof(&token, &bound));
-    let auth = ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof };
-    ws.send(Message::text(encode(&auth))).await.map_err(|e| e.to_string())?;
-    match ws.next().await {
-        Some(Ok(Message::Text(_welcome))) => Ok(ws),
-        other => Err(format!("no welcome: {other:?}")),
+    let pinned = [controller_key];
+    let mut h = AgentHandshake::new(&key, &pinned, Some(token), Nonce(rand32()));
+    ws.send(Message::text(encode(&h.hello("load")))).await.map_err(|e| e.to_string())?;
+    async fn next(ws: &mut LoadWs) -> Result<thymis_proto::AgentBound, String> {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => decode_agent_bound(t.as_str(), false).map_err(|e| format!("{e}: {t}")),
+            other => Err(format!("no answer: {other:?}")),
+        }
     }
+    let auth = h.on_challenge(next(&mut ws).await?).map_err(|e| e.to_string())?;
+    ws.send(Message::text(encode(&auth))).await.map_err(|e| e.to_string())?;
+    h.on_welcome(next(&mut ws).await?).map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
+/// The controller's identity key, which load agents pin.
+fn controller_key(f: &Fleet) -> PublicKey {
+    let (status, identity) = f.controller.api("/identity", None);
+    assert_eq!(status, 200, "{identity}");
+    identity["identity_key"].as_str().and_then(|k| k.parse().ok()).expect("the controller's identity key")
 }
 
 /// A binary cache the load generators substitute from, as agents configured with
@@ -727,16 +724,17 @@ struct LoadRun {
 fn load_rollout(f: &Fleet, n: usize, cache: Option<std::sync::Arc<LoadCache>>) -> LoadRun {
     let tokens = enroll_load_agents(f, n, "alpha");
     let url = f.controller.agent_url();
+    let ck = controller_key(f);
     let ctl_pid = f.controller.pid().expect("controller pid");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(LOAD_HANDSHAKES));
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut handles = Vec::new();
     for token in tokens {
-        let (url, limit, ready, cache) = (url.clone(), limit.clone(), ready.clone(), cache.clone());
+        let (url, limit, ready, cache, ck) = (url.clone(), limit.clone(), ready.clone(), cache.clone(), ck.clone());
         handles.push(rt.spawn(async move {
             let permit = limit.acquire_owned().await.expect("semaphore");
-            let ws = load_agent_connect(&url, token).await;
+            let ws = load_agent_connect(&url, token, ck).await;
             drop(permit);
             ready.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             load_agent_copy(ws.map_err(|e| format!("handshake: {e}"))?, cache).await
@@ -1080,6 +1078,7 @@ fn scale(n: usize) -> Vec<String> {
     let tokens = enroll_load_agents(&f, n, "alpha");
     let enroll_secs = t0.elapsed().as_secs_f64();
     let url = f.controller.agent_url();
+    let ck = controller_key(&f);
     let ctl_pid = f.controller.pid().expect("controller pid");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -1087,10 +1086,11 @@ fn scale(n: usize) -> Vec<String> {
     let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(LOAD_HANDSHAKES));
     let t_connect = Instant::now();
     for token in tokens {
-        let (url, connected, offered, limit) = (url.clone(), connected.clone(), offered.clone(), limit.clone());
+        let (url, connected, offered, limit, ck) =
+            (url.clone(), connected.clone(), offered.clone(), limit.clone(), ck.clone());
         rt.spawn(async move {
             let permit = limit.acquire_owned().await.expect("semaphore");
-            let mut ws = match load_agent_connect(&url, token).await {
+            let mut ws = match load_agent_connect(&url, token, ck).await {
                 Ok(ws) => ws,
                 Err(e) => return eprintln!("bench: a load agent's handshake failed: {e}"),
             };

@@ -30,6 +30,10 @@ use thymis_store::signing::{PublicKey, SecretKey};
 
 use crate::{PROTOCOL_MAX, PROTOCOL_MIN};
 
+mod agent;
+
+pub use agent::{AgentHandshake, HandshakeError, Welcomed};
+
 /// 32 fresh random bytes, base64 on the wire.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Nonce(pub [u8; 32]);

@@ -1,16 +1,25 @@
-//! The controller's HTTP API as a client sees it (used by thymisctl and thymis-imager).
+//! The controller's HTTP API (`/api/v1`, docs/controller.md) as a client sees it, in
+//! the API's own types (`thymis_api`): thymisctl and the imager read and write it only
+//! through this crate. An https:// controller is held to its pinned certificate (or a
+//! CA); [`tasks`] follows a task's events and downloads its files.
 
-use std::time::Duration;
+pub mod known_controllers;
+pub mod safe_text;
+pub mod tasks;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use thymis_tls_pin::{Fingerprint, Pinned};
 use ureq::unversioned::resolver::DefaultResolver;
 use ureq::unversioned::transport::{Connector, TcpConnector};
 
 use crate::known_controllers::{self as known, KnownControllers};
+pub use tasks::{Progress, artifacts, check_artifact_name, follow};
 
 /// How to reach the controller's API.
 #[derive(Debug, Clone, clap::Args)]
@@ -78,9 +87,9 @@ fn expected_certificate(conn: &Connection, url: &str) -> Result<Fingerprint> {
 /// A client of the controller's API.
 #[derive(Debug)]
 pub struct Client {
-    pub(crate) base: String,
-    pub(crate) token: String,
-    pub(crate) agent: ureq::Agent,
+    base: String,
+    token: String,
+    agent: ureq::Agent,
     /// The pin an https:// controller is held to (None: plain, or checked by a CA).
     pin: Option<(Fingerprint, Arc<Pinned>)>,
     ca_file: Option<std::path::PathBuf>,
@@ -146,7 +155,7 @@ impl Client {
             .map_err(|e| self.explain(e))?;
         if !resp.status().is_success() {
             let v: Value = resp.body_mut().read_json().with_context(|| format!("GET {path}: reading the answer"))?;
-            bail!("{}", v.get("error").and_then(Value::as_str).unwrap_or(&v.to_string()));
+            bail!("{}", error_text(v));
         }
         let reader = resp.into_body().into_with_config().limit(u64::MAX).reader();
         Ok(std::io::BufReader::new(reader))
@@ -196,8 +205,40 @@ impl Client {
         Ok(())
     }
 
+    /// The controller's URL, without a trailing slash.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The `Authorization` header's value.
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+
+    /// `GET path`, read as `T`.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.typed("GET", path, None)
+    }
+
+    /// `POST path` with `body` as JSON (none: an empty body), read as `T`.
+    pub fn post<T: DeserializeOwned>(&self, path: &str, body: Option<&impl Serialize>) -> Result<T> {
+        let body = body.map(serde_json::to_value).transpose()?;
+        self.typed("POST", path, body)
+    }
+
+    /// `DELETE path`, read as `T`.
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.typed("DELETE", path, None)
+    }
+
+    fn typed<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<Value>) -> Result<T> {
+        let v = self.call(method, path, body)?;
+        serde_json::from_value(v)
+            .with_context(|| format!("{method} {path}: the controller answered what this client does not know"))
+    }
+
     /// A JSON request; an error status becomes an error with the controller's message.
-    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
         let url = format!("{}/api/v1{path}", self.base);
         let auth = format!("Bearer {}", self.token);
         let mut resp = match (method, body) {
@@ -210,8 +251,17 @@ impl Client {
         let status = resp.status();
         let v: Value = resp.body_mut().read_json().with_context(|| format!("{method} {path}: reading the answer"))?;
         if !status.is_success() {
-            bail!("{}", v.get("error").and_then(Value::as_str).unwrap_or(&v.to_string()));
+            bail!("{}", error_text(v));
         }
         Ok(v)
+    }
+}
+
+/// The controller's error message from an error answer (`thymis_api::ErrorBody`), or the
+/// answer itself.
+fn error_text(v: Value) -> String {
+    match serde_json::from_value::<thymis_api::ErrorBody>(v.clone()) {
+        Ok(b) => b.error,
+        Err(_) => v.to_string(),
     }
 }
