@@ -95,8 +95,8 @@ pub struct Controller {
     pub connected: broadcast::Sender<String>,
     /// Task ids as they change (live views listen).
     pub task_changed: broadcast::Sender<i64>,
-    /// The engine's state in memory (recounts due, rollouts waiting for waves).
-    pub engine: crate::engine::Engine,
+    /// What the engine has pending in memory (recounts due, waves released).
+    pub pending: crate::pending::Pending,
     pub handshakes: Arc<Semaphore>,
     pub peers: Arc<crate::peer_limits::PeerLimits>,
     pub log_budget: crate::log_budget::LogBudgets,
@@ -197,7 +197,7 @@ impl Controller {
             conns: Mutex::new(HashMap::new()),
             connected,
             task_changed,
-            engine: Default::default(),
+            pending: Default::default(),
             handshakes,
             log_budget: Default::default(),
             peers: crate::peer_limits::PeerLimits::new(

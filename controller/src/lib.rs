@@ -18,6 +18,7 @@ pub mod log_budget;
 pub mod model;
 pub mod nar_cache;
 pub mod peer_limits;
+pub mod pending;
 pub mod pg_tls;
 pub mod project;
 pub mod random;

@@ -19,8 +19,8 @@ use thymis_api::{Child, ChildState, Rollout, Task};
 
 use crate::model::device::Stage;
 use crate::model::task::{Stopped, TaskResult, TaskState};
+use crate::sql::vals;
 use crate::sql::{Conn, Location, Row, Value};
-use crate::vals;
 
 mod children;
 mod cluster;

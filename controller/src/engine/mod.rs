@@ -16,11 +16,6 @@
 //! What the step asks of a connection (activate, confirm) the caller holding that
 //! connection sends.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
-
-use tokio::sync::mpsc;
-
 mod device;
 mod rollout;
 mod store;
@@ -29,20 +24,3 @@ mod task;
 pub use device::{close_log_budget, report};
 pub use rollout::{cancel, resume_soak, start_rollout, tick};
 pub use task::{refresh_task, refresh_task_soon, task_event};
-
-/// The engine's own state in memory: which recounts are due, and which deployments'
-/// runs wait for their next wave.
-#[derive(Debug, Default)]
-pub struct Engine {
-    /// Tasks whose state will be recomputed shortly.
-    refresh_pending: Mutex<HashSet<i64>>,
-    /// The staged rollouts whose runs are in this process.
-    waves: Mutex<HashMap<i64, Run>>,
-}
-
-/// A staged rollout's run: where its released waves go, and the last one sent.
-#[derive(Debug)]
-struct Run {
-    tx: mpsc::UnboundedSender<usize>,
-    last: Option<usize>,
-}

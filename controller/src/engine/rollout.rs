@@ -47,7 +47,7 @@ fn raise(ctl: &Arc<Controller>, task: i64, event: Event) -> Result<Option<Rollou
     }
     if matches!(state, Rollout::Done | Rollout::Halted | Rollout::Cancelled) {
         // The run delivering its waves ends once it has delivered what it was sent.
-        lock(&ctl.engine.waves).remove(&task);
+        lock(&ctl.pending.waves).remove(&task);
     }
     ctl.notify_task(task);
     Ok(Some(state))
@@ -70,7 +70,7 @@ fn release(ctl: &Arc<Controller>, task: i64, wave: usize, label: &str) -> Result
 /// controller carrying the task learns of a wave another one released at its next
 /// [`tick`]).
 fn send_wave(ctl: &Controller, task: i64, wave: usize) {
-    if let Some(run) = lock(&ctl.engine.waves).get_mut(&task) {
+    if let Some(run) = lock(&ctl.pending.waves).get_mut(&task) {
         if run.last.is_none_or(|l| l < wave) && run.tx.send(wave).is_ok() {
             run.last = Some(wave);
         }
@@ -138,9 +138,9 @@ fn failures(ctl: &Controller, task: i64, after_soak: bool) -> Result<Vec<String>
 /// rollout).
 pub fn start_rollout(ctl: &Arc<Controller>, task: i64) -> Result<mpsc::UnboundedReceiver<usize>> {
     let (tx, rx) = mpsc::unbounded_channel();
-    lock(&ctl.engine.waves).insert(task, super::Run { tx, last: None });
+    lock(&ctl.pending.waves).insert(task, crate::pending::Run { tx, last: None });
     if raise(ctl, task, Event::Start)?.is_none() {
-        lock(&ctl.engine.waves).remove(&task);
+        lock(&ctl.pending.waves).remove(&task);
     }
     Ok(rx)
 }
@@ -151,7 +151,7 @@ pub fn cancel(ctl: &Arc<Controller>, task: i64) -> Result<()> {
     if raise(ctl, task, Event::Cancel)?.is_none() {
         ctl.db.set_task_stopped(task, Stopped::Cancelled)?;
     }
-    lock(&ctl.engine.waves).remove(&task);
+    lock(&ctl.pending.waves).remove(&task);
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use crate::db::{Db, Details, now, parse_result, result_str};
 use crate::model::device::{self, Event, Stage, Step};
 use crate::model::rollout::{self, Plan, Rollout};
 use crate::model::task::{self, Stopped, TaskResult, TaskState};
-use crate::vals;
+use crate::sql::vals;
 
 impl Db {
     /// Applies `event` to a device deployment's stage as stored; a finishing event

@@ -24,13 +24,13 @@ pub fn task_event(ctl: &Controller, task: i64, event: Event, error: Option<&str>
 /// devices change meanwhile: a deployment to thousands of devices would otherwise
 /// recount its children thousands of times.
 pub fn refresh_task_soon(ctl: &Arc<Controller>, task: i64) {
-    if !lock(&ctl.engine.refresh_pending).insert(task) {
+    if !lock(&ctl.pending.recounts).insert(task) {
         return;
     }
     let ctl = ctl.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        lock(&ctl.engine.refresh_pending).remove(&task);
+        lock(&ctl.pending.recounts).remove(&task);
         let c = ctl.clone();
         let _ = tokio::task::spawn_blocking(move || refresh_task(&c, task)).await;
     });

@@ -64,10 +64,10 @@ impl<T: Into<Value>> From<Option<T>> for Value {
 }
 
 /// `vals![a, b]`: statement parameters, each converted with `Value::from`.
-#[macro_export]
 macro_rules! vals {
     ($($v:expr),* $(,)?) => { &[$($crate::sql::Value::from($v)),*][..] };
 }
+pub(crate) use vals;
 
 /// A value read back as a Rust type.
 pub trait FromValue: Sized {
