@@ -171,9 +171,13 @@ async fn maybe_confirm(ctl: &Arc<Controller>, conn: &Conn, report: &DeviceReport
         sequence: p.sequence,
         session: conn.session.clone(),
     };
-    if let Err(refused) = engine::report(ctl, &child, Event::Confirming, &Details::default())? {
-        warn!(device = %conn.device, deployment = %p.deployment_id, "not confirming: {refused}");
-        return Ok(());
+    match engine::report(ctl, &child, Event::Confirming, &Details::default())? {
+        Ok(step) if step.effects.contains(&Effect::Confirm) => {}
+        Ok(_) => return Ok(()),
+        Err(refused) => {
+            warn!(device = %conn.device, deployment = %p.deployment_id, "not confirming: {refused}");
+            return Ok(());
+        }
     }
     ctl.db.log(child.task, Some(child.id), &format!("{}: reconnected after activation; confirming", conn.device))?;
     ctl.notify_task(child.task);

@@ -26,7 +26,7 @@ use crate::controller::{Controller, lock};
 use crate::db::{Details, Presented};
 use crate::engine;
 use crate::log_budget::{LOG_BUDGET, LogBudget};
-use crate::model::device::Event;
+use crate::model::device::{Effect, Event};
 use crate::read_cap::ReadCap;
 use crate::streams::FromDevice;
 use base64::Engine as _;

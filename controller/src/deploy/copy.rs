@@ -144,7 +144,9 @@ pub(super) async fn send_to(
     // and only a recorded activation is ever confirmed. Unrecorded, the device is not
     // told (it would roll back for want of a confirmation).
     match report(ctl, child, Event::Activating, &Details::default()) {
-        Ok(Ok(_)) => {}
+        // The machine asks for the activation to be sent (it always does on this step).
+        Ok(Ok(step)) if step.effects.contains(&Effect::Activate) => {}
+        Ok(Ok(_)) => return Ok(()),
         // Ended meanwhile (cancelled, superseded, expired): the device is not told.
         Ok(Err(refused)) => {
             debug!(device = %child.device, "not activating: {refused}");

@@ -26,7 +26,7 @@ use crate::conn::{Conn, Out};
 use crate::controller::{Controller, lock};
 use crate::db::{ChildRow, Details, now};
 use crate::engine::{self, report};
-use crate::model::device::{Event, Stage};
+use crate::model::device::{Effect, Event, Stage};
 use crate::model::task::{Event as TaskEvent, Stopped, TaskResult};
 
 mod copy;

@@ -143,3 +143,82 @@ impl Db {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::rollout::{Action, Event as R};
+    use thymis_api::{Count, Staging};
+    use thymis_proto::DeviceResult;
+
+    fn db() -> (tempfile::TempDir, Db) {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let db = Db::open(&tmp.path().join("db.sqlite")).expect("open");
+        (tmp, db)
+    }
+
+    /// A rollout's state as stored: each step is written and read back in the task's
+    /// columns, and an event seen twice (two devices finishing together, two
+    /// controllers, a timer after `resume`) is refused by what is stored.
+    #[test]
+    fn a_rollout_is_stored_step_by_step_and_a_repeated_event_changes_nothing() {
+        let (_tmp, db) = db();
+        let task = db.create_task("me", "deployment", Some("c"), None, None, false, None).expect("task");
+        let staging = Staging { canary: Some(Count::Devices(1)), soak: Some(60), ..Default::default() };
+        db.set_task_rollout(task, &staging).expect("plan");
+        for (i, wave) in [0, 1, 1].into_iter().enumerate() {
+            db.add_child(task, &format!("d{i}"), "kiosk", wave).expect("child");
+        }
+        let settled = |wave| R::WaveSettled { wave, failed: vec![] };
+        let (state, actions) = db.rollout_step(task, R::Start, 100).expect("stored").expect("some").expect("start");
+        assert_eq!(state, Rollout::Delivering { wave: 0 });
+        assert!(matches!(actions.as_slice(), [Action::Release { wave: 0, .. }]), "{actions:?}");
+        let (state, _) = db.rollout_step(task, settled(0), 100).expect("stored").expect("some").expect("settled");
+        assert_eq!(state, Rollout::Soaking { wave: 0, until: 160 });
+        assert_eq!(db.task_rollout(task).expect("read").map(|r| (r.1, r.2)), Some((0, Some(160))));
+        assert!(db.rollout_step(task, settled(0), 101).expect("stored").expect("some").is_err(), "settled twice");
+        let over = R::SoakOver { wave: 0, failed: vec![] };
+        let (state, _) = db.rollout_step(task, over.clone(), 160).expect("stored").expect("some").expect("soaked");
+        assert_eq!(state, Rollout::Delivering { wave: 1 });
+        assert_eq!(db.task_rollout(task).expect("read").map(|r| (r.1, r.2)), Some((1, None)));
+        assert!(db.rollout_step(task, over, 161).expect("stored").expect("some").is_err(), "a late timer");
+        let failed = R::WaveSettled { wave: 1, failed: vec!["d1 failed".into(), "d2 failed".into()] };
+        let (state, actions) = db.rollout_step(task, failed, 200).expect("stored").expect("some").expect("halt");
+        assert_eq!(state, Rollout::Halted);
+        assert!(actions.iter().any(|a| matches!(a, Action::Halt(why) if why.contains("2 failed"))), "{actions:?}");
+        assert_eq!(db.task_stopped(task).expect("read"), Some(Stopped::Halted));
+        assert!(db.rollout_step(task, R::Cancel, 201).expect("stored").expect("some").is_err(), "halted for good");
+
+        // A deployment without waves has no rollout to step.
+        let plain = db.create_task("me", "deployment", Some("c"), None, None, false, None).expect("task");
+        assert!(db.rollout_step(plain, R::Start, 0).expect("stored").is_none());
+    }
+
+    #[test]
+    fn a_device_deployment_and_a_job_are_stored_through_their_machines() {
+        let (_tmp, db) = db();
+        let task = db.create_task("me", "deployment", Some("c"), None, None, false, None).expect("task");
+        let child = db.add_child(task, "d1", "kiosk", 0).expect("child");
+        let step = db.advance(child, Event::Built, &Details::default()).expect("stored").expect("built");
+        assert_eq!((step.before, step.stage), (Stage::Building, Stage::Queued));
+        let details = Details { reason: Some(thymis_api::Reason::Halted), ..Details::error("not offered") };
+        db.advance(child, Event::Halted, &details).expect("stored").expect("halted");
+        let t = db.task(task).expect("read").expect("task");
+        assert_eq!(t.children[0].result, Some(DeviceResult::Cancelled));
+        assert_eq!(t.children[0].reason, Some(thymis_api::Reason::Halted));
+        assert_eq!(t.children[0].phase, Some(thymis_proto::Phase::Copy), "where it ended");
+        assert!(db.advance(child, Event::Offered, &Details::default()).expect("stored").is_err(), "finished");
+
+        let build = db.create_task("me", "build", Some("c"), None, Some("kiosk"), false, None).expect("task");
+        db.task_step(build, task::Event::Started, None).expect("stored").expect("started");
+        let ended = task::Event::Ended(TaskResult::Succeeded);
+        assert_eq!(
+            db.task_step(build, ended, None).expect("stored"),
+            Ok((TaskState::Finished, Some(TaskResult::Succeeded)))
+        );
+        let late = db.task_step(build, task::Event::Interrupted, Some("a restart")).expect("stored");
+        assert!(late.is_err(), "a job that ended stays ended");
+        assert_eq!(db.task(build).expect("read").expect("task").result, Some(TaskResult::Succeeded));
+        assert!(db.task_step(9999, task::Event::Started, None).is_err(), "no such task");
+    }
+}
