@@ -536,7 +536,8 @@ fn scripted_api(name: &'static str) -> String {
             let mut body = vec![0; length];
             let _ = reader.read_exact(&mut body);
             let path = request.split_whitespace().nth(1).unwrap_or_default().to_owned();
-            let task = r#"{"id":1,"kind":"image","state":"finished","result":"succeeded","system":"/nix/store/x"}"#;
+            // A whole task, as the API's type has it (thymisctl reads nothing else).
+            let task = r#"{"id":1,"kind":"image","state":"finished","result":"succeeded","system":"/nix/store/x","created":0,"updated":0,"children":[]}"#;
             let (kind, text) = if path.ends_with("/image") {
                 ("application/json", task.to_owned())
             } else if path.ends_with("/events") {
