@@ -123,6 +123,50 @@ in
       };
     };
 
+    healthChecks = lib.mkOption {
+      description = ''
+        Checks that the device is healthy on a new generation: after a deployment's
+        activation (and after the boot of a reboot deployment) the agent runs each
+        until it exits 0 or healthCheckDeadline passes, before it reports the device
+        ready for confirmation. A required check still failing rolls the device back
+        (reason health-check-failed, with the check's output); a wanted one is named in
+        the result (succeeded-with-failed-checks). They ship with the system
+        (/etc/thymis/health-checks), so each generation is judged by its own checks.
+        Each runs with a clean environment (PATH: the new system's tools) as root.
+      '';
+      default = { };
+      example = lib.literalExpression ''
+        {
+          kiosk-page.script = "curl -fsS http://localhost/ | grep -q '<body'";
+          sensor = { script = "systemctl is-active --quiet sensor"; required = false; };
+        }
+      '';
+      type = lib.types.attrsOf (lib.types.submodule {
+        options = {
+          script = lib.mkOption {
+            type = lib.types.lines;
+            description = "Shell commands; exit 0 when healthy.";
+          };
+          required = lib.mkOption {
+            type = lib.types.bool;
+            default = true;
+            description = "Whether the check failing rolls the deployment back (else it is only named).";
+          };
+          timeout = lib.mkOption {
+            type = lib.types.ints.positive;
+            default = 60;
+            description = "Seconds one run of the check may take before it is killed (and counts as failed).";
+          };
+        };
+      });
+    };
+
+    healthCheckDeadline = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 120;
+      description = "Seconds a generation's health checks may keep failing (retried every few seconds) before it counts as unhealthy.";
+    };
+
     configFile = lib.mkOption {
       type = lib.types.nullOr lib.types.str;
       default = null;
@@ -165,5 +209,13 @@ in
     };
 
     systemd.tmpfiles.rules = lib.optionals (!underVarLib) [ "d ${stateDir} 0700 root root -" ];
+
+    # The checks travel in the system closure (docs/agent.md, "Health checks").
+    environment.etc = lib.mkIf (cfg.healthChecks != { }) (lib.mkMerge ([{
+      "thymis/health-checks/deadline".text = toString cfg.healthCheckDeadline;
+    }] ++ lib.mapAttrsToList (name: check: let kind = if check.required then "required.d" else "wanted.d"; in {
+      "thymis/health-checks/${kind}/${name}".source = pkgs.writeShellScript "thymis-health-check-${name}" check.script;
+      "thymis/health-checks/${kind}/${name}.timeout".text = toString check.timeout;
+    }) cfg.healthChecks));
   };
 }

@@ -151,7 +151,9 @@ impl Agent {
         let pending = lock(&self.pending).clone();
         let downloading = lock(&self.offer).is_some();
         let state = match pending.as_ref().map(|p| &p.stage) {
-            Some(Stage::Activating | Stage::Rebooting | Stage::Committing { .. }) => AgentState::Activating,
+            Some(Stage::Activating | Stage::Rebooting | Stage::Checking { .. } | Stage::Committing { .. }) => {
+                AgentState::Activating
+            }
             Some(Stage::AwaitingConfirmation { .. }) => AgentState::AwaitingConfirmation,
             Some(Stage::RollingBack { .. }) => AgentState::RollingBack,
             None if downloading => AgentState::Downloading,
@@ -341,6 +343,7 @@ impl Agent {
                 error: Some(error),
                 failed_units: vec![],
                 unit_logs: Default::default(),
+                failed_checks: vec![],
                 system: persisted.system.clone(),
                 commit: persisted.commit.clone(),
                 generation: profile::generation(&self.config.system_profile),
@@ -399,6 +402,7 @@ impl Agent {
                 error: None,
                 failed_units: vec![],
                 unit_logs: Default::default(),
+                failed_checks: vec![],
                 system: Some(offer.system.clone()),
                 commit: offer.commit.clone(),
                 generation: profile::generation(&self.config.system_profile),
@@ -438,6 +442,7 @@ impl Agent {
                 error: Some(error),
                 failed_units: vec![],
                 unit_logs: Default::default(),
+                failed_checks: vec![],
                 system: previous.clone(),
                 commit: persisted.commit.clone(),
                 generation: profile::generation(&self.config.system_profile),
@@ -568,6 +573,7 @@ impl Agent {
                 }
                 self.publish(|_| {});
                 event = match action {
+                    Action::RunChecks => self.run_checks(&updated).await,
                     Action::AwaitConfirmation => {
                         self.spawn_deadline(&updated);
                         if updated.local_confirm {
@@ -655,6 +661,15 @@ impl Agent {
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         });
+    }
+
+    /// Runs the new system's health checks (`crate::health`), their failures in the
+    /// deployment's log.
+    async fn run_checks(&self, p: &Pending) -> Event {
+        let id = p.offer.deployment_id.clone();
+        let system = std::path::PathBuf::from(p.offer.system.to_absolute());
+        let verdict = crate::health::run_all(&system, |line| self.log_line(&id, line)).await;
+        Event::ChecksFinished { required_failed: verdict.required_failed, wanted_failed: verdict.wanted_failed }
     }
 
     /// Commits, unless someone changed the system on the device meanwhile.
@@ -918,6 +933,7 @@ impl Agent {
             phase: f.phase,
             error: f.error,
             unit_logs: activation::unit_logs(&f.failed_units),
+            failed_checks: f.failed_checks,
             failed_units: f.failed_units,
             system,
             commit,
@@ -1019,6 +1035,14 @@ impl Agent {
                         failed_units: r.failed_units,
                         output: r.output_tail,
                     };
+                    agent.drive(event).await;
+                });
+            }
+            // Stopped while checking (in this boot): the checks run again.
+            Stage::Checking { .. } => {
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    let event = agent.run_checks(&p).await;
                     agent.drive(event).await;
                 });
             }

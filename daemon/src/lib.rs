@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod dbus;
+pub mod health;
 pub mod journal;
 pub mod lifecycle;
 pub mod liveness;

@@ -1,11 +1,11 @@
 //! The life of one deployment on the device, as a pure state machine.
 //!
 //! ```text
-//!             exit 0/4                 confirmed              commit ok
-//! Activating ─────────▶ AwaitingConfirmation ─────▶ Committing ─────────▶ succeeded[-with-failed-units]
-//!     │ other exit          │ deadline / asked          │ commit failed
-//!     ▼                     ▼                           ▼
-//! RollingBack(reason) ◀─────┴───────────────────────────┘
+//!             exit 0/4             checks passed               confirmed            commit ok
+//! Activating ─────────▶ Checking ─────────▶ AwaitingConfirmation ─────▶ Committing ─────────▶ succeeded[-with-failed-units|checks]
+//!     │ other exit          │ a required check      │ deadline / asked          │ commit failed
+//!     ▼                     ▼ failed                ▼                           ▼
+//! RollingBack(reason) ◀─────┴───────────────────────┴───────────────────────────┘
 //!     ├─ ok ─▶ rolled-back(reason)        (no previous generation: failed)
 //!     └─ err ▶ rollback-failed
 //! Activating / Rebooting / AwaitingConfirmation ── booted another boot, unplanned ──▶ RollingBack(rebooted-unconfirmed)
@@ -15,7 +15,7 @@
 //! Committing / RollingBack ── the system was changed on the device by someone else ──▶ failed(changed-on-device)
 //!
 //! reboot deployments (a part only a boot applies changed, or asked; or `test` exited 100):
-//! Activating ── prepared (profile, boot entry, one-shot) ──▶ Rebooting ── booted the new system ──▶ AwaitingConfirmation
+//! Activating ── prepared (profile, boot entry, one-shot) ──▶ Rebooting ── booted the new system ──▶ Checking
 //!     └── the loader's files give no way back ──▶ RollingBack(no-safe-reboot) ──▶ failed(no-safe-reboot)
 //!                                                               ├── booted something else ──▶ RollingBack(activation-failed)
 //!                                                               └── reboot command failed ──▶ RollingBack(activation-failed)
@@ -35,11 +35,20 @@ pub enum Stage {
     Activating,
     /// Rebooting into the new system (a planned reboot).
     Rebooting,
+    /// Running the new system's health checks (`crate::health`).
+    Checking {
+        failed_units: Vec<String>,
+    },
     AwaitingConfirmation {
         failed_units: Vec<String>,
+        /// Wanted health checks that failed (required ones roll back).
+        #[serde(default)]
+        failed_checks: Vec<String>,
     },
     Committing {
         failed_units: Vec<String>,
+        #[serde(default)]
+        failed_checks: Vec<String>,
     },
     RollingBack {
         reason: RollbackReason,
@@ -80,6 +89,12 @@ pub enum Event {
     ChangedOnDevice(String),
     CommitFinished(Result<(), String>),
     RollbackFinished(Result<(), String>),
+    /// The health checks ended: a required one that still failed at the deadline
+    /// (its name and the end of its output), and the wanted ones that did.
+    ChecksFinished {
+        required_failed: Option<String>,
+        wanted_failed: Vec<String>,
+    },
 }
 
 /// The terminal result parts the agent reports.
@@ -90,11 +105,14 @@ pub struct Finish {
     pub phase: Option<Phase>,
     pub error: Option<String>,
     pub failed_units: Vec<String>,
+    pub failed_checks: Vec<String>,
 }
 
 /// What the agent must do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
+    /// Run the new system's health checks, until their deadline.
+    RunChecks,
     /// Start (or keep) the confirmation deadline and reach the controller anew.
     AwaitConfirmation,
     /// Make the new system permanent: profile generation and boot entry.
@@ -135,8 +153,15 @@ pub fn step(stage: &Stage, event: Event, has_previous: bool) -> Result<(Option<S
         // NixOS's switch-to-configuration: "won't take effect until you reboot", nothing changed.
         (S::Activating, E::ActivationExited { code: Some(100), .. }) => (Some(S::Activating), Action::PrepareReboot),
         (S::Activating, E::ActivationExited { code: Some(0 | 4), failed_units, .. }) => {
-            (Some(S::AwaitingConfirmation { failed_units }), Action::AwaitConfirmation)
+            (Some(S::Checking { failed_units }), Action::RunChecks)
         }
+        (S::Checking { .. }, E::ChecksFinished { required_failed: Some(why), .. }) => {
+            rollback(RollbackReason::HealthCheckFailed, Some(why))
+        }
+        (S::Checking { failed_units }, E::ChecksFinished { required_failed: None, wanted_failed }) => (
+            Some(S::AwaitingConfirmation { failed_units: failed_units.clone(), failed_checks: wanted_failed }),
+            Action::AwaitConfirmation,
+        ),
         (S::Activating, E::ActivationExited { code, output, .. }) => {
             let how = code.map_or("was killed".to_owned(), |c| format!("exited {c}"));
             let tail = output.trim();
@@ -144,16 +169,17 @@ pub fn step(stage: &Stage, event: Event, has_previous: bool) -> Result<(Option<S
             rollback(RollbackReason::ActivationFailed, Some(error))
         }
         // The boot default already named the new system (no one-shot boot entry).
-        (S::Activating | S::Rebooting | S::AwaitingConfirmation { .. }, E::BootedElsewhere { runs_new: true }) => {
-            rollback(RollbackReason::RebootedUnconfirmed, None)
-        }
+        (
+            S::Activating | S::Rebooting | S::Checking { .. } | S::AwaitingConfirmation { .. },
+            E::BootedElsewhere { runs_new: true },
+        ) => rollback(RollbackReason::RebootedUnconfirmed, None),
         (S::Activating, E::RebootPrepared(Ok(()))) => (Some(S::Rebooting), Action::Reboot),
         (S::Activating, E::RebootUnsafe(why)) => rollback(RollbackReason::NoSafeReboot, Some(why)),
         (S::Activating, E::RebootPrepared(Err(e))) => {
             rollback(RollbackReason::ActivationFailed, Some(format!("preparing the reboot failed: {e}")))
         }
         (S::Rebooting, E::Rebooted { runs_new: true }) => {
-            (Some(S::AwaitingConfirmation { failed_units: vec![] }), Action::AwaitConfirmation)
+            (Some(S::Checking { failed_units: vec![] }), Action::RunChecks)
         }
         (S::Rebooting, E::RebootFailed(e)) => rollback(
             RollbackReason::ActivationFailed,
@@ -164,12 +190,14 @@ pub fn step(stage: &Stage, event: Event, has_previous: bool) -> Result<(Option<S
         }
         // Back on the previous system, which the profile and the boot loader may not
         // name yet (a power loss while preparing a reboot): the rollback makes them.
-        (S::Activating | S::Rebooting | S::AwaitingConfirmation { .. }, E::BootedElsewhere { runs_new: false })
-            if has_previous =>
-        {
-            rollback(RollbackReason::RebootedUnconfirmed, None)
-        }
-        (S::Activating | S::Rebooting | S::AwaitingConfirmation { .. }, E::BootedElsewhere { runs_new: false }) => (
+        (
+            S::Activating | S::Rebooting | S::Checking { .. } | S::AwaitingConfirmation { .. },
+            E::BootedElsewhere { runs_new: false },
+        ) if has_previous => rollback(RollbackReason::RebootedUnconfirmed, None),
+        (
+            S::Activating | S::Rebooting | S::Checking { .. } | S::AwaitingConfirmation { .. },
+            E::BootedElsewhere { runs_new: false },
+        ) => (
             None,
             Action::Finish(finish(
                 DeviceResult::RolledBack,
@@ -182,9 +210,10 @@ pub fn step(stage: &Stage, event: Event, has_previous: bool) -> Result<(Option<S
         // A power loss while committing: a new system that came up is the confirmed one
         // (commit again); the previous one means the device runs what it ran before the
         // deployment, which its profile and boot default must name again.
-        (S::Committing { failed_units }, E::BootedElsewhere { runs_new: true }) => {
-            (Some(S::Committing { failed_units: failed_units.clone() }), Action::Commit)
-        }
+        (S::Committing { failed_units, failed_checks }, E::BootedElsewhere { runs_new: true }) => (
+            Some(S::Committing { failed_units: failed_units.clone(), failed_checks: failed_checks.clone() }),
+            Action::Commit,
+        ),
         (S::Committing { .. }, E::BootedElsewhere { runs_new: false }) => rollback(
             RollbackReason::RebootedUnconfirmed,
             Some("the device restarted while making the new system permanent, into the previous system".into()),
@@ -193,15 +222,23 @@ pub fn step(stage: &Stage, event: Event, has_previous: bool) -> Result<(Option<S
         (S::RollingBack { reason, error }, E::BootedElsewhere { .. }) => {
             (Some(S::RollingBack { reason: *reason, error: error.clone() }), Action::Rollback)
         }
-        (S::AwaitingConfirmation { failed_units }, E::Confirmed) => {
-            (Some(S::Committing { failed_units: failed_units.clone() }), Action::Commit)
-        }
+        (S::AwaitingConfirmation { failed_units, failed_checks }, E::Confirmed) => (
+            Some(S::Committing { failed_units: failed_units.clone(), failed_checks: failed_checks.clone() }),
+            Action::Commit,
+        ),
         (S::AwaitingConfirmation { .. }, E::DeadlinePassed) => rollback(RollbackReason::Unconfirmed, None),
         (S::AwaitingConfirmation { .. }, E::RollbackAsked) => rollback(RollbackReason::Asked, None),
-        (S::Committing { failed_units }, E::CommitFinished(Ok(()))) => {
-            let result =
-                if failed_units.is_empty() { DeviceResult::Succeeded } else { DeviceResult::SucceededWithFailedUnits };
-            (None, Action::Finish(finish(result, None, None, None, failed_units.clone())))
+        (S::Committing { failed_units, failed_checks }, E::CommitFinished(Ok(()))) => {
+            let result = if !failed_units.is_empty() {
+                DeviceResult::SucceededWithFailedUnits
+            } else if !failed_checks.is_empty() {
+                DeviceResult::SucceededWithFailedChecks
+            } else {
+                DeviceResult::Succeeded
+            };
+            let mut f = finish(result, None, None, None, failed_units.clone());
+            f.failed_checks = failed_checks.clone();
+            (None, Action::Finish(f))
         }
         (S::Committing { .. }, E::CommitFinished(Err(e))) => {
             rollback(RollbackReason::ActivationFailed, Some(format!("making the system permanent failed: {e}")))
@@ -266,7 +303,7 @@ fn finish(
     error: Option<String>,
     failed_units: Vec<String>,
 ) -> Finish {
-    Finish { result, reason, phase, error, failed_units }
+    Finish { result, reason, phase, error, failed_units, failed_checks: vec![] }
 }
 
 #[cfg(test)]
@@ -288,9 +325,18 @@ mod tests {
         }
     }
 
+    fn checked(wanted_failed: &[&str]) -> Event {
+        Event::ChecksFinished {
+            required_failed: None,
+            wanted_failed: wanted_failed.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+
     #[test]
     fn happy_path_with_failed_units_succeeds_with_their_names() {
         let (s, a) = step(&Stage::Activating, exited(Some(4), &["demo.service"]), true).expect("ok");
+        assert_eq!(a, Action::RunChecks, "the health checks come before the confirmation");
+        let (s, a) = step(&s.expect("stage"), checked(&[]), true).expect("ok");
         assert_eq!(a, Action::AwaitConfirmation);
         let (s, a) = step(&s.expect("stage"), Event::Confirmed, true).expect("ok");
         assert_eq!(a, Action::Commit);
@@ -299,6 +345,32 @@ mod tests {
         let f = finished(a);
         assert_eq!(f.result, DeviceResult::SucceededWithFailedUnits);
         assert_eq!(f.failed_units, ["demo.service"]);
+    }
+
+    #[test]
+    fn a_required_check_rolls_back_and_wanted_ones_are_named_in_the_result() {
+        let checking = Stage::Checking { failed_units: vec![] };
+        let failed = Event::ChecksFinished {
+            required_failed: Some("health check page failed: exited 1".into()),
+            wanted_failed: vec![],
+        };
+        let (s, a) = step(&checking, failed, true).expect("ok");
+        assert_eq!(a, Action::Rollback);
+        let (_, a) = step(&s.expect("stage"), Event::RollbackFinished(Ok(())), true).expect("ok");
+        let f = finished(a);
+        assert_eq!((f.result, f.reason), (DeviceResult::RolledBack, Some(RollbackReason::HealthCheckFailed)));
+        assert!(f.error.expect("error").contains("health check page failed"));
+
+        let (s, a) = step(&checking, checked(&["sensor"]), true).expect("ok");
+        assert_eq!(a, Action::AwaitConfirmation);
+        let (s, _) = step(&s.expect("stage"), Event::Confirmed, true).expect("ok");
+        let (_, a) = step(&s.expect("stage"), Event::CommitFinished(Ok(())), true).expect("ok");
+        let f = finished(a);
+        assert_eq!((f.result, f.failed_checks), (DeviceResult::SucceededWithFailedChecks, vec!["sensor".to_owned()]));
+
+        // A reboot deployment checks after the boot into the new system.
+        let (s, a) = step(&Stage::Rebooting, Event::Rebooted { runs_new: true }, true).expect("ok");
+        assert_eq!((s, a), (Some(checking), Action::RunChecks));
     }
 
     #[test]
@@ -318,7 +390,7 @@ mod tests {
 
     #[test]
     fn deadline_asked_and_reboot() {
-        let waiting = Stage::AwaitingConfirmation { failed_units: vec![] };
+        let waiting = Stage::AwaitingConfirmation { failed_units: vec![], failed_checks: vec![] };
         for (event, reason) in
             [(Event::DeadlinePassed, RollbackReason::Unconfirmed), (Event::RollbackAsked, RollbackReason::Asked)]
         {
@@ -361,7 +433,7 @@ mod tests {
             }
         }
         // Committing, back on the previous system: rolled back (the profile names it again).
-        let (s, a) = step(&stages[3], Event::BootedElsewhere { runs_new: false }, true).expect("ok");
+        let (s, a) = step(&stages[4], Event::BootedElsewhere { runs_new: false }, true).expect("ok");
         assert_eq!(a, Action::Rollback);
         assert!(matches!(s, Some(Stage::RollingBack { reason: RollbackReason::RebootedUnconfirmed, error: Some(_) })));
     }
@@ -371,8 +443,9 @@ mod tests {
         vec![
             Stage::Activating,
             Stage::Rebooting,
-            Stage::AwaitingConfirmation { failed_units: vec![] },
-            Stage::Committing { failed_units: vec![] },
+            Stage::Checking { failed_units: vec![] },
+            Stage::AwaitingConfirmation { failed_units: vec![], failed_checks: vec![] },
+            Stage::Committing { failed_units: vec![], failed_checks: vec![] },
             Stage::RollingBack { reason: RollbackReason::Unconfirmed, error: None },
         ]
     }
@@ -389,6 +462,11 @@ mod tests {
             }
             // The reboot itself, or its command failing.
             Stage::Rebooting => vec![Event::RebootFailed("x".into())],
+            Stage::Checking { .. } => vec![
+                checked(&[]),
+                checked(&["x"]),
+                Event::ChecksFinished { required_failed: Some("x".into()), wanted_failed: vec![] },
+            ],
             Stage::AwaitingConfirmation { .. } => vec![Event::Confirmed, Event::DeadlinePassed, Event::RollbackAsked],
             Stage::Committing { .. } => {
                 let mut v = both(Event::CommitFinished);
@@ -462,6 +540,8 @@ mod tests {
         assert_eq!((s, a), (Some(Stage::Rebooting), Action::Reboot));
         assert!(step(&Stage::Rebooting, Event::Confirmed, true).is_err(), "confirmed before the reboot");
         let (s2, a) = step(&Stage::Rebooting, Event::Rebooted { runs_new: true }, true).expect("ok");
+        assert_eq!(a, Action::RunChecks);
+        let (s2, a) = step(&s2.expect("stage"), checked(&[]), true).expect("ok");
         assert_eq!(a, Action::AwaitConfirmation);
         assert!(matches!(s2, Some(Stage::AwaitingConfirmation { .. })));
         let (s3, a) = step(&Stage::Rebooting, Event::Rebooted { runs_new: false }, true).expect("ok");

@@ -39,6 +39,8 @@ let
         else builtins.toFile name (builtins.toJSON value);
     };
     writeTextDir = path: text: builtins.toFile (baseNameOf path) text;
+    # nixpkgs' writeShellScript: an executable bash script; here a file holding it.
+    writeShellScript = name: text: builtins.toFile name "#!/bin/sh\n${text}";
   };
 
   utils.escapeSystemdExecArgs = args: lib.concatMapStringsSep " "
@@ -75,6 +77,16 @@ let
         });
       };
       services.dbus.packages = mkOption { type = types.listOf types.path; default = [ ]; };
+      # nixos/modules/system/etc/etc.nix: each file from text or from a source.
+      environment.etc = mkOption {
+        default = { };
+        type = types.attrsOf (types.submodule {
+          options = {
+            text = mkOption { type = types.nullOr types.lines; default = null; };
+            source = mkOption { type = types.nullOr types.path; default = null; };
+          };
+        });
+      };
       boot.kernelParams = mkOption { type = types.listOf types.str; default = [ ]; };
       systemd.watchdog.runtimeTime = mkOption { type = types.nullOr types.str; default = null; };
       boot.loader.efi.canTouchEfiVariables = mkOption { type = types.bool; default = false; };
@@ -155,6 +167,13 @@ in
     services.thymis-agent = { enable = true; settings.controller_url = "wss://c.example/agent/v1"; };
     boot.loader = { grub.enable = false; systemd-boot = { enable = true; configurationLimit = 5; }; efi.canTouchEfiVariables = true; };
   } ]);
+  # Health checks become files of the system's /etc: a required one, a wanted one,
+  # their timeouts and the generation's deadline.
+  agentHealthChecks = let c = agent {
+    healthChecks = { page.script = "curl -fsS http://localhost/"; sensor = { script = "exit 0"; required = false; timeout = 5; }; };
+    healthCheckDeadline = 30;
+  }; in lib.mapAttrs (n: f: if f.text != null then f.text else builtins.readFile f.source) c.environment.etc;
+  agentNoHealthChecks = (agent { }).environment.etc;
   # The default package is pkgs.thymis (the overlay's).
   agentExecStart = (agent { }).systemd.services.thymis-agent.serviceConfig.ExecStart;
   agentStateDirectory = (agent { settings.state_dir = "/var/lib/fleet"; }).systemd.services.thymis-agent.serviceConfig.StateDirectory;

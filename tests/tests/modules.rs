@@ -93,6 +93,16 @@ fn modules_evaluate_with_the_real_module_system_and_the_docs_examples_hold() {
         "{exec}"
     );
     // The state directory follows state_dir.
+    let checks = &v["agentHealthChecks"];
+    assert_eq!(checks["thymis/health-checks/deadline"], "30", "{checks}");
+    assert!(
+        checks["thymis/health-checks/required.d/page"].as_str().unwrap_or_default().contains("curl -fsS"),
+        "{checks}"
+    );
+    assert_eq!(checks["thymis/health-checks/required.d/page.timeout"], "60", "{checks}");
+    assert_eq!(checks["thymis/health-checks/wanted.d/sensor.timeout"], "5", "{checks}");
+    assert!(checks.get("thymis/health-checks/required.d/sensor").is_none(), "a wanted check is not required: {checks}");
+    assert_eq!(v["agentNoHealthChecks"], serde_json::json!({}), "no checks, no files");
     assert_eq!(v["agentStateDirectory"], "fleet");
     assert_eq!(v["agentElsewhere"]["hasStateDirectory"], false);
     assert_eq!(v["agentElsewhere"]["tmpfiles"][0], "d /data/thymis 0700 root root -");

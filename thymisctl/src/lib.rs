@@ -595,6 +595,9 @@ fn print_task(t: &Task) {
         if !c.failed_units.is_empty() {
             line.push_str(&format!(" failed units: {}", printable(&c.failed_units.join(", "))));
         }
+        if !c.failed_checks.is_empty() {
+            line.push_str(&format!(" failed health checks: {}", printable(&c.failed_checks.join(", "))));
+        }
         if c.paths_substituted > 0 {
             line.push_str(&format!(" ({} paths from binary caches)", c.paths_substituted));
         }

@@ -199,6 +199,7 @@ fn record_outcome(ctl: &Arc<Controller>, device: &str, o: &Outcome) -> Result<()
         reason: o.reason.map(thymis_api::Reason::Device),
         error: o.error.as_deref(),
         failed_units: &o.failed_units,
+        failed_checks: &o.failed_checks,
         unit_logs: Some(&o.unit_logs),
         phase: o.phase,
     };
@@ -213,6 +214,9 @@ fn record_outcome(ctl: &Arc<Controller>, device: &str, o: &Outcome) -> Result<()
     }
     if !o.failed_units.is_empty() {
         line.push_str(&format!("; failed units: {}", o.failed_units.join(", ")));
+    }
+    if !o.failed_checks.is_empty() {
+        line.push_str(&format!("; failed health checks: {}", o.failed_checks.join(", ")));
     }
     if let Some(e) = &o.error {
         line.push_str(&format!(": {e}"));

@@ -172,6 +172,8 @@ pub struct Details<'a> {
     pub reason: Option<thymis_api::Reason>,
     pub error: Option<&'a str>,
     pub failed_units: &'a [String],
+    /// The wanted health checks that failed.
+    pub failed_checks: &'a [String],
     pub unit_logs: Option<&'a std::collections::BTreeMap<String, Vec<String>>>,
     /// Where it ended (default: the phase of the stage it ended in).
     pub phase: Option<thymis_proto::Phase>,

@@ -149,6 +149,10 @@ CREATE TABLE enrollment_keys (
     used INTEGER NOT NULL DEFAULT 0
 );
 "#,
+    // The wanted health checks a device deployment ended with failing.
+    r#"
+ALTER TABLE children ADD COLUMN failed_checks TEXT NOT NULL DEFAULT '[]';
+"#,
 ];
 
 /// The migrations as PostgreSQL takes them: the same statements, with its names for the

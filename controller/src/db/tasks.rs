@@ -129,7 +129,7 @@ impl Db {
         let rows = c.query(
             "SELECT id, device, config, stage, phase, result, reason, error, failed_units, paths_sent, bytes_sent,
                     system, deployment_id, sequence, updated, unit_logs, paths_total, wave,
-                    paths_substituted, bytes_substituted
+                    paths_substituted, bytes_substituted, failed_checks
              FROM children WHERE task = ?1 ORDER BY id",
             vals![task],
         )?;
@@ -155,6 +155,7 @@ impl Db {
                     reason: r.get::<Option<String>>(6)?.as_deref().and_then(thymis_api::Reason::parse),
                     error: r.get(7)?,
                     failed_units: serde_json::from_str(&r.get::<String>(8)?).unwrap_or_default(),
+                    failed_checks: serde_json::from_str(&r.get::<String>(20)?).unwrap_or_default(),
                     paths_sent: r.get(9)?,
                     bytes_sent: r.get(10)?,
                     system: r.get(11)?,

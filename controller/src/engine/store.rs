@@ -36,7 +36,8 @@ impl Db {
                         // The device's outcome replaces whatever the controller had said.
                         "UPDATE children SET stage = 'finished', result = ?2, reason = ?3,
                              error = CASE WHEN ?9 = 1 THEN ?4 ELSE COALESCE(?4, error) END,
-                             failed_units = ?5, unit_logs = COALESCE(?6, unit_logs), phase = ?7, updated = ?8
+                             failed_units = ?5, unit_logs = COALESCE(?6, unit_logs), phase = ?7, updated = ?8,
+                             failed_checks = ?10
                          WHERE id = ?1",
                         vals![
                             child,
@@ -47,7 +48,8 @@ impl Db {
                             details.unit_logs.map(serde_json::to_string).transpose()?,
                             details.phase.or(stage.phase()).map(|p| p.as_str()),
                             now(),
-                            matches!(event, Event::Outcome(_))
+                            matches!(event, Event::Outcome(_)),
+                            serde_json::to_string(details.failed_checks)?
                         ],
                     )?;
                 }

@@ -54,6 +54,7 @@ function resultText(c) {
   if (!r) return `<span class="badge">${esc(c.state)}</span>`;
   if (r === "succeeded") return `<span class="badge ok">succeeded</span>`;
   if (r === "succeeded-with-failed-units") return `<span class="badge warn">switched, units failed: ${esc((c.failed_units || []).join(", "))}</span>`;
+  if (r === "succeeded-with-failed-checks") return `<span class="badge warn">switched, health checks failed: ${esc((c.failed_checks || []).join(", "))}</span>`;
   if (r === "rolled-back") return `<span class="badge bad">rolled back: ${esc(c.reason)}</span>`;
   if (r === "failed") return `<span class="badge bad">failed${c.phase ? ` (${esc(c.phase)})` : ""}</span>`;
   if (r === "cancelled" && c.reason === "halted") return `<span class="badge">not offered: rollout halted</span>`;

@@ -196,6 +196,9 @@ pub struct Child {
     pub reason: Option<Reason>,
     pub error: Option<String>,
     pub failed_units: Vec<String>,
+    /// The wanted health checks that failed (`succeeded-with-failed-checks`).
+    #[serde(default)]
+    pub failed_checks: Vec<String>,
     /// Last journal lines of each failed unit.
     pub unit_logs: BTreeMap<String, Vec<String>>,
     pub paths_sent: i64,
@@ -379,6 +382,7 @@ mod tests {
             reason: None,
             error: None,
             failed_units: vec![],
+            failed_checks: vec![],
             unit_logs: BTreeMap::new(),
             paths_sent: 3,
             bytes_sent: 1000,

@@ -50,6 +50,8 @@ impl Outcome {
         }
         self.failed_units.truncate(MAX_UNITS);
         self.failed_units.iter_mut().for_each(|u| cut(u, MAX_NAME));
+        self.failed_checks.truncate(MAX_UNITS);
+        self.failed_checks.iter_mut().for_each(|c| cut(c, MAX_NAME));
         while self.unit_logs.len() > MAX_UNITS {
             self.unit_logs.pop_last();
         }
@@ -97,6 +99,7 @@ mod tests {
             error: Some("e".repeat(1 << 20)),
             failed_units: vec!["u".repeat(1000); 1000],
             unit_logs: (0..100).map(|i| (format!("u{i}"), vec!["l".repeat(1000); 100])).collect(),
+            failed_checks: vec![],
             system: None,
             commit: Some("c".repeat(1000)),
             generation: None,

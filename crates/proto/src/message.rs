@@ -285,6 +285,10 @@ pub struct Outcome {
     /// Last journal lines of each failed unit, where journald exists.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub unit_logs: BTreeMap<String, Vec<String>>,
+    /// The wanted health checks that still failed at their deadline (the new system
+    /// stays; a required one failing rolls it back instead).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_checks: Vec<String>,
     /// The system the device runs now.
     pub system: Option<StorePath>,
     pub commit: Option<String>,

@@ -41,6 +41,9 @@ pub enum DeviceResult {
     Succeeded,
     /// Activation exited 4: the system switched, some units failed.
     SucceededWithFailedUnits,
+    /// The system switched and every required health check passed; some wanted ones
+    /// did not (`failed_checks` names them).
+    SucceededWithFailedChecks,
     RolledBack,
     /// The rollback itself failed: the device needs attention.
     RollbackFailed,
@@ -59,6 +62,7 @@ impl DeviceResult {
         match self {
             DeviceResult::Succeeded => "succeeded",
             DeviceResult::SucceededWithFailedUnits => "succeeded-with-failed-units",
+            DeviceResult::SucceededWithFailedChecks => "succeeded-with-failed-checks",
             DeviceResult::RolledBack => "rolled-back",
             DeviceResult::RollbackFailed => "rollback-failed",
             DeviceResult::Failed => "failed",
@@ -72,7 +76,10 @@ impl DeviceResult {
 
     /// Whether the device ended on the new system.
     pub fn is_success(self) -> bool {
-        matches!(self, DeviceResult::Succeeded | DeviceResult::SucceededWithFailedUnits)
+        matches!(
+            self,
+            DeviceResult::Succeeded | DeviceResult::SucceededWithFailedUnits | DeviceResult::SucceededWithFailedChecks
+        )
     }
 
     /// Whether the agent itself produces this result (the others are the controller's).
@@ -81,6 +88,7 @@ impl DeviceResult {
             self,
             DeviceResult::Succeeded
                 | DeviceResult::SucceededWithFailedUnits
+                | DeviceResult::SucceededWithFailedChecks
                 | DeviceResult::RolledBack
                 | DeviceResult::RollbackFailed
                 | DeviceResult::Failed
@@ -102,6 +110,8 @@ pub enum RollbackReason {
     /// Someone changed the system on the device during the deployment (`nixos-rebuild`):
     /// the agent stopped touching the profile and the boot loader (with `failed`).
     ChangedOnDevice,
+    /// A required health check of the new system still failed at its deadline.
+    HealthCheckFailed,
 }
 
 impl RollbackReason {
@@ -114,6 +124,7 @@ impl RollbackReason {
             RollbackReason::Asked => "asked",
             RollbackReason::NoSafeReboot => "no-safe-reboot",
             RollbackReason::ChangedOnDevice => "changed-on-device",
+            RollbackReason::HealthCheckFailed => "health-check-failed",
         }
     }
 }
@@ -127,6 +138,7 @@ mod tests {
         let names: Vec<String> = [
             DeviceResult::Succeeded,
             DeviceResult::SucceededWithFailedUnits,
+            DeviceResult::SucceededWithFailedChecks,
             DeviceResult::RolledBack,
             DeviceResult::RollbackFailed,
             DeviceResult::Failed,
@@ -141,7 +153,7 @@ mod tests {
         .collect();
         assert_eq!(
             names.join(" "),
-            r#""succeeded" "succeeded-with-failed-units" "rolled-back" "rollback-failed" "failed" "cancelled" "superseded" "expired" "interrupted" "unreachable""#
+            r#""succeeded" "succeeded-with-failed-units" "succeeded-with-failed-checks" "rolled-back" "rollback-failed" "failed" "cancelled" "superseded" "expired" "interrupted" "unreachable""#
         );
         assert_eq!(
             serde_json::to_string(&RollbackReason::RebootedUnconfirmed).expect("json"),
@@ -163,6 +175,7 @@ mod tests {
         for r in [
             R::Succeeded,
             R::SucceededWithFailedUnits,
+            R::SucceededWithFailedChecks,
             R::RolledBack,
             R::RollbackFailed,
             R::Failed,

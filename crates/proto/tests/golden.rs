@@ -219,6 +219,7 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
                 error: None,
                 failed_units: vec!["demo.service".into()],
                 unit_logs: BTreeMap::from([("demo.service".into(), vec!["exit 1".into()])]),
+                failed_checks: vec![],
                 system: Some(sp("system")),
                 commit: None,
                 generation: Some(2),

@@ -36,6 +36,7 @@ proptest! {
         let msg = ControllerBound::Outcome(Outcome {
             deployment_id: id, result, reason, phase: None, error, failed_units: units,
             unit_logs: Default::default(), system: None, commit: None, generation,
+            failed_checks: vec![],
         });
         prop_assert_eq!(decode_controller_bound(&encode(&msg), true).expect("decodes"), msg);
     }
