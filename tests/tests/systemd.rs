@@ -142,3 +142,49 @@ fn a_confirmed_system_with_another_agent_restarts_the_agent_into_it() {
     assert!(f.device("s1").log().contains("runs another agent: restarting"), "{}", f.diagnostics());
     f.wait_online("s1");
 }
+
+/// Health checks on a real systemd: a service that really crashes a second after it
+/// started fails its required check, and the device goes back to the generation it ran;
+/// after a reboot deployment the checks run in the new boot.
+#[test]
+fn a_service_that_crashes_after_starting_fails_its_check_and_checks_run_after_a_reboot() {
+    let mut f = Fleet::new(FleetOptions { confirm_timeout: 60, ..Default::default() }).expect("fleet");
+    f.add_systemd_device("s1", "alpha", true).expect("systemd device");
+    f.wait_online("s1");
+    let t = deploy(&f, &["--device", "s1"]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    let v1 = Fleet::child(&t, "s1")["system"].as_str().expect("system").to_owned();
+
+    f.set_configs(&json!({
+        "alpha": { "version": "2", "units": ["web.service", "sensor.service"], "crashUnits": ["sensor.service"],
+                   "healthChecks": { "required": { "sensor": "sleep 2; systemctl is-active sensor.service" }, "deadline": 6 } },
+        "beta": {}
+    }))
+    .expect("cfg");
+    let t = deploy(&f, &["--device", "s1", "-m", "a crashing sensor"]);
+    let child = Fleet::child(&t, "s1");
+    assert_eq!(child["result"], "rolled-back", "{child}\n{}", f.diagnostics());
+    assert_eq!(child["reason"], "health-check-failed", "{child}");
+    let error = child["error"].as_str().unwrap_or_default();
+    assert!(error.contains("sensor") && error.contains("failed"), "the check's output (systemctl's word): {child}");
+    let dev = f.device("s1");
+    assert_eq!(dev.exec("readlink /run/current-system").trim(), v1, "not back on v1");
+    assert_eq!(dev.exec("systemctl is-active web.service").trim(), "active", "v1's units are not back");
+
+    // A reboot deployment: its checks run after the boot into the new system.
+    f.set_configs(&json!({
+        "alpha": { "version": "3", "units": ["web.service"], "healthChecks": { "required": {
+            "booted": "mkdir -p /run/thymis-check && cat /proc/sys/kernel/random/boot_id > /run/thymis-check/boot && systemctl is-active --quiet web.service"
+        } } },
+        "beta": {}
+    }))
+    .expect("cfg");
+    let boot0 = f.device("s1").boot_id();
+    let t = deploy(&f, &["--device", "s1", "--reboot", "-m", "v3 with a reboot"]);
+    let child = Fleet::child(&t, "s1");
+    assert_eq!(child["result"], "succeeded", "{child}\n{}", f.diagnostics());
+    let dev = f.device("s1");
+    let boot1 = dev.boot_id();
+    assert_ne!(boot0, boot1, "the device did not reboot");
+    assert_eq!(dev.exec("cat /run/thymis-check/boot").trim(), boot1.trim(), "the checks did not run in the new boot");
+}
