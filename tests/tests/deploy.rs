@@ -23,6 +23,10 @@ fn commit_and_deploy_to_a_tag_then_noop_then_only_changed_paths() {
     for name in ["a1", "a2", "b1"] {
         f.wait_online(name);
     }
+    // Without a target, the error says how to give one.
+    let out = f.controller.ctl(&["deploy"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--device NAME") && err.contains("--tag TAG"), "{err}");
 
     // An uncommitted change (and a new file): Commit & Deploy commits both.
     f.set_configs(&json!({
@@ -38,6 +42,16 @@ fn commit_and_deploy_to_a_tag_then_noop_then_only_changed_paths() {
     assert_eq!(task["commit"], head.as_str(), "deployed commit is HEAD after committing");
     let status = f.controller.ctl_json(&["project", "status"]);
     assert_eq!(status["dirty"], false, "Commit & Deploy left changes uncommitted: {status}");
+    // The task list has a header and the task's time.
+    let tasks = String::from_utf8_lossy(&f.controller.ctl(&["tasks"]).stdout).into_owned();
+    let mut lines = tasks.lines();
+    assert!(lines.next().is_some_and(|h| h.contains("KIND") && h.contains("CREATED (UTC)")), "{tasks}");
+    let today = String::from_utf8_lossy(
+        &std::process::Command::new("date").args(["-u", "+%Y-%m-%d"]).output().expect("date").stdout,
+    )
+    .trim()
+    .to_owned();
+    assert!(lines.any(|l| l.contains("deployment") && l.contains(&today)), "{tasks}");
     let log = std::process::Command::new("git")
         .arg("-C")
         .arg(f.controller.project_dir())

@@ -396,13 +396,15 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Tasks => {
             let v: Vec<Task> = c.get("/tasks")?;
             out(json, &v, |v| {
+                println!("{:>5}  {:<10} {:<9} {:<16} {:<20} COMMIT", "ID", "KIND", "STATE", "RESULT", "CREATED (UTC)");
                 for t in v {
                     println!(
-                        "{:>5}  {:<10} {:<9} {:<16} {}",
+                        "{:>5}  {:<10} {:<9} {:<16} {:<20} {}",
                         t.id,
                         t.kind,
                         t.state.as_str(),
                         t.result.map_or("-", TaskResult::as_str),
+                        console::utc(t.created.max(0) as u64),
                         dash(t.commit.as_deref()).chars().take(12).collect::<String>()
                     );
                 }

@@ -86,7 +86,13 @@ pub fn preview(ctl: &Controller, req: &DeployRequest) -> Result<Preview> {
         devices.insert(d.name.clone(), d.config.clone());
     }
     if devices.is_empty() {
-        bail!("the targets select no device");
+        if req.devices.is_empty() && req.configs.is_empty() && req.tags.is_empty() {
+            bail!("no target: give --device NAME, --config NAME or --tag TAG (thymisctl devices lists the devices)");
+        }
+        bail!(
+            "the targets select no device: no device is bound to {} (add one with thymisctl device add NAME CONFIG)",
+            configs.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
     }
     let configs: BTreeSet<String> = devices.values().cloned().collect();
     Ok(Preview {
