@@ -352,6 +352,17 @@ impl Fleet {
         serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("not a task ({e}): {v}"))
     }
 
+    /// `thymisctl --json deploy --wait ARGS`: its exit status and the finished task.
+    pub fn deploy_wait(&self, args: &[&str]) -> (i32, Value) {
+        let mut full = vec!["--json", "deploy", "--wait"];
+        full.extend_from_slice(args);
+        let out = self.controller.ctl(&full);
+        let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("deploy {args:?}: {e}: {}\n{}", String::from_utf8_lossy(&out.stderr), self.diagnostics())
+        });
+        (out.status.code().unwrap_or(-1), v)
+    }
+
     pub fn wait_task(&self, id: i64, timeout: Duration) -> Value {
         wait_for(&format!("task {id} to settle"), timeout, || {
             let t = self.controller.ctl_json(&["task", &id.to_string()]);

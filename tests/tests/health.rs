@@ -8,13 +8,7 @@ use serde_json::json;
 use thymis_fleet_tests::{Fleet, FleetOptions};
 
 fn deploy(f: &Fleet, args: &[&str]) -> (i32, serde_json::Value) {
-    let mut full = vec!["--json", "deploy", "--wait"];
-    full.extend_from_slice(args);
-    let out = f.controller.ctl(&full);
-    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("deploy {args:?}: {e}: {}\n{}", String::from_utf8_lossy(&out.stderr), f.diagnostics())
-    });
-    (out.status.code().unwrap_or(-1), v)
+    f.deploy_wait(args)
 }
 
 #[test]
