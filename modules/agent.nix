@@ -24,6 +24,18 @@ let
     else null;
   dbusPolicy = pkgs.writeTextDir "share/dbus-1/system.d/io.thymis.Agent1.conf"
     (builtins.readFile ../daemon/dbus/io.thymis.Agent1.conf);
+  # The hold group may call Hold and Release (the agent checks the caller's groups too).
+  holdGroup = cfg.settings.hold_group;
+  holdPolicy = pkgs.writeTextDir "share/dbus-1/system.d/io.thymis.Agent1-hold.conf" ''
+    <!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+     "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+    <busconfig>
+      <policy group="${toString holdGroup}">
+        <allow send_destination="io.thymis.Agent1" send_interface="io.thymis.Agent1" send_member="Hold"/>
+        <allow send_destination="io.thymis.Agent1" send_interface="io.thymis.Agent1" send_member="Release"/>
+      </policy>
+    </busconfig>
+  '';
 in
 {
   options.services.thymis-agent = {
@@ -78,6 +90,18 @@ in
               with --publish-cache, served by the site's web server). What they serve must
               be signed by a key of nix_trusted_keys; a cache that fails only sends the
               device back to the controller.
+            '';
+          };
+          hold_group = lib.mkOption {
+            type = lib.types.nullOr lib.types.str;
+            default = null;
+            example = "kiosk";
+            description = ''
+              A group whose members (besides root) may hold updates over D-Bus
+              (`io.thymis.Agent1.Hold(reason)` / `Release()`): while held, deployments
+              are copied and staged, and the device switches once released. The hold
+              file (hold_file, default /run/thymis/hold) is the other way; a hold older
+              than hold_max_age seconds (default a day) is reported and no longer obeyed.
             '';
           };
           terminal = lib.mkOption {
@@ -184,7 +208,7 @@ in
       message = "services.thymis-agent.settings.enrollment_token would put a secret in the Nix store; use enrollment_token_file.";
     }];
 
-    services.dbus.packages = [ dbusPolicy ];
+    services.dbus.packages = [ dbusPolicy ] ++ lib.optional (holdGroup != null) holdPolicy;
 
     # What the agent reads about the boot loader (docs/agent.md, "Boot loaders").
     services.thymis-agent.settings = {

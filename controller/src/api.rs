@@ -55,6 +55,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/tasks/{id}/logs", get(task_logs))
         .route("/tasks/{id}/cancel", post(task_cancel))
         .route("/tasks/{id}/resume", post(task_resume))
+        .route("/tasks/{id}/activate", post(task_activate))
         .route("/tasks/{id}/events", get(task_events))
         .route("/identity", get(identity))
         .route("/stats", get(stats))
@@ -404,6 +405,15 @@ async fn task_cancel(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>) ->
 async fn task_resume(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>) -> ApiResult {
     let next = deploy::resume(&ctl, id).await?;
     task_json(&ctl, next)
+}
+
+/// Staged devices of a deployment switch now (all, or those named).
+async fn task_activate(
+    State(ctl): State<Arc<Controller>>,
+    Path(id): Path<i64>,
+    Json(req): Json<thymis_api::ActivateRequest>,
+) -> ApiResult {
+    typed(&deploy::activate(&ctl, id, &req.devices).await?)
 }
 
 /// Counters for benchmarks and monitoring.

@@ -17,6 +17,17 @@ const STARTER_TOML: &str = include_str!("starter/thymis.toml");
 pub struct ProjectToml {
     #[serde(default)]
     pub configs: BTreeMap<String, ConfigEntry>,
+    /// What a tag says about its configurations' devices (`[tags.NAME]`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, TagEntry>,
+}
+
+/// `[tags.NAME]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagEntry {
+    /// The maintenance window its devices switch in ([`crate::model::window`]).
+    pub window: Option<String>,
 }
 
 /// One configuration of the project.
@@ -27,6 +38,10 @@ pub struct ConfigEntry {
     pub tags: Vec<String>,
     /// Flake attribute to build; see [`ProjectToml::attr`].
     pub attr: Option<String>,
+    /// The maintenance window its devices switch in ([`crate::model::window`]); before
+    /// its tags' windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
 }
 
 impl ProjectToml {
@@ -38,7 +53,21 @@ impl ProjectToml {
                 bail!("thymis.toml: configuration name {name:?} must be [A-Za-z0-9_-]{{1,64}}");
             }
         }
+        let windows = t.configs.iter().map(|(n, c)| (format!("configs.{n}"), &c.window));
+        let windows = windows.chain(t.tags.iter().map(|(n, tag)| (format!("tags.{n}"), &tag.window)));
+        for (place, window) in windows {
+            if let Some(w) = window {
+                crate::model::window::Window::parse(w).map_err(|e| anyhow::anyhow!("thymis.toml: [{place}]: {e}"))?;
+            }
+        }
         Ok(t)
+    }
+
+    /// The maintenance window of `config`'s devices: its own, else that of its first
+    /// tag that has one.
+    pub fn window(&self, config: &str) -> Option<String> {
+        let entry = self.configs.get(config)?;
+        entry.window.clone().or_else(|| entry.tags.iter().find_map(|t| self.tags.get(t)?.window.clone()))
     }
 
     /// The flake attribute that builds `config`.
@@ -54,6 +83,33 @@ impl ProjectToml {
 
     pub fn tags(&self) -> BTreeSet<String> {
         self.configs.values().flat_map(|c| c.tags.iter().cloned()).collect()
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[test]
+    fn a_configurations_window_comes_before_its_tags() {
+        let t = ProjectToml::parse(
+            r#"
+[configs.kiosk]
+tags = ["lobby", "screens"]
+[configs.sign]
+tags = ["screens"]
+window = "Sat,Sun 00:00-24:00"
+[configs.lab]
+[tags.screens]
+window = "Mon-Fri 22:00-06:00"
+"#,
+        )
+        .expect("parse");
+        assert_eq!(t.window("kiosk").as_deref(), Some("Mon-Fri 22:00-06:00"));
+        assert_eq!(t.window("sign").as_deref(), Some("Sat,Sun 00:00-24:00"));
+        assert_eq!(t.window("lab"), None);
+        let bad = ProjectToml::parse("[configs.a]\nwindow = \"whenever\"\n").expect_err("bad window");
+        assert!(bad.to_string().contains("[configs.a]"), "{bad}");
     }
 }
 

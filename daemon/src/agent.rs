@@ -58,6 +58,8 @@ pub struct Agent {
     log_sink: Mutex<Option<LogSink>>,
     /// Progress of the connection loop, for the watchdog.
     pub liveness: Arc<crate::liveness::Liveness>,
+    /// Holds on updates taken by applications on the device.
+    pub holds: crate::hold::Holds,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -94,6 +96,8 @@ impl Agent {
         }
         let pending: Option<Pending> = persist::read_json(&dir.join("pending.json"))?;
         let (status, _) = watch::channel(Status::default());
+        let max_age = std::time::Duration::from_secs(config.hold_max_age);
+        let holds = crate::hold::Holds::load(dir, config.hold_file.clone(), max_age);
         let agent = Arc::new(Agent {
             config,
             device_key,
@@ -111,6 +115,7 @@ impl Agent {
             outbox_changed: Notify::new(),
             log_sink: Mutex::new(None),
             liveness: Default::default(),
+            holds,
         });
         agent.publish(|_| {});
         Ok(agent)
@@ -262,6 +267,8 @@ impl Agent {
                 }),
                 _ => None,
             }),
+            hold: self.holds.current(),
+            time_zone: crate::clock::time_zone(),
         }
     }
 
@@ -332,6 +339,9 @@ impl Agent {
             let mut o = lock(&self.offer);
             if o.as_ref().is_some_and(|o| o.deployment_id == deployment_id) { o.take() } else { None }
         };
+        if valid_id(deployment_id) {
+            let _ = std::fs::remove_file(self.state_dir().join("gcroots").join(staged_root(deployment_id)));
+        }
         if let (Some(offer), Some(error)) = (taken, error) {
             warn!(deployment = %deployment_id, %error, "deployment aborted before activation");
             let persisted = self.persisted();
@@ -409,14 +419,14 @@ impl Agent {
             });
             return Ok(());
         }
-        // What only a boot applies is compared with the system that booted.
-        let booted = profile::resolve(&self.config.booted_system_link).or_else(|| previous.clone());
-        let changes = booted.as_ref().map_or(vec![], |b| {
-            safety::boot_changes(Path::new(&b.to_absolute()), Path::new(&offer.system.to_absolute()))
-        });
+        // What only a boot applies is compared with the system that booted; a change
+        // of switch inhibitors (which NixOS refuses to switch live) reboots too.
+        let changes = self.reboot_reasons(&offer.system, previous.as_ref());
         if !changes.is_empty() {
-            self.log_line(&offer.deployment_id, format!("needs a reboot: {} changed", changes.join(", ")));
+            self.log_line(&offer.deployment_id, format!("needs a reboot: {}", changes.join("; ")));
         }
+        // The system it activates replaces whatever was staged before.
+        self.drop_staged_roots(None);
         let reboot = offer.reboot || !changes.is_empty();
         // A reboot the boot loader would make permanent before anyone confirmed it, or
         // into a system that would hang for good: refused before anything changes,
@@ -956,6 +966,75 @@ impl Agent {
         let roots = self.state_dir().join("gcroots");
         let _ = std::fs::remove_file(roots.join(deployment_id));
         let _ = std::fs::remove_file(roots.join(previous_root(deployment_id)));
+        let _ = std::fs::remove_file(roots.join(staged_root(deployment_id)));
+    }
+
+    /// The hold on updates changed (taken, released, or its file came or went): the
+    /// status shows it and the controller gets a new report.
+    pub fn hold_changed(&self) {
+        let hold = self.holds.current().map(|h| serde_json::to_string(&h).unwrap_or_default()).unwrap_or_default();
+        self.status.send_if_modified(|s| {
+            let changed = s.hold != hold;
+            s.hold = hold;
+            changed
+        });
+        self.outbox_changed.notify_one();
+    }
+
+    /// Drops the roots of staged deployments but `keep`'s: a device keeps one staged
+    /// system at a time (the newest offer replaces an older one's).
+    fn drop_staged_roots(&self, keep: Option<&str>) {
+        let roots = self.state_dir().join("gcroots");
+        let keep = keep.map(staged_root);
+        for entry in std::fs::read_dir(&roots).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(STAGED_ROOT_PREFIX) && Some(&name) != keep.as_ref() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Keeps the accepted offer's system (complete in the store) from the garbage
+    /// collector until it is activated or replaced: the deployment is staged. Returns
+    /// whether activating it will reboot the device, and why.
+    pub async fn stage(&self, deployment_id: &str) -> Result<Vec<String>> {
+        let offer = self.current_offer(deployment_id).ok_or_else(|| anyhow!("no accepted offer {deployment_id}"))?;
+        let (store, system) = (self.store.clone(), offer.system.clone());
+        if !tokio::task::spawn_blocking(move || store.invalid_paths(&[system])).await??.is_empty() {
+            bail!("system {} is not complete in the store", offer.system);
+        }
+        let roots = self.state_dir().join("gcroots");
+        std::fs::create_dir_all(&roots)?;
+        let (store, system, root) = (self.store.clone(), offer.system.clone(), roots.join(staged_root(deployment_id)));
+        tokio::task::spawn_blocking(move || store.add_gc_root(&system, &root)).await??;
+        self.drop_staged_roots(Some(deployment_id));
+        let running = profile::resolve(&self.config.current_system_link).or_else(|| self.persisted().system);
+        let mut why = self.reboot_reasons(&offer.system, running.as_ref());
+        if offer.reboot {
+            why.insert(0, "the deployment asks for a reboot".into());
+        }
+        info!(deployment = %deployment_id, system = %offer.system, "staged");
+        Ok(why)
+    }
+
+    /// Why activating `system` over `running` needs a reboot, if it does: parts only a
+    /// boot applies changed against the system that booted, or the new system's switch
+    /// inhibitors differ from the running one's (NixOS's `switch-to-configuration`
+    /// refuses to switch then).
+    fn reboot_reasons(&self, system: &StorePath, running: Option<&StorePath>) -> Vec<String> {
+        let new = system.to_absolute();
+        let booted = profile::resolve(&self.config.booted_system_link).or_else(|| running.cloned());
+        let mut why: Vec<String> = booted.as_ref().map_or(vec![], |b| {
+            let changed = safety::boot_changes(Path::new(&b.to_absolute()), Path::new(&new));
+            changed.into_iter().map(|c| format!("{c} changed")).collect()
+        });
+        if let Some(r) = running {
+            let inhibitors = safety::switch_inhibitors_changed(Path::new(&r.to_absolute()), Path::new(&new));
+            if !inhibitors.is_empty() {
+                why.push(format!("switch inhibitors changed ({})", inhibitors.join(", ")));
+            }
+        }
+        why
     }
 
     /// Adds an outcome to the outbox and history, persists, and tells the connection.
@@ -1096,6 +1175,14 @@ fn crash_point(op: &str, done: usize) {
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
+}
+
+/// The GC roots of staged deployments are named with this prefix.
+const STAGED_ROOT_PREFIX: &str = "staged-";
+
+/// The GC root of a staged deployment's system.
+fn staged_root(deployment_id: &str) -> String {
+    format!("{STAGED_ROOT_PREFIX}{deployment_id}")
 }
 
 /// The GC root of a deployment's rollback point, beside the new system's.

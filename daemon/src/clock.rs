@@ -27,6 +27,35 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// The device's time zone, as its `/etc/localtime` names it (NixOS's `time.timeZone`
+/// links it into the zone database): windows without a zone of their own are read in
+/// it. `None` (read as UTC) without the link.
+pub fn time_zone() -> Option<String> {
+    zone_of_link(&std::fs::read_link("/etc/localtime").ok()?)
+}
+
+fn zone_of_link(target: &std::path::Path) -> Option<String> {
+    let target = target.to_str()?;
+    let (_, zone) = target.split_once("zoneinfo/")?;
+    let valid = !zone.is_empty()
+        && zone.len() <= 64
+        && zone.chars().all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c))
+        && !zone.split('/').any(|part| part.is_empty() || part == "..");
+    valid.then(|| zone.to_owned())
+}
+
+#[cfg(test)]
+mod zone_tests {
+    #[test]
+    fn the_zone_is_what_localtime_links_to() {
+        use std::path::Path;
+        assert_eq!(super::zone_of_link(Path::new("/etc/zoneinfo/Europe/Berlin")).as_deref(), Some("Europe/Berlin"));
+        assert_eq!(super::zone_of_link(Path::new("../usr/share/zoneinfo/Etc/UTC")).as_deref(), Some("Etc/UTC"));
+        assert_eq!(super::zone_of_link(Path::new("/nix/store/x-tzdata/share/zoneinfo/")), None);
+        assert_eq!(super::zone_of_link(Path::new("/etc/localtime.bak")), None);
+    }
+}
+
 /// A point on the boot clock of one boot.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BootDeadline {

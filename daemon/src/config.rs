@@ -78,6 +78,13 @@ pub struct AgentConfig {
     pub terminal: bool,
     /// Seconds a terminal may sit without input or output before it is closed.
     pub terminal_idle_timeout: u64,
+    /// While this file exists the device holds updates (its first line says why):
+    /// deployments are copied and staged, and switch once it is gone (`crate::hold`).
+    pub hold_file: PathBuf,
+    /// Seconds after which a hold is no longer obeyed, and reported overdue.
+    pub hold_max_age: u64,
+    /// A group whose members may call `Hold` and `Release` over D-Bus besides root.
+    pub hold_group: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -113,6 +120,9 @@ impl Default for AgentConfig {
             substituter_ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
             terminal: false,
             terminal_idle_timeout: 900,
+            hold_file: PathBuf::from("/run/thymis/hold"),
+            hold_max_age: 24 * 3600,
+            hold_group: None,
         }
     }
 }

@@ -94,6 +94,8 @@ async fn recv(ws: &mut Ws, authenticated: bool) -> Result<AgentBound> {
 
 /// What the handshake established.
 struct Established {
+    /// The protocol version the controller chose.
+    protocol: u32,
     session: String,
     heartbeat: Duration,
     dead_after: Duration,
@@ -115,6 +117,7 @@ async fn handshake(agent: &Agent, ws: &mut Ws) -> Result<Established> {
     agent.welcomed(&w.device, &w.config, w.time)?;
     info!(device = %w.device, config = %w.config, session = %w.session, "connected to the controller");
     Ok(Established {
+        protocol: w.protocol,
         session: w.session,
         heartbeat: Duration::from_secs(w.heartbeat_secs.max(1)),
         dead_after: Duration::from_secs(w.dead_after_secs.max(2)),
@@ -136,7 +139,7 @@ async fn session(agent: &Arc<Agent>, previous: &mut Option<tokio::task::JoinHand
     .await
     .map_err(|_| anyhow!("connecting to {url} timed out"))?
     .with_context(|| format!("connecting to {url}"))?;
-    let Established { session, heartbeat, dead_after } = tokio::time::timeout(timeout, handshake(agent, &mut ws))
+    let Established { protocol, session, heartbeat, dead_after } = tokio::time::timeout(timeout, handshake(agent, &mut ws))
         .await
         .map_err(|_| anyhow!("handshake with {url} timed out"))??;
     agent.liveness.beat();
@@ -201,7 +204,7 @@ async fn session(agent: &Arc<Agent>, previous: &mut Option<tokio::task::JoinHand
                     Some(Err(e)) => return Err(e).context("reading from the controller"),
                 };
                 if !streams.handle(&msg) {
-                    handle(agent, &session, msg, &out_tx, &in_tx).await?;
+                    handle(agent, &session, protocol, msg, &out_tx, &in_tx).await?;
                 }
             }
             ended = &mut writer.0 => {
@@ -331,6 +334,7 @@ fn send_outbox(agent: &Agent, out: &Outbox) {
 async fn handle(
     agent: &Arc<Agent>,
     session: &str,
+    protocol: u32,
     msg: AgentBound,
     out: &Outbox,
     incoming: &mpsc::Sender<Incoming>,
@@ -361,7 +365,30 @@ async fn handle(
             incoming.send(Incoming::Start { deployment_id, info: Box::new(info), delta_base }).await?;
         }
         AgentBound::PathEnd { deployment_id, .. } => incoming.send(Incoming::End { deployment_id }).await?,
+        AgentBound::Stage { deployment_id } => match agent.stage(&deployment_id).await {
+            Ok(why) => {
+                let reboot_needed = (!why.is_empty()).then(|| why.join("; "));
+                reply(ControllerBound::Staged { deployment_id, reboot_needed }).await?;
+            }
+            Err(e) => {
+                warn!(deployment = %deployment_id, "staging refused: {e:#}");
+                agent.abort_offer(&deployment_id, Some(format!("staging refused: {e:#}")));
+            }
+        },
         AgentBound::Activate { deployment_id } => {
+            // An application holds updates: nothing switches, the system stays kept,
+            // and the controller hears why (a controller before staging is not told:
+            // it could not take the answer, and the hold is not obeyed).
+            if protocol >= thymis_proto::STAGING_PROTOCOL
+                && let Some(hold) = agent.holds.holding()
+            {
+                info!(deployment = %deployment_id, reason = %hold.reason, "held: not activating");
+                if let Err(e) = agent.stage(&deployment_id).await {
+                    warn!(deployment = %deployment_id, "keeping the held system: {e:#}");
+                }
+                reply(ControllerBound::Held { deployment_id, reason: hold.reason }).await?;
+                return Ok(());
+            }
             if let Err(e) = agent.activate(&deployment_id).await {
                 warn!(deployment = %deployment_id, "activation refused: {e:#}");
                 agent.abort_offer(&deployment_id, Some(format!("activation refused: {e:#}")));
@@ -376,8 +403,10 @@ async fn handle(
         AgentBound::Cancel { deployment_id } => {
             if agent.current_offer(&deployment_id).is_some() {
                 info!(deployment = %deployment_id, "cancelled before activation");
-                agent.abort_offer(&deployment_id, None);
             }
+            // Also a staged deployment offered over an earlier connection: its kept
+            // system goes.
+            agent.abort_offer(&deployment_id, None);
         }
         AgentBound::OutcomeRecorded { deployment_id } => agent.outcome_recorded(&deployment_id),
         AgentBound::Heartbeat { .. } => {}

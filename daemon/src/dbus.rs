@@ -44,6 +44,41 @@ async fn require_root(conn: &Connection, hdr: &Header<'_>) -> fdo::Result<()> {
     Ok(())
 }
 
+/// Refuses callers that are neither root nor in `group` (by the groups the bus saw
+/// when they connected).
+async fn require_root_or_group(conn: &Connection, hdr: &Header<'_>, group: Option<&str>) -> fdo::Result<()> {
+    let Some(group) = group else { return require_root(conn, hdr).await };
+    let sender = hdr.sender().ok_or_else(|| fdo::Error::AccessDenied("no sender".into()))?;
+    let creds = fdo::DBusProxy::new(conn)
+        .await?
+        .get_connection_credentials(sender.clone().into())
+        .await
+        .map_err(|e| fdo::Error::AccessDenied(format!("cannot identify the caller: {e}")))?;
+    let uid = creds.unix_user_id();
+    if uid == Some(0) {
+        return Ok(());
+    }
+    let gid = group_id(group);
+    let member = gid.is_some_and(|g| creds.unix_group_ids().is_some_and(|ids| ids.contains(&g)));
+    if member {
+        return Ok(());
+    }
+    Err(fdo::Error::AccessDenied(format!(
+        "only root or members of group {group} may do this (caller uid {})",
+        uid.map_or("unknown".into(), |u| u.to_string())
+    )))
+}
+
+/// The id of group `name`, from `/etc/group`.
+fn group_id(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
 #[interface(name = "io.thymis.Agent1")]
 impl AgentObject {
     /// idle, downloading, activating, awaiting-confirmation or rolling-back.
@@ -94,6 +129,37 @@ impl AgentObject {
         require_root(conn, &hdr).await?;
         self.agent.rollback_requested().await.map_err(|e| fdo::Error::Failed(format!("{e:#}")))?;
         Ok("rolling back".into())
+    }
+
+    /// The hold on updates as JSON (`reason`, `since`, `overdue`); empty when none.
+    #[zbus(property)]
+    async fn held(&self) -> String {
+        self.agent.status().hold
+    }
+
+    /// Holds updates: deployments are copied and staged, and switch once released.
+    async fn hold(
+        &self,
+        reason: String,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> fdo::Result<String> {
+        require_root_or_group(conn, &hdr, self.agent.config.hold_group.as_deref()).await?;
+        self.agent.holds.hold(&reason).map_err(|e| fdo::Error::Failed(format!("storing the hold: {e}")))?;
+        self.agent.hold_changed();
+        Ok("held".into())
+    }
+
+    /// Releases the hold taken with `Hold` (a hold file stays until it is removed).
+    async fn release(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> fdo::Result<String> {
+        require_root_or_group(conn, &hdr, self.agent.config.hold_group.as_deref()).await?;
+        let had = self.agent.holds.release().map_err(|e| fdo::Error::Failed(format!("removing the hold: {e}")))?;
+        self.agent.hold_changed();
+        Ok(if had { "released" } else { "there was no hold" }.into())
     }
 
     /// Installs an offline update bundle from a file the caller names.
@@ -175,6 +241,9 @@ async fn serve(agent: Arc<Agent>) -> anyhow::Result<()> {
         }
         if now.controller_connected != last.controller_connected {
             obj.controller_connected_changed(e).await?;
+        }
+        if now.hold != last.hold {
+            obj.held_changed(e).await?;
         }
         if now.progress != last.progress {
             obj.progress_changed(e).await?;

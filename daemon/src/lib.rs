@@ -15,6 +15,7 @@ pub mod config;
 pub mod connection;
 pub mod dbus;
 pub mod health;
+pub mod hold;
 pub mod journal;
 pub mod lifecycle;
 pub mod liveness;
@@ -85,6 +86,7 @@ pub async fn run(config: config::AgentConfig) -> Result<()> {
     let dbus = tokio::spawn(dbus::serve_forever(agent.clone()));
     let conn = tokio::spawn(connection::run_forever(agent.clone()));
     let watchdog = tokio::spawn(sd_notify::watchdog(agent.liveness.clone()));
+    let holds = tokio::spawn(hold::watch(agent.clone()));
     sd_notify::ready();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -94,6 +96,7 @@ pub async fn run(config: config::AgentConfig) -> Result<()> {
     tracing::info!("stopping");
     sd_notify::stopping();
     watchdog.abort();
+    holds.abort();
     conn.abort();
     dbus.abort();
     Ok(())

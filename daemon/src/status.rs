@@ -15,4 +15,6 @@ pub struct Status {
     pub progress: u8,
     /// JSON of the last outcome.
     pub last_deployment: String,
+    /// The hold on updates, as JSON (`reason`, `since`, `overdue`); empty when none.
+    pub hold: String,
 }

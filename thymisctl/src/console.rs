@@ -70,22 +70,7 @@ pub fn logs(c: &Client, device: &str, q: &LogsQuery<'_>, json: bool) -> Result<(
     bail!("the controller ended the journal without its end")
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` of unix seconds.
-pub fn utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
-}
+pub use thymis_api::utc;
 
 /// Restores the local terminal's settings when dropped.
 struct RawMode(rustix::termios::Termios);

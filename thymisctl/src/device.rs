@@ -10,6 +10,10 @@ use serde_json::{Value, json};
 trait Agent1 {
     fn rollback(&self) -> zbus::Result<String>;
     fn install_bundle(&self, path: &str) -> zbus::Result<String>;
+    fn hold(&self, reason: &str) -> zbus::Result<String>;
+    fn release(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn held(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn state(&self) -> zbus::Result<String>;
     #[zbus(property)]
@@ -53,12 +57,23 @@ pub fn status() -> Result<Value> {
             "ControllerConnected": p.controller_connected().await?,
             "Progress": p.progress().await?,
             "LastDeployment": last,
+            "Held": serde_json::from_str::<Value>(&p.held().await?).unwrap_or(Value::Null),
         }))
     })
 }
 
 pub fn rollback() -> Result<String> {
     block_on(async { Ok(proxy(Duration::from_secs(60)).await?.rollback().await?) })
+}
+
+/// Holds updates (root, or the agent's hold_group).
+pub fn hold(reason: &str) -> Result<String> {
+    block_on(async { Ok(proxy(Duration::from_secs(10)).await?.hold(reason).await?) })
+}
+
+/// Releases the hold taken with [`hold`].
+pub fn release() -> Result<String> {
+    block_on(async { Ok(proxy(Duration::from_secs(10)).await?.release().await?) })
 }
 
 /// Installs a bundle; waits for its outcome (activation, health check, commit).

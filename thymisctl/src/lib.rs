@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use thymis_api::{
-    AddDevice, ArtifactRequest, BuildRequest, ChildState, CommitRequest, Committed, Count, DeployRequest, Device,
+    ActivateRequest, Activated, AddDevice, ArtifactRequest, BuildRequest, ChildState, CommitRequest, Committed, Count, DeployRequest, Device,
     DeviceDetail, DeviceResult, Enrollment, Preview, ProjectStatus, Revoked, Staging, Task, TaskResult, TaskState,
 };
 use thymis_client::known_controllers as known;
@@ -112,6 +112,25 @@ pub enum Cmd {
         /// system meanwhile counts as failed).
         #[arg(long, value_name = "SECONDS")]
         soak: Option<u64>,
+        /// Copy to the devices and stop before switching (`staged`); `thymisctl
+        /// activate TASK` switches them.
+        #[arg(long)]
+        stage_only: bool,
+        /// Switch (and reboot) only inside this maintenance window, e.g.
+        /// "Mon-Fri 22:00-06:00" or "daily 02:00-04:00 Europe/Berlin" (instead of the
+        /// configurations' or tags' window in thymis.toml); the copy happens at once.
+        #[arg(long, value_name = "SPEC")]
+        window: Option<String>,
+    },
+    /// Switch a deployment's staged devices now (all, or those named): a stage-only
+    /// deployment's, or those waiting for their window. A device held by an
+    /// application switches once the hold is released.
+    Activate {
+        id: i64,
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        #[arg(long)]
+        wait: bool,
     },
     /// Go on with a staged rollout: a soaking one's next wave now, or a halted one's
     /// devices that did not succeed, as a new deployment at the project's HEAD.
@@ -171,6 +190,11 @@ pub enum Cmd {
     Rollback,
     /// On a device: install an offline update bundle (D-Bus, root).
     InstallBundle { file: std::path::PathBuf },
+    /// On a device: hold updates (D-Bus; root or the agent's hold_group): deployments
+    /// are copied and staged, and switch once released.
+    Hold { reason: String },
+    /// On a device: release the hold taken with `thymisctl hold`.
+    Release,
 }
 
 #[derive(Debug, Subcommand)]
@@ -263,6 +287,16 @@ pub fn run(cli: Cli) -> Result<u8> {
             });
             return Ok(0);
         }
+        Cmd::Hold { reason } => {
+            let msg = device::hold(reason)?;
+            out(json, &serde_json::json!({ "message": msg }), |_| println!("{msg}"));
+            return Ok(0);
+        }
+        Cmd::Release => {
+            let msg = device::release()?;
+            out(json, &serde_json::json!({ "message": msg }), |_| println!("{msg}"));
+            return Ok(0);
+        }
         Cmd::Rollback => {
             let msg = device::rollback()?;
             out(json, &serde_json::json!({ "message": msg }), |_| println!("{msg}"));
@@ -287,7 +321,12 @@ pub fn run(cli: Cli) -> Result<u8> {
     let c = Client::new(&cli.connection)?;
     let show = !json;
     match &cli.command {
-        Cmd::Status | Cmd::Rollback | Cmd::InstallBundle { .. } | Cmd::Login { .. } => {}
+        Cmd::Status
+        | Cmd::Rollback
+        | Cmd::InstallBundle { .. }
+        | Cmd::Hold { .. }
+        | Cmd::Release
+        | Cmd::Login { .. } => {}
         Cmd::Image { device, commit, out: dir, replace_key } => {
             let req = ArtifactRequest { commit: commit.clone(), replace_key: *replace_key, ..Default::default() };
             let task: Task = c.post(&format!("/devices/{device}/image"), Some(&req))?;
@@ -362,6 +401,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             wave_size,
             max_failures,
             soak,
+            stage_only,
+            window,
         } => {
             let req = DeployRequest {
                 devices: devices.clone(),
@@ -371,6 +412,8 @@ pub fn run(cli: Cli) -> Result<u8> {
                 message: message.clone(),
                 reboot: *reboot,
                 staging: Staging { canary: *canary, wave_size: *wave_size, max_failures: *max_failures, soak: *soak },
+                stage_only: *stage_only,
+                window: window.clone(),
             };
             if *preview {
                 let v: Preview = c.post("/deploy/preview", Some(&req))?;
@@ -379,6 +422,22 @@ pub fn run(cli: Cli) -> Result<u8> {
             }
             let task: Task = c.post("/deploy", Some(&req))?;
             eprintln!("deployment task {} at commit {}", task.id, dash(task.commit.as_deref()));
+            return finish(&c, task, *wait, json);
+        }
+        Cmd::Activate { id, devices, wait } => {
+            let req = ActivateRequest { devices: devices.clone() };
+            let a: Activated = c.post(&format!("/tasks/{id}/activate"), Some(&req))?;
+            if json && !*wait {
+                println!("{}", serde_json::to_string_pretty(&a).unwrap_or_default());
+                return Ok(0);
+            }
+            if !a.activating.is_empty() {
+                eprintln!("activating: {}", a.activating.join(", "));
+            }
+            if !a.held.is_empty() {
+                eprintln!("held on the device (switches once released): {}", a.held.join(", "));
+            }
+            let task: Task = c.get(&format!("/tasks/{id}"))?;
             return finish(&c, task, *wait, json);
         }
         Cmd::Resume { id, wait } => {
@@ -444,7 +503,11 @@ fn finish(c: &Client, task: Task, wait: bool, json: bool) -> Result<u8> {
         say_queued(&done);
     }
     show(&done);
-    let ok = if task.kind == "deployment" { done.all_succeeded() } else { done.result == Some(TaskResult::Succeeded) };
+    let ok = if task.kind == "deployment" {
+        done.all_succeeded_or_staged()
+    } else {
+        done.result == Some(TaskResult::Succeeded)
+    };
     Ok(exit_status(ok))
 }
 
@@ -491,6 +554,10 @@ fn say_queued(t: &Task) {
         for ch in t.children.iter().filter(|ch| ch.state == ChildState::Queued) {
             eprintln!("  {} is offline: queued until it connects", ch.device);
         }
+        for ch in t.children.iter().filter(|ch| ch.state == ChildState::Staged) {
+            let why = ch.waiting.as_ref().map_or("staged".into(), |w| w.describe());
+            eprintln!("  {}: {}", ch.device, printable(&why));
+        }
     }
 }
 
@@ -521,7 +588,16 @@ fn print_devices(devices: &[Device]) {
         if let Some(next) = hand_set(d) {
             println!("{:<16} boots next {} (set on the device)", "", printable(next));
         }
+        if let Some(h) = &d.hold {
+            println!("{:<16} {}", "", printable(&hold_text(h)));
+        }
     }
+}
+
+/// `held: REASON (since T)`, and whether it is past the device's maximum.
+fn hold_text(h: &thymis_api::HoldReport) -> String {
+    let over = if h.overdue { "; older than the device's maximum: no longer obeyed" } else { "" };
+    format!("held: {} (since {}{over})", h.reason, console::utc(h.since))
 }
 
 /// What an idle device's profile names instead of what it runs: set on the device by
@@ -550,6 +626,12 @@ fn print_device(d: &DeviceDetail) {
         println!("boots next    {} (set on the device: deployments wait until it ran or is set back)", printable(next));
     }
     println!("agent         {} ({})", opt(&dev.agent_version), opt(&dev.agent_state));
+    if let Some(h) = &dev.hold {
+        println!("updates       {}", printable(&hold_text(h)));
+    }
+    if let Some(z) = &dev.time_zone {
+        println!("time zone     {}", printable(z));
+    }
     if d.history.is_empty() {
         return println!("no deployments yet");
     }
@@ -602,6 +684,12 @@ fn print_task(t: &Task) {
         }
         if c.paths_substituted > 0 {
             line.push_str(&format!(" ({} paths from binary caches)", c.paths_substituted));
+        }
+        if let Some(w) = &c.waiting {
+            line.push_str(&format!(" {}", printable(&w.describe())));
+        }
+        if let Some(r) = c.reboot_needed.as_deref().filter(|_| c.result.is_none()) {
+            line.push_str(&format!(" (reboot needed: {})", printable(r)));
         }
         if let Some(e) = &c.error {
             line.push_str(&format!(" error: {}", printable(e)));

@@ -61,6 +61,9 @@ pub(super) async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: Control
             let report = report.bounded();
             ctl.db.record_report(device, &report)?;
             maybe_confirm(ctl, conn, &report).await?;
+            // Its hold may be gone (or its time zone opened a window): staged
+            // deployments that may switch now go on.
+            crate::deploy::release_ready(ctl, Some(device))?;
         }
         ControllerBound::Outcome(outcome) => {
             let outcome = outcome.bounded();
@@ -88,6 +91,7 @@ pub(super) async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: Control
         }
         m @ (ControllerBound::OfferAccepted { .. }
         | ControllerBound::OfferRefused { .. }
+        | ControllerBound::Staged { .. }
         | ControllerBound::Substituting { .. }
         | ControllerBound::PathsMissing { .. }
         | ControllerBound::PathImported { .. }
@@ -95,6 +99,7 @@ pub(super) async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: Control
             let id = match &m {
                 ControllerBound::OfferAccepted { deployment_id }
                 | ControllerBound::OfferRefused { deployment_id, .. }
+                | ControllerBound::Staged { deployment_id, .. }
                 | ControllerBound::Substituting { deployment_id, .. }
                 | ControllerBound::PathsMissing { deployment_id, .. }
                 | ControllerBound::PathImported { deployment_id, .. }
@@ -142,6 +147,10 @@ pub(super) async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: Control
         ControllerBound::StreamEnd { stream, exit_status, error } => {
             conn.streams.route(stream, FromDevice::End { exit_status, error })
         }
+        ControllerBound::Held { deployment_id, mut reason } => {
+            thymis_proto::bounds::cut(&mut reason, thymis_proto::bounds::MAX_NAME);
+            record_held(ctl, device, &deployment_id, reason)?;
+        }
         ControllerBound::Hello { .. } | ControllerBound::Auth { .. } => bail!("handshake message mid-session"),
     }
     Ok(())
@@ -185,6 +194,24 @@ async fn maybe_confirm(ctl: &Arc<Controller>, conn: &Conn, report: &DeviceReport
     Ok(())
 }
 
+/// The device did not activate: an application on it holds updates. The deployment is
+/// staged again, and goes on when the device reports the hold gone.
+fn record_held(ctl: &Arc<Controller>, device: &str, deployment_id: &str, reason: String) -> Result<()> {
+    let Some(child) = ctl.db.child_by_deployment(deployment_id)?.filter(|c| c.device == device) else {
+        warn!(%device, deployment = %deployment_id, "held: not a deployment of this device");
+        return Ok(());
+    };
+    let since = crate::db::now() as u64;
+    let hold = thymis_api::HoldReport { reason: reason.clone(), since, overdue: false };
+    ctl.db.set_device_hold(device, Some(&hold))?;
+    let waiting = thymis_api::Waiting::Hold { reason: reason.clone(), since };
+    let details = Details { waiting: Some(&waiting), ..Default::default() };
+    if engine::report(ctl, &child, Event::Held, &details)?.is_ok() {
+        ctl.db.log(child.task, Some(child.id), &format!("{device}: held on the device ({reason}): staged"))?;
+    }
+    Ok(())
+}
+
 fn record_outcome(ctl: &Arc<Controller>, device: &str, o: &Outcome) -> Result<()> {
     let Some(child) = ctl.db.child_by_deployment(&o.deployment_id)? else {
         warn!(%device, deployment = %o.deployment_id, "outcome for an unknown deployment");
@@ -202,6 +229,7 @@ fn record_outcome(ctl: &Arc<Controller>, device: &str, o: &Outcome) -> Result<()
         failed_checks: &o.failed_checks,
         unit_logs: Some(&o.unit_logs),
         phase: o.phase,
+        ..Default::default()
     };
     if let Err(refused) = engine::report(ctl, &child, Event::Outcome(o.result), &details)? {
         // Already finished (a repeated report), or not the device's to say.

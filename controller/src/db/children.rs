@@ -47,6 +47,28 @@ impl Db {
         Ok(())
     }
 
+    /// Marks a device deployment told to activate (`thymisctl activate`).
+    pub fn set_activate_now(&self, child: i64) -> Result<()> {
+        self.c().execute("UPDATE children SET activate_now = 1 WHERE id = ?1", vals![child])?;
+        Ok(())
+    }
+
+    /// Why a staged device waits, when that changes while it stays staged (a window
+    /// that closed while it was released, a hold taken meanwhile).
+    pub fn set_waiting(&self, child: i64, waiting: &thymis_api::Waiting) -> Result<()> {
+        let w = serde_json::to_string(waiting)?;
+        self.c().execute("UPDATE children SET waiting = ?2 WHERE id = ?1 AND stage = 'staged'", vals![child, w])?;
+        Ok(())
+    }
+
+    /// The staged device deployments of open tasks, of `device` or all.
+    pub fn staged_children(&self, device: Option<&str>) -> Result<Vec<ChildRow>> {
+        match device {
+            Some(d) => self.children_where("stage = 'staged' AND device = ?1", vals![d]),
+            None => self.children_where("stage = 'staged'", &[]),
+        }
+    }
+
     /// How many paths the device lacked when the copy first started.
     pub fn set_paths_total(&self, child: i64, total: i64) -> Result<()> {
         self.c().execute(
@@ -75,11 +97,12 @@ impl Db {
             sequence: r.get(7)?,
             system: r.get(8)?,
             wave: r.get::<i64>(9)? as usize,
+            activate_now: r.get(10)?,
         })
     }
 
     pub(super) const CHILD_COLS: &'static str =
-        "id, task, device, config, deployment_id, stage, result, sequence, system, wave";
+        "id, task, device, config, deployment_id, stage, result, sequence, system, wave, activate_now";
 
     pub(super) fn children_where(&self, condition: &str, params: &[Value]) -> Result<Vec<ChildRow>> {
         let sql = format!("SELECT {} FROM children WHERE {condition} ORDER BY id", Self::CHILD_COLS);

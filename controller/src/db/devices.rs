@@ -80,12 +80,14 @@ impl Db {
             agent_state: r.get(9)?,
             boots_next: r.get(10)?,
             online: false,
+            hold: r.get::<Option<String>>(11)?.and_then(|h| serde_json::from_str(&h).ok()),
+            time_zone: r.get(12)?,
         };
         Ok(DeviceRow { info, public_key: key })
     }
 
     const DEVICE_COLS: &'static str = "name, config, public_key, revoked, last_seen, system, commit_rev, generation, agent_version, agent_state, \
-         boots_next";
+         boots_next, hold, time_zone";
 
     pub fn devices(&self) -> Result<Vec<DeviceRow>> {
         let rows = self.c().query(&format!("SELECT {} FROM devices ORDER BY name", Self::DEVICE_COLS), &[])?;
@@ -106,7 +108,7 @@ impl Db {
     pub fn record_report(&self, name: &str, r: &DeviceReport) -> Result<()> {
         self.c().execute(
             "UPDATE devices SET last_seen = ?2, system = ?3, commit_rev = ?4, generation = ?5, agent_version = ?6,
-                 agent_state = ?7, last_sequence = ?8, boots_next = ?9 WHERE name = ?1",
+                 agent_state = ?7, last_sequence = ?8, boots_next = ?9, hold = ?10, time_zone = ?11 WHERE name = ?1",
             vals![
                 name,
                 now(),
@@ -116,9 +118,18 @@ impl Db {
                 r.agent_version.as_str(),
                 r.state.as_str(),
                 r.last_sequence as i64,
-                r.profile_system.as_ref().map(|s| s.to_string())
+                r.profile_system.as_ref().map(|s| s.to_string()),
+                r.hold.as_ref().map(serde_json::to_string).transpose()?,
+                r.time_zone.as_deref()
             ],
         )?;
+        Ok(())
+    }
+
+    /// A device's hold, as its agent last said (a refused activation says it too).
+    pub fn set_device_hold(&self, name: &str, hold: Option<&thymis_api::HoldReport>) -> Result<()> {
+        let hold = hold.map(serde_json::to_string).transpose()?;
+        self.c().execute("UPDATE devices SET hold = ?2 WHERE name = ?1", vals![name, hold])?;
         Ok(())
     }
 

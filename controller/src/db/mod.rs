@@ -68,6 +68,8 @@ pub struct ChildRow {
     pub system: Option<String>,
     /// Its wave in a staged rollout (0: the first, or the only one).
     pub wave: usize,
+    /// Told to activate (`thymisctl activate`): stage-only and windows no longer stop it.
+    pub activate_now: bool,
 }
 
 /// The database: one connection behind a mutex (the controller's writes are small),
@@ -177,6 +179,10 @@ pub struct Details<'a> {
     pub unit_logs: Option<&'a std::collections::BTreeMap<String, Vec<String>>>,
     /// Where it ended (default: the phase of the stage it ended in).
     pub phase: Option<thymis_proto::Phase>,
+    /// Why a device entering `staged` waits.
+    pub waiting: Option<&'a thymis_api::Waiting>,
+    /// Why its switch will reboot the device (as the device said when staged).
+    pub reboot_needed: Option<&'a str>,
 }
 
 impl<'a> Details<'a> {

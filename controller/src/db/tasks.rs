@@ -51,6 +51,28 @@ impl Db {
         Ok(())
     }
 
+    /// A deployment's switch rules: stage-only, and the window given on deploy.
+    pub fn set_task_switch(&self, task: i64, stage_only: bool, window: Option<&str>) -> Result<()> {
+        self.c().execute(
+            "UPDATE tasks SET stage_only = ?2, switch_window = ?3 WHERE id = ?1",
+            vals![task, stage_only, window],
+        )?;
+        Ok(())
+    }
+
+    /// (stage-only, the window given on deploy) of a deployment.
+    pub fn task_switch(&self, task: i64) -> Result<(bool, Option<String>)> {
+        let r = self.c().query_one("SELECT stage_only, switch_window FROM tasks WHERE id = ?1", vals![task])?;
+        Ok((r.get(0)?, r.get(1)?))
+    }
+
+    /// Gives a deployment until at least `at` before it expires (a staged device that
+    /// may switch now gets a deployment's lifetime from now).
+    pub fn extend_task_expiry(&self, task: i64, at: i64) -> Result<()> {
+        self.c().execute("UPDATE tasks SET expires = ?2 WHERE id = ?1 AND expires < ?2", vals![task, at])?;
+        Ok(())
+    }
+
     /// (plan, wave, soak until), for a staged rollout.
     pub fn task_rollout(&self, task: i64) -> Result<Option<(thymis_api::Staging, usize, Option<i64>)>> {
         let Some(r) = self.c().query_opt("SELECT rollout, wave, soak_until FROM tasks WHERE id = ?1", vals![task])?
@@ -129,7 +151,7 @@ impl Db {
         let rows = c.query(
             "SELECT id, device, config, stage, phase, result, reason, error, failed_units, paths_sent, bytes_sent,
                     system, deployment_id, sequence, updated, unit_logs, paths_total, wave,
-                    paths_substituted, bytes_substituted, failed_checks
+                    paths_substituted, bytes_substituted, failed_checks, waiting, reboot_needed
              FROM children WHERE task = ?1 ORDER BY id",
             vals![task],
         )?;
@@ -167,6 +189,8 @@ impl Db {
                     wave: r.get::<i64>(17)? as usize + 1,
                     paths_substituted: r.get(18)?,
                     bytes_substituted: r.get(19)?,
+                    waiting: r.get::<Option<String>>(21)?.and_then(|w| serde_json::from_str(&w).ok()),
+                    reboot_needed: r.get(22)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -140,6 +140,12 @@ pub(super) async fn send_to(
         acks.take(m, unacked, &mut in_flight_bytes)?;
     }
     acks.flush();
+    // Not yet (stage-only, outside its window, held on the device): staged.
+    match super::gate::waiting(ctl, child) {
+        Ok(Some(w)) => return super::gate::stage(ctl, conn, child, &w, &mut rx).await,
+        Ok(None) => {}
+        Err(e) => return Err(Stop::Refused(format!("deciding whether it may switch: {e:#}"))),
+    }
     // Recorded before the device is told: from here on a restart must not interrupt it,
     // and only a recorded activation is ever confirmed. Unrecorded, the device is not
     // told (it would roll back for want of a confirmation).

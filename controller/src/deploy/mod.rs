@@ -31,10 +31,12 @@ use crate::model::task::{Event as TaskEvent, Stopped, TaskResult};
 
 mod copy;
 mod deliver;
+mod gate;
 mod recovery;
 mod rollout;
 
 use crate::engine::{refresh_task, refresh_task_soon};
+pub use gate::release_ready;
 pub use recovery::{carry_on, recover, sweep};
 use rollout::deliver_all;
 
@@ -112,6 +114,9 @@ pub async fn start(ctl: &Arc<Controller>, req: DeployRequest) -> Result<i64> {
     if !staging.is_staged() && (staging.max_failures.is_some() || staging.soak.is_some()) {
         bail!("--max-failures and --soak apply between waves: give --canary or --wave-size too");
     }
+    if let Some(w) = &req.window {
+        crate::model::window::Window::parse(w)?;
+    }
     let p = preview(ctl, &req)?;
     let commit = match p.commit {
         Some(c) => c,
@@ -137,6 +142,9 @@ pub async fn start(ctl: &Arc<Controller>, req: DeployRequest) -> Result<i64> {
     ctl.db.set_task_owner(task, &ctl.instance)?;
     if staging.is_staged() {
         ctl.db.set_task_rollout(task, &staging)?;
+    }
+    if req.stage_only || req.window.is_some() {
+        ctl.db.set_task_switch(task, req.stage_only, req.window.as_deref())?;
     }
     // The devices in waves, in the preview's order (by name).
     let waves = staging.waves(p.devices.len());
@@ -271,6 +279,49 @@ pub async fn resume(ctl: &Arc<Controller>, task: i64) -> Result<i64> {
     ctl.db.log(task, None, &format!("resumed as task {next}"))?;
     ctl.notify_task(task);
     Ok(next)
+}
+
+/// `thymisctl activate TASK [--device D]...`: the deployment's devices (those named, or
+/// all) switch now instead of waiting for the activation of a stage-only deployment or
+/// for their window; those still copying switch when their copy ends. A hold on a
+/// device still holds it: it switches once released.
+pub async fn activate(ctl: &Arc<Controller>, task: i64, devices: &[String]) -> Result<thymis_api::Activated> {
+    let children = ctl.db.children(task)?;
+    if children.is_empty() {
+        bail!("task {task} is not a deployment");
+    }
+    for name in devices {
+        match children.iter().find(|c| &c.device == name) {
+            None => bail!("device {name} is not part of task {task}"),
+            Some(c) if c.stage.is_finished() || c.stage.activated() => {
+                bail!("device {name} has already switched or finished in task {task}")
+            }
+            Some(_) => {}
+        }
+    }
+    let chosen: Vec<ChildRow> = children
+        .into_iter()
+        .filter(|c| devices.is_empty() || devices.contains(&c.device))
+        .filter(|c| !c.stage.is_finished() && !c.stage.activated())
+        .collect();
+    if chosen.is_empty() {
+        bail!("no device of task {task} is waiting to switch");
+    }
+    let mut answer = thymis_api::Activated::default();
+    for mut c in chosen {
+        ctl.db.set_activate_now(c.id)?;
+        c.activate_now = true;
+        ctl.db.log(task, Some(c.id), &format!("{}: told to activate", c.device))?;
+        match gate::waiting(ctl, &c)? {
+            Some(thymis_api::Waiting::Hold { .. }) => answer.held.push(c.device.clone()),
+            _ => answer.activating.push(c.device.clone()),
+        }
+        if c.stage == Stage::Staged {
+            release_ready(ctl, Some(&c.device))?;
+        }
+    }
+    ctl.notify_task(task);
+    Ok(answer)
 }
 
 /// A build task: build a configuration without deploying it.

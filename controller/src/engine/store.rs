@@ -54,9 +54,16 @@ impl Db {
                     )?;
                 }
                 new => {
+                    // A staged device says why it waits; any other stage waits for nothing.
+                    let waiting = match new {
+                        Stage::Staged => details.waiting.map(serde_json::to_string).transpose()?,
+                        _ => None,
+                    };
                     c.execute(
-                        "UPDATE children SET stage = ?2, error = COALESCE(?3, error), updated = ?4 WHERE id = ?1",
-                        vals![child, new.as_str(), details.error, now()],
+                        "UPDATE children SET stage = ?2, error = COALESCE(?3, error), updated = ?4, waiting = ?5,
+                             reboot_needed = COALESCE(?6, reboot_needed)
+                         WHERE id = ?1",
+                        vals![child, new.as_str(), details.error, now(), waiting, details.reboot_needed],
                     )?;
                 }
             }

@@ -8,10 +8,16 @@
 //!
 //! ```text
 //!  building ──built──▶ queued ◀──lost── copying ──activating──▶ activated ──confirming──▶ confirming
-//!     │  └──wait──▶ waiting ─release─▶ │ ──offered──▶ │                │  ▲ (restart)           │
+//!     │  └──wait──▶ waiting ─release─▶ │ ──offered──▶ │  │             │  ▲ (restart)           │
+//!     │                                ▲         stage│  │             │held                    │
+//!     │                                └───go─── staged ◀──────────────┘                        │
 //!     └────────────── failed, cancelled, superseded, halted, expired, ──▶ finished ◀── outcome ─┘
 //!                     interrupted (restart), before activation              (expired: unreachable)
 //! ```
+//!
+//! `staged`: copied, and may not switch yet (stage-only, outside its window, or held on
+//! the device); it neither expires nor ends at a restart, and goes back to `queued`
+//! (offered again over the device's connection: nothing left to copy) when it may.
 
 use thymis_proto::{DeviceResult, Phase};
 
@@ -26,6 +32,8 @@ pub enum Stage {
     Queued,
     /// Offered over a connection; the paths it lacks are being copied.
     Copying,
+    /// Copied, waiting until the device may switch (the device keeps the system).
+    Staged,
     /// Told to activate (recorded before it was told): from here on only the device's
     /// outcome, or silence until expiry, ends it.
     Activated,
@@ -48,6 +56,12 @@ pub enum Event {
     Lost,
     /// Every path is there; the device is about to be told to activate.
     Activating,
+    /// Every path is there, and the device may not switch yet.
+    Stage,
+    /// The device did not activate: an application on it holds updates.
+    Held,
+    /// A staged device may switch now.
+    Go,
     /// The device reported the activated deployment over a new connection.
     Confirming,
     /// The device's own outcome.
@@ -90,6 +104,7 @@ impl Stage {
             Stage::Waiting => "waiting",
             Stage::Queued => "queued",
             Stage::Copying => "copying",
+            Stage::Staged => "staged",
             Stage::Activated => "activated",
             Stage::Confirming => "confirming",
             Stage::Finished(_) => "finished",
@@ -103,6 +118,7 @@ impl Stage {
             ("waiting", None) => Stage::Waiting,
             ("queued", None) => Stage::Queued,
             ("copying", None) => Stage::Copying,
+            ("staged", None) => Stage::Staged,
             ("activated", None) => Stage::Activated,
             ("confirming", None) => Stage::Confirming,
             ("finished", Some(r)) => Stage::Finished(r),
@@ -116,6 +132,7 @@ impl Stage {
         match self {
             Stage::Waiting => C::Pending,
             Stage::Queued => C::Queued,
+            Stage::Staged => C::Staged,
             Stage::Building | Stage::Copying | Stage::Activated | Stage::Confirming => C::Running,
             Stage::Finished(_) => C::Finished,
         }
@@ -125,7 +142,7 @@ impl Stage {
     pub fn phase(self) -> Option<Phase> {
         match self {
             Stage::Building | Stage::Waiting => Some(Phase::Build),
-            Stage::Queued | Stage::Copying => Some(Phase::Copy),
+            Stage::Queued | Stage::Copying | Stage::Staged => Some(Phase::Copy),
             Stage::Activated => Some(Phase::Activate),
             Stage::Confirming => Some(Phase::Confirm),
             Stage::Finished(_) => None,
@@ -166,7 +183,7 @@ pub fn step(stage: Stage, event: Event) -> Result<Step, Refused> {
         (Stage::Copying, Stage::Activated) => effects.push(Effect::Activate),
         (_, Stage::Confirming) => effects.push(Effect::Confirm),
         (_, Stage::Finished(_)) => {
-            if matches!(stage, Stage::Queued | Stage::Copying) && !matches!(event, Event::Outcome(_)) {
+            if matches!(stage, Stage::Queued | Stage::Copying | Stage::Staged) && !matches!(event, Event::Outcome(_)) {
                 effects.push(Effect::TellCancel);
             }
             effects.push(Effect::CloseLogBudget);
@@ -185,7 +202,7 @@ fn next(stage: Stage, event: Event) -> Result<Stage, Refused> {
     use Event as E;
     use Stage as S;
     let refused = Err(Refused { stage, event });
-    let before_activation = matches!(stage, S::Building | S::Waiting | S::Queued | S::Copying);
+    let before_activation = matches!(stage, S::Building | S::Waiting | S::Queued | S::Copying | S::Staged);
     Ok(match (stage, event) {
         (S::Building, E::Built) => S::Queued,
         (S::Building, E::Wait) => S::Waiting,
@@ -193,10 +210,16 @@ fn next(stage: Stage, event: Event) -> Result<Stage, Refused> {
         (S::Queued, E::Offered) => S::Copying,
         (S::Copying, E::Lost) => S::Queued,
         (S::Copying, E::Activating) => S::Activated,
+        (S::Copying, E::Stage) => S::Staged,
+        // The device said it did not switch: told to activate, it found a hold.
+        (S::Activated, E::Held) => S::Staged,
+        (S::Staged, E::Go) => S::Queued,
         (S::Activated | S::Confirming, E::Confirming) => S::Confirming,
         // What the agent says ends it, at any point it could say it: an agent refuses
         // before activation (a reboot its boot loader cannot undo), or reports after.
-        (S::Queued | S::Copying | S::Activated | S::Confirming, E::Outcome(r)) if r.is_reported_by_agent() => {
+        (S::Queued | S::Copying | S::Staged | S::Activated | S::Confirming, E::Outcome(r))
+            if r.is_reported_by_agent() =>
+        {
             S::Finished(r)
         }
         // The agent's own outcome is the truth about the device: it replaces the
@@ -206,10 +229,15 @@ fn next(stage: Stage, event: Event) -> Result<Stage, Refused> {
         (_, E::Cancelled) if before_activation => S::Finished(DeviceResult::Cancelled),
         (_, E::Halted) if before_activation => S::Finished(DeviceResult::Cancelled),
         (_, E::Superseded) if before_activation => S::Finished(DeviceResult::Superseded),
+        // A staged device waits for its window (or its activation, or its hold) as long
+        // as that takes: it does not expire.
+        (S::Staged, E::Expired) => return refused,
         (_, E::Expired) if before_activation => S::Finished(DeviceResult::Expired),
         (S::Activated | S::Confirming, E::Expired) => S::Finished(DeviceResult::Unreachable),
         // A later wave's devices wait on: the rollout goes on after the restart.
         (S::Waiting, E::Restarted) => S::Waiting,
+        // A staged device too: the device keeps its system, the controller its stage.
+        (S::Staged, E::Restarted) => S::Staged,
         (_, E::Restarted) if before_activation => S::Finished(DeviceResult::Interrupted),
         // Activated before the restart: the device comes back and is confirmed then.
         (S::Activated | S::Confirming, E::Restarted) => S::Activated,
@@ -224,23 +252,27 @@ mod tests {
     use Event as E;
     use Stage as S;
 
-    const STAGES: [Stage; 8] = [
+    const STAGES: [Stage; 9] = [
         S::Building,
         S::Waiting,
         S::Queued,
         S::Copying,
+        S::Staged,
         S::Activated,
         S::Confirming,
         S::Finished(R::Succeeded),
         S::Finished(R::Unreachable),
     ];
-    const EVENTS: [Event; 15] = [
+    const EVENTS: [Event; 18] = [
         E::Built,
         E::Wait,
         E::Release,
         E::Offered,
         E::Lost,
         E::Activating,
+        E::Stage,
+        E::Held,
+        E::Go,
         E::Confirming,
         E::Outcome(R::RolledBack),
         E::Outcome(R::Cancelled),
@@ -272,6 +304,11 @@ mod tests {
             (S::Queued, E::Offered, S::Copying),
             (S::Copying, E::Lost, S::Queued),
             (S::Copying, E::Activating, S::Activated),
+            (S::Copying, E::Stage, S::Staged),
+            (S::Activated, E::Held, S::Staged),
+            (S::Staged, E::Go, S::Queued),
+            (S::Staged, E::Outcome(R::RolledBack), S::Finished(R::RolledBack)),
+            (S::Staged, E::Restarted, S::Staged),
             (S::Activated, E::Confirming, S::Confirming),
             (S::Confirming, E::Confirming, S::Confirming),
             (S::Queued, E::Outcome(R::RolledBack), S::Finished(R::RolledBack)),
@@ -285,7 +322,7 @@ mod tests {
             (S::Confirming, E::Restarted, S::Activated),
             (S::Waiting, E::Restarted, S::Waiting),
         ];
-        let before = [S::Building, S::Waiting, S::Queued, S::Copying];
+        let before = [S::Building, S::Waiting, S::Queued, S::Copying, S::Staged];
         let ends = [
             (E::Failed, R::Failed),
             (E::Cancelled, R::Cancelled),
@@ -298,7 +335,8 @@ mod tests {
             for e in EVENTS {
                 let listed = table.iter().find(|(ts, te, _)| *ts == s && *te == e).map(|t| t.2);
                 let ended = ends.iter().find(|(ee, _)| *ee == e && before.contains(&s)).map(|(_, r)| S::Finished(*r));
-                let ended = if (s, e) == (S::Waiting, E::Restarted) { None } else { ended };
+                let waits_on = [(S::Waiting, E::Restarted), (S::Staged, E::Restarted), (S::Staged, E::Expired)];
+                let ended = if waits_on.contains(&(s, e)) { None } else { ended };
                 let expected = listed.or(ended).ok_or(Refused { stage: s, event: e });
                 assert_eq!(next(s, e), expected, "{s:?} + {e:?}");
             }
@@ -332,7 +370,7 @@ mod tests {
                     (S::Copying, S::Activated) => vec![Activate],
                     (_, S::Confirming) => vec![Confirm],
                     (S::Finished(_), S::Finished(_)) => vec![CloseLogBudget],
-                    (S::Queued | S::Copying, S::Finished(_)) if !matches!(e, E::Outcome(_)) => {
+                    (S::Queued | S::Copying | S::Staged, S::Finished(_)) if !matches!(e, E::Outcome(_)) => {
                         vec![TellCancel, CloseLogBudget, SettleWave]
                     }
                     (_, S::Finished(_)) => vec![CloseLogBudget, SettleWave],

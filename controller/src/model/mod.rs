@@ -8,7 +8,9 @@
 //! - [`rollout`]: a staged rollout's waves, soaks and halt.
 //! - [`task`]: every task's state and result (deployments from their devices' stages;
 //!   builds, images, bundles and terminals from their one job).
+//! - [`window`]: maintenance windows, and when one opens.
 
 pub mod device;
 pub mod rollout;
 pub mod task;
+pub mod window;

@@ -32,16 +32,19 @@ impl Stopped {
 /// (as the database counts them: a deployment to ten thousand devices is a handful of
 /// groups), and whether it was stopped.
 /// `queued_online` counts the queued devices that are connected (about to be offered).
+/// Staged devices wait too (for their activation, window or hold): a deployment whose
+/// only unfinished devices are queued or staged is `waiting`.
 pub fn deployment_state(
     children: &[(Stage, usize)],
     queued_online: usize,
     stopped: Option<Stopped>,
 ) -> (TaskState, Option<TaskResult>) {
     let any = |f: &dyn Fn(Stage) -> bool| children.iter().any(|(s, n)| *n > 0 && f(*s));
-    if any(&|s| !s.is_finished() && s != Stage::Queued) || queued_online > 0 {
+    let waits = |s: Stage| matches!(s, Stage::Queued | Stage::Staged);
+    if any(&|s| !s.is_finished() && !waits(s)) || queued_online > 0 {
         return (TaskState::Running, None);
     }
-    if any(&|s| s == Stage::Queued) {
+    if any(&waits) {
         return (TaskState::Waiting, None);
     }
     match stopped {
@@ -142,6 +145,9 @@ mod tests {
         assert_eq!(st(&[(Waiting, 1), (Finished(R::Succeeded), 2)], None), (TaskState::Running, None));
         assert_eq!(st(&[(Queued, 1), (Finished(R::Succeeded), 1)], None), (TaskState::Waiting, None));
         assert_eq!(deployment_state(&[(Queued, 2)], 1, None), (TaskState::Running, None), "one is online");
+        // Staged devices wait (for activation, their window, their hold): not running.
+        assert_eq!(st(&[(Staged, 2), (Finished(R::Succeeded), 1)], None), (TaskState::Waiting, None));
+        assert_eq!(st(&[(Staged, 1), (Copying, 1)], None), (TaskState::Running, None));
         assert_eq!(
             st(&[(Finished(R::Succeeded), 5), (Finished(R::SucceededWithFailedUnits), 1)], None),
             (TaskState::Finished, Some(TaskResult::Succeeded))

@@ -12,7 +12,7 @@ pub mod terminal;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-pub use thymis_proto::{DeviceResult, Phase, RollbackReason};
+pub use thymis_proto::{DeviceResult, HoldReport, Phase, RollbackReason};
 
 pub use artifacts::{Artifact, ArtifactRequest, ArtifactsDeleted, BuildRequest};
 pub use project::{CommitRequest, Committed, FileChange, ProjectStatus};
@@ -34,6 +34,73 @@ pub struct DeployRequest {
     /// Waves: a canary, wave sizes, failures tolerated, a soak (none by default).
     #[serde(flatten)]
     pub staging: Staging,
+    /// Copy, then stop in the stage `staged` until `POST /tasks/{id}/activate`.
+    pub stage_only: bool,
+    /// The maintenance window the devices switch in (docs/controller.md, "Maintenance
+    /// windows"), instead of their configurations' or tags' from thymis.toml.
+    pub window: Option<String>,
+}
+
+/// Which staged devices of a deployment to switch now (`POST /tasks/{id}/activate`);
+/// none named: all of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ActivateRequest {
+    pub devices: Vec<String>,
+}
+
+/// What `POST /tasks/{id}/activate` did, per device.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Activated {
+    /// Switching now (or once their copy ends).
+    pub activating: Vec<String>,
+    /// Still waiting: an application on the device holds updates.
+    pub held: Vec<String>,
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of unix seconds.
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+impl Waiting {
+    /// What a person reads (the task view, `thymisctl task`, the task's log).
+    pub fn describe(&self) -> String {
+        match self {
+            Waiting::Activation => "staged: waiting for thymisctl activate".into(),
+            Waiting::Window { window, opens } => {
+                format!("waiting for window {window:?} (opens {})", utc((*opens).max(0) as u64))
+            }
+            Waiting::Hold { reason, .. } => format!("held: {reason}"),
+            Waiting::Connection => "staged: switches when the device connects".into(),
+        }
+    }
+}
+
+/// Why a staged device has not switched yet.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(tag = "for", rename_all = "kebab-case")]
+pub enum Waiting {
+    /// A `--stage-only` deployment: `thymisctl activate` switches it.
+    Activation,
+    /// Outside its maintenance window, which opens at `opens` (unix time).
+    Window { window: String, opens: i64 },
+    /// An application on the device holds updates.
+    Hold { reason: String, since: u64 },
+    /// It may switch; the device is not connected.
+    Connection,
 }
 
 /// What a deployment would touch.
@@ -125,6 +192,8 @@ pub enum ChildState {
     Pending,
     /// Its turn, waiting for the device to connect.
     Queued,
+    /// Copied; waiting until it may switch (its `waiting` says what for).
+    Staged,
     Running,
     Finished,
 }
@@ -134,6 +203,7 @@ impl ChildState {
         match self {
             ChildState::Pending => "pending",
             ChildState::Queued => "queued",
+            ChildState::Staged => "staged",
             ChildState::Running => "running",
             ChildState::Finished => "finished",
         }
@@ -166,6 +236,13 @@ impl Task {
     /// Every device ended on the new system (what `thymisctl deploy --wait` exits 0 for).
     pub fn all_succeeded(&self) -> bool {
         !self.children.is_empty() && self.children.iter().all(|c| c.result.is_some_and(DeviceResult::is_success))
+    }
+
+    /// Every device succeeded or is staged (copied, switching later: stage-only,
+    /// outside its window, or held).
+    pub fn all_succeeded_or_staged(&self) -> bool {
+        !self.children.is_empty()
+            && self.children.iter().all(|c| c.state == ChildState::Staged || c.result.is_some_and(DeviceResult::is_success))
     }
 
     pub fn child(&self, device: &str) -> Option<&Child> {
@@ -216,6 +293,13 @@ pub struct Child {
     pub paths_substituted: i64,
     #[serde(default)]
     pub bytes_substituted: i64,
+    /// A staged device's reason to wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
+    /// Why switching it will reboot the device (a new kernel, changed switch
+    /// inhibitors, `--reboot`), as the device said when it was staged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot_needed: Option<String>,
 }
 
 /// A device (`GET /devices`).
@@ -237,6 +321,12 @@ pub struct Device {
     #[serde(default)]
     pub boots_next: Option<String>,
     pub online: bool,
+    /// An application on the device holds updates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<HoldReport>,
+    /// The device's time zone (windows without their own are read in it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
 }
 
 /// A device with what its page shows (`GET /devices/{name}`).

@@ -35,6 +35,12 @@ impl DeviceReport {
         if let Some(c) = self.commit.as_mut() {
             cut(c, MAX_NAME);
         }
+        if let Some(h) = self.hold.as_mut() {
+            cut(&mut h.reason, MAX_NAME);
+        }
+        if let Some(z) = self.time_zone.as_mut() {
+            cut(z, MAX_NAME);
+        }
         self
     }
 }

@@ -15,14 +15,17 @@ pub mod signed;
 pub mod stream;
 
 pub use message::{
-    AgentBound, ControllerBound, CopyWindow, DeltaBase, ProtoError, decode_agent_bound, decode_controller_bound, encode,
+    AgentBound, ControllerBound, CopyWindow, DeltaBase, HoldReport, ProtoError, decode_agent_bound, decode_controller_bound, encode,
 };
 pub use outcome::{AgentState, DeviceResult, Phase, RollbackReason};
 
 /// Protocol versions this build speaks. A peer whose range does not overlap is refused
 /// with a message that says which side to upgrade.
 pub const PROTOCOL_MIN: u32 = 1;
-pub const PROTOCOL_MAX: u32 = 2;
+pub const PROTOCOL_MAX: u32 = 3;
+/// The first protocol with staging and holds ([`AgentBound::Stage`],
+/// [`ControllerBound::Held`], [`message::DeviceReport`]'s `hold`).
+pub const STAGING_PROTOCOL: u32 = 3;
 
 /// Largest text (JSON) message accepted, in bytes. A query for a closure of tens of
 /// thousands of paths fits.

@@ -75,6 +75,14 @@ pub enum AgentBound {
     Activate {
         deployment_id: String,
     },
+    /// Protocol 3: every path is there, but the device may not switch yet (the
+    /// deployment is staged: stage-only, outside its window, or held on the device).
+    /// Keep the offered system from the garbage collector and answer
+    /// [`ControllerBound::Staged`]; the switch comes later, with a new offer over a
+    /// later connection (its copy is then empty) and [`AgentBound::Activate`].
+    Stage {
+        deployment_id: String,
+    },
     /// A signed [`crate::signed::Confirmation`] for the pending deployment.
     Confirm {
         confirmation: Signed,
@@ -197,6 +205,21 @@ pub enum ControllerBound {
         path: StorePath,
         error: String,
     },
+    /// Protocol 3: the offered system is kept (GC-rooted) until it is activated or
+    /// replaced. `reboot_needed` says why activating it will reboot the device (a part
+    /// only a boot applies changed, the offer asks for a reboot, or the new system's
+    /// switch inhibitors differ from the running one's); `None` when it switches live.
+    Staged {
+        deployment_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reboot_needed: Option<String>,
+    },
+    /// Protocol 3: told to activate while an application on the device holds updates:
+    /// nothing was switched, the offered system stays kept.
+    Held {
+        deployment_id: String,
+        reason: String,
+    },
     /// Output of activation, a line at a time.
     Log {
         deployment_id: String,
@@ -256,6 +279,26 @@ pub struct DeviceReport {
     /// it runs: someone set it on the device, or a deployment is under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile_system: Option<StorePath>,
+    /// Protocol 3: an application on the device holds updates (re-sent in a new report
+    /// whenever it changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<HoldReport>,
+    /// Protocol 3: the device's time zone (IANA name), in which windows without one
+    /// are read; UTC when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+}
+
+/// A hold on updates, taken on the device over D-Bus or by its hold file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldReport {
+    pub reason: String,
+    /// Unix time the hold was taken.
+    pub since: u64,
+    /// Older than the agent's `hold_max_age`: no longer obeyed (the device switches
+    /// despite it), and said so.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overdue: bool,
 }
 
 /// A deployment waiting for the controller's confirmation.

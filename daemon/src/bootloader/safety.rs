@@ -24,6 +24,22 @@ pub fn boot_changes(booted: &Path, new: &Path) -> Vec<&'static str> {
     BOOT_PARTS.into_iter().filter(|name| part(booted, name) != part(new, name)).collect()
 }
 
+/// The switch inhibitors (NixOS's `system.switch.inhibitors`, a JSON object in
+/// `$system/switch-inhibitors`) whose values differ between the running system and
+/// `new`: NixOS's `switch-to-configuration` refuses to switch live then, so the new
+/// system takes effect by a reboot. As NixOS compares them: only keys both systems
+/// have, and a missing (or unreadable) file is an empty object.
+pub fn switch_inhibitors_changed(running: &Path, new: &Path) -> Vec<String> {
+    let read = |sys: &Path| -> serde_json::Map<String, serde_json::Value> {
+        std::fs::read(sys.join("switch-inhibitors"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    };
+    let (old, new) = (read(running), read(new));
+    old.iter().filter(|(k, v)| new.get(*k).is_some_and(|n| n != *v)).map(|(k, _)| k.clone()).collect()
+}
+
 /// Whether `system` carries a kernel (a link into the store).
 pub fn has_kernel(system: &Path) -> bool {
     system.join("kernel").symlink_metadata().is_ok()
@@ -118,6 +134,29 @@ mod tests {
         std::fs::write(s.join("kernel-params"), params).expect("params");
         std::fs::write(s.join("init-interface-version"), "systemd 1").expect("iiv");
         s
+    }
+
+    #[test]
+    fn switch_inhibitors_compare_as_nixos_does() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sys = |name: &str, json: Option<&str>| {
+            let s = dir.path().join(name);
+            std::fs::create_dir_all(&s).expect("mkdir");
+            if let Some(j) = json {
+                std::fs::write(s.join("switch-inhibitors"), j).expect("write");
+            }
+            s
+        };
+        let a = sys("a", Some(r#"{"dbus-implementation":"dbus","kernel":"6.1"}"#));
+        let b = sys("b", Some(r#"{"dbus-implementation":"broker","new-key":"x"}"#));
+        let c = sys("c", None);
+        let d = sys("d", Some("not json"));
+        assert_eq!(switch_inhibitors_changed(&a, &b), vec!["dbus-implementation".to_owned()]);
+        assert_eq!(switch_inhibitors_changed(&a, &a), Vec::<String>::new());
+        // A key only one side has, a missing or unreadable file: no change.
+        assert_eq!(switch_inhibitors_changed(&a, &c), Vec::<String>::new());
+        assert_eq!(switch_inhibitors_changed(&c, &b), Vec::<String>::new());
+        assert_eq!(switch_inhibitors_changed(&d, &b), Vec::<String>::new());
     }
 
     #[test]

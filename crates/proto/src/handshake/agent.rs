@@ -34,7 +34,7 @@ pub struct AgentHandshake<'a> {
     token: Option<String>,
     client_nonce: Nonce,
     /// After the challenge: the session and the controller's key.
-    challenged: Option<(String, PublicKey)>,
+    challenged: Option<(String, PublicKey, u32)>,
 }
 
 /// What a welcome established.
@@ -48,6 +48,8 @@ pub struct Welcomed {
     /// The controller's clock when it welcomed the agent.
     pub time: u64,
     pub controller_key: PublicKey,
+    /// The protocol version the controller chose.
+    pub protocol: u32,
 }
 
 impl<'a> AgentHandshake<'a> {
@@ -95,13 +97,13 @@ impl<'a> AgentHandshake<'a> {
             .take()
             .map(|t| token_proof(&t, &enrollment_transcript(c, &server_nonce, &session, &device, &key)));
         let signature = self.key.sign(&device_transcript(c, &server_nonce, &session, &key));
-        self.challenged = Some((session, key));
+        self.challenged = Some((session, key, protocol));
         Ok(ControllerBound::Auth { signature, enrollment_token: None, enrollment_proof })
     }
 
     /// Step 4 checked: the name and configuration it gives are signed by the controller.
     pub fn on_welcome(self, msg: AgentBound) -> Result<Welcomed, HandshakeError> {
-        let Some((session, controller_key)) = self.challenged else {
+        let Some((session, controller_key, protocol)) = self.challenged else {
             return Err(unexpected("a challenge first", &msg));
         };
         match msg {
@@ -110,7 +112,7 @@ impl<'a> AgentHandshake<'a> {
                 if !signature.is_some_and(|s| controller_key.verifies(&signed, &s)) {
                     return Err(HandshakeError::BadWelcome(device));
                 }
-                Ok(Welcomed { session, device, config, heartbeat_secs, dead_after_secs, time, controller_key })
+                Ok(Welcomed { session, device, config, heartbeat_secs, dead_after_secs, time, controller_key, protocol })
             }
             AgentBound::Refused { reason } => Err(HandshakeError::Refused(reason)),
             other => Err(unexpected("a welcome", &other)),
