@@ -26,16 +26,9 @@ let
     (builtins.readFile ../daemon/dbus/io.thymis.Agent1.conf);
   # The hold group may call Hold and Release (the agent checks the caller's groups too).
   holdGroup = cfg.settings.hold_group;
-  holdPolicy = pkgs.writeTextDir "share/dbus-1/system.d/io.thymis.Agent1-hold.conf" ''
-    <!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
-     "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-    <busconfig>
-      <policy group="${toString holdGroup}">
-        <allow send_destination="io.thymis.Agent1" send_interface="io.thymis.Agent1" send_member="Hold"/>
-        <allow send_destination="io.thymis.Agent1" send_interface="io.thymis.Agent1" send_member="Release"/>
-      </policy>
-    </busconfig>
-  '';
+  holdPolicy = pkgs.writeTextDir "share/dbus-1/system.d/io.thymis.Agent1-hold.conf"
+    (builtins.replaceStrings [ "@holdGroup@" ] [ (toString holdGroup) ]
+      (builtins.readFile ../daemon/dbus/io.thymis.Agent1-hold.conf.in));
 in
 {
   options.services.thymis-agent = {

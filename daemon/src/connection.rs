@@ -139,9 +139,10 @@ async fn session(agent: &Arc<Agent>, previous: &mut Option<tokio::task::JoinHand
     .await
     .map_err(|_| anyhow!("connecting to {url} timed out"))?
     .with_context(|| format!("connecting to {url}"))?;
-    let Established { protocol, session, heartbeat, dead_after } = tokio::time::timeout(timeout, handshake(agent, &mut ws))
-        .await
-        .map_err(|_| anyhow!("handshake with {url} timed out"))??;
+    let Established { protocol, session, heartbeat, dead_after } =
+        tokio::time::timeout(timeout, handshake(agent, &mut ws))
+            .await
+            .map_err(|_| anyhow!("handshake with {url} timed out"))??;
     agent.liveness.beat();
     // The last connection's receiver imports what it had verified before this one asks
     // what is missing: those paths are not sent again.

@@ -13,6 +13,16 @@ pub struct SystemBus {
 
 impl SystemBus {
     pub fn start() -> Result<SystemBus> {
+        Self::start_with(None)
+    }
+
+    /// A bus whose policy also lets `hold_group` hold and release updates, as the NixOS
+    /// module installs it for an agent with a `hold_group`.
+    pub fn start_with_hold_group(hold_group: &str) -> Result<SystemBus> {
+        Self::start_with(Some(hold_group))
+    }
+
+    fn start_with(hold_group: Option<&str>) -> Result<SystemBus> {
         let pid = std::process::id();
         let n = NEXT_NET.fetch_add(1, Ordering::SeqCst);
         // World-traversable, so an unprivileged caller can reach the socket.
@@ -23,6 +33,11 @@ impl SystemBus {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
         let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemon/dbus/io.thymis.Agent1.conf");
         std::fs::copy(policy, dir.join("policy/io.thymis.Agent1.conf"))?;
+        if let Some(group) = hold_group {
+            let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemon/dbus/io.thymis.Agent1-hold.conf.in");
+            let text = std::fs::read_to_string(template)?.replace("@holdGroup@", group);
+            std::fs::write(dir.join("policy/io.thymis.Agent1-hold.conf"), text)?;
+        }
         let socket = dir.join("system_bus_socket");
         let mut conf = String::new();
         for line in std::fs::read_to_string("/usr/share/dbus-1/system.conf")?.lines() {

@@ -11,8 +11,9 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use thymis_api::{
-    ActivateRequest, Activated, AddDevice, ArtifactRequest, BuildRequest, ChildState, CommitRequest, Committed, Count, DeployRequest, Device,
-    DeviceDetail, DeviceResult, Enrollment, Preview, ProjectStatus, Revoked, Staging, Task, TaskResult, TaskState,
+    ActivateRequest, Activated, AddDevice, ArtifactRequest, BuildRequest, ChildState, CommitRequest, Committed, Count,
+    DeployRequest, Device, DeviceDetail, DeviceResult, Enrollment, Preview, ProjectStatus, Revoked, Staging, Task,
+    TaskResult, TaskState,
 };
 use thymis_client::known_controllers as known;
 use thymis_client::{Client, Connection, Progress, artifacts, follow};

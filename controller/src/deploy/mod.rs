@@ -320,7 +320,8 @@ pub async fn activate(ctl: &Arc<Controller>, task: i64, devices: &[String]) -> R
             release_ready(ctl, Some(&c.device))?;
         }
     }
-    ctl.notify_task(task);
+    // Recounted now: whoever asked sees the deployment running again at once.
+    refresh_task(ctl, task)?;
     Ok(answer)
 }
 

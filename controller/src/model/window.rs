@@ -109,7 +109,8 @@ impl Window {
             _ => (text, None),
         };
         if let Some(z) = &zone {
-            TimeZone::get(z).map_err(|_| err(format!("{z:?} is not a time zone (an IANA name: UTC, Europe/Berlin)")))?;
+            TimeZone::get(z)
+                .map_err(|_| err(format!("{z:?} is not a time zone (an IANA name: UTC, Europe/Berlin)")))?;
         }
         let mut rules = vec![];
         for rule in body.split(';').map(str::trim) {
@@ -129,11 +130,7 @@ impl Window {
 
     /// The time zone it is read in: its own, else the device's, else UTC.
     fn zone(&self, device_zone: Option<&str>) -> TimeZone {
-        self.zone
-            .as_deref()
-            .or(device_zone)
-            .and_then(|z| TimeZone::get(z).ok())
-            .unwrap_or(TimeZone::UTC)
+        self.zone.as_deref().or(device_zone).and_then(|z| TimeZone::get(z).ok()).unwrap_or(TimeZone::UTC)
     }
 
     /// Whether it is open at `now`, and until or from when.

@@ -242,7 +242,10 @@ impl Task {
     /// outside its window, or held).
     pub fn all_succeeded_or_staged(&self) -> bool {
         !self.children.is_empty()
-            && self.children.iter().all(|c| c.state == ChildState::Staged || c.result.is_some_and(DeviceResult::is_success))
+            && self
+                .children
+                .iter()
+                .all(|c| c.state == ChildState::Staged || c.result.is_some_and(DeviceResult::is_success))
     }
 
     pub fn child(&self, device: &str) -> Option<&Child> {

@@ -15,7 +15,8 @@ pub mod signed;
 pub mod stream;
 
 pub use message::{
-    AgentBound, ControllerBound, CopyWindow, DeltaBase, HoldReport, ProtoError, decode_agent_bound, decode_controller_bound, encode,
+    AgentBound, ControllerBound, CopyWindow, DeltaBase, HoldReport, ProtoError, decode_agent_bound,
+    decode_controller_bound, encode,
 };
 pub use outcome::{AgentState, DeviceResult, Phase, RollbackReason};
 

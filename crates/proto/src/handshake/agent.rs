@@ -112,7 +112,16 @@ impl<'a> AgentHandshake<'a> {
                 if !signature.is_some_and(|s| controller_key.verifies(&signed, &s)) {
                     return Err(HandshakeError::BadWelcome(device));
                 }
-                Ok(Welcomed { session, device, config, heartbeat_secs, dead_after_secs, time, controller_key, protocol })
+                Ok(Welcomed {
+                    session,
+                    device,
+                    config,
+                    heartbeat_secs,
+                    dead_after_secs,
+                    time,
+                    controller_key,
+                    protocol,
+                })
             }
             AgentBound::Refused { reason } => Err(HandshakeError::Refused(reason)),
             other => Err(unexpected("a welcome", &other)),
