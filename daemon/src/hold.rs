@@ -93,7 +93,7 @@ impl Holds {
     /// whether it is past its maximum age.
     pub fn current(&self) -> Option<HoldReport> {
         let dbus = self.dbus.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let file = self.from_file();
+        let file = self.of_file();
         let taken = match (dbus, file) {
             (Some(a), Some(b)) => Some(if b.since < a.since { b } else { a }),
             (a, b) => a.or(b),
@@ -107,7 +107,7 @@ impl Holds {
         self.current().filter(|h| !h.overdue)
     }
 
-    fn from_file(&self) -> Option<Taken> {
+    fn of_file(&self) -> Option<Taken> {
         let meta = std::fs::metadata(&self.file).ok()?;
         let since = meta.modified().ok().and_then(|m| m.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
         // Only the start is read: an application may leave anything there.

@@ -913,6 +913,8 @@ fn a_device_flooding_reports_is_slowed_and_its_latest_report_kept() {
                 last_sequence: 0,
                 pending: None,
                 profile_system: None,
+                hold: None,
+                time_zone: None,
             });
             ws.send(Message::text(encode(&report))).await.expect("send");
         }
@@ -1103,6 +1105,8 @@ fn a_devices_reports_and_errors_are_bounded_in_bytes() {
             last_sequence: 0,
             pending: None,
             profile_system: None,
+            hold: Some(thymis_proto::HoldReport { reason: big.clone(), since: 0, overdue: false }),
+            time_zone: Some(format!("../../../etc/{big}")),
         });
         ws.send(Message::text(encode(&report))).await.expect("send");
         for _ in 0..40 {
@@ -1118,6 +1122,8 @@ fn a_devices_reports_and_errors_are_bounded_in_bytes() {
     let version = row["agent_version"].as_str().unwrap_or_default();
     assert!(version.len() <= thymis_proto::bounds::MAX_NAME && version.ends_with("[cut]"), "{} bytes", version.len());
     assert!(row["commit"].as_str().unwrap_or_default().len() <= thymis_proto::bounds::MAX_NAME);
+    assert!(row["hold"]["reason"].as_str().unwrap_or_default().len() <= thymis_proto::bounds::MAX_NAME, "{row}");
+    assert!(row["time_zone"].as_str().unwrap_or_default().len() <= thymis_proto::bounds::MAX_NAME, "{row}");
     let log = f.controller.log();
     let grew = log.len() - log_before;
     assert!(log.contains("error-flood"), "the first errors are logged");

@@ -487,6 +487,8 @@ mod tests {
             wave: 1,
             paths_substituted: 0,
             bytes_substituted: 0,
+            waiting: None,
+            reboot_needed: None,
         };
         let mut t = Task {
             id: 7,
