@@ -75,6 +75,26 @@ fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
     assert_ne!(deployed, head, "Commit & Deploy did not commit");
     assert_eq!(f.device_row("a1")["commit"], deployed.as_str());
 
+    // Stage only: the task says the device waits for activation; Activate switches it.
+    f.set_configs(&json!({ "alpha": { "version": "2s", "units": ["web.service"] }, "beta": { "version": "1" } }))
+        .expect("cfg");
+    ui(
+        &f,
+        "staged",
+        json!({
+            "devices": { "a1": deployed },
+            "changed": "configs.json",
+            "targets": ["a1"],
+            "preview": ["a1"],
+            "stageOnly": true,
+            "state": "waiting",
+            "results": { "a1": "staged: waiting for activation" },
+            "activate": { "a1": "succeeded" },
+        }),
+    );
+    let staged = f.controller.project_head();
+    assert_eq!(f.device_row("a1")["commit"], staged.as_str(), "Activate did not switch a1");
+
     // A configuration whose activation fails shows the rollback and its reason.
     f.set_configs(&json!({ "alpha": { "version": "3", "activationFails": true }, "beta": { "version": "1" } }))
         .expect("cfg");
@@ -82,7 +102,7 @@ fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
         &f,
         "failing",
         json!({
-            "devices": { "a1": deployed },
+            "devices": { "a1": staged },
             "changed": "configs.json",
             "targets": ["a1"],
             "preview": ["a1"],
@@ -111,7 +131,7 @@ fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
         &f,
         "canary",
         json!({
-            "devices": { "a1": deployed },
+            "devices": { "a1": staged },
             "changed": "configs.json",
             "tag": "screens",
             "preview": ["a1", "a2", "b1"],

@@ -89,6 +89,7 @@ try {
   }
   for (const d of expect.preview) await page.waitForSelector(`[data-preview-device="${d}"]`);
   if (expect.canary) await page.fill("[data-testid=rollout-canary]", expect.canary);
+  if (expect.stageOnly) await page.check("[data-testid=stage-only]");
   const button = page.locator("[data-testid=deploy-submit]");
   check((await button.innerText()).includes("Commit & Deploy"), "uncommitted changes offer Commit & Deploy");
   await page.screenshot({ path: `${shots}/${phase}-deploy.png`, fullPage: true });
@@ -110,6 +111,16 @@ try {
     check(cell.includes(text), `${device}: "${cell}" does not say "${text}"`);
   }
   await page.screenshot({ path: `${shots}/${phase}-task.png`, fullPage: true });
+  if (expect.activate) {
+    // Staged devices switch when told to, through the normal path.
+    await page.click("[data-testid=activate]");
+    await page.waitForFunction(() => document.querySelector("[data-testid=task-state]")?.textContent === "finished", null, { timeout: 90000 });
+    for (const [device, text] of Object.entries(expect.activate)) {
+      const cell = (await page.locator(`tr[data-child="${device}"] [data-testid=child-result]`).innerText()).trim();
+      check(cell.includes(text), `${device} after Activate: "${cell}" does not say "${text}"`);
+    }
+    await page.screenshot({ path: `${shots}/${phase}-activated.png`, fullPage: true });
+  }
 
   // The other views.
   await page.click("[data-testid=nav-tasks]");

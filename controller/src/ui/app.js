@@ -49,8 +49,20 @@ function showLogin(message) {
   };
 }
 
+// Why a staged device has not switched yet, and whether switching reboots it.
+function waitingText(c) {
+  const w = c.waiting || {};
+  const text = w.for === "window" ? `waiting for window (opens ${new Date(w.opens * 1000).toLocaleString()})`
+    : w.for === "hold" ? `held: ${w.reason}`
+    : w.for === "connection" ? "staged: switches when the device connects"
+    : "staged: waiting for activation";
+  const reboot = c.reboot_needed ? ` <span class="badge warn" data-testid="reboot-needed" title="${esc(c.reboot_needed)}">reboot needed</span>` : "";
+  return `<span class="badge" data-testid="staged" title="${esc(w.window || "")}">${esc(text)}</span>${reboot}`;
+}
+
 function resultText(c) {
   const r = c.result;
+  if (!r && c.state === "staged") return waitingText(c);
   if (!r) return `<span class="badge">${esc(c.state)}</span>`;
   if (r === "succeeded") return `<span class="badge ok">succeeded</span>`;
   if (r === "succeeded-with-failed-units") return `<span class="badge warn">switched, units failed: ${esc((c.failed_units || []).join(", "))}</span>`;
@@ -70,6 +82,16 @@ function handSet(d) {
   return ` <span class="badge bad" data-testid="boots-next" title="${esc(d.boots_next)}">boots next ${storeName(d.boots_next)}, set on the device</span>`;
 }
 
+// An application on the device holds updates (past the device's maximum: not obeyed).
+function holdBadge(d) {
+  const h = d.hold;
+  if (!h) return "";
+  const since = new Date(h.since * 1000).toLocaleString();
+  return h.overdue
+    ? ` <span class="badge bad" data-testid="held" title="since ${esc(since)}">held: ${esc(h.reason)} (too old: not obeyed)</span>`
+    : ` <span class="badge warn" data-testid="held" title="since ${esc(since)}">held: ${esc(h.reason)}</span>`;
+}
+
 async function devicesView() {
   const [devices, configs, tasks] = await Promise.all([api("GET", "/api/v1/devices"), api("GET", "/api/v1/project/configs"), api("GET", "/api/v1/tasks")]);
   const last = {};
@@ -83,7 +105,7 @@ async function devicesView() {
         <tr data-device="${esc(d.name)}">
           <td><a href="#/devices/${encodeURIComponent(d.name)}" data-testid="device-link"><strong>${esc(d.name)}</strong></a>${d.revoked ? ' <span class="badge bad">revoked</span>' : ""}</td>
           <td>${esc(d.config)}</td><td>${tagsOf(d.config)}</td>
-          <td>${d.online ? '<span class="badge ok">online</span>' : `<span class="badge">offline</span> <span class="muted">${ago(d.last_seen)}</span>`}</td>
+          <td>${d.online ? '<span class="badge ok">online</span>' : `<span class="badge">offline</span> <span class="muted">${ago(d.last_seen)}</span>`}${holdBadge(d)}</td>
           <td data-testid="device-commit"><code>${short(d.commit)}</code></td>
           <td class="wrap"><code title="${esc(d.system)}">${storeName(d.system)}</code>${handSet(d)}</td>
           <td>${last[d.name] ? resultText(last[d.name]) : '<span class="muted">–</span>'}</td>
@@ -176,6 +198,7 @@ function rolloutRow(t) {
 
 function renderTask(t, logs) {
   const running = !["finished", "cancelled", "halted"].includes(t.state);
+  const staged = (t.children || []).filter((c) => c.state === "staged" && c.waiting?.for !== "hold");
   const waves = !!t.rollout;
   main.innerHTML = `
     <h1>Task ${t.id} <span class="muted">${esc(t.kind)}</span></h1>
@@ -185,6 +208,7 @@ function renderTask(t, logs) {
       <span>Commit: <code>${short(t.commit)}</code></span>
       ${t.system ? `<span>System: <code>${storeName(t.system)}</code></span>` : ""}
       ${running && t.kind === "deployment" ? '<button id="cancel" data-testid="cancel">Cancel</button>' : ""}
+      ${staged.length ? `<button id="activate" class="primary" data-testid="activate" title="Switch the staged devices now (a device held by an application switches once released)">Activate ${staged.length} staged</button>` : ""}
       ${t.kind === "image" || t.kind === "bundle" ? `<span id="artifacts"></span>` : ""}
     </div>
     ${rolloutRow(t)}
@@ -197,6 +221,8 @@ function renderTask(t, logs) {
     <h2>Log</h2><pre data-testid="task-log">${esc(logs.join("\n"))}</pre>`;
   const cancel = document.getElementById("cancel");
   if (cancel) cancel.onclick = () => api("POST", `/api/v1/tasks/${t.id}/cancel`);
+  const activate = document.getElementById("activate");
+  if (activate) activate.onclick = () => api("POST", `/api/v1/tasks/${t.id}/activate`, { devices: [] });
   const resume = document.getElementById("resume");
   if (resume) resume.onclick = async () => {
     const next = await api("POST", `/api/v1/tasks/${t.id}/resume`);
@@ -247,6 +273,12 @@ async function openDeploy() {
         <label>Halt after failures over<br><input id="max_failures" data-testid="rollout-max-failures" placeholder="0" size="6"></label>
         <label>Soak after each wave (s)<br><input id="soak" data-testid="rollout-soak" placeholder="0" size="6" inputmode="numeric"></label>
       </div>
+      <h2>When to switch</h2>
+      <p class="muted">The copy starts at once; the switch (and a reboot) waits for the window, or for Activate on the task.</p>
+      <div class="columns">
+        <label><input type="checkbox" id="stage_only" data-testid="stage-only"> Stage only: switch later with Activate</label>
+        <label>Maintenance window<br><input id="window" data-testid="window" placeholder="thymis.toml's, e.g. Mon-Fri 22:00-06:00" size="34"></label>
+      </div>
       <h2>Preview</h2><div id="preview" data-testid="preview"><p class="muted">Pick targets.</p></div>
       <p class="row"><button class="primary" id="go" data-testid="deploy-submit" disabled>${status.dirty ? "Commit &amp; Deploy" : "Deploy"}</button>
       <button id="close">Close</button> <span class="error" id="deploy-error"></span></p>
@@ -256,6 +288,7 @@ async function openDeploy() {
     configs: [...chosen.configs], devices: [...chosen.devices], message: document.getElementById("message")?.value,
     canary: field("canary"), wave_size: field("wave_size"), max_failures: field("max_failures"),
     soak: field("soak") ? Number(field("soak")) : null,
+    stage_only: !!document.getElementById("stage_only")?.checked, window: field("window"),
   });
   const preview = async () => {
     const go = document.getElementById("go");
@@ -310,7 +343,7 @@ async function route() {
     const m = hash.match(/^#\/tasks\/(\d+)/);
     const dev = hash.match(/^#\/devices\/(.+)$/);
     if (m) await taskView(m[1]);
-    else if (dev) await deviceView(decodeURIComponent(dev[1]), { api, esc, short, storeName, ago, resultText, handSet, main, csrf: () => csrf });
+    else if (dev) await deviceView(decodeURIComponent(dev[1]), { api, esc, short, storeName, ago, resultText, handSet, holdBadge, main, csrf: () => csrf });
     else if (hash.startsWith("#/tasks")) await tasksView();
     else if (hash.startsWith("#/configs")) await configsView();
     else await devicesView();

@@ -12,10 +12,10 @@ export function leaveDevicePage() {
 }
 
 export async function deviceView(name, ui) {
-  const { api, esc, short, storeName, ago, resultText, handSet, main } = ui;
+  const { api, esc, short, storeName, ago, resultText, handSet, holdBadge, main } = ui;
   const d = await api("GET", `/api/v1/devices/${encodeURIComponent(name)}`);
   const tags = d.tags.map((t) => `<span class="badge">${esc(t)}</span>`).join(" ") || '<span class="muted">–</span>';
-  const status = d.online ? '<span class="badge ok">online</span>' : `<span class="badge">offline</span> <span class="muted">last seen ${ago(d.last_seen)}</span>`;
+  const status = (d.online ? '<span class="badge ok">online</span>' : `<span class="badge">offline</span> <span class="muted">last seen ${ago(d.last_seen)}</span>`) + holdBadge(d);
   const when = (t) => new Date(t * 1000).toLocaleString();
   main.innerHTML = `
     <h1>${esc(d.name)} ${status}</h1>
