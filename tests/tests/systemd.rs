@@ -188,3 +188,51 @@ fn a_service_that_crashes_after_starting_fails_its_check_and_checks_run_after_a_
     assert_ne!(boot0, boot1, "the device did not reboot");
     assert_eq!(dev.exec("cat /run/thymis-check/boot").trim(), boot1.trim(), "the checks did not run in the new boot");
 }
+
+/// A system whose switch inhibitors changed cannot switch live (NixOS refuses to): the
+/// deployment becomes a reboot deployment, staged with "reboot needed" until its window
+/// opens, and the device reboots into it inside the window.
+#[test]
+fn changed_switch_inhibitors_reboot_in_the_window() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let mut f = Fleet::new(FleetOptions { confirm_timeout: 20, ..Default::default() }).expect("fleet");
+    f.add_systemd_device("s1", "alpha", true).expect("systemd device");
+    f.wait_online("s1");
+    let inhibited = |version: &str, dbus: &str| {
+        json!({ "alpha": { "version": version, "units": ["web.service"],
+                           "switchInhibitors": { "dbus-implementation": dbus } }, "beta": {} })
+    };
+    f.set_configs(&inhibited("1", "dbus")).expect("cfg");
+    let t = deploy(&f, &["--device", "s1"]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+
+    // The window opens in a little while: the copy happens now, the reboot then.
+    f.set_configs(&inhibited("2", "broker")).expect("cfg");
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs();
+    let opens = now + 30;
+    let hms = |s: u64| format!("{:02}:{:02}:{:02}", s % 86_400 / 3600, s / 60 % 60, s % 60);
+    let window = format!("daily {}-{} UTC", hms(opens), hms(opens + 900));
+    let boot0 = f.device("s1").boot_id();
+    let t = deploy(&f, &["--device", "s1", "--window", &window, "-m", "v2: another D-Bus"]);
+    let child = Fleet::child(&t, "s1");
+    assert_eq!(child["state"], "staged", "{child}\n{}", f.diagnostics());
+    let why = child["reboot_needed"].as_str().unwrap_or_default();
+    assert!(why.contains("switch inhibitors changed (dbus-implementation)"), "{child}");
+    assert_eq!(f.device("s1").boot_id(), boot0, "rebooted outside the window");
+    let id = t["id"].as_i64().expect("id");
+
+    let done = wait_for("the window to open and the device to reboot", Duration::from_secs(180), || {
+        let t = f.controller.ctl_json(&["task", &id.to_string()]);
+        (t["state"] == "finished").then_some(t)
+    });
+    let child = Fleet::child(&done, "s1");
+    assert_eq!(child["result"], "succeeded", "{child}\n{}", f.diagnostics());
+    let new = child["system"].as_str().expect("system");
+    let dev = f.device("s1");
+    assert_ne!(dev.boot_id(), boot0, "the new system was switched live, not booted");
+    assert_eq!(dev.exec("readlink /run/current-system").trim(), new);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs();
+    assert!(now >= opens, "rebooted before the window opened");
+    let logs = f.controller.task_logs(id).join("\n");
+    assert!(logs.contains("needs a reboot: switch inhibitors changed"), "{logs}");
+}
