@@ -77,6 +77,8 @@ let
         });
       };
       services.dbus.packages = mkOption { type = types.listOf types.path; default = [ ]; };
+      # nixos/modules/config/locale.nix: links /etc/localtime into the zone database.
+      time.timeZone = mkOption { type = types.nullOr types.str; default = null; };
       # nixos/modules/system/etc/etc.nix: each file from text or from a source.
       environment.etc = mkOption {
         default = { };
@@ -174,6 +176,12 @@ in
     healthCheckDeadline = 30;
   }; in lib.mapAttrs (n: f: if f.text != null then f.text else builtins.readFile f.source) c.environment.etc;
   agentNoHealthChecks = (agent { }).environment.etc;
+  # A hold group: in the agent's TOML, and a bus policy that lets it call Hold/Release.
+  agentHoldGroup = let c = agent { settings.hold_group = "kiosk"; }; in {
+    toml = agentToml c;
+    policies = map builtins.readFile c.services.dbus.packages;
+  };
+  agentNoHoldGroupPolicies = builtins.length (agent { }).services.dbus.packages;
   # The default package is pkgs.thymis (the overlay's).
   agentExecStart = (agent { }).systemd.services.thymis-agent.serviceConfig.ExecStart;
   agentStateDirectory = (agent { settings.state_dir = "/var/lib/fleet"; }).systemd.services.thymis-agent.serviceConfig.StateDirectory;

@@ -103,6 +103,14 @@ fn modules_evaluate_with_the_real_module_system_and_the_docs_examples_hold() {
     assert_eq!(checks["thymis/health-checks/wanted.d/sensor.timeout"], "5", "{checks}");
     assert!(checks.get("thymis/health-checks/required.d/sensor").is_none(), "a wanted check is not required: {checks}");
     assert_eq!(v["agentNoHealthChecks"], serde_json::json!({}), "no checks, no files");
+    // A hold group reaches the agent and the bus policy (docs/agent.md, "Holds").
+    let hold = &v["agentHoldGroup"];
+    assert_eq!(hold["toml"]["hold_group"], "kiosk", "{hold}");
+    let policies = hold["policies"].as_array().cloned().unwrap_or_default();
+    assert_eq!(policies.len(), 2, "{hold}");
+    let group = policies[1].as_str().unwrap_or_default();
+    assert!(group.contains(r#"<policy group="kiosk">"#) && group.contains(r#"send_member="Hold""#), "{group}");
+    assert_eq!(v["agentNoHoldGroupPolicies"], 1, "no hold group, no policy for one");
     assert_eq!(v["agentStateDirectory"], "fleet");
     assert_eq!(v["agentElsewhere"]["hasStateDirectory"], false);
     assert_eq!(v["agentElsewhere"]["tmpfiles"][0], "d /data/thymis 0700 root root -");
