@@ -79,6 +79,11 @@ fn stage_only_waits_for_activate_across_restarts() {
     for d in ["s1", "s2"] {
         assert_eq!(Fleet::child(&after, d)["state"], "staged", "{after}\n{}", f.diagnostics());
     }
+    // The device's page says so too.
+    let shown = f.controller.ctl_json(&["device", "show", "s2"]);
+    assert_eq!(shown["history"][0]["waiting"], json!({ "for": "activation" }), "{shown}");
+    let text = String::from_utf8_lossy(&f.controller.ctl(&["device", "show", "s2"]).stdout).into_owned();
+    assert!(text.contains("staged: waiting for thymisctl activate"), "{text}");
 
     // One device now: it switches through the normal path; the other stays staged.
     let out = f.controller.ctl(&["--json", "activate", &id.to_string(), "--device", "s1", "--wait"]);
@@ -217,6 +222,8 @@ fn held_devices_are_staged_and_switch_once_released() {
     }
     let listed = String::from_utf8_lossy(&f.controller.ctl(&["devices"]).stdout).into_owned();
     assert!(listed.contains("held: printing a label"), "{listed}");
+    let shown = String::from_utf8_lossy(&f.controller.ctl(&["device", "show", "h2"]).stdout).into_owned();
+    assert!(shown.contains("updates       held: an order is being taken"), "{shown}");
 
     configs(&f, "2");
     let (code, staged) = f.deploy_wait(&["--device", "h1", "--device", "h2", "-m", "v2 while held"]);

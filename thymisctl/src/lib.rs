@@ -640,7 +640,9 @@ fn print_device(d: &DeviceDetail) {
     for h in &d.history {
         let commit: String = printable_or_dash(h.commit.as_deref()).chars().take(12).collect();
         let result = h.result.map_or_else(|| format!("({})", h.state.as_str()), |r| r.as_str().to_owned());
-        let reason = printable(h.reason.map(|r| r.as_str()).or(h.error.as_deref()).unwrap_or(""));
+        let waiting = h.waiting.as_ref().map(|w| w.describe());
+        let reason =
+            printable(h.reason.map(|r| r.as_str()).or(waiting.as_deref()).or(h.error.as_deref()).unwrap_or(""));
         println!("{:<6} {:<20} {commit:<12} {result:<28} {reason}", h.task, console::utc(h.updated.max(0) as u64));
     }
 }

@@ -5,15 +5,16 @@ use anyhow::Result;
 use super::*;
 
 impl Db {
-    pub fn add_child(&self, task: i64, device: &str, config: &str, wave: usize) -> Result<i64> {
+    /// A device's part of a deployment; `window`: the maintenance window it switches in.
+    pub fn add_child(&self, task: i64, device: &str, config: &str, wave: usize, window: Option<&str>) -> Result<i64> {
         // Opaque and short whatever the device's name (one built from the name was too
         // long for the agent past 59 characters).
         let deployment_id = format!("dp-{}", crate::random::hex::<8>()?);
         self.c()
             .query_one(
-                "INSERT INTO children (task, device, config, deployment_id, stage, wave, updated)
-                 VALUES (?1, ?2, ?3, ?4, 'building', ?5, ?6) RETURNING id",
-                vals![task, device, config, deployment_id, wave as i64, now()],
+                "INSERT INTO children (task, device, config, deployment_id, stage, wave, updated, switch_window)
+                 VALUES (?1, ?2, ?3, ?4, 'building', ?5, ?6, ?7) RETURNING id",
+                vals![task, device, config, deployment_id, wave as i64, now(), window],
             )?
             .get(0)
     }
@@ -98,11 +99,12 @@ impl Db {
             system: r.get(8)?,
             wave: r.get::<i64>(9)? as usize,
             activate_now: r.get(10)?,
+            window: r.get(11)?,
         })
     }
 
     pub(super) const CHILD_COLS: &'static str =
-        "id, task, device, config, deployment_id, stage, result, sequence, system, wave, activate_now";
+        "id, task, device, config, deployment_id, stage, result, sequence, system, wave, activate_now, switch_window";
 
     pub(super) fn children_where(&self, condition: &str, params: &[Value]) -> Result<Vec<ChildRow>> {
         let sql = format!("SELECT {} FROM children WHERE {condition} ORDER BY id", Self::CHILD_COLS);

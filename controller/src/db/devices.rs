@@ -150,7 +150,7 @@ impl Db {
     pub fn device_history(&self, device: &str, limit: i64) -> Result<Vec<thymis_api::DeviceDeployment>> {
         let rows = self.c().query(
             "SELECT c.task, c.deployment_id, t.commit_rev, t.message, c.stage, c.result, c.reason, c.error,
-                    c.system, t.created, c.updated
+                    c.system, t.created, c.updated, c.waiting, c.reboot_needed
              FROM children c JOIN tasks t ON t.id = c.task
              WHERE c.device = ?1 ORDER BY c.id DESC LIMIT ?2",
             vals![device, limit],
@@ -171,6 +171,8 @@ impl Db {
                     system: r.get(8)?,
                     created: r.get(9)?,
                     updated: r.get(10)?,
+                    waiting: r.get::<Option<String>>(11)?.and_then(|w| serde_json::from_str(&w).ok()),
+                    reboot_needed: r.get(12)?,
                 })
             })
             .collect()

@@ -70,6 +70,9 @@ pub struct ChildRow {
     pub wave: usize,
     /// Told to activate (`thymisctl activate`): stage-only and windows no longer stop it.
     pub activate_now: bool,
+    /// The maintenance window it switches in (given on deploy, or its configuration's or
+    /// tag's in thymis.toml at the deployed commit).
+    pub window: Option<String>,
 }
 
 /// The database: one connection behind a mutex (the controller's writes are small),

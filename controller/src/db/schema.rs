@@ -153,15 +153,16 @@ CREATE TABLE enrollment_keys (
     r#"
 ALTER TABLE children ADD COLUMN failed_checks TEXT NOT NULL DEFAULT '[]';
 "#,
-    // Staging, maintenance windows and holds: why a staged device waits, whether its
-    // switch reboots, whether it was told to activate; a deployment's stage-only flag
-    // and window; a device's hold and time zone.
+    // Staging, maintenance windows and holds: the window a device switches in, why a
+    // staged device waits, whether its switch reboots, whether it was told to activate;
+    // a deployment's stage-only flag; a device's hold and time zone.
     r#"
+ALTER TABLE children ADD COLUMN switch_window TEXT;
 ALTER TABLE children ADD COLUMN waiting TEXT;
 ALTER TABLE children ADD COLUMN reboot_needed TEXT;
 ALTER TABLE children ADD COLUMN activate_now INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX children_stage ON children(stage);
 ALTER TABLE tasks ADD COLUMN stage_only INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE tasks ADD COLUMN switch_window TEXT;
 ALTER TABLE devices ADD COLUMN hold TEXT;
 ALTER TABLE devices ADD COLUMN time_zone TEXT;
 "#,

@@ -51,19 +51,14 @@ impl Db {
         Ok(())
     }
 
-    /// A deployment's switch rules: stage-only, and the window given on deploy.
-    pub fn set_task_switch(&self, task: i64, stage_only: bool, window: Option<&str>) -> Result<()> {
-        self.c().execute(
-            "UPDATE tasks SET stage_only = ?2, switch_window = ?3 WHERE id = ?1",
-            vals![task, stage_only, window],
-        )?;
+    /// Marks a deployment stage-only: its devices switch when told to.
+    pub fn set_task_stage_only(&self, task: i64) -> Result<()> {
+        self.c().execute("UPDATE tasks SET stage_only = 1 WHERE id = ?1", vals![task])?;
         Ok(())
     }
 
-    /// (stage-only, the window given on deploy) of a deployment.
-    pub fn task_switch(&self, task: i64) -> Result<(bool, Option<String>)> {
-        let r = self.c().query_one("SELECT stage_only, switch_window FROM tasks WHERE id = ?1", vals![task])?;
-        Ok((r.get(0)?, r.get(1)?))
+    pub fn task_stage_only(&self, task: i64) -> Result<bool> {
+        self.c().query_one("SELECT stage_only FROM tasks WHERE id = ?1", vals![task])?.get(0)
     }
 
     /// Gives a deployment until at least `at` before it expires (a staged device that

@@ -16,18 +16,10 @@ use crate::model::window::{Now, Window};
 pub(super) fn waiting(ctl: &Controller, child: &ChildRow) -> Result<Option<Waiting>> {
     let device = ctl.db.device(&child.device)?;
     if !child.activate_now {
-        let (stage_only, window) = ctl.db.task_switch(child.task)?;
-        if stage_only {
+        if ctl.db.task_stage_only(child.task)? {
             return Ok(Some(Waiting::Activation));
         }
-        let window = match window {
-            Some(w) => Some(w),
-            None => match ctl.db.task_commit(child.task)? {
-                Some((commit, _)) => ctl.project.toml_at(&commit)?.window(&child.config),
-                None => None,
-            },
-        };
-        if let Some(spec) = window {
+        if let Some(spec) = child.window.clone() {
             let zone = device.as_ref().and_then(|d| d.time_zone.clone());
             match Window::parse(&spec)?.at(Timestamp::now(), zone.as_deref()) {
                 Now::Open { .. } => {}

@@ -143,14 +143,18 @@ pub async fn start(ctl: &Arc<Controller>, req: DeployRequest) -> Result<i64> {
     if staging.is_staged() {
         ctl.db.set_task_rollout(task, &staging)?;
     }
-    if req.stage_only || req.window.is_some() {
-        ctl.db.set_task_switch(task, req.stage_only, req.window.as_deref())?;
+    if req.stage_only {
+        ctl.db.set_task_stage_only(task)?;
     }
+    // Each device's window: the one given, else its configuration's (or tag's) at the
+    // deployed commit.
+    let toml = ctl.project.toml_at(&commit)?;
     // The devices in waves, in the preview's order (by name).
     let waves = staging.waves(p.devices.len());
     let wave_of = waves.iter().enumerate().flat_map(|(w, n)| std::iter::repeat_n(w, *n));
     for (d, wave) in p.devices.iter().zip(wave_of) {
-        ctl.db.add_child(task, &d.name, &d.config, wave)?;
+        let window = req.window.clone().or_else(|| toml.window(&d.config));
+        ctl.db.add_child(task, &d.name, &d.config, wave, window.as_deref())?;
         supersede(ctl, &d.name, task)?;
     }
     if waves.len() > 1 {

@@ -176,7 +176,7 @@ mod tests {
         let staging = Staging { canary: Some(Count::Devices(1)), soak: Some(60), ..Default::default() };
         db.set_task_rollout(task, &staging).expect("plan");
         for (i, wave) in [0, 1, 1].into_iter().enumerate() {
-            db.add_child(task, &format!("d{i}"), "kiosk", wave).expect("child");
+            db.add_child(task, &format!("d{i}"), "kiosk", wave, None).expect("child");
         }
         let settled = |wave| R::WaveSettled { wave, failed: vec![] };
         let (state, actions) = db.rollout_step(task, R::Start, 100).expect("stored").expect("some").expect("start");
@@ -207,7 +207,7 @@ mod tests {
     fn a_device_deployment_and_a_job_are_stored_through_their_machines() {
         let (_tmp, db) = db();
         let task = db.create_task("me", "deployment", Some("c"), None, None, false, None).expect("task");
-        let child = db.add_child(task, "d1", "kiosk", 0).expect("child");
+        let child = db.add_child(task, "d1", "kiosk", 0, None).expect("child");
         let step = db.advance(child, Event::Built, &Details::default()).expect("stored").expect("built");
         assert_eq!((step.before, step.stage), (Stage::Building, Stage::Queued));
         let details = Details { reason: Some(thymis_api::Reason::Halted), ..Details::error("not offered") };

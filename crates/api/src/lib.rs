@@ -391,6 +391,11 @@ pub struct DeviceDeployment {
     /// When the deployment was created, and when this device's part last changed.
     pub created: i64,
     pub updated: i64,
+    /// A staged deployment's reason to wait, and why switching will reboot the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot_needed: Option<String>,
 }
 
 /// One event of a journal stream (`GET /devices/{name}/journal`, one JSON object per
