@@ -113,6 +113,25 @@ fn stage_only_waits_for_activate_across_restarts() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no device of task") || err.contains("already"), "{err}");
+
+    // A staged rollout counts a staged device as not yet deployed: the canary's wave
+    // waits for its real result, and the next wave is offered nothing until then.
+    configs(&f, "3");
+    let (code, t) = f.deploy_wait(&["--stage-only", "--canary", "1", "--device", "s1", "--device", "s2", "-m", "v3"]);
+    assert_eq!(code, 0, "{t}");
+    let id = t["id"].as_i64().expect("id");
+    assert_eq!(Fleet::child(&t, "s1")["state"], "staged", "{t}\n{}", f.diagnostics());
+    std::thread::sleep(Duration::from_secs(3));
+    let t = task(&f, id);
+    let s2 = Fleet::child(&t, "s2");
+    assert_eq!((&s2["state"], &s2["bytes_sent"]), (&json!("pending"), &json!(0)), "the next wave went on: {t}");
+    let out = f.controller.ctl(&["--json", "activate", &id.to_string(), "--device", "s1", "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    let t = wait_for("the second wave to be staged", Duration::from_secs(60), || {
+        let t = task(&f, id);
+        (Fleet::child(&t, "s2")["state"] == "staged").then_some(t)
+    });
+    assert_eq!(Fleet::child(&t, "s1")["result"], "succeeded", "{t}");
 }
 
 #[test]
@@ -163,6 +182,27 @@ fn windows_stage_devices_until_they_open() {
     let out = f.controller.ctl(&["--json", "activate", &id.to_string(), "--wait"]);
     let t: Value = serde_json::from_slice(&out.stdout).expect("activate json");
     assert_eq!(t["result"], "succeeded", "activate did not override the window: {t}\n{}", f.diagnostics());
+
+    // A window that closes before the device could switch (it was offline) leaves it
+    // staged for the next opening, not failed.
+    let short = unix_now() + 8;
+    let window = format!("daily {}-{} UTC", hms(unix_now()), hms(short));
+    f.device_mut("w1").kill9();
+    f.wait_offline("w1");
+    configs(&f, "4");
+    let t = f.controller.ctl_json(&["deploy", "--device", "w1", "--window", &window, "-m", "v4, a short window"]);
+    let id = t["id"].as_i64().expect("id");
+    wait_for("the window to close", Duration::from_secs(30), || (unix_now() > short).then_some(()));
+    f.device_mut("w1").start().expect("start w1");
+    f.wait_online("w1");
+    let t = wait_for("w1 staged", Duration::from_secs(60), || {
+        let t = task(&f, id);
+        (Fleet::child(&t, "w1")["state"] == "staged").then_some(t)
+    });
+    let c = Fleet::child(&t, "w1");
+    assert_eq!(c["waiting"]["for"], "window", "{c}");
+    assert!(c["waiting"]["opens"].as_u64().unwrap_or(0) > unix_now() + 3600, "{c}");
+    assert!(c["result"].is_null(), "{c}");
 
     // A window that does not parse is refused before anything happens.
     let out = f.controller.ctl(&["deploy", "--device", "w1", "--window", "whenever"]);

@@ -19,7 +19,14 @@ pub fn sweep(ctl: &Arc<Controller>) -> Result<()> {
         if kind != "deployment" || expires.is_none_or(|e| e > t) {
             continue;
         }
-        for c in ctl.db.children(task)? {
+        let children = ctl.db.children(task)?;
+        // Staged devices wait as long as their activation, window or hold takes, and
+        // the later waves behind them with them: such a deployment does not expire (it
+        // gets a lifetime again when they go on).
+        if children.iter().any(|c| c.stage == Stage::Staged) {
+            continue;
+        }
+        for c in children {
             let error = if c.stage.activated() {
                 "not heard from after activation before the deployment expired"
             } else {

@@ -33,14 +33,18 @@ impl Stopped {
 /// groups), and whether it was stopped.
 /// `queued_online` counts the queued devices that are connected (about to be offered).
 /// Staged devices wait too (for their activation, window or hold): a deployment whose
-/// only unfinished devices are queued or staged is `waiting`.
+/// only unfinished devices are queued or staged, and the later waves behind staged ones,
+/// is `waiting`.
 pub fn deployment_state(
     children: &[(Stage, usize)],
     queued_online: usize,
     stopped: Option<Stopped>,
 ) -> (TaskState, Option<TaskResult>) {
     let any = |f: &dyn Fn(Stage) -> bool| children.iter().any(|(s, n)| *n > 0 && f(*s));
-    let waits = |s: Stage| matches!(s, Stage::Queued | Stage::Staged);
+    let staged = any(&|s| s == Stage::Staged);
+    // Later waves wait for the staged devices of the wave before; behind anything else
+    // (an offline device, a soak) the rollout is still under way.
+    let waits = |s: Stage| matches!(s, Stage::Queued | Stage::Staged) || (staged && s == Stage::Waiting);
     if any(&|s| !s.is_finished() && !waits(s)) || queued_online > 0 {
         return (TaskState::Running, None);
     }
@@ -148,6 +152,8 @@ mod tests {
         // Staged devices wait (for activation, their window, their hold): not running.
         assert_eq!(st(&[(Staged, 2), (Finished(R::Succeeded), 1)], None), (TaskState::Waiting, None));
         assert_eq!(st(&[(Staged, 1), (Copying, 1)], None), (TaskState::Running, None));
+        assert_eq!(st(&[(Staged, 1), (Waiting, 3)], None), (TaskState::Waiting, None), "a staged canary");
+        assert_eq!(st(&[(Queued, 1), (Waiting, 3)], None), (TaskState::Running, None), "an offline canary");
         assert_eq!(
             st(&[(Finished(R::Succeeded), 5), (Finished(R::SucceededWithFailedUnits), 1)], None),
             (TaskState::Finished, Some(TaskResult::Succeeded))

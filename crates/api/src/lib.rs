@@ -239,13 +239,13 @@ impl Task {
     }
 
     /// Every device succeeded or is staged (copied, switching later: stage-only,
-    /// outside its window, or held).
+    /// outside its window, or held), or, in a later wave, waits behind staged ones.
     pub fn all_succeeded_or_staged(&self) -> bool {
         !self.children.is_empty()
-            && self
-                .children
-                .iter()
-                .all(|c| c.state == ChildState::Staged || c.result.is_some_and(DeviceResult::is_success))
+            && self.children.iter().all(|c| {
+                matches!(c.state, ChildState::Staged | ChildState::Pending)
+                    || c.result.is_some_and(DeviceResult::is_success)
+            })
     }
 
     pub fn child(&self, device: &str) -> Option<&Child> {
