@@ -106,9 +106,49 @@ async fn require_token(
     ApiError(StatusCode::UNAUTHORIZED, "missing or wrong token (Authorization: Bearer ...)".into()).into_response()
 }
 
+/// Devices as people read them: online, their commit's subject and distance from HEAD,
+/// and their deployment under way.
+fn annotate_devices(ctl: &Controller, devices: &mut [Device]) -> anyhow::Result<()> {
+    let online = ctl.online();
+    let head = ctl.project.head().ok();
+    let mut open: std::collections::HashMap<String, thymis_api::OpenDeployment> = Default::default();
+    for c in ctl.db.open_children()? {
+        open.insert(c.device.clone(), thymis_api::OpenDeployment { task: c.task, state: c.stage.state() });
+    }
+    for d in devices {
+        d.online = online.contains(&d.name);
+        if let (Some(commit), Some(head)) = (d.commit.as_deref(), head.as_deref()) {
+            if let Some(info) = ctl.commits.info(&ctl.project, commit, head) {
+                d.commit_subject = Some(info.subject);
+                d.behind_head = Some(info.behind);
+            }
+        }
+        d.deployment = open.remove(&d.name);
+    }
+    Ok(())
+}
+
+/// A task as people read it: its commit's subject, and which of its devices are online.
+pub(crate) fn annotated_task(ctl: &Controller, id: i64) -> anyhow::Result<Option<thymis_api::Task>> {
+    let Some(mut t) = ctl.db.task(id)? else { return Ok(None) };
+    if let Some(commit) = t.commit.as_deref() {
+        let head = ctl.project.head().unwrap_or_default();
+        t.commit_subject = ctl.commits.info(&ctl.project, commit, &head).map(|i| i.subject);
+    }
+    if !t.children.is_empty() {
+        let online = ctl.online();
+        for c in &mut t.children {
+            c.online = online.contains(&c.device);
+        }
+    }
+    Ok(Some(t))
+}
+
 async fn device_detail(State(ctl): State<Arc<Controller>>, Path(name): Path<String>) -> ApiResult {
     let Some(row) = ctl.db.device(&name)? else { return Err(not_found(format!("no device {name:?}"))) };
-    let device = Device { online: ctl.online().contains(&name), ..row.info };
+    let mut device = [row.info];
+    annotate_devices(&ctl, &mut device)?;
+    let [device] = device;
     let toml = ctl.project.toml_worktree()?;
     let config = toml.configs.get(&device.config);
     let detail = thymis_api::DeviceDetail {
@@ -121,9 +161,8 @@ async fn device_detail(State(ctl): State<Arc<Controller>>, Path(name): Path<Stri
 }
 
 async fn devices(State(ctl): State<Arc<Controller>>) -> ApiResult {
-    let online = ctl.online();
-    let list: Vec<Device> =
-        ctl.db.devices()?.into_iter().map(|d| Device { online: online.contains(&d.name), ..d.info }).collect();
+    let mut list: Vec<Device> = ctl.db.devices()?.into_iter().map(|d| d.info).collect();
+    annotate_devices(&ctl, &mut list)?;
     typed(&list)
 }
 
@@ -303,7 +342,7 @@ async fn build_start(State(ctl): State<Arc<Controller>>, Json(req): Json<BuildRe
 }
 
 fn task_json(ctl: &Controller, task: i64) -> ApiResult {
-    typed(&ctl.db.task(task)?.ok_or_else(|| not_found(format!("no task {task}")))?)
+    typed(&annotated_task(ctl, task)?.ok_or_else(|| not_found(format!("no task {task}")))?)
 }
 
 async fn tasks(State(ctl): State<Arc<Controller>>) -> ApiResult {
@@ -386,7 +425,7 @@ async fn task_events(
             if st.more {
                 continue;
             }
-            if let Ok(Some(t)) = st.ctl.db.task(id) {
+            if let Ok(Some(t)) = annotated_task(&st.ctl, id) {
                 st.done = matches!(t.state, TaskState::Finished | TaskState::Cancelled | TaskState::Halted);
                 st.queue.push_back(Event::default().event("task").data(serde_json::to_string(&t).unwrap_or_default()));
             }

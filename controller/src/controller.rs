@@ -112,6 +112,8 @@ pub struct Controller {
     pub delivering: Mutex<HashSet<i64>>,
     /// Deliveries of deployments this controller did not start (`--parallel` of them).
     pub adopted: Semaphore,
+    /// Commits' subjects and distance from HEAD, for the devices table and task pages.
+    pub commits: crate::commits::Commits,
 }
 
 fn load_or_create_key(path: &Path, name: &str) -> Result<SecretKey> {
@@ -198,6 +200,7 @@ impl Controller {
             connected,
             task_changed,
             pending: Default::default(),
+            commits: Default::default(),
             handshakes,
             log_budget: Default::default(),
             peers: crate::peer_limits::PeerLimits::new(

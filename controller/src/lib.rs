@@ -7,6 +7,7 @@ pub mod artifacts;
 pub mod build;
 pub mod caller;
 pub mod client_addr;
+pub mod commits;
 pub mod conn;
 pub mod console;
 pub mod controller;

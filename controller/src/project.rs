@@ -113,6 +113,35 @@ window = "Mon-Fri 22:00-06:00"
     }
 }
 
+/// A commit message as a person would write it for these changes: "Edit flake.nix and
+/// site/welcome.txt, add site/new.txt, remove NOTES.md".
+pub fn message_for(changes: &[FileChange]) -> String {
+    let mut groups: [(&str, Vec<&str>); 3] = [("edit", vec![]), ("add", vec![]), ("remove", vec![])];
+    for c in changes {
+        let g = match c.status {
+            "new" => 1,
+            "deleted" => 2,
+            _ => 0,
+        };
+        groups[g].1.push(&c.path);
+    }
+    let names = |paths: &[&str]| -> String {
+        match paths {
+            [one] => (*one).to_owned(),
+            [first @ .., last] if paths.len() <= 3 => format!("{} and {last}", first.join(", ")),
+            _ => format!("{}, {} and {} more files", paths[0], paths[1], paths.len() - 2),
+        }
+    };
+    let parts: Vec<String> =
+        groups.iter().filter(|(_, p)| !p.is_empty()).map(|(verb, p)| format!("{verb} {}", names(p))).collect();
+    let text = parts.join(", ");
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(c) => c.to_uppercase().chain(chars).collect(),
+        None => "No changes".into(),
+    }
+}
+
 /// Names of devices and configurations: plain, so they are safe in URLs and files.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
@@ -234,18 +263,30 @@ impl Project {
 
     /// A default commit message describing the changes.
     pub fn default_message(&self) -> Result<String> {
-        let changes = self.status()?;
-        let list: Vec<String> = changes.iter().take(5).map(|c| format!("{} {}", c.status, c.path)).collect();
-        Ok(match changes.len() {
-            0 => "No changes".into(),
-            n if n <= 5 => format!("Update {}", list.join(", ")),
-            n => format!("Update {} and {} more", list.join(", "), n - 5),
-        })
+        Ok(message_for(&self.status()?))
     }
 
     /// `thymis.toml` at `rev`.
     pub fn toml_at(&self, rev: &str) -> Result<ProjectToml> {
         ProjectToml::parse(&self.run(&["show", &format!("{rev}:thymis.toml")])?)
+    }
+
+    /// The first line of a commit's message.
+    pub fn subject(&self, rev: &str) -> Result<String> {
+        if !rev.bytes().all(|b| b.is_ascii_hexdigit()) || rev.is_empty() {
+            bail!("{rev:?} is not a commit hash");
+        }
+        Ok(self.run(&["log", "-1", "--format=%s", rev, "--"])?.trim().to_owned())
+    }
+
+    /// How many commits `to` has that `from` does not.
+    pub fn commits_between(&self, from: &str, to: &str) -> Result<u32> {
+        for rev in [from, to] {
+            if !rev.bytes().all(|b| b.is_ascii_hexdigit()) || rev.is_empty() {
+                bail!("{rev:?} is not a commit hash");
+            }
+        }
+        Ok(self.run(&["rev-list", "--count", &format!("{from}..{to}"), "--"])?.trim().parse()?)
     }
 
     /// `thymis.toml` in the work tree.
@@ -330,6 +371,7 @@ mod tests {
         st.sort_by(|a, b| a.path.cmp(&b.path));
         let got: Vec<(&str, &str)> = st.iter().map(|c| (c.path.as_str(), c.status)).collect();
         assert_eq!(got, [("flake.nix", "deleted"), ("new.nix", "new"), ("thymis.toml", "modified")]);
+        assert_eq!(message_for(&st), "Edit thymis.toml, add new.nix, remove flake.nix");
         assert!(p.diff("new.nix").expect("diff").contains("+{}"));
         let second = p.commit("change things").expect("commit");
         assert_ne!(first, second);

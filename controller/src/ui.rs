@@ -105,6 +105,8 @@ pub async fn logout(State(ctl): State<Arc<Controller>>, headers: HeaderMap) -> R
 pub async fn session(State(ctl): State<Arc<Controller>>, headers: HeaderMap) -> Response {
     match session_id(&headers).and_then(|id| ctl.db.session_csrf(&id).ok().flatten()) {
         Some(csrf) => Json(json!({ "csrf": csrf })).into_response(),
-        None => (StatusCode::UNAUTHORIZED, Json(json!({ "error": "not logged in" }))).into_response(),
+        // Not an error for the page that asks at load (a 401 would log one in the
+        // browser's console on every visit to the log-in form).
+        None => Json(json!({ "csrf": null })).into_response(),
     }
 }

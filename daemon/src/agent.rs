@@ -269,6 +269,8 @@ impl Agent {
             }),
             hold: self.holds.current(),
             time_zone: crate::clock::time_zone(),
+            no_journal: crate::journal::unavailable(),
+            no_terminal: (!self.config.terminal).then(|| crate::streams::NO_TERMINAL.to_owned()),
         }
     }
 

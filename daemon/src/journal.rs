@@ -49,10 +49,18 @@ pub fn arguments(query: &JournalQuery) -> Vec<String> {
 /// journald's socket: without it, nothing writes a journal on this device.
 const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
 
+/// Why this device cannot serve its journal, if it cannot.
+pub fn unavailable() -> Option<String> {
+    if !std::path::Path::new(JOURNALD_SOCKET).exists() {
+        return Some(format!("this device has no journal (journald does not run: no {JOURNALD_SOCKET})"));
+    }
+    None
+}
+
 async fn journal(stream: u32, query: &JournalQuery, out: &mpsc::Sender<ControllerBound>) -> Result<(), String> {
     query.check()?;
-    if !std::path::Path::new(JOURNALD_SOCKET).exists() {
-        return Err(format!("this device has no journal (journald does not run: no {JOURNALD_SOCKET})"));
+    if let Some(why) = unavailable() {
+        return Err(why);
     }
     let mut child = Command::new("journalctl")
         .args(arguments(query))

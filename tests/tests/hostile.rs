@@ -913,8 +913,7 @@ fn a_device_flooding_reports_is_slowed_and_its_latest_report_kept() {
                 last_sequence: 0,
                 pending: None,
                 profile_system: None,
-                hold: None,
-                time_zone: None,
+                ..Default::default()
             });
             ws.send(Message::text(encode(&report))).await.expect("send");
         }
@@ -1107,6 +1106,8 @@ fn a_devices_reports_and_errors_are_bounded_in_bytes() {
             profile_system: None,
             hold: Some(thymis_proto::HoldReport { reason: big.clone(), since: 0, overdue: false }),
             time_zone: Some(format!("../../../etc/{big}")),
+            no_journal: Some(big.clone()),
+            no_terminal: None,
         });
         ws.send(Message::text(encode(&report))).await.expect("send");
         for _ in 0..40 {

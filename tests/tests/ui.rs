@@ -136,6 +136,7 @@ fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
             "tag": "screens",
             "preview": ["a1", "a2", "b1"],
             "canary": "1",
+            "wavePlan": "first: a1",
             "state": "halted",
             "rollout": "halted in wave 1 of 2",
             "halted": "a1 rolled-back",
@@ -150,11 +151,18 @@ fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
 fn the_device_page_shows_its_deployments_its_journal_and_a_working_terminal() {
     let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
     let t = f.systemd_device_with_web_unit("s1", "5").expect("s1 with web.service");
+    // A process device (no journald, terminal not allowed), and one never started.
+    f.add_device("p1", "beta", true).expect("p1");
+    f.wait_online("p1");
+    f.add_device("new1", "beta", false).expect("new1");
     ui(
         &f,
         "device",
         json!({
             "devices": { "s1": f.controller.project_head() },
+            "head": { "s1": "HEAD" },
+            "refusing": "p1",
+            "unenrolled": "new1",
             "device": "s1",
             "task": t["id"],
             "result": "succeeded",

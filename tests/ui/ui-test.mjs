@@ -42,6 +42,28 @@ async function devicePage(page) {
   await page.waitForFunction(() => document.getElementById("terminal-status")?.textContent === "exited with status 5", null, { timeout: 30000 });
 }
 
+// Devices that cannot do everything say so: one whose agent refuses the terminal and
+// has no journal, and one that has not enrolled yet (a new token from its page).
+async function otherDevices(page) {
+  await page.goto(`${url}#/devices/${expect.refusing}`);
+  await page.waitForSelector("[data-testid=device-facts]");
+  check(await page.locator("[data-testid=terminal-open]").isDisabled(), "the terminal is offered on a device that refuses it");
+  const why = await page.locator("[data-testid=terminal-status]").innerText();
+  check(why.includes("terminal is disabled on this device"), `the terminal's reason reads "${why}"`);
+  const journal = await page.locator("[data-testid=journal-unavailable]").innerText();
+  check(journal.includes("no journal"), `the journal's reason reads "${journal}"`);
+  check(await page.locator("[data-testid=journal]").isHidden(), "an empty journal pane is shown");
+  await page.screenshot({ path: `${shots}/device-refusing.png`, fullPage: true });
+
+  await page.goto(`${url}#/devices/${expect.unenrolled}`);
+  await page.waitForSelector("[data-testid=enroll-card]");
+  const state = await page.locator("[data-testid=state]").first().innerText();
+  check(state === "waiting for enrollment", `a device that never enrolled reads "${state}"`);
+  await page.click("[data-testid=new-token]");
+  await page.waitForSelector("[data-testid=enrollment-token]");
+  await page.screenshot({ path: `${shots}/device-unenrolled.png`, fullPage: true });
+}
+
 const browser = await chromium.launch({
   executablePath: "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -50,11 +72,23 @@ const browser = await chromium.launch({
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
   page.setDefaultTimeout(60000);
+  // A normal page load logs no error and fails no request.
+  const problems = [];
+  page.on("console", (m) => { if (m.type() === "error") problems.push(m.text()); });
+  page.on("response", (r) => { if (r.status() >= 400) problems.push(`${r.status()} ${r.url()}`); });
   await page.goto(url);
+  await page.waitForSelector("[data-testid=login-token]");
+  check(await page.locator("[data-testid=deploy-button]").isHidden(), "the log-in page shows the navigation");
   // Log in with the admin token.
   await page.fill("[data-testid=login-token]", token);
   await page.click("[data-testid=login-submit]");
   await page.waitForSelector("[data-testid=devices-table]");
+  check(problems.length === 0, `loading and logging in logged: ${problems.join("; ")}`);
+  // Whether each device runs the project's HEAD.
+  for (const [name, head] of Object.entries(expect.head || {})) {
+    const badge = await page.locator(`tr[data-device="${name}"] [data-testid=head]`).innerText();
+    check(badge.includes(head), `${name} says "${badge}", expected "${head}"`);
+  }
 
   // The devices table shows the devices and the commits they run.
   for (const [name, commit] of Object.entries(expect.devices || {})) {
@@ -72,6 +106,7 @@ try {
 
   if (phase === "device") {
     await devicePage(page);
+    await otherDevices(page);
     console.log(`ui phase ${phase}: ok`);
     process.exit(0);
   }
@@ -88,7 +123,13 @@ try {
     for (const d of expect.targets) await page.check(`[data-dev="${d}"]`);
   }
   for (const d of expect.preview) await page.waitForSelector(`[data-preview-device="${d}"]`);
-  if (expect.canary) await page.fill("[data-testid=rollout-canary]", expect.canary);
+  const change = await page.locator(`[data-preview-device="${expect.preview[0]}"]`).innerText();
+  check(change.includes("→"), `the preview does not say what ${expect.preview[0]} changes from and to: ${change}`);
+  if (expect.canary) {
+    await page.fill("[data-testid=rollout-canary]", expect.canary);
+    const plan = await page.locator("[data-testid=wave-plan]").innerText();
+    check(plan.includes(expect.wavePlan), `the wave plan reads "${plan}", not "${expect.wavePlan}"`);
+  }
   if (expect.stageOnly) await page.check("[data-testid=stage-only]");
   const button = page.locator("[data-testid=deploy-submit]");
   check((await button.innerText()).includes("Commit & Deploy"), "uncommitted changes offer Commit & Deploy");
@@ -109,6 +150,14 @@ try {
   for (const [device, text] of Object.entries(expect.results)) {
     const cell = (await page.locator(`tr[data-child="${device}"] [data-testid=child-result]`).innerText()).trim();
     check(cell.includes(text), `${device}: "${cell}" does not say "${text}"`);
+  }
+  // How far, how long, what: the start, the duration, the commit's subject, sizes.
+  const took = await page.locator("[data-testid=task-duration]").innerText();
+  check(/^\d+ (s|min)/.test(took), `the task's duration reads "${took}"`);
+  const subject = await page.locator("[data-testid=task-commit-subject]").innerText();
+  check(subject.trim().length > 0, "the task does not show its commit's message");
+  for (const cell of await page.locator("[data-testid=child-bytes]").allInnerTexts()) {
+    check(/^\d+(\.\d)? (B|KiB|MiB|GiB)/.test(cell), `bytes read "${cell}"`);
   }
   await page.screenshot({ path: `${shots}/${phase}-task.png`, fullPage: true });
   if (expect.activate) {

@@ -157,6 +157,11 @@ impl Db {
     }
 
     /// Unfinished children of other tasks for `device` (to be superseded).
+    /// Every unfinished device deployment (the newest of each device last).
+    pub fn open_children(&self) -> Result<Vec<ChildRow>> {
+        self.children_where("result IS NULL", &[])
+    }
+
     pub fn open_children_of_device(&self, device: &str, except_task: i64) -> Result<Vec<ChildRow>> {
         self.children_where("device = ?1 AND task != ?2 AND result IS NULL", vals![device, except_task])
     }

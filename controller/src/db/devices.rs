@@ -82,12 +82,17 @@ impl Db {
             online: false,
             hold: r.get::<Option<String>>(11)?.and_then(|h| serde_json::from_str(&h).ok()),
             time_zone: r.get(12)?,
+            no_journal: r.get(13)?,
+            no_terminal: r.get(14)?,
+            commit_subject: None,
+            behind_head: None,
+            deployment: None,
         };
         Ok(DeviceRow { info, public_key: key })
     }
 
     const DEVICE_COLS: &'static str = "name, config, public_key, revoked, last_seen, system, commit_rev, generation, agent_version, agent_state, \
-         boots_next, hold, time_zone";
+         boots_next, hold, time_zone, no_journal, no_terminal";
 
     pub fn devices(&self) -> Result<Vec<DeviceRow>> {
         let rows = self.c().query(&format!("SELECT {} FROM devices ORDER BY name", Self::DEVICE_COLS), &[])?;
@@ -108,7 +113,8 @@ impl Db {
     pub fn record_report(&self, name: &str, r: &DeviceReport) -> Result<()> {
         self.c().execute(
             "UPDATE devices SET last_seen = ?2, system = ?3, commit_rev = ?4, generation = ?5, agent_version = ?6,
-                 agent_state = ?7, last_sequence = ?8, boots_next = ?9, hold = ?10, time_zone = ?11 WHERE name = ?1",
+                 agent_state = ?7, last_sequence = ?8, boots_next = ?9, hold = ?10, time_zone = ?11,
+                 no_journal = ?12, no_terminal = ?13 WHERE name = ?1",
             vals![
                 name,
                 now(),
@@ -120,7 +126,9 @@ impl Db {
                 r.last_sequence as i64,
                 r.profile_system.as_ref().map(|s| s.to_string()),
                 r.hold.as_ref().map(serde_json::to_string).transpose()?,
-                r.time_zone.as_deref()
+                r.time_zone.as_deref(),
+                r.no_journal.as_deref(),
+                r.no_terminal.as_deref()
             ],
         )?;
         Ok(())

@@ -165,6 +165,8 @@ CREATE INDEX children_stage ON children(stage);
 ALTER TABLE tasks ADD COLUMN stage_only INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE devices ADD COLUMN hold TEXT;
 ALTER TABLE devices ADD COLUMN time_zone TEXT;
+ALTER TABLE devices ADD COLUMN no_journal TEXT;
+ALTER TABLE devices ADD COLUMN no_terminal TEXT;
 "#,
 ];
 

@@ -138,6 +138,7 @@ impl Db {
             expires: r.get(11)?,
             rollout: None,
             children: vec![],
+            commit_subject: None,
         };
         if let Some(plan) = r.get::<Option<String>>(12)? {
             let wave = r.get::<i64>(13)? as usize + 1;
@@ -186,6 +187,7 @@ impl Db {
                     bytes_substituted: r.get(19)?,
                     waiting: r.get::<Option<String>>(21)?.and_then(|w| serde_json::from_str(&w).ok()),
                     reboot_needed: r.get(22)?,
+                    online: false,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -74,6 +74,7 @@ pub fn preview(ctl: &Controller, req: &DeployRequest) -> Result<Preview> {
     let all = ctl.db.devices()?;
     let online = ctl.online();
     let mut devices: BTreeMap<String, String> = BTreeMap::new();
+    let commit_of: HashMap<&str, Option<String>> = all.iter().map(|d| (d.name.as_str(), d.commit.clone())).collect();
     for d in all.iter().filter(|d| !d.revoked && configs.contains(&d.config)) {
         devices.insert(d.name.clone(), d.config.clone());
     }
@@ -97,14 +98,21 @@ pub fn preview(ctl: &Controller, req: &DeployRequest) -> Result<Preview> {
         );
     }
     let configs: BTreeSet<String> = devices.values().cloned().collect();
+    let waves = if req.staging.is_staged() { req.staging.waves(devices.len()) } else { vec![] };
     Ok(Preview {
         commit,
         uncommitted_changes: changes,
         configs: configs.into_iter().collect(),
         devices: devices
             .into_iter()
-            .map(|(name, config)| PreviewDevice { online: online.contains(&name), name, config })
+            .map(|(name, config)| PreviewDevice {
+                online: online.contains(&name),
+                commit: commit_of.get(name.as_str()).cloned().flatten(),
+                name,
+                config,
+            })
             .collect(),
+        waves,
     })
 }
 
@@ -159,7 +167,7 @@ pub async fn start(ctl: &Arc<Controller>, req: DeployRequest) -> Result<i64> {
     }
     if waves.len() > 1 {
         let sizes: Vec<String> = waves.iter().map(usize::to_string).collect();
-        ctl.db.log(task, None, &format!("{} waves of {} devices", waves.len(), sizes.join(", ")))?;
+        ctl.db.log(task, None, &format!("{} waves, of {} devices", waves.len(), sizes.join(", then ")))?;
     }
     info!(task, commit = %commit, devices = p.devices.len(), "deployment created");
     spawn_run(ctl, task, commit, req.reboot);

@@ -10,7 +10,27 @@ let events = null;
 
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 const short = (s, n = 12) => (s ? esc(String(s).slice(0, n)) : '<span class="muted">–</span>');
-const storeName = (p) => (p ? esc(p.replace(/^\/nix\/store\/[a-z0-9]{32}-/, "")) : '<span class="muted">–</span>');
+// A store path's name, with the start of its hash: generations of one configuration
+// share the name and differ there.
+const storeName = (p) => {
+  const m = p && p.match(/^\/nix\/store\/([a-z0-9]{32})-(.*)$/);
+  if (!m) return p ? esc(p) : '<span class="muted">–</span>';
+  return `${esc(m[2])} <span class="muted">${esc(m[1].slice(0, 7))}</span>`;
+};
+// Bytes in the unit a person reads them in.
+const human = (n) => {
+  let v = Number(n || 0);
+  for (const unit of ["B", "KiB", "MiB", "GiB"]) {
+    if (v < 1024 || unit === "GiB") return unit === "B" ? `${v} B` : `${v.toFixed(1)} ${unit}`;
+    v /= 1024;
+  }
+};
+const duration = (s) => {
+  s = Math.max(0, Math.round(s));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+};
 const ago = (t) => {
   if (!t) return "never";
   const s = Math.max(0, Math.round(Date.now() / 1000 - t));
@@ -60,10 +80,19 @@ function waitingText(c) {
   return `<span class="badge" data-testid="staged" title="${esc(w.window || "")}">${esc(text)}</span>${reboot}`;
 }
 
+// What a device's part of a deployment is doing, in words (docs/ui.md).
+function childStatus(c) {
+  if (c.result) return "done";
+  if (c.state === "pending") return `waiting for wave ${c.wave}`;
+  if (c.state === "queued") return c.online ? "about to copy" : "offline: queued";
+  if (c.state === "staged") return "staged";
+  return { build: "building", copy: "copying", activate: "activating", confirm: "confirming" }[c.phase] || c.state;
+}
+
 function resultText(c) {
   const r = c.result;
   if (!r && c.state === "staged") return waitingText(c);
-  if (!r) return `<span class="badge">${esc(c.state)}</span>`;
+  if (!r) return '<span class="muted">–</span>';
   if (r === "succeeded") return `<span class="badge ok">succeeded</span>`;
   if (r === "succeeded-with-failed-units") return `<span class="badge warn">switched, units failed: ${esc((c.failed_units || []).join(", "))}</span>`;
   if (r === "succeeded-with-failed-checks") return `<span class="badge warn">switched, health checks failed: ${esc((c.failed_checks || []).join(", "))}</span>`;
@@ -82,6 +111,21 @@ function handSet(d) {
   return ` <span class="badge bad" data-testid="boots-next" title="${esc(d.boots_next)}">boots next ${storeName(d.boots_next)}, set on the device</span>`;
 }
 
+// Where a device is: enrolled or not, revoked, online, deploying.
+function deviceState(d) {
+  if (d.revoked) return '<span class="badge bad" data-testid="state">key revoked</span>';
+  if (!d.enrolled) return '<span class="badge warn" data-testid="state">waiting for enrollment</span>';
+  const link = d.deployment ? ` <a href="#/tasks/${d.deployment.task}" class="badge warn" data-testid="deploying">${d.deployment.state === "staged" ? "staged" : d.deployment.state === "pending" ? "in a later wave" : "deploying"}</a>` : "";
+  return (d.online ? '<span class="badge ok" data-testid="state">online</span>' : `<span class="badge" data-testid="state">offline</span> <span class="muted">${ago(d.last_seen)}</span>`) + link;
+}
+
+// Whether a device runs the project's HEAD.
+function commitBadge(d) {
+  if (d.behind_head == null) return "";
+  return d.behind_head === 0 ? '<span class="badge ok" data-testid="head">HEAD</span>'
+    : `<span class="badge warn" data-testid="head">behind HEAD by ${d.behind_head} commit${d.behind_head === 1 ? "" : "s"}</span>`;
+}
+
 // An application on the device holds updates (past the device's maximum: not obeyed).
 function holdBadge(d) {
   const h = d.hold;
@@ -97,19 +141,21 @@ async function devicesView() {
   const last = {};
   for (const t of tasks) for (const c of t.children || []) if (!(c.device in last)) last[c.device] = c;
   const tagsOf = (cfg) => (configs.configs[cfg]?.tags || []).map((t) => `<span class="badge">${esc(t)}</span>`).join(" ");
+  const behind = devices.filter((d) => d.behind_head > 0).length;
+  const known = devices.filter((d) => d.behind_head != null).length;
   main.innerHTML = `
     <h1>Devices</h1>
+    <p data-testid="fleet-summary">${devices.length} devices: ${known - behind} on the project's HEAD${behind ? `, <strong>${behind} behind it</strong>` : ""}${devices.length - known ? `, ${devices.length - known} never deployed by this project` : ""}.</p>
     <div class="table-wrap"><table data-testid="devices-table">
-      <thead><tr><th>Name</th><th>Configuration</th><th>Tags</th><th>Status</th><th>Commit</th><th>System</th><th>Last deployment</th><th></th></tr></thead>
+      <thead><tr><th>Name</th><th>Configuration</th><th>Tags</th><th>Status</th><th>Commit</th><th>System</th><th>Last deployment</th></tr></thead>
       <tbody>${devices.map((d) => `
         <tr data-device="${esc(d.name)}">
-          <td><a href="#/devices/${encodeURIComponent(d.name)}" data-testid="device-link"><strong>${esc(d.name)}</strong></a>${d.revoked ? ' <span class="badge bad">revoked</span>' : ""}</td>
+          <td><a href="#/devices/${encodeURIComponent(d.name)}" data-testid="device-link"><strong>${esc(d.name)}</strong></a></td>
           <td>${esc(d.config)}</td><td>${tagsOf(d.config)}</td>
-          <td>${d.online ? '<span class="badge ok">online</span>' : `<span class="badge">offline</span> <span class="muted">${ago(d.last_seen)}</span>`}${holdBadge(d)}</td>
-          <td data-testid="device-commit"><code>${short(d.commit)}</code></td>
+          <td data-testid="device-status">${deviceState(d)}${holdBadge(d)}</td>
+          <td class="wrap"><code data-testid="device-commit">${short(d.commit)}</code> ${commitBadge(d)}<div class="muted">${esc(d.commit_subject || "")}</div></td>
           <td class="wrap"><code title="${esc(d.system)}">${storeName(d.system)}</code>${handSet(d)}</td>
           <td>${last[d.name] ? resultText(last[d.name]) : '<span class="muted">–</span>'}</td>
-          <td><button data-image="${esc(d.name)}" data-enrolled="${d.enrolled ? "yes" : ""}">Download image</button></td>
         </tr>`).join("")}</tbody>
     </table></div>
     <h2>Add a device</h2>
@@ -119,21 +165,11 @@ async function devicesView() {
       <button class="primary">Add</button>
     </form>
     <div id="enrollment"></div>`;
-  main.querySelectorAll("[data-image]").forEach((b) => (b.onclick = async () => {
-    // An enrolled device's image enrolls a new key and revokes the one it runs with.
-    const replace = !!b.dataset.enrolled;
-    if (replace && !confirm(`${b.dataset.image} is enrolled: its image enrolls a new key, and the device as it runs now is locked out. Make the image?`)) return;
-    try {
-      const t = await api("POST", `/api/v1/devices/${encodeURIComponent(b.dataset.image)}/image`, { replace_key: replace });
-      location.hash = `#/tasks/${t.id}`;
-    } catch (err) {
-      alert(err.message);
-    }
-  }));
   document.getElementById("add-device").onsubmit = async (e) => {
     e.preventDefault();
     try {
       const r = await api("POST", "/api/v1/devices", { name: e.target.name.value, config: e.target.config.value });
+      await devicesView();
       document.getElementById("enrollment").innerHTML = `
         <div class="card"><p>Enrollment token for <strong>${esc(r.name)}</strong> (shown once; single use):</p>
         <pre data-testid="enrollment-token">${esc(r.enrollment_token)}</pre><p>Agent configuration:</p><pre>${esc(r.agent_config)}</pre></div>`;
@@ -198,6 +234,7 @@ function rolloutRow(t) {
 
 function renderTask(t, logs) {
   const running = !["finished", "cancelled", "halted"].includes(t.state);
+  const took = (running ? Date.now() / 1000 : t.updated) - t.created;
   const staged = (t.children || []).filter((c) => c.state === "staged" && c.waiting?.for !== "hold");
   const waves = !!t.rollout;
   main.innerHTML = `
@@ -205,7 +242,9 @@ function renderTask(t, logs) {
     <div class="card row">
       <span>State: <strong data-testid="task-state">${esc(t.state)}</strong></span>
       <span>Result: <strong data-testid="task-result">${esc(t.result || "–")}</strong></span>
-      <span>Commit: <code>${short(t.commit)}</code></span>
+      <span>Started: <span data-testid="task-started">${esc(new Date(t.created * 1000).toLocaleString())}</span></span>
+      <span>${running ? "Running for" : "Took"}: <strong data-testid="task-duration">${duration(took)}</strong></span>
+      <span>Commit: <code>${short(t.commit)}</code> <span class="muted" data-testid="task-commit-subject">${esc(t.commit_subject || "")}</span></span>
       ${t.system ? `<span>System: <code>${storeName(t.system)}</code></span>` : ""}
       ${running && t.kind === "deployment" ? '<button id="cancel" data-testid="cancel">Cancel</button>' : ""}
       ${staged.length ? `<button id="activate" class="primary" data-testid="activate" title="Switch the staged devices now (a device held by an application switches once released)">Activate ${staged.length} staged</button>` : ""}
@@ -213,9 +252,9 @@ function renderTask(t, logs) {
     </div>
     ${rolloutRow(t)}
     ${t.error ? `<p class="error" data-testid="task-error">${esc(t.error)}</p>` : ""}
-    ${(t.children || []).length ? `<div class="table-wrap"><table data-testid="children-table"><thead><tr><th>Device</th>${waves ? "<th>Wave</th>" : ""}<th>Configuration</th><th>Phase</th><th>Paths</th><th>Bytes</th><th>Result</th></tr></thead><tbody>
-      ${t.children.map((c) => `<tr data-child="${esc(c.device)}"><td><strong>${esc(c.device)}</strong></td>${waves ? `<td>${esc(c.wave)}</td>` : ""}<td>${esc(c.config)}</td><td>${esc(c.phase)}</td>
-        <td>${progress(c.paths_sent, c.paths_total)}</td><td>${(c.bytes_sent / 1024).toFixed(1)} KiB${c.paths_substituted ? `<div class="muted" data-testid="substituted">${c.paths_substituted} paths (${(c.bytes_substituted / 1024).toFixed(1)} KiB) from caches</div>` : ""}</td>
+    ${(t.children || []).length ? `<div class="table-wrap"><table data-testid="children-table"><thead><tr><th>Device</th>${waves ? "<th>Wave</th>" : ""}<th>Configuration</th><th>Status</th><th>Paths</th><th>Sent</th><th>Result</th></tr></thead><tbody>
+      ${t.children.map((c) => `<tr data-child="${esc(c.device)}"><td><strong>${esc(c.device)}</strong></td>${waves ? `<td>${esc(c.wave)}</td>` : ""}<td>${esc(c.config)}</td><td data-testid="child-status">${esc(childStatus(c))}</td>
+        <td>${progress(c.paths_sent, c.paths_total)}</td><td data-testid="child-bytes">${human(c.bytes_sent)}${c.paths_substituted ? `<div class="muted" data-testid="substituted">${c.paths_substituted} paths (${human(c.bytes_substituted)}) from caches</div>` : ""}</td>
         <td class="wrap" data-testid="child-result">${resultText(c)}${c.error ? `<div class="error">${esc(c.error)}</div>` : ""}</td></tr>`).join("")}
     </tbody></table></div>` : ""}
     <h2>Log</h2><pre data-testid="task-log">${esc(logs.join("\n"))}</pre>`;
@@ -295,9 +334,19 @@ async function openDeploy() {
     if (!chosen.configs.size && !chosen.devices.size) { go.disabled = true; return; }
     try {
       const p = await api("POST", "/api/v1/deploy/preview", request());
+      // Each device: what it runs now, and what it would run.
+      const change = (d) => p.commit && d.commit === p.commit ? '<span class="muted">already runs it</span>'
+        : `<code>${d.commit ? short(d.commit) : "nothing yet"}</code> → <code>${p.commit ? short(p.commit) : "the new commit"}</code>`;
+      let at = 0;
+      const plan = (p.waves || []).map((n, i) => {
+        const names = p.devices.slice(at, at + n).map((d) => esc(d.name)).join(", ");
+        at += n;
+        return `<li>${i === 0 && p.waves.length > 1 ? "first" : `wave ${i + 1}`}: ${names}</li>`;
+      }).join("");
       document.getElementById("preview").innerHTML = `
         <p>Configurations: ${p.configs.map((c) => `<span class="badge">${esc(c)}</span>`).join(" ")}</p>
-        <ul>${p.devices.map((d) => `<li data-preview-device="${esc(d.name)}">${esc(d.name)} <span class="muted">(${esc(d.config)})</span> ${d.online ? '<span class="badge ok">online</span>' : '<span class="badge">offline: queued</span>'}</li>`).join("")}</ul>`;
+        <ul>${p.devices.map((d) => `<li data-preview-device="${esc(d.name)}">${esc(d.name)} <span class="muted">(${esc(d.config)})</span> ${change(d)} ${d.online ? '<span class="badge ok">online</span>' : '<span class="badge">offline: queued</span>'}</li>`).join("")}</ul>
+        ${plan ? `<p>Waves, one after the other:</p><ol class="plain" data-testid="wave-plan">${plan}</ol>` : ""}`;
       go.disabled = false;
     } catch (err) {
       document.getElementById("preview").innerHTML = `<p class="error">${esc(err.message)}</p>`;
@@ -318,8 +367,14 @@ async function openDeploy() {
     const d = await api("GET", `/api/v1/project/diff?path=${encodeURIComponent(b.dataset.diff)}`);
     const pre = document.getElementById("diff");
     pre.hidden = false;
-    pre.textContent = d.diff;
+    // Added and removed lines in colour.
+    pre.innerHTML = d.diff.split("\n").map((l) => {
+      const kind = l.startsWith("+++") || l.startsWith("---") ? "file" : l.startsWith("+") ? "add" : l.startsWith("-") ? "del" : l.startsWith("@@") ? "hunk" : "";
+      return kind ? `<span class="diff-${kind}">${esc(l)}</span>` : esc(l);
+    }).join("\n");
   }));
+  // The wave plan follows the rollout's fields.
+  for (const id of ["canary", "wave_size"]) document.getElementById(id).oninput = preview;
   document.getElementById("close").onclick = closeModal;
   document.getElementById("go").onclick = async () => {
     try {
@@ -343,7 +398,7 @@ async function route() {
     const m = hash.match(/^#\/tasks\/(\d+)/);
     const dev = hash.match(/^#\/devices\/(.+)$/);
     if (m) await taskView(m[1]);
-    else if (dev) await deviceView(decodeURIComponent(dev[1]), { api, esc, short, storeName, ago, resultText, handSet, holdBadge, main, csrf: () => csrf });
+    else if (dev) await deviceView(decodeURIComponent(dev[1]), { api, esc, short, storeName, ago, resultText, handSet, holdBadge, deviceState, commitBadge, main, csrf: () => csrf });
     else if (hash.startsWith("#/tasks")) await tasksView();
     else if (hash.startsWith("#/configs")) await configsView();
     else await devicesView();
@@ -358,8 +413,8 @@ window.addEventListener("hashchange", route);
 
 (async () => {
   const res = await fetch("/ui/session", { credentials: "same-origin" });
-  if (!res.ok) return showLogin();
-  csrf = (await res.json()).csrf;
+  csrf = res.ok ? (await res.json()).csrf : null;
+  if (!csrf) return showLogin();
   document.getElementById("toolbar").hidden = false;
   route();
 })();

@@ -112,6 +112,9 @@ pub struct Preview {
     pub uncommitted_changes: usize,
     pub configs: Vec<String>,
     pub devices: Vec<PreviewDevice>,
+    /// A staged rollout's waves: how many devices each (in the devices' order).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waves: Vec<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -119,6 +122,9 @@ pub struct PreviewDevice {
     pub name: String,
     pub config: String,
     pub online: bool,
+    /// The commit it runs now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
 }
 
 /// A task's state.
@@ -230,6 +236,9 @@ pub struct Task {
     pub rollout: Option<Rollout>,
     /// One per device, for a deployment.
     pub children: Vec<Child>,
+    /// The first line of the commit's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_subject: Option<String>,
 }
 
 impl Task {
@@ -303,6 +312,9 @@ pub struct Child {
     /// inhibitors, `--reboot`), as the device said when it was staged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reboot_needed: Option<String>,
+    /// Whether the device is connected now (a queued one that is not waits for it).
+    #[serde(default)]
+    pub online: bool,
 }
 
 /// A device (`GET /devices`).
@@ -330,6 +342,29 @@ pub struct Device {
     /// The device's time zone (windows without their own are read in it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_zone: Option<String>,
+    /// Why the device cannot serve its journal, or a terminal, as its agent says (absent:
+    /// it can, or its agent does not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_journal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_terminal: Option<String>,
+    /// The first line of its commit's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_subject: Option<String>,
+    /// How many commits the project's HEAD is ahead of the device's commit (0: it runs
+    /// HEAD); none when its commit is not in the project.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behind_head: Option<u32>,
+    /// Its deployment under way, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<OpenDeployment>,
+}
+
+/// A device's deployment under way: its task, and where the device is in it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct OpenDeployment {
+    pub task: i64,
+    pub state: ChildState,
 }
 
 /// A device with what its page shows (`GET /devices/{name}`).
@@ -494,6 +529,7 @@ mod tests {
             bytes_substituted: 0,
             waiting: None,
             reboot_needed: None,
+            online: true,
         };
         let mut t = Task {
             id: 7,
@@ -517,6 +553,7 @@ mod tests {
                 child("a", Some(DeviceResult::Succeeded)),
                 child("b", Some(DeviceResult::SucceededWithFailedUnits)),
             ],
+            commit_subject: None,
         };
         let json = serde_json::to_value(&t).expect("json");
         assert_eq!(json["rollout"]["canary"], 1);

@@ -38,8 +38,8 @@ impl DeviceReport {
         if let Some(h) = self.hold.as_mut() {
             cut(&mut h.reason, MAX_NAME);
         }
-        if let Some(z) = self.time_zone.as_mut() {
-            cut(z, MAX_NAME);
+        for text in [&mut self.time_zone, &mut self.no_journal, &mut self.no_terminal].into_iter().flatten() {
+            cut(text, MAX_NAME);
         }
         self
     }

@@ -261,7 +261,7 @@ fn is_zero(n: &u64) -> bool {
 }
 
 /// The device's account of itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceReport {
     pub agent_version: String,
     /// The system it runs (`/run/current-system`, else the one it last activated).
@@ -287,6 +287,12 @@ pub struct DeviceReport {
     /// are read; UTC when unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_zone: Option<String>,
+    /// Protocol 3: why the device cannot serve its journal, or a terminal (absent: it
+    /// can), so that the controller's pages offer only what works.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_journal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_terminal: Option<String>,
 }
 
 /// A hold on updates, taken on the device over D-Bus or by its hold file.

@@ -149,8 +149,7 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
                     seconds_left: 97,
                 }),
                 profile_system: None,
-                hold: None,
-                time_zone: None,
+                ..Default::default()
             }),
         ),
         (
@@ -170,6 +169,8 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
                     overdue: false,
                 }),
                 time_zone: Some("Europe/Berlin".into()),
+                no_journal: Some("this device has no journal (journald does not run)".into()),
+                no_terminal: None,
             }),
         ),
         ("staged", ControllerBound::Staged { deployment_id: id(), reboot_needed: None }),
