@@ -9,14 +9,18 @@ port=${THYMIS_DEMO_PORT:-8443}
 root=$(mktemp -d /tmp/thymis-demo.XXXXXX)
 pids=()
 
+# Stopping is the normal end of the demo: Ctrl-C or SIGTERM exit 0 once everything it
+# started is stopped and what it created is removed.
 cleanup() {
   trap - EXIT INT TERM
   echo; echo "demo: stopping"
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$root"
+  echo "demo: stopped"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'cleanup; exit 0' INT TERM
 
 # TLS with the certificate the controller generates at its first start; thymisctl pins
 # it (its pins for this demo live in $root/thymisctl, not in ~/.config/thymis).
@@ -38,7 +42,8 @@ for n in 1 2 3; do
   mkdir -p "$dev/nix" "$dev/state"
   "$bin/thymisctl" device add "kiosk-$n" --config kiosk --json \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["agent_config"])' >"$dev/agent.toml"
-  printf 'state_dir = "%s"\ndbus = false\n' "$dev/state" >>"$dev/agent.toml"
+  # The terminal is allowed here (a root shell on the simulated device, for the demo).
+  printf 'state_dir = "%s"\ndbus = false\nterminal = true\n' "$dev/state" >>"$dev/agent.toml"
   unshare --mount --propagation private -- sh -c \
     "mount --bind '$dev/nix' /nix && mount -t tmpfs tmpfs /run && exec '$PWD/$bin/thymis-agent' --config '$dev/agent.toml'" \
     >"$dev/agent.log" 2>&1 &
@@ -56,12 +61,33 @@ Thymis demo is running.
   devices      kiosk-1, kiosk-2, kiosk-3 (process devices; logs in $root/kiosk-N/agent.log)
   project      $root/controller/project  (a git repository: edit it, then deploy)
 
-Try, in another terminal:
+The web UI: open $THYMIS_CONTROLLER in a browser, accept the certificate (compare its
+sha256 above), and log in with the token in $THYMIS_TOKEN_FILE:
+  $(cat "$THYMIS_TOKEN_FILE")
+
+Steps to try (the same from the command line below):
+  1. Devices: three kiosks, waiting for their first deployment.
+  2. Deploy (toolbar) > tag "demo" > Deploy: watch each device build, copy, activate and
+     confirm on the task page.
+  3. Edit the project ($root/controller/project/flake.nix or any file; it is a git
+     repository), then Deploy again: the changes and their diff are listed, and
+     "Commit & Deploy" commits them first.
+  4. A staged rollout: Deploy with "Canary first" 1 and "Soak" 20: one device first,
+     the others once it succeeded and the soak is over.
+  5. When to switch: "Stage only" copies and stops; "Activate" on the task switches.
+  6. A device's page: its deployments and a terminal (these simulated devices have no
+     journald, so their page says the journal is not available).
+
+From another terminal:
   export THYMIS_CONTROLLER=$THYMIS_CONTROLLER THYMIS_TOKEN_FILE=$THYMIS_TOKEN_FILE THYMIS_CONFIG_DIR=$THYMIS_CONFIG_DIR
   $PWD/$bin/thymisctl devices
   $PWD/$bin/thymisctl deploy --tag demo --wait
+  $PWD/$bin/thymisctl deploy --tag demo --canary 1 --soak 20 --wait
+  $PWD/$bin/thymisctl deploy --tag demo --stage-only --wait   # then: thymisctl activate TASK
+  $PWD/$bin/thymisctl shell kiosk-1 -- uname -a
   $PWD/$bin/thymisctl tasks
 
-Ctrl-C stops the demo and removes $root.
+Ctrl-C (or SIGTERM) stops the demo and removes $root.
 TXT
-wait "${pids[0]}"
+# Waited for in the background, so that a signal is handled at once.
+wait "${pids[0]}" || true

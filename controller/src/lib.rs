@@ -234,5 +234,11 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("THYMIS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if std::env::var_os("JOURNAL_STREAM").is_some() { b.without_time().with_ansi(false).init() } else { b.init() }
+    // Colours only on a terminal: a log file or the journal gets plain text.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        b.without_time().with_ansi(false).init()
+    } else {
+        b.with_ansi(tty).init()
+    }
 }

@@ -46,6 +46,18 @@ fn commit_and_deploy_to_a_tag_then_noop_then_only_changed_paths() {
     .trim()
     .to_owned();
     assert!(lines.any(|l| l.contains("deployment") && l.contains(&today)), "{tasks}");
+    // The task as the task page shows it: when, how long, what commit, each device's status.
+    let id = task["id"].to_string();
+    let shown = String::from_utf8_lossy(&f.controller.ctl(&["task", &id]).stdout).into_owned();
+    assert!(shown.contains(&format!("started {today}")) && shown.contains(", took "), "{shown}");
+    assert!(shown.contains("alpha v2 for the screens"), "the commit's subject is missing: {shown}");
+    let header = shown.lines().find(|l| l.contains("DEVICE")).unwrap_or_default();
+    assert!(["WAVE", "STATUS", "PATHS", "SENT", "RESULT"].iter().all(|h| header.contains(h)), "{shown}");
+    let a1 = shown.lines().find(|l| l.trim_start().starts_with("a1 ")).unwrap_or_default();
+    // Log files carry no colour codes.
+    assert!(!f.controller.log().contains('\u{1b}'), "the controller's log file has escape codes");
+    assert!(!f.device("a1").log().contains('\u{1b}'), "the agent's log file has escape codes");
+    assert!(a1.contains(" done ") && a1.contains("succeeded") && (a1.contains(" B ") || a1.contains("iB ")), "{shown}");
     let log = std::process::Command::new("git")
         .arg("-C")
         .arg(f.controller.project_dir())

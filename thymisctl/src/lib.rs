@@ -29,11 +29,11 @@ pub struct Cli {
     #[command(flatten)]
     pub connection: Connection,
     /// Print exactly one JSON document on stdout.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Connection and output")]
     pub json: bool,
     /// Print what devices sent (logs, errors, versions) as it came, escape sequences and
     /// all, instead of showing their control characters as `\xNN`.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Connection and output")]
     pub raw: bool,
     #[command(subcommand)]
     pub command: Cmd,
@@ -78,11 +78,14 @@ pub enum Cmd {
     Project(ProjectCmd),
     /// Commit (when dirty) and deploy to devices, configurations or tags.
     Deploy {
-        #[arg(long = "device")]
+        /// A device to deploy to (again for more).
+        #[arg(long = "device", value_name = "NAME")]
         devices: Vec<String>,
-        #[arg(long = "config")]
+        /// Every device bound to this configuration of thymis.toml (again for more).
+        #[arg(long = "config", value_name = "NAME")]
         configs: Vec<String>,
-        #[arg(long = "tag")]
+        /// Every device of the configurations carrying this tag (again for more).
+        #[arg(long = "tag", value_name = "TAG")]
         tags: Vec<String>,
         /// Deploy this commit instead of HEAD.
         #[arg(long)]
@@ -661,19 +664,55 @@ fn print_preview(p: &Preview) {
 fn print_task(t: &Task) {
     let text = |v: Option<&str>| v.unwrap_or("-").to_owned();
     println!("task {} ({}) {} {}", t.id, t.kind, t.state.as_str(), text(t.result.map(|r| r.as_str())));
+    let settled = t.state.is_settled() && t.state != TaskState::Waiting;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let took = thymis_api::human_duration(if settled { t.updated } else { now } - t.created);
+    println!(
+        "  started {}, {} {took}",
+        console::utc(t.created.max(0) as u64),
+        if settled { "took" } else { "running for" }
+    );
+    if let Some(c) = &t.commit {
+        let subject = t.commit_subject.as_deref().map(|s| format!(" {}", printable(s))).unwrap_or_default();
+        println!("  commit {}{subject}", c.chars().take(12).collect::<String>());
+    }
     if let Some(e) = &t.error {
         println!("  error: {}", printable(e));
     }
     if let Some(r) = &t.rollout {
-        let soak = r.soak_until.map(|u| format!(", soaking until {u}")).unwrap_or_default();
-        println!("  rollout: wave {}{soak}", r.wave);
+        let waves = t.children.iter().map(|c| c.wave).max().unwrap_or(1);
+        let p = &r.plan;
+        let mut plan = vec![];
+        if let Some(c) = p.canary {
+            plan.push(format!("canary {c}"));
+        }
+        if let Some(w) = p.wave_size {
+            plan.push(format!("waves of {w}"));
+        }
+        plan.push(format!("max failures {}", p.max_failures.map_or("0".into(), |m| m.to_string())));
+        if let Some(s) = p.soak {
+            plan.push(format!("soak {s} s"));
+        }
+        let soak =
+            r.soak_until.map(|u| format!(", soaking until {}", console::utc(u.max(0) as u64))).unwrap_or_default();
+        println!("  rollout: wave {} of {waves}{soak} ({})", r.wave, plan.join(", "));
     }
+    if t.children.is_empty() {
+        return;
+    }
+    println!("  {:<16} {:>4}  {:<18} {:>11} {:>10}  RESULT", "DEVICE", "WAVE", "STATUS", "PATHS", "SENT");
     for c in &t.children {
+        let paths = match c.paths_total {
+            Some(total) => format!("{}/{total}", c.paths_sent),
+            None => c.paths_sent.to_string(),
+        };
         let mut line = format!(
-            "  {:<16} {:<9} {:<9} {:<28}",
+            "  {:<16} {:>4}  {:<18} {:>11} {:>10}  {}",
             c.device,
-            c.state.as_str(),
-            text(c.phase.map(|p| p.as_str())),
+            c.wave,
+            c.status(),
+            paths,
+            thymis_api::human_bytes(c.bytes_sent),
             text(c.result.map(DeviceResult::as_str))
         );
         if let Some(r) = &c.reason {

@@ -75,6 +75,50 @@ pub fn utc(secs: u64) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
 }
 
+/// Bytes in the unit a person reads them in: `512 B`, `1.5 KiB`, `76.3 MiB`.
+pub fn human_bytes(n: i64) -> String {
+    let mut v = n.max(0) as f64;
+    for unit in ["B", "KiB", "MiB", "GiB"] {
+        if v < 1024.0 || unit == "GiB" {
+            return if unit == "B" { format!("{v} B") } else { format!("{v:.1} {unit}") };
+        }
+        v /= 1024.0;
+    }
+    unreachable!("GiB ends the loop")
+}
+
+/// Seconds as a person reads them: `45 s`, `3 min 12 s`, `1 h 4 min`.
+pub fn human_duration(secs: i64) -> String {
+    let s = secs.max(0);
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, s % 3600 / 60),
+    }
+}
+
+impl Child {
+    /// What the device's part of the deployment is doing, in the words the web UI uses
+    /// (docs/ui.md): `waiting for wave 2`, `offline: queued`, `about to copy`,
+    /// `building`, `copying`, `staged`, `activating`, `confirming`, `done`.
+    pub fn status(&self) -> String {
+        if self.result.is_some() {
+            return "done".into();
+        }
+        match (self.state, self.phase) {
+            (ChildState::Pending, _) => format!("waiting for wave {}", self.wave),
+            (ChildState::Queued, _) if self.online => "about to copy".into(),
+            (ChildState::Queued, _) => "offline: queued".into(),
+            (ChildState::Staged, _) => "staged".into(),
+            (_, Some(Phase::Build)) => "building".into(),
+            (_, Some(Phase::Copy)) => "copying".into(),
+            (_, Some(Phase::Activate)) => "activating".into(),
+            (_, Some(Phase::Confirm)) => "confirming".into(),
+            (state, None) => state.as_str().into(),
+        }
+    }
+}
+
 impl Waiting {
     /// What a person reads (the task view, `thymisctl task`, the task's log).
     pub fn describe(&self) -> String {
@@ -482,6 +526,19 @@ pub struct LogLine {
     pub id: i64,
     pub child: Option<i64>,
     pub line: String,
+}
+
+#[cfg(test)]
+mod human_tests {
+    #[test]
+    fn sizes_and_durations_read_as_people_write_them() {
+        assert_eq!(super::human_bytes(512), "512 B");
+        assert_eq!(super::human_bytes(1536), "1.5 KiB");
+        assert_eq!(super::human_bytes(80_000_000), "76.3 MiB");
+        assert_eq!(super::human_duration(45), "45 s");
+        assert_eq!(super::human_duration(192), "3 min 12 s");
+        assert_eq!(super::human_duration(3840), "1 h 4 min");
+    }
 }
 
 #[cfg(test)]

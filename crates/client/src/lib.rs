@@ -26,21 +26,27 @@ pub use tasks::{Progress, artifacts, check_artifact_name, follow};
 pub struct Connection {
     /// Controller URL [default: the one of the last `thymisctl login`, else
     /// https://127.0.0.1:8443].
-    #[arg(long, env = "THYMIS_CONTROLLER", global = true)]
+    #[arg(long, env = "THYMIS_CONTROLLER", global = true, help_heading = "Connection and output")]
     pub controller: Option<String>,
     /// Admin token (or THYMIS_TOKEN; or --token-file).
-    #[arg(long, env = "THYMIS_TOKEN", hide_env_values = true, global = true)]
+    #[arg(long, env = "THYMIS_TOKEN", hide_env_values = true, global = true, help_heading = "Connection and output")]
     pub token: Option<String>,
     /// File holding the admin token (the controller writes STATE_DIR/admin-token).
-    #[arg(long, env = "THYMIS_TOKEN_FILE", global = true)]
+    #[arg(long, env = "THYMIS_TOKEN_FILE", global = true, help_heading = "Connection and output")]
     pub token_file: Option<std::path::PathBuf>,
     /// Check an https:// controller's certificate and host name against this CA
     /// certificate (PEM) instead of pinning the certificate.
-    #[arg(long, env = "THYMIS_CA_FILE", global = true)]
+    #[arg(long, env = "THYMIS_CA_FILE", global = true, help_heading = "Connection and output")]
     pub ca_file: Option<std::path::PathBuf>,
     /// The sha256 of the controller's certificate (the controller logs it at start):
     /// expect exactly this one instead of the pinned one.
-    #[arg(long, env = "THYMIS_CONTROLLER_SHA256", global = true, value_name = "SHA256")]
+    #[arg(
+        long,
+        env = "THYMIS_CONTROLLER_SHA256",
+        global = true,
+        value_name = "SHA256",
+        help_heading = "Connection and output"
+    )]
     pub fingerprint: Option<String>,
 }
 
