@@ -145,6 +145,15 @@ async fn make_image(
     if !child.wait().await?.success() {
         bail!("thymis-imager failed (see the task's log)");
     }
+    // An image whose system has no kernel is made as asked, and says it cannot boot.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).context("reading the image's manifest")?)?;
+    if manifest["boot_entry"].is_null() {
+        let warning = "this image cannot boot: its system has no kernel and initrd (a NixOS configuration has \
+                       them; the starter project's placeholder configuration does not), so it has no boot entry";
+        ctl.db.set_task_warning(task, warning)?;
+        ctl.db.log(task, None, &format!("warning: {warning}"))?;
+    }
     Ok(system.to_string())
 }
 

@@ -67,6 +67,15 @@ fn the_demo_starts_deploys_answers_a_terminal_and_stops_cleanly() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // The starter's placeholder system has no kernel: its image is made, and says it
+    // cannot boot.
+    let set = root.join("kiosk-3-image");
+    let out = ctl(&["--json", "image", "kiosk-3", "--replace-key", "--out", &set.to_string_lossy()]);
+    let task: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("image: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(task["result"], "succeeded", "{task}");
+    assert!(task["warning"].as_str().unwrap_or_default().contains("cannot boot"), "{task}");
+
     // SIGTERM: a clean stop, exit 0, and the demo's directory is gone.
     Command::new("kill").args(["-TERM", &demo.id().to_string()]).status().expect("kill");
     let deadline = Instant::now() + Duration::from_secs(60);

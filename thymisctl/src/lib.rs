@@ -679,6 +679,9 @@ fn print_task(t: &Task) {
     if let Some(e) = &t.error {
         println!("  error: {}", printable(e));
     }
+    if let Some(w) = &t.warning {
+        println!("  warning: {}", printable(w));
+    }
     if let Some(r) = &t.rollout {
         let waves = t.children.iter().map(|c| c.wave).max().unwrap_or(1);
         let p = &r.plan;

@@ -163,6 +163,7 @@ ALTER TABLE children ADD COLUMN reboot_needed TEXT;
 ALTER TABLE children ADD COLUMN activate_now INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX children_stage ON children(stage);
 ALTER TABLE tasks ADD COLUMN stage_only INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN warning TEXT;
 ALTER TABLE devices ADD COLUMN hold TEXT;
 ALTER TABLE devices ADD COLUMN time_zone TEXT;
 ALTER TABLE devices ADD COLUMN no_journal TEXT;

@@ -34,6 +34,12 @@ impl Db {
         Ok(())
     }
 
+    /// What a task that succeeded wants its reader to know (an image that cannot boot).
+    pub fn set_task_warning(&self, task: i64, warning: &str) -> Result<()> {
+        self.c().execute("UPDATE tasks SET warning = ?2 WHERE id = ?1", vals![task, warning])?;
+        Ok(())
+    }
+
     pub fn task_expires(&self, task: i64) -> Result<Option<i64>> {
         let row = self.c().query_opt("SELECT expires FROM tasks WHERE id = ?1", vals![task])?;
         Ok(row.map(|r| r.get(0)).transpose()?.flatten())
@@ -115,7 +121,7 @@ impl Db {
         let mut c = self.c();
         let Some(r) = c.query_opt(
             "SELECT id, kind, state, result, commit_rev, message, config, system, error, created, updated, expires,
-                    rollout, wave, soak_until
+                    rollout, wave, soak_until, warning
              FROM tasks WHERE id = ?1",
             vals![task],
         )?
@@ -139,6 +145,7 @@ impl Db {
             rollout: None,
             children: vec![],
             commit_subject: None,
+            warning: r.get(15)?,
         };
         if let Some(plan) = r.get::<Option<String>>(12)? {
             let wave = r.get::<i64>(13)? as usize + 1;

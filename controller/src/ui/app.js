@@ -252,6 +252,7 @@ function renderTask(t, logs) {
     </div>
     ${rolloutRow(t)}
     ${t.error ? `<p class="error" data-testid="task-error">${esc(t.error)}</p>` : ""}
+    ${t.warning ? `<p class="badge warn" data-testid="task-warning">${esc(t.warning)}</p>` : ""}
     ${(t.children || []).length ? `<div class="table-wrap"><table data-testid="children-table"><thead><tr><th>Device</th>${waves ? "<th>Wave</th>" : ""}<th>Configuration</th><th>Status</th><th>Paths</th><th>Sent</th><th>Result</th></tr></thead><tbody>
       ${t.children.map((c) => `<tr data-child="${esc(c.device)}"><td><strong>${esc(c.device)}</strong></td>${waves ? `<td>${esc(c.wave)}</td>` : ""}<td>${esc(c.config)}</td><td data-testid="child-status">${esc(childStatus(c))}</td>
         <td>${progress(c.paths_sent, c.paths_total)}</td><td data-testid="child-bytes">${human(c.bytes_sent)}${c.paths_substituted ? `<div class="muted" data-testid="substituted">${c.paths_substituted} paths (${human(c.bytes_substituted)}) from caches</div>` : ""}</td>

@@ -283,6 +283,9 @@ pub struct Task {
     /// The first line of the commit's message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_subject: Option<String>,
+    /// What a task that succeeded wants its reader to know: an image that cannot boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 impl Task {
@@ -611,6 +614,7 @@ mod tests {
                 child("b", Some(DeviceResult::SucceededWithFailedUnits)),
             ],
             commit_subject: None,
+            warning: None,
         };
         let json = serde_json::to_value(&t).expect("json");
         assert_eq!(json["rollout"]["canary"], 1);
