@@ -139,6 +139,7 @@ pub(crate) fn annotated_task(ctl: &Controller, id: i64) -> anyhow::Result<Option
         let online = ctl.online();
         for c in &mut t.children {
             c.online = online.contains(&c.device);
+            c.copy = ctl.copies.get(c.id);
         }
     }
     Ok(Some(t))

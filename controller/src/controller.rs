@@ -114,6 +114,8 @@ pub struct Controller {
     pub adopted: Semaphore,
     /// Commits' subjects and distance from HEAD, for the devices table and task pages.
     pub commits: crate::commits::Commits,
+    /// Live progress of the copies under way here.
+    pub copies: crate::copy_progress::Copies,
 }
 
 fn load_or_create_key(path: &Path, name: &str) -> Result<SecretKey> {
@@ -201,6 +203,7 @@ impl Controller {
             task_changed,
             pending: Default::default(),
             commits: Default::default(),
+            copies: Default::default(),
             handshakes,
             log_budget: Default::default(),
             peers: crate::peer_limits::PeerLimits::new(

@@ -11,6 +11,7 @@ pub mod commits;
 pub mod conn;
 pub mod console;
 pub mod controller;
+pub mod copy_progress;
 pub mod db;
 pub mod deploy;
 pub mod engine;

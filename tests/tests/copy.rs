@@ -110,3 +110,35 @@ fn a_changed_path_goes_as_a_delta_against_the_version_the_device_has() {
     let on_device = f.device("d1").nix_dir().join(blob_path.trim().trim_start_matches("/nix/"));
     assert_eq!(std::fs::read(&on_device).expect("device blob"), host);
 }
+
+/// One large path on a slow link: the copy's progress moves while it streams (in NAR
+/// bytes), not only when the device acknowledges a whole path.
+#[test]
+fn a_large_path_shows_progress_while_it_streams() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d1", "alpha", true).expect("device");
+    f.wait_online("d1");
+    // 4 MiB that do not compress, at 8 Mbit/s: about 4 s for one path.
+    f.device("d1").shape("8mbit").expect("tc");
+    f.set_configs(&json!({ "alpha": { "version": "2", "blob": { "kib": 4096 } }, "beta": {} })).expect("cfg");
+    let out = f.controller.ctl(&["--json", "deploy", "--device", "d1", "-m", "one large path"]);
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let task = t["id"].as_i64().expect("id");
+    let mut seen = vec![];
+    let done = wait_for("the copy to end", Duration::from_secs(120), || {
+        let c = child(&f, task);
+        if let (Some(d), Some(t)) = (c["copy"]["nar_bytes_done"].as_u64(), c["copy"]["nar_bytes_total"].as_u64()) {
+            seen.push((d, t, c["paths_sent"].as_i64().unwrap_or(0), c["copy"]["bytes_streamed"].as_u64().unwrap_or(0)));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        (!c["result"].is_null()).then_some(c)
+    });
+    assert_eq!(done["result"], "succeeded", "{done}\n{}", f.diagnostics());
+    assert!(done["copy"].is_null(), "a finished copy still shows live progress: {done}");
+    let midway: Vec<_> = seen.iter().filter(|(d, t, ..)| *d > *t / 10 && *d < *t * 9 / 10).collect();
+    assert!(
+        midway.len() >= 2 && midway.windows(2).any(|w| w[1].0 > w[0].0 && w[1].2 == w[0].2),
+        "no progress seen within one path: {seen:?}"
+    );
+    assert!(seen.iter().all(|(.., streamed)| *streamed <= 6 << 20), "more streamed than the path: {seen:?}");
+}

@@ -705,9 +705,11 @@ fn print_task(t: &Task) {
     }
     println!("  {:<16} {:>4}  {:<18} {:>11} {:>10}  RESULT", "DEVICE", "WAVE", "STATUS", "PATHS", "SENT");
     for c in &t.children {
-        let paths = match c.paths_total {
-            Some(total) => format!("{}/{total}", c.paths_sent),
-            None => c.paths_sent.to_string(),
+        let paths = match (c.copy, c.paths_total) {
+            // While the copy runs: how far in bytes, so one large path shows progress.
+            (Some(p), _) if p.nar_bytes_total > 0 => format!("{}%", p.nar_bytes_done * 100 / p.nar_bytes_total),
+            (_, Some(total)) => format!("{}/{total}", c.paths_sent),
+            _ => c.paths_sent.to_string(),
         };
         let mut line = format!(
             "  {:<16} {:>4}  {:<18} {:>11} {:>10}  {}",

@@ -195,6 +195,7 @@ impl Db {
                     waiting: r.get::<Option<String>>(21)?.and_then(|w| serde_json::from_str(&w).ok()),
                     reboot_needed: r.get(22)?,
                     online: false,
+                    copy: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -77,6 +77,9 @@ pub(super) async fn send_to(
     acks.flush();
     let to_send: Vec<&PathInfo> = closure.iter().filter(|i| missing.contains(&i.path)).collect();
     let _ = ctl.db.set_paths_total(child.id, to_send.len() as i64);
+    // Live progress in NAR bytes while this attempt streams, gone when it ends.
+    ctl.copies.start(child.id, to_send.iter().map(|i| i.nar_size).sum());
+    let _live = LiveCopy { ctl, child: child.id };
     let _ = ctl.db.log(
         child.task,
         Some(child.id),
@@ -122,7 +125,20 @@ pub(super) async fn send_to(
         if conn.data.send(Out::Msg(start)).await.is_err() {
             return Err(Stop::Disconnected);
         }
-        let bytes = nar.send(&conn.data).await?;
+        // This path's share of the NAR bytes, in proportion to what of it was streamed.
+        let (nar_size, task) = (info.nar_size, child.task);
+        let (done0, streamed0) = ctl.copies.get(child.id).map_or((0, 0), |p| (p.nar_bytes_done, p.bytes_streamed));
+        let mut streamed = |offset: u64, size: u64| {
+            let told = ctl.copies.update(child.id, |p| {
+                p.bytes_streamed = streamed0 + offset;
+                p.nar_bytes_done = done0 + nar_size * offset / size.max(1);
+            });
+            if told {
+                ctl.notify_task(task);
+            }
+        };
+        let bytes = nar.send(&conn.data, &mut streamed).await?;
+        ctl.copies.update(child.id, |p| p.nar_bytes_done = done0 + nar_size);
         if conn
             .data
             .send(Out::Msg(AgentBound::PathEnd { deployment_id: id.clone(), path: info.path.clone() }))
@@ -170,6 +186,18 @@ pub(super) async fn send_to(
         warn!(device = %child.device, "connection lost while sending activate");
     }
     Ok(())
+}
+
+/// Ends an attempt's live progress, however it ends.
+struct LiveCopy<'a> {
+    ctl: &'a Controller,
+    child: i64,
+}
+
+impl Drop for LiveCopy<'_> {
+    fn drop(&mut self) {
+        self.ctl.copies.finish(self.child);
+    }
 }
 
 /// Acknowledged paths and their bytes, written to the database a batch at a time (the
@@ -246,12 +274,14 @@ impl Outgoing {
         Ok(Outgoing { file, size, first })
     }
 
-    /// Sends it as binary frames on the copy stream; returns the bytes sent.
-    async fn send(self, data: &mpsc::Sender<Out>) -> Result<u64, Stop> {
+    /// Sends it as binary frames on the copy stream, telling `streamed` how many of its
+    /// bytes are on their way after each chunk (and its size); returns the bytes sent.
+    async fn send(self, data: &mpsc::Sender<Out>, streamed: &mut (dyn FnMut(u64, u64) + Send)) -> Result<u64, Stop> {
         let Outgoing { file, size, first } = self;
         let mut offset = first.len() as u64;
         if !first.is_empty() {
             data.send(Out::Bin(first)).await.map_err(|_| Stop::Disconnected)?;
+            streamed(offset, size);
         }
         while offset < size {
             // Read once the queue has room: no chunk waits in hand.
@@ -260,6 +290,7 @@ impl Outgoing {
                 read_chunk(&file, offset, size).await.map_err(|e| Stop::Refused(format!("reading a NAR: {e:#}")))?;
             offset += buf.len() as u64;
             room.send(Out::Bin(buf));
+            streamed(offset, size);
         }
         Ok(size)
     }
@@ -367,7 +398,7 @@ mod tests {
             let nar = Outgoing::open(&path).await.expect("open");
             assert_eq!(nar.first, data[..FIRST_CHUNK as usize]);
             let (tx, mut rx) = mpsc::channel(1);
-            let sender = tokio::spawn(async move { nar.send(&tx).await.map_err(|_| ()) });
+            let sender = tokio::spawn(async move { nar.send(&tx, &mut |_, _| {}).await.map_err(|_| ()) });
             let mut got = Vec::new();
             while let Some(out) = rx.recv().await {
                 let Out::Bin(b) = out else { panic!("not a chunk") };
@@ -381,7 +412,7 @@ mod tests {
         let nar = Outgoing::open(&path).await.expect("open");
         std::fs::write(&path, &data[..1000]).expect("truncate");
         let (tx, mut rx) = mpsc::channel(1);
-        let sender = tokio::spawn(async move { nar.send(&tx).await.map_err(|_| ()) });
+        let sender = tokio::spawn(async move { nar.send(&tx, &mut |_, _| {}).await.map_err(|_| ()) });
         while rx.recv().await.is_some() {}
         assert!(sender.await.expect("join").is_err());
     }

@@ -210,10 +210,17 @@ async function tasksView() {
     </tbody></table></div>`;
 }
 
-function progress(done, total) {
+function progress(done, total, label = (d, t) => `${d}/${t}`) {
   if (!total) return `<span class="muted">${done || 0}</span>`;
   const pct = Math.min(100, Math.round((100 * done) / total));
-  return `<span class="progress" title="${done}/${total}"><span style="width:${pct}%"></span></span> ${done}/${total}`;
+  return `<span class="progress" data-testid="progress" data-pct="${pct}" title="${esc(label(done, total))}"><span style="width:${pct}%"></span></span> ${esc(label(done, total))}`;
+}
+
+// A device's copy: while it runs, by the bytes streamed (one large path moves the bar
+// too); otherwise by the paths the device acknowledged.
+function copyProgress(c) {
+  if (c.copy) return progress(c.copy.nar_bytes_done, c.copy.nar_bytes_total, (d, t) => `${human(d)} of ${human(t)}`);
+  return progress(c.paths_sent, c.paths_total, (d, t) => `${d}/${t} paths`);
 }
 
 // A staged rollout: which wave runs (of how many), a soak, and what can go on.
@@ -253,9 +260,9 @@ function renderTask(t, logs) {
     ${rolloutRow(t)}
     ${t.error ? `<p class="error" data-testid="task-error">${esc(t.error)}</p>` : ""}
     ${t.warning ? `<p class="badge warn" data-testid="task-warning">${esc(t.warning)}</p>` : ""}
-    ${(t.children || []).length ? `<div class="table-wrap"><table data-testid="children-table"><thead><tr><th>Device</th>${waves ? "<th>Wave</th>" : ""}<th>Configuration</th><th>Status</th><th>Paths</th><th>Sent</th><th>Result</th></tr></thead><tbody>
+    ${(t.children || []).length ? `<div class="table-wrap"><table data-testid="children-table"><thead><tr><th>Device</th>${waves ? "<th>Wave</th>" : ""}<th>Configuration</th><th>Status</th><th>Progress</th><th>Sent</th><th>Result</th></tr></thead><tbody>
       ${t.children.map((c) => `<tr data-child="${esc(c.device)}"><td><strong>${esc(c.device)}</strong></td>${waves ? `<td>${esc(c.wave)}</td>` : ""}<td>${esc(c.config)}</td><td data-testid="child-status">${esc(childStatus(c))}</td>
-        <td>${progress(c.paths_sent, c.paths_total)}</td><td data-testid="child-bytes">${human(c.bytes_sent)}${c.paths_substituted ? `<div class="muted" data-testid="substituted">${c.paths_substituted} paths (${human(c.bytes_substituted)}) from caches</div>` : ""}</td>
+        <td>${copyProgress(c)}</td><td data-testid="child-bytes">${human(Math.max(c.bytes_sent, c.copy?.bytes_streamed || 0))}${c.paths_substituted ? `<div class="muted" data-testid="substituted">${c.paths_substituted} paths (${human(c.bytes_substituted)}) from caches</div>` : ""}</td>
         <td class="wrap" data-testid="child-result">${resultText(c)}${c.error ? `<div class="error">${esc(c.error)}</div>` : ""}</td></tr>`).join("")}
     </tbody></table></div>` : ""}
     <h2>Log</h2><pre data-testid="task-log">${esc(logs.join("\n"))}</pre>`;
@@ -274,8 +281,17 @@ function renderTask(t, logs) {
   });
 }
 
+// The running task's clock, ticking between its updates.
+let clock = null;
+
 async function taskView(id) {
   let task = await api("GET", `/api/v1/tasks/${id}`);
+  clearInterval(clock);
+  clock = setInterval(() => {
+    const el = document.querySelector("[data-testid=task-duration]");
+    if (!el || !location.hash.startsWith(`#/tasks/${id}`)) return clearInterval(clock);
+    if (!["finished", "cancelled", "halted"].includes(task.state)) el.textContent = duration(Date.now() / 1000 - task.created);
+  }, 1000);
   const logs = [];
   renderTask(task, logs);
   events = new EventSource(`/api/v1/tasks/${id}/events`);

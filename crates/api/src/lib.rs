@@ -362,6 +362,20 @@ pub struct Child {
     /// Whether the device is connected now (a queued one that is not waits for it).
     #[serde(default)]
     pub online: bool,
+    /// While its copy runs: how far, in the NAR bytes of the paths it lacks (counted as
+    /// they stream, so one large path shows progress too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyProgress>,
+}
+
+/// A copy under way (`Child::copy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct CopyProgress {
+    /// NAR bytes of the paths sent so far, the one being sent in proportion.
+    pub nar_bytes_done: u64,
+    pub nar_bytes_total: u64,
+    /// Compressed bytes written to the device's connection, acknowledged or not.
+    pub bytes_streamed: u64,
 }
 
 /// A device (`GET /devices`).
@@ -590,6 +604,7 @@ mod tests {
             waiting: None,
             reboot_needed: None,
             online: true,
+            copy: None,
         };
         let mut t = Task {
             id: 7,
