@@ -52,6 +52,18 @@ fn the_demo_starts_deploys_answers_a_terminal_and_stops_cleanly() {
             .expect("thymisctl")
     };
 
+    // Every device online, the systemd one included.
+    let start = Instant::now();
+    loop {
+        let out = ctl(&["--json", "devices"]);
+        let devices: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let online = devices.as_array().map_or(0, |d| d.iter().filter(|d| d["online"] == true).count());
+        if online == 4 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(90), "the demo's devices did not come online: {devices}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let out = ctl(&["deploy", "--tag", "demo", "--wait"]);
     assert!(
         out.status.success(),
@@ -66,6 +78,11 @@ fn the_demo_starts_deploys_answers_a_terminal_and_stops_cleanly() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // The systemd device has a real journal, which the controller relays.
+    let out = ctl(&["logs", "kiosk-4", "-n", "20"]);
+    let journal = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && journal.contains("thymis"), "kiosk-4's journal: {journal}{}", String::from_utf8_lossy(&out.stderr));
 
     // The starter's placeholder system has no kernel: its image is made, and says it
     // cannot boot.
