@@ -82,7 +82,11 @@ fn the_demo_starts_deploys_answers_a_terminal_and_stops_cleanly() {
     // The systemd device has a real journal, which the controller relays.
     let out = ctl(&["logs", "kiosk-4", "-n", "20"]);
     let journal = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && journal.contains("thymis"), "kiosk-4's journal: {journal}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && journal.contains("thymis"),
+        "kiosk-4's journal: {journal}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The starter's placeholder system has no kernel: its image is made, and says it
     // cannot boot.

@@ -137,6 +137,7 @@ fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
             "preview": ["a1", "a2", "b1"],
             "canary": "1",
             "wavePlan": "first: a1",
+            "head": { "a2": "behind HEAD by" },
             "state": "halted",
             "rollout": "halted in wave 1 of 2",
             "halted": "a1 rolled-back",

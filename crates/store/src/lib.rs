@@ -16,6 +16,7 @@ pub mod local_store;
 pub mod nar;
 pub mod narinfo;
 pub mod path_info;
+pub mod sealed;
 pub mod signing;
 pub mod store_path;
 pub mod zstd_limits;

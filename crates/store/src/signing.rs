@@ -51,6 +51,11 @@ fn split(s: &str) -> Result<(&str, Vec<u8>), SigningError> {
 }
 
 impl SecretKey {
+    /// The X25519 scalar of this key (`crate::sealed` opens boxes with it).
+    pub(crate) fn scalar_bytes(&self) -> [u8; 32] {
+        self.key.to_scalar_bytes()
+    }
+
     /// A new key from the OS CSPRNG.
     pub fn generate(name: &str) -> Result<Self, SigningError> {
         let mut seed = [0u8; 32];
@@ -116,6 +121,11 @@ impl fmt::Debug for SecretKey {
 }
 
 impl PublicKey {
+    /// This key's X25519 equivalent (`crate::sealed` seals to it).
+    pub(crate) fn montgomery(&self) -> curve25519_dalek::MontgomeryPoint {
+        self.key.to_montgomery()
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
