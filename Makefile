@@ -10,7 +10,7 @@ test: setup-tests lint build agent-aarch64
 	$(CARGO) test --workspace
 	# The deploy, rollout and fault suites again, on PostgreSQL (a private server each);
 	# --workspace keeps the features of the run above, so nothing is built again.
-	THYMIS_TEST_DATABASE=postgres $(CARGO) test --workspace --test deploy --test rollout --test faults --test crash_windows --test staging
+	THYMIS_TEST_DATABASE=postgres $(CARGO) test --workspace --test deploy --test rollout --test faults --test crash_windows --test staging --test secrets
 	@[ -n "$$NIXPKGS_LIB" ] || echo "note: NIXPKGS_LIB is not set: tests/tests/modules.rs skipped evaluating the NixOS modules with lib.evalModules"
 	$(MAKE) fuzz-check
 

@@ -57,6 +57,8 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/tasks/{id}/resume", post(task_resume))
         .route("/tasks/{id}/activate", post(task_activate))
         .route("/tasks/{id}/events", get(task_events))
+        .route("/secrets", get(secrets_list).post(secret_set))
+        .route("/secrets/remove", post(secret_remove))
         .route("/identity", get(identity))
         .route("/stats", get(stats))
         .layer(middleware::from_fn_with_state(ctl.clone(), require_token));
@@ -454,6 +456,25 @@ async fn task_activate(
     Json(req): Json<thymis_api::ActivateRequest>,
 ) -> ApiResult {
     typed(&deploy::activate(&ctl, id, &req.devices).await?)
+}
+
+/// Secrets, without their values.
+async fn secrets_list(State(ctl): State<Arc<Controller>>) -> ApiResult {
+    typed(&crate::secrets::list(&ctl)?)
+}
+
+async fn secret_set(State(ctl): State<Arc<Controller>>, Json(req): Json<thymis_api::secrets::SetSecret>) -> ApiResult {
+    typed(&crate::secrets::set(&ctl, &req)?)
+}
+
+async fn secret_remove(
+    State(ctl): State<Arc<Controller>>,
+    Json(req): Json<thymis_api::secrets::RemoveSecret>,
+) -> ApiResult {
+    if !ctl.db.remove_secret(&req.name, &req.scope)? {
+        return Err(not_found(format!("no secret {:?} for {}", req.name, req.scope)));
+    }
+    Ok(Json(json!({ "removed": true })))
 }
 
 /// Counters for benchmarks and monitoring.

@@ -25,6 +25,7 @@ pub mod pg_tls;
 pub mod project;
 pub mod random;
 pub mod read_cap;
+pub mod secrets;
 pub mod sql;
 pub mod streams;
 pub mod sync;

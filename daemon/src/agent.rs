@@ -381,6 +381,18 @@ impl Agent {
         let (store, system, root) = (self.store.clone(), offer.system.clone(), roots.join(&offer.deployment_id));
         tokio::task::spawn_blocking(move || store.add_gc_root(&system, &root)).await??;
 
+        // The deployment's secrets are in place before anything activates (and, for the
+        // system it already runs, they are the whole deployment).
+        if let Some(sealed) = offer.secrets.clone() {
+            let new = crate::secrets::Sealed {
+                device: offer.device.clone(),
+                deployment_id: offer.deployment_id.clone(),
+                sealed,
+            };
+            let n = crate::secrets::apply(&self.device_key, self.state_dir(), &self.config.secrets_dir, new)
+                .map_err(|e| anyhow!("the deployment's secrets: {e:#}"))?;
+            self.log_line(&offer.deployment_id, format!("{n} secrets in place"));
+        }
         let persisted = self.persisted();
         let profile_system = profile::resolve(&self.config.system_profile);
         let running = profile::resolve(&self.config.current_system_link);
@@ -737,6 +749,15 @@ impl Agent {
     async fn roll_back(&self, p: &Pending) -> Result<(), String> {
         let previous = p.previous.clone().ok_or("no previous system")?;
         info!(deployment = %p.offer.deployment_id, %previous, "re-activating the previous system");
+        // The previous deployment's secrets first: its services read them as they restart.
+        if let Err(e) = crate::secrets::restore_previous(
+            &self.device_key,
+            self.state_dir(),
+            &self.config.secrets_dir,
+            &p.offer.deployment_id,
+        ) {
+            warn!(deployment = %p.offer.deployment_id, "restoring the previous secrets: {e:#}");
+        }
         let loader = self.loader();
         // The profile or the boot loader may name the new system (a reboot deployment,
         // or committing failed halfway): they name the previous one again, and the

@@ -85,6 +85,9 @@ pub struct AgentConfig {
     pub hold_max_age: u64,
     /// A group whose members may call `Hold` and `Release` over D-Bus besides root.
     pub hold_group: Option<String>,
+    /// Where the device's secrets are written, one file per secret (a tmpfs: they are
+    /// never on a disk in clear).
+    pub secrets_dir: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -123,6 +126,7 @@ impl Default for AgentConfig {
             hold_file: PathBuf::from("/run/thymis/hold"),
             hold_max_age: 24 * 3600,
             hold_group: None,
+            secrets_dir: PathBuf::from("/run/thymis/secrets"),
         }
     }
 }

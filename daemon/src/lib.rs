@@ -23,6 +23,7 @@ pub mod persist;
 pub mod profile;
 pub mod receive;
 pub mod sd_notify;
+pub mod secrets;
 pub mod state;
 pub mod status;
 pub mod streams;

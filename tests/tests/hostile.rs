@@ -329,6 +329,7 @@ impl Peer {
             expires: u64::MAX,
             reboot: false,
             session: Some(self.session.clone()),
+            secrets: None,
         }
     }
 

@@ -76,6 +76,10 @@ pub enum Cmd {
     /// The project repository.
     #[command(subcommand)]
     Project(ProjectCmd),
+    /// Secrets for devices (Wi-Fi keys, API tokens): sent to each device encrypted to
+    /// its key, written to its secrets_dir, never put in the Nix store.
+    #[command(subcommand)]
+    Secret(SecretCmd),
     /// Commit (when dirty) and deploy to devices, configurations or tags.
     Deploy {
         /// A device to deploy to (again for more).
@@ -199,6 +203,62 @@ pub enum Cmd {
     Hold { reason: String },
     /// On a device: release the hold taken with `thymisctl hold`.
     Release,
+}
+
+/// For whom a secret is: one of these.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct SecretScope {
+    /// For one device (overrides its configuration's and tags' value).
+    #[arg(long, value_name = "NAME")]
+    device: Option<String>,
+    /// For every device of a configuration (overrides its tags').
+    #[arg(long, value_name = "NAME")]
+    config: Option<String>,
+    /// For every device of the configurations carrying a tag.
+    #[arg(long, value_name = "TAG")]
+    tag: Option<String>,
+}
+
+impl SecretScope {
+    fn scope(&self) -> thymis_api::secrets::Scope {
+        use thymis_api::secrets::Scope;
+        match (&self.device, &self.config, &self.tag) {
+            (Some(d), _, _) => Scope::Device(d.clone()),
+            (_, Some(c), _) => Scope::Config(c.clone()),
+            (_, _, Some(t)) => Scope::Tag(t.clone()),
+            _ => unreachable!("clap requires one"),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCmd {
+    /// Set a secret from a file or standard input (never from the command line, where
+    /// other users and the shell's history would see it).
+    Set {
+        name: String,
+        #[command(flatten)]
+        scope: SecretScope,
+        /// Read the value from this file (default: standard input).
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+        #[arg(long, default_value = "root")]
+        owner: String,
+        #[arg(long, default_value = "root")]
+        group: String,
+        /// Octal permission bits of the file on the device.
+        #[arg(long, default_value = "0400")]
+        mode: String,
+    },
+    /// The secrets: names, scopes, owners, modes and when they changed (never values).
+    List,
+    /// Remove a secret (devices drop it at their next deployment).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        scope: SecretScope,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -350,6 +410,52 @@ pub fn run(cli: Cli) -> Result<u8> {
             let done = artifacts(&c, task.id, |_| file.clone(), progress(show))?;
             out(json, &done, |t| println!("bundle of {} in {}", dash(t.system.as_deref()), file.display()));
             return Ok(exit_status(done.result == Some(TaskResult::Succeeded)));
+        }
+        Cmd::Secret(SecretCmd::Set { name, scope, file, owner, group, mode }) => {
+            use anyhow::Context as _;
+            use base64::Engine as _;
+            let value = match file {
+                Some(f) => std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
+                None => {
+                    let mut v = vec![];
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut v).context("reading standard input")?;
+                    v
+                }
+            };
+            let req = thymis_api::secrets::SetSecret {
+                name: name.clone(),
+                scope: scope.scope(),
+                owner: owner.clone(),
+                group: group.clone(),
+                mode: mode.clone(),
+                value: base64::engine::general_purpose::STANDARD.encode(value),
+            };
+            let v: thymis_api::secrets::SecretInfo = c.post("/secrets", Some(&req))?;
+            out(json, &v, |s| {
+                println!("set {} for {} (it reaches the devices with their next deployment)", s.name, s.scope)
+            });
+        }
+        Cmd::Secret(SecretCmd::List) => {
+            let v: Vec<thymis_api::secrets::SecretInfo> = c.get("/secrets")?;
+            out(json, &v, |v| {
+                println!("{:<24} {:<24} {:<10} {:<10} {:<5} UPDATED (UTC)", "NAME", "FOR", "OWNER", "GROUP", "MODE");
+                for s in v {
+                    println!(
+                        "{:<24} {:<24} {:<10} {:<10} {:<5} {}",
+                        s.name,
+                        s.scope.to_string(),
+                        s.owner,
+                        s.group,
+                        s.mode,
+                        console::utc(s.updated.max(0) as u64)
+                    );
+                }
+            });
+        }
+        Cmd::Secret(SecretCmd::Rm { name, scope }) => {
+            let req = thymis_api::secrets::RemoveSecret { name: name.clone(), scope: scope.scope() };
+            let v: serde_json::Value = c.post("/secrets/remove", Some(&req))?;
+            out(json, &v, |_| println!("removed {name} for {}", req.scope));
         }
         Cmd::Device(DeviceCmd::Add { name, config }) => {
             let v: Enrollment = c.post("/devices", Some(&AddDevice { name: name.clone(), config: config.clone() }))?;

@@ -23,10 +23,12 @@ use crate::sql::vals;
 use crate::sql::{Conn, Location, Row, Value};
 
 mod children;
+pub use secrets::StoredSecret;
 mod cluster;
 mod devices;
 mod enrollment;
 mod schema;
+mod secrets;
 mod sessions;
 mod tasks;
 #[cfg(test)]

@@ -169,6 +169,21 @@ ALTER TABLE devices ADD COLUMN time_zone TEXT;
 ALTER TABLE devices ADD COLUMN no_journal TEXT;
 ALTER TABLE devices ADD COLUMN no_terminal TEXT;
 "#,
+    // Per-device secrets: each value sealed to the controller's own key (never stored
+    // in clear), for a device, a configuration or a tag.
+    r#"
+CREATE TABLE secrets (
+    name TEXT NOT NULL,
+    scope_kind TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    mode INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    updated INTEGER NOT NULL,
+    PRIMARY KEY (name, scope_kind, scope)
+);
+"#,
 ];
 
 /// The migrations as PostgreSQL takes them: the same statements, with its names for the

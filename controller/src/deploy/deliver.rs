@@ -43,6 +43,8 @@ pub(super) async fn deliver(
     let expires =
         ctl.db.task_expires(child.task)?.unwrap_or_else(|| now() + ctl.settings.deployment_ttl.as_secs() as i64);
     let mut offline = false;
+    // The configuration's tags at the deployed commit: which tag's secrets it gets.
+    let tags = ctl.project.toml_at(commit)?.configs.get(&child.config).map(|c| c.tags.clone()).unwrap_or_default();
     loop {
         if is_over(ctl, &child)? {
             return Ok(());
@@ -90,6 +92,7 @@ pub(super) async fn deliver(
             expires: expires as u64,
             reboot,
             session: Some(conn.session.clone()),
+            secrets: crate::secrets::for_device(ctl, &child.device, &child.config, &tags, &child.deployment_id)?,
         };
         // Up to `parallel` devices at a time (sending ten thousand offers at once was
         // slower: every delivery then contends for the database).

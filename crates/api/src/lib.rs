@@ -7,6 +7,7 @@
 pub mod artifacts;
 pub mod project;
 pub mod rollout;
+pub mod secrets;
 pub mod terminal;
 
 use std::collections::BTreeMap;

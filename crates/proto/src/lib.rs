@@ -11,6 +11,7 @@ pub mod bounds;
 pub mod handshake;
 pub mod message;
 pub mod outcome;
+pub mod secrets;
 pub mod signed;
 pub mod stream;
 

@@ -77,6 +77,11 @@ pub struct Offer {
     /// on any other, so a captured offer (cancelled, superseded) cannot be replayed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// The device's secrets for this deployment: a [`crate::secrets::Secrets`] sealed
+    /// to the device's key under [`crate::secrets::context`] (base64). Signed with the
+    /// offer, so it cannot be moved to another device or deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<String>,
 }
 
 impl SignedKind for Offer {
@@ -113,6 +118,7 @@ mod tests {
             expires: 10,
             reboot: false,
             session: Some("s-1".into()),
+            secrets: None,
         }
     }
 

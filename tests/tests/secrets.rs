@@ -1,0 +1,99 @@
+//! Per-device secrets (docs/controller.md, "Secrets"): set for a tag, a configuration
+//! or a device, they reach each device sealed to its key and land in its secrets_dir
+//! with their owner, group and mode; a device's own value wins; a changed value needs
+//! no build; a removed one disappears; a rollback puts the previous value back; and the
+//! value is nowhere in clear on the controller, in its logs, or in the API.
+
+use std::io::Write as _;
+use std::process::Stdio;
+
+use serde_json::json;
+use thymis_fleet_tests::{Fleet, FleetOptions};
+
+/// `thymisctl secret set NAME ARGS` with `value` on standard input.
+fn set(f: &Fleet, name: &str, args: &[&str], value: &str) {
+    let mut cmd = f.controller.ctl_command(&["secret", "set", name]);
+    let mut child =
+        cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("ctl");
+    child.stdin.take().expect("stdin").write_all(value.as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "secret set {name}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `mode owner group value` of a secret on a device.
+fn on_device(f: &Fleet, device: &str, name: &str) -> String {
+    f.device(device)
+        .exec(&format!("f=/run/thymis/secrets/{name}; [ -e $f ] && echo \"$(stat -c '%a %U %G' $f) $(cat $f)\""))
+        .trim()
+        .to_owned()
+}
+
+fn builds(f: &Fleet) -> i64 {
+    let (_, stats) = f.controller.api("/stats", None);
+    stats["builds"].as_i64().unwrap_or(-1)
+}
+
+#[test]
+fn secrets_reach_their_devices_sealed_and_nowhere_in_clear() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    for (d, config) in [("s1", "alpha"), ("s2", "alpha"), ("b1", "beta")] {
+        f.add_device(d, config, true).expect("device");
+        f.wait_online(d);
+    }
+    // A value no one could guess, so finding it anywhere means it leaked.
+    let wifi = format!("psk-{:016x}", (std::process::id() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    set(&f, "wifi", &["--tag", "lobby", "--owner", "nobody", "--group", "nogroup", "--mode", "0440"], &wifi);
+    let listed = f.controller.ctl_json(&["secret", "list"]);
+    assert_eq!(listed[0]["name"], "wifi", "{listed}");
+    assert_eq!(listed[0]["scope"], json!({ "tag": "lobby" }), "{listed}");
+    assert!(!listed.to_string().contains(&wifi), "the list shows the value: {listed}");
+
+    let (code, t) = f.deploy_wait(&["--device", "s1", "--device", "s2", "--device", "b1", "-m", "with secrets"]);
+    assert_eq!(code, 0, "{t}\n{}", f.diagnostics());
+    for d in ["s1", "s2"] {
+        assert_eq!(on_device(&f, d, "wifi"), format!("440 nobody nogroup {wifi}"), "{d}\n{}", f.diagnostics());
+    }
+    assert_eq!(on_device(&f, "b1", "wifi"), "", "b1 (not in the tag) got the lobby's secret");
+
+    // A device's own value wins; a changed value needs no build.
+    let before = builds(&f);
+    set(&f, "wifi", &["--device", "s2"], "s2-only");
+    let (code, t) = f.deploy_wait(&["--device", "s1", "--device", "s2", "-m", "s2's own"]);
+    assert_eq!(code, 0, "{t}");
+    assert_eq!(on_device(&f, "s2", "wifi"), "400 root root s2-only");
+    assert_eq!(on_device(&f, "s1", "wifi"), format!("440 nobody nogroup {wifi}"));
+    assert_eq!(builds(&f), before, "a changed secret rebuilt the system");
+
+    // A rollback puts the previous value back.
+    set(&f, "wifi", &["--device", "s2"], "doomed");
+    f.set_configs(&json!({ "alpha": { "version": "2", "activationFails": true }, "beta": {} })).expect("cfg");
+    let (_, t) = f.deploy_wait(&["--device", "s2", "-m", "fails"]);
+    assert_eq!(Fleet::child(&t, "s2")["result"], "rolled-back", "{t}\n{}", f.diagnostics());
+    assert_eq!(on_device(&f, "s2", "wifi"), "400 root root s2-only", "the rollback left the new secret");
+
+    // Removed: gone from the device at its next deployment.
+    let out = f.controller.ctl(&["secret", "rm", "wifi", "--device", "s2"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = f.controller.ctl(&["secret", "rm", "wifi", "--tag", "lobby"]);
+    assert!(out.status.success(), "{out:?}");
+    f.set_configs(&json!({ "alpha": { "version": "1" }, "beta": {} })).expect("cfg");
+    let (code, t) = f.deploy_wait(&["--device", "s1", "--device", "s2", "-m", "no secrets"]);
+    assert_eq!(code, 0, "{t}");
+    assert_eq!(on_device(&f, "s1", "wifi"), "", "a removed secret stayed");
+
+    // Nowhere in clear: the controller's state directory (its database included), its
+    // log, the agents' logs and stores, the task logs, the API.
+    let grep = |path: &std::path::Path| {
+        std::process::Command::new("grep").args(["-r", "-l", "-a", "-F", &wifi]).arg(path).output().expect("grep")
+    };
+    for place in [f.controller.state_dir.clone(), f.device("s1").dir.clone(), f.device("s2").dir.clone()] {
+        let out = grep(&place);
+        assert!(out.stdout.is_empty(), "the value is in clear in {}", String::from_utf8_lossy(&out.stdout));
+    }
+    assert!(!f.controller.log().contains(&wifi), "the controller logged the value");
+    for id in 1..=4 {
+        assert!(!f.controller.task_logs(id).join("\n").contains(&wifi), "task {id} logged the value");
+    }
+    let (_, tasks) = f.controller.api("/tasks", None);
+    assert!(!tasks.to_string().contains(&wifi), "the API shows the value");
+}
