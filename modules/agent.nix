@@ -85,6 +85,15 @@ in
               device back to the controller.
             '';
           };
+          secrets_dir = lib.mkOption {
+            type = lib.types.str;
+            default = "/run/thymis/secrets";
+            description = ''
+              Where the agent writes the device's secrets (`thymisctl secret set`), one file
+              per secret with its owner, group and mode, before each deployment activates.
+              A tmpfs by default: they never rest on a disk in clear.
+            '';
+          };
           hold_group = lib.mkOption {
             type = lib.types.nullOr lib.types.str;
             default = null;
@@ -176,6 +185,27 @@ in
           };
         };
       });
+    };
+
+    secrets = lib.mkOption {
+      description = ''
+        The secrets this device's services use, by name: each one's `path` is where the
+        agent writes it (set their values with `thymisctl secret set NAME`; they never
+        enter the Nix store). Use the path as a service's `EnvironmentFile=` or a
+        `LoadCredential=` source.
+      '';
+      default = { };
+      example = lib.literalExpression ''
+        { wifi-psk = { }; }   # then: config.services.thymis-agent.secrets.wifi-psk.path
+      '';
+      type = lib.types.attrsOf (lib.types.submodule ({ name, ... }: {
+        options.path = lib.mkOption {
+          type = lib.types.str;
+          readOnly = true;
+          default = "${cfg.settings.secrets_dir}/${name}";
+          description = "Where the agent writes this secret on the device.";
+        };
+      }));
     };
 
     healthCheckDeadline = lib.mkOption {

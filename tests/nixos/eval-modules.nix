@@ -182,6 +182,9 @@ in
     policies = map builtins.readFile c.services.dbus.packages;
   };
   agentNoHoldGroupPolicies = builtins.length (agent { }).services.dbus.packages;
+  # A secret's path follows secrets_dir.
+  agentSecretPath = (agent { secrets.wifi-psk = { }; }).services.thymis-agent.secrets.wifi-psk.path;
+  agentSecretPathElsewhere = (agent { settings.secrets_dir = "/run/keys"; secrets.token = { }; }).services.thymis-agent.secrets.token.path;
   # The default package is pkgs.thymis (the overlay's).
   agentExecStart = (agent { }).systemd.services.thymis-agent.serviceConfig.ExecStart;
   agentStateDirectory = (agent { settings.state_dir = "/var/lib/fleet"; }).systemd.services.thymis-agent.serviceConfig.StateDirectory;

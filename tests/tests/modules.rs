@@ -111,6 +111,8 @@ fn modules_evaluate_with_the_real_module_system_and_the_docs_examples_hold() {
     let group = policies[1].as_str().unwrap_or_default();
     assert!(group.contains(r#"<policy group="kiosk">"#) && group.contains(r#"send_member="Hold""#), "{group}");
     assert_eq!(v["agentNoHoldGroupPolicies"], 1, "no hold group, no policy for one");
+    assert_eq!(v["agentSecretPath"], "/run/thymis/secrets/wifi-psk");
+    assert_eq!(v["agentSecretPathElsewhere"], "/run/keys/token");
     assert_eq!(v["agentStateDirectory"], "fleet");
     assert_eq!(v["agentElsewhere"]["hasStateDirectory"], false);
     assert_eq!(v["agentElsewhere"]["tmpfiles"][0], "d /data/thymis 0700 root root -");
