@@ -58,7 +58,7 @@ async fn require_root_or_group(conn: &Connection, hdr: &Header<'_>, group: Optio
     if uid == Some(0) {
         return Ok(());
     }
-    let gid = group_id(group);
+    let gid = crate::accounts::group_id(group).ok();
     let member = gid.is_some_and(|g| creds.unix_group_ids().is_some_and(|ids| ids.contains(&g)));
     if member {
         return Ok(());
@@ -67,16 +67,6 @@ async fn require_root_or_group(conn: &Connection, hdr: &Header<'_>, group: Optio
         "only root or members of group {group} may do this (caller uid {})",
         uid.map_or("unknown".into(), |u| u.to_string())
     )))
-}
-
-/// The id of group `name`, from `/etc/group`.
-fn group_id(name: &str) -> Option<u32> {
-    let text = std::fs::read_to_string("/etc/group").ok()?;
-    text.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next()? == name).then_some(())?;
-        f.nth(1)?.parse().ok()
-    })
 }
 
 #[interface(name = "io.thymis.Agent1")]

@@ -6,6 +6,7 @@
 //! confirms over a new connection in time; otherwise it returns to the previous
 //! generation by itself. See `docs/agent.md`.
 
+pub mod accounts;
 pub mod activation;
 pub mod agent;
 pub mod bootloader;

@@ -60,21 +60,6 @@ fn open(key: &SecretKey, s: &Sealed) -> Result<Vec<wire::Secret>> {
     Ok(payload.secrets)
 }
 
-/// The id of `name` in an `/etc/passwd`- or `/etc/group`-shaped file, or the number.
-fn account_id(file: &str, name: &str) -> Result<u32> {
-    if let Ok(n) = name.parse() {
-        return Ok(n);
-    }
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
-    text.lines()
-        .find_map(|l| {
-            let mut f = l.split(':');
-            (f.next()? == name).then_some(())?;
-            f.nth(1)?.parse().ok()
-        })
-        .ok_or_else(|| anyhow!("no {name:?} in {file}"))
-}
-
 /// Writes `secrets` into `dir`, each atomically, and removes the files that are no
 /// longer set.
 fn write_all(dir: &Path, secrets: &[wire::Secret]) -> Result<()> {
@@ -84,8 +69,8 @@ fn write_all(dir: &Path, secrets: &[wire::Secret]) -> Result<()> {
         if value.len() > MAX_VALUE {
             bail!("secret {} has {} bytes; at most {MAX_VALUE}", s.name, value.len());
         }
-        let uid = account_id("/etc/passwd", &s.owner).with_context(|| format!("secret {}'s owner", s.name))?;
-        let gid = account_id("/etc/group", &s.group).with_context(|| format!("secret {}'s group", s.name))?;
+        let uid = crate::accounts::user_id(&s.owner).with_context(|| format!("secret {}'s owner", s.name))?;
+        let gid = crate::accounts::group_id(&s.group).with_context(|| format!("secret {}'s group", s.name))?;
         let tmp = dir.join(format!(".{}.tmp", s.name));
         let _ = std::fs::remove_file(&tmp);
         {

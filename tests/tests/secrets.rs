@@ -97,3 +97,22 @@ fn secrets_reach_their_devices_sealed_and_nowhere_in_clear() {
     let (_, tasks) = f.controller.api("/tasks", None);
     assert!(!tasks.to_string().contains(&wifi), "the API shows the value");
 }
+
+/// On a systemd device, a service reads its secret from the path the agent writes it to
+/// (as the module's `secrets.NAME.path`), in place before the service starts.
+#[test]
+fn a_service_on_a_systemd_device_reads_its_secret() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_systemd_device("sd1", "alpha", true).expect("systemd device");
+    f.wait_online("sd1");
+    set(&f, "wifi", &["--device", "sd1", "--mode", "0400"], "PSK=0123456789\n");
+    f.set_configs(&json!({
+        "alpha": { "version": "2", "units": ["reader.service"], "secretEnv": "/run/thymis/secrets/wifi" },
+        "beta": {}
+    }))
+    .expect("cfg");
+    let (code, t) = f.deploy_wait(&["--device", "sd1", "-m", "a reader of the secret"]);
+    assert_eq!(code, 0, "{t}\n{}", f.diagnostics());
+    let seen = f.device("sd1").exec("systemctl is-active reader.service; journalctl -u reader.service --no-pager -n 5");
+    assert!(seen.starts_with("active") && seen.contains("the secret has 10 bytes"), "{seen}\n{}", f.diagnostics());
+}

@@ -75,6 +75,16 @@ fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
     assert_ne!(deployed, head, "Commit & Deploy did not commit");
     assert_eq!(f.device_row("a1")["commit"], deployed.as_str());
 
+    // A secret for a tag, set from the secrets page.
+    ui(
+        &f,
+        "secrets",
+        json!({ "devices": { "a1": deployed }, "secret": { "name": "wifi", "tag": "lobby", "value": "ui-secret-6f1d" } }),
+    );
+    let listed = f.controller.ctl_json(&["secret", "list"]);
+    assert_eq!(listed[0]["scope"], json!({ "tag": "lobby" }), "{listed}");
+    assert!(!listed.to_string().contains("ui-secret-6f1d"), "{listed}");
+
     // Stage only: the task says the device waits for activation; Activate switches it.
     f.set_configs(&json!({ "alpha": { "version": "2s", "units": ["web.service"] }, "beta": { "version": "1" } }))
         .expect("cfg");

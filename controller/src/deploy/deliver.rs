@@ -120,9 +120,25 @@ pub(super) async fn deliver(
     }
 }
 
+/// Delivers `child` from here in the background (from its recorded system), unless this
+/// process delivers it already; a delivery that cannot even start fails the device's
+/// deployment with the reason.
+pub(super) fn spawn_delivery(ctl: &Arc<Controller>, child: ChildRow) {
+    let Some(delivering) = Delivering::start(ctl, child.id) else { return };
+    let ctl = ctl.clone();
+    tokio::spawn(async move {
+        let _delivering = delivering;
+        let row = child.clone();
+        if let Err(e) = deliver_here(&ctl, child).await {
+            warn!(child = row.id, "delivery failed: {e:#}");
+            let _ = report(&ctl, &row, Event::Failed, &Details::error(&format!("{e:#}")));
+        }
+    });
+}
+
 /// Delivers a device deployment of another controller's task to its device connected
 /// here: its closure from the recorded system.
-pub(super) async fn deliver_here(ctl: &Arc<Controller>, child: ChildRow) -> Result<()> {
+async fn deliver_here(ctl: &Arc<Controller>, child: ChildRow) -> Result<()> {
     let Some((commit, reboot)) = ctl.db.task_commit(child.task)? else { return Ok(()) };
     let system = child.system.clone().context("not built")?;
     let system = build::present(&system).await?;

@@ -8,7 +8,7 @@
 use jiff::Timestamp;
 use thymis_api::Waiting;
 
-use super::deliver::{Delivering, deliver_here};
+use super::deliver::spawn_delivery;
 use super::*;
 use crate::model::window::{Now, Window};
 
@@ -57,16 +57,7 @@ fn go(ctl: &Arc<Controller>, child: ChildRow) -> Result<()> {
     }
     ctl.db.extend_task_expiry(child.task, now() + ctl.settings.deployment_ttl.as_secs() as i64)?;
     ctl.db.log(child.task, Some(child.id), &format!("{}: may switch now", child.device))?;
-    let Some(delivering) = Delivering::start(ctl, child.id) else { return Ok(()) };
-    let ctl = ctl.clone();
-    tokio::spawn(async move {
-        let _delivering = delivering;
-        let row = child.clone();
-        if let Err(e) = deliver_here(&ctl, child).await {
-            warn!(child = row.id, "delivery failed: {e:#}");
-            let _ = report(&ctl, &row, Event::Failed, &Details::error(&format!("{e:#}")));
-        }
-    });
+    spawn_delivery(ctl, child);
     Ok(())
 }
 

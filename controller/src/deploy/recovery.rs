@@ -1,7 +1,7 @@
 //! What time and restarts end or carry on: expiry, recovery after this controller
 //! restarts, and the work of a controller that stopped.
 
-use super::deliver::{Delivering, deliver_here};
+use super::deliver::spawn_delivery;
 use super::*;
 
 /// Ends what is past its deployment's expiry: queued devices `expired`, activated
@@ -113,16 +113,7 @@ pub fn carry_on(ctl: &Arc<Controller>) -> Result<()> {
         }
     }
     for child in ctl.db.deliverable_here(me, ctl.alive_since())? {
-        let Some(delivering) = Delivering::start(ctl, child.id) else { continue };
-        let ctl = ctl.clone();
-        tokio::spawn(async move {
-            let _delivering = delivering;
-            let row = child.clone();
-            if let Err(e) = deliver_here(&ctl, child).await {
-                warn!(child = row.id, "delivery failed: {e:#}");
-                let _ = report(&ctl, &row, Event::Failed, &Details::error(&format!("{e:#}")));
-            }
-        });
+        spawn_delivery(ctl, child);
     }
     Ok(())
 }

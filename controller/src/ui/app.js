@@ -181,6 +181,59 @@ async function devicesView() {
 
 // ---- configurations ----------------------------------------------------------------
 
+// ---- secrets -----------------------------------------------------------------------
+
+// Secrets for devices: set from a text field or a file, listed without their values
+// (which never come back from the controller).
+async function secretsView() {
+  const [secrets, configs, devices] = await Promise.all([api("GET", "/api/v1/secrets"), api("GET", "/api/v1/project/configs"), api("GET", "/api/v1/devices")]);
+  const scopeText = (s) => Object.entries(s).map(([k, v]) => `${k} ${v}`).join("");
+  const options = (kind) => (kind === "device" ? devices.map((d) => d.name) : kind === "config" ? Object.keys(configs.configs) : configs.tags);
+  main.innerHTML = `
+    <h1>Secrets</h1>
+    <p class="muted">Wi-Fi keys, API tokens: each device gets its own, encrypted to its key, in <code>/run/thymis/secrets/NAME</code> before its next deployment activates. Values are never shown again.</p>
+    <div class="table-wrap"><table data-testid="secrets-table"><thead><tr><th>Name</th><th>For</th><th>Owner</th><th>Group</th><th>Mode</th><th>Changed</th><th></th></tr></thead><tbody>
+    ${secrets.map((s, i) => `<tr data-secret="${esc(s.name)}"><td><code>${esc(s.name)}</code></td><td>${esc(scopeText(s.scope))}</td><td>${esc(s.owner)}</td><td>${esc(s.group)}</td><td>${esc(s.mode)}</td>
+      <td>${esc(new Date(s.updated * 1000).toLocaleString())}</td><td><button data-remove="${i}">Remove</button></td></tr>`).join("") || '<tr><td colspan="7" class="muted">No secrets yet.</td></tr>'}
+    </tbody></table></div>
+    <h2>Set a secret</h2>
+    <form class="card columns" id="secret-form">
+      <label>Name<br><input name="name" required pattern="[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}" data-testid="secret-name"></label>
+      <label>For<br><select name="kind" data-testid="secret-kind"><option value="tag">tag</option><option value="config">configuration</option><option value="device">device</option></select>
+        <select name="scope" data-testid="secret-scope"></select></label>
+      <label>Owner<br><input name="owner" value="root"></label>
+      <label>Group<br><input name="group" value="root"></label>
+      <label>Mode<br><input name="mode" value="0400" size="5"></label>
+      <label>Value<br><textarea name="value" rows="2" data-testid="secret-value" autocomplete="off"></textarea></label>
+      <label>or from a file<br><input type="file" name="file"></label>
+      <p><button class="primary" data-testid="secret-set">Set</button> <span class="error" id="secret-error"></span></p>
+    </form>`;
+  const form = document.getElementById("secret-form");
+  const fill = () => { form.scope.innerHTML = options(form.kind.value).map((o) => `<option>${esc(o)}</option>`).join(""); };
+  form.kind.onchange = fill;
+  fill();
+  form.onsubmit = async (e) => {
+    e.preventDefault();
+    try {
+      const file = form.file.files[0];
+      const bytes = file ? new Uint8Array(await file.arrayBuffer()) : new TextEncoder().encode(form.value.value);
+      let bin = "";
+      for (const b of bytes) bin += String.fromCharCode(b);
+      await api("POST", "/api/v1/secrets", { name: form.name.value, scope: { [form.kind.value]: form.scope.value },
+        owner: form.owner.value, group: form.group.value, mode: form.mode.value, value: btoa(bin) });
+      await secretsView();
+    } catch (err) {
+      document.getElementById("secret-error").textContent = err.message;
+    }
+  };
+  main.querySelectorAll("[data-remove]").forEach((b) => (b.onclick = async () => {
+    const s = secrets[Number(b.dataset.remove)];
+    if (!confirm(`Remove ${s.name} for ${scopeText(s.scope)}? Devices drop it at their next deployment.`)) return;
+    await api("POST", "/api/v1/secrets/remove", { name: s.name, scope: s.scope });
+    await secretsView();
+  }));
+}
+
 async function configsView() {
   const configs = await api("GET", "/api/v1/project/configs");
   main.innerHTML = `
@@ -418,6 +471,7 @@ async function route() {
     else if (dev) await deviceView(decodeURIComponent(dev[1]), { api, esc, short, storeName, ago, resultText, handSet, holdBadge, deviceState, commitBadge, main, csrf: () => csrf });
     else if (hash.startsWith("#/tasks")) await tasksView();
     else if (hash.startsWith("#/configs")) await configsView();
+    else if (hash.startsWith("#/secrets")) await secretsView();
     else await devicesView();
   } catch (err) {
     if (err.message !== "not logged in") main.innerHTML = `<p class="error">${esc(err.message)}</p>`;
