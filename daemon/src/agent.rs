@@ -270,7 +270,7 @@ impl Agent {
             hold: self.holds.current(),
             time_zone: crate::clock::time_zone(),
             no_journal: crate::journal::unavailable(),
-            no_terminal: (!self.config.terminal).then(|| crate::streams::NO_TERMINAL.to_owned()),
+            no_terminal: (!self.config.terminal).then(|| crate::config::NO_TERMINAL.to_owned()),
         }
     }
 
@@ -1002,6 +1002,26 @@ impl Agent {
             changed
         });
         self.outbox_changed.notify_one();
+    }
+
+    /// Notices holds that come and go by the hold file, or age past the maximum (a
+    /// D-Bus hold is announced by its method at once): every two seconds.
+    pub async fn watch_holds(self: Arc<Self>) {
+        let mut last = None;
+        self.hold_changed();
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            let now = self.holds.current();
+            if now != last {
+                if let Some(h) = &now {
+                    info!(reason = %h.reason, overdue = h.overdue, "updates are held");
+                } else if last.is_some() {
+                    info!("updates are no longer held");
+                }
+                self.hold_changed();
+                last = now;
+            }
+        }
     }
 
     /// Drops the roots of staged deployments but `keep`'s: a device keeps one staged

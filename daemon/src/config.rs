@@ -5,6 +5,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
+/// Why a terminal is refused where the agent's configuration does not allow one.
+pub const NO_TERMINAL: &str =
+    "the terminal is disabled on this device (its agent configuration does not say terminal = true)";
+
 /// `thymis-agent --config FILE`. Unknown keys are refused so a typo cannot silently
 /// turn a safety setting off.
 #[derive(Debug, Clone, Deserialize)]

@@ -121,26 +121,6 @@ impl Holds {
     }
 }
 
-/// Notices holds that come and go by the hold file, or age past the maximum (a D-Bus
-/// hold is announced by its method at once): every two seconds.
-pub async fn watch(agent: std::sync::Arc<crate::agent::Agent>) {
-    let mut last = None;
-    agent.hold_changed();
-    loop {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let now = agent.holds.current();
-        if now != last {
-            if let Some(h) = &now {
-                tracing::info!(reason = %h.reason, overdue = h.overdue, "updates are held");
-            } else if last.is_some() {
-                tracing::info!("updates are no longer held");
-            }
-            agent.hold_changed();
-            last = now;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

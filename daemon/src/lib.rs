@@ -88,7 +88,7 @@ pub async fn run(config: config::AgentConfig) -> Result<()> {
     let dbus = tokio::spawn(dbus::serve_forever(agent.clone()));
     let conn = tokio::spawn(connection::run_forever(agent.clone()));
     let watchdog = tokio::spawn(sd_notify::watchdog(agent.liveness.clone()));
-    let holds = tokio::spawn(hold::watch(agent.clone()));
+    let holds = tokio::spawn(agent.clone().watch_holds());
     sd_notify::ready();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

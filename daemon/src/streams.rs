@@ -13,10 +13,6 @@ use tracing::info;
 use crate::receive::Outbox;
 use crate::terminal::Input;
 
-/// Why a terminal is refused where the agent's configuration does not allow one.
-pub const NO_TERMINAL: &str =
-    "the terminal is disabled on this device (its agent configuration does not say terminal = true)";
-
 /// Terminal input waiting for the PTY; a controller that sends more than a shell reads
 /// ends the session rather than making the connection wait.
 const INPUT_QUEUE: usize = 64;
@@ -79,7 +75,7 @@ impl Streams {
 
     pub fn terminal(&mut self, stream: u32, command: Vec<String>, size: (u16, u16)) {
         if !self.terminal {
-            return self.refuse(stream, NO_TERMINAL.into());
+            return self.refuse(stream, crate::config::NO_TERMINAL.into());
         }
         if self.admit(stream) {
             info!(stream, ?command, "terminal opened by the controller");

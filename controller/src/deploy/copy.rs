@@ -158,7 +158,7 @@ pub(super) async fn send_to(
     acks.flush();
     // Not yet (stage-only, outside its window, held on the device): staged.
     match super::gate::waiting(ctl, child) {
-        Ok(Some(w)) => return super::gate::stage(ctl, conn, child, &w, &mut rx).await,
+        Ok(Some(w)) => return stage(ctl, conn, child, &w, &mut rx).await,
         Ok(None) => {}
         Err(e) => return Err(Stop::Refused(format!("deciding whether it may switch: {e:#}"))),
     }
@@ -198,6 +198,38 @@ impl Drop for LiveCopy<'_> {
     fn drop(&mut self) {
         self.ctl.copies.finish(self.child);
     }
+}
+
+/// Stops a copied device before its switch: the device keeps the system (an agent
+/// before staging is not told, and keeps it only until its next garbage collection),
+/// and the deployment is staged, saying why.
+async fn stage(
+    ctl: &Arc<Controller>,
+    conn: &Conn,
+    child: &ChildRow,
+    waiting: &thymis_api::Waiting,
+    rx: &mut mpsc::UnboundedReceiver<ControllerBound>,
+) -> Result<(), copy::Stop> {
+    let id = &child.deployment_id;
+    let mut reboot_needed = None;
+    if conn.protocol >= thymis_proto::STAGING_PROTOCOL {
+        if !conn.send(AgentBound::Stage { deployment_id: id.clone() }).await {
+            return Err(Stop::Disconnected);
+        }
+        match reply(rx, ctl.settings.reply_timeout).await? {
+            ControllerBound::Staged { reboot_needed: r, .. } => reboot_needed = r,
+            other => return Err(Stop::Refused(format!("unexpected reply to staging: {other:?}"))),
+        }
+    }
+    let details = Details { waiting: Some(waiting), reboot_needed: reboot_needed.as_deref(), ..Default::default() };
+    if let Ok(Ok(_)) = report(ctl, child, Event::Stage, &details) {
+        let mut line = format!("{}: {}", child.device, waiting.describe());
+        if let Some(r) = &reboot_needed {
+            line.push_str(&format!("; reboot needed: {r}"));
+        }
+        let _ = ctl.db.log(child.task, Some(child.id), &line);
+    }
+    Ok(())
 }
 
 /// Acknowledged paths and their bytes, written to the database a batch at a time (the

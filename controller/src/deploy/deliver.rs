@@ -146,3 +146,31 @@ async fn deliver_here(ctl: &Arc<Controller>, child: ChildRow) -> Result<()> {
     let closure = Arc::new(build::signed_closure(ctl, &system).await?);
     deliver(ctl, &ctl.adopted, child, system, closure, &commit, reboot).await
 }
+
+/// Staged device deployments that may switch now go on: queued again (with a
+/// deployment's lifetime from now), offered again over the device's connection (nothing
+/// is left to copy) and activated. Of `device` (it reported: its hold may be gone), or
+/// of every device connected here (the sweep: windows that opened). A device connected
+/// elsewhere is the business of the controller it is connected to.
+pub fn release_ready(ctl: &Arc<Controller>, device: Option<&str>) -> Result<()> {
+    for child in ctl.db.staged_children(device)? {
+        let wait = super::gate::waiting(ctl, &child)?;
+        let connected = ctl.conn(&child.device).is_some();
+        match wait {
+            Some(w) => ctl.db.set_waiting(child.id, &w)?,
+            None if !connected => ctl.db.set_waiting(child.id, &thymis_api::Waiting::Connection)?,
+            None => go(ctl, child)?,
+        }
+    }
+    Ok(())
+}
+
+fn go(ctl: &Arc<Controller>, child: ChildRow) -> Result<()> {
+    if report(ctl, &child, Event::Go, &Details::default())?.is_err() {
+        return Ok(());
+    }
+    ctl.db.extend_task_expiry(child.task, now() + ctl.settings.deployment_ttl.as_secs() as i64)?;
+    ctl.db.log(child.task, Some(child.id), &format!("{}: may switch now", child.device))?;
+    spawn_delivery(ctl, child);
+    Ok(())
+}

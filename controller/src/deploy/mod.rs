@@ -36,7 +36,7 @@ mod recovery;
 mod rollout;
 
 use crate::engine::{refresh_task, refresh_task_soon};
-pub use gate::release_ready;
+pub use deliver::release_ready;
 pub use recovery::{carry_on, recover, sweep};
 use rollout::deliver_all;
 

@@ -14,7 +14,7 @@ pub fn sweep(ctl: &Arc<Controller>) -> Result<()> {
     let deployments: Vec<i64> = open.iter().filter(|(_, kind, _)| kind == "deployment").map(|(t, ..)| *t).collect();
     engine::tick(ctl, &deployments)?;
     // Windows that opened: their staged devices connected here go on.
-    super::gate::release_ready(ctl, None)?;
+    super::deliver::release_ready(ctl, None)?;
     for (task, kind, expires) in open {
         if kind != "deployment" || expires.is_none_or(|e| e > t) {
             continue;
