@@ -464,7 +464,9 @@ async fn secrets_list(State(ctl): State<Arc<Controller>>) -> ApiResult {
 }
 
 async fn secret_set(State(ctl): State<Arc<Controller>>, Json(req): Json<thymis_api::secrets::SetSecret>) -> ApiResult {
-    typed(&crate::secrets::set(&ctl, &req)?)
+    let secret = crate::secrets::set(&ctl, &req)?;
+    let tasks = if req.deploy { crate::secrets::deploy_change(&ctl, &req.name, &req.scope).await? } else { vec![] };
+    typed(&thymis_api::secrets::SecretChanged { secret, tasks })
 }
 
 async fn secret_remove(
@@ -474,7 +476,8 @@ async fn secret_remove(
     if !ctl.db.remove_secret(&req.name, &req.scope)? {
         return Err(not_found(format!("no secret {:?} for {}", req.name, req.scope)));
     }
-    Ok(Json(json!({ "removed": true })))
+    let tasks = if req.deploy { crate::secrets::deploy_change(&ctl, &req.name, &req.scope).await? } else { vec![] };
+    Ok(Json(json!({ "removed": true, "tasks": tasks })))
 }
 
 /// Counters for benchmarks and monitoring.

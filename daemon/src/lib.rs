@@ -84,6 +84,12 @@ pub fn main(cli: Cli) -> Result<()> {
 /// The agent's tasks: resume a pending deployment, the connection, D-Bus.
 pub async fn run(config: config::AgentConfig) -> Result<()> {
     let agent = agent::Agent::new(config)?;
+    // The secrets dir is a tmpfs: after a boot, the current secrets go back first.
+    match secrets::restore_current(&agent.device_key, agent.state_dir(), &agent.config.secrets_dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("{n} secrets in place"),
+        Err(e) => tracing::warn!("putting the secrets back in place: {e:#}"),
+    }
     agent.resume().await;
     let dbus = tokio::spawn(dbus::serve_forever(agent.clone()));
     let conn = tokio::spawn(connection::run_forever(agent.clone()));

@@ -107,6 +107,16 @@ pub fn apply(key: &SecretKey, state_dir: &Path, dir: &Path, new: Sealed) -> Resu
     Ok(secrets.len())
 }
 
+/// At start: the current secrets are put in place again (`secrets_dir` is a tmpfs, empty
+/// after a boot), before the agent says it is ready. Returns how many.
+pub fn restore_current(key: &SecretKey, state_dir: &Path, dir: &Path) -> Result<usize> {
+    let kept: Kept = persist::read_json(&kept_path(state_dir))?.unwrap_or_default();
+    let Some(current) = kept.current else { return Ok(0) };
+    let secrets = open(key, &current)?;
+    write_all(dir, &secrets)?;
+    Ok(secrets.len())
+}
+
 /// After a rollback of `deployment_id`: the secrets the previous deployment had are
 /// back (none were known: the deployment's are left, as nothing else is known).
 pub fn restore_previous(key: &SecretKey, state_dir: &Path, dir: &Path, deployment_id: &str) -> Result<()> {
@@ -160,6 +170,10 @@ mod tests {
         apply(&key, &state, &dir, second).expect("apply");
         assert_eq!(std::fs::read_to_string(dir.join("wifi")).expect("wifi"), "two");
         assert!(!dir.join("token").exists(), "a removed secret stayed");
+        // After a boot (the tmpfs empty), the current ones are back at start.
+        std::fs::remove_dir_all(&dir).expect("a boot empties it");
+        assert_eq!(restore_current(&key, &state, &dir).expect("restore"), 1);
+        assert_eq!(std::fs::read_to_string(dir.join("wifi")).expect("wifi"), "two");
         // Rolled back: the first deployment's values are back.
         restore_previous(&key, &state, &dir, "dp-2").expect("restore");
         assert_eq!(std::fs::read_to_string(dir.join("wifi")).expect("wifi"), "one");

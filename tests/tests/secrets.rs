@@ -10,14 +10,25 @@ use std::process::Stdio;
 use serde_json::json;
 use thymis_fleet_tests::{Fleet, FleetOptions};
 
-/// `thymisctl secret set NAME ARGS` with `value` on standard input.
-fn set(f: &Fleet, name: &str, args: &[&str], value: &str) {
-    let mut cmd = f.controller.ctl_command(&["secret", "set", name]);
+/// `thymisctl secret set NAME ARGS` with `value` on standard input: the deployments
+/// that carry it.
+fn set(f: &Fleet, name: &str, args: &[&str], value: &str) -> Vec<i64> {
+    let mut cmd = f.controller.ctl_command(&["--json", "secret", "set", name]);
     let mut child =
         cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("ctl");
     child.stdin.take().expect("stdin").write_all(value.as_bytes()).expect("write");
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success(), "secret set {name}: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    serde_json::from_value(v["tasks"].clone()).expect("tasks")
+}
+
+/// Waits for deployments to finish; each must have succeeded.
+fn succeeded(f: &Fleet, tasks: &[i64]) {
+    for id in tasks {
+        let t = f.wait_task(*id, std::time::Duration::from_secs(120));
+        assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    }
 }
 
 /// `mode owner group value` of a secret on a device.
@@ -42,7 +53,10 @@ fn secrets_reach_their_devices_sealed_and_nowhere_in_clear() {
     }
     // A value no one could guess, so finding it anywhere means it leaked.
     let wifi = format!("psk-{:016x}", (std::process::id() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    set(&f, "wifi", &["--tag", "lobby", "--owner", "nobody", "--group", "nogroup", "--mode", "0440"], &wifi);
+    // Never deployed yet: no deployment for it now; the first one carries it.
+    let tasks =
+        set(&f, "wifi", &["--tag", "lobby", "--owner", "nobody", "--group", "nogroup", "--mode", "0440"], &wifi);
+    assert!(tasks.is_empty(), "{tasks:?}");
     let listed = f.controller.ctl_json(&["secret", "list"]);
     assert_eq!(listed[0]["name"], "wifi", "{listed}");
     assert_eq!(listed[0]["scope"], json!({ "tag": "lobby" }), "{listed}");
@@ -54,32 +68,39 @@ fn secrets_reach_their_devices_sealed_and_nowhere_in_clear() {
         assert_eq!(on_device(&f, d, "wifi"), format!("440 nobody nogroup {wifi}"), "{d}\n{}", f.diagnostics());
     }
     assert_eq!(on_device(&f, "b1", "wifi"), "", "b1 (not in the tag) got the lobby's secret");
+    // A restart with an empty /run (as after a boot): the agent puts them back.
+    f.device_mut("s1").kill9();
+    f.device_mut("s1").start().expect("start s1");
+    f.wait_online("s1");
+    assert_eq!(on_device(&f, "s1", "wifi"), format!("440 nobody nogroup {wifi}"), "{}", f.diagnostics());
 
-    // A device's own value wins; a changed value needs no build.
+    // A device's own value wins; a changed value is its own small deployment, with no
+    // build.
     let before = builds(&f);
-    set(&f, "wifi", &["--device", "s2"], "s2-only");
-    let (code, t) = f.deploy_wait(&["--device", "s1", "--device", "s2", "-m", "s2's own"]);
-    assert_eq!(code, 0, "{t}");
+    let tasks = set(&f, "wifi", &["--device", "s2"], "s2-only");
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    succeeded(&f, &tasks);
+    let t = f.controller.ctl_json(&["task", &tasks[0].to_string()]);
+    assert_eq!(t["children"].as_array().map(Vec::len), Some(1), "only s2 is deployed to: {t}");
     assert_eq!(on_device(&f, "s2", "wifi"), "400 root root s2-only");
     assert_eq!(on_device(&f, "s1", "wifi"), format!("440 nobody nogroup {wifi}"));
     assert_eq!(builds(&f), before, "a changed secret rebuilt the system");
 
     // A rollback puts the previous value back.
-    set(&f, "wifi", &["--device", "s2"], "doomed");
+    set(&f, "wifi", &["--device", "s2", "--no-deploy"], "doomed");
     f.set_configs(&json!({ "alpha": { "version": "2", "activationFails": true }, "beta": {} })).expect("cfg");
     let (_, t) = f.deploy_wait(&["--device", "s2", "-m", "fails"]);
     assert_eq!(Fleet::child(&t, "s2")["result"], "rolled-back", "{t}\n{}", f.diagnostics());
     assert_eq!(on_device(&f, "s2", "wifi"), "400 root root s2-only", "the rollback left the new secret");
 
     // Removed: gone from the device at its next deployment.
-    let out = f.controller.ctl(&["secret", "rm", "wifi", "--device", "s2"]);
+    let out = f.controller.ctl(&["secret", "rm", "wifi", "--device", "s2", "--no-deploy"]);
     assert!(out.status.success(), "{out:?}");
-    let out = f.controller.ctl(&["secret", "rm", "wifi", "--tag", "lobby"]);
-    assert!(out.status.success(), "{out:?}");
-    f.set_configs(&json!({ "alpha": { "version": "1" }, "beta": {} })).expect("cfg");
-    let (code, t) = f.deploy_wait(&["--device", "s1", "--device", "s2", "-m", "no secrets"]);
-    assert_eq!(code, 0, "{t}");
+    let removed = f.controller.ctl_json(&["secret", "rm", "wifi", "--tag", "lobby"]);
+    let tasks: Vec<i64> = serde_json::from_value(removed["tasks"].clone()).expect("tasks");
+    succeeded(&f, &tasks);
     assert_eq!(on_device(&f, "s1", "wifi"), "", "a removed secret stayed");
+    assert_eq!(on_device(&f, "s2", "wifi"), "", "a removed secret stayed");
 
     // Nowhere in clear: the controller's state directory (its database included), its
     // log, the agents' logs and stores, the task logs, the API.
@@ -91,7 +112,7 @@ fn secrets_reach_their_devices_sealed_and_nowhere_in_clear() {
         assert!(out.stdout.is_empty(), "the value is in clear in {}", String::from_utf8_lossy(&out.stdout));
     }
     assert!(!f.controller.log().contains(&wifi), "the controller logged the value");
-    for id in 1..=4 {
+    for id in 1..=6 {
         assert!(!f.controller.task_logs(id).join("\n").contains(&wifi), "task {id} logged the value");
     }
     let (_, tasks) = f.controller.api("/tasks", None);
@@ -105,7 +126,7 @@ fn a_service_on_a_systemd_device_reads_its_secret() {
     let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
     f.add_systemd_device("sd1", "alpha", true).expect("systemd device");
     f.wait_online("sd1");
-    set(&f, "wifi", &["--device", "sd1", "--mode", "0400"], "PSK=0123456789\n");
+    set(&f, "wifi", &["--device", "sd1", "--mode", "0400", "--no-deploy"], "PSK=0123456789\n");
     f.set_configs(&json!({
         "alpha": { "version": "2", "units": ["reader.service"], "secretEnv": "/run/thymis/secrets/wifi" },
         "beta": {}

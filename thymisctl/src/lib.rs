@@ -250,6 +250,10 @@ pub enum SecretCmd {
         /// Octal permission bits of the file on the device.
         #[arg(long, default_value = "0400")]
         mode: String,
+        /// Store it only: it reaches the devices with their next deployment (default:
+        /// a deployment of what they run now carries it at once).
+        #[arg(long)]
+        no_deploy: bool,
     },
     /// The secrets: names, scopes, owners, modes and when they changed (never values).
     List,
@@ -258,6 +262,8 @@ pub enum SecretCmd {
         name: String,
         #[command(flatten)]
         scope: SecretScope,
+        #[arg(long)]
+        no_deploy: bool,
     },
 }
 
@@ -411,7 +417,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             out(json, &done, |t| println!("bundle of {} in {}", dash(t.system.as_deref()), file.display()));
             return Ok(exit_status(done.result == Some(TaskResult::Succeeded)));
         }
-        Cmd::Secret(SecretCmd::Set { name, scope, file, owner, group, mode }) => {
+        Cmd::Secret(SecretCmd::Set { name, scope, file, owner, group, mode, no_deploy }) => {
             use anyhow::Context as _;
             use base64::Engine as _;
             let value = match file {
@@ -429,10 +435,12 @@ pub fn run(cli: Cli) -> Result<u8> {
                 group: group.clone(),
                 mode: mode.clone(),
                 value: base64::engine::general_purpose::STANDARD.encode(value),
+                deploy: !*no_deploy,
             };
-            let v: thymis_api::secrets::SecretInfo = c.post("/secrets", Some(&req))?;
-            out(json, &v, |s| {
-                println!("set {} for {} (it reaches the devices with their next deployment)", s.name, s.scope)
+            let v: thymis_api::secrets::SecretChanged = c.post("/secrets", Some(&req))?;
+            out(json, &v, |v| {
+                println!("set {} for {}", v.secret.name, v.secret.scope);
+                secret_tasks(&v.tasks);
             });
         }
         Cmd::Secret(SecretCmd::List) => {
@@ -452,10 +460,15 @@ pub fn run(cli: Cli) -> Result<u8> {
                 }
             });
         }
-        Cmd::Secret(SecretCmd::Rm { name, scope }) => {
-            let req = thymis_api::secrets::RemoveSecret { name: name.clone(), scope: scope.scope() };
+        Cmd::Secret(SecretCmd::Rm { name, scope, no_deploy }) => {
+            let req =
+                thymis_api::secrets::RemoveSecret { name: name.clone(), scope: scope.scope(), deploy: !*no_deploy };
             let v: serde_json::Value = c.post("/secrets/remove", Some(&req))?;
-            out(json, &v, |_| println!("removed {name} for {}", req.scope));
+            out(json, &v, |v| {
+                println!("removed {name} for {}", req.scope);
+                let tasks: Vec<i64> = serde_json::from_value(v["tasks"].clone()).unwrap_or_default();
+                secret_tasks(&tasks);
+            });
         }
         Cmd::Device(DeviceCmd::Add { name, config }) => {
             let v: Enrollment = c.post("/devices", Some(&AddDevice { name: name.clone(), config: config.clone() }))?;
@@ -681,6 +694,17 @@ fn s(v: &serde_json::Value) -> String {
         serde_json::Value::String(x) => x.clone(),
         serde_json::Value::Null => "-".into(),
         other => other.to_string(),
+    }
+}
+
+/// Where a secret's change goes.
+fn secret_tasks(tasks: &[i64]) {
+    match tasks {
+        [] => println!("it reaches the devices with their next deployment"),
+        _ => {
+            let ids: Vec<String> = tasks.iter().map(i64::to_string).collect();
+            println!("deploying it to the devices it reaches: task {} (thymisctl task ID)", ids.join(", "));
+        }
     }
 }
 

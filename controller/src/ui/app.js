@@ -220,7 +220,7 @@ async function secretsView() {
       let bin = "";
       for (const b of bytes) bin += String.fromCharCode(b);
       await api("POST", "/api/v1/secrets", { name: form.name.value, scope: { [form.kind.value]: form.scope.value },
-        owner: form.owner.value, group: form.group.value, mode: form.mode.value, value: btoa(bin) });
+        owner: form.owner.value, group: form.group.value, mode: form.mode.value, value: btoa(bin), deploy: true });
       await secretsView();
     } catch (err) {
       document.getElementById("secret-error").textContent = err.message;

@@ -54,6 +54,24 @@ pub struct SetSecret {
     pub mode: String,
     /// The value, base64 (it may be binary).
     pub value: String,
+    /// Deploy the change at once to the devices it reaches (the default); otherwise it
+    /// goes with their next deployment.
+    #[serde(default = "yes")]
+    pub deploy: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What setting or removing a secret did.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct SecretChanged {
+    pub secret: SecretInfo,
+    /// The deployments that carry the change to its devices now (one per commit the
+    /// devices run; none for devices that have a deployment under way, which carries
+    /// the change, or that were never deployed).
+    pub tasks: Vec<i64>,
 }
 
 fn root() -> String {
@@ -69,6 +87,8 @@ fn read_only() -> String {
 pub struct RemoveSecret {
     pub name: String,
     pub scope: Scope,
+    #[serde(default = "yes")]
+    pub deploy: bool,
 }
 
 /// A secret as listed: never its value.
