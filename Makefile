@@ -8,9 +8,8 @@ CARGO ?= cargo
 
 test: setup-tests lint build agent-aarch64
 	$(CARGO) test --workspace
-	# The deploy, rollout and fault suites again, on PostgreSQL (a private server each);
-	# --workspace keeps the features of the run above, so nothing is built again.
-	THYMIS_TEST_DATABASE=postgres $(CARGO) test --workspace --test deploy --test rollout --test faults --test crash_windows --test staging --test secrets
+	# The suites that touch the database again, on PostgreSQL (the executables just built).
+	bash scripts/test-postgres.sh
 	@[ -n "$$NIXPKGS_LIB" ] || echo "note: NIXPKGS_LIB is not set: tests/tests/modules.rs skipped evaluating the NixOS modules with lib.evalModules"
 	$(MAKE) fuzz-check
 
