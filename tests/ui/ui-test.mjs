@@ -69,8 +69,9 @@ const browser = await chromium.launch({
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     .concat(process.env.THYMIS_SPKI ? [`--ignore-certificate-errors-spki-list=${process.env.THYMIS_SPKI}`] : []),
 });
+let page;
 try {
-  const page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
+  page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
   page.setDefaultTimeout(60000);
   // A normal page load logs no error and fails no request.
   const problems = [];
@@ -206,6 +207,13 @@ try {
   const after = await page.evaluate(async () => (await fetch("/api/v1/devices")).status);
   check(after === 401, `after logging out the API answers ${after}`);
   console.log(`ui phase ${phase}: ok`);
+} catch (err) {
+  // What the page showed when it failed, for the test's output.
+  if (page) {
+    console.error(`the page at ${page.url()} showed:\n${await page.locator("body").innerText().catch(() => "?")}`);
+    await page.screenshot({ path: `${shots}/${phase}-failure.png`, fullPage: true }).catch(() => {});
+  }
+  throw err;
 } finally {
   await browser.close();
 }
