@@ -196,6 +196,14 @@ async fn make_bundle(
     let out = dir(ctl, task);
     private_dir(&out)?;
     let created = now() as u64;
+    // A device's bundle carries its secrets, as a deployment to it would.
+    let secrets = match &target {
+        Target::Device(d) => {
+            let tags = ctl.project.toml_at(commit)?.configs.get(config).map(|c| c.tags.clone()).unwrap_or_default();
+            crate::secrets::for_device(ctl, d, config, &tags, &format!("bundle-{sequence}"))?
+        }
+        Target::Config(_) => None,
+    };
     let manifest = Manifest {
         format: 0,
         target,
@@ -205,6 +213,7 @@ async fn make_bundle(
         expires: expires_in.map(|s| created + s),
         created,
         paths: vec![],
+        secrets,
     };
     let ctl2 = ctl.clone();
     let file = out.join(format!("bundle-{sequence}.tar"));

@@ -98,7 +98,7 @@ pub async fn install(agent: &Arc<Agent>, path: &Path) -> Result<String> {
         expires: manifest.expires.unwrap_or(u64::MAX),
         reboot: false,
         session: None,
-        secrets: None,
+        secrets: manifest.secrets.clone(),
     };
     let id = offer.deployment_id.clone();
     agent.stage_local_offer(offer);

@@ -177,6 +177,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 expires: expires_in.map(|s| now + s),
                 created: now,
                 paths: vec![],
+                secrets: None,
             };
             let scratch = tempfile::tempdir()?;
             let file = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;

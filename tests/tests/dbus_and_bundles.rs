@@ -115,6 +115,7 @@ fn make_bundle(
         expires: None,
         created: 1_800_000_000,
         paths: vec![],
+        secrets: None,
     };
     let file = f.tmp.path().join(format!("bundle-{sequence}.tar"));
     let out = std::fs::File::create(&file).expect("create");

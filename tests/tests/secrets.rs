@@ -137,3 +137,35 @@ fn a_service_on_a_systemd_device_reads_its_secret() {
     let seen = f.device("sd1").exec("systemctl is-active reader.service; journalctl -u reader.service --no-pager -n 5");
     assert!(seen.starts_with("active") && seen.contains("the secret has 10 bytes"), "{seen}\n{}", f.diagnostics());
 }
+
+/// An offline bundle made for one device carries that device's secrets (sealed to its
+/// key); installed on the device, they are in place.
+#[test]
+fn a_device_bundle_carries_its_secrets() {
+    let bus = thymis_fleet_tests::SystemBus::start().expect("bus");
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device_on_bus("d1", "alpha", true, Some(&bus)).expect("device");
+    f.wait_online("d1");
+    let (code, t) = f.deploy_wait(&["--device", "d1", "-m", "first"]);
+    assert_eq!(code, 0, "{t}");
+    set(&f, "api-token", &["--device", "d1", "--no-deploy"], "token-for-d1");
+    let file = f.tmp.path().join("d1.tar");
+    let b = f.controller.ctl_json(&["bundle", "--device", "d1", "--out", &file.to_string_lossy()]);
+    assert_eq!(b["result"], "succeeded", "{b}");
+    let bytes = std::fs::read(&file).expect("bundle");
+    assert!(!bytes.windows(12).any(|w| w == b"token-for-d1"), "the bundle holds the secret in clear");
+    let out = std::process::Command::new(thymis_fleet_tests::bin("thymisctl"))
+        .args(["--json", "install-bundle"])
+        .arg(&file)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .output()
+        .expect("install");
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        f.diagnostics()
+    );
+    assert_eq!(on_device(&f, "d1", "api-token"), "400 root root token-for-d1");
+}

@@ -79,6 +79,10 @@ pub struct Manifest {
     pub created: u64,
     /// The whole closure of `system`, dependencies first.
     pub paths: Vec<ManifestPath>,
+    /// A device bundle's secrets, sealed to that device's key for the deployment
+    /// `bundle-SEQUENCE` (base64; signed with the manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<String>,
 }
 
 /// Why a bundle could not be written or was refused.

@@ -234,6 +234,7 @@ fn bundle_fixture() -> BundleFixture {
         expires: None,
         created: 1_700_000_000,
         paths: vec![],
+        secrets: None,
     };
     let scratch = tmp.path().to_owned();
     let bytes = bundle::write(Vec::new(), manifest, &identity, &host, &infos, &scratch).expect("write bundle");
