@@ -103,6 +103,19 @@ fn a_changed_path_goes_as_a_delta_against_the_version_the_device_has() {
     let (_, stats) = f.controller.api("/stats", None);
     assert!(stats["deltas"].as_u64().unwrap_or(0) >= 1, "{stats}");
 
+    // Version 3's path has its version in its name (a package whose version moved): it
+    // still goes as a delta against the device's earlier version of the package.
+    f.set_configs(&json!({ "alpha": { "version": "3", "blob": { "kib": 2048, "versioned": true } }, "beta": {} }))
+        .expect("cfg");
+    let t = f.controller.ctl_json(&["deploy", "--device", "d1", "-m", "v3", "--wait"]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    let c = Fleet::child(&t, "d1");
+    let third = c["bytes_sent"].as_i64().unwrap_or(0);
+    assert!(third < 100_000, "a path whose version moved was sent whole: {third} bytes");
+    let system = c["system"].as_str().expect("system");
+    let blob_path = std::fs::read_to_string(format!("{system}/blob")).expect("blob ref");
+    assert!(blob_path.trim().ends_with("-thymis-test-blob-alpha-3"), "{blob_path}");
+
     // The device holds the new version, byte for byte (its import checked the hash).
     let system = c["system"].as_str().expect("system");
     let blob_path = std::fs::read_to_string(format!("{system}/blob")).expect("blob ref");

@@ -379,8 +379,8 @@ pub(super) async fn reply(
 
 /// The delta bases a device names, kept only where the controller knows the device has
 /// the base (in the closure of the system it reports) and it is an earlier version of
-/// the path (the same name): a device cannot make the controller read, hold and
-/// compress against any store path it likes.
+/// the path (the same package: the name but for its version): a device cannot make the
+/// controller read, hold and compress against any store path it likes.
 pub(super) async fn known_bases(
     ctl: &Arc<Controller>,
     device: &str,
@@ -402,7 +402,7 @@ pub(super) async fn known_bases(
     };
     let before = bases.len();
     let kept: HashMap<StorePath, StorePath> =
-        bases.into_iter().filter(|(path, base)| has.contains(base) && base.name() == path.name()).collect();
+        bases.into_iter().filter(|(path, base)| has.contains(base) && base.package() == path.package()).collect();
     if kept.len() < before {
         debug!(%device, named = before, kept = kept.len(), "delta bases the device is not known to have were ignored");
     }

@@ -101,7 +101,9 @@ impl LocalStore {
         let Some(first) = paths.first() else { return Ok((vec![], vec![])) };
         let real = self.real_path(first);
         let dir = real.parent().unwrap_or(Path::new("/"));
-        let by_name: HashMap<&str, &StorePath> = paths.iter().map(|p| (p.name(), p)).collect();
+        // Earlier versions by package, the version in the name left out: a package whose
+        // version moved (a nixpkgs bump) still finds the one the device has.
+        let by_package: HashMap<String, &StorePath> = paths.iter().map(|p| (p.package(), p)).collect();
         let mut candidates: Vec<(StorePath, StorePath)> = Vec::new();
         let list = |source| StoreError::List { dir: dir.to_owned(), source };
         // A store that does not exist yet (a device's first deployment) has no bases.
@@ -112,7 +114,7 @@ impl LocalStore {
         for entry in entries.into_iter().flatten() {
             let name = entry.map_err(list)?.file_name();
             let Ok(have) = StorePath::from_base_name(&name.to_string_lossy()) else { continue };
-            if let Some(&want) = by_name.get(have.name())
+            if let Some(&want) = by_package.get(&have.package())
                 && *want != have
             {
                 candidates.push((want.clone(), have));
@@ -132,7 +134,10 @@ impl LocalStore {
             Some(r) if versions.values().any(|n| *n > 1) => self.closure(r)?.into_iter().collect(),
             _ => HashSet::new(),
         };
-        candidates.sort_by_key(|(_, have)| (!prefer.contains(have), have.base_name().to_owned()));
+        // The same name first (the version the new one replaces), then what it runs.
+        candidates.sort_by_key(|(want, have)| {
+            (want.name() != have.name(), !prefer.contains(have), have.base_name().to_owned())
+        });
         let mut bases: Vec<(StorePath, StorePath)> = Vec::new();
         for (want, have) in candidates {
             if !bases.iter().any(|(w, _)| *w == want) {

@@ -70,6 +70,14 @@ impl StorePath {
         &self.base[33..]
     }
 
+    /// The name without its version: the `-`-separated parts that start with a digit
+    /// are left out (`openssl-3.0.13-bin` is `openssl-bin`, `python3.11-requests-2.31.0`
+    /// is `python3.11-requests`), so a package whose version moved still finds its
+    /// earlier version (as nvd matches packages).
+    pub fn package(&self) -> String {
+        package_of(self.name())
+    }
+
     /// The absolute path.
     pub fn to_absolute(&self) -> String {
         format!("{STORE_DIR}/{}", self.base)
@@ -116,6 +124,12 @@ impl<'de> serde::Deserialize<'de> for StorePath {
     }
 }
 
+/// [`StorePath::package`] of a name.
+pub fn package_of(name: &str) -> String {
+    let kept: Vec<&str> = name.split('-').filter(|part| !part.starts_with(|c: char| c.is_ascii_digit())).collect();
+    if kept.is_empty() { name.to_owned() } else { kept.join("-") }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +142,21 @@ mod tests {
         assert_eq!(p.to_string(), GOOD);
         assert_eq!(p.digest(), "wipdr80wxxrlc00qzxc0qi5s6wwdkais");
         assert_eq!(p.name(), "t1");
+    }
+
+    #[test]
+    fn packages_are_names_without_their_versions() {
+        for (name, package) in [
+            ("openssl-3.0.13", "openssl"),
+            ("openssl-3.0.13-bin", "openssl-bin"),
+            ("python3.11-requests-2.31.0", "python3.11-requests"),
+            ("linux-6.6.30-modules", "linux-modules"),
+            ("nixos-system-kiosk-24.05.20240101.abcdef", "nixos-system-kiosk"),
+            ("hello", "hello"),
+            ("1.0", "1.0"),
+        ] {
+            assert_eq!(super::package_of(name), package, "{name}");
+        }
     }
 
     #[test]
