@@ -126,12 +126,37 @@ async fn make_image(
     let agent_config = scratch.path().join("agent.toml");
     std::fs::write(&agent_config, ctl.agent_config(device, &token))?;
     ctl.db.log(task, None, &format!("making the image of {device} ({system}); it carries a new enrollment token"))?;
-    let mut child = tokio::process::Command::new(imager())
+    let mut imager_cmd = tokio::process::Command::new(imager());
+    imager_cmd
         .args(["build", "--system", &system.to_string(), "--name", device, "--commit", commit, "--config", config])
         .arg("--out")
         .arg(&out)
         .arg("--agent-config")
-        .arg(&agent_config)
+        .arg(&agent_config);
+    // A device with secrets gets its key made here, and its secrets sealed to it: they
+    // are in place at its first start, before its services need them (the token then
+    // enrolls this key).
+    let tags = ctl.project.toml_at(commit)?.configs.get(config).map(|c| c.tags.clone()).unwrap_or_default();
+    let secrets = crate::secrets::secrets_of(ctl, device, config, &tags)?;
+    if !secrets.is_empty() {
+        let key = thymis_store::signing::SecretKey::generate(thymis_proto::DEVICE_KEY_NAME)?;
+        let deployment_id = format!("image-{task}");
+        let n = secrets.len();
+        let kept = thymis_proto::secrets::Kept {
+            current: Some(thymis_proto::secrets::Sealed {
+                device: device.to_owned(),
+                sealed: crate::secrets::seal_for(&key.public(), device, &deployment_id, secrets)?,
+                deployment_id,
+            }),
+            previous: None,
+        };
+        let (key_file, secrets_file) = (scratch.path().join("device.key"), scratch.path().join("secrets.json"));
+        write_private(&key_file, key.to_secret_string().as_bytes())?;
+        write_private(&secrets_file, &serde_json::to_vec(&kept)?)?;
+        imager_cmd.arg("--device-key").arg(&key_file).arg("--secrets").arg(&secrets_file);
+        ctl.db.log(task, None, &format!("the image carries {device}'s key and its {n} secrets, sealed to it"))?;
+    }
+    let mut child = imager_cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -155,6 +180,15 @@ async fn make_image(
         ctl.db.log(task, None, &format!("warning: {warning}"))?;
     }
     Ok(system.to_string())
+}
+
+/// A file only its owner reads, written with that mode from the start.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(bytes)?;
+    Ok(())
 }
 
 /// Writes an offline bundle for a device or a configuration at `commit`.

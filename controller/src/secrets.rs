@@ -112,6 +112,19 @@ pub fn for_device(
     let Some(row) = ctl.db.device(device)? else { return Ok(None) };
     let Some(key) = row.public_key.as_deref() else { return Ok(None) };
     let key: PublicKey = key.parse().map_err(|e| anyhow!("device {device}'s key: {e}"))?;
+    let secrets = secrets_of(ctl, device, config, tags)?;
+    Ok(Some(seal_for(&key, device, deployment_id, secrets)?))
+}
+
+/// `secrets` sealed to `key` for `device`'s deployment `deployment_id` (base64).
+pub fn seal_for(key: &PublicKey, device: &str, deployment_id: &str, secrets: Vec<wire::Secret>) -> Result<String> {
+    let payload = wire::Secrets { device: device.to_owned(), deployment_id: deployment_id.to_owned(), secrets };
+    let sealed = sealed::seal(key, &wire::context(device, deployment_id), &serde_json::to_vec(&payload)?)?;
+    Ok(STANDARD.encode(sealed))
+}
+
+/// The secrets that apply to `device`, opened from their seal at rest.
+pub fn secrets_of(ctl: &Controller, device: &str, config: &str, tags: &[String]) -> Result<Vec<wire::Secret>> {
     // The most specific scope wins: device, then configuration, then its tags in order.
     let rank = |scope: &Scope| match scope {
         Scope::Device(d) if d == device => Some(0),
@@ -136,7 +149,5 @@ pub fn for_device(
             .map_err(|e| anyhow!("secret {name} ({}): {e}", info.scope))?;
         secrets.push(wire::Secret { name, owner: info.owner, group: info.group, mode, value: STANDARD.encode(value) });
     }
-    let payload = wire::Secrets { device: device.to_owned(), deployment_id: deployment_id.to_owned(), secrets };
-    let sealed = sealed::seal(&key, &wire::context(device, deployment_id), &serde_json::to_vec(&payload)?)?;
-    Ok(Some(STANDARD.encode(sealed)))
+    Ok(secrets)
 }

@@ -27,8 +27,7 @@ use crate::profile;
 use crate::state::{HISTORY_LEN, Pending, Persisted};
 use crate::status::Status;
 
-/// The name under which the device key signs.
-pub const DEVICE_KEY_NAME: &str = "thymis-device";
+pub use thymis_proto::DEVICE_KEY_NAME;
 
 /// The device agent. Shared between the connection, the D-Bus service and timers.
 #[derive(Debug)]

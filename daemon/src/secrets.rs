@@ -12,28 +12,13 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use serde::{Deserialize, Serialize};
 use thymis_proto::secrets::{self as wire, MAX_SECRETS, MAX_VALUE, valid_account, valid_name};
 use thymis_store::sealed;
 use thymis_store::signing::SecretKey;
 
 use crate::persist;
 
-/// A deployment's sealed secrets, as its offer carried them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Sealed {
-    pub device: String,
-    pub deployment_id: String,
-    /// base64, as in the offer.
-    pub sealed: String,
-}
-
-/// What `secrets.json` keeps.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Kept {
-    current: Option<Sealed>,
-    previous: Option<Sealed>,
-}
+pub use thymis_proto::secrets::{Kept, Sealed};
 
 fn kept_path(state_dir: &Path) -> std::path::PathBuf {
     state_dir.join("secrets.json")

@@ -59,6 +59,8 @@ pub struct Options {
     pub size: Option<u64>,
     pub agent_config: Option<PathBuf>,
     pub device_key: Option<PathBuf>,
+    /// The device's sealed secrets (`STATE_DIR/secrets.json` of the agent).
+    pub secrets: Option<PathBuf>,
     /// Recorded in the manifest (a closure from the controller brings its own).
     pub commit: Option<String>,
     pub config: Option<String>,
@@ -198,7 +200,7 @@ pub fn build(o: &Options) -> Result<ImageManifest> {
     step(&format!("compressing to {}", zst.display()));
     // An image with the agent's configuration (its enrollment token) or a device key is
     // a secret: only its owner may read it.
-    let secret = o.agent_config.is_some() || o.device_key.is_some();
+    let secret = o.agent_config.is_some() || o.device_key.is_some() || o.secrets.is_some();
     let (bmap, image_sha256, compressed_sha256) = compress(&raw, &zst, if secret { 0o600 } else { 0o644 })?;
     fs::write(o.out.join(format!("{zst_name}.sha256")), format!("{compressed_sha256}  {zst_name}\n"))?;
     fs::write(o.out.join(format!("{}.bmap", o.name)), bmap.to_xml())?;
@@ -297,6 +299,9 @@ fn stage_root(
     }
     if let Some(key) = &o.device_key {
         secret_copy(key, &root.join("var/lib/thymis-agent/device.key"))?;
+    }
+    if let Some(secrets) = &o.secrets {
+        secret_copy(secrets, &root.join("var/lib/thymis-agent/secrets.json"))?;
     }
     // The agent reports this system and commit until its first deployment.
     let agent_dir = root.join("var/lib/thymis-agent");

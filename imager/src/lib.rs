@@ -49,6 +49,11 @@ pub enum Cmd {
         /// The device's key, placed at /var/lib/thymis-agent/device.key (0600).
         #[arg(long)]
         device_key: Option<PathBuf>,
+        /// The device's secrets, sealed to that key (the controller's image makes it),
+        /// placed at /var/lib/thymis-agent/secrets.json (0600): the agent writes them
+        /// into its secrets_dir at its first start, before it says it is ready.
+        #[arg(long, requires = "device_key")]
+        secrets: Option<PathBuf>,
         /// Read the closure from a `pkgs.closureInfo` output (inside a Nix build).
         #[arg(long)]
         closure_info: Option<PathBuf>,
@@ -119,6 +124,7 @@ pub fn run(cli: Cli) -> Result<()> {
             size,
             agent_config,
             device_key,
+            secrets,
             closure_info,
             commit,
             config,
@@ -144,6 +150,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 size,
                 agent_config,
                 device_key,
+                secrets,
                 commit,
                 config,
                 board,

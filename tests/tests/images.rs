@@ -22,6 +22,19 @@ fn a_device_flashed_from_its_image_enrolls_reports_the_image_and_takes_deploymen
     let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
     let out = f.controller.ctl(&["--json", "device", "add", "fresh", "--config", "alpha"]);
     assert!(out.status.success());
+    // A secret for it: the image carries it, sealed to the key the image carries.
+    let secret_file = f.tmp.path().join("token.txt");
+    std::fs::write(&secret_file, "image-secret-5e3a").expect("write");
+    let out = f.controller.ctl(&[
+        "secret",
+        "set",
+        "api-token",
+        "--device",
+        "fresh",
+        "--file",
+        &secret_file.to_string_lossy(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
     let set = f.tmp.path().join("image-set");
     let t = f.controller.ctl_json(&["image", "fresh", "--out", &set.to_string_lossy()]);
     assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
@@ -32,6 +45,8 @@ fn a_device_flashed_from_its_image_enrolls_reports_the_image_and_takes_deploymen
     // and its state directory.
     let disk = f.tmp.path().join("disk.img");
     run(Command::new(bin("thymis-imager")).arg("flash").arg(set.join("fresh.img.zst")).arg(&disk));
+    let found = Command::new("grep").args(["-c", "-a", "-F", "image-secret-5e3a"]).arg(&disk).output().expect("grep");
+    assert!(!found.status.success(), "the image holds the secret in clear");
     let root = format!("{}?offset={}", disk.display(), 65u64 << 20);
     let config = run(Command::new("debugfs").args(["-R", "cat /etc/thymis/agent.toml", &root]));
     assert!(config.contains("enrollment_token"), "{config}");
@@ -55,6 +70,12 @@ fn a_device_flashed_from_its_image_enrolls_reports_the_image_and_takes_deploymen
     });
     assert_eq!(row["system"], system.as_str(), "a flashed device shows the image's system: {row}");
     assert_eq!(row["commit"], f.controller.project_head().as_str(), "and its commit: {row}");
+    // Its secret was in place at its first start, before it even connected.
+    let secret = f.device("fresh").exec("cat /run/thymis/secrets/api-token");
+    assert_eq!(secret, "image-secret-5e3a", "{}", f.diagnostics());
+    let log = f.device("fresh").log();
+    let (placed, connected) = (log.find("1 secrets in place"), log.find("connected to the controller"));
+    assert!(placed.is_some() && placed < connected, "the secrets were not in place before it connected:\n{log}");
 
     // It takes deployments like any device; the image's generation is the rollback point.
     f.set_configs(&json!({ "alpha": { "version": "2" }, "beta": {} })).expect("cfg");

@@ -21,6 +21,9 @@ pub use message::{
 };
 pub use outcome::{AgentState, DeviceResult, Phase, RollbackReason};
 
+/// The name under which a device key signs (and is written: `thymis-device:BASE64`).
+pub const DEVICE_KEY_NAME: &str = "thymis-device";
+
 /// Protocol versions this build speaks. A peer whose range does not overlap is refused
 /// with a message that says which side to upgrade.
 pub const PROTOCOL_MIN: u32 = 1;

@@ -29,6 +29,23 @@ pub struct Secret {
     pub value: String,
 }
 
+/// A deployment's sealed secrets as the agent keeps them (`STATE_DIR/secrets.json`;
+/// an image the controller makes carries one, with its device key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sealed {
+    pub device: String,
+    pub deployment_id: String,
+    /// base64, as in the offer.
+    pub sealed: String,
+}
+
+/// `STATE_DIR/secrets.json`: the current deployment's secrets and the previous one's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kept {
+    pub current: Option<Sealed>,
+    pub previous: Option<Sealed>,
+}
+
 /// The context a device's secrets are sealed under: this device, this deployment.
 pub fn context(device: &str, deployment_id: &str) -> String {
     format!("thymis/secrets/v1\n{device}\n{deployment_id}")
