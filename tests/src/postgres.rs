@@ -43,6 +43,11 @@ fn id(flag: &str) -> Result<u32> {
 }
 
 impl Postgres {
+    /// Where the server keeps its data (to look for what must not be there in clear).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     pub fn start() -> Result<Postgres> {
         let bin = server_bin()?;
         let root = run(Command::new("id").arg("-u"))? == "0";

@@ -107,7 +107,12 @@ fn secrets_reach_their_devices_sealed_and_nowhere_in_clear() {
     let grep = |path: &std::path::Path| {
         std::process::Command::new("grep").args(["-r", "-l", "-a", "-F", &wifi]).arg(path).output().expect("grep")
     };
-    for place in [f.controller.state_dir.clone(), f.device("s1").dir.clone(), f.device("s2").dir.clone()] {
+    let mut places = vec![f.controller.state_dir.clone(), f.device("s1").dir.clone(), f.device("s2").dir.clone()];
+    // On PostgreSQL, its files too (its write-ahead log holds every row written).
+    if let Some(pg) = &f.postgres {
+        places.push(pg.data_dir().to_owned());
+    }
+    for place in places {
         let out = grep(&place);
         assert!(out.stdout.is_empty(), "the value is in clear in {}", String::from_utf8_lossy(&out.stdout));
     }
@@ -117,6 +122,11 @@ fn secrets_reach_their_devices_sealed_and_nowhere_in_clear() {
     }
     let (_, tasks) = f.controller.api("/tasks", None);
     assert!(!tasks.to_string().contains(&wifi), "the API shows the value");
+
+    // A revoked device is deployed nothing, so it gets nothing.
+    assert!(f.controller.ctl(&["device", "revoke", "b1"]).status.success());
+    let tasks = set(&f, "token", &["--config", "beta"], "for-beta");
+    assert!(tasks.is_empty(), "a revoked device was deployed its secret: {tasks:?}");
 }
 
 /// On a systemd device, a service reads its secret from the path the agent writes it to
