@@ -33,9 +33,18 @@ pub enum Cmd {
     /// Build a compressed full disk image of a system closure.
     Build {
         /// The system closure (a store path); or give --config to have the controller
-        /// build that configuration of its project.
-        #[arg(long, required_unless_present = "config")]
+        /// build that configuration of its project, or --device for the controller's
+        /// image of one device.
+        #[arg(long, required_unless_present_any = ["config", "device"])]
         system: Option<StorePath>,
+        /// The controller's image of this device: its configuration, a new enrollment
+        /// token, and its secrets sealed to a key made for it (downloaded into --out).
+        #[arg(long, conflicts_with_all = ["system", "config", "closure_info", "agent_config", "device_key", "secrets"])]
+        device: Option<String>,
+        /// With --device, for an enrolled device: the image enrolls a new key and the
+        /// device as it runs now is locked out.
+        #[arg(long, requires = "device")]
+        replace_key: bool,
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value = "thymis")]
@@ -117,7 +126,19 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("{:<16} {}", b.name, b.description);
             }
         }
+        Cmd::Build { device: Some(device), out, commit, replace_key, connection, .. } => {
+            // The controller makes it (it holds the device's secrets and keys).
+            let c = thymis_client::Client::new(&connection)?;
+            let req = thymis_api::ArtifactRequest { commit, replace_key, ..Default::default() };
+            let task: thymis_api::Task = c.post(&format!("/devices/{device}/image"), Some(&req))?;
+            thymis_client::tasks::artifacts(&c, task.id, |name| out.join(name), |_| {})?;
+            let manifest =
+                std::fs::read_to_string(out.join("manifest.json")).context("reading the image's manifest")?;
+            println!("{manifest}");
+        }
         Cmd::Build {
+            device: None,
+            replace_key: _,
             system,
             out,
             name,

@@ -35,10 +35,17 @@ fn a_device_flashed_from_its_image_enrolls_reports_the_image_and_takes_deploymen
         &secret_file.to_string_lossy(),
     ]);
     assert!(out.status.success(), "{out:?}");
+    // Through the imager: the controller makes the device's image, the imager fetches it.
     let set = f.tmp.path().join("image-set");
-    let t = f.controller.ctl_json(&["image", "fresh", "--out", &set.to_string_lossy()]);
-    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
-    let system = t["system"].as_str().expect("system").to_owned();
+    let manifest = run(Command::new(bin("thymis-imager"))
+        .args(["build", "--device", "fresh", "--controller", &f.controller.base_url()])
+        .env("THYMIS_CONFIG_DIR", f.controller.thymisctl_config_dir())
+        .arg("--token-file")
+        .arg(f.controller.state_dir.join("admin-token"))
+        .arg("--out")
+        .arg(&set));
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).expect("the image's manifest");
+    let system = manifest["system"].as_str().expect("system").to_owned();
     run(Command::new(bin("thymis-imager")).arg("verify").arg(&set));
 
     // "Flash" it, then give a process device the image's /nix, its agent configuration
