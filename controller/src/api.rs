@@ -49,6 +49,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/project/files/{*path}", get(read_file).put(write_file).delete(delete_file))
         .route("/deploy/preview", post(deploy_preview))
         .route("/deploy", post(deploy_start))
+        .route("/deploy/dry-run", post(deploy_dry_run))
         .route("/build", post(build_start))
         .route("/tasks", get(tasks))
         .route("/tasks/{id}", get(task))
@@ -447,6 +448,11 @@ async fn task_cancel(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>) ->
 async fn task_resume(State(ctl): State<Arc<Controller>>, Path(id): Path<i64>) -> ApiResult {
     let next = deploy::resume(&ctl, id).await?;
     task_json(&ctl, next)
+}
+
+/// What a deployment would change and cost, built but not sent.
+async fn deploy_dry_run(State(ctl): State<Arc<Controller>>, Json(req): Json<DeployRequest>) -> ApiResult {
+    typed(&deploy::dry_run(&ctl, &req).await?)
 }
 
 /// Staged devices of a deployment switch now (all, or those named).

@@ -271,6 +271,28 @@ impl Project {
         ProjectToml::parse(&self.run(&["show", &format!("{rev}:thymis.toml")])?)
     }
 
+    /// A commit of the work tree as it is, on no branch (HEAD and the index stay):
+    /// what `deploy --dry-run` builds when there are uncommitted changes.
+    pub fn snapshot(&self) -> Result<String> {
+        let index = tempfile::NamedTempFile::new_in(self.dir.join(".git")).context("a temporary index")?;
+        let git = |args: &[&str]| -> Result<String> {
+            let out = self
+                .git()
+                .env("GIT_INDEX_FILE", index.path())
+                .args(args)
+                .output()
+                .with_context(|| format!("running git {}", args.join(" ")))?;
+            if !out.status.success() {
+                bail!("git {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        };
+        git(&["read-tree", "HEAD"])?;
+        git(&["add", "-A"])?;
+        let tree = git(&["write-tree"])?;
+        git(&["commit-tree", &tree, "-p", "HEAD", "-m", "thymis: a preview of uncommitted changes"])
+    }
+
     /// The first line of a commit's message.
     pub fn subject(&self, rev: &str) -> Result<String> {
         if !rev.bytes().all(|b| b.is_ascii_hexdigit()) || rev.is_empty() {

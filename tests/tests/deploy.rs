@@ -398,3 +398,49 @@ fn a_profile_changed_by_hand_during_a_deployment_is_left_alone() {
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.contains(&format!("boots next    {other} (set on the device")), "{shown}");
 }
+
+/// `deploy --dry-run`: the update is built and described (packages changed with their
+/// versions, sizes, whether it reboots, what each device lacks), and nothing is
+/// committed, sent or switched.
+#[test]
+fn a_dry_run_says_what_changes_and_sends_nothing() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    f.add_device("d1", "alpha", true).expect("device");
+    f.wait_online("d1");
+    let blob = |v: &str| json!({ "alpha": { "version": v, "blob": { "kib": 64, "versioned": true } }, "beta": {} });
+    f.set_configs(&blob("1")).expect("cfg");
+    let (code, first) = deploy(&f, &["--device", "d1", "-m", "v1"]);
+    assert_eq!(code, 0, "{first}");
+    let head = f.controller.project_head();
+    let runs = f.device("d1").running_system();
+
+    f.set_configs(&blob("2")).expect("cfg");
+    let d = f.controller.ctl_json(&["deploy", "--device", "d1", "--dry-run"]);
+    let c = &d["configs"][0];
+    assert_eq!(c["config"], "alpha", "{d}");
+    assert!(
+        c["changed"]
+            .as_array()
+            .is_some_and(|ch| ch.contains(&json!({ "name": "thymis-test-blob-alpha", "old": "1", "new": "2" }))),
+        "{d}"
+    );
+    assert!(c["reboot"].is_null(), "{d}");
+    assert!(c["closure_bytes"].as_u64().unwrap_or(0) > 64 << 10, "{d}");
+    let dev = &d["devices"][0];
+    assert_eq!((&dev["device"], &dev["known"]), (&json!("d1"), &json!(true)), "{d}");
+    assert!(dev["paths"].as_u64().unwrap_or(0) >= 2 && dev["bytes"].as_u64().unwrap_or(0) > 64 << 10, "{d}");
+    // Nothing committed, sent or switched.
+    assert_eq!(f.controller.project_head(), head, "the dry run committed");
+    assert_eq!(f.controller.ctl_json(&["project", "status"])["dirty"], true);
+    assert_eq!(f.device("d1").running_system(), runs);
+    let human =
+        String::from_utf8_lossy(&f.controller.ctl(&["deploy", "--device", "d1", "--dry-run"]).stdout).into_owned();
+    assert!(human.contains("changed  thymis-test-blob-alpha") && human.contains("1 -> 2"), "{human}");
+
+    // Deployed, the same dry run finds nothing left to send.
+    let (code, t) = deploy(&f, &["--device", "d1", "-m", "v2"]);
+    assert_eq!(code, 0, "{t}");
+    let d = f.controller.ctl_json(&["deploy", "--device", "d1", "--dry-run"]);
+    assert_eq!(d["devices"][0]["paths"], 0, "{d}");
+    assert_eq!(d["configs"][0]["changed"], json!([]), "{d}");
+}

@@ -103,6 +103,11 @@ pub enum Cmd {
         /// Show what would be deployed, and stop.
         #[arg(long)]
         preview: bool,
+        /// Build, and say what the update would change and cost (packages added,
+        /// removed and changed, sizes, reboots, what each device lacks); nothing is
+        /// committed, sent or switched.
+        #[arg(long, conflicts_with = "preview")]
+        dry_run: bool,
         /// Wait until no device is pending or running; exit 0 only if all succeeded.
         #[arg(long)]
         wait: bool,
@@ -519,6 +524,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             message,
             reboot,
             preview,
+            dry_run,
             wait,
             canary,
             wave_size,
@@ -541,6 +547,11 @@ pub fn run(cli: Cli) -> Result<u8> {
             if *preview {
                 let v: Preview = c.post("/deploy/preview", Some(&req))?;
                 out(json, &v, print_preview);
+                return Ok(0);
+            }
+            if *dry_run {
+                let v: thymis_api::preview::DryRun = c.post("/deploy/dry-run", Some(&req))?;
+                out(json, &v, print_dry_run);
                 return Ok(0);
             }
             let task: Task = c.post("/deploy", Some(&req))?;
@@ -777,6 +788,49 @@ fn print_device(d: &DeviceDetail) {
         let reason =
             printable(h.reason.map(|r| r.as_str()).or(waiting.as_deref()).or(h.error.as_deref()).unwrap_or(""));
         println!("{:<6} {:<20} {commit:<12} {result:<28} {reason}", h.task, console::utc(h.updated.max(0) as u64));
+    }
+}
+
+fn print_dry_run(d: &thymis_api::preview::DryRun) {
+    use thymis_api::human_bytes as h;
+    println!(
+        "dry run at commit {} (task {}): nothing was sent or switched",
+        &d.commit[..d.commit.len().min(12)],
+        d.task
+    );
+    for c in &d.configs {
+        let was = c.before_bytes.map(|b| format!(", was {}", h(b as i64))).unwrap_or_default();
+        let reboot = c.reboot.as_deref().map_or("no (switches live)".to_owned(), |r| format!("yes: {}", printable(r)));
+        println!(
+            "\nconfiguration {}: {} paths, {}{was}; reboot needed: {reboot}",
+            c.config,
+            c.closure_paths,
+            h(c.closure_bytes as i64)
+        );
+        if c.before.is_none() {
+            println!("  (its devices run nothing the controller has: no package diff)");
+        }
+        for p in &c.changed {
+            println!("  changed  {:<32} {} -> {}", p.name, dash(Some(&p.old)), dash(Some(&p.new)));
+        }
+        for p in &c.added {
+            println!("  added    {:<32} {}", p.name, dash(Some(&p.version)));
+        }
+        for p in &c.removed {
+            println!("  removed  {:<32} {}", p.name, dash(Some(&p.version)));
+        }
+    }
+    println!("\n{:<16} {:<12} {:>7} {:>11}  RUNS", "DEVICE", "CONFIG", "LACKS", "NAR BYTES");
+    for dev in &d.devices {
+        let lacks = if dev.known { dev.paths.to_string() } else { format!("{}?", dev.paths) };
+        println!(
+            "{:<16} {:<12} {:>7} {:>11}  {}",
+            dev.device,
+            dev.config,
+            lacks,
+            h(dev.bytes as i64),
+            dash(dev.runs.as_deref())
+        );
     }
 }
 

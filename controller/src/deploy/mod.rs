@@ -31,12 +31,14 @@ use crate::model::task::{Event as TaskEvent, Stopped, TaskResult};
 
 mod copy;
 mod deliver;
+mod dry_run;
 mod gate;
 mod recovery;
 mod rollout;
 
 use crate::engine::{refresh_task, refresh_task_soon};
 pub use deliver::release_ready;
+pub use dry_run::dry_run;
 pub use recovery::{carry_on, recover, sweep};
 use rollout::deliver_all;
 

@@ -5,6 +5,7 @@
 //! a device succeeded is its `is_success`.
 
 pub mod artifacts;
+pub mod preview;
 pub mod project;
 pub mod rollout;
 pub mod secrets;

@@ -19,6 +19,7 @@ pub mod path_info;
 pub mod sealed;
 pub mod signing;
 pub mod store_path;
+pub mod system;
 pub mod zstd_limits;
 
 pub use hash::NarHash;

@@ -4,46 +4,7 @@
 
 use std::path::Path;
 
-/// The parts of a system that only a boot applies (NixOS's `switch-to-configuration`
-/// leaves them to the next boot): links compared by target, files by content.
-const BOOT_PARTS: [&str; 6] = ["kernel", "initrd", "kernel-modules", "dtbs", "kernel-params", "init-interface-version"];
-
-/// The boot parts that differ between the system that booted and `new`. Systems
-/// without a kernel (containers, test systems) are never booted by one: none.
-pub fn boot_changes(booted: &Path, new: &Path) -> Vec<&'static str> {
-    if !has_kernel(booted) || !has_kernel(new) {
-        return vec![];
-    }
-    let part = |sys: &Path, name: &str| -> Option<Vec<u8>> {
-        let p = sys.join(name);
-        match std::fs::read_link(&p) {
-            Ok(target) => Some(target.into_os_string().into_encoded_bytes()),
-            Err(_) => std::fs::read(&p).ok(),
-        }
-    };
-    BOOT_PARTS.into_iter().filter(|name| part(booted, name) != part(new, name)).collect()
-}
-
-/// The switch inhibitors (NixOS's `system.switch.inhibitors`, a JSON object in
-/// `$system/switch-inhibitors`) whose values differ between the running system and
-/// `new`: NixOS's `switch-to-configuration` refuses to switch live then, so the new
-/// system takes effect by a reboot. As NixOS compares them: only keys both systems
-/// have, and a missing (or unreadable) file is an empty object.
-pub fn switch_inhibitors_changed(running: &Path, new: &Path) -> Vec<String> {
-    let read = |sys: &Path| -> serde_json::Map<String, serde_json::Value> {
-        std::fs::read(sys.join("switch-inhibitors"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
-    };
-    let (old, new) = (read(running), read(new));
-    old.iter().filter(|(k, v)| new.get(*k).is_some_and(|n| n != *v)).map(|(k, _)| k.clone()).collect()
-}
-
-/// Whether `system` carries a kernel (a link into the store).
-pub fn has_kernel(system: &Path) -> bool {
-    system.join("kernel").symlink_metadata().is_ok()
-}
+pub use thymis_store::system::{boot_changes, has_kernel, switch_inhibitors_changed};
 
 /// Whether a generation that hangs at boot ends in a reset by itself: a panic timeout
 /// with `boot.panic_on_fail` in its kernel parameters (stage 1 failures panic, the

@@ -1,0 +1,145 @@
+//! `thymisctl deploy --dry-run`: what a deployment would change and cost, from the
+//! systems built at its commit (uncommitted changes are built from a commit made for the
+//! preview only), before anything is sent or switched: per configuration the packages
+//! added, removed and changed (against the system most of its devices run), the closure's
+//! size before and after, and whether it needs a reboot; per device the paths and bytes
+//! it lacks.
+
+use std::collections::{HashMap, HashSet};
+
+use thymis_api::preview::{ConfigChange, DeviceChange, DryRun, Package, PackageChange};
+use thymis_store::local_store::LocalStore;
+use thymis_store::system::{boot_changes, package_diff, switch_inhibitors_changed};
+
+use super::*;
+
+/// A closure the controller's store holds, by path.
+type Closure = HashMap<StorePath, u64>;
+
+async fn closure_of(system: &StorePath) -> Option<Closure> {
+    let system = system.clone();
+    tokio::task::spawn_blocking(move || {
+        let store = LocalStore::system();
+        if !store.invalid_paths(std::slice::from_ref(&system)).ok()?.is_empty() {
+            return None;
+        }
+        let infos = store.path_infos(std::slice::from_ref(&system), true).ok()?;
+        Some(infos.into_iter().map(|i| (i.path, i.nar_size)).collect())
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+pub async fn dry_run(ctl: &Arc<Controller>, req: &DeployRequest) -> Result<DryRun> {
+    let p = preview(ctl, req)?;
+    let commit = match p.commit.clone() {
+        Some(c) => c,
+        None => ctl.project.snapshot()?,
+    };
+    let task = ctl.db.create_task(
+        &ctl.instance,
+        "preview",
+        Some(&commit),
+        Some("what a deployment would change (nothing is sent)"),
+        None,
+        false,
+        None,
+    )?;
+    ctl.db.set_task_owner(task, &ctl.instance)?;
+    engine::task_event(ctl, task, TaskEvent::Started, None)?;
+    let result = compare(ctl, task, &commit, &p).await;
+    let (end, error) = match &result {
+        Ok(_) => (TaskResult::Succeeded, None),
+        Err(e) => (TaskResult::Failed, Some(format!("{e:#}"))),
+    };
+    engine::task_event(ctl, task, TaskEvent::Ended(end), error.as_deref())?;
+    let (configs, devices) = result?;
+    Ok(DryRun { task, commit, configs, devices })
+}
+
+async fn compare(
+    ctl: &Arc<Controller>,
+    task: i64,
+    commit: &str,
+    p: &Preview,
+) -> Result<(Vec<ConfigChange>, Vec<DeviceChange>)> {
+    let runs: HashMap<String, Option<String>> =
+        ctl.db.devices()?.into_iter().map(|d| (d.name.clone(), d.system.clone())).collect();
+    let mut closures: HashMap<String, Option<Closure>> = HashMap::new();
+    let mut closure = async |system: &str| -> Option<Closure> {
+        if !closures.contains_key(system) {
+            let c = match system.parse::<StorePath>() {
+                Ok(s) => closure_of(&s).await,
+                Err(_) => None,
+            };
+            closures.insert(system.to_owned(), c);
+        }
+        closures.get(system).cloned().flatten()
+    };
+    let (mut configs, mut devices) = (vec![], vec![]);
+    for config in &p.configs {
+        let system = build::build_cached(ctl, task, commit, config).await?;
+        let new = closure(&system.to_string()).await.context("the built system is not in the store")?;
+        let of_config: Vec<&PreviewDevice> = p.devices.iter().filter(|d| &d.config == config).collect();
+        // Compared with the system most of its devices run (that the controller has).
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for d in &of_config {
+            if let Some(Some(s)) = runs.get(&d.name) {
+                *counts.entry(s.as_str()).or_default() += 1;
+            }
+        }
+        let mut candidates: Vec<(&str, usize)> = counts.into_iter().collect();
+        candidates.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let mut before = None;
+        for (s, _) in candidates {
+            if let Some(c) = closure(s).await {
+                before = Some((s.to_owned(), c));
+                break;
+            }
+        }
+        let names = |c: &Closure| c.keys().map(|p| p.name().to_owned()).collect::<Vec<_>>();
+        let new_names = names(&new);
+        let old_names = before.as_ref().map(|(_, c)| names(c)).unwrap_or_default();
+        let diff = package_diff(old_names.iter().map(String::as_str), new_names.iter().map(String::as_str));
+        let reboot = before.as_ref().and_then(|(s, _)| {
+            let (old, new) = (std::path::PathBuf::from(s), std::path::PathBuf::from(system.to_absolute()));
+            let mut why: Vec<String> = boot_changes(&old, &new).into_iter().map(|c| format!("{c} changed")).collect();
+            let inhibitors = switch_inhibitors_changed(&old, &new);
+            if !inhibitors.is_empty() {
+                why.push(format!("switch inhibitors changed ({})", inhibitors.join(", ")));
+            }
+            (!why.is_empty()).then(|| why.join("; "))
+        });
+        configs.push(ConfigChange {
+            config: config.clone(),
+            system: system.to_string(),
+            before: before.as_ref().map(|(s, _)| s.clone()),
+            closure_paths: new.len(),
+            closure_bytes: new.values().sum(),
+            before_bytes: before.as_ref().map(|(_, c)| c.values().sum()),
+            added: diff.added.into_iter().map(|(name, version)| Package { name, version }).collect(),
+            removed: diff.removed.into_iter().map(|(name, version)| Package { name, version }).collect(),
+            changed: diff.changed.into_iter().map(|(name, old, new)| PackageChange { name, old, new }).collect(),
+            reboot,
+        });
+        for d in of_config {
+            let runs_now = runs.get(&d.name).cloned().flatten();
+            let has: Option<HashSet<StorePath>> = match &runs_now {
+                Some(s) => closure(s).await.map(|c| c.into_keys().collect()),
+                None => None,
+            };
+            let lacking: Vec<(&StorePath, &u64)> =
+                new.iter().filter(|(p, _)| has.as_ref().is_none_or(|h| !h.contains(*p))).collect();
+            devices.push(DeviceChange {
+                device: d.name.clone(),
+                config: config.clone(),
+                runs: runs_now,
+                paths: lacking.len(),
+                bytes: lacking.iter().map(|(_, n)| **n).sum(),
+                known: has.is_some(),
+            });
+        }
+    }
+    Ok((configs, devices))
+}

@@ -1,0 +1,62 @@
+//! `thymisctl deploy --dry-run` (`POST /deploy/dry-run`): what an update would change
+//! and cost, from the built systems, before anything is sent or switched.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct DryRun {
+    /// The task that built the configurations (its log has the build output).
+    pub task: i64,
+    /// The commit built (uncommitted changes: a commit made for the preview only, on
+    /// no branch).
+    pub commit: String,
+    pub configs: Vec<ConfigChange>,
+    pub devices: Vec<DeviceChange>,
+}
+
+/// What one configuration's update changes, against the system most of its devices run.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ConfigChange {
+    pub config: String,
+    pub system: String,
+    /// The system compared with; none when its devices run nothing the controller has.
+    pub before: Option<String>,
+    pub closure_paths: usize,
+    /// NAR bytes of the new closure, and of the one before.
+    pub closure_bytes: u64,
+    pub before_bytes: Option<u64>,
+    pub added: Vec<Package>,
+    pub removed: Vec<Package>,
+    pub changed: Vec<PackageChange>,
+    /// Why switching to it reboots the devices (kernel, initrd, ...); none: it switches
+    /// live.
+    pub reboot: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Package {
+    pub name: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct PackageChange {
+    pub name: String,
+    pub old: String,
+    pub new: String,
+}
+
+/// What one device would receive.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct DeviceChange {
+    pub device: String,
+    pub config: String,
+    /// The system it runs now.
+    pub runs: Option<String>,
+    /// Paths of the new closure it lacks, and their NAR bytes (before compression and
+    /// deltas, which make what crosses the link smaller; its binary caches may serve some).
+    pub paths: usize,
+    pub bytes: u64,
+    /// Whether the controller knew its system's closure (otherwise: the whole closure).
+    pub known: bool,
+}
