@@ -68,6 +68,7 @@ fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
             "changed": "configs.json",
             "tag": "screens",
             "preview": ["a1", "a2", "b1"],
+            "dryRun": "a1",
             "results": { "a1": "succeeded", "a2": "succeeded", "b1": "succeeded" },
         }),
     );

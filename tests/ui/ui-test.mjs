@@ -147,6 +147,11 @@ try {
     check(plan.includes(expect.wavePlan), `the wave plan reads "${plan}", not "${expect.wavePlan}"`);
   }
   if (expect.stageOnly) await page.check("[data-testid=stage-only]");
+  if (expect.dryRun) {
+    // What the update changes, before deploying it.
+    await page.click("[data-testid=dry-run]");
+    await page.waitForFunction((d) => document.querySelector("[data-testid=dry-run-result]")?.textContent.includes(`${d}: lacks`), expect.dryRun, { timeout: 90000 });
+  }
   const button = page.locator("[data-testid=deploy-submit]");
   check((await button.innerText()).includes("Commit & Deploy"), "uncommitted changes offer Commit & Deploy");
   await page.screenshot({ path: `${shots}/${phase}-deploy.png`, fullPage: true });

@@ -389,6 +389,8 @@ async function openDeploy() {
         <label>Maintenance window<br><input id="window" data-testid="window" placeholder="thymis.toml's, e.g. Mon-Fri 22:00-06:00" size="34"></label>
       </div>
       <h2>Preview</h2><div id="preview" data-testid="preview"><p class="muted">Pick targets.</p></div>
+      <p><button id="dry-run" data-testid="dry-run" disabled>What will change?</button> <span class="muted">builds the update and compares it with what the devices run; sends nothing</span></p>
+      <div id="dry-run-result" data-testid="dry-run-result"></div>
       <p class="row"><button class="primary" id="go" data-testid="deploy-submit" disabled>${status.dirty ? "Commit &amp; Deploy" : "Deploy"}</button>
       <button id="close">Close</button> <span class="error" id="deploy-error"></span></p>
     </div>`;
@@ -401,7 +403,9 @@ async function openDeploy() {
   });
   const preview = async () => {
     const go = document.getElementById("go");
-    if (!chosen.configs.size && !chosen.devices.size) { go.disabled = true; return; }
+    const dry = document.getElementById("dry-run");
+    if (!chosen.configs.size && !chosen.devices.size) { go.disabled = true; dry.disabled = true; return; }
+    dry.disabled = false;
     try {
       const p = await api("POST", "/api/v1/deploy/preview", request());
       // Each device: what it runs now, and what it would run.
@@ -443,6 +447,22 @@ async function openDeploy() {
       return kind ? `<span class="diff-${kind}">${esc(l)}</span>` : esc(l);
     }).join("\n");
   }));
+  // What the update changes: built, compared with what the devices run, nothing sent.
+  document.getElementById("dry-run").onclick = async () => {
+    const out = document.getElementById("dry-run-result");
+    out.innerHTML = '<p class="muted">building…</p>';
+    try {
+      const d = await api("POST", "/api/v1/deploy/dry-run", request());
+      out.innerHTML = d.configs.map((c) => `<div class="card"><strong>${esc(c.config)}</strong>: ${c.closure_paths} paths, ${human(c.closure_bytes)}${c.before_bytes != null ? ` (was ${human(c.before_bytes)})` : ""};
+        ${c.reboot ? `<span class="badge warn">reboot needed: ${esc(c.reboot)}</span>` : '<span class="badge ok">switches live</span>'}
+        <ul>${c.changed.map((p) => `<li data-changed="${esc(p.name)}">changed <code>${esc(p.name)}</code> ${esc(p.old || "–")} → ${esc(p.new || "–")}</li>`).join("")}
+        ${c.added.map((p) => `<li>added <code>${esc(p.name)}</code> ${esc(p.version)}</li>`).join("")}
+        ${c.removed.map((p) => `<li>removed <code>${esc(p.name)}</code> ${esc(p.version)}</li>`).join("")}</ul></div>`).join("")
+        + `<ul>${d.devices.map((v) => `<li>${esc(v.device)}: lacks ${v.paths}${v.known ? "" : "?"} paths, ${human(v.bytes)}</li>`).join("")}</ul>`;
+    } catch (err) {
+      out.innerHTML = `<p class="error">${esc(err.message)}</p>`;
+    }
+  };
   // The wave plan follows the rollout's fields.
   for (const id of ["canary", "wave_size"]) document.getElementById(id).oninput = preview;
   document.getElementById("close").onclick = closeModal;
