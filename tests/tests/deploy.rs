@@ -437,9 +437,19 @@ fn a_dry_run_says_what_changes_and_sends_nothing() {
         String::from_utf8_lossy(&f.controller.ctl(&["deploy", "--device", "d1", "--dry-run"]).stdout).into_owned();
     assert!(human.contains("changed  thymis-test-blob-alpha") && human.contains("1 -> 2"), "{human}");
 
-    // Deployed, the same dry run finds nothing left to send.
+    // Deployed, the task says what the device got, and the same dry run finds nothing
+    // left to send.
     let (code, t) = deploy(&f, &["--device", "d1", "-m", "v2"]);
     assert_eq!(code, 0, "{t}");
+    let got = &Fleet::child(&t, "d1")["packages"];
+    assert!(
+        got["changed"]
+            .as_array()
+            .is_some_and(|ch| ch.contains(&json!({ "name": "thymis-test-blob-alpha", "old": "1", "new": "2" }))),
+        "{t}"
+    );
+    let shown = String::from_utf8_lossy(&f.controller.ctl(&["task", &t["id"].to_string()]).stdout).into_owned();
+    assert!(shown.contains("packages: thymis-test-blob-alpha 1 -> 2"), "{shown}");
     let d = f.controller.ctl_json(&["deploy", "--device", "d1", "--dry-run"]);
     assert_eq!(d["devices"][0]["paths"], 0, "{d}");
     assert_eq!(d["configs"][0]["changed"], json!([]), "{d}");

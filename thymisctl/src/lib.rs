@@ -919,6 +919,20 @@ fn print_task(t: &Task) {
         if let Some(w) = &c.waiting {
             line.push_str(&format!(" {}", printable(&w.describe())));
         }
+        if let Some(p) =
+            c.packages.as_ref().filter(|p| !p.changed.is_empty() || !p.added.is_empty() || !p.removed.is_empty())
+        {
+            let changed: Vec<String> = p.changed.iter().map(|x| format!("{} {} -> {}", x.name, x.old, x.new)).collect();
+            line.push_str(&format!(
+                " packages: {}{}",
+                printable(&changed.join(", ")),
+                if p.added.is_empty() && p.removed.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({} added, {} removed)", p.added.len(), p.removed.len())
+                }
+            ));
+        }
         if let Some(r) = c.reboot_needed.as_deref().filter(|_| c.result.is_none()) {
             line.push_str(&format!(" (reboot needed: {})", printable(r)));
         }

@@ -48,6 +48,13 @@ impl Db {
         Ok(())
     }
 
+    /// What the device gets, by package.
+    pub fn set_child_packages(&self, child: i64, packages: &thymis_api::preview::Packages) -> Result<()> {
+        let p = serde_json::to_string(packages)?;
+        self.c().execute("UPDATE children SET packages = ?2 WHERE id = ?1", vals![child, p])?;
+        Ok(())
+    }
+
     /// Marks a device deployment told to activate (`thymisctl activate`).
     pub fn set_activate_now(&self, child: i64) -> Result<()> {
         self.c().execute("UPDATE children SET activate_now = 1 WHERE id = ?1", vals![child])?;

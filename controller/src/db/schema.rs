@@ -184,6 +184,10 @@ CREATE TABLE secrets (
     PRIMARY KEY (name, scope_kind, scope)
 );
 "#,
+    // What each device got from a deployment, by package.
+    r#"
+ALTER TABLE children ADD COLUMN packages TEXT;
+"#,
 ];
 
 /// The migrations as PostgreSQL takes them: the same statements, with its names for the

@@ -154,7 +154,7 @@ impl Db {
         let rows = c.query(
             "SELECT id, device, config, stage, phase, result, reason, error, failed_units, paths_sent, bytes_sent,
                     system, deployment_id, sequence, updated, unit_logs, paths_total, wave,
-                    paths_substituted, bytes_substituted, failed_checks, waiting, reboot_needed
+                    paths_substituted, bytes_substituted, failed_checks, waiting, reboot_needed, packages
              FROM children WHERE task = ?1 ORDER BY id",
             vals![task],
         )?;
@@ -196,6 +196,7 @@ impl Db {
                     reboot_needed: r.get(22)?,
                     online: false,
                     copy: None,
+                    packages: r.get::<Option<String>>(23)?.and_then(|p| serde_json::from_str(&p).ok()),
                 })
             })
             .collect::<Result<Vec<_>>>()?;

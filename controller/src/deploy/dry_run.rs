@@ -31,6 +31,30 @@ async fn closure_of(system: &StorePath) -> Option<Closure> {
     .flatten()
 }
 
+/// Records with each device deployment what it gets, by package, against the system
+/// its device runs (where this controller's store has it): the task view shows it.
+pub(super) async fn record_packages(ctl: &Controller, children: &[&ChildRow], new: &[PathInfo]) {
+    let new_names: Vec<&str> = new.iter().map(|i| i.path.name()).collect();
+    let mut seen: HashMap<String, Option<Vec<String>>> = HashMap::new();
+    for c in children {
+        let Ok(Some(d)) = ctl.db.device(&c.device) else { continue };
+        let Some(runs) = d.system.clone() else { continue };
+        if !seen.contains_key(&runs) {
+            let names = match runs.parse::<StorePath>() {
+                Ok(s) => closure_of(&s).await.map(|c| c.keys().map(|p| p.name().to_owned()).collect()),
+                Err(_) => None,
+            };
+            seen.insert(runs.clone(), names);
+        }
+        let Some(Some(old)) = seen.get(&runs) else { continue };
+        let d = package_diff(old.iter().map(String::as_str), new_names.iter().copied());
+        let packages = thymis_api::preview::Packages::from_parts(d.added, d.removed, d.changed);
+        if let Err(e) = ctl.db.set_child_packages(c.id, &packages) {
+            debug!(device = %c.device, "recording its packages: {e:#}");
+        }
+    }
+}
+
 pub async fn dry_run(ctl: &Arc<Controller>, req: &DeployRequest) -> Result<DryRun> {
     let p = preview(ctl, req)?;
     let commit = match p.commit.clone() {

@@ -225,6 +225,7 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
         };
         match built {
             Ok((system, closure)) => {
+                dry_run::record_packages(ctl, &of_config, &closure).await;
                 for c in &of_config {
                     ctl.db.set_child_system(c.id, &system.to_string())?;
                     // Its wave now, or later. Refused for one cancelled or superseded

@@ -269,6 +269,16 @@ function progress(done, total, label = (d, t) => `${d}/${t}`) {
   return `<span class="progress" data-testid="progress" data-pct="${pct}" title="${esc(label(done, total))}"><span style="width:${pct}%"></span></span> ${esc(label(done, total))}`;
 }
 
+// What a device gets, by package (against what it ran when the deployment was built).
+function packagesText(p) {
+  if (!p) return "";
+  const n = p.changed.length + p.added.length + p.removed.length;
+  if (!n) return '<div class="muted" data-testid="child-packages">no package changes</div>';
+  const items = p.changed.map((x) => `<li>${esc(x.name)} ${esc(x.old || "–")} → ${esc(x.new || "–")}</li>`)
+    .concat(p.added.map((x) => `<li>+ ${esc(x.name)} ${esc(x.version)}</li>`), p.removed.map((x) => `<li>− ${esc(x.name)} ${esc(x.version)}</li>`));
+  return `<details class="muted" data-testid="child-packages"><summary>${p.changed.length} changed, ${p.added.length} added, ${p.removed.length} removed</summary><ul>${items.join("")}</ul></details>`;
+}
+
 // A device's copy: while it runs, by the bytes streamed (one large path moves the bar
 // too); otherwise by the paths the device acknowledged.
 function copyProgress(c) {
@@ -316,7 +326,7 @@ function renderTask(t, logs) {
     ${(t.children || []).length ? `<div class="table-wrap"><table data-testid="children-table"><thead><tr><th>Device</th>${waves ? "<th>Wave</th>" : ""}<th>Configuration</th><th>Status</th><th>Progress</th><th>Sent</th><th>Result</th></tr></thead><tbody>
       ${t.children.map((c) => `<tr data-child="${esc(c.device)}"><td><strong>${esc(c.device)}</strong></td>${waves ? `<td>${esc(c.wave)}</td>` : ""}<td>${esc(c.config)}</td><td data-testid="child-status">${esc(childStatus(c))}</td>
         <td>${copyProgress(c)}</td><td data-testid="child-bytes">${human(Math.max(c.bytes_sent, c.copy?.bytes_streamed || 0))}${c.paths_substituted ? `<div class="muted" data-testid="substituted">${c.paths_substituted} paths (${human(c.bytes_substituted)}) from caches</div>` : ""}</td>
-        <td class="wrap" data-testid="child-result">${resultText(c)}${c.error ? `<div class="error">${esc(c.error)}</div>` : ""}</td></tr>`).join("")}
+        <td class="wrap" data-testid="child-result">${resultText(c)}${c.error ? `<div class="error">${esc(c.error)}</div>` : ""}${packagesText(c.packages)}</td></tr>`).join("")}
     </tbody></table></div>` : ""}
     <h2>Log</h2><pre data-testid="task-log">${esc(logs.join("\n"))}</pre>`;
   const cancel = document.getElementById("cancel");

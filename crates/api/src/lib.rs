@@ -368,6 +368,10 @@ pub struct Child {
     /// they stream, so one large path shows progress too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy: Option<CopyProgress>,
+    /// What it gets, by package, against the system it ran when the deployment was
+    /// built (where the controller had that system).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages: Option<preview::Packages>,
 }
 
 /// A copy under way (`Child::copy`).
@@ -607,6 +611,7 @@ mod tests {
             reboot_needed: None,
             online: true,
             copy: None,
+            packages: None,
         };
         let mut t = Task {
             id: 7,

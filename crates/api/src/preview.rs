@@ -33,6 +33,29 @@ pub struct ConfigChange {
     pub reboot: Option<String>,
 }
 
+/// What a device got from a deployment, by package (`Child::packages`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Packages {
+    pub changed: Vec<PackageChange>,
+    pub added: Vec<Package>,
+    pub removed: Vec<Package>,
+}
+
+impl Packages {
+    /// From a [`thymis_store`]-style diff: (name, version) and (name, old, new).
+    pub fn from_parts(
+        added: Vec<(String, String)>,
+        removed: Vec<(String, String)>,
+        changed: Vec<(String, String, String)>,
+    ) -> Packages {
+        Packages {
+            changed: changed.into_iter().map(|(name, old, new)| PackageChange { name, old, new }).collect(),
+            added: added.into_iter().map(|(name, version)| Package { name, version }).collect(),
+            removed: removed.into_iter().map(|(name, version)| Package { name, version }).collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Package {
     pub name: String,
