@@ -46,6 +46,12 @@ fn commit_and_deploy_to_a_tag_then_noop_then_only_changed_paths() {
     .trim()
     .to_owned();
     assert!(lines.any(|l| l.contains("deployment") && l.contains(&today)), "{tasks}");
+    // The devices table: header, when each was seen, whether it runs HEAD.
+    let devices = String::from_utf8_lossy(&f.controller.ctl(&["devices"]).stdout).into_owned();
+    let header = devices.lines().next().unwrap_or_default();
+    assert!(header.contains("LAST SEEN (UTC)") && header.contains("HEAD"), "{devices}");
+    let a1 = devices.lines().find(|l| l.starts_with("a1 ")).unwrap_or_default();
+    assert!(a1.contains(" online ") && a1.contains(&today) && a1.contains(" HEAD "), "{devices}");
     // The task as the task page shows it: when, how long, what commit, each device's status.
     let id = task["id"].to_string();
     let shown = String::from_utf8_lossy(&f.controller.ctl(&["task", &id]).stdout).into_owned();

@@ -725,11 +725,33 @@ fn print_enrollment(e: &Enrollment) {
 }
 
 fn print_devices(devices: &[Device]) {
-    println!("{:<16} {:<12} {:<7} {:<12} SYSTEM", "NAME", "CONFIG", "ONLINE", "COMMIT");
+    println!(
+        "{:<16} {:<12} {:<12} {:<20} {:<12} {:<10} SYSTEM",
+        "NAME", "CONFIG", "STATE", "LAST SEEN (UTC)", "COMMIT", "HEAD"
+    );
     for d in devices {
         let commit: String = printable_or_dash(d.commit.as_deref()).chars().take(12).collect();
-        let online = if d.online { "yes" } else { "no" };
-        println!("{:<16} {:<12} {online:<7} {commit:<12} {}", d.name, d.config, printable_or_dash(d.system.as_deref()));
+        let state = if d.revoked {
+            "key revoked"
+        } else if !d.enrolled {
+            "not enrolled"
+        } else if d.online {
+            "online"
+        } else {
+            "offline"
+        };
+        let seen = d.last_seen.map_or("never".into(), |t| console::utc(t.max(0) as u64));
+        let head = match d.behind_head {
+            Some(0) => "HEAD".to_owned(),
+            Some(n) => format!("-{n}"),
+            None => "-".into(),
+        };
+        println!(
+            "{:<16} {:<12} {state:<12} {seen:<20} {commit:<12} {head:<10} {}",
+            d.name,
+            d.config,
+            printable_or_dash(d.system.as_deref())
+        );
         if let Some(next) = hand_set(d) {
             println!("{:<16} boots next {} (set on the device)", "", printable(next));
         }
