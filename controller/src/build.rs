@@ -157,30 +157,34 @@ pub fn warm_nar_cache(ctl: &Arc<Controller>, system: &StorePath, config: &str) -
         .collect();
     tokio::spawn(async move {
         let query = system.clone();
-        let work = tokio::task::spawn_blocking(move || -> Result<(Vec<PathInfo>, HashMap<String, StorePath>)> {
+        type Bases = (HashMap<String, StorePath>, HashMap<String, StorePath>);
+        let work = tokio::task::spawn_blocking(move || -> Result<(Vec<PathInfo>, Bases)> {
             let store = LocalStore::system();
             let infos = sort_dependencies_first(store.path_infos(std::slice::from_ref(&query), true)?)?;
             let new: HashSet<&StorePath> = infos.iter().map(|i| &i.path).collect();
-            // What the devices run, by name: the bases their agents will name.
-            let mut bases = HashMap::new();
+            // What the devices run, by name and by package (a version that moved): the
+            // bases their agents will name, the same name first.
+            let (mut by_name, mut by_package) = (HashMap::new(), HashMap::new());
             for r in running {
                 for p in store.closure(&r).unwrap_or_default() {
                     if !new.contains(&p) {
-                        bases.entry(p.name().to_owned()).or_insert(p);
+                        by_package.entry(p.package()).or_insert_with(|| p.clone());
+                        by_name.entry(p.name().to_owned()).or_insert(p);
                     }
                 }
             }
-            Ok((infos, bases))
+            Ok((infos, (by_name, by_package)))
         })
         .await;
-        let Ok(Ok((infos, bases))) = work else { return };
+        let Ok(Ok((infos, (by_name, by_package)))) = work else { return };
         // One compression per core, at most four (a delta holds its base, up to 64 MiB,
         // and a window twice that); the system's own paths first (what changed is most
         // often near the top).
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
         futures_util::stream::iter(infos.iter().rev())
             .for_each_concurrent(workers, |info| {
-                let (ctl, base) = (&ctl, bases.get(info.path.name()));
+                let base = by_name.get(info.path.name()).or_else(|| by_package.get(&info.path.package()));
+                let ctl = &ctl;
                 async move {
                     if let Err(e) = ctl.nar_cache.best(info, base).await {
                         tracing::warn!(path = %info.path, "compressing for the NAR cache: {e:#}");
