@@ -43,8 +43,11 @@ pub(super) async fn deliver(
     let expires =
         ctl.db.task_expires(child.task)?.unwrap_or_else(|| now() + ctl.settings.deployment_ttl.as_secs() as i64);
     let mut offline = false;
-    // The configuration's tags at the deployed commit: which tag's secrets it gets.
-    let tags = ctl.project.toml_at(commit)?.configs.get(&child.config).map(|c| c.tags.clone()).unwrap_or_default();
+    // The configuration's tags at the deployed commit: which tag's secrets it gets. A
+    // deployment another controller made may be at a commit this one's project lacks:
+    // then the tags its project has now.
+    let toml = ctl.project.toml_at(commit).or_else(|_| ctl.project.toml_worktree()).unwrap_or_default();
+    let tags = toml.configs.get(&child.config).map(|c| c.tags.clone()).unwrap_or_default();
     loop {
         if is_over(ctl, &child)? {
             return Ok(());
