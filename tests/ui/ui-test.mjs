@@ -45,8 +45,10 @@ async function devicePage(page) {
 // Devices that cannot do everything say so: one whose agent refuses the terminal and
 // has no journal, and one that has not enrolled yet (a new token from its page).
 async function otherDevices(page) {
+  // A change of the URL's hash only: wait for that device's page, not the one before.
   await page.goto(`${url}#/devices/${expect.refusing}`);
-  await page.waitForSelector("[data-testid=device-facts]");
+  await page.waitForFunction((d) => document.querySelector("main h1")?.textContent.startsWith(d)
+    && document.querySelector("[data-testid=terminal-status]"), expect.refusing);
   check(await page.locator("[data-testid=terminal-open]").isDisabled(), "the terminal is offered on a device that refuses it");
   const why = await page.locator("[data-testid=terminal-status]").innerText();
   check(why.includes("terminal is disabled on this device"), `the terminal's reason reads "${why}"`);
@@ -56,6 +58,7 @@ async function otherDevices(page) {
   await page.screenshot({ path: `${shots}/device-refusing.png`, fullPage: true });
 
   await page.goto(`${url}#/devices/${expect.unenrolled}`);
+  await page.waitForFunction((d) => document.querySelector("main h1")?.textContent.startsWith(d), expect.unenrolled);
   await page.waitForSelector("[data-testid=enroll-card]");
   const state = await page.locator("[data-testid=state]").first().innerText();
   check(state === "waiting for enrollment", `a device that never enrolled reads "${state}"`);
