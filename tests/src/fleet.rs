@@ -178,6 +178,13 @@ impl Fleet {
         Ok(index)
     }
 
+    /// A namespace on the fleet's bridge for a client (address `.210`) that must not see
+    /// this machine's interfaces come and go.
+    pub fn client_net(&self) -> Result<ClientNet> {
+        let (netns, veth) = self.link(200)?;
+        Ok(ClientNet { netns, veth })
+    }
+
     /// A network namespace for device `index`, on the fleet's bridge.
     pub(crate) fn link(&self, index: usize) -> Result<(String, String)> {
         let netns = format!("thns{}-{index}", self.net.subnet);

@@ -36,6 +36,7 @@ pub use controller::Controller;
 use device::install_units;
 pub use device::{Device, Kind};
 pub use fleet::{Fleet, FleetOptions};
+pub use net::ClientNet;
 use net::{NEXT_NET, Net};
 
 /// The directory holding the workspace's binaries.

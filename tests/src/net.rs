@@ -39,3 +39,36 @@ impl Drop for Net {
         let _ = ip(&["link", "del", &self.bridge]);
     }
 }
+
+/// A network namespace on a fleet's bridge for a client such as the test's browser.
+/// Chromium fails every request in flight (`ERR_NETWORK_CHANGED`) when an interface
+/// appears or goes in its namespace, and concurrent tests add and remove veths on this
+/// machine all the time; in here it sees only its own.
+#[derive(Debug)]
+pub struct ClientNet {
+    pub netns: String,
+    pub(crate) veth: String,
+}
+
+impl ClientNet {
+    /// `program`, run inside this namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns]).arg(program);
+        c
+    }
+}
+
+impl Drop for ClientNet {
+    fn drop(&mut self) {
+        if let Ok(pids) = run(Command::new("ip").args(["netns", "pids", &self.netns])) {
+            for p in pids.lines() {
+                let _ = Command::new("kill").args(["-9", p.trim()]).status();
+            }
+        }
+        // The veth first: a namespace's devices go only once the kernel has torn it down,
+        // and the next client's namespace takes the same names.
+        let _ = ip(&["link", "del", &self.veth]);
+        let _ = ip(&["netns", "del", &self.netns]);
+    }
+}

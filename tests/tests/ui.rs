@@ -25,7 +25,10 @@ fn ui(f: &Fleet, phase: &str, expect: serde_json::Value) {
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../artifacts/ui");
     std::fs::create_dir_all(&shots).expect("artifacts dir");
     assert!(dir.join("node_modules/playwright-core").exists(), "run scripts/setup.sh (npm ci in tests/ui)");
-    let out = Command::new("node")
+    // The browser in its own network namespace: see ClientNet.
+    let client = f.client_net().expect("the browser's network namespace");
+    let out = client
+        .command("node")
         .arg(dir.join("ui-test.mjs"))
         .arg(phase)
         .env("THYMIS_URL", f.controller.base_url())

@@ -80,20 +80,7 @@ try {
   const problems = [];
   page.on("console", (m) => { if (m.type() === "error") problems.push(m.text()); });
   page.on("response", (r) => { if (r.status() >= 400) problems.push(`${r.status()} ${r.url()}`); });
-  // Headless Chromium on a loaded machine now and then never finishes a first load (a
-  // blank page, its TLS connection dropped): loaded again, it does. What the page then
-  // shows is checked as before.
-  const loaded = async (selector) => {
-    for (let attempt = 1; ; attempt++) {
-      try {
-        return await page.waitForSelector(selector, { timeout: 20000 });
-      } catch (err) {
-        if (attempt === 3) throw err;
-        console.error(`${selector} did not show within 20 s (attempt ${attempt}); loading the page again`);
-        await page.reload();
-      }
-    }
-  };
+  const loaded = (selector) => page.waitForSelector(selector, { timeout: 20000 });
   await page.goto(url);
   await loaded("[data-testid=login-token]");
   check(await page.locator("[data-testid=deploy-button]").isHidden(), "the log-in page shows the navigation");
