@@ -13,6 +13,7 @@ use thymis_store::{PathInfo, StorePath};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::controller::Controller;
+use crate::delta_bases::DeltaBases;
 
 /// Builds `config` at `commit` (never the work tree); logs go to `task`.
 pub async fn build(ctl: &Arc<Controller>, task: i64, commit: &str, config: &str) -> Result<StorePath> {
@@ -141,57 +142,64 @@ pub async fn build_cached(ctl: &Arc<Controller>, task: i64, commit: &str, config
     Ok(system)
 }
 
+/// The most older systems a build makes deltas for ahead of time; devices on others get
+/// theirs made at their copy (once per pair, too).
+const WARM_SYSTEMS: usize = 4;
+
 /// Compresses the closure's paths for the NAR cache (those not compressed yet), and the
-/// deltas against the versions the devices of `config` run, so that deployments find
-/// them ready. A deployment that needs one meanwhile waits for, or makes, it: each is
-/// made once.
-pub fn warm_nar_cache(ctl: &Arc<Controller>, system: &StorePath, config: &str) -> tokio::task::JoinHandle<()> {
+/// deltas against the versions the devices of `config` run (for each of the systems they
+/// run, most devices first: every device on a base shares its delta), so that
+/// deployments find them ready. A deployment that needs one meanwhile waits for, or
+/// makes, it: each is made once. Returns, when done, the number of (path, base) pairs.
+pub fn warm_nar_cache(ctl: &Arc<Controller>, system: &StorePath, config: &str) -> tokio::task::JoinHandle<usize> {
     let (ctl, system) = (ctl.clone(), system.clone());
-    let running: BTreeSet<StorePath> = ctl
-        .db
-        .devices()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|d| d.config == config)
-        .filter_map(|d| d.info.system?.parse().ok())
-        .collect();
+    let mut counts: HashMap<StorePath, usize> = HashMap::new();
+    for d in ctl.db.devices().unwrap_or_default().into_iter().filter(|d| d.config == config) {
+        if let Some(s) = d.info.system.and_then(|s| s.parse().ok()) {
+            *counts.entry(s).or_default() += 1;
+        }
+    }
+    let mut running: Vec<(StorePath, usize)> = counts.into_iter().collect();
+    running.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    running.truncate(WARM_SYSTEMS);
     tokio::spawn(async move {
         let query = system.clone();
-        type Bases = (HashMap<String, StorePath>, HashMap<String, StorePath>);
-        let work = tokio::task::spawn_blocking(move || -> Result<(Vec<PathInfo>, Bases)> {
+        let work = tokio::task::spawn_blocking(move || -> Result<Vec<(PathInfo, Option<StorePath>)>> {
             let store = LocalStore::system();
             let infos = sort_dependencies_first(store.path_infos(std::slice::from_ref(&query), true)?)?;
-            let new: HashSet<&StorePath> = infos.iter().map(|i| &i.path).collect();
-            // What the devices run, by name and by package (a version that moved): the
-            // bases their agents will name, the same name first.
-            let (mut by_name, mut by_package) = (HashMap::new(), HashMap::new());
-            for r in running {
-                for p in store.closure(&r).unwrap_or_default() {
-                    if !new.contains(&p) {
-                        by_package.entry(p.package()).or_insert_with(|| p.clone());
-                        by_name.entry(p.name().to_owned()).or_insert(p);
+            // Each path once whole, and once per distinct base the devices have for it.
+            let mut pairs: BTreeSet<(usize, Option<StorePath>)> = (0..infos.len()).map(|i| (i, None)).collect();
+            for (r, _) in running {
+                let closure: HashSet<StorePath> = store.closure(&r).unwrap_or_default().into_iter().collect();
+                let bases = DeltaBases::new(closure.iter().cloned());
+                for (i, info) in infos.iter().enumerate() {
+                    if !closure.contains(&info.path)
+                        && let Some(b) = bases.for_path(&info.path)
+                    {
+                        pairs.remove(&(i, None));
+                        pairs.insert((i, Some(b.clone())));
                     }
                 }
             }
-            Ok((infos, (by_name, by_package)))
+            Ok(pairs.into_iter().map(|(i, b)| (infos[i].clone(), b)).collect())
         })
         .await;
-        let Ok(Ok((infos, (by_name, by_package)))) = work else { return };
+        let Ok(Ok(pairs)) = work else { return 0 };
         // One compression per core, at most four (a delta holds its base, up to 64 MiB,
         // and a window twice that); the system's own paths first (what changed is most
         // often near the top).
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
-        futures_util::stream::iter(infos.iter().rev())
-            .for_each_concurrent(workers, |info| {
-                let base = by_name.get(info.path.name()).or_else(|| by_package.get(&info.path.package()));
+        futures_util::stream::iter(pairs.iter().rev())
+            .for_each_concurrent(workers, |(info, base)| {
                 let ctl = &ctl;
                 async move {
-                    if let Err(e) = ctl.nar_cache.best(info, base).await {
+                    if let Err(e) = ctl.nar_cache.best(info, base.as_ref()).await {
                         tracing::warn!(path = %info.path, "compressing for the NAR cache: {e:#}");
                     }
                 }
             })
             .await;
+        pairs.len()
     })
 }
 

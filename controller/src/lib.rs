@@ -13,6 +13,7 @@ pub mod console;
 pub mod controller;
 pub mod copy_progress;
 pub mod db;
+pub mod delta_bases;
 pub mod deploy;
 pub mod engine;
 pub mod http;

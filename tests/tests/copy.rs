@@ -155,3 +155,96 @@ fn a_large_path_shows_progress_while_it_streams() {
     );
     assert!(seen.iter().all(|(.., streamed)| *streamed <= 6 << 20), "more streamed than the path: {seen:?}");
 }
+
+/// A nixpkgs bump: every path of the system rebuilt (new hashes, contents that differ in
+/// the store paths they name), a package with a new version in its name, an app with new
+/// content. Each device gets every path it has a version of as a delta against its own
+/// version (one device on the system before, one on an older one), its store verifies,
+/// and the preview said beforehand what each would receive.
+#[test]
+fn a_rebuilt_system_goes_as_deltas_against_what_each_device_runs() {
+    use std::collections::HashSet;
+    use thymis_store::StorePath;
+
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    // Versions of this run only: every system is built now, from the same host files
+    // (the small paths copy documentation files, which change as packages come and go).
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs();
+    let version = |v: &str| format!("{v}.{run}");
+    let cfg = |v: &str| json!({ "alpha": { "version": version(v), "small": 300, "blob": { "kib": 256, "versioned": true } }, "beta": {} });
+    f.set_configs(&cfg("1")).expect("cfg");
+    for d in ["d1", "d2"] {
+        f.add_device(d, "alpha", true).expect("device");
+        f.wait_online(d);
+    }
+    let t = f.controller.ctl_json(&["deploy", "--device", "d1", "--device", "d2", "-m", "v1", "--wait"]);
+    assert_eq!(t["result"], "succeeded", "{t}");
+    f.set_configs(&cfg("2")).expect("cfg");
+    let t = f.controller.ctl_json(&["deploy", "--device", "d1", "-m", "v2", "--wait"]);
+    assert_eq!(t["result"], "succeeded", "{t}");
+    let runs: Vec<String> = ["d1", "d2"].iter().map(|d| f.device(d).running_system()).collect();
+    assert_ne!(runs[0], runs[1]);
+
+    // Built, v3's deltas are made against both systems the devices run, before any
+    // copy asks for them: the preview and the deployment make none.
+    f.set_configs(&cfg("3")).expect("cfg");
+    assert!(f.controller.ctl(&["project", "commit", "-m", "v3"]).status.success());
+    let deltas = || f.controller.api("/stats", None).1["deltas"].as_u64().unwrap_or(0);
+    let before = deltas();
+    let b = f.controller.ctl_json(&["build", "alpha", "--wait"]);
+    assert_eq!(b["result"], "succeeded", "{b}");
+    let made = deltas() - before;
+    assert!(made > 2 * 300, "the build made {made} deltas");
+    let preview = f.controller.ctl_json(&["deploy", "--device", "d1", "--device", "d2", "--dry-run"]);
+    let changed = preview["configs"][0]["changed"].as_array().cloned().unwrap_or_default();
+    assert!(
+        changed.iter().any(|c| c["name"] == "thymis-test-blob-alpha"
+            && c["new"] == version("3")
+            && (c["old"] == version("2") || c["old"] == version("1"))),
+        "the preview does not name the renamed package with both versions: {preview}"
+    );
+    let t = f.controller.ctl_json(&["deploy", "--device", "d1", "--device", "d2", "--wait"]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    assert_eq!(deltas() - before, made, "deltas were made after the build");
+    let new = Fleet::child(&t, "d1")["system"].as_str().expect("system").to_owned();
+    let closure = |s: &str| -> Vec<StorePath> {
+        let out = std::process::Command::new("nix-store").args(["-qR", s]).output().expect("nix-store -qR");
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| l.parse().expect("store path")).collect()
+    };
+    let new_closure = closure(&new);
+    let id = t["id"].as_i64().expect("id");
+    let (_, logs) = f.controller.api(&format!("/tasks/{id}/logs"), None);
+    for (device, old) in ["d1", "d2"].iter().zip(&runs) {
+        // The paths it lacks and, of those, the ones it has a version of (the same name,
+        // or the same package with another version).
+        let had = closure(old);
+        let had_set: HashSet<&StorePath> = had.iter().collect();
+        let lacking: Vec<&StorePath> = new_closure.iter().filter(|p| !had_set.contains(p)).collect();
+        let names: HashSet<&str> = had.iter().map(|p| p.name()).collect();
+        let packages: HashSet<String> = had.iter().map(|p| p.package()).collect();
+        let with_base = lacking.iter().filter(|p| names.contains(p.name()) || packages.contains(&p.package())).count();
+        assert!(lacking.len() > 300 && with_base == lacking.len(), "{device}: {with_base} of {} paths", lacking.len());
+        let said = format!("{device}: sent {} paths in ", lacking.len());
+        let line = logs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["line"].as_str())
+            .find(|l| l.starts_with(&said))
+            .unwrap_or_else(|| panic!("no line \"{said}...\" in {logs}"));
+        assert!(line.ends_with(&format!(", {with_base} of them as deltas against the versions it has")), "{line}");
+        // Its store verifies, contents and all.
+        let verified = f.device(device).exec("nix-store --verify --check-contents 2>&1 && echo store-verified");
+        assert!(verified.contains("store-verified") && !verified.contains("error"), "{device}: {verified}");
+        // The preview's figures were what the deployment sent, within 10 %.
+        let sent = Fleet::child(&t, device)["bytes_sent"].as_u64().unwrap_or(0);
+        let dev =
+            preview["devices"].as_array().into_iter().flatten().find(|d| d["device"] == *device).expect("previewed");
+        let sends = dev["send_bytes"].as_u64().unwrap_or(0);
+        assert_eq!(dev["paths"].as_u64(), Some(lacking.len() as u64), "{dev}");
+        assert_eq!(dev["deltas"].as_u64(), Some(with_base as u64), "{dev}");
+        assert!(sent.abs_diff(sends) * 10 <= sent, "{device}: the preview said {sends} bytes, it was sent {sent}");
+        // Far less than the paths' compressed size: 256 KiB of incompressible data alone.
+        assert!(sent < 64 << 10, "{device}: {sent} bytes: {line}");
+    }
+}

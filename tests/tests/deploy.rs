@@ -435,6 +435,9 @@ fn a_dry_run_says_what_changes_and_sends_nothing() {
     let dev = &d["devices"][0];
     assert_eq!((&dev["device"], &dev["known"]), (&json!("d1"), &json!(true)), "{d}");
     assert!(dev["paths"].as_u64().unwrap_or(0) >= 2 && dev["bytes"].as_u64().unwrap_or(0) > 64 << 10, "{d}");
+    // The 64 KiB of incompressible data go as a delta against the version it runs.
+    let sends = dev["send_bytes"].as_u64().unwrap_or(0);
+    assert!(dev["deltas"].as_u64().unwrap_or(0) >= 1 && sends > 0 && sends < 32 << 10, "{d}");
     // Nothing committed, sent or switched.
     assert_eq!(f.controller.project_head(), head, "the dry run committed");
     assert_eq!(f.controller.ctl_json(&["project", "status"])["dirty"], true);
@@ -447,6 +450,8 @@ fn a_dry_run_says_what_changes_and_sends_nothing() {
     // left to send.
     let (code, t) = deploy(&f, &["--device", "d1", "-m", "v2"]);
     assert_eq!(code, 0, "{t}");
+    let sent = Fleet::child(&t, "d1")["bytes_sent"].as_u64().unwrap_or(0);
+    assert!(sent.abs_diff(sends) * 10 <= sent, "the preview said {sends} bytes, the deployment sent {sent}");
     let got = &Fleet::child(&t, "d1")["packages"];
     assert!(
         got["changed"]

@@ -546,6 +546,17 @@ fn a_generation_that_hangs_comes_back_by_the_watchdog_and_unsafe_reboots_are_ref
     assert_eq!(booted(&mut machine), v1);
     f.wait_online(name);
 
+    // The preview says which changes take a reboot, and why: a rebuilt kernel, a kernel
+    // command line.
+    let mut rebuilt = vm.clone();
+    rebuilt["kernelStamp"] = json!("rebuilt");
+    f.set_configs(&vm_configs(&rebuilt, json!({}))).expect("configs");
+    let d = f.controller.ctl_json(&["deploy", "--device", name, "--dry-run"]);
+    assert_eq!(d["configs"][0]["reboot"], "kernel changed", "{d}");
+    f.set_configs(&vm_configs(&vm, json!({ "version": "2", "panicOnFail": false }))).expect("configs");
+    let d = f.controller.ctl_json(&["deploy", "--device", name, "--dry-run"]);
+    assert_eq!(d["configs"][0]["reboot"], "kernel-params changed", "{d}");
+
     // Neither panic= with boot.panic_on_fail nor a watchdog: refused, nothing changes.
     let (_, child) =
         deploy(json!({ "version": "2", "panicOnFail": false }), &["--reboot", "-m", "v2, no hang protection"]);

@@ -61,8 +61,12 @@ fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
     let head = f.controller.project_head();
 
     // A change to the project; deploy it to a tag from the UI.
-    f.set_configs(&json!({ "alpha": { "version": "2", "units": ["web.service"] }, "beta": { "version": "1" } }))
-        .expect("cfg");
+    // (With a package it did not have: the preview names it.)
+    f.set_configs(&json!({
+        "alpha": { "version": "2", "units": ["web.service"], "blob": { "kib": 16, "versioned": true } },
+        "beta": { "version": "1" },
+    }))
+    .expect("cfg");
     ui(
         &f,
         "tag",
@@ -72,6 +76,7 @@ fn the_web_ui_logs_in_shows_devices_and_commit_and_deploys_live() {
             "tag": "screens",
             "preview": ["a1", "a2", "b1"],
             "dryRun": "a1",
+            "dryRunPackage": "added thymis-test-blob-alpha 2",
             "results": { "a1": "succeeded", "a2": "succeeded", "b1": "succeeded" },
         }),
     );

@@ -155,6 +155,9 @@ try {
     // What the update changes, before deploying it.
     await page.click("[data-testid=dry-run]");
     await page.waitForFunction((d) => document.querySelector("[data-testid=dry-run-result]")?.textContent.includes(`${d}: lacks`), expect.dryRun, { timeout: 90000 });
+    const said = await page.locator("[data-testid=dry-run-result]").innerText();
+    check(said.includes(expect.dryRunPackage), `the preview does not name ${expect.dryRunPackage}: ${said}`);
+    check(/sends \d/.test(await page.locator(`[data-device-send="${expect.dryRun}"]`).innerText()), `the preview does not say what ${expect.dryRun} receives: ${said}`);
   }
   const button = page.locator("[data-testid=deploy-submit]");
   check((await button.innerText()).includes("Commit & Deploy"), "uncommitted changes offer Commit & Deploy");

@@ -842,18 +842,24 @@ fn print_dry_run(d: &thymis_api::preview::DryRun) {
             println!("  removed  {:<32} {}", p.name, dash(Some(&p.version)));
         }
     }
-    println!("\n{:<16} {:<12} {:>7} {:>11}  RUNS", "DEVICE", "CONFIG", "LACKS", "NAR BYTES");
+    println!(
+        "\n{:<16} {:<12} {:>7} {:>11} {:>11} {:>7}  RUNS",
+        "DEVICE", "CONFIG", "LACKS", "NAR BYTES", "SENDS", "DELTAS"
+    );
     for dev in &d.devices {
         let lacks = if dev.known { dev.paths.to_string() } else { format!("{}?", dev.paths) };
         println!(
-            "{:<16} {:<12} {:>7} {:>11}  {}",
+            "{:<16} {:<12} {:>7} {:>11} {:>11} {:>7}  {}",
             dev.device,
             dev.config,
             lacks,
             h(dev.bytes as i64),
+            h(dev.send_bytes as i64),
+            dev.deltas,
             dash(dev.runs.as_deref())
         );
     }
+    println!("(SENDS: what the controller sends, compressed or as deltas; binary caches may serve some of it)");
 }
 
 fn print_preview(p: &Preview) {

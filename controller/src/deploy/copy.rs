@@ -101,6 +101,7 @@ pub(super) async fn send_to(
         })
     };
     let mut next = to_send.first().map(prefetch);
+    let (mut as_deltas, mut sent_bytes) = (0usize, 0u64);
     for (n, info) in to_send.iter().enumerate() {
         let compressed = match next.take() {
             Some(handle) => handle.await.map_err(|e| anyhow::anyhow!("compression task: {e}")).and_then(|r| r),
@@ -121,6 +122,7 @@ pub(super) async fn send_to(
             acks.take(m, unacked, &mut in_flight_bytes)?;
         }
         acks.flush();
+        as_deltas += usize::from(delta_base.is_some());
         let start = AgentBound::PathStart { deployment_id: id.clone(), info: (*info).clone(), delta_base };
         if conn.data.send(Out::Msg(start)).await.is_err() {
             return Err(Stop::Disconnected);
@@ -149,6 +151,7 @@ pub(super) async fn send_to(
         }
         unacked.insert(info.path.clone(), bytes);
         in_flight_bytes += bytes;
+        sent_bytes += bytes;
     }
     while !unacked.is_empty() {
         acks.flush();
@@ -156,6 +159,14 @@ pub(super) async fn send_to(
         acks.take(m, unacked, &mut in_flight_bytes)?;
     }
     acks.flush();
+    if !to_send.is_empty() {
+        let line = format!(
+            "{}: sent {} paths in {sent_bytes} bytes, {as_deltas} of them as deltas against the versions it has",
+            child.device,
+            to_send.len()
+        );
+        let _ = ctl.db.log(child.task, Some(child.id), &line);
+    }
     // Not yet (stage-only, outside its window, held on the device): staged.
     match super::gate::waiting(ctl, child) {
         Ok(Some(w)) => return stage(ctl, conn, child, &w, &mut rx).await,

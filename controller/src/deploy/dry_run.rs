@@ -5,16 +5,18 @@
 //! size before and after, and whether it needs a reboot; per device the paths and bytes
 //! it lacks.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
+use futures_util::StreamExt;
 use thymis_api::preview::{ConfigChange, DeviceChange, DryRun, Package, PackageChange};
 use thymis_store::local_store::LocalStore;
 use thymis_store::system::{boot_changes, package_diff, switch_inhibitors_changed};
 
 use super::*;
+use crate::delta_bases::DeltaBases;
 
 /// A closure the controller's store holds, by path.
-type Closure = HashMap<StorePath, u64>;
+type Closure = HashMap<StorePath, PathInfo>;
 
 async fn closure_of(system: &StorePath) -> Option<Closure> {
     let system = system.clone();
@@ -24,7 +26,7 @@ async fn closure_of(system: &StorePath) -> Option<Closure> {
             return None;
         }
         let infos = store.path_infos(std::slice::from_ref(&system), true).ok()?;
-        Some(infos.into_iter().map(|i| (i.path, i.nar_size)).collect())
+        Some(infos.into_iter().map(|i| (i.path.clone(), i)).collect())
     })
     .await
     .ok()
@@ -140,30 +142,74 @@ async fn compare(
             system: system.to_string(),
             before: before.as_ref().map(|(s, _)| s.clone()),
             closure_paths: new.len(),
-            closure_bytes: new.values().sum(),
-            before_bytes: before.as_ref().map(|(_, c)| c.values().sum()),
+            closure_bytes: new.values().map(|i| i.nar_size).sum(),
+            before_bytes: before.as_ref().map(|(_, c)| c.values().map(|i| i.nar_size).sum()),
             added: diff.added.into_iter().map(|(name, version)| Package { name, version }).collect(),
             removed: diff.removed.into_iter().map(|(name, version)| Package { name, version }).collect(),
             changed: diff.changed.into_iter().map(|(name, old, new)| PackageChange { name, old, new }).collect(),
             reboot,
         });
+        // Devices on the same system get the same figures: made once per system.
+        let mut sends: HashMap<Option<String>, Send> = HashMap::new();
         for d in of_config {
             let runs_now = runs.get(&d.name).cloned().flatten();
-            let has: Option<HashSet<StorePath>> = match &runs_now {
-                Some(s) => closure(s).await.map(|c| c.into_keys().collect()),
-                None => None,
-            };
-            let lacking: Vec<(&StorePath, &u64)> =
-                new.iter().filter(|(p, _)| has.as_ref().is_none_or(|h| !h.contains(*p))).collect();
+            if !sends.contains_key(&runs_now) {
+                let has = match &runs_now {
+                    Some(s) => closure(s).await,
+                    None => None,
+                };
+                sends.insert(runs_now.clone(), send(ctl, &new, has.as_ref()).await);
+            }
+            let s = &sends[&runs_now];
             devices.push(DeviceChange {
                 device: d.name.clone(),
                 config: config.clone(),
                 runs: runs_now,
-                paths: lacking.len(),
-                bytes: lacking.iter().map(|(_, n)| **n).sum(),
-                known: has.is_some(),
+                paths: s.paths,
+                bytes: s.bytes,
+                send_bytes: s.send_bytes,
+                deltas: s.deltas,
+                known: s.known,
             });
         }
     }
     Ok((configs, devices))
+}
+
+/// What a device that has `has` (the closure of the system it runs; `None`: unknown, so
+/// nothing) lacks of `new`, and what the controller would send it for that.
+struct Send {
+    paths: usize,
+    bytes: u64,
+    send_bytes: u64,
+    deltas: usize,
+    known: bool,
+}
+
+/// Each lacking path's file as a deployment would choose it (the NAR cache's: made now
+/// if the warm-up after the build has not yet, and then ready for the deployment).
+async fn send(ctl: &Arc<Controller>, new: &Closure, has: Option<&Closure>) -> Send {
+    let bases = DeltaBases::new(has.into_iter().flat_map(|c| c.keys().cloned()));
+    let lacking: Vec<&PathInfo> = new.values().filter(|i| has.is_none_or(|h| !h.contains_key(&i.path))).collect();
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+    let pairs: Vec<(PathInfo, Option<StorePath>)> =
+        lacking.iter().map(|i| ((*i).clone(), bases.for_path(&i.path).cloned())).collect();
+    let files: Vec<Option<(u64, bool)>> = futures_util::stream::iter(pairs)
+        .map(|(info, base)| {
+            let ctl = ctl.clone();
+            async move {
+                let (file, base) = ctl.nar_cache.best(&info, base.as_ref()).await.ok()?;
+                Some((std::fs::metadata(file).ok()?.len(), base.is_some()))
+            }
+        })
+        .buffered(workers)
+        .collect()
+        .await;
+    Send {
+        paths: lacking.len(),
+        bytes: lacking.iter().map(|i| i.nar_size).sum(),
+        send_bytes: files.iter().flatten().map(|(n, _)| n).sum(),
+        deltas: files.iter().flatten().filter(|(_, delta)| *delta).count(),
+        known: has.is_some(),
+    }
 }

@@ -360,7 +360,15 @@ pub async fn start_build(ctl: &Arc<Controller>, config: &str, commit: Option<&st
                 // is compressed, ready to be sent.
                 let _ = ctl.db.log(task, None, "compressing the closure for deployment");
                 ctl.notify_task(task);
-                let _ = build::warm_nar_cache(&ctl, &system, &config).await;
+                let t0 = std::time::Instant::now();
+                if let Ok(n) = build::warm_nar_cache(&ctl, &system, &config).await {
+                    let secs = t0.elapsed().as_secs_f64();
+                    let _ = ctl.db.log(
+                        task,
+                        None,
+                        &format!("compressed for deployment in {secs:.2} s ({n} paths and deltas)"),
+                    );
+                }
                 let _ = ctl.db.set_task_system(task, &system.to_string());
                 let _ = engine::task_event(&ctl, task, TaskEvent::Ended(TaskResult::Succeeded), None);
             }

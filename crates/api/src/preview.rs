@@ -77,9 +77,17 @@ pub struct DeviceChange {
     /// The system it runs now.
     pub runs: Option<String>,
     /// Paths of the new closure it lacks, and their NAR bytes (before compression and
-    /// deltas, which make what crosses the link smaller; its binary caches may serve some).
+    /// deltas).
     pub paths: usize,
     pub bytes: u64,
+    /// What the controller would send it: each path compressed, or as a delta against
+    /// the version the device has where that is smaller (its binary caches may serve
+    /// some paths instead).
+    #[serde(default)]
+    pub send_bytes: u64,
+    /// How many of the paths would go as deltas.
+    #[serde(default)]
+    pub deltas: usize,
     /// Whether the controller knew its system's closure (otherwise: the whole closure).
     pub known: bool,
 }

@@ -103,7 +103,12 @@ impl LocalStore {
         let dir = real.parent().unwrap_or(Path::new("/"));
         // Earlier versions by package, the version in the name left out: a package whose
         // version moved (a nixpkgs bump) still finds the one the device has.
-        let by_package: HashMap<String, &StorePath> = paths.iter().map(|p| (p.package(), p)).collect();
+        // Several paths may share a package (outputs named alike, two versions of one
+        // library): each of them gets its candidates.
+        let mut by_package: HashMap<String, Vec<&StorePath>> = HashMap::new();
+        for p in paths {
+            by_package.entry(p.package()).or_default().push(p);
+        }
         let mut candidates: Vec<(StorePath, StorePath)> = Vec::new();
         let list = |source| StoreError::List { dir: dir.to_owned(), source };
         // A store that does not exist yet (a device's first deployment) has no bases.
@@ -114,14 +119,16 @@ impl LocalStore {
         for entry in entries.into_iter().flatten() {
             let name = entry.map_err(list)?.file_name();
             let Ok(have) = StorePath::from_base_name(&name.to_string_lossy()) else { continue };
-            if let Some(&want) = by_package.get(&have.package())
-                && *want != have
-            {
-                candidates.push((want.clone(), have));
+            for &want in by_package.get(&have.package()).into_iter().flatten() {
+                if *want != have {
+                    candidates.push((want.clone(), have.clone()));
+                }
             }
         }
         let mut query: Vec<StorePath> = paths.to_vec();
         query.extend(candidates.iter().map(|(_, have)| have.clone()));
+        query.sort();
+        query.dedup();
         let invalid: HashSet<StorePath> = self.invalid_paths(&query)?.into_iter().collect();
         let missing: Vec<StorePath> = paths.iter().filter(|p| invalid.contains(*p)).cloned().collect();
         let lacking: HashSet<&StorePath> = missing.iter().collect();

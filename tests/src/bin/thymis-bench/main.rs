@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use thymis_fleet_tests::{Fleet, FleetOptions};
 use thymis_store::signing::PublicKey;
 
+mod bump;
 mod common;
 mod fan_out;
 mod footprint;
@@ -20,6 +21,7 @@ mod real_size;
 mod site_cache;
 mod transfer;
 
+use bump::*;
 use common::*;
 use fan_out::*;
 use footprint::*;
@@ -38,16 +40,17 @@ fn main() {
         sh(Command::new("nix-store").arg("--version")).replace("nix-store (Nix) ", "")
     );
     let agents: usize = std::env::var("THYMIS_BENCH_AGENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    // THYMIS_BENCH_ONLY=scale|transfer|real|load|fanout|cache|loadcache|imager runs (and prints) only that part, for investigating.
+    // THYMIS_BENCH_ONLY=scale|transfer|real|bump|load|fanout|cache|loadcache|imager runs (and prints) only that part, for investigating.
     match std::env::var("THYMIS_BENCH_ONLY").as_deref() {
         Ok("scale") => {
             println!("{}", scale(agents).join("\n"));
             return;
         }
-        Ok(part @ ("real" | "load" | "transfer" | "cache" | "loadcache" | "imager")) => {
+        Ok(part @ ("real" | "bump" | "load" | "transfer" | "cache" | "loadcache" | "imager")) => {
             let mut rows = vec![];
             match part {
                 "real" => real_size(&mut rows),
+                "bump" => bump(&mut rows),
                 "cache" => site_cache(&mut rows),
                 "loadcache" => site_cache_load(&mut rows),
                 "load" => fan_out_load(&mut rows),
@@ -69,6 +72,8 @@ fn main() {
     transfer(&mut transfer_rows);
     let mut real_rows = vec![];
     real_size(&mut real_rows);
+    let mut bump_rows = vec![];
+    bump(&mut bump_rows);
     let mut fan_rows = vec![];
     let foot = fan_out(&mut fan_rows);
     let mut load_rows = vec![];
@@ -90,6 +95,9 @@ Bytes are what crossed the device's veth (both directions).\n\n\
 ## A real-sized system: a closure shaped like NixOS's to an empty device\n\n\
 Ours: as above, to the device's activation report. The floor: `nix-store --export` of the closure piped into `nix-store --import` of an empty store on this machine. The link rate is a bulk TCP stream's through the same shaped link.\n\n\
 | | |\n|---|---|\n{}\n\n\
+## A nixpkgs bump: the real-sized system rebuilt, to a device that runs the previous one\n\n\
+`bench/nixos-like.nix` with `bump = 1`: every path rebuilt with a new hash, its contents differing only in the store paths they name, a tenth of the packages with a new version in their name, a few with new content. Ours: as above, built beforehand (the controller made the deltas after the build, timed on their own below). Baselines side by side: `nix copy --to ssh-ng://` of the same update to the same device on the previous system, and the floor of one zstd patch of the whole new closure against the whole old one.\n\n\
+| | |\n|---|---|\n{}\n\n\
 ## Fan-out: one configuration (13 paths, 5 MB) to N devices at once\n\n\
 | devices | time | vs. one device | builds | compressions |\n|---|---|---|---|---|\n{}\n\n\
 ## Fan-out where the controller is the bottleneck: load-generator agents\n\n\
@@ -106,6 +114,7 @@ The same comparison with load-generator agents (each fetches every narinfo and N
         *RUNS,
         transfer_rows.join("\n"),
         real_rows.join("\n"),
+        bump_rows.join("\n"),
         fan_rows.join("\n"),
         load_rows.join("\n"),
         cache_rows.join("\n"),

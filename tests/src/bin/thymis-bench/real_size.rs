@@ -14,6 +14,27 @@ pub(crate) fn nixos_like() -> (String, usize, u64) {
     (system, paths, nar)
 }
 
+/// A fleet whose configuration `bench` is bench/nixos-like.nix called with `args` (a Nix
+/// expression that may read `./variant.txt`), set to variant "0", and its device d1.
+pub(crate) fn nixos_like_fleet(args: &str) -> Fleet {
+    let mut f =
+        Fleet::new(FleetOptions { confirm_timeout: 120, reply_timeout: 300, dead_after: 20, ..Default::default() })
+            .expect("fleet");
+    let project = f.controller.project_dir();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/nixos-like.nix"), project.join("nixos-like.nix"))
+        .expect("copy");
+    std::fs::write(
+        project.join("flake.nix"),
+        format!("{{ outputs = {{ self }}: {{ nixosConfigurations.bench.config.system.build.toplevel = import ./nixos-like.nix ({args}); }}; }}\n"),
+    )
+    .expect("flake");
+    std::fs::write(project.join("thymis.toml"), "[configs.bench]\ntags = [\"bench\"]\n").expect("toml");
+    set_variant(&f, "0");
+    f.add_device("d1", "bench", true).expect("device");
+    f.wait_online("d1");
+    f
+}
+
 /// `nix-store --export` of `paths` piped into `nix-store --import` of an empty store on
 /// this machine: the floor of any copy (no network, no checks beyond Nix's own).
 pub(crate) fn export_import(paths: &[String], dir: &Path) -> f64 {
@@ -66,21 +87,7 @@ pub(crate) fn real_size(rows: &mut Vec<String>) {
     let (system, paths, nar) = nixos_like();
     let closure: Vec<String> =
         sh(Command::new("nix-store").args(["-qR", &system])).lines().map(str::to_owned).collect();
-    let mut f =
-        Fleet::new(FleetOptions { confirm_timeout: 120, reply_timeout: 300, dead_after: 20, ..Default::default() })
-            .expect("fleet");
-    let project = f.controller.project_dir();
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/nixos-like.nix"), project.join("nixos-like.nix"))
-        .expect("copy");
-    std::fs::write(
-        project.join("flake.nix"),
-        "{ outputs = { self }: { nixosConfigurations.bench.config.system.build.toplevel = import ./nixos-like.nix; }; }\n",
-    )
-    .expect("flake");
-    std::fs::write(project.join("thymis.toml"), "[configs.bench]\ntags = [\"bench\"]\n").expect("toml");
-    set_variant(&f, "base");
-    f.add_device("d1", "bench", true).expect("device");
-    f.wait_online("d1");
+    let mut f = nixos_like_fleet("{ }");
     let ssh = sshd(&f);
     f.device("d1").shape(RATE).expect("tc");
     let rate = link_rate(&f);
