@@ -548,6 +548,9 @@ fn a_generation_that_hangs_comes_back_by_the_watchdog_and_unsafe_reboots_are_ref
 
     // The preview says which changes take a reboot, and why: a rebuilt kernel, a kernel
     // command line.
+    thymis_fleet_tests::wait_for("the device's report of what it runs", Duration::from_secs(60), || {
+        (f.device_row(name)["system"] == v1.as_str()).then_some(())
+    });
     let mut rebuilt = vm.clone();
     rebuilt["kernelStamp"] = json!("rebuilt");
     f.set_configs(&vm_configs(&rebuilt, json!({}))).expect("configs");
