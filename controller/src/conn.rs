@@ -85,6 +85,11 @@ impl Conn {
         rx
     }
 
+    /// Stops routing replies about `id` (a waiter that is done).
+    pub fn unsubscribe(&self, id: &str) {
+        lock(&self.waiters).remove(id);
+    }
+
     /// Hands a reply to its waiter; false when nobody waits for it.
     pub fn route(&self, deployment_id: &str, msg: ControllerBound) -> bool {
         lock(&self.waiters).get(deployment_id).is_some_and(|tx| tx.send(msg).is_ok())

@@ -362,6 +362,24 @@ async fn handle(
                 let _ = out.send(answer);
             });
         }
+        AgentBound::CacheQuery { query, paths } => {
+            // Narinfo lookups may take a while: a task of its own.
+            let (agent, out) = (agent.clone(), out.clone());
+            tokio::spawn(async move {
+                let answer = tokio::task::spawn_blocking(move || {
+                    let invalid: std::collections::HashSet<StorePath> =
+                        agent.store.invalid_paths(&paths)?.into_iter().collect();
+                    let missing: Vec<StorePath> = paths.into_iter().filter(|p| invalid.contains(p)).collect();
+                    anyhow::Ok(crate::substitute::would_serve(&agent, &missing))
+                })
+                .await;
+                let _ = out.send(match answer {
+                    Ok(Ok((served, bytes))) => ControllerBound::CacheAnswer { query, served, bytes },
+                    Ok(Err(e)) => ControllerBound::Error { message: format!("checking the store: {e:#}") },
+                    Err(e) => ControllerBound::Error { message: format!("asking the caches: {e}") },
+                });
+            });
+        }
         AgentBound::PathStart { deployment_id, info, delta_base } => {
             incoming.send(Incoming::Start { deployment_id, info: Box::new(info), delta_base }).await?;
         }

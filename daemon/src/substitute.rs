@@ -97,12 +97,12 @@ fn get(
     }
 }
 
-/// Paths of `missing` (dependencies first) that the caches have, imported; the rest is
-/// for the controller. `progress` is told (paths, bytes) as paths arrive.
-pub fn substitute(agent: &Agent, missing: &[StorePath], progress: &(dyn Fn(Substituted) + Sync)) -> Substituted {
+/// The usable caches and, for each path of `missing` one of them has, which cache and
+/// its narinfo (signed by a trusted key); `None` when no cache has any.
+fn find(agent: &Agent, missing: &[StorePath]) -> Option<Found> {
     let config = &agent.config;
     if config.substituters.is_empty() || missing.is_empty() {
-        return Substituted::default();
+        return None;
     }
     let timeout = Duration::from_secs(config.substituter_timeout.max(1));
     let http = client(timeout, &config.substituter_ca_file);
@@ -113,10 +113,8 @@ pub fn substitute(agent: &Agent, missing: &[StorePath], progress: &(dyn Fn(Subst
         .filter(|c| usable(&http, c, timeout))
         .collect();
     if caches.is_empty() {
-        return Substituted::default();
+        return None;
     }
-
-    // Which cache has which path, and its narinfo (signed by a trusted key).
     let found: Vec<Mutex<Option<(usize, NarInfo)>>> = missing.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
     std::thread::scope(|s| {
@@ -131,9 +129,38 @@ pub fn substitute(agent: &Agent, missing: &[StorePath], progress: &(dyn Fn(Subst
         }
     });
     let found: Vec<(usize, NarInfo)> = found.into_iter().filter_map(|m| m.into_inner().ok().flatten()).collect();
-    if found.is_empty() {
-        return Substituted::default();
+    (!found.is_empty()).then_some(Found { http, caches, timeout, found })
+}
+
+struct Found {
+    http: ureq::Agent,
+    caches: Vec<Cache>,
+    timeout: Duration,
+    found: Vec<(usize, NarInfo)>,
+}
+
+/// What [`substitute`] would take from the caches for `missing` (dependencies first),
+/// without fetching a NAR: the paths a cache has whose references are in the store or
+/// also served, and their compressed bytes (the narinfo's, else the NAR's size). For the
+/// controller's preview of an update.
+pub fn would_serve(agent: &Agent, missing: &[StorePath]) -> (Vec<StorePath>, u64) {
+    let Some(Found { found, .. }) = find(agent, missing) else { return (vec![], 0) };
+    let missing_set: HashSet<&StorePath> = missing.iter().collect();
+    let mut served: HashSet<&StorePath> = HashSet::new();
+    let mut bytes = 0;
+    for (_, narinfo) in &found {
+        if narinfo.info.dependencies().all(|r| !missing_set.contains(r) || served.contains(r)) {
+            served.insert(&narinfo.info.path);
+            bytes += narinfo.file_size.unwrap_or(narinfo.info.nar_size);
+        }
     }
+    (found.iter().map(|(_, n)| n.info.path.clone()).filter(|p| served.contains(p)).collect(), bytes)
+}
+
+/// Paths of `missing` (dependencies first) that the caches have, imported; the rest is
+/// for the controller. `progress` is told (paths, bytes) as paths arrive.
+pub fn substitute(agent: &Agent, missing: &[StorePath], progress: &(dyn Fn(Substituted) + Sync)) -> Substituted {
+    let Some(Found { http, caches, timeout, found }) = find(agent, missing) else { return Substituted::default() };
     info!(paths = found.len(), of = missing.len(), "substituting from binary caches");
 
     // In chunks of at most CHUNK_PATHS paths and CHUNK_BYTES of NAR (dependencies

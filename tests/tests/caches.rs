@@ -167,10 +167,26 @@ fn devices_substitute_from_the_published_cache_and_fall_back_to_the_controller()
     for (name, _) in &devices {
         f.wait_online(name);
     }
+    // The preview asks each device what its caches would serve, and leaves that out of
+    // what the controller would send.
+    let preview = f.controller.ctl_json(&["deploy", "--config", "alpha", "--dry-run"]);
+    let previewed = |name: &str| -> serde_json::Value {
+        preview["devices"].as_array().into_iter().flatten().find(|d| d["device"] == name).cloned().expect("previewed")
+    };
     let t = f.controller.ctl_json(&["deploy", "--config", "alpha", "--wait"]);
     assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
     let child = |name: &str| Fleet::child(&t, name).clone();
     let count = |c: &serde_json::Value, k: &str| c[k].as_i64().unwrap_or(-1);
+    for name in ["good", "partial", "broken"] {
+        let (p, c) = (previewed(name), child(name));
+        let (said, sent) = (p["send_bytes"].as_i64().unwrap_or(-1), count(&c, "bytes_sent"));
+        assert!(
+            said.abs_diff(sent) * 10 <= sent.unsigned_abs(),
+            "{name}: the preview said {said} bytes, {sent} were sent: {p}"
+        );
+        let served = p["from_caches"]["paths"].as_i64().unwrap_or(-1);
+        assert_eq!(served, count(&c, "paths_substituted"), "{name}: {p}\n{c}");
+    }
 
     // Everything from the cache: the controller sent nothing.
     let good = child("good");

@@ -858,8 +858,11 @@ fn print_dry_run(d: &thymis_api::preview::DryRun) {
             dev.deltas,
             dash(dev.runs.as_deref())
         );
+        if let Some(c) = dev.from_caches.filter(|c| c.paths > 0) {
+            println!("{:<16} its binary caches serve {} paths ({})", "", c.paths, h(c.bytes as i64));
+        }
     }
-    println!("(SENDS: what the controller sends, compressed or as deltas; binary caches may serve some of it)");
+    println!("(SENDS: what the controller sends, compressed or as deltas, besides what the device's caches serve)");
 }
 
 fn print_preview(p: &Preview) {

@@ -147,6 +147,13 @@ pub(super) async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: Control
         ControllerBound::StreamEnd { stream, exit_status, error } => {
             conn.streams.route(stream, FromDevice::End { exit_status, error })
         }
+        m @ ControllerBound::CacheAnswer { .. } => {
+            let ControllerBound::CacheAnswer { query, .. } = &m else { return Ok(()) };
+            let query = query.clone();
+            if !conn.route(&query, m) {
+                debug!(%device, %query, "cache answer nobody waits for");
+            }
+        }
         ControllerBound::Held { deployment_id, mut reason } => {
             thymis_proto::bounds::cut(&mut reason, thymis_proto::bounds::MAX_NAME);
             record_held(ctl, device, &deployment_id, reason)?;

@@ -5,10 +5,11 @@
 //! size before and after, and whether it needs a reboot; per device the paths and bytes
 //! it lacks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use futures_util::StreamExt;
-use thymis_api::preview::{ConfigChange, DeviceChange, DryRun, Package, PackageChange};
+use thymis_api::preview::{ConfigChange, DeviceChange, DryRun, FromCaches, Package, PackageChange};
+use thymis_store::closure::sort_dependencies_first;
 use thymis_store::local_store::LocalStore;
 use thymis_store::system::{boot_changes, package_diff, switch_inhibitors_changed};
 
@@ -161,14 +162,24 @@ async fn compare(
                 sends.insert(runs_now.clone(), send(ctl, &new, has.as_ref()).await);
             }
             let s = &sends[&runs_now];
+            let caches = ask_caches(ctl, &d.name, &s.lacking).await;
+            let (send_bytes, deltas) = match &caches {
+                Some((served, _)) => s
+                    .files
+                    .iter()
+                    .filter(|(p, _)| !served.contains(*p))
+                    .fold((0, 0), |(b, n), (_, (size, delta))| (b + size, n + usize::from(*delta))),
+                None => (s.send_bytes, s.deltas),
+            };
             devices.push(DeviceChange {
                 device: d.name.clone(),
                 config: config.clone(),
                 runs: runs_now,
                 paths: s.paths,
                 bytes: s.bytes,
-                send_bytes: s.send_bytes,
-                deltas: s.deltas,
+                send_bytes,
+                deltas,
+                from_caches: caches.map(|(served, bytes)| FromCaches { paths: served.len(), bytes }),
                 known: s.known,
             });
         }
@@ -184,6 +195,44 @@ struct Send {
     send_bytes: u64,
     deltas: usize,
     known: bool,
+    /// The paths it lacks (dependencies first), and each one's file: size, and whether
+    /// a delta.
+    lacking: Vec<StorePath>,
+    files: HashMap<StorePath, (u64, bool)>,
+}
+
+/// How long a device may take to say what its caches would serve.
+const CACHE_ANSWER: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Asks `device` (online, protocol 4) which of `lacking` its binary caches would serve:
+/// those paths and their compressed bytes; `None` when it cannot be asked or does not
+/// answer in time.
+async fn ask_caches(ctl: &Arc<Controller>, device: &str, lacking: &[StorePath]) -> Option<(HashSet<StorePath>, u64)> {
+    let conn = ctl.conn(device)?;
+    if conn.protocol < thymis_proto::CACHE_QUERY_PROTOCOL {
+        return None;
+    }
+    if lacking.is_empty() {
+        return Some((HashSet::new(), 0));
+    }
+    let query = format!("cq-{}", crate::random::hex::<8>().ok()?);
+    let mut rx = conn.subscribe(&query);
+    if !conn.send(thymis_proto::AgentBound::CacheQuery { query: query.clone(), paths: lacking.to_vec() }).await {
+        return None;
+    }
+    let answer = tokio::time::timeout(CACHE_ANSWER, rx.recv()).await;
+    conn.unsubscribe(&query);
+    match answer {
+        Ok(Some(thymis_proto::ControllerBound::CacheAnswer { served, bytes, .. })) => {
+            // Only paths it was asked about count.
+            let asked: HashSet<&StorePath> = lacking.iter().collect();
+            Some((served.into_iter().filter(|p| asked.contains(p)).collect(), bytes))
+        }
+        _ => {
+            debug!(%device, "no answer about its caches");
+            None
+        }
+    }
 }
 
 /// Each lacking path's file as a deployment would choose it (the NAR cache's: made now
@@ -194,22 +243,31 @@ async fn send(ctl: &Arc<Controller>, new: &Closure, has: Option<&Closure>) -> Se
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
     let pairs: Vec<(PathInfo, Option<StorePath>)> =
         lacking.iter().map(|i| ((*i).clone(), bases.for_path(&i.path).cloned())).collect();
-    let files: Vec<Option<(u64, bool)>> = futures_util::stream::iter(pairs)
+    let files: Vec<Option<(StorePath, (u64, bool))>> = futures_util::stream::iter(pairs)
         .map(|(info, base)| {
             let ctl = ctl.clone();
             async move {
                 let (file, base) = ctl.nar_cache.best(&info, base.as_ref()).await.ok()?;
-                Some((std::fs::metadata(file).ok()?.len(), base.is_some()))
+                Some((info.path, (std::fs::metadata(file).ok()?.len(), base.is_some())))
             }
         })
         .buffered(workers)
         .collect()
         .await;
+    let files: HashMap<StorePath, (u64, bool)> = files.into_iter().flatten().collect();
     Send {
         paths: lacking.len(),
         bytes: lacking.iter().map(|i| i.nar_size).sum(),
-        send_bytes: files.iter().flatten().map(|(n, _)| n).sum(),
-        deltas: files.iter().flatten().filter(|(_, delta)| *delta).count(),
+        send_bytes: files.values().map(|(n, _)| n).sum(),
+        deltas: files.values().filter(|(_, delta)| *delta).count(),
         known: has.is_some(),
+        // In the closure's order, dependencies first (as a deployment asks).
+        lacking: sort_dependencies_first(new.values().cloned().collect())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| i.path)
+            .filter(|p| has.is_none_or(|h| !h.contains_key(p)))
+            .collect(),
+        files,
     }
 }

@@ -468,7 +468,7 @@ async function openDeploy() {
         <ul>${c.changed.map((p) => `<li data-changed="${esc(p.name)}">changed <code>${esc(p.name)}</code> ${esc(p.old || "–")} → ${esc(p.new || "–")}</li>`).join("")}
         ${c.added.map((p) => `<li>added <code>${esc(p.name)}</code> ${esc(p.version)}</li>`).join("")}
         ${c.removed.map((p) => `<li>removed <code>${esc(p.name)}</code> ${esc(p.version)}</li>`).join("")}</ul></div>`).join("")
-        + `<ul>${d.devices.map((v) => `<li data-device-send="${esc(v.device)}">${esc(v.device)}: lacks ${v.paths}${v.known ? "" : "?"} paths, ${human(v.bytes)}; sends ${human(v.send_bytes)}${v.deltas ? ` (${v.deltas} as deltas)` : ""}</li>`).join("")}</ul>`;
+        + `<ul>${d.devices.map((v) => `<li data-device-send="${esc(v.device)}">${esc(v.device)}: lacks ${v.paths}${v.known ? "" : "?"} paths, ${human(v.bytes)}; sends ${human(v.send_bytes)}${v.deltas ? ` (${v.deltas} as deltas)` : ""}${v.from_caches && v.from_caches.paths ? `; its caches serve ${v.from_caches.paths} paths, ${human(v.from_caches.bytes)}` : ""}</li>`).join("")}</ul>`;
     } catch (err) {
       out.innerHTML = `<p class="error">${esc(err.message)}</p>`;
     }

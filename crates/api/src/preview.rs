@@ -69,6 +69,13 @@ pub struct PackageChange {
     pub new: String,
 }
 
+/// Paths a device's binary caches would serve of an update, and their compressed bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub struct FromCaches {
+    pub paths: usize,
+    pub bytes: u64,
+}
+
 /// What one device would receive.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct DeviceChange {
@@ -88,6 +95,11 @@ pub struct DeviceChange {
     /// How many of the paths would go as deltas.
     #[serde(default)]
     pub deltas: usize,
+    /// What its binary caches would serve instead (paths, compressed bytes), as the
+    /// device answered; `None` when it could not be asked (offline, an older agent, no
+    /// answer in time). `send_bytes` leaves those paths out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_caches: Option<FromCaches>,
     /// Whether the controller knew its system's closure (otherwise: the whole closure).
     pub known: bool,
 }

@@ -27,10 +27,13 @@ pub const DEVICE_KEY_NAME: &str = "thymis-device";
 /// Protocol versions this build speaks. A peer whose range does not overlap is refused
 /// with a message that says which side to upgrade.
 pub const PROTOCOL_MIN: u32 = 1;
-pub const PROTOCOL_MAX: u32 = 3;
+pub const PROTOCOL_MAX: u32 = 4;
 /// The first protocol with staging and holds ([`AgentBound::Stage`],
 /// [`ControllerBound::Held`], [`message::DeviceReport`]'s `hold`).
 pub const STAGING_PROTOCOL: u32 = 3;
+/// The first protocol in which the controller may ask what the device's binary caches
+/// would serve ([`AgentBound::CacheQuery`]).
+pub const CACHE_QUERY_PROTOCOL: u32 = 4;
 
 /// Largest text (JSON) message accepted, in bytes. A query for a closure of tens of
 /// thousands of paths fits.

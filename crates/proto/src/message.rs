@@ -83,6 +83,13 @@ pub enum AgentBound {
     Stage {
         deployment_id: String,
     },
+    /// Protocol 4: which of these paths (an update's closure, dependencies first) would
+    /// the device's binary caches serve it, were it deployed? Answered with
+    /// [`ControllerBound::CacheAnswer`]; no NAR is fetched and nothing changes.
+    CacheQuery {
+        query: String,
+        paths: Vec<StorePath>,
+    },
     /// A signed [`crate::signed::Confirmation`] for the pending deployment.
     Confirm {
         confirmation: Signed,
@@ -253,6 +260,14 @@ pub enum ControllerBound {
         exit_status: Option<i32>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+    },
+    /// Protocol 4: the paths of a [`AgentBound::CacheQuery`] the device lacks that its
+    /// caches would serve (their references present or served too), and their
+    /// compressed bytes.
+    CacheAnswer {
+        query: String,
+        served: Vec<StorePath>,
+        bytes: u64,
     },
 }
 

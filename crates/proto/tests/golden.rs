@@ -80,6 +80,7 @@ fn agent_bound() -> Vec<(&'static str, AgentBound)> {
         ("path_end", AgentBound::PathEnd { deployment_id: id(), path: sp("system") }),
         ("activate", AgentBound::Activate { deployment_id: id() }),
         ("stage", AgentBound::Stage { deployment_id: id() }),
+        ("cache_query", AgentBound::CacheQuery { query: "q-3".into(), paths: vec![sp("lib"), sp("system")] }),
         ("confirm", AgentBound::Confirm { confirmation: signed() }),
         ("cancel", AgentBound::Cancel { deployment_id: id() }),
         ("outcome_recorded", AgentBound::OutcomeRecorded { deployment_id: id() }),
@@ -179,6 +180,7 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
             ControllerBound::Staged { deployment_id: id(), reboot_needed: Some("kernel changed".into()) },
         ),
         ("held", ControllerBound::Held { deployment_id: id(), reason: "printing a label".into() }),
+        ("cache_answer", ControllerBound::CacheAnswer { query: "q-3".into(), served: vec![sp("lib")], bytes: 5120 }),
         ("offer_accepted", ControllerBound::OfferAccepted { deployment_id: id() }),
         (
             "offer_refused",
