@@ -152,7 +152,7 @@ async fn compare(
         });
         // Devices on the same system get the same figures: made once per system.
         let mut sends: HashMap<Option<String>, Send> = HashMap::new();
-        for d in of_config {
+        for d in &of_config {
             let runs_now = runs.get(&d.name).cloned().flatten();
             if !sends.contains_key(&runs_now) {
                 let has = match &runs_now {
@@ -161,8 +161,30 @@ async fn compare(
                 };
                 sends.insert(runs_now.clone(), send(ctl, &new, has.as_ref()).await);
             }
+        }
+        // Every device asked about its caches at once (a few at a time would make a
+        // fleet's preview wait on each device's narinfo lookups in turn).
+        let asks: Vec<(String, Option<String>, Arc<Vec<StorePath>>)> = of_config
+            .iter()
+            .map(|d| {
+                let runs_now = runs.get(&d.name).cloned().flatten();
+                let lacking = sends[&runs_now].lacking.clone();
+                (d.name.clone(), runs_now, lacking)
+            })
+            .collect();
+        let answers: Vec<_> = futures_util::stream::iter(asks)
+            .map(|(name, runs_now, lacking)| {
+                let ctl = ctl.clone();
+                async move {
+                    let caches = ask_caches(&ctl, &name, &lacking).await;
+                    (name, runs_now, caches)
+                }
+            })
+            .buffered(ASKED_AT_ONCE)
+            .collect()
+            .await;
+        for (name, runs_now, caches) in answers {
             let s = &sends[&runs_now];
-            let caches = ask_caches(ctl, &d.name, &s.lacking).await;
             let (send_bytes, deltas) = match &caches {
                 Some((served, _)) => s
                     .files
@@ -172,7 +194,7 @@ async fn compare(
                 None => (s.send_bytes, s.deltas),
             };
             devices.push(DeviceChange {
-                device: d.name.clone(),
+                device: name,
                 config: config.clone(),
                 runs: runs_now,
                 paths: s.paths,
@@ -197,9 +219,12 @@ struct Send {
     known: bool,
     /// The paths it lacks (dependencies first), and each one's file: size, and whether
     /// a delta.
-    lacking: Vec<StorePath>,
+    lacking: Arc<Vec<StorePath>>,
     files: HashMap<StorePath, (u64, bool)>,
 }
+
+/// Devices asked about their caches at once.
+const ASKED_AT_ONCE: usize = 64;
 
 /// How long a device may take to say what its caches would serve.
 const CACHE_ANSWER: std::time::Duration = std::time::Duration::from_secs(30);
@@ -262,12 +287,14 @@ async fn send(ctl: &Arc<Controller>, new: &Closure, has: Option<&Closure>) -> Se
         deltas: files.values().filter(|(_, delta)| *delta).count(),
         known: has.is_some(),
         // In the closure's order, dependencies first (as a deployment asks).
-        lacking: sort_dependencies_first(new.values().cloned().collect())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|i| i.path)
-            .filter(|p| has.is_none_or(|h| !h.contains_key(p)))
-            .collect(),
+        lacking: Arc::new(
+            sort_dependencies_first(new.values().cloned().collect())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|i| i.path)
+                .filter(|p| has.is_none_or(|h| !h.contains_key(p)))
+                .collect(),
+        ),
         files,
     }
 }
