@@ -95,7 +95,8 @@ pub(super) async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: Control
         | ControllerBound::Substituting { .. }
         | ControllerBound::PathsMissing { .. }
         | ControllerBound::PathImported { .. }
-        | ControllerBound::PathRefused { .. }) => {
+        | ControllerBound::PathRefused { .. }
+        | ControllerBound::CacheAnswer { .. }) => {
             let id = match &m {
                 ControllerBound::OfferAccepted { deployment_id }
                 | ControllerBound::OfferRefused { deployment_id, .. }
@@ -104,6 +105,8 @@ pub(super) async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: Control
                 | ControllerBound::PathsMissing { deployment_id, .. }
                 | ControllerBound::PathImported { deployment_id, .. }
                 | ControllerBound::PathRefused { deployment_id, .. } => deployment_id.clone(),
+                // A preview's question about the device's caches, by its own id.
+                ControllerBound::CacheAnswer { query, .. } => query.clone(),
                 _ => String::new(),
             };
             if !conn.route(&id, m) {
@@ -146,13 +149,6 @@ pub(super) async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: Control
         }
         ControllerBound::StreamEnd { stream, exit_status, error } => {
             conn.streams.route(stream, FromDevice::End { exit_status, error })
-        }
-        m @ ControllerBound::CacheAnswer { .. } => {
-            let ControllerBound::CacheAnswer { query, .. } = &m else { return Ok(()) };
-            let query = query.clone();
-            if !conn.route(&query, m) {
-                debug!(%device, %query, "cache answer nobody waits for");
-            }
         }
         ControllerBound::Held { deployment_id, mut reason } => {
             thymis_proto::bounds::cut(&mut reason, thymis_proto::bounds::MAX_NAME);

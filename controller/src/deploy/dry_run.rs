@@ -150,6 +150,9 @@ async fn compare(
             changed: diff.changed.into_iter().map(|(name, old, new)| PackageChange { name, old, new }).collect(),
             reboot,
         });
+        // The new closure, dependencies first (the order a deployment asks in).
+        let order: Vec<StorePath> =
+            sort_dependencies_first(new.values().cloned().collect())?.into_iter().map(|i| i.path).collect();
         // Devices on the same system get the same figures: made once per system.
         let mut sends: HashMap<Option<String>, Send> = HashMap::new();
         for d in &of_config {
@@ -159,7 +162,7 @@ async fn compare(
                     Some(s) => closure(s).await,
                     None => None,
                 };
-                sends.insert(runs_now.clone(), send(ctl, &new, has.as_ref()).await);
+                sends.insert(runs_now.clone(), send(ctl, &new, &order, has.as_ref()).await);
             }
         }
         // Every device asked about its caches at once (a few at a time would make a
@@ -185,14 +188,7 @@ async fn compare(
             .await;
         for (name, runs_now, caches) in answers {
             let s = &sends[&runs_now];
-            let (send_bytes, deltas) = match &caches {
-                Some((served, _)) => s
-                    .files
-                    .iter()
-                    .filter(|(p, _)| !served.contains(*p))
-                    .fold((0, 0), |(b, n), (_, (size, delta))| (b + size, n + usize::from(*delta))),
-                None => (s.send_bytes, s.deltas),
-            };
+            let (send_bytes, deltas) = s.sent_by_controller(caches.as_ref().map(|(served, _)| served));
             devices.push(DeviceChange {
                 device: name,
                 config: config.clone(),
@@ -214,13 +210,22 @@ async fn compare(
 struct Send {
     paths: usize,
     bytes: u64,
-    send_bytes: u64,
-    deltas: usize,
     known: bool,
     /// The paths it lacks (dependencies first), and each one's file: size, and whether
     /// a delta.
     lacking: Arc<Vec<StorePath>>,
     files: HashMap<StorePath, (u64, bool)>,
+}
+
+impl Send {
+    /// What the controller would send (bytes, and how many paths as deltas), leaving out
+    /// what the device's caches serve.
+    fn sent_by_controller(&self, served: Option<&HashSet<StorePath>>) -> (u64, usize) {
+        self.files
+            .iter()
+            .filter(|(p, _)| served.is_none_or(|s| !s.contains(*p)))
+            .fold((0, 0), |(bytes, n), (_, (size, delta))| (bytes + size, n + usize::from(*delta)))
+    }
 }
 
 /// Devices asked about their caches at once.
@@ -262,12 +267,12 @@ async fn ask_caches(ctl: &Arc<Controller>, device: &str, lacking: &[StorePath]) 
 
 /// Each lacking path's file as a deployment would choose it (the NAR cache's: made now
 /// if the warm-up after the build has not yet, and then ready for the deployment).
-async fn send(ctl: &Arc<Controller>, new: &Closure, has: Option<&Closure>) -> Send {
+async fn send(ctl: &Arc<Controller>, new: &Closure, order: &[StorePath], has: Option<&Closure>) -> Send {
     let bases = DeltaBases::new(has.into_iter().flat_map(|c| c.keys().cloned()));
-    let lacking: Vec<&PathInfo> = new.values().filter(|i| has.is_none_or(|h| !h.contains_key(&i.path))).collect();
+    let lacking: Vec<StorePath> = order.iter().filter(|p| has.is_none_or(|h| !h.contains_key(*p))).cloned().collect();
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
     let pairs: Vec<(PathInfo, Option<StorePath>)> =
-        lacking.iter().map(|i| ((*i).clone(), bases.for_path(&i.path).cloned())).collect();
+        lacking.iter().map(|p| (new[p].clone(), bases.for_path(p).cloned())).collect();
     let files: Vec<Option<(StorePath, (u64, bool))>> = futures_util::stream::iter(pairs)
         .map(|(info, base)| {
             let ctl = ctl.clone();
@@ -279,22 +284,11 @@ async fn send(ctl: &Arc<Controller>, new: &Closure, has: Option<&Closure>) -> Se
         .buffered(workers)
         .collect()
         .await;
-    let files: HashMap<StorePath, (u64, bool)> = files.into_iter().flatten().collect();
     Send {
         paths: lacking.len(),
-        bytes: lacking.iter().map(|i| i.nar_size).sum(),
-        send_bytes: files.values().map(|(n, _)| n).sum(),
-        deltas: files.values().filter(|(_, delta)| *delta).count(),
+        bytes: lacking.iter().map(|p| new[p].nar_size).sum(),
         known: has.is_some(),
-        // In the closure's order, dependencies first (as a deployment asks).
-        lacking: Arc::new(
-            sort_dependencies_first(new.values().cloned().collect())
-                .unwrap_or_default()
-                .into_iter()
-                .map(|i| i.path)
-                .filter(|p| has.is_none_or(|h| !h.contains_key(p)))
-                .collect(),
-        ),
-        files,
+        lacking: Arc::new(lacking),
+        files: files.into_iter().flatten().collect(),
     }
 }
