@@ -6,8 +6,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
+use thymis_proto::compact::QueryIndex;
 use thymis_proto::handshake::{AgentHandshake, Nonce};
-use thymis_proto::{AgentBound, ControllerBound, DeltaBase, decode_agent_bound, encode};
+use thymis_proto::{
+    AgentBound, COMPACT_COPY_PROTOCOL, ControllerBound, DeltaBase, IndexedBase, decode_agent_bound, encode,
+};
 use thymis_store::StorePath;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -15,7 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, info, warn};
 
 use crate::agent::{Agent, LogSink};
-use crate::receive::{Incoming, Outbox, receiver};
+use crate::receive::{CopyQuery, Incoming, Outbox, receiver};
 use crate::streams::Streams;
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -174,6 +177,8 @@ async fn session(agent: &Arc<Agent>, previous: &mut Option<tokio::task::JoinHand
     let mut streams = Streams::new(out_tx.clone(), stream_tx, agent.config.terminal, idle);
     // Chunks wait for the verifier (CPU-bound, never on the writer): a small bounded queue.
     let (in_tx, in_rx) = mpsc::channel::<Incoming>(16);
+    // The compact copy's query (protocol 5), set when its answer goes out.
+    let copy = Arc::new(std::sync::Mutex::new(None::<CopyQuery>));
     *previous = Some(tokio::spawn(receiver(agent.clone(), in_rx, out_tx.clone())));
 
     let _ = out_tx.send(ControllerBound::Report(agent.report()));
@@ -205,7 +210,8 @@ async fn session(agent: &Arc<Agent>, previous: &mut Option<tokio::task::JoinHand
                     Some(Err(e)) => return Err(e).context("reading from the controller"),
                 };
                 if !streams.handle(&msg) {
-                    handle(agent, &session, protocol, msg, &out_tx, &in_tx).await?;
+                    let link = Link { session: &session, protocol, out: &out_tx, incoming: &in_tx, copy: &copy };
+                    handle(agent, &link, msg).await?;
                 }
             }
             ended = &mut writer.0 => {
@@ -267,6 +273,7 @@ async fn query_paths(
     deployment_id: String,
     paths: Vec<StorePath>,
     out: &Outbox,
+    copy: Option<&SharedCopy>,
 ) -> ControllerBound {
     let missing = |paths: Vec<StorePath>| {
         let (store, running) = (agent.store.clone(), agent.running());
@@ -310,20 +317,54 @@ async fn query_paths(
         ticker.abort();
         got = result.unwrap_or_default();
         if got.paths > 0 {
-            match missing(paths).await {
+            match missing(paths.clone()).await {
                 Ok(Ok(m)) => (missing_now, bases) = m,
                 _ => return ControllerBound::Error { message: "checking the store after substituting".into() },
             }
         }
     }
-    ControllerBound::PathsMissing {
+    let Some(copy) = copy else {
+        return ControllerBound::PathsMissing {
+            deployment_id,
+            missing: missing_now,
+            bases: bases.into_iter().map(|(path, base)| DeltaBase { path, base }).collect(),
+            window: Some(crate::receive::WINDOW),
+            substituted_paths: got.paths,
+            substituted_bytes: got.bytes,
+        };
+    };
+    // The compact copy: by index in the query, which the copy's messages then use.
+    let query = QueryIndex::new(paths);
+    let index = |p: &StorePath| query.index(p).ok();
+    let missing = missing_now.iter().filter_map(index).collect();
+    let bases: Vec<IndexedBase> =
+        bases.into_iter().filter_map(|(p, base)| Some(IndexedBase(index(&p)?, base))).collect();
+    let by_index = bases.iter().map(|IndexedBase(i, base)| (*i, base.clone())).collect();
+    *lock(copy) = Some(CopyQuery { deployment_id: deployment_id.clone(), query, bases: by_index });
+    ControllerBound::PathsLacking {
         deployment_id,
-        missing: missing_now,
-        bases: bases.into_iter().map(|(path, base)| DeltaBase { path, base }).collect(),
-        window: Some(crate::receive::WINDOW),
+        missing,
+        bases,
+        window: crate::receive::WINDOW,
         substituted_paths: got.paths,
         substituted_bytes: got.bytes,
     }
+}
+
+/// The connection's compact copy query, shared with the task that answers it.
+type SharedCopy = Arc<std::sync::Mutex<Option<CopyQuery>>>;
+
+fn lock(copy: &SharedCopy) -> std::sync::MutexGuard<'_, Option<CopyQuery>> {
+    copy.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a controller's message may answer or hand on to.
+struct Link<'a> {
+    session: &'a str,
+    protocol: u32,
+    out: &'a Outbox,
+    incoming: &'a mpsc::Sender<Incoming>,
+    copy: &'a SharedCopy,
 }
 
 fn send_outbox(agent: &Agent, out: &Outbox) {
@@ -332,14 +373,8 @@ fn send_outbox(agent: &Agent, out: &Outbox) {
     }
 }
 
-async fn handle(
-    agent: &Arc<Agent>,
-    session: &str,
-    protocol: u32,
-    msg: AgentBound,
-    out: &Outbox,
-    incoming: &mpsc::Sender<Incoming>,
-) -> Result<()> {
+async fn handle(agent: &Arc<Agent>, link: &Link<'_>, msg: AgentBound) -> Result<()> {
+    let Link { session, protocol, out, incoming, copy } = *link;
     let reply = |m| async { out.send(m).map_err(|_| anyhow!("connection writer stopped")) };
     match msg {
         AgentBound::Offer { offer } => match agent.accept_offer(&offer, session) {
@@ -357,8 +392,9 @@ async fn handle(
             // Answered by a task of its own: substituting from binary caches may take a
             // while, and the connection goes on meanwhile.
             let (agent, out) = (agent.clone(), out.clone());
+            let copy = (protocol >= COMPACT_COPY_PROTOCOL).then(|| copy.clone());
             tokio::spawn(async move {
-                let answer = query_paths(&agent, deployment_id, paths, &out).await;
+                let answer = query_paths(&agent, deployment_id, paths, &out, copy.as_ref()).await;
                 let _ = out.send(answer);
             });
         }
@@ -381,9 +417,24 @@ async fn handle(
             });
         }
         AgentBound::PathStart { deployment_id, info, delta_base } => {
-            incoming.send(Incoming::Start { deployment_id, info: Box::new(info), delta_base }).await?;
+            incoming.send(Incoming::Start { deployment_id, info: Box::new(info), delta_base, index: None }).await?;
         }
         AgentBound::PathEnd { deployment_id, .. } => incoming.send(Incoming::End { deployment_id }).await?,
+        AgentBound::PathAt(c) => {
+            let start = match lock(copy).as_ref() {
+                Some(q) => q.start(&c),
+                None => Incoming::Refused {
+                    deployment_id: String::new(),
+                    path: None,
+                    error: "a path before the device answered a path query".into(),
+                },
+            };
+            incoming.send(start).await?;
+        }
+        AgentBound::PathDone => {
+            let deployment_id = lock(copy).as_ref().map(|q| q.deployment_id.clone()).unwrap_or_default();
+            incoming.send(Incoming::End { deployment_id }).await?;
+        }
         AgentBound::Stage { deployment_id } => match agent.stage(&deployment_id).await {
             Ok(why) => {
                 let reboot_needed = (!why.is_empty()).then(|| why.join("; "));

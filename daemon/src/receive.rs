@@ -6,11 +6,12 @@
 //! connection's writer: acknowledgements go out through the unbounded outbox, whose
 //! size the controller's copy window bounds ([`thymis_proto::CopyWindow`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use thymis_proto::compact::{CompactPath, QueryIndex};
 use thymis_proto::{ControllerBound, CopyWindow};
 use thymis_store::local_store::LocalStore;
 use thymis_store::nar::copy_verified;
@@ -39,11 +40,21 @@ pub type Outbox = mpsc::UnboundedSender<ControllerBound>;
 /// What the connection forwards to the receiver, in arrival order.
 #[derive(Debug)]
 pub enum Incoming {
-    /// With `delta_base`, the stream is a delta against that path's NAR.
+    /// With `delta_base`, the stream is a delta against that path's NAR. With `index`
+    /// (the compact copy), the path is acknowledged by its index in the query.
     Start {
         deployment_id: String,
         info: Box<PathInfo>,
         delta_base: Option<StorePath>,
+        index: Option<u32>,
+    },
+    /// A path announced by a message that could not be read (the compact copy's index
+    /// outside its query, a delta against no base the device named): refused, and its
+    /// chunks dropped.
+    Refused {
+        deployment_id: String,
+        path: Option<StorePath>,
+        error: String,
     },
     Chunk(Vec<u8>),
     End {
@@ -51,10 +62,40 @@ pub enum Incoming {
     },
 }
 
+/// The compact copy's query on this connection (protocol 5): the paths the controller
+/// listed, numbered as in its messages, and the bases the device named for them.
+#[derive(Debug)]
+pub struct CopyQuery {
+    pub deployment_id: String,
+    pub query: QueryIndex,
+    pub bases: HashMap<u32, StorePath>,
+}
+
+impl CopyQuery {
+    /// What to receive for a [`thymis_proto::AgentBound::PathAt`].
+    pub fn start(&self, c: &CompactPath) -> Incoming {
+        let deployment_id = self.deployment_id.clone();
+        let info = match self.query.expand(c) {
+            Ok(info) => info,
+            Err(e) => return Incoming::Refused { deployment_id, path: None, error: e.to_string() },
+        };
+        let delta_base = match (c.delta, self.bases.get(&c.index)) {
+            (false, _) => None,
+            (true, Some(base)) => Some(base.clone()),
+            (true, None) => {
+                let error = "a delta against no base the device named for it".to_owned();
+                return Incoming::Refused { deployment_id, path: Some(info.path), error };
+            }
+        };
+        Incoming::Start { deployment_id, info: Box::new(info), delta_base, index: Some(c.index) }
+    }
+}
+
 /// A path being received.
 struct InFlight {
     deployment_id: String,
     info: PathInfo,
+    index: Option<u32>,
     chunks: Option<mpsc::Sender<Vec<u8>>>,
     worker: tokio::task::JoinHandle<Result<PathBuf, String>>,
 }
@@ -64,6 +105,7 @@ struct InFlight {
 struct Staged {
     deployment_id: String,
     info: PathInfo,
+    index: Option<u32>,
     nar: PathBuf,
 }
 
@@ -79,21 +121,27 @@ pub async fn receiver(agent: Arc<Agent>, mut rx: mpsc::Receiver<Incoming>, out: 
     let mut skipping = false;
     while let Some(msg) = rx.recv().await {
         match msg {
-            Incoming::Start { deployment_id, info, delta_base } => {
+            Incoming::Refused { deployment_id, path, error } => {
+                current = None;
+                skipping = true;
+                refuse(&agent, &out, &deployment_id, path.as_ref(), error);
+            }
+            Incoming::Start { deployment_id, info, delta_base, index } => {
                 if current.is_some() {
-                    refuse(&agent, &out, &deployment_id, &info, "a path started before the previous one ended".into());
+                    let e = "a path started before the previous one ended".into();
+                    refuse(&agent, &out, &deployment_id, Some(&info.path), e);
                     current = None;
                     skipping = true;
                     continue;
                 }
                 if agent.current_offer(&deployment_id).is_none() {
                     let e = format!("no accepted offer {deployment_id}");
-                    refuse(&agent, &out, &deployment_id, &info, e);
+                    refuse(&agent, &out, &deployment_id, Some(&info.path), e);
                     skipping = true;
                     continue;
                 }
                 if let Err(e) = verify_path(&info, &agent.nix_keys) {
-                    refuse(&agent, &out, &deployment_id, &info, e.to_string());
+                    refuse(&agent, &out, &deployment_id, Some(&info.path), e.to_string());
                     skipping = true;
                     continue;
                 }
@@ -105,7 +153,7 @@ pub async fn receiver(agent: Arc<Agent>, mut rx: mpsc::Receiver<Incoming>, out: 
                     let compressed = io::BufReader::new(ChannelReader { rx: chunk_rx, buf: Vec::new(), pos: 0 });
                     stage(&store, compressed, delta_base.as_ref(), &expected, &nar).map(|()| nar)
                 });
-                current = Some(InFlight { deployment_id, info: *info, chunks: Some(tx), worker });
+                current = Some(InFlight { deployment_id, info: *info, index, chunks: Some(tx), worker });
             }
             Incoming::Chunk(bytes) => {
                 if let Some(c) = current.as_mut().and_then(|c| c.chunks.as_ref()) {
@@ -127,9 +175,10 @@ pub async fn receiver(agent: Arc<Agent>, mut rx: mpsc::Receiver<Incoming>, out: 
                 c.chunks = None; // end of stream for the worker
                 match c.worker.await.unwrap_or_else(|e| Err(e.to_string())) {
                     Ok(nar) => {
-                        let _ = staged_tx.send(Staged { deployment_id: c.deployment_id, info: c.info, nar });
+                        let staged = Staged { deployment_id: c.deployment_id, info: c.info, index: c.index, nar };
+                        let _ = staged_tx.send(staged);
                     }
-                    Err(e) => refuse(&agent, &out, &c.deployment_id, &c.info, e),
+                    Err(e) => refuse(&agent, &out, &c.deployment_id, Some(&c.info.path), e),
                 }
             }
         }
@@ -202,15 +251,24 @@ async fn importer(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<Staged>, ou
             return; // the runtime is shutting down
         };
         debug!(paths = results.len(), nar_bytes, "imported a batch");
+        // The compact copy's paths are acknowledged together, by index.
+        let mut imported: Vec<(String, Vec<u32>)> = Vec::new();
         for (s, result) in results {
             let _ = std::fs::remove_file(&s.nar);
-            match result {
-                Ok(()) => {
+            match (result, s.index) {
+                (Ok(()), Some(i)) => match imported.last_mut() {
+                    Some((id, indexes)) if *id == s.deployment_id => indexes.push(i),
+                    _ => imported.push((s.deployment_id, vec![i])),
+                },
+                (Ok(()), None) => {
                     let _ =
                         out.send(ControllerBound::PathImported { deployment_id: s.deployment_id, path: s.info.path });
                 }
-                Err(e) => refuse(&agent, &out, &s.deployment_id, &s.info, e),
+                (Err(e), _) => refuse(&agent, &out, &s.deployment_id, Some(&s.info.path), e),
             }
+        }
+        for (deployment_id, paths) in imported {
+            let _ = out.send(ControllerBound::PathsImported { deployment_id, paths });
         }
     }
 }
@@ -273,14 +331,22 @@ impl io::Write for Capped {
     }
 }
 
-fn refuse(agent: &Agent, out: &Outbox, id: &str, info: &PathInfo, error: String) {
-    warn!(deployment = %id, path = %info.path, %error, "path refused");
+/// Refuses a path (or, when the message did not say which, the copy): the deployment
+/// is aborted on the device.
+fn refuse(agent: &Agent, out: &Outbox, id: &str, path: Option<&StorePath>, error: String) {
+    let Some(path) = path else {
+        warn!(deployment = %id, %error, "path refused");
+        let _ = out.send(ControllerBound::Error { message: format!("path refused: {error}") });
+        agent.abort_offer(id, Some(error));
+        return;
+    };
+    warn!(deployment = %id, %path, %error, "path refused");
     let _ = out.send(ControllerBound::PathRefused {
         deployment_id: id.to_owned(),
-        path: info.path.clone(),
+        path: path.clone(),
         error: error.clone(),
     });
-    agent.abort_offer(id, Some(format!("{}: {error}", info.path)));
+    agent.abort_offer(id, Some(format!("{path}: {error}")));
 }
 
 /// The message of an error and its causes, on one line.

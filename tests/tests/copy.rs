@@ -203,8 +203,11 @@ fn a_rebuilt_system_goes_as_deltas_against_what_each_device_runs() {
             && (c["old"] == version("2") || c["old"] == version("1"))),
         "the preview does not name the renamed package with both versions: {preview}"
     );
+    let link = |f: &Fleet| ["d1", "d2"].map(|d| f.device(d).link_bytes());
+    let link_before = link(&f);
     let t = f.controller.ctl_json(&["deploy", "--device", "d1", "--device", "d2", "--wait"]);
     assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    let link_after = link(&f);
     assert_eq!(deltas() - before, made, "deltas were made after the build");
     let new = Fleet::child(&t, "d1")["system"].as_str().expect("system").to_owned();
     let closure = |s: &str| -> Vec<StorePath> {
@@ -214,7 +217,7 @@ fn a_rebuilt_system_goes_as_deltas_against_what_each_device_runs() {
     let new_closure = closure(&new);
     let id = t["id"].as_i64().expect("id");
     let (_, logs) = f.controller.api(&format!("/tasks/{id}/logs"), None);
-    for (device, old) in ["d1", "d2"].iter().zip(&runs) {
+    for (n, (device, old)) in ["d1", "d2"].iter().zip(&runs).enumerate() {
         // The paths it lacks and, of those, the ones it has a version of (the same name,
         // or the same package with another version).
         let had = closure(old);
@@ -246,5 +249,11 @@ fn a_rebuilt_system_goes_as_deltas_against_what_each_device_runs() {
         assert!(sent.abs_diff(sends) * 10 <= sent, "{device}: the preview said {sends} bytes, it was sent {sent}");
         // Far less than the paths' compressed size: 256 KiB of incompressible data alone.
         assert!(sent < 64 << 10, "{device}: {sent} bytes: {line}");
+        // What crosses its link beyond the payload (messages, their framing, TCP) is a
+        // few hundred bytes per path: the compact copy names paths by index, where naming
+        // each path, its references, base and deployment in full took 1.46 kB per path.
+        let wire = link_after[n] - link_before[n];
+        let per_path = wire.saturating_sub(sent) / lacking.len() as u64;
+        assert!(per_path < 900, "{device}: {wire} bytes on the link for {sent} of payload: {per_path} per path");
     }
 }

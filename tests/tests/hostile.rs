@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use thymis_fleet_tests::{Fleet, FleetOptions, wait_for};
+use thymis_proto::compact::{CompactPath, QueryIndex};
 use thymis_proto::handshake::{Nonce, controller_transcript, welcome_message};
 use thymis_proto::signed::{Offer, Signed};
 use thymis_proto::{AgentBound, ControllerBound, decode_controller_bound, encode};
@@ -239,6 +240,11 @@ impl Peer {
         Peer::accept_at(listener, identity, shown, signed, thymis_fleet_tests::unix_now()).await
     }
 
+    /// The handshake, settling on `protocol`.
+    async fn accept_speaking(listener: &tokio::net::TcpListener, identity: &SecretKey, protocol: u32) -> Peer {
+        Peer::handshake(listener, identity, "d1", "d1", thymis_fleet_tests::unix_now(), protocol).await
+    }
+
     /// The handshake with the controller's clock at `time` in the welcome.
     async fn accept_at(
         listener: &tokio::net::TcpListener,
@@ -246,6 +252,17 @@ impl Peer {
         shown: &str,
         signed: &str,
         time: u64,
+    ) -> Peer {
+        Peer::handshake(listener, identity, shown, signed, time, 1).await
+    }
+
+    async fn handshake(
+        listener: &tokio::net::TcpListener,
+        identity: &SecretKey,
+        shown: &str,
+        signed: &str,
+        time: u64,
+        protocol: u32,
     ) -> Peer {
         let (tcp, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
             .await
@@ -261,7 +278,7 @@ impl Peer {
         let server_nonce = Nonce([9; 32]);
         let signature = identity.sign(&controller_transcript(&client_nonce, &server_nonce, &p.session, &device_key));
         p.send(&AgentBound::Challenge {
-            protocol: 1,
+            protocol,
             controller_key: identity.public().to_string(),
             server_nonce,
             session: p.session.clone(),
@@ -359,6 +376,36 @@ impl Peer {
         self.send(&AgentBound::PathEnd { deployment_id: id.into(), path: info.path.clone() }).await;
         self.recv().await
     }
+
+    /// The compact copy (protocol 5): `c` and the NAR of `nar_of`, whole.
+    async fn path_at(&mut self, c: CompactPath, nar_of: &StorePath) -> ControllerBound {
+        let mut nar = Vec::new();
+        LocalStore::system().dump(nar_of, &mut nar).expect("dump");
+        let z = zstd::encode_all(nar.as_slice(), 3).expect("zstd");
+        self.send(&AgentBound::PathAt(c)).await;
+        for chunk in z.chunks(4096) {
+            self.ws.send(Message::binary(chunk.to_vec())).await.expect("send");
+        }
+        self.send(&AgentBound::PathDone).await;
+        self.recv().await
+    }
+
+    /// Offers `id` and asks which of `paths` the device lacks, in the compact form.
+    async fn compact_query(
+        &mut self,
+        identity: &SecretKey,
+        id: &str,
+        paths: &[PathInfo],
+        sequence: u64,
+    ) -> (QueryIndex, Vec<u32>) {
+        let system = &paths.last().expect("system").path;
+        let r = self.offer(identity, "d1", id, system, sequence).await;
+        assert!(matches!(r, ControllerBound::OfferAccepted { .. }), "{r:?}");
+        let listed: Vec<StorePath> = paths.iter().map(|i| i.path.clone()).collect();
+        self.send(&AgentBound::QueryPaths { deployment_id: id.into(), paths: listed.clone() }).await;
+        let ControllerBound::PathsLacking { missing, .. } = self.recv().await else { panic!("no compact answer") };
+        (QueryIndex::new(listed), missing)
+    }
 }
 
 fn closure(nix_key: &SecretKey) -> Vec<PathInfo> {
@@ -400,6 +447,35 @@ fn scripted_controller(
     (runtime, listener)
 }
 
+/// A scripted controller (see [`scripted_controller`]) with a closure built and signed
+/// by a Nix key the agent trusts.
+struct Scripted {
+    f: Fleet,
+    identity: SecretKey,
+    paths: Vec<PathInfo>,
+    system: StorePath,
+    runtime: tokio::runtime::Runtime,
+    listener: tokio::net::TcpListener,
+}
+
+impl Scripted {
+    fn new(port: u16) -> Scripted {
+        let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+        let identity = SecretKey::generate("thymis-controller-1").expect("key");
+        let nix_key = SecretKey::generate("thymis-1").expect("key");
+        let paths = closure(&nix_key);
+        let system = paths.last().expect("system").path.clone();
+        let (runtime, listener) = scripted_controller(&mut f, port, &identity, &nix_key.public());
+        Scripted { f, identity, paths, system, runtime, listener }
+    }
+}
+
+/// Whether `p` is valid in d1's store.
+fn valid(f: &Fleet, p: &StorePath) -> bool {
+    let out = f.device("d1").exec(&format!("nix-store --check-validity {p} 2>/dev/null && echo valid || echo invalid"));
+    out.trim() == "valid"
+}
+
 /// The enrollment token in a process device's agent configuration.
 fn enrollment_token(f: &Fleet, device: &str) -> String {
     let config = std::fs::read_to_string(f.device(device).dir.join("agent.toml")).expect("config");
@@ -412,17 +488,7 @@ fn enrollment_token(f: &Fleet, device: &str) -> String {
 
 #[test]
 fn a_scripted_controller_cannot_make_the_agent_take_bad_offers_or_bad_paths() {
-    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
-    let identity = SecretKey::generate("thymis-controller-1").expect("key");
-    let nix_key = SecretKey::generate("thymis-1").expect("key");
-    let paths = closure(&nix_key);
-    let system = paths.last().expect("system").path.clone();
-    let (runtime, listener) = scripted_controller(&mut f, 9555, &identity, &nix_key.public());
-    let valid = |f: &Fleet, p: &StorePath| {
-        let out =
-            f.device("d1").exec(&format!("nix-store --check-validity {p} 2>/dev/null && echo valid || echo invalid"));
-        out.trim() == "valid"
-    };
+    let Scripted { f, identity, paths, system, runtime, listener } = Scripted::new(9555);
 
     runtime.block_on(async {
         let mut peer = Peer::accept(&listener, &identity).await;
@@ -508,6 +574,69 @@ fn a_scripted_controller_cannot_make_the_agent_take_bad_offers_or_bad_paths() {
         // Refused by the WebSocket layer's size limit, before any parsing.
         (log.contains("Message too long") || log.contains("exceeds the limit")).then_some(())
     });
+}
+
+/// The compact copy names paths by index in the query: a controller cannot use it to
+/// reach outside the query, claim a base the device did not name, or send paths before
+/// a query; a good compact copy is imported and acknowledged by index.
+#[test]
+fn a_scripted_controller_cannot_misuse_the_compact_copy() {
+    let Scripted { f, identity, paths, system, runtime, listener } = Scripted::new(9556);
+    let lib = &paths[0];
+    runtime.block_on(async {
+        let mut peer = Peer::accept_speaking(&listener, &identity, thymis_proto::COMPACT_COPY_PROTOCOL).await;
+        let r = peer.offer(&identity, "d1", "dep-c0", &system, 5).await;
+        assert!(matches!(r, ControllerBound::OfferAccepted { .. }), "{r:?}");
+        let q = QueryIndex::new(paths.iter().map(|i| i.path.clone()).collect());
+        let r = peer.path_at(q.compact(lib, false).expect("compact"), &lib.path).await;
+        assert!(
+            matches!(&r, ControllerBound::Error { message } if message.contains("before the device answered a path query")),
+            "{r:?}"
+        );
+
+        // An index outside the query, for the path or for a reference.
+        let (q, missing) = peer.compact_query(&identity, "dep-c1", &paths, 6).await;
+        assert_eq!(missing, (0..paths.len() as u32).collect::<Vec<_>>(), "the device lacks the whole closure");
+        let mut c = q.compact(lib, false).expect("compact");
+        c.index = 999;
+        let r = peer.path_at(c, &lib.path).await;
+        let outside = format!("path index 999 is outside the query's {} paths", paths.len());
+        assert!(matches!(&r, ControllerBound::Error { message } if message.contains(&outside)), "{r:?}");
+        let (q, _) = peer.compact_query(&identity, "dep-c2", &paths, 7).await;
+        let mut c = q.compact(lib, false).expect("compact");
+        c.references.push(u32::MAX);
+        let r = peer.path_at(c, &lib.path).await;
+        assert!(matches!(&r, ControllerBound::Error { message } if message.contains("outside the query")), "{r:?}");
+
+        // A delta against a base the device did not name for the path.
+        let (q, _) = peer.compact_query(&identity, "dep-c3", &paths, 8).await;
+        let r = peer.path_at(q.compact(lib, true).expect("compact"), &lib.path).await;
+        assert!(
+            matches!(&r, ControllerBound::PathRefused { path, error, .. } if *path == lib.path && error.contains("no base the device named")),
+            "{r:?}"
+        );
+        assert!(!valid(&f, &lib.path), "a refused path reached the store");
+
+        // A good compact copy, acknowledged by index.
+        let (q, _) = peer.compact_query(&identity, "dep-c4", &paths, 9).await;
+        let mut acked = Vec::new();
+        for info in &paths {
+            peer.send(&AgentBound::PathAt(q.compact(info, false).expect("compact"))).await;
+            let mut nar = Vec::new();
+            LocalStore::system().dump(&info.path, &mut nar).expect("dump");
+            peer.ws.send(Message::binary(zstd::encode_all(nar.as_slice(), 3).expect("zstd"))).await.expect("send");
+            peer.send(&AgentBound::PathDone).await;
+        }
+        while acked.len() < paths.len() {
+            match peer.recv().await {
+                ControllerBound::PathsImported { deployment_id, paths } if deployment_id == "dep-c4" => acked.extend(paths),
+                other => panic!("{other:?}\n{}", f.diagnostics()),
+            }
+        }
+        acked.sort_unstable();
+        assert_eq!(acked, (0..paths.len() as u32).collect::<Vec<_>>());
+    });
+    assert!(valid(&f, &system), "the compact copy's system is not in the store");
 }
 
 /// A scripted controller API that answers thymisctl's image requests and names its one

@@ -94,7 +94,9 @@ pub(super) async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: Control
         | ControllerBound::Staged { .. }
         | ControllerBound::Substituting { .. }
         | ControllerBound::PathsMissing { .. }
+        | ControllerBound::PathsLacking { .. }
         | ControllerBound::PathImported { .. }
+        | ControllerBound::PathsImported { .. }
         | ControllerBound::PathRefused { .. }
         | ControllerBound::CacheAnswer { .. }) => {
             let id = match &m {
@@ -103,7 +105,9 @@ pub(super) async fn handle(ctl: &Arc<Controller>, conn: &Arc<Conn>, msg: Control
                 | ControllerBound::Staged { deployment_id, .. }
                 | ControllerBound::Substituting { deployment_id, .. }
                 | ControllerBound::PathsMissing { deployment_id, .. }
+                | ControllerBound::PathsLacking { deployment_id, .. }
                 | ControllerBound::PathImported { deployment_id, .. }
+                | ControllerBound::PathsImported { deployment_id, .. }
                 | ControllerBound::PathRefused { deployment_id, .. } => deployment_id.clone(),
                 // A preview's question about the device's caches, by its own id.
                 ControllerBound::CacheAnswer { query, .. } => query.clone(),

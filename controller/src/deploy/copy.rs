@@ -2,6 +2,8 @@
 //! chunks within the device's window, acknowledged as it goes.
 
 use super::*;
+use thymis_proto::compact::{CompactError, QueryIndex};
+use thymis_proto::{COMPACT_COPY_PROTOCOL, IndexedBase};
 
 /// One attempt over one connection: offer, query, copy what is missing, activate.
 pub(super) async fn send_to(
@@ -24,6 +26,9 @@ pub(super) async fn send_to(
         other => return Err(Stop::Refused(format!("unexpected reply to the offer: {other:?}"))),
     }
     let paths: Vec<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
+    // Protocol 5 names the copy's paths by their index in this query.
+    let query = QueryIndex::new(paths.clone());
+    let compact = conn.protocol >= COMPACT_COPY_PROTOCOL;
     if !conn.send(AgentBound::QueryPaths { deployment_id: id.clone(), paths }).await {
         return Err(Stop::Disconnected);
     }
@@ -38,7 +43,7 @@ pub(super) async fn send_to(
     // or cache that only says it is at work cannot hold the deployment.
     let mut deadline = tokio::time::Instant::now() + t;
     let mut progress = None;
-    let (missing, bases, window): (BTreeSet<StorePath>, HashMap<StorePath, StorePath>, CopyWindow) = loop {
+    let answer = loop {
         let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
         match reply(&mut rx, wait).await? {
             ControllerBound::Substituting { paths, bytes, .. } => {
@@ -48,26 +53,22 @@ pub(super) async fn send_to(
                     substituted(paths, bytes);
                 }
             }
-            ControllerBound::PathsMissing { missing, bases, window, substituted_paths, substituted_bytes, .. } => {
-                if substituted_paths > 0 {
-                    substituted(substituted_paths, substituted_bytes);
-                    let line = format!(
-                        "{}: got {substituted_paths} paths ({substituted_bytes} bytes) from its binary caches",
-                        child.device
-                    );
-                    let _ = ctl.db.log(child.task, Some(child.id), &line);
-                }
-                break (
-                    missing.into_iter().collect(),
-                    bases.into_iter().map(|b| (b.path, b.base)).collect(),
-                    window.unwrap_or(CopyWindow::LEGACY),
-                );
+            m => {
+                break Lacking::read(m, &query).map_err(|e| Stop::Refused(format!("answer to the path query: {e}")))?;
             }
-            other => return Err(Stop::Refused(format!("unexpected reply to the path query: {other:?}"))),
         }
     };
+    let Lacking { missing, bases, window, substituted_paths, substituted_bytes } = answer;
+    if substituted_paths > 0 {
+        substituted(substituted_paths, substituted_bytes);
+        let line = format!(
+            "{}: got {substituted_paths} paths ({substituted_bytes} bytes) from its binary caches",
+            child.device
+        );
+        let _ = ctl.db.log(child.task, Some(child.id), &line);
+    }
     let bases = known_bases(ctl, &child.device, bases).await;
-    let mut acks = Acks { ctl, child, paths: 0, bytes: 0 };
+    let mut acks = Acks { ctl, child, query: &query, paths: 0, bytes: 0 };
     for (path, bytes) in unacked.drain() {
         if !missing.contains(&path) {
             acks.paths += 1;
@@ -123,7 +124,13 @@ pub(super) async fn send_to(
         }
         acks.flush();
         as_deltas += usize::from(delta_base.is_some());
-        let start = AgentBound::PathStart { deployment_id: id.clone(), info: (*info).clone(), delta_base };
+        let start = if compact {
+            let c =
+                query.compact(info, delta_base.is_some()).map_err(|e| Stop::Refused(format!("{}: {e}", info.path)))?;
+            AgentBound::PathAt(c)
+        } else {
+            AgentBound::PathStart { deployment_id: id.clone(), info: (*info).clone(), delta_base }
+        };
         if conn.data.send(Out::Msg(start)).await.is_err() {
             return Err(Stop::Disconnected);
         }
@@ -141,12 +148,12 @@ pub(super) async fn send_to(
         };
         let bytes = nar.send(&conn.data, &mut streamed).await?;
         ctl.copies.update(child.id, |p| p.nar_bytes_done = done0 + nar_size);
-        if conn
-            .data
-            .send(Out::Msg(AgentBound::PathEnd { deployment_id: id.clone(), path: info.path.clone() }))
-            .await
-            .is_err()
-        {
+        let end = if compact {
+            AgentBound::PathDone
+        } else {
+            AgentBound::PathEnd { deployment_id: id.clone(), path: info.path.clone() }
+        };
+        if conn.data.send(Out::Msg(end)).await.is_err() {
             return Err(Stop::Disconnected);
         }
         unacked.insert(info.path.clone(), bytes);
@@ -199,6 +206,46 @@ pub(super) async fn send_to(
     Ok(())
 }
 
+/// The device's answer to the path query, in either protocol's form.
+struct Lacking {
+    missing: BTreeSet<StorePath>,
+    /// For some missing paths, the path of the same package the device named as a base.
+    bases: HashMap<StorePath, StorePath>,
+    window: CopyWindow,
+    substituted_paths: u64,
+    substituted_bytes: u64,
+}
+
+impl Lacking {
+    fn read(m: ControllerBound, query: &QueryIndex) -> Result<Lacking, String> {
+        Ok(match m {
+            ControllerBound::PathsMissing { missing, bases, window, substituted_paths, substituted_bytes, .. } => {
+                Lacking {
+                    missing: missing.into_iter().collect(),
+                    bases: bases.into_iter().map(|b| (b.path, b.base)).collect(),
+                    window: window.unwrap_or(CopyWindow::LEGACY),
+                    substituted_paths,
+                    substituted_bytes,
+                }
+            }
+            ControllerBound::PathsLacking { missing, bases, window, substituted_paths, substituted_bytes, .. } => {
+                Lacking {
+                    missing: query.paths(&missing).map_err(|e| e.to_string())?.into_iter().collect(),
+                    bases: bases
+                        .into_iter()
+                        .map(|IndexedBase(i, base)| Ok((query.path(i)?.clone(), base)))
+                        .collect::<Result<_, CompactError>>()
+                        .map_err(|e| e.to_string())?,
+                    window,
+                    substituted_paths,
+                    substituted_bytes,
+                }
+            }
+            other => return Err(format!("unexpected reply: {other:?}")),
+        })
+    }
+}
+
 /// Ends an attempt's live progress, however it ends.
 struct LiveCopy<'a> {
     ctl: &'a Controller,
@@ -249,6 +296,7 @@ async fn stage(
 pub(super) struct Acks<'a> {
     ctl: &'a Controller,
     child: &'a ChildRow,
+    query: &'a QueryIndex,
     paths: i64,
     bytes: u64,
 }
@@ -262,15 +310,26 @@ impl Acks<'_> {
     ) -> Result<(), Stop> {
         match m {
             ControllerBound::PathImported { path, .. } => {
-                let bytes = unacked.remove(&path).unwrap_or(0);
-                *in_flight = in_flight.saturating_sub(bytes);
-                self.paths += 1;
-                self.bytes += bytes;
+                self.imported(&path, unacked, in_flight);
+                Ok(())
+            }
+            ControllerBound::PathsImported { paths, .. } => {
+                let paths = self.query.paths(&paths).map_err(|e| Stop::Refused(format!("acknowledgement: {e}")))?;
+                for path in &paths {
+                    self.imported(path, unacked, in_flight);
+                }
                 Ok(())
             }
             ControllerBound::PathRefused { path, error, .. } => Err(Stop::Refused(format!("{path} refused: {error}"))),
             other => Err(Stop::Refused(format!("unexpected reply during the copy: {other:?}"))),
         }
+    }
+
+    fn imported(&mut self, path: &StorePath, unacked: &mut HashMap<StorePath, u64>, in_flight: &mut u64) {
+        let bytes = unacked.remove(path).unwrap_or(0);
+        *in_flight = in_flight.saturating_sub(bytes);
+        self.paths += 1;
+        self.bytes += bytes;
     }
 
     fn flush(&mut self) {

@@ -4,10 +4,12 @@
 //!
 //! A connection is a WebSocket on `/agent/v1`. Text frames carry one JSON [`Message`]
 //! each; binary frames carry the zstd-compressed NAR of the path announced by the
-//! preceding [`PathStart`](AgentBound::PathStart). The handshake ([`handshake`]) makes
+//! preceding [`PathStart`](AgentBound::PathStart) or, in the compact copy of protocol 5,
+//! [`PathAt`](AgentBound::PathAt). The handshake ([`handshake`]) makes
 //! both sides prove their keys before anything else is acted on.
 
 pub mod bounds;
+pub mod compact;
 pub mod handshake;
 pub mod message;
 pub mod outcome;
@@ -16,7 +18,7 @@ pub mod signed;
 pub mod stream;
 
 pub use message::{
-    AgentBound, ControllerBound, CopyWindow, DeltaBase, HoldReport, ProtoError, decode_agent_bound,
+    AgentBound, ControllerBound, CopyWindow, DeltaBase, HoldReport, IndexedBase, ProtoError, decode_agent_bound,
     decode_controller_bound, encode,
 };
 pub use outcome::{AgentState, DeviceResult, Phase, RollbackReason};
@@ -27,13 +29,15 @@ pub const DEVICE_KEY_NAME: &str = "thymis-device";
 /// Protocol versions this build speaks. A peer whose range does not overlap is refused
 /// with a message that says which side to upgrade.
 pub const PROTOCOL_MIN: u32 = 1;
-pub const PROTOCOL_MAX: u32 = 4;
+pub const PROTOCOL_MAX: u32 = 5;
 /// The first protocol with staging and holds ([`AgentBound::Stage`],
 /// [`ControllerBound::Held`], [`message::DeviceReport`]'s `hold`).
 pub const STAGING_PROTOCOL: u32 = 3;
 /// The first protocol in which the controller may ask what the device's binary caches
 /// would serve ([`AgentBound::CacheQuery`]).
 pub const CACHE_QUERY_PROTOCOL: u32 = 4;
+/// The first protocol with the compact copy ([`compact`]): paths by index in the query.
+pub const COMPACT_COPY_PROTOCOL: u32 = 5;
 
 /// Largest text (JSON) message accepted, in bytes. A query for a closure of tens of
 /// thousands of paths fits.

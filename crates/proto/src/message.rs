@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use thymis_store::{PathInfo, StorePath};
 
+use crate::compact::CompactPath;
 use crate::handshake::Nonce;
 use crate::outcome::{AgentState, DeviceResult, Phase, RollbackReason};
 use crate::signed::Signed;
@@ -71,6 +72,14 @@ pub enum AgentBound {
         deployment_id: String,
         path: StorePath,
     },
+    /// Protocol 5, the compact copy: as [`AgentBound::PathStart`], for the path at
+    /// `index` in the connection's last [`AgentBound::QueryPaths`] (its deployment),
+    /// with its references by their indexes there too. With `delta`, the zstd data is
+    /// a delta against the base the device named for this path in
+    /// [`ControllerBound::PathsLacking`]. See [`crate::compact`].
+    PathAt(CompactPath),
+    /// Protocol 5: the path begun by the last [`AgentBound::PathAt`] is complete.
+    PathDone,
     /// Every path is there: activate the offered system.
     Activate {
         deployment_id: String,
@@ -194,6 +203,19 @@ pub enum ControllerBound {
         #[serde(default, skip_serializing_if = "is_zero")]
         substituted_bytes: u64,
     },
+    /// Protocol 5: [`ControllerBound::PathsMissing`] by index in the query: the paths
+    /// the device lacks, and for some of them a base (a path of the same package it has).
+    PathsLacking {
+        deployment_id: String,
+        missing: Vec<u32>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        bases: Vec<IndexedBase>,
+        window: CopyWindow,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        substituted_paths: u64,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        substituted_bytes: u64,
+    },
     /// Progress while the device substitutes from its binary caches, before it answers
     /// a path query: the controller keeps waiting while these come.
     Substituting {
@@ -205,6 +227,12 @@ pub enum ControllerBound {
     PathImported {
         deployment_id: String,
         path: StorePath,
+    },
+    /// Protocol 5: these paths (by index in the query) passed every check and are
+    /// registered: one message for a whole import.
+    PathsImported {
+        deployment_id: String,
+        paths: Vec<u32>,
     },
     /// The path was refused; the deployment is aborted on the device.
     PathRefused {
@@ -399,6 +427,11 @@ pub struct DeltaBase {
     pub path: StorePath,
     pub base: StorePath,
 }
+
+/// A lacking path (by its index in the query) and a path of the same package the device
+/// has, against which the controller may send a delta; `[index, "/nix/store/…"]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexedBase(pub u32, pub StorePath);
 
 /// Flow control of a copy: the sender keeps at most `paths` paths and `bytes` compressed
 /// bytes sent but not yet acknowledged by [`ControllerBound::PathImported`] (or refused).

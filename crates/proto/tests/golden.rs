@@ -5,11 +5,14 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use thymis_proto::compact::CompactPath;
 use thymis_proto::handshake::Nonce;
 use thymis_proto::message::{DeviceReport, Outcome, PendingReport};
 use thymis_proto::signed::Signed;
 use thymis_proto::stream::{JournalEntry, JournalQuery};
-use thymis_proto::{AgentBound, AgentState, ControllerBound, DeviceResult, Phase, RollbackReason};
+use thymis_proto::{
+    AgentBound, AgentState, ControllerBound, CopyWindow, DeviceResult, IndexedBase, Phase, RollbackReason,
+};
 use thymis_store::{NarHash, PathInfo, StorePath};
 
 fn sp(name: &str) -> StorePath {
@@ -78,6 +81,31 @@ fn agent_bound() -> Vec<(&'static str, AgentBound)> {
             },
         ),
         ("path_end", AgentBound::PathEnd { deployment_id: id(), path: sp("system") }),
+        (
+            "path_at",
+            AgentBound::PathAt(CompactPath {
+                index: 1,
+                nar_hash: NarHash([7; 32]),
+                nar_size: 1024,
+                references: vec![0, 1],
+                deriver: None,
+                signatures: vec!["thymis-1:c2ln".into()],
+                delta: false,
+            }),
+        ),
+        (
+            "path_at_delta",
+            AgentBound::PathAt(CompactPath {
+                index: 0,
+                nar_hash: NarHash([8; 32]),
+                nar_size: 2048,
+                references: vec![0],
+                deriver: None,
+                signatures: vec!["thymis-1:c2ln".into()],
+                delta: true,
+            }),
+        ),
+        ("path_done", AgentBound::PathDone),
         ("activate", AgentBound::Activate { deployment_id: id() }),
         ("stage", AgentBound::Stage { deployment_id: id() }),
         ("cache_query", AgentBound::CacheQuery { query: "q-3".into(), paths: vec![sp("lib"), sp("system")] }),
@@ -232,6 +260,18 @@ fn controller_bound() -> Vec<(&'static str, ControllerBound)> {
         ),
         ("substituting", ControllerBound::Substituting { deployment_id: id(), paths: 310, bytes: 41_000_000 }),
         ("path_imported", ControllerBound::PathImported { deployment_id: id(), path: sp("system") }),
+        (
+            "paths_lacking",
+            ControllerBound::PathsLacking {
+                deployment_id: id(),
+                missing: vec![0, 1],
+                bases: vec![IndexedBase(0, sp("lib-old"))],
+                window: CopyWindow { paths: 512, bytes: 64 << 20 },
+                substituted_paths: 3,
+                substituted_bytes: 40_960,
+            },
+        ),
+        ("paths_imported", ControllerBound::PathsImported { deployment_id: id(), paths: vec![0, 1] }),
         (
             "path_refused",
             ControllerBound::PathRefused { deployment_id: id(), path: sp("system"), error: "NAR hash mismatch".into() },

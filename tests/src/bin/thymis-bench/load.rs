@@ -128,12 +128,13 @@ pub(crate) fn load_substitute(
     (missing, n, bytes)
 }
 
-/// A load-generator agent during a copy: accepts the offer, substitutes what its cache
-/// (if any) has, lacks every other path, checks each NAR it receives (zstd, then sha256
+/// A load-generator agent during a copy (the compact copy of protocol 5): accepts the
+/// offer, substitutes what its cache (if any) has, lacks every other path, checks each NAR it receives (zstd, then sha256
 /// and size against the signed path info) without importing it, acknowledges it, and
 /// ends at `activate`. Returns the compressed bytes received from the controller.
 pub(crate) async fn load_agent_copy(mut ws: LoadWs, cache: Option<std::sync::Arc<LoadCache>>) -> Result<u64, String> {
     use futures_util::{SinkExt, StreamExt};
+    use thymis_proto::compact::QueryIndex;
     use thymis_proto::{AgentBound, ControllerBound, CopyWindow, decode_agent_bound, encode};
     use tokio_tungstenite::tungstenite::Message;
     use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
@@ -143,13 +144,15 @@ pub(crate) async fn load_agent_copy(mut ws: LoadWs, cache: Option<std::sync::Arc
     dec.set_parameter(DParameter::WindowLogMax(thymis_store::zstd_limits::WINDOW_LOG_MAX))
         .map_err(|e| e.to_string())?;
     let mut out = vec![0u8; 128 << 10];
-    let mut current: Option<(thymis_store::PathInfo, thymis_store::hash::NarHasher)> = None;
+    // The copy's query (paths by index, protocol 5) and the path being received.
+    let mut query: Option<(String, QueryIndex)> = None;
+    let mut current: Option<(u32, thymis_store::PathInfo, thymis_store::hash::NarHasher)> = None;
     loop {
         let frame = ws.next().await.ok_or("closed")?.map_err(|e| e.to_string())?;
         let reply = match frame {
             Message::Binary(b) => {
                 received += b.len() as u64;
-                let (_, hasher) = current.as_mut().ok_or("chunk outside a path")?;
+                let (_, _, hasher) = current.as_mut().ok_or("chunk outside a path")?;
                 let mut input = InBuffer::around(&b);
                 while input.pos < b.len() {
                     let mut o = OutBuffer::around(&mut out[..]);
@@ -168,28 +171,34 @@ pub(crate) async fn load_agent_copy(mut ws: LoadWs, cache: Option<std::sync::Arc
                     ControllerBound::OfferAccepted { deployment_id: id }
                 }
                 AgentBound::QueryPaths { deployment_id, paths } => {
+                    let q = QueryIndex::new(paths.clone());
                     let (missing, substituted_paths, substituted_bytes) = match cache.clone() {
                         Some(c) => tokio::task::spawn_blocking(move || load_substitute(&c, paths))
                             .await
                             .map_err(|e| e.to_string())?,
                         None => (paths, 0, 0),
                     };
-                    ControllerBound::PathsMissing {
+                    let missing =
+                        missing.iter().map(|p| q.index(p)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+                    query = Some((deployment_id.clone(), q));
+                    ControllerBound::PathsLacking {
                         deployment_id,
                         missing,
                         bases: vec![],
-                        window: Some(CopyWindow { paths: 512, bytes: 64 << 20 }),
+                        window: CopyWindow { paths: 512, bytes: 64 << 20 },
                         substituted_paths,
                         substituted_bytes,
                     }
                 }
-                AgentBound::PathStart { info, .. } => {
+                AgentBound::PathAt(c) => {
+                    let (_, q) = query.as_ref().ok_or("a path before the query")?;
+                    let info = q.expand(&c).map_err(|e| e.to_string())?;
                     dec.reinit().map_err(|e| e.to_string())?;
-                    current = Some((info, thymis_store::hash::NarHasher::new()));
+                    current = Some((c.index, info, thymis_store::hash::NarHasher::new()));
                     continue;
                 }
-                AgentBound::PathEnd { deployment_id, path } => {
-                    let (info, mut hasher) = current.take().ok_or("end outside a path")?;
+                AgentBound::PathDone => {
+                    let (index, info, mut hasher) = current.take().ok_or("end outside a path")?;
                     loop {
                         let mut o = OutBuffer::around(&mut out[..]);
                         let left = dec.flush(&mut o).map_err(|e| e.to_string())?;
@@ -201,9 +210,10 @@ pub(crate) async fn load_agent_copy(mut ws: LoadWs, cache: Option<std::sync::Arc
                     }
                     let (hash, size) = hasher.finish();
                     if hash != info.nar_hash || size != info.nar_size {
-                        return Err(format!("{path}: NAR hash or size mismatch"));
+                        return Err(format!("{}: NAR hash or size mismatch", info.path));
                     }
-                    ControllerBound::PathImported { deployment_id, path }
+                    let deployment_id = query.as_ref().map(|(id, _)| id.clone()).unwrap_or_default();
+                    ControllerBound::PathsImported { deployment_id, paths: vec![index] }
                 }
                 AgentBound::Activate { .. } => return Ok(received),
                 _ => continue,
