@@ -205,6 +205,16 @@ in
           default = "${cfg.settings.secrets_dir}/${name}";
           description = "Where the agent writes this secret on the device.";
         };
+        options.usedBy = lib.mkOption {
+          type = lib.types.listOf lib.types.str;
+          default = [ ];
+          example = [ "kiosk.service" ];
+          description = ''
+            The units that read this secret. At boot they start after the agent is ready,
+            which it is once it has put the secrets back in place (`secrets_dir` is a
+            tmpfs, empty after a boot).
+          '';
+        };
       }));
     };
 
@@ -247,6 +257,7 @@ in
 
     systemd.services.thymis-agent = {
       inherit (unit) description after wants wantedBy restartIfChanged;
+      before = lib.unique (lib.concatMap (s: s.usedBy) (lib.attrValues cfg.secrets));
       path = [ config.nix.package config.systemd.package pkgs.util-linux ];
       serviceConfig = removeAttrs unit.serviceConfig [ "StateDirectory" ] // {
         ExecStart = utils.escapeSystemdExecArgs [ "${cfg.package}/bin/thymis-agent" "--config" configPath ];

@@ -64,6 +64,7 @@ let
           options = {
             description = mkOption { type = types.str; default = ""; };
             after = mkOption { type = types.listOf types.str; default = [ ]; };
+            before = mkOption { type = types.listOf types.str; default = [ ]; };
             wants = mkOption { type = types.listOf types.str; default = [ ]; };
             wantedBy = mkOption { type = types.listOf types.str; default = [ ]; };
             restartIfChanged = mkOption { type = types.bool; default = true; };
@@ -184,6 +185,12 @@ in
   agentNoHoldGroupPolicies = builtins.length (agent { }).services.dbus.packages;
   # A secret's path follows secrets_dir.
   agentSecretPath = (agent { secrets.wifi-psk = { }; }).services.thymis-agent.secrets.wifi-psk.path;
+  # The units that read a secret start after the agent has put it back (at boot).
+  agentSecretUsers = (agent {
+    secrets.api = { usedBy = [ "kiosk.service" ]; };
+    secrets.wifi = { usedBy = [ "kiosk.service" "wpa_supplicant.service" ]; };
+  }).systemd.services.thymis-agent.before;
+  agentNoSecretUsers = (agent { secrets.wifi = { }; }).systemd.services.thymis-agent.before;
   agentSecretPathElsewhere = (agent { settings.secrets_dir = "/run/keys"; secrets.token = { }; }).services.thymis-agent.secrets.token.path;
   # The default package is pkgs.thymis (the overlay's).
   agentExecStart = (agent { }).systemd.services.thymis-agent.serviceConfig.ExecStart;
@@ -227,5 +234,6 @@ in
       failed = failed c;
       units = builtins.attrNames c.systemd.services;
       agentToml = if c.systemd.services ? thymis-agent && c.services.thymis-agent.configFile == null then agentToml c else null;
+      agentBefore = if c.systemd.services ? thymis-agent then c.systemd.services.thymis-agent.before else [ ];
     }) docExamples;
 }

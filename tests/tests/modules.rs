@@ -113,6 +113,8 @@ fn modules_evaluate_with_the_real_module_system_and_the_docs_examples_hold() {
     assert_eq!(v["agentNoHoldGroupPolicies"], 1, "no hold group, no policy for one");
     assert_eq!(v["agentSecretPath"], "/run/thymis/secrets/wifi-psk");
     assert_eq!(v["agentSecretPathElsewhere"], "/run/keys/token");
+    assert_eq!(v["agentSecretUsers"], serde_json::json!(["kiosk.service", "wpa_supplicant.service"]));
+    assert_eq!(v["agentNoSecretUsers"], serde_json::json!([]));
     assert_eq!(v["agentStateDirectory"], "fleet");
     assert_eq!(v["agentElsewhere"]["hasStateDirectory"], false);
     assert_eq!(v["agentElsewhere"]["tmpfiles"][0], "d /data/thymis 0700 root root -");
@@ -160,6 +162,7 @@ fn modules_evaluate_with_the_real_module_system_and_the_docs_examples_hold() {
         assert_eq!(e["failed"], serde_json::json!([]), "docs/nixos.md example {name}: {e}");
         assert!(!e["units"].as_array().map(Vec::is_empty).unwrap_or(true), "example {name} runs nothing: {e}");
     }
+    assert_eq!(v["docExamples"]["secrets"]["agentBefore"], serde_json::json!(["kiosk.service"]));
 }
 
 /// fleet.nix imports no file built at evaluation time (refused where IFD is off, as on
