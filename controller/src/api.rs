@@ -471,7 +471,7 @@ async fn secrets_list(State(ctl): State<Arc<Controller>>) -> ApiResult {
 
 async fn secret_set(State(ctl): State<Arc<Controller>>, Json(req): Json<thymis_api::secrets::SetSecret>) -> ApiResult {
     let secret = crate::secrets::set(&ctl, &req)?;
-    let tasks = if req.deploy { crate::secrets::deploy_change(&ctl, &req.name, &req.scope).await? } else { vec![] };
+    let tasks = if req.deploy { crate::deploy::secret_changed(&ctl, &req.name, &req.scope).await? } else { vec![] };
     typed(&thymis_api::secrets::SecretChanged { secret, tasks })
 }
 
@@ -482,7 +482,7 @@ async fn secret_remove(
     if !ctl.db.remove_secret(&req.name, &req.scope)? {
         return Err(not_found(format!("no secret {:?} for {}", req.name, req.scope)));
     }
-    let tasks = if req.deploy { crate::secrets::deploy_change(&ctl, &req.name, &req.scope).await? } else { vec![] };
+    let tasks = if req.deploy { crate::deploy::secret_changed(&ctl, &req.name, &req.scope).await? } else { vec![] };
     Ok(Json(json!({ "removed": true, "tasks": tasks })))
 }
 

@@ -62,40 +62,6 @@ pub fn set(ctl: &Controller, req: &SetSecret) -> Result<SecretInfo> {
         .context("the secret vanished after it was set")
 }
 
-/// Carries a changed secret to the devices it reaches: a deployment of the commit each
-/// runs (nothing is built or copied again: only the secrets change). Devices with a
-/// deployment under way get the change with it; devices never deployed, with their
-/// first.
-pub async fn deploy_change(ctl: &std::sync::Arc<Controller>, name: &str, scope: &Scope) -> Result<Vec<i64>> {
-    let toml = ctl.project.toml_worktree()?;
-    let busy: std::collections::HashSet<String> = ctl.db.open_children()?.into_iter().map(|c| c.device).collect();
-    let mut by_commit: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    for d in ctl.db.devices()? {
-        let reaches = match scope {
-            Scope::Device(x) => &d.name == x,
-            Scope::Config(c) => &d.config == c,
-            Scope::Tag(t) => toml.configs.get(&d.config).is_some_and(|c| c.tags.contains(t)),
-        };
-        if !reaches || d.revoked || !d.enrolled || busy.contains(&d.name) {
-            continue;
-        }
-        if let Some(commit) = d.commit.clone() {
-            by_commit.entry(commit).or_default().push(d.name.clone());
-        }
-    }
-    let mut tasks = vec![];
-    for (commit, devices) in by_commit {
-        let req = thymis_api::DeployRequest {
-            devices,
-            commit: Some(commit),
-            message: Some(format!("secret {name} for {scope} changed")),
-            ..Default::default()
-        };
-        tasks.push(crate::deploy::start(ctl, req).await?);
-    }
-    Ok(tasks)
-}
-
 pub fn list(ctl: &Controller) -> Result<Vec<SecretInfo>> {
     Ok(ctl.db.secrets()?.into_iter().map(|s| s.info).collect())
 }

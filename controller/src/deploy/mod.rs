@@ -3,12 +3,12 @@
 //! activate. Confirmation and outcomes arrive over the agent connection
 //! ([`crate::agents`]). Also cancel, supersede, expiry and restart recovery.
 //!
-//! Here the verbs the API calls (preview, start, cancel, resume, build) and a
-//! deployment's run; `rollout` (waves and soak), `deliver` (one device deployment,
-//! attempt after attempt), `copy` (one attempt over one connection), `recovery`
-//! (expiry, restarts, carrying on another controller's work).
+//! Here the verbs the API calls (preview, start, cancel, resume, build, a changed
+//! secret's deployment) and a deployment's run; `rollout` (waves and soak), `deliver`
+//! (one device deployment, attempt after attempt), `copy` (one attempt over one
+//! connection), `recovery` (expiry, restarts, carrying on another controller's work).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use thymis_store::{PathInfo, StorePath};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
+use thymis_api::secrets::Scope;
 pub use thymis_api::{DeployRequest, Preview, PreviewDevice};
 
 use crate::build;
@@ -259,6 +260,40 @@ async fn run(ctl: &Arc<Controller>, task: i64, commit: &str, reboot: bool) -> Re
 }
 
 type Closures = HashMap<String, (StorePath, Arc<Vec<PathInfo>>)>;
+
+/// Carries a changed secret to the devices it reaches: a deployment of the commit each
+/// runs (nothing is built or copied again: only the secrets change). Devices with a
+/// deployment under way get the change with it; devices never deployed, with their
+/// first.
+pub async fn secret_changed(ctl: &Arc<Controller>, name: &str, scope: &Scope) -> Result<Vec<i64>> {
+    let toml = ctl.project.toml_worktree()?;
+    let busy: HashSet<String> = ctl.db.open_children()?.into_iter().map(|c| c.device).collect();
+    let mut by_commit: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for d in ctl.db.devices()? {
+        let reaches = match scope {
+            Scope::Device(x) => &d.name == x,
+            Scope::Config(c) => &d.config == c,
+            Scope::Tag(t) => toml.configs.get(&d.config).is_some_and(|c| c.tags.contains(t)),
+        };
+        if !reaches || d.revoked || !d.enrolled || busy.contains(&d.name) {
+            continue;
+        }
+        if let Some(commit) = d.commit.clone() {
+            by_commit.entry(commit).or_default().push(d.name.clone());
+        }
+    }
+    let mut tasks = vec![];
+    for (commit, devices) in by_commit {
+        let req = thymis_api::DeployRequest {
+            devices,
+            commit: Some(commit),
+            message: Some(format!("secret {name} for {scope} changed")),
+            ..Default::default()
+        };
+        tasks.push(start(ctl, req).await?);
+    }
+    Ok(tasks)
+}
 
 /// Cancels a deployment: every device that has not activated stops.
 pub async fn cancel(ctl: &Arc<Controller>, task: i64) -> Result<()> {
