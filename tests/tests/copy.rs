@@ -257,3 +257,39 @@ fn a_rebuilt_system_goes_as_deltas_against_what_each_device_runs() {
         assert!(per_path < 900, "{device}: {wire} bytes on the link for {sent} of payload: {per_path} per path");
     }
 }
+
+/// A system the device rolled back from stays in its store, and the deployment that
+/// fixes it is mostly that system's versions: they are bases too, though the device
+/// runs the system before. Here the fix rebuilds a 256 KiB package under the failed
+/// system's name for it: it goes as a delta against the failed system's version.
+#[test]
+fn the_versions_of_a_system_rolled_back_from_are_bases_for_its_fix() {
+    let mut f = Fleet::new(FleetOptions::default()).expect("fleet");
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs();
+    let cfg = |v: &str, stamp: &str, fails: bool| {
+        json!({ "alpha": {
+            "version": format!("{v}.{run}"),
+            "blob": { "kib": 256, "versioned": true, "stamp": stamp },
+            "activationFails": fails,
+        }, "beta": {} })
+    };
+    f.set_configs(&cfg("1", "", false)).expect("cfg");
+    f.add_device("d1", "alpha", true).expect("device");
+    f.wait_online("d1");
+    let t = f.controller.ctl_json(&["deploy", "--device", "d1", "-m", "v1", "--wait"]);
+    assert_eq!(t["result"], "succeeded", "{t}");
+    let v1 = f.device("d1").running_system();
+    f.set_configs(&cfg("2", "", true)).expect("cfg");
+    let t = f.controller.ctl_json(&["deploy", "--device", "d1", "-m", "v2", "--wait"]);
+    assert_eq!(Fleet::child(&t, "d1")["result"], "rolled-back", "{t}");
+    assert_eq!(f.device("d1").running_system(), v1);
+    let failed_blob = format!("thymis-test-blob-alpha-2.{run}");
+    let kept = f.device("d1").exec(&format!("ls /nix/store | grep -c -- '-{failed_blob}$' || true"));
+    assert_eq!(kept.trim(), "1", "the failed system's version is not in the device's store");
+
+    f.set_configs(&cfg("2", "fixed", false)).expect("cfg");
+    let t = f.controller.ctl_json(&["deploy", "--device", "d1", "-m", "v2 fixed", "--wait"]);
+    assert_eq!(t["result"], "succeeded", "{t}\n{}", f.diagnostics());
+    let sent = Fleet::child(&t, "d1")["bytes_sent"].as_u64().unwrap_or(0);
+    assert!(sent < 64 << 10, "{sent} bytes sent: the rebuilt {failed_blob} went whole, not as a delta");
+}

@@ -447,34 +447,48 @@ pub(super) async fn reply(
     }
 }
 
-/// The delta bases a device names, kept only where the controller knows the device has
-/// the base (in the closure of the system it reports) and it is an earlier version of
-/// the path (the same package: the name but for its version): a device cannot make the
-/// controller read, hold and compress against any store path it likes.
+/// How many of a device's latest deployments' systems count as known to be on it, beside
+/// the one it reports.
+const RECENT_SYSTEMS: i64 = 4;
+
+/// The bases the device named that the controller knows it has, of each path's package:
+/// in the closure of the system it reports or of one of its latest deployments' systems
+/// (a system rolled back from stays in its store, and the next deployment is mostly its
+/// versions). A device cannot make the controller read, hold and compress against any
+/// store path it likes.
 pub(super) async fn known_bases(
     ctl: &Arc<Controller>,
     device: &str,
-    bases: HashMap<StorePath, StorePath>,
+    mut bases: HashMap<StorePath, StorePath>,
 ) -> HashMap<StorePath, StorePath> {
-    if bases.is_empty() {
-        return bases;
+    let named = bases.len();
+    bases.retain(|path, base| base.package() == path.package());
+    let reported = ctl.db.device(device).ok().flatten().and_then(|d| d.info.system);
+    let recent = ctl.db.device_history(device, RECENT_SYSTEMS).unwrap_or_default().into_iter().filter_map(|d| d.system);
+    let mut systems: Vec<StorePath> = Vec::new();
+    for s in reported.into_iter().chain(recent).filter_map(|s| s.parse::<StorePath>().ok()) {
+        if !systems.contains(&s) {
+            systems.push(s);
+        }
     }
-    let reported =
-        ctl.db.device(device).ok().flatten().and_then(|d| d.info.system).and_then(|s| s.parse::<StorePath>().ok());
-    let Some(system) = reported else { return HashMap::new() };
-    let closure = tokio::task::spawn_blocking(move || {
-        thymis_store::local_store::LocalStore::system().path_infos(std::slice::from_ref(&system), true)
-    })
-    .await;
-    let has: std::collections::HashSet<StorePath> = match closure {
-        Ok(Ok(infos)) => infos.into_iter().map(|i| i.path).collect(),
-        _ => return HashMap::new(),
-    };
-    let before = bases.len();
-    let kept: HashMap<StorePath, StorePath> =
-        bases.into_iter().filter(|(path, base)| has.contains(base) && base.package() == path.package()).collect();
-    if kept.len() < before {
-        debug!(%device, named = before, kept = kept.len(), "delta bases the device is not known to have were ignored");
+    let mut kept = HashMap::new();
+    // The reported system first: the others' closures are read only for bases it lacks.
+    for system in systems {
+        if bases.is_empty() {
+            break;
+        }
+        let closure = tokio::task::spawn_blocking(move || {
+            thymis_store::local_store::LocalStore::system().path_infos(std::slice::from_ref(&system), true)
+        })
+        .await;
+        let Ok(Ok(infos)) = closure else { continue };
+        let has: std::collections::HashSet<StorePath> = infos.into_iter().map(|i| i.path).collect();
+        let (known, rest): (HashMap<_, _>, _) = bases.into_iter().partition(|(_, base)| has.contains(base));
+        kept.extend(known);
+        bases = rest;
+    }
+    if kept.len() < named {
+        debug!(%device, named, kept = kept.len(), "delta bases the device is not known to have were ignored");
     }
     kept
 }
