@@ -2,8 +2,9 @@
 //! the same name first (the version the new path replaces), else the same package whose
 //! version moved ([`StorePath::package`]), the lowest base name among equals, as the
 //! agent chooses (`LocalStore::missing_with_bases`). The controller only accepts bases
-//! in the closure of the system a device reports (deploy/copy.rs `known_bases`), so
-//! that is where these come from: the warm-up after a build and the preview use them.
+//! in the closure of the system a device reports, or of its last deployments' systems
+//! (deploy/copy.rs `known_bases`); nearly all come from the first, which the warm-up
+//! after a build and the preview reckon with.
 
 use std::collections::HashMap;
 

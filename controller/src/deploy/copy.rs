@@ -67,7 +67,7 @@ pub(super) async fn send_to(
         );
         let _ = ctl.db.log(child.task, Some(child.id), &line);
     }
-    let bases = known_bases(ctl, &child.device, bases).await;
+    let bases = known_bases(ctl, &child.device, &offer.system, bases).await;
     let mut acks = Acks { ctl, child, query: &query, paths: 0, bytes: 0 };
     for (path, bytes) in unacked.drain() {
         if !missing.contains(&path) {
@@ -454,11 +454,13 @@ const RECENT_SYSTEMS: i64 = 4;
 /// The bases the device named that the controller knows it has, of each path's package:
 /// in the closure of the system it reports or of one of its latest deployments' systems
 /// (a system rolled back from stays in its store, and the next deployment is mostly its
-/// versions). A device cannot make the controller read, hold and compress against any
-/// store path it likes.
+/// versions), but not `deploying`: a path of the system being sent is no base for
+/// another (the preview reckons without them). A device cannot make the controller
+/// read, hold and compress against any store path it likes.
 pub(super) async fn known_bases(
     ctl: &Arc<Controller>,
     device: &str,
+    deploying: &StorePath,
     mut bases: HashMap<StorePath, StorePath>,
 ) -> HashMap<StorePath, StorePath> {
     let named = bases.len();
@@ -467,7 +469,7 @@ pub(super) async fn known_bases(
     let recent = ctl.db.device_history(device, RECENT_SYSTEMS).unwrap_or_default().into_iter().filter_map(|d| d.system);
     let mut systems: Vec<StorePath> = Vec::new();
     for s in reported.into_iter().chain(recent).filter_map(|s| s.parse::<StorePath>().ok()) {
-        if !systems.contains(&s) {
+        if s != *deploying && !systems.contains(&s) {
             systems.push(s);
         }
     }
