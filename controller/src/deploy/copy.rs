@@ -479,12 +479,10 @@ pub(super) async fn known_bases(
         if bases.is_empty() {
             break;
         }
-        let closure = tokio::task::spawn_blocking(move || {
-            thymis_store::local_store::LocalStore::system().path_infos(std::slice::from_ref(&system), true)
-        })
-        .await;
-        let Ok(Ok(infos)) = closure else { continue };
-        let has: std::collections::HashSet<StorePath> = infos.into_iter().map(|i| i.path).collect();
+        let closure =
+            tokio::task::spawn_blocking(move || thymis_store::local_store::LocalStore::system().closure(&system)).await;
+        let Ok(Ok(paths)) = closure else { continue };
+        let has: std::collections::HashSet<StorePath> = paths.into_iter().collect();
         let (known, rest): (HashMap<_, _>, _) = bases.into_iter().partition(|(_, base)| has.contains(base));
         kept.extend(known);
         bases = rest;
